@@ -1,0 +1,203 @@
+//! Content digests, chunk arithmetic and `VerifiedChunk`.
+//!
+//! Everything in wanfs is named by its sha256: blobs by the whole-file digest, chunks by their
+//! own. `VerifiedChunk` can only be built by hashing the bytes and comparing with the expected
+//! digest, so the type system keeps unverified bytes away from readers and from the cache.
+
+use std::fmt;
+use std::ops::Range;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+/// A sha256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Hashes `data`.
+    pub fn of(data: &[u8]) -> Digest {
+        Digest(Sha256::digest(data).into())
+    }
+
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(HEX[(b >> 4) as usize] as char);
+            s.push(HEX[(b & 15) as usize] as char);
+        }
+        s
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..12])
+    }
+}
+
+/// Why a string is not a digest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a sha256 digest (want 64 lowercase hex characters): {0:?}")]
+pub struct BadHex(pub String);
+
+impl FromStr for Digest {
+    type Err = BadHex;
+    fn from_str(s: &str) -> Result<Digest, BadHex> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            return Err(BadHex(s.to_string()));
+        }
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            match (nibble(pair[0]), nibble(pair[1])) {
+                (Some(h), Some(l)) => out[i] = (h << 4) | l,
+                _ => return Err(BadHex(s.to_string())),
+            }
+        }
+        Ok(Digest(out))
+    }
+}
+
+/// How a file of `size` bytes is cut into chunks of `chunk_size` (the last may be short).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub size: u64,
+    pub chunk_size: u64,
+}
+
+impl Layout {
+    pub fn new(size: u64, chunk_size: u64) -> Layout {
+        assert!(chunk_size > 0, "chunk_size must be positive");
+        Layout { size, chunk_size }
+    }
+
+    /// Number of chunks; an empty file has none.
+    pub fn count(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size)
+    }
+
+    /// Byte range of chunk `idx` within the file.
+    pub fn range(&self, idx: u64) -> Range<u64> {
+        let start = idx * self.chunk_size;
+        start..(start + self.chunk_size).min(self.size)
+    }
+
+    /// Chunks covering `offset..offset+len`, clipped to the file.
+    pub fn covering(&self, offset: u64, len: u64) -> Range<u64> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return 0..0;
+        }
+        offset / self.chunk_size..end.div_ceil(self.chunk_size)
+    }
+}
+
+/// Bytes whose sha256 was checked against the digest they were expected to have.
+#[derive(Clone, Debug)]
+pub struct VerifiedChunk {
+    digest: Digest,
+    data: Bytes,
+}
+
+/// Bytes that did not hash to what the manifest says.
+#[derive(Debug, thiserror::Error)]
+#[error("sha256 mismatch: expected {expected}, got {actual}")]
+pub struct Mismatch {
+    pub expected: Digest,
+    pub actual: Digest,
+}
+
+impl VerifiedChunk {
+    /// The only way to make one: hash `data` and compare.
+    pub fn verify(expected: Digest, data: Bytes) -> Result<VerifiedChunk, Mismatch> {
+        let actual = Digest::of(&data);
+        if actual != expected {
+            return Err(Mismatch { expected, actual });
+        }
+        Ok(VerifiedChunk {
+            digest: expected,
+            data,
+        })
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hex_round_trip_and_rejects() {
+        let d = Digest::of(b"abc");
+        assert_eq!(
+            d.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
+        assert!(
+            "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"
+                .parse::<Digest>()
+                .is_err()
+        );
+        assert!("abc".parse::<Digest>().is_err());
+        assert!("g".repeat(64).parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn verify_refuses_wrong_bytes() {
+        let good = Bytes::from_static(b"hello");
+        let d = Digest::of(&good);
+        assert!(VerifiedChunk::verify(d, good).is_ok());
+        assert!(VerifiedChunk::verify(d, Bytes::from_static(b"hellp")).is_err());
+    }
+
+    #[test]
+    fn layout_edges() {
+        let l = Layout::new(10, 4);
+        assert_eq!(l.count(), 3);
+        assert_eq!(l.range(2), 8..10);
+        assert_eq!(l.covering(0, 0), 0..0);
+        assert_eq!(l.covering(3, 2), 0..2);
+        assert_eq!(l.covering(9, 100), 2..3);
+        assert_eq!(l.covering(10, 1), 0..0);
+        assert_eq!(Layout::new(0, 4).count(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn covering_is_exact(size in 0u64..10_000, cs in 1u64..700, off in 0u64..11_000, len in 0u64..3_000) {
+            let l = Layout::new(size, cs);
+            let r = l.covering(off, len);
+            let end = (off + len).min(size);
+            if off >= end {
+                prop_assert!(r.is_empty());
+            } else {
+                prop_assert!(l.range(r.start).start <= off && off < l.range(r.start).end);
+                prop_assert!(l.range(r.end - 1).end >= end && l.range(r.end - 1).start < end);
+            }
+        }
+    }
+}

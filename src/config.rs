@@ -1,0 +1,193 @@
+//! The daemon's configuration file (`/etc/wan22/wan.toml`): keys, defaults, validation.
+//!
+//! Every key is optional; unknown keys are refused with their name and line so a typo never
+//! silently falls back to a default. Command-line flags override the file (see `cli.rs`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mountpoint: Option<PathBuf>,
+    pub manifest: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub fetch: FetchConfig,
+    pub mount: MountConfig,
+}
+
+/// How bytes are fetched from sources.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Concurrent source requests, all files together. 16 keeps a 10–25 Gbit/s link busy with
+    /// 1 MiB parts from a per-connection-limited origin without flooding a small mirror.
+    pub connections: usize,
+    /// Bytes held in memory by fetches in flight; bounds daemon memory whatever is open.
+    pub max_inflight_mib: u64,
+    /// A read that cannot be served within this fails with EIO.
+    pub read_timeout_secs: f64,
+    /// One request to a source.
+    pub request_timeout_secs: f64,
+    /// Attempts per part at one source before moving to the next source.
+    pub retries: u32,
+    /// Base of the exponential backoff between attempts (with full jitter).
+    pub backoff_ms: u64,
+    /// How long a source that keeps failing is skipped.
+    pub cooldown_secs: f64,
+    /// Largest read-ahead window, in chunks (0 disables read-ahead).
+    pub readahead_chunks: u32,
+    /// A chunk is fetched as parallel sub-ranges of this size, to cut time to first byte.
+    pub part_size_kib: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            connections: 16,
+            max_inflight_mib: 128,
+            read_timeout_secs: 30.0,
+            request_timeout_secs: 10.0,
+            retries: 3,
+            backoff_ms: 100,
+            cooldown_secs: 5.0,
+            readahead_chunks: 4,
+            part_size_kib: 1024,
+        }
+    }
+}
+
+impl FetchConfig {
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.read_timeout_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_secs)
+    }
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs_f64(self.cooldown_secs)
+    }
+    pub fn part_size(&self) -> u64 {
+        self.part_size_kib * 1024
+    }
+}
+
+/// How the FUSE mount behaves.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MountConfig {
+    /// Open complete blobs in FUSE passthrough mode (kernel ≥ 6.9, needs CAP_SYS_ADMIN).
+    pub passthrough: bool,
+    /// Let other users read the mount (needs root, or `user_allow_other` in /etc/fuse.conf).
+    /// Default: on when running as root.
+    pub allow_other: Option<bool>,
+    /// Kernel read-ahead for the mount in KiB; FUSE's default of 128 KiB keeps requests small.
+    pub read_ahead_kb: u32,
+    /// FUSE dispatch threads.
+    pub threads: usize,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            passthrough: true,
+            allow_other: None,
+            read_ahead_kb: 4096,
+            threads: 2,
+        }
+    }
+}
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {err}")]
+    Io { path: String, err: std::io::Error },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Io {
+            path: p.clone(),
+            err,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: p.clone(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate()
+            .map_err(|msg| ConfigError::Invalid { path: p, msg })?;
+        Ok(cfg)
+    }
+
+    /// Rejects values that cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let f = &self.fetch;
+        let positive = [
+            ("fetch.read_timeout_secs", f.read_timeout_secs),
+            ("fetch.request_timeout_secs", f.request_timeout_secs),
+        ];
+        for (key, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!(
+                    "{key} must be a positive number of seconds, got {v}"
+                ));
+            }
+        }
+        if !(f.cooldown_secs.is_finite() && f.cooldown_secs >= 0.0) {
+            return Err(format!(
+                "fetch.cooldown_secs must be >= 0, got {}",
+                f.cooldown_secs
+            ));
+        }
+        if f.connections == 0 {
+            return Err("fetch.connections must be at least 1".into());
+        }
+        if f.retries == 0 {
+            return Err("fetch.retries must be at least 1 (it counts attempts)".into());
+        }
+        if f.part_size_kib < 64 {
+            return Err(format!(
+                "fetch.part_size_kib must be at least 64, got {}",
+                f.part_size_kib
+            ));
+        }
+        if f.max_inflight_mib < 1 {
+            return Err("fetch.max_inflight_mib must be at least 1".into());
+        }
+        if self.mount.threads == 0 {
+            return Err("mount.threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = toml::from_str::<Config>("[fetch]\nconections = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conections") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        let mut c = Config::default();
+        c.fetch.read_timeout_secs = 0.0;
+        assert!(c.validate().unwrap_err().contains("read_timeout_secs"));
+        let c: Config = toml::from_str("[fetch]\nretries = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().contains("retries"));
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,210 @@
+//! Wiring for `wan mount`: config, manifest, store, sources, fetcher, filesystem, FUSE session,
+//! signals and shutdown. Owns the process lifecycle, no filesystem logic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::fs::{ModelFs, Tree};
+use crate::fuse::{FuseAdapter, manifest_mtime};
+use crate::manifest::Manifest;
+use crate::source::SourceRegistry;
+use crate::store::Store;
+
+/// Everything `wan mount` needs, resolved from flags and the config file.
+pub struct MountPlan {
+    pub mountpoint: PathBuf,
+    pub manifest: PathBuf,
+    pub cache_dir: PathBuf,
+    pub config: Config,
+}
+
+/// Mounts and serves until SIGTERM/SIGINT or an external unmount.
+pub fn run(plan: MountPlan) -> anyhow::Result<()> {
+    let cfg = plan.config;
+    let manifest = Manifest::load(&plan.manifest)?;
+    let store = Arc::new(Store::open(&plan.cache_dir)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wan-io")
+        .build()
+        .context("starting the async runtime")?;
+    let _enter = rt.enter();
+    let sources = SourceRegistry::new(&cfg.fetch)?;
+    let tree = Tree::build(&manifest, &sources);
+    let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
+    let fs = Arc::new(ModelFs::new(
+        tree,
+        fetcher,
+        cfg.fetch.readahead_chunks,
+        manifest_mtime(&plan.manifest),
+        cfg.mount.passthrough,
+    ));
+
+    let mountpoint = std::path::absolute(&plan.mountpoint)?;
+    clear_stale_mount(&mountpoint)?;
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let allow_other = cfg.mount.allow_other.unwrap_or(is_root);
+    let mut fuse_cfg = fuser::Config::default();
+    fuse_cfg.mount_options = vec![
+        fuser::MountOption::FSName("wanfs".into()),
+        fuser::MountOption::Subtype("wan".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    fuse_cfg.acl = if allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    fuse_cfg.n_threads = Some(cfg.mount.threads);
+    let adapter = FuseAdapter::new(fs, rt.handle().clone(), cfg.mount.passthrough);
+    let mut session = fuser::Session::new(adapter, &mountpoint, &fuse_cfg)
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = std::thread::Builder::new()
+        .name("wan-fuse".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(());
+            r
+        })?;
+    raise_read_ahead(&mountpoint, cfg.mount.read_ahead_kb);
+    tracing::info!(
+        mountpoint = %mountpoint.display(),
+        models = manifest.models.len(),
+        files = manifest.file_count(),
+        bytes = manifest.total_bytes(),
+        cache = %store.root().display(),
+        "mounted"
+    );
+
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
+            _ = int.recv() => tracing::info!("SIGINT: unmounting"),
+            _ = done_rx => tracing::info!("unmounted from outside"),
+        }
+        anyhow::Ok(())
+    })?;
+    if let Err(e) = unmounter.unmount() {
+        tracing::warn!(error = %e, "unmount failed");
+    }
+    match serve.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+        Err(_) => bail!("FUSE session thread panicked"),
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One line of /proc/self/mountinfo that matters here.
+struct MountEntry {
+    dev: String,
+    fstype: String,
+}
+
+/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The last (topmost) mount at `path`, if any.
+fn mount_at(path: &Path) -> Option<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    text.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        if unescape(fields.get(4)?) != want {
+            return None;
+        }
+        Some(MountEntry {
+            dev: fields.get(2)?.to_string(),
+            fstype: fields.get(sep + 1)?.to_string(),
+        })
+    })
+}
+
+/// A daemon killed with SIGKILL leaves its mount behind ("Transport endpoint is not
+/// connected"); detach it so we can mount again. A live mount is refused instead.
+fn clear_stale_mount(path: &Path) -> anyhow::Result<()> {
+    let Some(entry) = mount_at(path) else {
+        return Ok(());
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::warn!(mountpoint = %path.display(), "clearing a dead mount left by a previous daemon");
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+            // SAFETY: a valid C string; MNT_DETACH only detaches.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                let status = std::process::Command::new("fusermount3")
+                    .args(["-u", "-z"])
+                    .arg(path)
+                    .status()
+                    .context("running fusermount3 -u -z to clear a dead mount")?;
+                if !status.success() {
+                    bail!("could not clear the dead mount at {}", path.display());
+                }
+            }
+            Ok(())
+        }
+        _ if entry.fstype.starts_with("fuse") => bail!(
+            "{} is already mounted ({}) and answering: is another wan daemon running?",
+            path.display(),
+            entry.fstype
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// FUSE asks the kernel for 128 KiB requests by default; a larger bdi read-ahead makes the
+/// kernel send up to 1 MiB requests (capped by /proc/sys/fs/fuse/max_pages_limit) and keep
+/// more of them in flight, which is what sequential model loading wants.
+fn raise_read_ahead(mountpoint: &Path, kb: u32) {
+    let Some(entry) = mount_at(mountpoint) else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", entry.dev);
+    match std::fs::write(&path, kb.to_string()) {
+        Ok(()) => tracing::debug!(path, kb, "raised kernel read-ahead"),
+        Err(e) => tracing::info!(path, error = %e, "could not raise kernel read-ahead (not root?)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(super::unescape("/a\\040b"), "/a b");
+        assert_eq!(super::unescape("/plain"), "/plain");
+        assert_eq!(super::unescape("/end\\"), "/end\\");
+    }
+}

@@ -1,0 +1,560 @@
+//! The read path: cache → single-flight fetch → sources; verify; commit; serve.
+//!
+//! - A missing chunk is fetched once however many readers want it: the first reader spawns a
+//!   task and parks a shared future in `inflight`; later readers await the same future. The
+//!   task runs to completion even if its readers give up, so the bytes still land in the cache.
+//! - A chunk is fetched as parallel parts (`part_size_kib`) to cut time to first byte, then
+//!   verified against its sha256 on a blocking thread before anything else sees it; only a
+//!   `VerifiedChunk` can be committed or served.
+//! - Sources are tried in priority order; a part is retried with exponential backoff and full
+//!   jitter; a source that keeps failing, or sends wrong bytes, cools down and is tried last.
+//! - Budgets: `connections` bounds requests in flight; read-ahead may use all but a quarter of
+//!   them, so an on-demand read always finds a free connection; `max_inflight_mib` bounds the
+//!   bytes held in fetch buffers, so memory is bounded however many files are open.
+//! - Files listed with only a whole-file sha256 are fetched whole (chunk-sized parts in
+//!   parallel, written unverified and invisible), hashed, and then made visible all at once.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::chunk::{Digest, VerifiedChunk};
+use crate::config::FetchConfig;
+use crate::manifest::FileEntry;
+use crate::metrics::{METRICS, Metrics};
+use crate::source::{SourceError, SourceHandle};
+use crate::store::Store;
+
+/// One file of one model, with the sources to fetch it from.
+pub struct FileCtx {
+    pub model: String,
+    pub entry: FileEntry,
+    pub sources: Vec<Arc<SourceHandle>>,
+}
+
+/// Why bytes could not be delivered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("no source could deliver {what}: {detail}")]
+    Exhausted { what: String, detail: String },
+    #[error("not served within {0:?}")]
+    Timeout(Duration),
+    #[error("cache: {0}")]
+    Store(String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Priority {
+    OnDemand,
+    ReadAhead,
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
+type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
+
+/// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
+fn kib(bytes: u64) -> u32 {
+    bytes.div_ceil(1024).max(1) as u32
+}
+
+pub struct Fetcher {
+    store: Arc<Store>,
+    cfg: FetchConfig,
+    connections: Arc<Semaphore>,
+    readahead_connections: Arc<Semaphore>,
+    /// Chunk fetches read-ahead may start at once.
+    readahead_slots: Arc<Semaphore>,
+    memory: Arc<Semaphore>,
+    inflight: Mutex<HashMap<(Digest, u64), SharedFetch>>,
+    whole: Mutex<HashMap<Digest, SharedWhole>>,
+    started: Mutex<HashMap<Digest, Instant>>,
+}
+
+impl Fetcher {
+    pub fn new(store: Arc<Store>, cfg: FetchConfig) -> Arc<Fetcher> {
+        let reserve = (cfg.connections / 4).max(1);
+        Arc::new(Fetcher {
+            store,
+            connections: Arc::new(Semaphore::new(cfg.connections)),
+            readahead_connections: Arc::new(Semaphore::new(
+                cfg.connections.saturating_sub(reserve).max(1),
+            )),
+            readahead_slots: Arc::new(Semaphore::new(cfg.readahead_chunks.max(1) as usize)),
+            memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
+            cfg,
+            inflight: Mutex::new(HashMap::new()),
+            whole: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Reads `offset..offset+size` of a file (clipped to its end), fetching what is missing.
+    /// Fails with `Timeout` if that takes longer than `read_timeout`.
+    pub async fn read(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FetchError> {
+        let timeout = self.cfg.read_timeout();
+        match tokio::time::timeout(timeout, self.read_inner(file, offset, size)).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::Timeout(timeout)),
+        }
+    }
+
+    /// Serves a read from the cache alone, if every chunk it covers is present. Blocking (a
+    /// local `pread`), never touches the network.
+    pub fn read_cached(
+        &self,
+        file: &FileCtx,
+        offset: u64,
+        size: u32,
+    ) -> Option<Result<Vec<u8>, FetchError>> {
+        let f = &file.entry;
+        let end = (offset + size as u64).min(f.size);
+        if offset >= end {
+            return Some(Ok(Vec::new()));
+        }
+        let covering = f.layout().covering(offset, end - offset);
+        if !self.store.missing(f, covering).is_empty() {
+            return None;
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        Some(
+            self.store
+                .read_at(f, offset, &mut out)
+                .map(|_| out)
+                .map_err(|e| FetchError::Store(e.to_string())),
+        )
+    }
+
+    async fn read_inner(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FetchError> {
+        let f = &file.entry;
+        let end = (offset + size as u64).min(f.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if f.chunks.is_none() && !self.store.is_complete(f) {
+            self.ensure_whole(file).await?;
+        }
+        let layout = f.layout();
+        let covering = layout.covering(offset, end - offset);
+        let missing = self.store.missing(f, covering.clone());
+        let fetched: Vec<(u64, Option<VerifiedChunk>)> =
+            futures::future::try_join_all(missing.into_iter().map(|idx| {
+                let fut = self.chunk(file, idx, Priority::OnDemand, None);
+                async move { fut.await.map(|c| (idx, c)) }
+            }))
+            .await?;
+        let fetched: HashMap<u64, VerifiedChunk> = fetched
+            .into_iter()
+            .filter_map(|(i, c)| c.map(|c| (i, c)))
+            .collect();
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut from_disk = Vec::new();
+        for idx in covering {
+            let r = layout.range(idx);
+            let (s, e) = (r.start.max(offset), r.end.min(end));
+            let dst = (s - offset) as usize..(e - offset) as usize;
+            match fetched.get(&idx) {
+                Some(c) => out[dst]
+                    .copy_from_slice(&c.bytes()[(s - r.start) as usize..(e - r.start) as usize]),
+                None => from_disk.push((s, dst)),
+            }
+        }
+        if from_disk.is_empty() {
+            return Ok(out);
+        }
+        let store = self.store.clone();
+        let entry = file.clone();
+        tokio::task::spawn_blocking(move || {
+            for (s, dst) in from_disk {
+                store.read_at(&entry.entry, s, &mut out[dst])?;
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| FetchError::Store(e.to_string()))?
+        .map_err(|e: crate::store::StoreError| FetchError::Store(e.to_string()))
+    }
+
+    /// Starts read-ahead fetches of `chunks` that are neither present nor in flight, as far as
+    /// the read-ahead budget allows; returns at once.
+    pub fn read_ahead(self: &Arc<Self>, file: &Arc<FileCtx>, chunks: Range<u64>) {
+        let f = &file.entry;
+        if f.chunks.is_none() {
+            return;
+        }
+        for idx in self.store.missing(f, chunks) {
+            if self.inflight.lock().unwrap().contains_key(&(f.sha256, idx)) {
+                continue;
+            }
+            let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else {
+                return;
+            };
+            drop(self.chunk(file, idx, Priority::ReadAhead, Some(permit)));
+        }
+    }
+
+    /// The single-flight entry point for chunk `idx`: `None` if it is (now) present on disk.
+    fn chunk(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+        prio: Priority,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> BoxFuture<'static, Result<Option<VerifiedChunk>, FetchError>> {
+        let key = (file.entry.sha256, idx);
+        let shared = {
+            let mut map = self.inflight.lock().unwrap();
+            if self.store.has_chunk(&file.entry, idx) {
+                return futures::future::ready(Ok(None)).boxed();
+            }
+            match map.get(&key) {
+                Some(s) => s.clone(),
+                None => {
+                    let this = self.clone();
+                    let file = file.clone();
+                    // Spawned, so the fetch completes (and is cached) even if readers give up.
+                    let task = tokio::spawn(async move {
+                        let r = this.fetch_chunk(&file, idx, prio).await;
+                        drop(permit);
+                        this.inflight.lock().unwrap().remove(&key);
+                        r
+                    });
+                    let fut = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(FetchError::Store(format!("fetch task died: {e}")))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(key, fut.clone());
+                    fut
+                }
+            }
+        };
+        async move { shared.await.map(Some) }.boxed()
+    }
+
+    async fn fetch_chunk(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+        prio: Priority,
+    ) -> Result<VerifiedChunk, FetchError> {
+        let f = &file.entry;
+        let range = f.layout().range(idx);
+        let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
+        let _mem = self
+            .memory
+            .clone()
+            .acquire_many_owned(kib(range.end - range.start))
+            .await
+            .expect("semaphore never closed");
+        self.started
+            .lock()
+            .unwrap()
+            .entry(f.sha256)
+            .or_insert_with(Instant::now);
+        let what = format!("{}/{} chunk {idx}", file.model, f.path);
+        let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
+        let mut errors = Vec::new();
+        for (src, attempts) in self.source_order(&file.sources) {
+            let got = tokio::time::timeout_at(
+                deadline,
+                self.fetch_range(&src, &f.path, range.clone(), prio, attempts),
+            )
+            .await;
+            let bytes = match got {
+                Err(_) => {
+                    errors.push(format!("{}: gave up at the read deadline", src.name));
+                    break;
+                }
+                Ok(Err(e)) => {
+                    src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
+                    tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                    errors.push(format!("{}: {e}", src.name));
+                    continue;
+                }
+                Ok(Ok(b)) => b,
+            };
+            let verified =
+                tokio::task::spawn_blocking(move || VerifiedChunk::verify(expected, bytes))
+                    .await
+                    .map_err(|e| FetchError::Store(e.to_string()))?;
+            match verified {
+                Ok(chunk) => {
+                    src.record_success();
+                    self.commit(file, idx, chunk.clone()).await?;
+                    return Ok(chunk);
+                }
+                Err(mismatch) => {
+                    Metrics::inc(&METRICS.integrity_failures, 1);
+                    src.record_failure(true, self.cfg.cooldown());
+                    tracing::error!(source = %src.name, file = %what, %mismatch,
+                        "integrity failure: source sent wrong bytes; discarded, trying the next source");
+                    errors.push(format!("{}: wrong bytes ({mismatch})", src.name));
+                }
+            }
+        }
+        Err(FetchError::Exhausted {
+            what,
+            detail: if errors.is_empty() {
+                "no sources".into()
+            } else {
+                errors.join("; ")
+            },
+        })
+    }
+
+    async fn commit(
+        &self,
+        file: &FileCtx,
+        idx: u64,
+        chunk: VerifiedChunk,
+    ) -> Result<(), FetchError> {
+        let store = self.store.clone();
+        let entry = file.entry.clone();
+        let len = chunk.bytes().len() as u64;
+        tokio::task::spawn_blocking(move || store.commit_chunk(&entry, idx, &chunk))
+            .await
+            .map_err(|e| FetchError::Store(e.to_string()))?
+            .map_err(|e| FetchError::Store(e.to_string()))?;
+        Metrics::inc(&METRICS.chunks_fetched, 1);
+        tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx, bytes = len, "chunk committed");
+        if self.store.is_complete(&file.entry) {
+            self.completed(file);
+        }
+        Ok(())
+    }
+
+    fn completed(&self, file: &FileCtx) {
+        let Some(t0) = self.started.lock().unwrap().remove(&file.entry.sha256) else {
+            return;
+        };
+        Metrics::inc(&METRICS.files_completed, 1);
+        let secs = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            model = %file.model,
+            file = %file.entry.path,
+            bytes = file.entry.size,
+            seconds = format_args!("{secs:.3}"),
+            "download completed"
+        );
+    }
+
+    /// Healthy sources in priority order with full retries, then cooling ones (one attempt
+    /// each, as a probe), so a recovered origin is noticed at once but a dead one costs little.
+    fn source_order(&self, sources: &[Arc<SourceHandle>]) -> Vec<(Arc<SourceHandle>, u32)> {
+        let (healthy, cooling): (Vec<_>, Vec<_>) = sources
+            .iter()
+            .cloned()
+            .partition(|s| s.cooling_until().is_none());
+        healthy
+            .into_iter()
+            .map(|s| (s, self.cfg.retries))
+            .chain(cooling.into_iter().map(|s| (s, 1)))
+            .collect()
+    }
+
+    /// Fetches `range` from one source as parallel parts, each retried up to `attempts` times.
+    async fn fetch_range(
+        &self,
+        src: &SourceHandle,
+        path: &str,
+        range: Range<u64>,
+        prio: Priority,
+        attempts: u32,
+    ) -> Result<Bytes, SourceError> {
+        let part = self.cfg.part_size();
+        let parts: Vec<Range<u64>> = (range.start..range.end)
+            .step_by(part as usize)
+            .map(|s| s..(s + part).min(range.end))
+            .collect();
+        let pieces = futures::future::try_join_all(
+            parts
+                .into_iter()
+                .map(|r| self.fetch_part(src, path, r, prio, attempts)),
+        )
+        .await?;
+        if pieces.len() == 1 {
+            return Ok(pieces.into_iter().next().unwrap());
+        }
+        let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
+        for p in pieces {
+            buf.extend_from_slice(&p);
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn fetch_part(
+        &self,
+        src: &SourceHandle,
+        path: &str,
+        r: Range<u64>,
+        prio: Priority,
+        attempts: u32,
+    ) -> Result<Bytes, SourceError> {
+        let mut last = SourceError::Timeout;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let cap = self
+                    .cfg
+                    .backoff_ms
+                    .saturating_mul(1 << (attempt - 1).min(10));
+                let ms = rand::random_range(0..=cap);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let _ra = match prio {
+                Priority::ReadAhead => {
+                    Some(self.readahead_connections.acquire().await.expect("open"))
+                }
+                Priority::OnDemand => None,
+            };
+            let _conn = self.connections.acquire().await.expect("open");
+            let res = tokio::time::timeout(
+                self.cfg.request_timeout(),
+                src.source.fetch(path, r.clone()),
+            )
+            .await
+            .unwrap_or(Err(SourceError::Timeout));
+            match res {
+                Ok(b) => {
+                    Metrics::inc(&METRICS.bytes_fetched, b.len() as u64);
+                    return Ok(b);
+                }
+                Err(e) => {
+                    Metrics::inc(&METRICS.source_errors, 1);
+                    tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
+                    let retry = e.retryable();
+                    last = e;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Makes a file listed with only a whole-file sha256 complete (single-flight per blob).
+    pub async fn ensure_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
+        let key = file.entry.sha256;
+        let shared = {
+            let mut map = self.whole.lock().unwrap();
+            if self.store.is_complete(&file.entry) {
+                return Ok(());
+            }
+            match map.get(&key) {
+                Some(s) => s.clone(),
+                None => {
+                    let this = self.clone();
+                    let file = file.clone();
+                    let task = tokio::spawn(async move {
+                        let r = this.fetch_whole(&file).await;
+                        this.whole.lock().unwrap().remove(&key);
+                        r
+                    });
+                    let fut = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(FetchError::Store(format!("fetch task died: {e}")))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(key, fut.clone());
+                    fut
+                }
+            }
+        };
+        shared.await
+    }
+
+    async fn fetch_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
+        let f = &file.entry;
+        let what = format!("{}/{}", file.model, f.path);
+        self.started
+            .lock()
+            .unwrap()
+            .entry(f.sha256)
+            .or_insert_with(Instant::now);
+        let layout = f.layout();
+        let mut errors = Vec::new();
+        for (src, attempts) in self.source_order(&file.sources) {
+            let parallel = (self.cfg.connections / 2).max(1);
+            let written = futures::stream::iter(0..layout.count())
+                .map(|idx| {
+                    let src = src.clone();
+                    async move {
+                        let r = layout.range(idx);
+                        let _mem = self
+                            .memory
+                            .acquire_many(kib(r.end - r.start))
+                            .await
+                            .expect("open");
+                        let bytes = self
+                            .fetch_range(&src, &f.path, r.clone(), Priority::OnDemand, attempts)
+                            .await?;
+                        let store = self.store.clone();
+                        let entry = f.clone();
+                        tokio::task::spawn_blocking(move || {
+                            store.write_unverified(&entry, r.start, &bytes)
+                        })
+                        .await
+                        .map_err(|e| SourceError::Transport(e.to_string()))?
+                        .map_err(|e| SourceError::Transport(format!("cache write: {e}")))
+                    }
+                })
+                .buffer_unordered(parallel)
+                .try_collect::<Vec<()>>()
+                .await;
+            if let Err(e) = written {
+                src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
+                tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                errors.push(format!("{}: {e}", src.name));
+                continue;
+            }
+            let store = self.store.clone();
+            let entry = f.clone();
+            let actual = tokio::task::spawn_blocking(move || store.verify_whole(&entry))
+                .await
+                .map_err(|e| FetchError::Store(e.to_string()))?
+                .map_err(|e| FetchError::Store(e.to_string()))?;
+            if actual == f.sha256 {
+                src.record_success();
+                self.completed(file);
+                return Ok(());
+            }
+            Metrics::inc(&METRICS.integrity_failures, 1);
+            src.record_failure(true, self.cfg.cooldown());
+            tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
+                "integrity failure: whole file does not match its sha256; discarded, trying the next source");
+            errors.push(format!("{}: wrong bytes (sha256 {actual})", src.name));
+        }
+        Err(FetchError::Exhausted {
+            what,
+            detail: if errors.is_empty() {
+                "no sources".into()
+            } else {
+                errors.join("; ")
+            },
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! `ModelFs`: the filesystem as plain methods returning plain structs.
+//!
+//! lookup/getattr/readdir/open/read/xattr on the manifest's tree. No fuser types here (that
+//! is `fuse.rs`), so the logic is testable without `/dev/fuse`. Metadata never touches the
+//! network: everything `ls`, `stat` and `find` need comes from the manifest.
+
+mod tree;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+pub use tree::{NodeKind, ROOT, Tree};
+
+use crate::fetch::{FetchError, Fetcher, FileCtx};
+use crate::metrics::{METRICS, Metrics};
+use crate::prefetch::ReadAhead;
+
+/// Attribute block size: large so tools (cp, dd) use large reads.
+pub const BLKSIZE: u32 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// What an open returns: a handle, and for a complete blob a read-only file the kernel may
+/// read directly (FUSE passthrough).
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<std::fs::File>,
+}
+
+/// Every error a filesystem call can return; `errno` is the one place they map to codes.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("attribute larger than the buffer")]
+    Range,
+    #[error("{0}")]
+    Fetch(#[from] FetchError),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::Fetch(_) => libc::EIO,
+        }
+    }
+}
+
+pub const XATTRS: [&str; 3] = ["user.wan.sha256", "user.wan.cached_bytes", "user.wan.state"];
+
+pub struct ModelFs {
+    tree: Tree,
+    fetcher: Arc<Fetcher>,
+    readahead: ReadAhead,
+    mtime: SystemTime,
+    uid: u32,
+    gid: u32,
+    passthrough: bool,
+    next_fh: AtomicU64,
+}
+
+impl ModelFs {
+    pub fn new(
+        tree: Tree,
+        fetcher: Arc<Fetcher>,
+        readahead_chunks: u32,
+        mtime: SystemTime,
+        passthrough: bool,
+    ) -> ModelFs {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        ModelFs {
+            tree,
+            fetcher,
+            readahead: ReadAhead::new(readahead_chunks),
+            mtime,
+            uid,
+            gid,
+            passthrough,
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn attr_of(&self, ino: u64) -> Result<Attr, FsError> {
+        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let (kind, size, perm, nlink) = match &node.kind {
+            NodeKind::Dir(children) => (Kind::Dir, 0, 0o555, 2 + children.len() as u32),
+            NodeKind::File(f) => (Kind::File, f.entry.size, 0o444, 1),
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            size,
+            perm,
+            nlink,
+            mtime: self.mtime,
+            uid: self.uid,
+            gid: self.gid,
+        })
+    }
+
+    fn file(&self, ino: u64) -> Result<&Arc<FileCtx>, FsError> {
+        match &self.tree.get(ino).ok_or(FsError::NotFound)?.kind {
+            NodeKind::File(f) => Ok(f),
+            NodeKind::Dir(_) => Err(FsError::IsDir),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
+        let ino = self.tree.lookup(parent, name).ok_or(FsError::NotFound)?;
+        self.attr_of(ino)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        self.attr_of(ino)
+    }
+
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
+        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let NodeKind::Dir(children) = &node.kind else {
+            return Err(FsError::NotDir);
+        };
+        let mut out = vec![
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: node.parent,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
+        ];
+        for (name, &child) in children {
+            out.push(DirEntry {
+                ino: child,
+                kind: self.attr_of(child)?.kind,
+                name: name.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn open(&self, ino: u64) -> Result<Opened, FsError> {
+        let f = self.file(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let backing =
+            if self.passthrough && f.entry.size > 0 && self.fetcher.store().is_complete(&f.entry) {
+                self.fetcher.store().open_blob_ro(f.entry.sha256).ok()
+            } else {
+                None
+            };
+        Ok(Opened { fh, backing })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.readahead.forget(fh);
+    }
+
+    fn note_read(&self, f: &Arc<FileCtx>, fh: u64, offset: u64, size: u32) {
+        let ahead = self
+            .readahead
+            .on_read(fh, f.entry.layout(), offset, size as u64);
+        if !ahead.is_empty() {
+            self.fetcher.read_ahead(f, ahead);
+        }
+    }
+
+    /// Serves a read from the cache alone if it can (a local pread; never the network).
+    pub fn read_cached(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Option<Result<Vec<u8>, FsError>> {
+        let f = match self.file(ino) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        let r = self.fetcher.read_cached(f, offset, size)?;
+        Metrics::inc(&METRICS.cache_hits, 1);
+        self.note_read(f, fh, offset, size);
+        Some(r.map_err(FsError::from))
+    }
+
+    /// Serves a read, fetching missing chunks; bounded by `read_timeout`.
+    pub async fn read(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let f = self.file(ino)?;
+        Metrics::inc(&METRICS.cache_misses, 1);
+        self.note_read(f, fh, offset, size);
+        match self.fetcher.read(f, offset, size).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let counter = match e {
+                    FetchError::Timeout(_) => &METRICS.read_timeouts,
+                    _ => &METRICS.read_errors,
+                };
+                Metrics::inc(counter, 1);
+                tracing::error!(model = %f.model, file = %f.entry.path, offset, size, error = %e, "read failed: EIO");
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &str) -> Result<Vec<u8>, FsError> {
+        let f = self.file(ino).map_err(|_| FsError::NoAttr)?;
+        let store = self.fetcher.store();
+        let v = match name {
+            "user.wan.sha256" => f.entry.sha256.to_hex(),
+            "user.wan.cached_bytes" => store.cached_bytes(&f.entry).to_string(),
+            "user.wan.state" => store.state(&f.entry).as_str().to_string(),
+            _ => return Err(FsError::NoAttr),
+        };
+        Ok(v.into_bytes())
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Vec<u8> {
+        if self.file(ino).is_err() {
+            return Vec::new();
+        }
+        XATTRS.iter().flat_map(|n| n.bytes().chain([0])).collect()
+    }
+
+    /// (files, total bytes) for statfs.
+    pub fn totals(&self) -> (u64, u64) {
+        let mut files = 0;
+        let mut bytes = 0;
+        for ino in 1..=self.tree.len() as u64 {
+            if let Ok(f) = self.file(ino) {
+                files += 1;
+                bytes += f.entry.size;
+            }
+        }
+        (files, bytes)
+    }
+}

@@ -1,0 +1,332 @@
+//! The fuser adapter: the only fuser user. Thin: each callback calls `ModelFs` and turns the
+//! plain result into a reply; errno mapping is `FsError::errno`.
+//!
+//! Reads that the cache can serve are answered on the dispatch thread (a local pread); reads
+//! that need a fetch are answered from a tokio task, so the dispatch thread never waits on the
+//! network. fuser replies are `Send`, and dropping one unanswered sends EIO.
+//!
+//! Passthrough: the kernel (fs/fuse/iomode.c) refuses, with EIO at open, to mix cached and
+//! passthrough opens of one inode, and all passthrough opens of an inode must share one
+//! backing id. So we track per inode: the shared `BackingId` and its open count, or the count
+//! of cached opens; a new open follows whatever mode the inode is already in. The kernel also
+//! refuses FOPEN_KEEP_CACHE on a passthrough open (it is outside FOPEN_PASSTHROUGH_MASK); the
+//! backing file's own page cache serves that role there.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::fs::{Attr, BLKSIZE, FsError, Kind, ModelFs};
+
+/// Content and metadata are immutable while mounted, so the kernel may cache them for long.
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Default)]
+struct InodeIo {
+    cached_opens: u32,
+    passthrough: Option<(Arc<BackingId>, u32)>,
+}
+
+enum HandleMode {
+    Cached,
+    Passthrough,
+}
+
+pub struct FuseAdapter {
+    fs: Arc<ModelFs>,
+    rt: tokio::runtime::Handle,
+    passthrough: bool,
+    io: Mutex<HashMap<u64, InodeIo>>,
+    handles: Mutex<HashMap<u64, (u64, HandleMode)>>,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<ModelFs>, rt: tokio::runtime::Handle, passthrough: bool) -> FuseAdapter {
+        FuseAdapter {
+            fs,
+            rt,
+            passthrough,
+            io: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: match a.kind {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+        },
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: BLKSIZE,
+        flags: 0,
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if self.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!(
+                    "kernel does not offer FUSE passthrough; the daemon serves every read"
+                );
+                self.passthrough = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let opened = match self.fs.open(ino.0) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let fh = opened.fh;
+        let mut io = self.io.lock().unwrap();
+        let state = io.entry(ino.0).or_default();
+        if let Some((id, n)) = &mut state.passthrough {
+            *n += 1;
+            let id = id.clone();
+            drop(io);
+            self.handles
+                .lock()
+                .unwrap()
+                .insert(fh, (ino.0, HandleMode::Passthrough));
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+        }
+        if state.cached_opens == 0
+            && self.passthrough
+            && let Some(file) = opened.backing
+        {
+            match reply.open_backing(&file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    state.passthrough = Some((id.clone(), 1));
+                    drop(io);
+                    self.handles
+                        .lock()
+                        .unwrap()
+                        .insert(fh, (ino.0, HandleMode::Passthrough));
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                }
+                Err(e) => {
+                    tracing::debug!(ino = ino.0, error = %e, "passthrough refused; serving reads")
+                }
+            }
+        }
+        state.cached_opens += 1;
+        drop(io);
+        self.handles
+            .lock()
+            .unwrap()
+            .insert(fh, (ino.0, HandleMode::Cached));
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if let Some(r) = self.fs.read_cached(ino.0, fh.0, offset, size) {
+            return match r {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.read(ino.0, fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        if let Some((ino, mode)) = self.handles.lock().unwrap().remove(&fh.0) {
+            let mut io = self.io.lock().unwrap();
+            if let Some(state) = io.get_mut(&ino) {
+                match mode {
+                    HandleMode::Cached => state.cached_opens = state.cached_opens.saturating_sub(1),
+                    HandleMode::Passthrough => {
+                        if let Some((_, n)) = &mut state.passthrough {
+                            *n -= 1;
+                            if *n == 0 {
+                                // Dropping the last reference closes the backing id.
+                                state.passthrough = None;
+                            }
+                        }
+                    }
+                }
+                if state.cached_opens == 0 && state.passthrough.is_none() {
+                    io.remove(&ino);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.fs.readdir(ino.0) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            let kind = match e.kind {
+                Kind::Dir => FileType::Directory,
+                Kind::File => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (files, bytes) = self.fs.totals();
+        reply.statfs(
+            bytes.div_ceil(BLKSIZE as u64),
+            0,
+            0,
+            files,
+            0,
+            BLKSIZE,
+            255,
+            BLKSIZE,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let value = match self.fs.getxattr(ino.0, &name.to_string_lossy()) {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        xattr_reply(&value, size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(&self.fs.listxattr(ino.0), size, reply);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal ioctls (isatty probes) and the like: not a tty, nothing to do.
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Only reached without default_permissions; refuse writes, allow the rest.
+        if mask.bits() & libc::W_OK != 0 {
+            reply.error(Errno::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+}
+
+fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() <= size as usize {
+        reply.data(value);
+    } else {
+        reply.error(errno(&FsError::Range));
+    }
+}
+
+/// Modification time reported for every node: the manifest's, so it is stable across restarts.
+pub fn manifest_mtime(path: &std::path::Path) -> SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}

@@ -1,0 +1,18 @@
+//! wanfs: a FUSE-mounted, lazy, verified model filesystem.
+//!
+//! Module map (arrows point down; see docs/DESIGN.md):
+//! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
+//! `manifest`, `chunk`; `config` and `metrics` are leaves used throughout.
+
+pub mod chunk;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fetch;
+pub mod fs;
+pub mod fuse;
+pub mod manifest;
+pub mod metrics;
+pub mod prefetch;
+pub mod source;
+pub mod store;

@@ -1,0 +1,668 @@
+//! The model manifest (`models.toml`): parse, validate, build.
+//!
+//! A manifest is refused as a whole when any rule is broken, with one error per problem naming
+//! the model, the file and the rule, so an operator fixes everything in one pass. `build` hashes
+//! a local tree and prints the entry to paste into a manifest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::{self, Write as _};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::chunk::{Digest, Layout};
+
+/// Default chunk size: 8 MiB. Large enough that a 60 GB model is ~7,000 chunks (index rows,
+/// digests in the manifest, requests) and per-request overhead is noise; small enough that one
+/// chunk, fetched as parallel 1 MiB parts, reaches a reader in tens of milliseconds even from a
+/// slow origin, and that an mmap touching one tensor does not pull in hundreds of MB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
+
+/// A validated manifest.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    /// Models by id, sorted.
+    pub models: BTreeMap<String, Model>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub id: String,
+    pub description: String,
+    pub pinned: bool,
+    /// In priority order.
+    pub sources: Vec<SourceUrl>,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FileEntry {
+    /// Relative, `/`-separated, no `..`.
+    pub path: String,
+    pub size: u64,
+    pub sha256: Digest,
+    pub chunk_size: u64,
+    /// Per-chunk digests when the manifest lists them (lazy reads); `None` = fetched whole.
+    pub chunks: Option<Vec<Digest>>,
+}
+
+impl FileEntry {
+    pub fn layout(&self) -> Layout {
+        Layout::new(self.size, self.chunk_size)
+    }
+}
+
+/// Where a model's bytes can be fetched from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SourceUrl {
+    /// A directory: `local://dir` (relative to the manifest's directory) or `file:///abs`.
+    Dir(PathBuf),
+    /// `http(s)://base`: `GET base/path`.
+    Http(String),
+    /// `hf://org/repo@rev`.
+    Hf { repo: String, rev: String },
+    /// `s3://bucket/prefix`.
+    S3 { bucket: String, prefix: String },
+}
+
+impl SourceUrl {
+    /// Parses a source URL; relative `local://` paths resolve against `base_dir`.
+    pub fn parse(url: &str, base_dir: &Path) -> Result<SourceUrl, String> {
+        if let Some(rest) = url.strip_prefix("local://") {
+            if rest.is_empty() {
+                return Err("local:// needs a directory".into());
+            }
+            return Ok(SourceUrl::Dir(base_dir.join(rest)));
+        }
+        if let Some(rest) = url.strip_prefix("file://") {
+            if !rest.starts_with('/') {
+                return Err("file:// needs an absolute path (file:///dir)".into());
+            }
+            return Ok(SourceUrl::Dir(PathBuf::from(rest)));
+        }
+        if url.starts_with("http://") || url.starts_with("https://") {
+            let host = url.split("://").nth(1).unwrap_or("");
+            if host.is_empty() || host.starts_with('/') {
+                return Err("http(s) URL has no host".into());
+            }
+            return Ok(SourceUrl::Http(url.trim_end_matches('/').to_string()));
+        }
+        if let Some(rest) = url.strip_prefix("hf://") {
+            let (repo, rev) = rest.split_once('@').unwrap_or((rest, "main"));
+            if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) || rev.is_empty()
+            {
+                return Err("hf:// wants hf://org/repo@revision".into());
+            }
+            return Ok(SourceUrl::Hf {
+                repo: repo.into(),
+                rev: rev.into(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err("s3:// wants s3://bucket/prefix".into());
+            }
+            return Ok(SourceUrl::S3 {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+            });
+        }
+        Err(
+            "unknown source scheme (want local://, file://, http://, https://, hf://, s3://)"
+                .into(),
+        )
+    }
+}
+
+impl fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceUrl::Dir(p) => write!(f, "file://{}", p.display()),
+            SourceUrl::Http(u) => f.write_str(u),
+            SourceUrl::Hf { repo, rev } => write!(f, "hf://{repo}@{rev}"),
+            SourceUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Everything wrong with a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{file}: cannot read: {err}")]
+    Io { file: String, err: std::io::Error },
+    #[error("{file}: {msg}")]
+    Syntax { file: String, msg: String },
+    #[error("{}", .problems.iter().map(|p| format!("{}: {p}", .file)).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One broken rule.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub model: String,
+    pub path: Option<String>,
+    pub rule: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "model {:?}", self.model)?;
+        if let Some(p) = &self.path {
+            write!(f, ", file {p:?}")?;
+        }
+        write!(f, ": {}", self.rule)
+    }
+}
+
+/// Where a content digest was first seen: (model, path, size, chunk_size, chunks).
+type FirstSeen = (String, String, u64, u64, Option<Vec<Digest>>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    schema_version: u32,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    pinned: bool,
+    #[serde(default)]
+    sources: RawSources,
+    #[serde(default)]
+    files: Vec<RawFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSources {
+    #[serde(default)]
+    priority: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    path: String,
+    size: u64,
+    sha256: String,
+    chunk_size: Option<u64>,
+    chunks: Option<Vec<String>>,
+}
+
+/// Checks a model id against `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$`.
+pub fn valid_id(id: &str) -> bool {
+    let Some((name, version)) = id.split_once('@') else {
+        return false;
+    };
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let parts: Vec<&str> = version.split('.').collect();
+    let version_ok = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    first_ok && rest_ok && version_ok
+}
+
+fn path_rule(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        return Some("path is empty");
+    }
+    if path.starts_with('/') {
+        return Some("path must be relative, not absolute");
+    }
+    if path.contains('\\') || path.contains('\0') {
+        return Some("path must not contain backslashes or NUL");
+    }
+    for seg in path.split('/') {
+        match seg {
+            ".." => return Some("path must not contain '..'"),
+            "" | "." => return Some("path must not contain empty or '.' segments"),
+            s if s.starts_with(".wan") && path.split('/').next() == Some(s) => {
+                return Some("path must not start with the reserved name .wan");
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+impl Manifest {
+    /// Reads and validates a manifest file.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ManifestError::Io {
+            file: file.clone(),
+            err,
+        })?;
+        let base = path
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("."));
+        Manifest::parse(&text, &file, &base)
+    }
+
+    /// Parses and validates manifest text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Manifest, ManifestError> {
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Syntax {
+            file: file.to_string(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        let mut problems = Vec::new();
+        if raw.schema_version != 1 {
+            problems.push(Problem {
+                model: "-".into(),
+                path: None,
+                rule: format!(
+                    "schema_version {} is not supported (want 1)",
+                    raw.schema_version
+                ),
+            });
+        }
+        let mut models = BTreeMap::new();
+        // Identical content must be described identically everywhere it appears, since it is
+        // stored once.
+        let mut by_digest: HashMap<Digest, FirstSeen> = HashMap::new();
+        for (id, m) in raw.models {
+            let mut bad = |path: Option<&str>, rule: String| {
+                problems.push(Problem {
+                    model: id.clone(),
+                    path: path.map(str::to_string),
+                    rule,
+                })
+            };
+            if !valid_id(&id) {
+                bad(
+                    None,
+                    "bad model id (want NAME@X.Y.Z, NAME of letters, digits, '_' and '-')".into(),
+                );
+            }
+            let mut sources = Vec::new();
+            for url in &m.sources.priority {
+                match SourceUrl::parse(url, base_dir) {
+                    Ok(s) => sources.push(s),
+                    Err(e) => bad(None, format!("source {url:?}: {e}")),
+                }
+            }
+            let mut seen = HashMap::new();
+            let mut seen_lower = HashMap::new();
+            let mut files = Vec::new();
+            for f in m.files {
+                if let Some(rule) = path_rule(&f.path) {
+                    bad(Some(&f.path), rule.to_string());
+                    continue;
+                }
+                if seen.insert(f.path.clone(), ()).is_some() {
+                    bad(Some(&f.path), "duplicate path".into());
+                    continue;
+                }
+                if let Some(other) = seen_lower.insert(f.path.to_lowercase(), f.path.clone()) {
+                    bad(
+                        Some(&f.path),
+                        format!("path collides with {other:?} when case is ignored"),
+                    );
+                    continue;
+                }
+                let sha256 = match f.sha256.parse::<Digest>() {
+                    Ok(d) => d,
+                    Err(e) => {
+                        bad(Some(&f.path), format!("sha256: {e}"));
+                        continue;
+                    }
+                };
+                let chunk_size = f.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+                if chunk_size == 0 {
+                    bad(Some(&f.path), "chunk_size must be positive".into());
+                    continue;
+                }
+                let chunks = match f.chunks {
+                    None => None,
+                    Some(list) => {
+                        let want = Layout::new(f.size, chunk_size).count();
+                        if list.len() as u64 != want {
+                            bad(
+                                Some(&f.path),
+                                format!(
+                                    "chunk count {} does not match size {} / chunk_size {} (want {want})",
+                                    list.len(),
+                                    f.size,
+                                    chunk_size
+                                ),
+                            );
+                            continue;
+                        }
+                        let mut out = Vec::with_capacity(list.len());
+                        for (i, h) in list.iter().enumerate() {
+                            match h.parse::<Digest>() {
+                                Ok(d) => out.push(d),
+                                Err(e) => {
+                                    bad(Some(&f.path), format!("chunks[{i}]: {e}"));
+                                    break;
+                                }
+                            }
+                        }
+                        if out.len() != list.len() {
+                            continue;
+                        }
+                        Some(out)
+                    }
+                };
+                match by_digest.get(&sha256) {
+                    Some((om, op, osize, ocs, ochunks))
+                        if *osize != f.size
+                            || *ocs != chunk_size
+                            || (ochunks.is_some() && chunks.is_some() && *ochunks != chunks) =>
+                    {
+                        bad(
+                            Some(&f.path),
+                            format!(
+                                "same sha256 as {om:?} file {op:?} but a different size, chunk_size or chunks"
+                            ),
+                        );
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_digest.insert(
+                            sha256,
+                            (
+                                id.clone(),
+                                f.path.clone(),
+                                f.size,
+                                chunk_size,
+                                chunks.clone(),
+                            ),
+                        );
+                    }
+                }
+                files.push(FileEntry {
+                    path: f.path,
+                    size: f.size,
+                    sha256,
+                    chunk_size,
+                    chunks,
+                });
+            }
+            // A file path may not also be a directory of another file.
+            for f in &files {
+                let mut prefix = String::new();
+                for seg in f
+                    .path
+                    .split('/')
+                    .collect::<Vec<_>>()
+                    .split_last()
+                    .unwrap()
+                    .1
+                {
+                    prefix.push_str(seg);
+                    if seen.contains_key(&prefix) {
+                        bad(
+                            Some(&prefix),
+                            format!("path is both a file and a directory of {:?}", f.path),
+                        );
+                    }
+                    prefix.push('/');
+                }
+            }
+            if sources.is_empty() && m.sources.priority.is_empty() {
+                bad(None, "no sources (sources.priority is empty)".into());
+            }
+            models.insert(
+                id.clone(),
+                Model {
+                    id: id.clone(),
+                    description: m.description,
+                    pinned: m.pinned,
+                    sources,
+                    files,
+                },
+            );
+        }
+        if !problems.is_empty() {
+            return Err(ManifestError::Invalid {
+                file: file.to_string(),
+                problems,
+            });
+        }
+        Ok(Manifest { models })
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.models.values().map(|m| m.files.len()).sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.models
+            .values()
+            .flat_map(|m| &m.files)
+            .map(|f| f.size)
+            .sum()
+    }
+}
+
+/// Options for [`build`].
+pub struct BuildOptions {
+    pub id: String,
+    pub chunk_size: u64,
+    pub sources: Vec<String>,
+    /// Omit chunk digests: files are then fetched whole on first read.
+    pub whole_only: bool,
+}
+
+/// Hashes every regular file under `dir` and returns the manifest entry as TOML text.
+pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
+    use anyhow::{Context, bail};
+    if !valid_id(&opts.id) {
+        bail!("bad model id {:?} (want NAME@X.Y.Z)", opts.id);
+    }
+    if opts.chunk_size == 0 {
+        bail!("--chunk-size must be positive");
+    }
+    for s in &opts.sources {
+        SourceUrl::parse(s, dir).map_err(|e| anyhow::anyhow!("--source {s:?}: {e}"))?;
+    }
+    let mut paths = Vec::new();
+    walk(dir, dir, &mut paths).with_context(|| format!("walking {}", dir.display()))?;
+    paths.sort();
+    let id = &opts.id;
+    let mut out = String::new();
+    writeln!(out, "[models.{id:?}]").unwrap();
+    writeln!(out, "description = \"\"").unwrap();
+    writeln!(out, "[models.{id:?}.sources]").unwrap();
+    let quoted: Vec<String> = opts.sources.iter().map(|s| format!("{s:?}")).collect();
+    writeln!(out, "priority = [{}]", quoted.join(", ")).unwrap();
+    for rel in paths {
+        let full = dir.join(&rel);
+        let (size, whole, chunks) = hash_file(&full, opts.chunk_size)
+            .with_context(|| format!("hashing {}", full.display()))?;
+        writeln!(out, "\n[[models.{id:?}.files]]").unwrap();
+        writeln!(out, "path = {rel:?}").unwrap();
+        writeln!(out, "size = {size}").unwrap();
+        writeln!(out, "sha256 = \"{whole}\"").unwrap();
+        if !opts.whole_only {
+            writeln!(out, "chunk_size = {}", opts.chunk_size).unwrap();
+            out.push_str("chunks = [\n");
+            for c in chunks {
+                writeln!(out, "  \"{c}\",").unwrap();
+            }
+            out.push_str("]\n");
+        }
+    }
+    Ok(out)
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let meta = std::fs::metadata(&path)?;
+        if meta.is_dir() {
+            walk(root, &path, out)?;
+        } else if meta.is_file() {
+            let rel = path
+                .strip_prefix(root)?
+                .to_string_lossy()
+                .replace('\\', "/");
+            out.push(rel);
+        }
+    }
+    Ok(())
+}
+
+/// Returns (size, whole-file digest, chunk digests) in one pass over the file.
+pub fn hash_file(path: &Path, chunk_size: u64) -> std::io::Result<(u64, Digest, Vec<Digest>)> {
+    use sha2::{Digest as _, Sha256};
+    let mut f = File::open(path)?;
+    let mut whole = Sha256::new();
+    let mut chunks = Vec::new();
+    let mut buf = vec![0u8; chunk_size.min(64 << 20) as usize];
+    let mut size = 0u64;
+    loop {
+        // Fill one chunk (or the buffer) completely: chunk digests need exact boundaries.
+        let mut chunk = Sha256::new();
+        let mut in_chunk = 0u64;
+        while in_chunk < chunk_size {
+            let want = (chunk_size - in_chunk).min(buf.len() as u64) as usize;
+            let n = f.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            whole.update(&buf[..n]);
+            chunk.update(&buf[..n]);
+            in_chunk += n as u64;
+        }
+        if in_chunk == 0 {
+            break;
+        }
+        size += in_chunk;
+        chunks.push(Digest(chunk.finalize().into()));
+        if in_chunk < chunk_size {
+            break;
+        }
+    }
+    Ok((size, Digest(whole.finalize().into()), chunks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, extra: &str) -> String {
+        format!(
+            "[[models.\"m@1.0.0\".files]]\npath = {path:?}\nsize = 3\nsha256 = \"{}\"\n{extra}\n",
+            Digest::of(b"abc")
+        )
+    }
+
+    fn parse(body: &str) -> Result<Manifest, ManifestError> {
+        let text = format!(
+            "schema_version = 1\n[models.\"m@1.0.0\".sources]\npriority = [\"local://x\"]\n{body}"
+        );
+        Manifest::parse(&text, "t.toml", Path::new("/base"))
+    }
+
+    fn problems(body: &str) -> String {
+        parse(body).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn ids() {
+        for ok in ["t2v-A14B@2.2.0", "a@0.0.0", "A_b-c@10.20.30"] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "-a@1.0.0",
+            "a@1.0",
+            "a@1.0.x",
+            "a",
+            "a b@1.0.0",
+            "a@1.0.0.0",
+            "@1.0.0",
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn good_manifest_parses_and_resolves_local() {
+        let m = parse(&entry("a/b.bin", "")).unwrap();
+        let model = &m.models["m@1.0.0"];
+        assert_eq!(model.sources, vec![SourceUrl::Dir("/base/x".into())]);
+        assert_eq!(model.files[0].chunk_size, DEFAULT_CHUNK_SIZE);
+        assert!(model.files[0].chunks.is_none());
+    }
+
+    #[test]
+    fn rules_name_model_file_and_rule() {
+        let e = problems(&entry("../x", ""));
+        assert!(
+            e.contains("\"m@1.0.0\"") && e.contains("\"../x\"") && e.contains(".."),
+            "{e}"
+        );
+        assert!(problems(&entry("/abs", "")).contains("absolute"));
+        let e = problems(&(entry("a", "") + &entry("a", "")));
+        assert!(e.contains("duplicate"), "{e}");
+        let e = problems(&(entry("A", "") + &entry("a", "")));
+        assert!(e.contains("case"), "{e}");
+        let e = problems(&entry("a", "chunk_size = 2\nchunks = [\"00\"]"));
+        assert!(e.contains("chunk count 1") && e.contains("want 2"), "{e}");
+        let bad_hex = "[[models.\"m@1.0.0\".files]]\npath = \"z\"\nsize = 1\nsha256 = \"XYZ\"\n";
+        assert!(problems(bad_hex).contains("sha256"));
+        let text = "schema_version = 1\n[models.\"m@1.0.0\".sources]\npriority = [\"ftp://x\"]\n";
+        let e = Manifest::parse(text, "t.toml", Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scheme") && e.contains("ftp://x"), "{e}");
+        let text = "schema_version = 1\n[models.\"bad id\".sources]\npriority = [\"local://x\"]\n";
+        let e = Manifest::parse(text, "t.toml", Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bad model id") && e.contains("\"bad id\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_line() {
+        let e = problems(&entry("a", "chunk_szie = 4"));
+        assert!(e.contains("chunk_szie") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn build_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/w.bin"), vec![7u8; 10]).unwrap();
+        std::fs::write(dir.path().join("e"), b"").unwrap();
+        let opts = BuildOptions {
+            id: "m@1.2.3".into(),
+            chunk_size: 4,
+            sources: vec!["local://x".into()],
+            whole_only: false,
+        };
+        let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
+        let m = Manifest::parse(&text, "b", dir.path()).unwrap();
+        let files = &m.models["m@1.2.3"].files;
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].path, "e");
+        assert_eq!(files[0].chunks.as_ref().unwrap().len(), 0);
+        let w = &files[1];
+        assert_eq!((w.size, w.sha256), (10, Digest::of(&[7u8; 10])));
+        assert_eq!(w.chunks.as_ref().unwrap()[2], Digest::of(&[7u8; 2]));
+    }
+}

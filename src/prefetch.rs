@@ -1,0 +1,111 @@
+//! Read-ahead: detects sequential reads per open file and decides which chunks to fetch ahead.
+//!
+//! Design: the kernel already reads ahead within the page cache (up to the mount's
+//! `read_ahead_kb`), but a FUSE request for a missing chunk costs a network round trip, so we
+//! fetch whole chunks ahead of the reader. Each open handle tracks the last chunk it read; a
+//! read in the same or the next chunk is sequential and doubles the window (1, 2, 4, … up to
+//! `readahead_chunks`), any other read resets it to zero (random access, e.g. an mmap touching
+//! one tensor, must not drag in the rest of the file). Read-ahead fetches run at lower priority
+//! than on-demand reads (see `fetch.rs`). Pure logic; the fetcher does the I/O.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+
+use crate::chunk::Layout;
+
+#[derive(Clone, Copy)]
+struct Seq {
+    last_chunk: u64,
+    window: u32,
+}
+
+pub struct ReadAhead {
+    max_window: u32,
+    handles: Mutex<HashMap<u64, Seq>>,
+}
+
+impl ReadAhead {
+    pub fn new(max_window: u32) -> ReadAhead {
+        ReadAhead {
+            max_window,
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a read of `offset..offset+len` on handle `fh`; returns chunks to fetch ahead.
+    pub fn on_read(&self, fh: u64, layout: Layout, offset: u64, len: u64) -> Range<u64> {
+        let covering = layout.covering(offset, len);
+        if self.max_window == 0 || covering.is_empty() {
+            return 0..0;
+        }
+        let (first, last) = (covering.start, covering.end - 1);
+        let mut handles = self.handles.lock().unwrap();
+        let seq = match handles.get(&fh) {
+            None if first == 0 => Seq {
+                last_chunk: last,
+                window: 1,
+            },
+            None => Seq {
+                last_chunk: last,
+                window: 0,
+            },
+            Some(s) if first == s.last_chunk || first == s.last_chunk + 1 => Seq {
+                last_chunk: last.max(s.last_chunk),
+                window: if last > s.last_chunk {
+                    (s.window * 2).clamp(1, self.max_window)
+                } else {
+                    s.window
+                },
+            },
+            Some(_) => Seq {
+                last_chunk: last,
+                window: 0,
+            },
+        };
+        handles.insert(fh, seq);
+        let start = seq.last_chunk + 1;
+        start.min(layout.count())..(start + seq.window as u64).min(layout.count())
+    }
+
+    /// Forgets a handle (on release).
+    pub fn forget(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn sequential_reads_grow_the_window() {
+        let ra = ReadAhead::new(4);
+        let l = Layout::new(100 * MB, 8 * MB);
+        assert_eq!(ra.on_read(1, l, 0, MB), 1..2);
+        assert_eq!(ra.on_read(1, l, MB, MB), 1..2); // same chunk: window kept
+        assert_eq!(ra.on_read(1, l, 8 * MB, MB), 2..4);
+        assert_eq!(ra.on_read(1, l, 16 * MB, MB), 3..7);
+        assert_eq!(ra.on_read(1, l, 24 * MB, MB), 4..8); // capped at 4
+    }
+
+    #[test]
+    fn random_reads_fetch_nothing_ahead() {
+        let ra = ReadAhead::new(4);
+        let l = Layout::new(100 * MB, 8 * MB);
+        assert_eq!(ra.on_read(1, l, 50 * MB, MB), 7..7);
+        assert_eq!(ra.on_read(1, l, 10 * MB, MB), 2..2);
+        assert_eq!(ra.on_read(2, l, 0, MB), 1..2); // handles are independent
+    }
+
+    #[test]
+    fn window_stops_at_end_of_file_and_can_be_disabled() {
+        let l = Layout::new(20 * MB, 8 * MB);
+        let ra = ReadAhead::new(8);
+        ra.on_read(1, l, 0, MB);
+        assert_eq!(ra.on_read(1, l, 8 * MB, MB), 2..3);
+        assert_eq!(ReadAhead::new(0).on_read(1, l, 0, MB), 0..0);
+    }
+}

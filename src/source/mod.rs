@@ -1,0 +1,191 @@
+//! Sources: where chunk bytes come from, behind one small trait.
+//!
+//! A `Source` answers one question: "give me these bytes of this file". Everything about
+//! trying sources in priority order, retrying, backing off and cooling a failing source down
+//! lives in `SourceHandle` and `fetch.rs`, so a new kind of source (S3, a peer) is one impl.
+//! Sources return raw bytes; they never verify: the fetcher does, before anything is stored.
+
+mod file;
+mod http;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::config::FetchConfig;
+use crate::manifest::SourceUrl;
+
+pub use file::DirSource;
+pub use http::{HttpSource, http_client};
+
+/// Why a source could not deliver.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    #[error("not found")]
+    NotFound,
+    #[error("access denied (HTTP {0}): check credentials")]
+    Denied(u16),
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("transport: {0}")]
+    Transport(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("short body: wanted {want} bytes, got {got}")]
+    Short { want: u64, got: u64 },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl SourceError {
+    /// Whether trying the same source again may help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            SourceError::NotFound | SourceError::Denied(_) | SourceError::Unsupported(_) => false,
+            SourceError::Status(s) => *s >= 500 || *s == 408 || *s == 429,
+            SourceError::Transport(_) | SourceError::Timeout | SourceError::Short { .. } => true,
+        }
+    }
+}
+
+/// A place that can serve byte ranges of a model's files.
+pub trait Source: Send + Sync {
+    /// Exactly the bytes `range` of `path` (relative to the model root), or an error.
+    fn fetch<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+    ) -> BoxFuture<'a, Result<Bytes, SourceError>>;
+}
+
+/// A source plus its health, shared by every model that lists the same URL.
+pub struct SourceHandle {
+    /// Safe to log: no credentials.
+    pub name: String,
+    pub source: Box<dyn Source>,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    consecutive_failures: u32,
+    cooled_until: Option<Instant>,
+}
+
+/// Consecutive failures after which a source is cooled down.
+const FAILURES_BEFORE_COOLDOWN: u32 = 3;
+
+impl SourceHandle {
+    pub fn new(name: String, source: Box<dyn Source>) -> SourceHandle {
+        SourceHandle {
+            name,
+            source,
+            health: Mutex::new(Health::default()),
+        }
+    }
+
+    /// When the cool-down ends, if the source is cooling down now.
+    pub fn cooling_until(&self) -> Option<Instant> {
+        let h = self.health.lock().unwrap();
+        h.cooled_until.filter(|t| *t > Instant::now())
+    }
+
+    pub fn record_success(&self) {
+        let mut h = self.health.lock().unwrap();
+        h.consecutive_failures = 0;
+        h.cooled_until = None;
+    }
+
+    /// Counts a failure; `hard` (wrong bytes, denied) cools the source down at once.
+    pub fn record_failure(&self, hard: bool, cooldown: Duration) {
+        let mut h = self.health.lock().unwrap();
+        h.consecutive_failures += 1;
+        if hard || h.consecutive_failures >= FAILURES_BEFORE_COOLDOWN {
+            h.cooled_until = Some(Instant::now() + cooldown);
+        }
+    }
+}
+
+/// Builds and shares source handles by URL, so health is tracked once per mirror.
+pub struct SourceRegistry {
+    client: reqwest::Client,
+    by_url: Mutex<HashMap<SourceUrl, Arc<SourceHandle>>>,
+}
+
+impl SourceRegistry {
+    pub fn new(cfg: &FetchConfig) -> anyhow::Result<SourceRegistry> {
+        Ok(SourceRegistry {
+            client: http_client(cfg)?,
+            by_url: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The handle for `url`, created on first use.
+    pub fn get(&self, url: &SourceUrl) -> Arc<SourceHandle> {
+        let mut map = self.by_url.lock().unwrap();
+        map.entry(url.clone())
+            .or_insert_with(|| Arc::new(self.build(url)))
+            .clone()
+    }
+
+    fn build(&self, url: &SourceUrl) -> SourceHandle {
+        let name = url.to_string();
+        let source: Box<dyn Source> = match url {
+            SourceUrl::Dir(dir) => Box::new(DirSource::new(dir.clone())),
+            SourceUrl::Http(base) => {
+                Box::new(HttpSource::new(self.client.clone(), base.clone(), None))
+            }
+            SourceUrl::Hf { repo, rev } => {
+                let endpoint = std::env::var("HF_ENDPOINT")
+                    .unwrap_or_else(|_| "https://huggingface.co".to_string());
+                let base = format!("{}/{repo}/resolve/{rev}", endpoint.trim_end_matches('/'));
+                let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+                Box::new(HttpSource::new(self.client.clone(), base, token))
+            }
+            SourceUrl::S3 { .. } => Box::new(Unsupported(
+                "s3:// sources are not built yet in this version".into(),
+            )),
+        };
+        SourceHandle::new(name, source)
+    }
+}
+
+struct Unsupported(String);
+
+impl Source for Unsupported {
+    fn fetch<'a>(&'a self, _: &'a str, _: Range<u64>) -> BoxFuture<'a, Result<Bytes, SourceError>> {
+        Box::pin(async move { Err(SourceError::Unsupported(self.0.clone())) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cooldown_after_repeated_or_hard_failures() {
+        let h = SourceHandle::new("x".into(), Box::new(Unsupported(String::new())));
+        let cd = Duration::from_secs(60);
+        h.record_failure(false, cd);
+        h.record_failure(false, cd);
+        assert!(h.cooling_until().is_none());
+        h.record_failure(false, cd);
+        assert!(h.cooling_until().is_some());
+        h.record_success();
+        assert!(h.cooling_until().is_none());
+        h.record_failure(true, cd);
+        assert!(h.cooling_until().is_some());
+    }
+
+    #[test]
+    fn retryable_classes() {
+        assert!(SourceError::Status(503).retryable());
+        assert!(!SourceError::Status(404).retryable());
+        assert!(!SourceError::NotFound.retryable());
+        assert!(SourceError::Short { want: 2, got: 1 }.retryable());
+    }
+}
