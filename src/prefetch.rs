@@ -3,9 +3,11 @@
 //! Design: the kernel already reads ahead within the page cache (up to the mount's
 //! `read_ahead_kb`), but a FUSE request for a missing chunk costs a network round trip, so we
 //! fetch whole chunks ahead of the reader. Each open handle tracks the last chunk it read; a
-//! read in the same or the next chunk is sequential and doubles the window (1, 2, 4, … up to
+//! read that moves on to the next chunk is sequential and doubles the window (1, 2, 4, … up to
 //! `readahead_chunks`), any other read resets it to zero (random access, e.g. an mmap touching
-//! one tensor, must not drag in the rest of the file). Read-ahead fetches run at lower priority
+//! one tensor, must not drag in the rest of the file). The window starts at zero even at offset
+//! 0: a safetensors loader reads the header first and may then jump, so only a reader that
+//! actually crosses into the next chunk has shown it is sequential. Read-ahead fetches run at lower priority
 //! than on-demand reads (see `fetch.rs`). Pure logic; the fetcher does the I/O.
 
 use std::collections::HashMap;
@@ -42,10 +44,6 @@ impl ReadAhead {
         let (first, last) = (covering.start, covering.end - 1);
         let mut handles = self.handles.lock().unwrap();
         let seq = match handles.get(&fh) {
-            None if first == 0 => Seq {
-                last_chunk: last,
-                window: 1,
-            },
             None => Seq {
                 last_chunk: last,
                 window: 0,
@@ -84,11 +82,12 @@ mod tests {
     fn sequential_reads_grow_the_window() {
         let ra = ReadAhead::new(4);
         let l = Layout::new(100 * MB, 8 * MB);
-        assert_eq!(ra.on_read(1, l, 0, MB), 1..2);
-        assert_eq!(ra.on_read(1, l, MB, MB), 1..2); // same chunk: window kept
-        assert_eq!(ra.on_read(1, l, 8 * MB, MB), 2..4);
-        assert_eq!(ra.on_read(1, l, 16 * MB, MB), 3..7);
-        assert_eq!(ra.on_read(1, l, 24 * MB, MB), 4..8); // capped at 4
+        assert_eq!(ra.on_read(1, l, 0, MB), 1..1); // a header read fetches nothing ahead
+        assert_eq!(ra.on_read(1, l, MB, MB), 1..1); // same chunk: window kept
+        assert_eq!(ra.on_read(1, l, 8 * MB, MB), 2..3);
+        assert_eq!(ra.on_read(1, l, 16 * MB, MB), 3..5);
+        assert_eq!(ra.on_read(1, l, 24 * MB, MB), 4..8);
+        assert_eq!(ra.on_read(1, l, 32 * MB, MB), 5..9); // capped at 4
     }
 
     #[test]
@@ -97,7 +96,8 @@ mod tests {
         let l = Layout::new(100 * MB, 8 * MB);
         assert_eq!(ra.on_read(1, l, 50 * MB, MB), 7..7);
         assert_eq!(ra.on_read(1, l, 10 * MB, MB), 2..2);
-        assert_eq!(ra.on_read(2, l, 0, MB), 1..2); // handles are independent
+        assert_eq!(ra.on_read(2, l, 0, MB), 1..1);
+        assert_eq!(ra.on_read(2, l, 8 * MB, MB), 2..3); // handles are independent
     }
 
     #[test]
@@ -105,7 +105,8 @@ mod tests {
         let l = Layout::new(20 * MB, 8 * MB);
         let ra = ReadAhead::new(8);
         ra.on_read(1, l, 0, MB);
-        assert_eq!(ra.on_read(1, l, 8 * MB, MB), 2..3);
+        ra.on_read(1, l, 8 * MB, MB);
+        assert_eq!(ra.on_read(1, l, 16 * MB, MB), 3..3);
         assert_eq!(ReadAhead::new(0).on_read(1, l, 0, MB), 0..0);
     }
 }
