@@ -232,15 +232,37 @@ impl Fetcher {
                     let this = self.clone();
                     let file = file.clone();
                     // Spawned, so the fetch completes (and is cached) even if readers give up.
-                    let task = tokio::spawn(async move {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    // Spawned, so the fetch completes (and is cached) even if readers give up.
+                    // Readers get the chunk as soon as it is verified; the commit (pwrite,
+                    // fdatasync, index) follows off their path, and the chunk stays in
+                    // `inflight` until it is committed, so nobody re-fetches it meanwhile.
+                    tokio::spawn(async move {
+                        let _mem = match this.reserve_memory(&file, idx).await {
+                            Ok(m) => m,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                this.inflight.lock().unwrap().remove(&key);
+                                return;
+                            }
+                        };
                         let r = this.fetch_chunk(&file, idx, prio).await;
                         drop(permit);
+                        let verified = r.as_ref().ok().cloned();
+                        let _ = tx.send(r);
+                        if let Some(chunk) = verified
+                            && let Err(e) = this.commit(&file, idx, chunk).await
+                        {
+                            tracing::error!(model = %file.model, file = %file.entry.path, chunk = idx, error = %e,
+                                "could not store a verified chunk; it will be fetched again");
+                        }
                         this.inflight.lock().unwrap().remove(&key);
-                        r
                     });
                     let fut = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(FetchError::Store(format!("fetch task died: {e}")))
+                        rx.await.unwrap_or_else(|_| {
+                            Err(FetchError::Store(
+                                "fetch task ended without an answer".into(),
+                            ))
                         })
                     }
                     .boxed()
@@ -253,6 +275,20 @@ impl Fetcher {
         async move { shared.await.map(Some) }.boxed()
     }
 
+    /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).
+    async fn reserve_memory(
+        &self,
+        file: &FileCtx,
+        idx: u64,
+    ) -> Result<OwnedSemaphorePermit, FetchError> {
+        let r = file.entry.layout().range(idx);
+        self.memory
+            .clone()
+            .acquire_many_owned(kib(r.end - r.start))
+            .await
+            .map_err(|e| FetchError::Store(e.to_string()))
+    }
+
     async fn fetch_chunk(
         self: &Arc<Self>,
         file: &Arc<FileCtx>,
@@ -262,12 +298,6 @@ impl Fetcher {
         let f = &file.entry;
         let range = f.layout().range(idx);
         let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
-        let _mem = self
-            .memory
-            .clone()
-            .acquire_many_owned(kib(range.end - range.start))
-            .await
-            .expect("semaphore never closed");
         self.started
             .lock()
             .unwrap()
@@ -302,7 +332,6 @@ impl Fetcher {
             match verified {
                 Ok(chunk) => {
                     src.record_success();
-                    self.commit(file, idx, chunk.clone()).await?;
                     return Ok(chunk);
                 }
                 Err(mismatch) => {
