@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,16 +127,14 @@ impl Fetcher {
         if offset >= end {
             return Some(Ok(Vec::new()));
         }
-        let covering = f.layout().covering(offset, end - offset);
-        if !self.store.missing(f, covering).is_empty() {
-            return None;
-        }
+        let fd = self
+            .store
+            .reader(f, f.layout().covering(offset, end - offset))?;
         let mut out = vec![0u8; (end - offset) as usize];
         Some(
-            self.store
-                .read_at(f, offset, &mut out)
+            fd.read_exact_at(&mut out, offset)
                 .map(|_| out)
-                .map_err(|e| FetchError::Store(e.to_string())),
+                .map_err(|e| FetchError::Store(format!("reading blob {}: {e}", f.sha256))),
         )
     }
 
@@ -150,48 +149,55 @@ impl Fetcher {
         if offset >= end {
             return Ok(Vec::new());
         }
-        if f.chunks.is_none() && !self.store.is_complete(f) {
-            self.ensure_whole(file).await?;
-        }
         let layout = f.layout();
         let covering = layout.covering(offset, end - offset);
-        let missing = self.store.missing(f, covering.clone());
-        let fetched: Vec<(u64, Option<VerifiedChunk>)> =
-            futures::future::try_join_all(missing.into_iter().map(|idx| {
-                let fut = self.chunk(file, idx, Priority::OnDemand, None);
-                async move { fut.await.map(|c| (idx, c)) }
-            }))
-            .await?;
-        let fetched: HashMap<u64, VerifiedChunk> = fetched
-            .into_iter()
-            .filter_map(|(i, c)| c.map(|c| (i, c)))
-            .collect();
-        let mut out = vec![0u8; (end - offset) as usize];
-        let mut from_disk = Vec::new();
-        for idx in covering {
-            let r = layout.range(idx);
-            let (s, e) = (r.start.max(offset), r.end.min(end));
-            let dst = (s - offset) as usize..(e - offset) as usize;
-            match fetched.get(&idx) {
-                Some(c) => out[dst]
-                    .copy_from_slice(&c.bytes()[(s - r.start) as usize..(e - r.start) as usize]),
-                None => from_disk.push((s, dst)),
+        // A chunk found present may be evicted before we read it; then we simply go round
+        // again and fetch it (bounded by the caller's read timeout).
+        loop {
+            if f.chunks.is_none() && !self.store.is_complete(f) {
+                self.ensure_whole(file).await?;
             }
-        }
-        if from_disk.is_empty() {
-            return Ok(out);
-        }
-        let store = self.store.clone();
-        let entry = file.clone();
-        tokio::task::spawn_blocking(move || {
-            for (s, dst) in from_disk {
-                store.read_at(&entry.entry, s, &mut out[dst])?;
+            let missing = self.store.missing(f, covering.clone());
+            let fetched: Vec<(u64, Option<VerifiedChunk>)> =
+                futures::future::try_join_all(missing.into_iter().map(|idx| {
+                    let fut = self.chunk(file, idx, Priority::OnDemand, None);
+                    async move { fut.await.map(|c| (idx, c)) }
+                }))
+                .await?;
+            let fetched: HashMap<u64, VerifiedChunk> = fetched
+                .into_iter()
+                .filter_map(|(i, c)| c.map(|c| (i, c)))
+                .collect();
+            let mut out = vec![0u8; (end - offset) as usize];
+            let mut from_disk = Vec::new();
+            for idx in covering.clone() {
+                let r = layout.range(idx);
+                let (s, e) = (r.start.max(offset), r.end.min(end));
+                let dst = (s - offset) as usize..(e - offset) as usize;
+                match fetched.get(&idx) {
+                    Some(c) => out[dst].copy_from_slice(
+                        &c.bytes()[(s - r.start) as usize..(e - r.start) as usize],
+                    ),
+                    None => from_disk.push((idx, s, dst)),
+                }
             }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| FetchError::Store(e.to_string()))?
-        .map_err(|e: crate::store::StoreError| FetchError::Store(e.to_string()))
+            if from_disk.is_empty() {
+                return Ok(out);
+            }
+            let Some(fd) = self.store.reader(f, from_disk.iter().map(|(i, _, _)| *i)) else {
+                continue;
+            };
+            let sha = f.sha256;
+            return tokio::task::spawn_blocking(move || {
+                for (_, s, dst) in from_disk {
+                    fd.read_exact_at(&mut out[dst], s)
+                        .map_err(|e| FetchError::Store(format!("reading blob {sha}: {e}")))?;
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| FetchError::Store(e.to_string()))?;
+        }
     }
 
     /// Starts read-ahead fetches of `chunks` that are neither present nor in flight, as far as
@@ -552,20 +558,24 @@ impl Fetcher {
                     }
                 })
                 .buffer_unordered(parallel)
-                .try_collect::<Vec<()>>()
+                .try_collect::<Vec<u64>>()
                 .await;
-            if let Err(e) = written {
-                src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
-                tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
-                errors.push(format!("{}: {e}", src.name));
-                continue;
-            }
+            let generation = match written {
+                Ok(gens) => gens.first().copied(),
+                Err(e) => {
+                    src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
+                    tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                    errors.push(format!("{}: {e}", src.name));
+                    continue;
+                }
+            };
             let store = self.store.clone();
             let entry = f.clone();
-            let actual = tokio::task::spawn_blocking(move || store.verify_whole(&entry))
-                .await
-                .map_err(|e| FetchError::Store(e.to_string()))?
-                .map_err(|e| FetchError::Store(e.to_string()))?;
+            let actual =
+                tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
+                    .await
+                    .map_err(|e| FetchError::Store(e.to_string()))?
+                    .map_err(|e| FetchError::Store(e.to_string()))?;
             if actual == f.sha256 {
                 src.record_success();
                 self.completed(file);

@@ -197,14 +197,14 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
+        self.fs.release(ino.0, fh.0);
         if let Some((ino, mode)) = self.handles.lock().unwrap().remove(&fh.0) {
             let mut io = self.io.lock().unwrap();
             if let Some(state) = io.get_mut(&ino) {

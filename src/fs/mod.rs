@@ -180,16 +180,20 @@ impl ModelFs {
     pub fn open(&self, ino: u64) -> Result<Opened, FsError> {
         let f = self.file(ino)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let backing =
-            if self.passthrough && f.entry.size > 0 && self.fetcher.store().is_complete(&f.entry) {
-                self.fetcher.store().open_blob_ro(f.entry.sha256).ok()
-            } else {
-                None
-            };
+        let store = self.fetcher.store();
+        let backing = if self.passthrough && f.entry.size > 0 {
+            store.open_complete_ro(&f.entry)
+        } else {
+            None
+        };
+        store.opened(f.entry.sha256);
         Ok(Opened { fh, backing })
     }
 
-    pub fn release(&self, fh: u64) {
+    pub fn release(&self, ino: u64, fh: u64) {
+        if let Ok(f) = self.file(ino) {
+            self.fetcher.store().released(f.entry.sha256);
+        }
         self.readahead.forget(fh);
     }
 

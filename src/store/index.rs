@@ -32,7 +32,53 @@ CREATE TABLE IF NOT EXISTS chunks (
     digest TEXT NOT NULL,
     PRIMARY KEY (blob, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS models (
+    id            TEXT PRIMARY KEY,
+    pinned        INTEGER,
+    corrupt       INTEGER NOT NULL DEFAULT 0,
+    last_verified INTEGER,
+    last_error    TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    ts      INTEGER NOT NULL,
+    kind    TEXT NOT NULL,
+    model   TEXT NOT NULL DEFAULT '',
+    file    TEXT NOT NULL DEFAULT '',
+    bytes   INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0,
+    status  TEXT NOT NULL DEFAULT '',
+    detail  TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS storage_samples (
+    ts    INTEGER PRIMARY KEY,
+    used  INTEGER NOT NULL,
+    total INTEGER NOT NULL
+);
 ";
+
+/// Per-model facts the operator sets or verification finds (the rest is derived from chunks).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelRow {
+    /// `None`: as the manifest says; `Some`: the operator's pin/unpin.
+    pub pinned: Option<bool>,
+    pub corrupt: bool,
+    pub last_verified: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// One line of history: a download, an eviction, a verification, an error.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Event {
+    pub ts: u64,
+    pub kind: String,
+    pub model: String,
+    pub file: String,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub status: String,
+    pub detail: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cache index {path}: {err}")]
@@ -47,6 +93,7 @@ pub struct BlobRow {
     pub digest: Digest,
     pub size: u64,
     pub chunk_size: u64,
+    pub last_access: u64,
     /// (index, digest) of every present chunk.
     pub chunks: Vec<(u64, Digest)>,
 }
@@ -56,11 +103,16 @@ pub struct Index {
     conn: Mutex<Connection>,
 }
 
-fn now() -> i64 {
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn now() -> i64 {
+    now_secs() as i64
 }
 
 impl Index {
@@ -119,7 +171,7 @@ impl Index {
         let conn = self.conn.lock().unwrap();
         let mut blobs = Vec::new();
         let mut stmt = conn
-            .prepare("SELECT digest, size, chunk_size FROM blobs")
+            .prepare("SELECT digest, size, chunk_size, last_access FROM blobs")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -127,16 +179,18 @@ impl Index {
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (d, size, cs) = row.map_err(|e| self.err(e))?;
+            let (d, size, cs, la) = row.map_err(|e| self.err(e))?;
             let Ok(digest) = d.parse() else { continue };
             blobs.push(BlobRow {
                 digest,
                 size: size as u64,
                 chunk_size: cs as u64,
+                last_access: la as u64,
                 chunks: Vec::new(),
             });
         }
@@ -225,6 +279,168 @@ impl Index {
             .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Forgets one chunk (found corrupt).
+    pub fn forget_chunk(&self, blob: Digest, idx: u64) -> Result<(), IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "DELETE FROM chunks WHERE blob = ?1 AND idx = ?2",
+            params![blob.to_hex(), idx as i64],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Digests of a blob's present chunks, as recorded at commit.
+    pub fn chunk_digests(&self, blob: Digest) -> Result<Vec<(u64, Digest)>, IndexError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached("SELECT idx, digest FROM chunks WHERE blob = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([blob.to_hex()], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (idx, d) = row.map_err(|e| self.err(e))?;
+            if let Ok(d) = d.parse() {
+                out.push((idx as u64, d));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_last_access(&self, rows: &[(Digest, u64)]) -> Result<(), IndexError> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        for (d, ts) in rows {
+            tx.execute(
+                "UPDATE blobs SET last_access = ?2 WHERE digest = ?1",
+                params![d.to_hex(), *ts as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    pub fn model(&self, id: &str) -> Result<ModelRow, IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.query_row(
+            "SELECT pinned, corrupt, last_verified, last_error FROM models WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(ModelRow {
+                    pinned: r.get::<_, Option<i64>>(0)?.map(|v| v != 0),
+                    corrupt: r.get::<_, i64>(1)? != 0,
+                    last_verified: r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    last_error: r.get(3)?,
+                })
+            },
+        )
+        .optional()
+        .map(Option::unwrap_or_default)
+        .map_err(|e| self.err(e))
+    }
+
+    pub fn update_model(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ModelRow),
+    ) -> Result<ModelRow, IndexError> {
+        let mut row = self.model(id)?;
+        f(&mut row);
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "INSERT INTO models (id, pinned, corrupt, last_verified, last_error) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(id) DO UPDATE SET pinned = ?2, corrupt = ?3, last_verified = ?4, last_error = ?5",
+            params![
+                id,
+                row.pinned.map(i64::from),
+                row.corrupt as i64,
+                row.last_verified.map(|v| v as i64),
+                row.last_error
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(row)
+    }
+
+    pub fn add_event(&self, e: &Event) -> Result<(), IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "INSERT INTO events (ts, kind, model, file, bytes, seconds, status, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![e.ts as i64, e.kind, e.model, e.file, e.bytes as i64, e.seconds, e.status, e.detail],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Events at or after `since`, oldest first, at most `limit`, newest kept.
+    pub fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, IndexError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT ts, kind, model, file, bytes, seconds, status, detail FROM events
+                 WHERE ts >= ?1 ORDER BY rowid DESC LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![since as i64, limit as i64], |r| {
+                Ok(Event {
+                    ts: r.get::<_, i64>(0)? as u64,
+                    kind: r.get(1)?,
+                    model: r.get(2)?,
+                    file: r.get(3)?,
+                    bytes: r.get::<_, i64>(4)? as u64,
+                    seconds: r.get(5)?,
+                    status: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: Vec<Event> = rows.collect::<Result<_, _>>().map_err(|e| self.err(e))?;
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn add_storage_sample(&self, ts: u64, used: u64, total: u64) -> Result<(), IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "INSERT OR REPLACE INTO storage_samples (ts, used, total) VALUES (?1, ?2, ?3)",
+            params![ts as i64, used as i64, total as i64],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// (ts, used, total) samples at or after `since`, oldest first.
+    pub fn storage_samples(&self, since: u64) -> Result<Vec<(u64, u64, u64)>, IndexError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT ts, used, total FROM storage_samples WHERE ts >= ?1 ORDER BY ts",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([since as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Rewrites the database compactly (deep-clean).
+    pub fn vacuum(&self) -> Result<(), IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")
+            .map_err(|e| self.err(e))
     }
 
     /// Forgets a blob and its chunks (its file must be removed after).

@@ -3,13 +3,18 @@
 //! Layout (pinned by a test):
 //! ```text
 //! <cache_dir>/v1/blobs/ab/abcdef…   one sparse file per distinct content, named by its sha256
-//! <cache_dir>/v1/index.sqlite       present-and-verified chunks (see index.rs)
-//! <cache_dir>/v1/lock               flock: one daemon per cache
+//! <cache_dir>/v1/index.sqlite       present-and-verified chunks, model states, history (index.rs)
+//! <cache_dir>/v1/lock               flock: one process writes a cache at a time
 //! ```
 //! A chunk commit is verify (by the caller: only a `VerifiedChunk` is accepted) → `pwrite` →
 //! `fdatasync` → index row → in-memory bit. Readers consult the in-memory bits only, so a chunk
 //! is visible exactly when it is durable and indexed. Identical files in several models share
 //! one blob because blobs are named by content.
+//!
+//! Eviction never races a reader into wrong bytes: a reader checks presence and takes the
+//! blob's file handle in one step under the `blobs` lock, and eviction unlinks the file (never
+//! punches holes), so a reader that got a handle keeps reading the old, verified bytes. Each
+//! blob state carries a generation; a commit whose blob was evicted meanwhile is dropped.
 
 pub mod index;
 
@@ -18,6 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -26,6 +32,8 @@ use sha2::{Digest as _, Sha256};
 use crate::chunk::{Digest, Layout, VerifiedChunk};
 use crate::manifest::FileEntry;
 use index::{Index, IndexError};
+
+pub use index::now_secs;
 
 /// Open blob files kept around; beyond this the least recently used is closed.
 const OPEN_BLOBS: usize = 256;
@@ -38,6 +46,8 @@ pub enum StoreError {
     Index(#[from] IndexError),
     #[error("cache {0} is in use by another wan process (its lock is held)")]
     Locked(String),
+    #[error("blob {0} was evicted while being written; it will be fetched again")]
+    Evicted(Digest),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -47,19 +57,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
 /// What the cache holds of one blob.
 struct BlobState {
     layout: Layout,
     present: Vec<u64>,
     count: u64,
+    generation: u64,
+    last_access: u64,
+    access_dirty: bool,
 }
 
 impl BlobState {
-    fn new(layout: Layout) -> BlobState {
+    fn new(layout: Layout, last_access: u64) -> BlobState {
         BlobState {
             layout,
             present: vec![0; layout.count().div_ceil(64) as usize],
             count: 0,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            last_access,
+            access_dirty: false,
         }
     }
     fn has(&self, idx: u64) -> bool {
@@ -69,6 +87,12 @@ impl BlobState {
         if idx < self.layout.count() && !self.has(idx) {
             self.present[(idx / 64) as usize] |= 1 << (idx % 64);
             self.count += 1;
+        }
+    }
+    fn clear(&mut self, idx: u64) {
+        if self.has(idx) {
+            self.present[(idx / 64) as usize] &= !(1 << (idx % 64));
+            self.count -= 1;
         }
     }
     fn complete(&self) -> bool {
@@ -85,6 +109,13 @@ impl BlobState {
                 r.end - r.start
             })
             .sum()
+    }
+    fn touch(&mut self) {
+        let now = now_secs();
+        if now != self.last_access {
+            self.last_access = now;
+            self.access_dirty = true;
+        }
     }
 }
 
@@ -106,11 +137,22 @@ impl CacheState {
     }
 }
 
+/// One blob, for GC and reports.
+#[derive(Debug, Clone)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub cached_bytes: u64,
+    pub last_access: u64,
+    pub open: bool,
+}
+
 pub struct Store {
     root: PathBuf,
     index: Index,
     blobs: Mutex<HashMap<Digest, BlobState>>,
     fds: Mutex<LruCache<Digest, Arc<File>>>,
+    opens: Mutex<HashMap<Digest, u32>>,
     _lock: File,
 }
 
@@ -129,13 +171,13 @@ impl Store {
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         // SAFETY: flock on a valid fd we own.
-        if unsafe {
+        let rc = unsafe {
             libc::flock(
                 std::os::fd::AsRawFd::as_raw_fd(&lock),
                 libc::LOCK_EX | libc::LOCK_NB,
             )
-        } != 0
-        {
+        };
+        if rc != 0 {
             return Err(StoreError::Locked(cache_dir.display().to_string()));
         }
         let index = Index::open(&root.join("index.sqlite"))?;
@@ -144,6 +186,7 @@ impl Store {
             index,
             blobs: Mutex::new(HashMap::new()),
             fds: Mutex::new(LruCache::new(NonZeroUsize::new(OPEN_BLOBS).unwrap())),
+            opens: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         store.reconcile()?;
@@ -168,7 +211,7 @@ impl Store {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            let mut st = BlobState::new(Layout::new(row.size, row.chunk_size));
+            let mut st = BlobState::new(Layout::new(row.size, row.chunk_size), row.last_access);
             for (idx, _) in row.chunks {
                 st.set(idx);
             }
@@ -179,6 +222,10 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     /// `v1/blobs/ab/abcdef…`
@@ -213,6 +260,10 @@ impl Store {
         self.with_state(f, |s| s.map_or(0, BlobState::bytes))
     }
 
+    pub fn last_access(&self, f: &FileEntry) -> Option<u64> {
+        self.with_state(f, |s| s.map(|s| s.last_access))
+    }
+
     pub fn state(&self, f: &FileEntry) -> CacheState {
         if self.is_complete(f) {
             CacheState::Complete
@@ -223,44 +274,46 @@ impl Store {
         }
     }
 
-    /// Creates the blob's index row and sparse file if needed (idempotent).
-    fn prepare(&self, f: &FileEntry) -> Result<Arc<File>, StoreError> {
-        {
-            let blobs = self.blobs.lock().unwrap();
-            if blobs.get(&f.sha256).is_some_and(|s| s.layout == f.layout()) {
-                drop(blobs);
-                return self.fd(f.sha256, f.size);
-            }
+    /// Creates the blob's index row and sparse file if needed (idempotent); returns its file
+    /// and the generation a later commit must still find.
+    fn prepare(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
+        let mut blobs = self.blobs.lock().unwrap();
+        if let Some(st) = blobs.get(&f.sha256).filter(|s| s.layout == f.layout()) {
+            let generation = st.generation;
+            let fd = self.fd(f.sha256, Some(f.size))?;
+            return Ok((fd, generation));
         }
         // Index row first: a blob file is never on disk without a row naming it.
         self.index.upsert_blob(f.sha256, f.size, f.chunk_size)?;
-        let fd = self.fd(f.sha256, f.size)?;
-        let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs
-            .entry(f.sha256)
-            .or_insert_with(|| BlobState::new(f.layout()));
-        if st.layout != f.layout() {
-            *st = BlobState::new(f.layout());
-        }
-        Ok(fd)
+        let fd = self.fd(f.sha256, Some(f.size))?;
+        let st = BlobState::new(f.layout(), now_secs());
+        let generation = st.generation;
+        blobs.insert(f.sha256, st);
+        Ok((fd, generation))
     }
 
-    /// The blob's file, opened read-write and created sparse at its full size if new.
-    fn fd(&self, d: Digest, size: u64) -> Result<Arc<File>, StoreError> {
+    /// The blob's file, read-write. With `create`, it is created sparse at its full size;
+    /// without, a missing file is an error (readers must never create an empty blob).
+    /// Called with the `blobs` lock held.
+    fn fd(&self, d: Digest, create: Option<u64>) -> Result<Arc<File>, StoreError> {
         if let Some(f) = self.fds.lock().unwrap().get(&d) {
             return Ok(f.clone());
         }
         let path = self.blob_path(d);
-        std::fs::create_dir_all(path.parent().unwrap()).map_err(io_err(&path))?;
+        if create.is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).map_err(io_err(&path))?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create.is_some())
             .truncate(false)
             .mode(0o600)
             .open(&path)
             .map_err(io_err(&path))?;
-        if file.metadata().map_err(io_err(&path))?.len() != size {
+        if let Some(size) = create
+            && file.metadata().map_err(io_err(&path))?.len() != size
+        {
             file.set_len(size).map_err(io_err(&path))?;
         }
         let file = Arc::new(file);
@@ -268,20 +321,35 @@ impl Store {
         Ok(file)
     }
 
-    /// A fresh read-only handle on a blob (for FUSE passthrough).
-    pub fn open_blob_ro(&self, d: Digest) -> std::io::Result<File> {
-        File::open(self.blob_path(d))
+    /// A handle on the blob if every chunk in `chunks` is present, taken atomically with that
+    /// check so eviction cannot slip in between. Also records the access for LRU.
+    pub fn reader(
+        &self,
+        f: &FileEntry,
+        chunks: impl IntoIterator<Item = u64>,
+    ) -> Option<Arc<File>> {
+        let mut blobs = self.blobs.lock().unwrap();
+        let st = blobs
+            .get_mut(&f.sha256)
+            .filter(|s| s.layout == f.layout())?;
+        if !chunks.into_iter().all(|i| st.has(i)) {
+            return None;
+        }
+        st.touch();
+        self.fd(f.sha256, None).ok()
     }
 
-    /// Reads present bytes of `f` at `offset`. Blocking; call only for present chunks.
-    pub fn read_at(&self, f: &FileEntry, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let fd = self.prepare_read(f)?;
-        fd.read_exact_at(buf, offset)
-            .map_err(io_err(&self.blob_path(f.sha256)))
-    }
-
-    fn prepare_read(&self, f: &FileEntry) -> Result<Arc<File>, StoreError> {
-        self.fd(f.sha256, f.size)
+    /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.
+    pub fn open_complete_ro(&self, f: &FileEntry) -> Option<File> {
+        let mut blobs = self.blobs.lock().unwrap();
+        let st = blobs
+            .get_mut(&f.sha256)
+            .filter(|s| s.layout == f.layout())?;
+        if !st.complete() {
+            return None;
+        }
+        st.touch();
+        File::open(self.blob_path(f.sha256)).ok()
     }
 
     /// Stores a verified chunk durably and marks it present. Blocking.
@@ -290,76 +358,250 @@ impl Store {
         f: &FileEntry,
         idx: u64,
         chunk: &VerifiedChunk,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         if self.has_chunk(f, idx) {
-            return Ok(());
+            return Ok(false);
         }
-        let fd = self.prepare(f)?;
+        let (fd, generation) = self.prepare(f)?;
         let path = self.blob_path(f.sha256);
         let start = f.layout().range(idx).start;
         fd.write_all_at(chunk.bytes(), start)
             .map_err(io_err(&path))?;
         fd.sync_data().map_err(io_err(&path))?;
-        self.index
-            .mark_present(f.sha256, &[(idx, chunk.digest())])?;
-        self.blobs
-            .lock()
-            .unwrap()
+        self.mark(f, generation, &[(idx, chunk.digest())])?;
+        Ok(self.is_complete(f))
+    }
+
+    /// Marks chunks present if the blob is still the one prepared (not evicted meanwhile).
+    fn mark(
+        &self,
+        f: &FileEntry,
+        generation: u64,
+        chunks: &[(u64, Digest)],
+    ) -> Result<(), StoreError> {
+        let mut blobs = self.blobs.lock().unwrap();
+        let Some(st) = blobs
             .get_mut(&f.sha256)
-            .expect("prepared above")
-            .set(idx);
+            .filter(|s| s.generation == generation)
+        else {
+            return Err(StoreError::Evicted(f.sha256));
+        };
+        self.index.mark_present(f.sha256, chunks)?;
+        for (idx, _) in chunks {
+            st.set(*idx);
+        }
+        st.touch();
         Ok(())
     }
 
+    /// Forgets one chunk (found corrupt on disk): it will be fetched again.
+    pub fn drop_chunk(&self, f: &FileEntry, idx: u64) -> Result<(), StoreError> {
+        let mut blobs = self.blobs.lock().unwrap();
+        if let Some(st) = blobs.get_mut(&f.sha256) {
+            self.index.forget_chunk(f.sha256, idx)?;
+            st.clear(idx);
+        }
+        Ok(())
+    }
+
+    /// Removes a blob: index rows first, then the file (unlinked, so open handles keep
+    /// reading the old bytes). Returns the bytes it held.
+    pub fn evict(&self, d: Digest) -> Result<u64, StoreError> {
+        let mut blobs = self.blobs.lock().unwrap();
+        let freed = blobs.get(&d).map_or(0, BlobState::bytes);
+        self.index.forget_blob(d)?;
+        blobs.remove(&d);
+        self.fds.lock().unwrap().pop(&d);
+        let path = self.blob_path(d);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        Ok(freed)
+    }
+
+    /// Every blob the cache knows, for GC and reports.
+    pub fn blobs(&self) -> Vec<BlobInfo> {
+        let blobs = self.blobs.lock().unwrap();
+        let opens = self.opens.lock().unwrap();
+        blobs
+            .iter()
+            .map(|(d, st)| BlobInfo {
+                digest: *d,
+                size: st.layout.size,
+                cached_bytes: st.bytes(),
+                last_access: st.last_access,
+                open: opens.get(d).is_some_and(|n| *n > 0),
+            })
+            .collect()
+    }
+
+    /// Bytes of verified data held.
+    pub fn used_bytes(&self) -> u64 {
+        self.blobs
+            .lock()
+            .unwrap()
+            .values()
+            .map(BlobState::bytes)
+            .sum()
+    }
+
+    /// Counts opens of a blob through the mount (open blobs are spared by aggressive GC).
+    pub fn opened(&self, d: Digest) {
+        *self.opens.lock().unwrap().entry(d).or_default() += 1;
+    }
+
+    pub fn released(&self, d: Digest) {
+        let mut opens = self.opens.lock().unwrap();
+        if let Some(n) = opens.get_mut(&d) {
+            *n -= 1;
+            if *n == 0 {
+                opens.remove(&d);
+            }
+        }
+    }
+
+    /// Writes last-access times changed since the last flush (they drive LRU eviction).
+    pub fn flush_access_times(&self) -> Result<(), StoreError> {
+        let dirty: Vec<(Digest, u64)> = {
+            let mut blobs = self.blobs.lock().unwrap();
+            blobs
+                .iter_mut()
+                .filter(|(_, s)| s.access_dirty)
+                .map(|(d, s)| {
+                    s.access_dirty = false;
+                    (*d, s.last_access)
+                })
+                .collect()
+        };
+        if !dirty.is_empty() {
+            self.index.set_last_access(&dirty)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of a present range. Blocking.
+    pub fn read_at(&self, f: &FileEntry, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let covering = f.layout().covering(offset, buf.len() as u64);
+        let fd = self
+            .reader(f, covering)
+            .ok_or(StoreError::Evicted(f.sha256))?;
+        fd.read_exact_at(buf, offset)
+            .map_err(io_err(&self.blob_path(f.sha256)))
+    }
+
     /// Writes not-yet-verified bytes of a file fetched whole. They stay invisible until
-    /// `verify_whole` checks the whole file. Blocking.
+    /// `verify_whole` checks the whole file. Blocking; returns the generation to verify with.
     pub fn write_unverified(
         &self,
         f: &FileEntry,
         offset: u64,
         data: &[u8],
-    ) -> Result<(), StoreError> {
-        let fd = self.prepare(f)?;
+    ) -> Result<u64, StoreError> {
+        let (fd, generation) = self.prepare(f)?;
         fd.write_all_at(data, offset)
-            .map_err(io_err(&self.blob_path(f.sha256)))
+            .map_err(io_err(&self.blob_path(f.sha256)))?;
+        Ok(generation)
     }
 
     /// Hashes a blob written by `write_unverified`; if it matches, makes it durable and marks
     /// every chunk present (with the chunk digests computed here). Returns the actual digest.
-    pub fn verify_whole(&self, f: &FileEntry) -> Result<Digest, StoreError> {
-        let fd = self.prepare(f)?;
-        let path = self.blob_path(f.sha256);
-        let layout = f.layout();
-        let mut whole = Sha256::new();
-        let mut chunks = Vec::with_capacity(layout.count() as usize);
-        let mut buf = vec![0u8; (1 << 20).min(f.chunk_size) as usize];
-        for idx in 0..layout.count() {
-            let r = layout.range(idx);
-            let mut chunk = Sha256::new();
-            let mut off = r.start;
-            while off < r.end {
-                let n = (r.end - off).min(buf.len() as u64) as usize;
-                fd.read_exact_at(&mut buf[..n], off)
-                    .map_err(io_err(&path))?;
-                whole.update(&buf[..n]);
-                chunk.update(&buf[..n]);
-                off += n as u64;
-            }
-            chunks.push((idx, Digest(chunk.finalize().into())));
+    /// `generation` is what `write_unverified` returned (None for an empty file).
+    pub fn verify_whole(
+        &self,
+        f: &FileEntry,
+        generation: Option<u64>,
+    ) -> Result<Digest, StoreError> {
+        let (fd, current) = self.prepare(f)?;
+        let generation = generation.unwrap_or(current);
+        if generation != current {
+            return Err(StoreError::Evicted(f.sha256));
         }
-        let actual = Digest(whole.finalize().into());
+        let path = self.blob_path(f.sha256);
+        let (actual, chunks) = hash_blob(&fd, f).map_err(io_err(&path))?;
         if actual != f.sha256 {
             return Ok(actual);
         }
         fd.sync_data().map_err(io_err(&path))?;
-        self.index.mark_present(f.sha256, &chunks)?;
-        let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs.get_mut(&f.sha256).expect("prepared above");
-        for (idx, _) in chunks {
-            st.set(idx);
-        }
+        let chunks: Vec<(u64, Digest)> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (i as u64, d))
+            .collect();
+        self.mark(f, generation, &chunks)?;
         Ok(actual)
     }
+
+    /// The digest of every present chunk as recorded at commit (for re-verification).
+    pub fn chunk_digests(&self, f: &FileEntry) -> Result<HashMap<u64, Digest>, StoreError> {
+        Ok(self.index.chunk_digests(f.sha256)?.into_iter().collect())
+    }
+
+    /// Reads one present chunk back from disk (for re-verification). Blocking.
+    pub fn read_chunk(&self, f: &FileEntry, idx: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(fd) = self.reader(f, [idx]) else {
+            return Ok(None);
+        };
+        let r = f.layout().range(idx);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        fd.read_exact_at(&mut buf, r.start)
+            .map_err(io_err(&self.blob_path(f.sha256)))?;
+        Ok(Some(buf))
+    }
+
+    /// Blob files on disk that the index does not name (left by a lost index), and their size.
+    pub fn orphans(&self) -> Vec<(PathBuf, u64)> {
+        let known: std::collections::HashSet<String> = self
+            .blobs
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|d| d.to_hex())
+            .collect();
+        let mut out = Vec::new();
+        let Ok(fans) = std::fs::read_dir(self.root.join("blobs")) else {
+            return out;
+        };
+        for fan in fans.flatten() {
+            let Ok(files) = std::fs::read_dir(fan.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    let size = f
+                        .metadata()
+                        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                        .unwrap_or(0);
+                    out.push((f.path(), size));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// (whole-file digest, chunk digests) of a blob file, in one pass.
+fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Vec<Digest>)> {
+    let layout = f.layout();
+    let mut whole = Sha256::new();
+    let mut chunks = Vec::with_capacity(layout.count() as usize);
+    let mut buf = vec![0u8; (1 << 20).min(f.chunk_size) as usize];
+    for idx in 0..layout.count() {
+        let r = layout.range(idx);
+        let mut chunk = Sha256::new();
+        let mut off = r.start;
+        while off < r.end {
+            let n = (r.end - off).min(buf.len() as u64) as usize;
+            fd.read_exact_at(&mut buf[..n], off)?;
+            whole.update(&buf[..n]);
+            chunk.update(&buf[..n]);
+            off += n as u64;
+        }
+        chunks.push(Digest(chunk.finalize().into()));
+    }
+    Ok((Digest(whole.finalize().into()), chunks))
 }
 
 #[cfg(test)]
@@ -433,10 +675,10 @@ mod tests {
         let mut f = entry(&data, 16);
         f.chunks = None;
         s.write_unverified(&f, 0, &[6u8; 50]).unwrap();
-        assert_ne!(s.verify_whole(&f).unwrap(), f.sha256);
+        assert_ne!(s.verify_whole(&f, None).unwrap(), f.sha256);
         assert_eq!(s.state(&f), CacheState::NotPresent);
         s.write_unverified(&f, 0, &data).unwrap();
-        assert_eq!(s.verify_whole(&f).unwrap(), f.sha256);
+        assert_eq!(s.verify_whole(&f, None).unwrap(), f.sha256);
         assert_eq!(s.state(&f), CacheState::Complete);
     }
 
