@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The whole configuration.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub mountpoint: Option<PathBuf>,
@@ -17,10 +17,60 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     pub fetch: FetchConfig,
     pub mount: MountConfig,
+    pub gc: GcConfig,
+    pub http: HttpConfig,
+}
+
+/// Cache size limits and garbage collection.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Most bytes the cache may hold (0 = no byte limit).
+    pub max_bytes: u64,
+    /// Least free space, in percent, on the cache's filesystem (0 = no floor).
+    pub min_free_percent: f64,
+    /// GC starts when usage passes this fraction of `max_bytes`…
+    pub high_watermark: f64,
+    /// …and evicts least recently used, unpinned blobs until usage is below this fraction.
+    pub low_watermark: f64,
+    /// How often usage is checked (and last-access times saved).
+    pub interval_secs: f64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            max_bytes: 0,
+            min_free_percent: 0.0,
+            high_watermark: 0.9,
+            low_watermark: 0.8,
+            interval_secs: 30.0,
+        }
+    }
+}
+
+/// The HTTP endpoint.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address; empty disables the endpoint.
+    pub addr: String,
+    /// Name of the environment variable holding the bearer token that lets non-local clients
+    /// call mutating routes (the token itself never goes in this file).
+    pub token_env: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "127.0.0.1:8000".into(),
+            token_env: "WAN_HTTP_TOKEN".into(),
+        }
+    }
 }
 
 /// How bytes are fetched from sources.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FetchConfig {
     /// Concurrent source requests, all files together. 16 keeps a 10–25 Gbit/s link busy with
@@ -76,7 +126,7 @@ impl FetchConfig {
 }
 
 /// How the FUSE mount behaves.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MountConfig {
     /// Open complete blobs in FUSE passthrough mode (kernel ≥ 6.9, needs CAP_SYS_ADMIN).
@@ -161,6 +211,32 @@ impl Config {
         }
         if f.max_inflight_mib < 1 {
             return Err("fetch.max_inflight_mib must be at least 1".into());
+        }
+        let g = &self.gc;
+        if !(0.0 < g.low_watermark && g.low_watermark < g.high_watermark && g.high_watermark <= 1.0)
+        {
+            return Err(format!(
+                "gc watermarks must satisfy 0 < low_watermark ({}) < high_watermark ({}) <= 1",
+                g.low_watermark, g.high_watermark
+            ));
+        }
+        if !(0.0..100.0).contains(&g.min_free_percent) {
+            return Err(format!(
+                "gc.min_free_percent must be in [0, 100), got {}",
+                g.min_free_percent
+            ));
+        }
+        if !(g.interval_secs.is_finite() && g.interval_secs > 0.0) {
+            return Err(format!(
+                "gc.interval_secs must be positive, got {}",
+                g.interval_secs
+            ));
+        }
+        if !self.http.addr.is_empty() && self.http.addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "http.addr {:?} is not an address like 127.0.0.1:8000",
+                self.http.addr
+            ));
         }
         if self.mount.threads == 0 {
             return Err("mount.threads must be at least 1".into());

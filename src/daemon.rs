@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 
 use crate::config::Config;
-use crate::fetch::Fetcher;
+use crate::control::Control;
+use crate::fetch::{Fetcher, file_contexts};
 use crate::fs::{ModelFs, Tree};
 use crate::fuse::{FuseAdapter, manifest_mtime};
 use crate::manifest::Manifest;
@@ -33,18 +34,39 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let _enter = rt.enter();
-    let sources = SourceRegistry::new(&cfg.fetch)?;
-    let tree = Tree::build(&manifest, &sources);
+    let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
+    let files = file_contexts(&manifest, &sources);
+    let tree = Tree::build(&files);
     let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
+    let mountpoint = std::path::absolute(&plan.mountpoint)?;
+    let control = Control::new(
+        &manifest,
+        plan.manifest.clone(),
+        files,
+        fetcher.clone(),
+        sources,
+        cfg.clone(),
+        Some(mountpoint.clone()),
+    );
     let fs = Arc::new(ModelFs::new(
         tree,
         fetcher,
+        control.clone(),
+        rt.handle().clone(),
         cfg.fetch.readahead_chunks,
         manifest_mtime(&plan.manifest),
         cfg.mount.passthrough,
     ));
+    let http = if cfg.http.addr.is_empty() {
+        None
+    } else {
+        let addr: std::net::SocketAddr = cfg.http.addr.parse()?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("binding the HTTP endpoint to {addr} (http.addr)"))?;
+        Some(listener)
+    };
 
-    let mountpoint = std::path::absolute(&plan.mountpoint)?;
     clear_stale_mount(&mountpoint)?;
     let is_root = unsafe { libc::geteuid() } == 0;
     let allow_other = cfg.mount.allow_other.unwrap_or(is_root);
@@ -52,7 +74,6 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     fuse_cfg.mount_options = vec![
         fuser::MountOption::FSName("wanfs".into()),
         fuser::MountOption::Subtype("wan".into()),
-        fuser::MountOption::RO,
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoAtime,
@@ -86,6 +107,20 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         "mounted"
     );
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let background = rt.spawn(control.clone().run_background(stopped(stop_rx.clone())));
+    let server = http.map(|listener| {
+        tracing::info!(addr = %cfg.http.addr, "HTTP endpoint listening");
+        rt.spawn(crate::http::serve(
+            listener,
+            control.clone(),
+            cfg.http.token_env.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
@@ -97,6 +132,13 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    let _ = stop_tx.send(true);
+    rt.block_on(async {
+        let _ = background.await;
+        if let Some(s) = server {
+            let _ = s.await;
+        }
+    });
     if let Err(e) = unmounter.unmount() {
         tracing::warn!(error = %e, "unmount failed");
     }

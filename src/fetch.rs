@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::chunk::{Digest, VerifiedChunk};
 use crate::config::FetchConfig;
 use crate::manifest::FileEntry;
-use crate::metrics::{METRICS, Metrics};
+use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
 use crate::store::Store;
 
@@ -37,6 +37,32 @@ pub struct FileCtx {
     pub model: String,
     pub entry: FileEntry,
     pub sources: Vec<Arc<SourceHandle>>,
+}
+
+/// Every file of every model, with its sources resolved, by model id.
+pub fn file_contexts(
+    manifest: &crate::manifest::Manifest,
+    sources: &crate::source::SourceRegistry,
+) -> std::collections::BTreeMap<String, Vec<Arc<FileCtx>>> {
+    manifest
+        .models
+        .values()
+        .map(|m| {
+            let handles: Vec<_> = m.sources.iter().map(|u| sources.get(u)).collect();
+            let files = m
+                .files
+                .iter()
+                .map(|f| {
+                    Arc::new(FileCtx {
+                        model: m.id.clone(),
+                        entry: f.clone(),
+                        sources: handles.clone(),
+                    })
+                })
+                .collect();
+            (m.id.clone(), files)
+        })
+        .collect()
 }
 
 /// Why bytes could not be delivered.
@@ -218,6 +244,74 @@ impl Fetcher {
         }
     }
 
+    /// Fetches every missing chunk of a file (whole-only files: the whole file), adding the
+    /// bytes of each chunk made present to `progress`. Runs at read-ahead priority.
+    pub async fn ensure_file(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        progress: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), FetchError> {
+        use std::sync::atomic::Ordering;
+        let f = &file.entry;
+        if f.chunks.is_none() {
+            self.ensure_whole(file).await?;
+            progress.fetch_add(f.size, Ordering::Relaxed);
+            return Ok(());
+        }
+        let layout = f.layout();
+        let present: u64 = f.size
+            - self
+                .store
+                .missing(f, 0..layout.count())
+                .iter()
+                .map(|i| {
+                    let r = layout.range(*i);
+                    r.end - r.start
+                })
+                .sum::<u64>();
+        progress.fetch_add(present, Ordering::Relaxed);
+        let parallel = (self.cfg.readahead_chunks as usize).max(2);
+        futures::stream::iter(self.store.missing(f, 0..layout.count()))
+            .map(|idx| {
+                let fut = self.chunk(file, idx, Priority::ReadAhead, None);
+                async move {
+                    fut.await?;
+                    let r = layout.range(idx);
+                    progress.fetch_add(r.end - r.start, Ordering::Relaxed);
+                    Ok::<(), FetchError>(())
+                }
+            })
+            .buffer_unordered(parallel)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // Chunks served from memory commit just after; wait for them to be durable.
+        for _ in 0..200 {
+            if self.store.is_complete(f) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.store.is_complete(f) {
+            Ok(())
+        } else {
+            Err(FetchError::Store(format!(
+                "{}: chunks fetched but not all stored",
+                f.path
+            )))
+        }
+    }
+
+    /// Fetches chunk `idx` again now (after it was dropped as corrupt).
+    pub async fn refetch_chunk(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+    ) -> Result<(), FetchError> {
+        self.chunk(file, idx, Priority::OnDemand, None)
+            .await
+            .map(|_| ())
+    }
+
     /// The single-flight entry point for chunk `idx`: `None` if it is (now) present on disk.
     fn chunk(
         self: &Arc<Self>,
@@ -252,7 +346,9 @@ impl Fetcher {
                                 return;
                             }
                         };
+                        METRICS.downloads_active.inc();
                         let r = this.fetch_chunk(&file, idx, prio).await;
+                        METRICS.downloads_active.dec();
                         drop(permit);
                         let verified = r.as_ref().ok().cloned();
                         let _ = tx.send(r);
@@ -341,7 +437,8 @@ impl Fetcher {
                     return Ok(chunk);
                 }
                 Err(mismatch) => {
-                    Metrics::inc(&METRICS.integrity_failures, 1);
+                    METRICS.integrity_failures.inc();
+                    METRICS.errors.with_label_values(&["integrity"]).inc();
                     src.record_failure(true, self.cfg.cooldown());
                     tracing::error!(source = %src.name, file = %what, %mismatch,
                         "integrity failure: source sent wrong bytes; discarded, trying the next source");
@@ -372,7 +469,7 @@ impl Fetcher {
             .await
             .map_err(|e| FetchError::Store(e.to_string()))?
             .map_err(|e| FetchError::Store(e.to_string()))?;
-        Metrics::inc(&METRICS.chunks_fetched, 1);
+        METRICS.chunks_fetched.inc();
         tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx, bytes = len, "chunk committed");
         if self.store.is_complete(&file.entry) {
             self.completed(file);
@@ -384,8 +481,26 @@ impl Fetcher {
         let Some(t0) = self.started.lock().unwrap().remove(&file.entry.sha256) else {
             return;
         };
-        Metrics::inc(&METRICS.files_completed, 1);
+
         let secs = t0.elapsed().as_secs_f64();
+        METRICS
+            .downloads
+            .with_label_values(&[&file.model, "success"])
+            .inc();
+        METRICS
+            .download_seconds
+            .with_label_values(&[&file.model])
+            .observe(secs);
+        let _ = self.store.index().add_event(&crate::store::index::Event {
+            ts: crate::store::now_secs(),
+            kind: "download".into(),
+            model: file.model.clone(),
+            file: file.entry.path.clone(),
+            bytes: file.entry.size,
+            seconds: secs,
+            status: "success".into(),
+            detail: String::new(),
+        });
         tracing::info!(
             model = %file.model,
             file = %file.entry.path,
@@ -472,11 +587,22 @@ impl Fetcher {
             .unwrap_or(Err(SourceError::Timeout));
             match res {
                 Ok(b) => {
-                    Metrics::inc(&METRICS.bytes_fetched, b.len() as u64);
+                    METRICS
+                        .source_bytes
+                        .with_label_values(&[&src.name])
+                        .inc_by(b.len() as u64);
+                    METRICS
+                        .source_requests
+                        .with_label_values(&[&src.name, "ok"])
+                        .inc();
                     return Ok(b);
                 }
                 Err(e) => {
-                    Metrics::inc(&METRICS.source_errors, 1);
+                    METRICS
+                        .source_requests
+                        .with_label_values(&[&src.name, "error"])
+                        .inc();
+                    METRICS.errors.with_label_values(&["source"]).inc();
                     tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
                     let retry = e.retryable();
                     last = e;
@@ -581,7 +707,8 @@ impl Fetcher {
                 self.completed(file);
                 return Ok(());
             }
-            Metrics::inc(&METRICS.integrity_failures, 1);
+            METRICS.integrity_failures.inc();
+            METRICS.errors.with_label_values(&["integrity"]).inc();
             src.record_failure(true, self.cfg.cooldown());
             tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
                 "integrity failure: whole file does not match its sha256; discarded, trying the next source");

@@ -24,6 +24,7 @@ use fuser::{
 };
 
 use crate::fs::{Attr, BLKSIZE, FsError, Kind, ModelFs};
+use crate::metrics::METRICS;
 
 /// Content and metadata are immutable while mounted, so the kernel may cache them for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -102,6 +103,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["lookup"])
+            .start_timer();
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
@@ -112,6 +117,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["getattr"])
+            .start_timer();
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -119,14 +128,19 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        let opened = match self.fs.open(ino.0) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["open"])
+            .start_timer();
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let opened = match self.fs.open(ino.0, write) {
             Ok(o) => o,
             Err(e) => return reply.error(errno(&e)),
         };
         let fh = opened.fh;
+        if opened.direct_io {
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        }
         let mut io = self.io.lock().unwrap();
         let state = io.entry(ino.0).or_default();
         if let Some((id, n)) = &mut state.passthrough {
@@ -179,7 +193,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["read"])
+            .start_timer();
         if let Some(r) = self.fs.read_cached(ino.0, fh.0, offset, size) {
+            drop(timer);
             return match r {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
@@ -191,6 +210,7 @@ impl Filesystem for FuseAdapter {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
             }
+            drop(timer);
         });
     }
 
@@ -204,6 +224,10 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["release"])
+            .start_timer();
         self.fs.release(ino.0, fh.0);
         if let Some((ino, mode)) = self.handles.lock().unwrap().remove(&fh.0) {
             let mut io = self.io.lock().unwrap();
@@ -236,6 +260,10 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["readdir"])
+            .start_timer();
         let entries = match self.fs.readdir(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
@@ -253,6 +281,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["statfs"])
+            .start_timer();
         let (files, bytes) = self.fs.totals();
         reply.statfs(
             bytes.div_ceil(BLKSIZE as u64),
@@ -267,6 +299,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["getxattr"])
+            .start_timer();
         let value = match self.fs.getxattr(ino.0, &name.to_string_lossy()) {
             Ok(v) => v,
             Err(e) => return reply.error(errno(&e)),
@@ -275,7 +311,57 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = METRICS
+            .fuse_seconds
+            .with_label_values(&["listxattr"])
+            .start_timer();
         xattr_reply(&self.fs.listxattr(ino.0), size, reply);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        match self.fs.write(ino.0, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = match size {
+            Some(0) => self.fs.truncate(ino.0),
+            _ => Err(FsError::ReadOnly),
+        };
+        match r {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn flush(

@@ -7,10 +7,12 @@
 pub mod chunk;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod fetch;
 pub mod fs;
 pub mod fuse;
+pub mod http;
 pub mod manifest;
 pub mod metrics;
 pub mod prefetch;

@@ -1,37 +1,184 @@
-//! Counters of the read path, in one place.
+//! All metric handles and names, in one place (Prometheus, text format).
 //!
-//! Plain atomics for now; the control plane exposes them (Prometheus text, `.wan/metrics`).
-//! Names here are the ones the exporter will use.
+//! The runbook's names are kept as they were (`model_downloads_total`, …); everything else is
+//! `wan_*`. Handles are process-wide statics so any module can count without plumbing; the
+//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 
-#[derive(Default)]
-pub struct Metrics {
-    /// Chunks fetched from a source, verified and committed.
-    pub chunks_fetched: AtomicU64,
-    /// Bytes fetched from sources (verified or not).
-    pub bytes_fetched: AtomicU64,
-    /// Chunks or files whose bytes did not match their sha256.
-    pub integrity_failures: AtomicU64,
-    /// Failed source requests (after which a retry or the next source is tried).
-    pub source_errors: AtomicU64,
-    /// Reads that failed with EIO because they could not be served in time.
-    pub read_timeouts: AtomicU64,
-    /// Reads that failed for any other reason.
-    pub read_errors: AtomicU64,
-    /// FUSE reads served entirely from the cache.
-    pub cache_hits: AtomicU64,
-    /// FUSE reads that had to wait for at least one fetch.
-    pub cache_misses: AtomicU64,
-    /// Files completed (every chunk present and verified).
-    pub files_completed: AtomicU64,
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
 }
 
-impl Metrics {
-    pub fn inc(counter: &AtomicU64, by: u64) {
-        counter.fetch_add(by, Ordering::Relaxed);
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    REGISTRY
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    REGISTRY
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+/// Seconds, from 100 µs to ~100 s: FUSE requests and first bytes live at the low end, whole
+/// downloads at the high end.
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.0001, 4.0, 11).expect("valid buckets")
+}
+
+pub struct Metrics {
+    /// Files downloaded (every chunk verified), by model and `status` = success | failed.
+    pub downloads: IntCounterVec,
+    pub download_seconds: HistogramVec,
+    /// Errors by `kind`: source, integrity, read_timeout, read, store, verify.
+    pub errors: IntCounterVec,
+    pub storage_used: IntGauge,
+    pub storage_total: IntGauge,
+    /// Chunk fetches in flight.
+    pub downloads_active: IntGauge,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub chunks_fetched: IntCounter,
+    pub source_bytes: IntCounterVec,
+    pub source_requests: IntCounterVec,
+    pub first_byte_seconds: Histogram,
+    pub fuse_seconds: HistogramVec,
+    pub integrity_failures: IntCounter,
+    pub evictions: IntCounter,
+    pub evicted_bytes: IntCounter,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    downloads: counter_vec(
+        "model_downloads_total",
+        "Files downloaded and verified completely, by model and status (success|failed).",
+        &["model", "status"],
+    ),
+    download_seconds: histogram_vec(
+        "model_download_duration_seconds",
+        "Time from a file's first fetched chunk to its last.",
+        &["model"],
+        latency_buckets(),
+    ),
+    errors: counter_vec(
+        "model_errors_total",
+        "Errors by kind: source, integrity, read_timeout, read, store, verify.",
+        &["kind"],
+    ),
+    storage_used: gauge(
+        "model_storage_bytes_used",
+        "Verified bytes held in the cache.",
+    ),
+    storage_total: gauge(
+        "model_storage_bytes_total",
+        "Cache capacity: gc.max_bytes if set, else the size of the cache's filesystem.",
+    ),
+    downloads_active: gauge("model_downloads_active", "Chunk fetches in flight."),
+    cache_hits: counter(
+        "wan_cache_hits_total",
+        "FUSE reads served from the cache alone.",
+    ),
+    cache_misses: counter(
+        "wan_cache_misses_total",
+        "FUSE reads that waited for a fetch.",
+    ),
+    chunks_fetched: counter(
+        "wan_chunks_fetched_total",
+        "Chunks fetched, verified and stored.",
+    ),
+    source_bytes: counter_vec(
+        "wan_source_bytes_total",
+        "Bytes received from each source.",
+        &["source"],
+    ),
+    source_requests: counter_vec(
+        "wan_source_requests_total",
+        "Requests to each source by result (ok|error).",
+        &["source", "result"],
+    ),
+    first_byte_seconds: histogram(
+        "wan_time_to_first_byte_seconds",
+        "From a FUSE read that missed the cache to its reply.",
+        latency_buckets(),
+    ),
+    fuse_seconds: histogram_vec(
+        "wan_fuse_request_seconds",
+        "FUSE request latency by operation.",
+        &["op"],
+        latency_buckets(),
+    ),
+    integrity_failures: counter(
+        "wan_integrity_failures_total",
+        "Chunks or files whose bytes did not match their sha256 (discarded).",
+    ),
+    evictions: counter("wan_evictions_total", "Blobs evicted from the cache."),
+    evicted_bytes: counter("wan_evicted_bytes_total", "Bytes evicted from the cache."),
+});
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    LazyLock::force(&METRICS);
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&REGISTRY.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    String::from_utf8(buf).expect("utf-8")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn runbook_names_are_exported() {
+        super::METRICS.errors.with_label_values(&["source"]).inc();
+        super::METRICS
+            .downloads
+            .with_label_values(&["m@1.0.0", "success"])
+            .inc();
+        let text = super::render();
+        for name in [
+            "model_downloads_total",
+            "model_errors_total",
+            "model_storage_bytes_used",
+            "model_storage_bytes_total",
+            "model_downloads_active",
+            "wan_cache_hits_total",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
     }
 }
-
-/// The process-wide metrics.
-pub static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(Metrics::default);

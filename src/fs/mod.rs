@@ -4,16 +4,22 @@
 //! is `fuse.rs`), so the logic is testable without `/dev/fuse`. Metadata never touches the
 //! network: everything `ls`, `stat` and `find` need comes from the manifest.
 
+mod control_files;
 mod tree;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-pub use tree::{NodeKind, ROOT, Tree};
+pub use tree::{CONTROL_DIR, ControlFile, NodeKind, ROOT, Tree};
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::control::{Control, ControlError};
 
 use crate::fetch::{FetchError, Fetcher, FileCtx};
-use crate::metrics::{METRICS, Metrics};
+use crate::metrics::METRICS;
 use crate::prefetch::ReadAhead;
 
 /// Attribute block size: large so tools (cp, dd) use large reads.
@@ -45,10 +51,12 @@ pub struct DirEntry {
 }
 
 /// What an open returns: a handle, and for a complete blob a read-only file the kernel may
-/// read directly (FUSE passthrough).
+/// read directly (FUSE passthrough). Control files are opened `direct_io`: their size is not
+/// known in advance, and they are never mapped.
 pub struct Opened {
     pub fh: u64,
     pub backing: Option<std::fs::File>,
+    pub direct_io: bool,
 }
 
 /// Every error a filesystem call can return; `errno` is the one place they map to codes.
@@ -66,6 +74,10 @@ pub enum FsError {
     Range,
     #[error("{0}")]
     Fetch(#[from] FetchError),
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("{0}")]
+    Control(#[from] ControlError),
 }
 
 impl FsError {
@@ -77,6 +89,10 @@ impl FsError {
             FsError::NoAttr => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::Fetch(_) => libc::EIO,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::Control(ControlError::Busy(..)) => libc::EBUSY,
+            FsError::Control(ControlError::Failed(_)) => libc::EIO,
+            FsError::Control(_) => libc::EINVAL,
         }
     }
 }
@@ -92,12 +108,19 @@ pub struct ModelFs {
     gid: u32,
     passthrough: bool,
     next_fh: AtomicU64,
+    control: Arc<Control>,
+    rt: tokio::runtime::Handle,
+    /// Rendered contents of open control files, by handle.
+    views: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
 }
 
 impl ModelFs {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         tree: Tree,
         fetcher: Arc<Fetcher>,
+        control: Arc<Control>,
+        rt: tokio::runtime::Handle,
         readahead_chunks: u32,
         mtime: SystemTime,
         passthrough: bool,
@@ -113,6 +136,9 @@ impl ModelFs {
             gid,
             passthrough,
             next_fh: AtomicU64::new(1),
+            control,
+            rt,
+            views: Mutex::new(HashMap::new()),
         }
     }
 
@@ -121,6 +147,8 @@ impl ModelFs {
         let (kind, size, perm, nlink) = match &node.kind {
             NodeKind::Dir(children) => (Kind::Dir, 0, 0o555, 2 + children.len() as u32),
             NodeKind::File(f) => (Kind::File, f.entry.size, 0o444, 1),
+            NodeKind::Control(cf) if cf.writable() => (Kind::File, 0, 0o220, 1),
+            NodeKind::Control(_) => (Kind::File, 0, 0o444, 1),
         };
         Ok(Attr {
             ino,
@@ -138,6 +166,7 @@ impl ModelFs {
         match &self.tree.get(ino).ok_or(FsError::NotFound)?.kind {
             NodeKind::File(f) => Ok(f),
             NodeKind::Dir(_) => Err(FsError::IsDir),
+            NodeKind::Control(_) => Err(FsError::NoAttr),
         }
     }
 
@@ -177,9 +206,34 @@ impl ModelFs {
         Ok(out)
     }
 
-    pub fn open(&self, ino: u64) -> Result<Opened, FsError> {
-        let f = self.file(ino)?;
+    fn control_file(&self, ino: u64) -> Option<ControlFile> {
+        match self.tree.get(ino)?.kind {
+            NodeKind::Control(cf) => Some(cf),
+            _ => None,
+        }
+    }
+
+    /// Opens a file; `write` is whether it is opened for writing (only control files may be).
+    pub fn open(&self, ino: u64, write: bool) -> Result<Opened, FsError> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Some(cf) = self.control_file(ino) {
+            if write && !cf.writable() {
+                return Err(FsError::ReadOnly);
+            }
+            if !write {
+                let view = control_files::render(&self.control, &self.rt, cf);
+                self.views.lock().unwrap().insert(fh, Arc::new(view));
+            }
+            return Ok(Opened {
+                fh,
+                backing: None,
+                direct_io: true,
+            });
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let f = self.file(ino)?;
         let store = self.fetcher.store();
         let backing = if self.passthrough && f.entry.size > 0 {
             store.open_complete_ro(&f.entry)
@@ -187,10 +241,40 @@ impl ModelFs {
             None
         };
         store.opened(f.entry.sha256);
-        Ok(Opened { fh, backing })
+        Ok(Opened {
+            fh,
+            backing,
+            direct_io: false,
+        })
+    }
+
+    /// A write to a control file: one command, validated now, run in the background.
+    pub fn write(&self, ino: u64, data: &[u8]) -> Result<usize, FsError> {
+        let cf = self.control_file(ino).ok_or(FsError::ReadOnly)?;
+        match control_files::write(&self.control, &self.rt, cf, data) {
+            Ok(what) => {
+                tracing::info!(file = %format!(".wan/{}", cf.name()), "{what}");
+                Ok(data.len())
+            }
+            Err(e) => {
+                tracing::warn!(file = %format!(".wan/{}", cf.name()), input = %String::from_utf8_lossy(data).trim(), error = %e, "control write refused");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Truncation (`echo > file` opens with O_TRUNC) is accepted on writable control files.
+    pub fn truncate(&self, ino: u64) -> Result<Attr, FsError> {
+        match self.control_file(ino) {
+            Some(cf) if cf.writable() => self.attr_of(ino),
+            _ => Err(FsError::ReadOnly),
+        }
     }
 
     pub fn release(&self, ino: u64, fh: u64) {
+        if self.views.lock().unwrap().remove(&fh).is_some() {
+            return;
+        }
         if let Ok(f) = self.file(ino) {
             self.fetcher.store().released(f.entry.sha256);
         }
@@ -214,12 +298,20 @@ impl ModelFs {
         offset: u64,
         size: u32,
     ) -> Option<Result<Vec<u8>, FsError>> {
+        if let Some(view) = self.views.lock().unwrap().get(&fh) {
+            let start = (offset as usize).min(view.len());
+            let end = (start + size as usize).min(view.len());
+            return Some(Ok(view[start..end].to_vec()));
+        }
+        if self.control_file(ino).is_some() {
+            return Some(Ok(Vec::new()));
+        }
         let f = match self.file(ino) {
             Ok(f) => f,
             Err(e) => return Some(Err(e)),
         };
         let r = self.fetcher.read_cached(f, offset, size)?;
-        Metrics::inc(&METRICS.cache_hits, 1);
+        METRICS.cache_hits.inc();
         self.note_read(f, fh, offset, size);
         Some(r.map_err(FsError::from))
     }
@@ -233,16 +325,22 @@ impl ModelFs {
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
         let f = self.file(ino)?;
-        Metrics::inc(&METRICS.cache_misses, 1);
+        METRICS.cache_misses.inc();
+        let t0 = std::time::Instant::now();
         self.note_read(f, fh, offset, size);
         match self.fetcher.read(f, offset, size).await {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                METRICS
+                    .first_byte_seconds
+                    .observe(t0.elapsed().as_secs_f64());
+                Ok(v)
+            }
             Err(e) => {
                 let counter = match e {
-                    FetchError::Timeout(_) => &METRICS.read_timeouts,
-                    _ => &METRICS.read_errors,
+                    FetchError::Timeout(_) => "read_timeout",
+                    _ => "read",
                 };
-                Metrics::inc(counter, 1);
+                METRICS.errors.with_label_values(&[counter]).inc();
                 tracing::error!(model = %f.model, file = %f.entry.path, offset, size, error = %e, "read failed: EIO");
                 Err(e.into())
             }

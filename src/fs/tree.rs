@@ -1,19 +1,84 @@
-//! The inode table: the manifest laid out as a directory tree, built once, never changing
-//! while mounted. Inode numbers are indices (root = 1), so lookups are a map probe.
+//! The inode table: the manifest laid out as a directory tree, plus the `.wan/` control
+//! directory, built once, never changing while mounted. Inode numbers are indices (root = 1),
+//! so lookups are a map probe.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::fetch::FileCtx;
-use crate::manifest::Manifest;
-use crate::source::SourceRegistry;
 
 pub const ROOT: u64 = 1;
 
 pub enum NodeKind {
     Dir(BTreeMap<String, u64>),
     File(Arc<FileCtx>),
+    Control(ControlFile),
 }
+
+/// The files of `.wan/`: read ones render a view, write ones take a model id or a mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlFile {
+    Status,
+    Health,
+    Metrics,
+    Config,
+    Events,
+    Ensure,
+    Verify,
+    Gc,
+    Pin,
+    Unpin,
+    Evict,
+    MarkCorrupted,
+}
+
+impl ControlFile {
+    pub const ALL: [ControlFile; 12] = [
+        ControlFile::Status,
+        ControlFile::Health,
+        ControlFile::Metrics,
+        ControlFile::Config,
+        ControlFile::Events,
+        ControlFile::Ensure,
+        ControlFile::Verify,
+        ControlFile::Gc,
+        ControlFile::Pin,
+        ControlFile::Unpin,
+        ControlFile::Evict,
+        ControlFile::MarkCorrupted,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ControlFile::Status => "status",
+            ControlFile::Health => "health",
+            ControlFile::Metrics => "metrics",
+            ControlFile::Config => "config",
+            ControlFile::Events => "events",
+            ControlFile::Ensure => "ensure",
+            ControlFile::Verify => "verify",
+            ControlFile::Gc => "gc",
+            ControlFile::Pin => "pin",
+            ControlFile::Unpin => "unpin",
+            ControlFile::Evict => "evict",
+            ControlFile::MarkCorrupted => "mark-corrupted",
+        }
+    }
+
+    pub fn writable(self) -> bool {
+        !matches!(
+            self,
+            ControlFile::Status
+                | ControlFile::Health
+                | ControlFile::Metrics
+                | ControlFile::Config
+                | ControlFile::Events
+        )
+    }
+}
+
+/// The control directory at the mount root.
+pub const CONTROL_DIR: &str = ".wan";
 
 pub struct Node {
     pub name: String,
@@ -26,8 +91,8 @@ pub struct Tree {
 }
 
 impl Tree {
-    /// Lays out every model of `manifest` as a top-level directory.
-    pub fn build(manifest: &Manifest, sources: &SourceRegistry) -> Tree {
+    /// Lays out every model as a top-level directory, and `.wan/`.
+    pub fn build(models: &BTreeMap<String, Vec<Arc<FileCtx>>>) -> Tree {
         let mut t = Tree {
             nodes: vec![Node {
                 name: String::new(),
@@ -35,22 +100,20 @@ impl Tree {
                 kind: NodeKind::Dir(BTreeMap::new()),
             }],
         };
-        for model in manifest.models.values() {
-            let handles: Vec<_> = model.sources.iter().map(|u| sources.get(u)).collect();
-            let top = t.dir(ROOT, &model.id);
-            for f in &model.files {
-                let segs: Vec<&str> = f.path.split('/').collect();
+        let control = t.dir(ROOT, CONTROL_DIR);
+        for cf in ControlFile::ALL {
+            t.add(control, cf.name(), NodeKind::Control(cf));
+        }
+        for (id, files) in models {
+            let top = t.dir(ROOT, id);
+            for f in files {
+                let segs: Vec<&str> = f.entry.path.split('/').collect();
                 let (name, dirs) = segs.split_last().expect("validated: non-empty path");
                 let mut parent = top;
                 for d in dirs {
                     parent = t.dir(parent, d);
                 }
-                let ctx = Arc::new(FileCtx {
-                    model: model.id.clone(),
-                    entry: f.clone(),
-                    sources: handles.clone(),
-                });
-                t.add(parent, name, NodeKind::File(ctx));
+                t.add(parent, name, NodeKind::File(f.clone()));
             }
         }
         t
@@ -83,7 +146,7 @@ impl Tree {
     pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
         match &self.get(parent)?.kind {
             NodeKind::Dir(children) => children.get(name).copied(),
-            NodeKind::File(_) => None,
+            NodeKind::File(_) | NodeKind::Control(_) => None,
         }
     }
 

@@ -132,6 +132,11 @@ impl SourceRegistry {
             .clone()
     }
 
+    /// Every source handle built so far (for health).
+    pub fn all(&self) -> Vec<Arc<SourceHandle>> {
+        self.by_url.lock().unwrap().values().cloned().collect()
+    }
+
     fn build(&self, url: &SourceUrl) -> SourceHandle {
         let name = url.to_string();
         let source: Box<dyn Source> = match url {
