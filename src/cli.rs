@@ -35,21 +35,140 @@ pub enum Command {
     /// Build or check a manifest.
     #[command(subcommand)]
     Manifest(ManifestCommand),
+    /// Operate on models: through the running daemon, or on the cache directly if none runs.
+    Models(ModelsArgs),
+}
+
+/// Where the config, manifest and cache are (shared by `mount` and `models`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Paths {
+    /// Config file (default: /etc/wan22/wan.toml if it exists).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Manifest (default: config `manifest`, else /etc/wan22/models.toml).
+    #[arg(long, global = true)]
+    pub manifest: Option<PathBuf>,
+    /// Cache directory (default: config `cache_dir`, else /var/cache/wan22).
+    #[arg(long, global = true)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    pub paths: Paths,
+    /// The daemon's HTTP address (default: config http.addr, else 127.0.0.1:8000).
+    #[arg(long, global = true)]
+    pub http: Option<String>,
+    /// Print JSON (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+}
+
+/// Which models: `--only a,b`, `--all`, or `--model-list FILE`.
+#[derive(clap::Args, Debug, Default)]
+pub struct Selection {
+    /// Model ids, comma separated (repeatable).
+    #[arg(long)]
+    pub only: Vec<String>,
+    /// Every model of the manifest.
+    #[arg(long, conflicts_with_all = ["only", "model_list"])]
+    pub all: bool,
+    /// A file with one model id per line.
+    #[arg(long)]
+    pub model_list: Option<PathBuf>,
+}
+
+impl Selection {
+    fn ids(&self) -> anyhow::Result<Vec<String>> {
+        let mut ids = crate::cmd::split_ids(&self.only);
+        if let Some(f) = &self.model_list {
+            ids.extend(crate::cmd::read_model_list(f)?);
+        }
+        Ok(ids)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// State of each model (exit 1 if any is corrupt or failed).
+    Status {
+        #[arg(long)]
+        only: Vec<String>,
+        /// Only pinned (critical) models.
+        #[arg(long)]
+        critical_only: bool,
+        /// Only models that are corrupt or whose last job failed.
+        #[arg(long)]
+        failed_only: bool,
+    },
+    /// Fetch and verify every chunk of models now.
+    Ensure {
+        #[command(flatten)]
+        sel: Selection,
+        /// Drop what is cached first and fetch everything again.
+        #[arg(long)]
+        force_redownload: bool,
+        /// Print MB/s and time to first byte.
+        #[arg(long)]
+        benchmark: bool,
+    },
+    /// Re-read cached chunks and check their sha256; corrupt chunks are fetched again.
+    Verify {
+        #[command(flatten)]
+        sel: Selection,
+        /// Only report: mark the model CORRUPT, fetch nothing.
+        #[arg(long)]
+        report_only: bool,
+    },
+    /// Evict cached data (least recently used, never pinned models).
+    Gc {
+        /// Down to the low watermark (default).
+        #[arg(long, group = "mode")]
+        auto: bool,
+        /// Everything not pinned and not open.
+        #[arg(long, group = "mode")]
+        aggressive: bool,
+        /// Aggressive, plus orphan files, re-verify what stays, compact the index.
+        #[arg(long, group = "mode")]
+        deep_clean: bool,
+        /// Print what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Reports from the download and storage history.
+    Report {
+        /// Downloads, failures, evictions and verifications of the last 24 hours.
+        #[arg(long, group = "kind")]
+        daily: bool,
+        /// Storage use over time.
+        #[arg(long, group = "kind")]
+        storage: bool,
+        /// With --storage: the last 30 days (default).
+        #[arg(long)]
+        last_30_days: bool,
+    },
+    /// Mark models corrupt and drop their cached data (fetched and verified again on use).
+    MarkCorrupted {
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// Never evict this model.
+    Pin { id: String },
+    /// Let GC evict this model again.
+    Unpin { id: String },
+    /// Every model of the manifest.
+    List,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
     /// Where to mount (default: config `mountpoint`, else /data/models).
     pub mountpoint: Option<PathBuf>,
-    /// Config file (default: /etc/wan22/wan.toml if it exists).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Manifest (default: config `manifest`, else /etc/wan22/models.toml).
-    #[arg(long)]
-    pub manifest: Option<PathBuf>,
-    /// Cache directory (default: config `cache_dir`, else /var/cache/wan22).
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub paths: Paths,
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,8 +200,8 @@ pub enum Action {
     Done(ExitCode),
 }
 
-impl MountArgs {
-    fn plan(self) -> anyhow::Result<MountPlan> {
+impl Paths {
+    fn load(&self) -> anyhow::Result<(Config, PathBuf, PathBuf)> {
         let config = match &self.config {
             Some(p) => Config::load(p)?,
             None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
@@ -90,28 +209,112 @@ impl MountArgs {
             }
             None => Config::default(),
         };
+        let manifest = self
+            .manifest
+            .clone()
+            .or_else(|| config.manifest.clone())
+            .unwrap_or_else(|| DEFAULT_MANIFEST.into());
+        let cache_dir = self
+            .cache_dir
+            .clone()
+            .or_else(|| config.cache_dir.clone())
+            .unwrap_or_else(|| DEFAULT_CACHE_DIR.into());
+        Ok((config, manifest, cache_dir))
+    }
+}
+
+impl MountArgs {
+    fn plan(self) -> anyhow::Result<MountPlan> {
+        let (config, manifest, cache_dir) = self.paths.load()?;
         Ok(MountPlan {
             mountpoint: self
                 .mountpoint
                 .or_else(|| config.mountpoint.clone())
                 .unwrap_or_else(|| DEFAULT_MOUNTPOINT.into()),
-            manifest: self
-                .manifest
-                .or_else(|| config.manifest.clone())
-                .unwrap_or_else(|| DEFAULT_MANIFEST.into()),
-            cache_dir: self
-                .cache_dir
-                .or_else(|| config.cache_dir.clone())
-                .unwrap_or_else(|| DEFAULT_CACHE_DIR.into()),
+            manifest,
+            cache_dir,
             config,
         })
     }
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
+    use crate::cmd::{ModelsOp, Target};
+    use crate::control::GcMode;
+    let (config, manifest, cache_dir) = args.paths.load()?;
+    let http = args.http.unwrap_or_else(|| config.http.addr.clone());
+    let op = match args.command {
+        ModelsCommand::Status {
+            only,
+            critical_only,
+            failed_only,
+        } => ModelsOp::Status {
+            only: crate::cmd::split_ids(&only),
+            critical_only,
+            failed_only,
+        },
+        ModelsCommand::Ensure {
+            sel,
+            force_redownload,
+            benchmark,
+        } => {
+            if !sel.all && sel.ids()?.is_empty() {
+                anyhow::bail!("say which models: --only IDS, --all or --model-list FILE");
+            }
+            ModelsOp::Ensure {
+                ids: sel.ids()?,
+                force: force_redownload,
+                benchmark,
+            }
+        }
+        ModelsCommand::Verify { sel, report_only } => ModelsOp::Verify {
+            ids: sel.ids()?,
+            report_only,
+        },
+        ModelsCommand::Gc {
+            aggressive,
+            deep_clean,
+            dry_run,
+            ..
+        } => ModelsOp::Gc {
+            mode: if deep_clean {
+                GcMode::DeepClean
+            } else if aggressive {
+                GcMode::Aggressive
+            } else {
+                GcMode::Auto
+            },
+            dry_run,
+        },
+        ModelsCommand::Report { storage, .. } => {
+            if storage {
+                ModelsOp::ReportStorage { days: 30 }
+            } else {
+                ModelsOp::ReportDaily
+            }
+        }
+        ModelsCommand::MarkCorrupted { sel } => ModelsOp::MarkCorrupted { ids: sel.ids()? },
+        ModelsCommand::Pin { id } => ModelsOp::Pin { id, pinned: true },
+        ModelsCommand::Unpin { id } => ModelsOp::Pin { id, pinned: false },
+        ModelsCommand::List => ModelsOp::List,
+    };
+    crate::cmd::run(
+        op,
+        Target {
+            http,
+            manifest,
+            cache_dir,
+            config,
+        },
+        args.json,
+    )
 }
 
 /// Runs every command that is not the daemon; returns the mount plan for `wan mount`.
 pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
     match cli.command {
         Command::Mount(args) => Ok(Action::Mount(Box::new(args.plan()?))),
+        Command::Models(args) => Ok(Action::Done(models(args)?)),
         Command::Manifest(ManifestCommand::Build {
             dir,
             id,

@@ -6,6 +6,7 @@
 
 pub mod chunk;
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -3,16 +3,22 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use wanfs::cli::{Action, Cli, dispatch};
+use wanfs::cli::{Action, Cli, Command, dispatch};
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs what it does; a command prints its result and logs only problems.
+    let default = match cli.command {
+        Command::Mount(_) => "info",
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let result = dispatch(Cli::parse()).and_then(|action| match action {
+    let result = dispatch(cli).and_then(|action| match action {
         Action::Mount(plan) => wanfs::daemon::run(*plan).map(|_| ExitCode::SUCCESS),
         Action::Done(code) => Ok(code),
     });

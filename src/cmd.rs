@@ -1,0 +1,532 @@
+//! The `wan models` commands. Each talks to the running daemon over its HTTP endpoint; when
+//! no daemon answers, it opens the cache itself (under the cache lock) and runs the same
+//! `Control` functions directly, so the logic exists once.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::control::{Control, GcMode};
+use crate::fetch::{Fetcher, file_contexts};
+use crate::manifest::Manifest;
+use crate::source::SourceRegistry;
+use crate::store::{Store, StoreError};
+
+/// What to operate on.
+pub enum ModelsOp {
+    Status {
+        only: Vec<String>,
+        critical_only: bool,
+        failed_only: bool,
+    },
+    Ensure {
+        ids: Vec<String>,
+        force: bool,
+        benchmark: bool,
+    },
+    Verify {
+        ids: Vec<String>,
+        report_only: bool,
+    },
+    Gc {
+        mode: GcMode,
+        dry_run: bool,
+    },
+    ReportDaily,
+    ReportStorage {
+        days: u64,
+    },
+    MarkCorrupted {
+        ids: Vec<String>,
+    },
+    Pin {
+        id: String,
+        pinned: bool,
+    },
+    List,
+}
+
+/// Where the daemon and the cache are.
+pub struct Target {
+    pub http: String,
+    pub manifest: std::path::PathBuf,
+    pub cache_dir: std::path::PathBuf,
+    pub config: Config,
+}
+
+/// Either the daemon over HTTP, or the cache opened directly.
+enum Backend {
+    Daemon {
+        base: String,
+        client: reqwest::Client,
+    },
+    Direct(Arc<Control>),
+}
+
+impl Backend {
+    async fn connect(t: &Target) -> anyhow::Result<Backend> {
+        if !t.http.is_empty() {
+            let base = format!("http://{}", t.http);
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(3600))
+                .build()?;
+            match client
+                .get(format!("{base}/health/models"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+            {
+                Ok(_) => return Ok(Backend::Daemon { base, client }),
+                Err(e) if e.is_connect() => {}
+                Err(e) => bail!("the daemon at {} did not answer: {e}", t.http),
+            }
+        }
+        let manifest = Manifest::load(&t.manifest)?;
+        let store = match Store::open(&t.cache_dir) {
+            Ok(s) => Arc::new(s),
+            Err(StoreError::Locked(dir)) => bail!(
+                "cache {dir} is locked by a running wan daemon, but its HTTP endpoint {} does not answer (check --http / http.addr)",
+                t.http
+            ),
+            Err(e) => return Err(e.into()),
+        };
+        let sources = Arc::new(SourceRegistry::new(&t.config.fetch)?);
+        let files = file_contexts(&manifest, &sources);
+        let fetcher = Fetcher::new(store, t.config.fetch.clone());
+        Ok(Backend::Direct(Control::new(
+            &manifest,
+            t.manifest.clone(),
+            files,
+            fetcher,
+            sources,
+            t.config.clone(),
+            None,
+        )))
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let Backend::Daemon { base, client } = self else {
+            unreachable!()
+        };
+        answer(client.get(format!("{base}{path}")).send().await?).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let Backend::Daemon { base, client } = self else {
+            unreachable!()
+        };
+        answer(
+            client
+                .post(format!("{base}{path}"))
+                .json(&body)
+                .send()
+                .await?,
+        )
+        .await
+    }
+}
+
+async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "{}",
+            v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {status}"))
+        );
+    }
+    Ok(v)
+}
+
+/// Runs one `wan models` command; prints JSON with `json`, else a human summary.
+pub fn run(op: ModelsOp, target: Target, json_out: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let backend = Backend::connect(&target).await?;
+        run_op(&backend, op, json_out).await
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn statuses(b: &Backend) -> anyhow::Result<Vec<Value>> {
+    match b {
+        Backend::Daemon { .. } => Ok(b
+            .get("/models")
+            .await?
+            .as_array()
+            .cloned()
+            .unwrap_or_default()),
+        Backend::Direct(c) => Ok(c
+            .status(&[])?
+            .into_iter()
+            .map(|s| serde_json::to_value(s).unwrap())
+            .collect()),
+    }
+}
+
+fn failed(m: &Value) -> bool {
+    m["state"] == "CORRUPT" || !m["last_error"].is_null() || m["job"]["state"] == "failed"
+}
+
+async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<ExitCode> {
+    match op {
+        ModelsOp::Status {
+            only,
+            critical_only,
+            failed_only,
+        } => {
+            let all = statuses(b).await?;
+            for id in &only {
+                if !all.iter().any(|m| m["id"] == id.as_str()) {
+                    bail!("unknown model id {id:?} (see `wan models list`)");
+                }
+            }
+            let shown: Vec<Value> = all
+                .into_iter()
+                .filter(|m| only.is_empty() || only.iter().any(|i| m["id"] == i.as_str()))
+                .filter(|m| !critical_only || m["pinned"] == true)
+                .filter(|m| !failed_only || failed(m))
+                .collect();
+            let ok = !shown.iter().any(failed);
+            if json_out {
+                print_json(&json!(shown));
+            } else {
+                println!(
+                    "{:<28} {:<12} {:>22} {:>6}  ERROR",
+                    "MODEL", "STATE", "CACHED / TOTAL", "PINNED"
+                );
+                for m in &shown {
+                    println!(
+                        "{:<28} {:<12} {:>22} {:>6}  {}",
+                        m["id"].as_str().unwrap_or(""),
+                        m["state"].as_str().unwrap_or(""),
+                        format!(
+                            "{} / {}",
+                            human(m["bytes_cached"].as_u64().unwrap_or(0)),
+                            human(m["bytes_total"].as_u64().unwrap_or(0))
+                        ),
+                        if m["pinned"] == true { "yes" } else { "no" },
+                        m["last_error"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(code(ok))
+        }
+        ModelsOp::List => {
+            let all = statuses(b).await?;
+            if json_out {
+                print_json(&json!(all.iter().map(|m| json!({"id": m["id"], "description": m["description"], "pinned": m["pinned"], "bytes_total": m["bytes_total"]})).collect::<Vec<_>>()));
+            } else {
+                for m in &all {
+                    println!(
+                        "{:<28} {:>10}  {}{}",
+                        m["id"].as_str().unwrap_or(""),
+                        human(m["bytes_total"].as_u64().unwrap_or(0)),
+                        m["description"].as_str().unwrap_or(""),
+                        if m["pinned"] == true {
+                            "  [pinned]"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsOp::Ensure {
+            ids,
+            force,
+            benchmark,
+        } => run_jobs(b, "ensure", ids, force, false, benchmark, json_out).await,
+        ModelsOp::Verify { ids, report_only } => {
+            run_jobs(b, "verify", ids, false, report_only, false, json_out).await
+        }
+        ModelsOp::Gc { mode, dry_run } => {
+            let report = match b {
+                Backend::Daemon { .. } => {
+                    let mode = serde_json::to_value(mode)?;
+                    b.post(
+                        &format!(
+                            "/gc?mode={}&dry_run={dry_run}",
+                            mode.as_str().unwrap_or("auto")
+                        ),
+                        json!({}),
+                    )
+                    .await?
+                }
+                Backend::Direct(c) => serde_json::to_value(c.gc(mode, dry_run).await?)?,
+            };
+            if json_out {
+                print_json(&report);
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for item in report["removed"].as_array().into_iter().flatten() {
+                    println!(
+                        "{verb} {} ({}) {}",
+                        &item["blob"].as_str().unwrap_or("")
+                            [..12.min(item["blob"].as_str().unwrap_or("").len())],
+                        human(item["bytes"].as_u64().unwrap_or(0)),
+                        item["files"]
+                            .as_array()
+                            .map(|f| f
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "))
+                            .unwrap_or_default()
+                    );
+                }
+                println!(
+                    "gc {}{}: {verb} {} blobs, {} freed; {} orphans; usage {} -> {}",
+                    report["mode"].as_str().unwrap_or(""),
+                    if dry_run { " (dry run)" } else { "" },
+                    report["removed"].as_array().map_or(0, Vec::len),
+                    human(report["freed_bytes"].as_u64().unwrap_or(0)),
+                    report["orphans_removed"],
+                    human(report["used_before"].as_u64().unwrap_or(0)),
+                    human(report["used_after"].as_u64().unwrap_or(0)),
+                );
+            }
+            Ok(code(report["bad_chunks"].as_u64().unwrap_or(0) == 0))
+        }
+        ModelsOp::ReportDaily | ModelsOp::ReportStorage { .. } => {
+            let report = match (&op, b) {
+                (ModelsOp::ReportDaily, Backend::Daemon { .. }) => {
+                    b.get("/report/daily?days=1").await?
+                }
+                (ModelsOp::ReportStorage { days }, Backend::Daemon { .. }) => {
+                    b.get(&format!("/report/storage?days={days}")).await?
+                }
+                (ModelsOp::ReportDaily, Backend::Direct(c)) => c.report_daily(1)?,
+                (ModelsOp::ReportStorage { days }, Backend::Direct(c)) => {
+                    c.report_storage(*days)?
+                }
+                _ => unreachable!(),
+            };
+            print_json(&report);
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsOp::MarkCorrupted { ids } => {
+            if ids.is_empty() {
+                bail!("mark-corrupted needs --only IDS or --model-list FILE");
+            }
+            let v = match b {
+                Backend::Daemon { .. } => b.post("/mark-corrupted", json!({"ids": ids})).await?,
+                Backend::Direct(c) => json!({"marked": c.mark_corrupted(&ids)?}),
+            };
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("marked corrupted (cached data dropped): {}", ids.join(", "))
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsOp::Pin { id, pinned } => {
+            let v = match b {
+                Backend::Daemon { .. } => {
+                    b.post(
+                        &format!("/models/{id}/{}", if pinned { "pin" } else { "unpin" }),
+                        json!({}),
+                    )
+                    .await?
+                }
+                Backend::Direct(c) => serde_json::to_value(c.set_pinned(&id, pinned)?)?,
+            };
+            if json_out {
+                print_json(&v)
+            } else {
+                println!("{id}: pinned = {}", v["pinned"])
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Starts ensure or verify jobs and waits for them, with progress on a terminal.
+async fn run_jobs(
+    b: &Backend,
+    kind: &str,
+    ids: Vec<String>,
+    force: bool,
+    report_only: bool,
+    benchmark: bool,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let t0 = Instant::now();
+    let ids: Vec<String> = match b {
+        Backend::Daemon { .. } => {
+            let v = b
+                .post(
+                    &format!("/{kind}"),
+                    json!({"ids": ids, "force": force, "report_only": report_only}),
+                )
+                .await?;
+            serde_json::from_value(v["started"].clone())?
+        }
+        Backend::Direct(c) => {
+            let ids = c.resolve(&ids)?;
+            let c2 = c.clone();
+            let ids2 = ids.clone();
+            let kind2 = kind.to_string();
+            // Run the jobs one after another in the background while we poll like a client.
+            tokio::spawn(async move {
+                for id in ids2 {
+                    let r = if kind2 == "ensure" {
+                        c2.ensure_now(&id, force).await
+                    } else {
+                        c2.verify_now(&id, report_only).await
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(model = %id, error = %e, "{kind2} failed");
+                    }
+                }
+            });
+            ids
+        }
+    };
+    let tty = std::io::stderr().is_terminal() && !json_out;
+    let mut first_byte: Option<Duration> = None;
+    let results = loop {
+        tokio::time::sleep(Duration::from_millis(if benchmark { 20 } else { 200 })).await;
+        let all = statuses(b).await?;
+        let mine: Vec<Value> = all
+            .into_iter()
+            .filter(|m| ids.iter().any(|i| m["id"] == i.as_str()))
+            .collect();
+        let jobs: Vec<&Value> = mine.iter().map(|m| &m["job"]).collect();
+        let done: u64 = jobs
+            .iter()
+            .map(|j| j["bytes_done"].as_u64().unwrap_or(0))
+            .sum();
+        let total: u64 = jobs
+            .iter()
+            .map(|j| j["bytes_total"].as_u64().unwrap_or(0))
+            .sum();
+        if first_byte.is_none() && done > 0 {
+            first_byte = Some(t0.elapsed());
+        }
+        let running = jobs
+            .iter()
+            .any(|j| j.is_null() || j["kind"] != kind || j["state"] == "running");
+        if tty {
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
+            eprint!(
+                "\r{kind} {}: {pct:>3}% {} / {}   ",
+                ids.join(","),
+                human(done),
+                human(total)
+            );
+            let _ = std::io::stderr().flush();
+        }
+        if !running {
+            if tty {
+                eprintln!();
+            }
+            break mine;
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let ok = results
+        .iter()
+        .all(|m| m["job"]["state"] == "done" && !(kind == "verify" && m["state"] == "CORRUPT"));
+    let bytes: u64 = results
+        .iter()
+        .map(|m| m["job"]["bytes_done"].as_u64().unwrap_or(0))
+        .sum();
+    if json_out {
+        let mut v = json!({"models": results, "seconds": secs});
+        if benchmark {
+            v["benchmark"] = json!({"bytes": bytes, "seconds": secs, "mb_per_s": bytes as f64 / 1e6 / secs.max(1e-9),
+                "time_to_first_byte_s": first_byte.map(|d| d.as_secs_f64())});
+        }
+        print_json(&v);
+    } else {
+        for m in &results {
+            let j = &m["job"];
+            println!(
+                "{:<28} {:<12} {kind} {}{}{}",
+                m["id"].as_str().unwrap_or(""),
+                m["state"].as_str().unwrap_or(""),
+                j["state"].as_str().unwrap_or(""),
+                if kind == "verify" {
+                    format!(", {} corrupt chunks", j["bad_chunks"])
+                } else {
+                    String::new()
+                },
+                j["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        if benchmark {
+            println!(
+                "benchmark: {} in {secs:.2} s = {:.1} MB/s, time to first byte {}",
+                human(bytes),
+                bytes as f64 / 1e6 / secs.max(1e-9),
+                first_byte
+                    .map(|d| format!("{:.3} s", d.as_secs_f64()))
+                    .unwrap_or_else(|| "n/a (nothing fetched)".into())
+            );
+        }
+    }
+    Ok(code(ok))
+}
+
+fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Reads a model list file: one id per line, `#` comments and blank lines ignored.
+pub fn read_model_list(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading model list {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Splits `--only a,b --only c` into ids.
+pub fn split_ids(only: &[String]) -> Vec<String> {
+    only.iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
