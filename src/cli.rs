@@ -37,6 +37,15 @@ pub enum Command {
     Manifest(ManifestCommand),
     /// Operate on models: through the running daemon, or on the cache directly if none runs.
     Models(ModelsArgs),
+    /// Check a config file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a config file (and WAN_* overrides); exits non-zero naming the bad key.
+    Check { file: PathBuf },
 }
 
 /// Where the config, manifest and cache are (shared by `mount` and `models`).
@@ -209,6 +218,7 @@ impl Paths {
             }
             None => Config::default(),
         };
+        let config = config.with_env(std::env::vars())?;
         let manifest = self
             .manifest
             .clone()
@@ -315,6 +325,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
     match cli.command {
         Command::Mount(args) => Ok(Action::Mount(Box::new(args.plan()?))),
         Command::Models(args) => Ok(Action::Done(models(args)?)),
+        Command::Config(ConfigCommand::Check { file }) => {
+            match Config::load(&file).and_then(|c| c.with_env(std::env::vars())) {
+                Ok(_) => {
+                    println!("ok: {}", file.display());
+                    Ok(Action::Done(ExitCode::SUCCESS))
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(Action::Done(ExitCode::from(1)))
+                }
+            }
+        }
         Command::Manifest(ManifestCommand::Build {
             dir,
             id,

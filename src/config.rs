@@ -161,7 +161,7 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file (without environment overrides).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Io {
@@ -174,6 +174,67 @@ impl Config {
         })?;
         cfg.validate()
             .map_err(|msg| ConfigError::Invalid { path: p, msg })?;
+        Ok(cfg)
+    }
+
+    /// Applies `WAN_<KEY>` / `WAN_<SECTION>_<KEY>` environment variables (e.g.
+    /// `WAN_CACHE_DIR`, `WAN_FETCH_CONNECTIONS=32`, `WAN_GC_MAX_BYTES`), then validates.
+    /// Values are TOML literals (a bare word is taken as a string). Variables that name no
+    /// key (`WAN_LOG`, `WAN_HTTP_TOKEN`, …) are left alone.
+    pub fn with_env(
+        self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = toml::Value::try_from(&self).expect("config serializes");
+        let table = tree.as_table_mut().expect("a table");
+        // Optional top-level keys are absent when unset; list them so they can be set.
+        let top = ["mountpoint", "manifest", "cache_dir"];
+        for (name, raw) in vars {
+            let Some(rest) = name.strip_prefix("WAN_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let value = raw
+                .parse::<toml::Value>()
+                .ok()
+                .or_else(|| {
+                    format!("v = {raw}")
+                        .parse::<toml::Table>()
+                        .ok()
+                        .and_then(|t| t.get("v").cloned())
+                })
+                .unwrap_or_else(|| toml::Value::String(raw.clone()));
+            if top.contains(&rest.as_str()) {
+                table.insert(rest, toml::Value::String(raw));
+                continue;
+            }
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            let Some(sec) = table.get_mut(section).and_then(toml::Value::as_table_mut) else {
+                continue;
+            };
+            if let Some(slot) = sec.get_mut(key) {
+                // Keep the key's type: a string key takes the raw text.
+                *slot = if slot.is_str() {
+                    toml::Value::String(raw)
+                } else {
+                    value
+                };
+            } else if section == "mount" && key == "allow_other" {
+                sec.insert(key.into(), value);
+            }
+        }
+        let cfg: Config = tree
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                path: "environment (WAN_*)".into(),
+                msg: e.to_string().trim_end().to_string(),
+            })?;
+        cfg.validate().map_err(|msg| ConfigError::Invalid {
+            path: "environment (WAN_*)".into(),
+            msg,
+        })?;
         Ok(cfg)
     }
 
@@ -255,6 +316,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("conections") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_with_types() {
+        let vars = [
+            ("WAN_FETCH_CONNECTIONS", "32"),
+            ("WAN_CACHE_DIR", "/srv/cache"),
+            ("WAN_HTTP_ADDR", "127.0.0.1:9000"),
+            ("WAN_GC_HIGH_WATERMARK", "0.95"),
+            ("WAN_LOG", "debug"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::default().with_env(vars).unwrap();
+        assert_eq!(c.fetch.connections, 32);
+        assert_eq!(c.cache_dir.as_deref(), Some(Path::new("/srv/cache")));
+        assert_eq!(c.http.addr, "127.0.0.1:9000");
+        assert_eq!(c.gc.high_watermark, 0.95);
+        let bad = Config::default().with_env([("WAN_FETCH_CONNECTIONS".into(), "many".into())]);
+        assert!(bad.unwrap_err().to_string().contains("connections"));
     }
 
     #[test]

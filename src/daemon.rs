@@ -98,6 +98,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
             r
         })?;
     raise_read_ahead(&mountpoint, cfg.mount.read_ahead_kb);
+    wait_until_answering(&mountpoint)?;
     tracing::info!(
         mountpoint = %mountpoint.display(),
         models = manifest.models.len(),
@@ -106,6 +107,8 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         cache = %store.root().display(),
         "mounted"
     );
+
+    sd_notify("READY=1");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -132,6 +135,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    sd_notify("STOPPING=1");
     let _ = stop_tx.send(true);
     rt.block_on(async {
         let _ = background.await;
@@ -150,6 +154,47 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells systemd (Type=notify) about our state, if it is listening.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = if let Some(name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+    } else {
+        std::os::unix::net::SocketAddr::from_pathname(&path)
+    };
+    let sent = addr.and_then(|a| {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        sock.send_to_addr(msg.as_bytes(), &a)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = %path, error = %e, "could not notify systemd");
+    }
+}
+
+/// Waits (≤ 10 s) until the mount answers a `stat`, so READY means usable.
+fn wait_until_answering(mountpoint: &Path) -> anyhow::Result<()> {
+    let mp = mountpoint.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read_dir(&mp).map(|_| ()));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => bail!(
+            "the new mount at {} does not answer: {e}",
+            mountpoint.display()
+        ),
+        Err(_) => bail!(
+            "the new mount at {} did not answer within 10 s",
+            mountpoint.display()
+        ),
+    }
 }
 
 /// One line of /proc/self/mountinfo that matters here.
@@ -176,6 +221,11 @@ fn unescape(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a FUSE filesystem is mounted at `path`.
+pub fn is_fuse_mount(path: &Path) -> bool {
+    mount_at(path).is_some_and(|m| m.fstype.starts_with("fuse"))
 }
 
 /// The last (topmost) mount at `path`, if any.

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod http;
 pub mod manifest;
 pub mod metrics;
+pub mod mount_helper;
 pub mod prefetch;
 pub mod source;
 pub mod store;

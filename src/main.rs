@@ -6,6 +6,12 @@ use clap::Parser;
 use wanfs::cli::{Action, Cli, Command, dispatch};
 
 fn main() -> ExitCode {
+    if wanfs::mount_helper::invoked_as_helper() {
+        return wanfs::mount_helper::run().unwrap_or_else(|e| {
+            eprintln!("mount.fuse.wan: {e:#}");
+            ExitCode::from(1)
+        });
+    }
     let cli = Cli::parse();
     // The daemon logs what it does; a command prints its result and logs only problems.
     let default = match cli.command {
