@@ -236,7 +236,13 @@ impl Paths {
 impl MountArgs {
     fn plan(self) -> anyhow::Result<MountPlan> {
         let (config, manifest, cache_dir) = self.paths.load()?;
+        let paths = self.paths.clone();
+        let reread = Box::new(move || {
+            let (config, manifest, _) = paths.load()?;
+            Ok((config, manifest))
+        });
         Ok(MountPlan {
+            reread,
             mountpoint: self
                 .mountpoint
                 .or_else(|| config.mountpoint.clone())

@@ -19,6 +19,7 @@ pub struct Config {
     pub mount: MountConfig,
     pub gc: GcConfig,
     pub http: HttpConfig,
+    pub log: crate::logging::LogConfig,
 }
 
 /// Cache size limits and garbage collection.
@@ -70,7 +71,7 @@ impl Default for HttpConfig {
 }
 
 /// How bytes are fetched from sources.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FetchConfig {
     /// Concurrent source requests, all files together. 16 keeps a 10–25 Gbit/s link busy with
@@ -126,7 +127,7 @@ impl FetchConfig {
 }
 
 /// How the FUSE mount behaves.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MountConfig {
     /// Open complete blobs in FUSE passthrough mode (kernel ≥ 6.9, needs CAP_SYS_ADMIN).
@@ -299,6 +300,7 @@ impl Config {
                 self.http.addr
             ));
         }
+        self.log.validate()?;
         if self.mount.threads == 0 {
             return Err("mount.threads must be at least 1".into());
         }

@@ -171,13 +171,18 @@ pub struct GcReport {
     pub bad_chunks: u64,
 }
 
+/// The models in force: replaced whole on reload, so a request sees one consistent set.
+pub struct Catalog {
+    pub models: BTreeMap<String, crate::manifest::Model>,
+    pub files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+}
+
 /// Everything the control plane needs; built once by the daemon (or the CLI).
 pub struct Control {
-    models: BTreeMap<String, crate::manifest::Model>,
-    files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+    catalog: std::sync::RwLock<Arc<Catalog>>,
     fetcher: Arc<Fetcher>,
     sources: Arc<SourceRegistry>,
-    config: Config,
+    config: std::sync::RwLock<Arc<Config>>,
     manifest_path: PathBuf,
     mountpoint: Option<PathBuf>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
@@ -195,11 +200,13 @@ impl Control {
         mountpoint: Option<PathBuf>,
     ) -> Arc<Control> {
         Arc::new(Control {
-            models: manifest.models.clone(),
-            files,
+            catalog: std::sync::RwLock::new(Arc::new(Catalog {
+                models: manifest.models.clone(),
+                files,
+            })),
             fetcher,
             sources,
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
             manifest_path,
             mountpoint,
             jobs: Mutex::new(HashMap::new()),
@@ -207,12 +214,34 @@ impl Control {
         })
     }
 
+    /// Replaces the models and the configuration (SIGHUP reload).
+    pub fn reload(
+        &self,
+        manifest: &Manifest,
+        files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+        config: Config,
+    ) {
+        *self.catalog.write().unwrap() = Arc::new(Catalog {
+            models: manifest.models.clone(),
+            files,
+        });
+        *self.config.write().unwrap() = Arc::new(config);
+    }
+
+    fn cat(&self) -> Arc<Catalog> {
+        self.catalog.read().unwrap().clone()
+    }
+
+    fn cfg(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         self.fetcher.store()
     }
 
     pub fn model_ids(&self) -> Vec<String> {
-        self.models.keys().cloned().collect()
+        self.cat().models.keys().cloned().collect()
     }
 
     /// Checks ids, naming the first unknown one; an empty list means every model.
@@ -223,7 +252,7 @@ impl Control {
         let mut out = Vec::new();
         for id in ids {
             let id = id.trim();
-            if !self.models.contains_key(id) {
+            if !self.cat().models.contains_key(id) {
                 return Err(ControlError::UnknownModel(id.to_string()));
             }
             if !out.iter().any(|o| o == id) {
@@ -234,7 +263,7 @@ impl Control {
     }
 
     fn pinned(&self, id: &str) -> bool {
-        let manifest = self.models.get(id).is_some_and(|m| m.pinned);
+        let manifest = self.cat().models.get(id).is_some_and(|m| m.pinned);
         match self.store().index().model(id) {
             Ok(row) => row.pinned.unwrap_or(manifest),
             Err(_) => manifest,
@@ -246,12 +275,13 @@ impl Control {
     }
 
     pub fn model_status(&self, id: &str) -> Result<ModelStatus, ControlError> {
-        let model = self
+        let cat = self.cat();
+        let model = cat
             .models
             .get(id)
             .ok_or_else(|| ControlError::UnknownModel(id.into()))?;
         let store = self.store();
-        let files = &self.files[id];
+        let files = &cat.files[id];
         let mut cached = 0;
         let mut complete = 0;
         let mut last_access: Option<u64> = None;
@@ -320,8 +350,9 @@ impl Control {
     pub fn usage(&self) -> (u64, u64, f64) {
         let used = self.store().used_bytes();
         let (fs_total, fs_free) = statvfs(self.store().root()).unwrap_or((0, 0));
-        let cap = if self.config.gc.max_bytes > 0 {
-            self.config.gc.max_bytes
+        let gc = self.cfg().gc.clone();
+        let cap = if gc.max_bytes > 0 {
+            gc.max_bytes
         } else {
             fs_total
         };
@@ -385,7 +416,8 @@ impl Control {
                 .unwrap_or_else(|e| e.to_string()),
         );
         let (used, cap, free_pct) = self.usage();
-        let gc = &self.config.gc;
+        let cfg = self.cfg();
+        let gc = &cfg.gc;
         let over = gc.max_bytes > 0 && used > gc.max_bytes;
         let floor = gc.min_free_percent > 0.0 && free_pct < gc.min_free_percent / 2.0;
         add(
@@ -440,7 +472,8 @@ impl Control {
 
     /// The configuration in force, secrets masked (only env var names are ever stored).
     pub fn config_view(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.config).unwrap_or_default();
+        let cfg = self.cfg();
+        let mut v = serde_json::to_value(&*cfg).unwrap_or_default();
         v["manifest"] = serde_json::json!(self.manifest_path.display().to_string());
         v["cache_dir"] = serde_json::json!(
             self.store()
@@ -450,10 +483,11 @@ impl Control {
         );
         v["mountpoint"] =
             serde_json::json!(self.mountpoint.as_ref().map(|p| p.display().to_string()));
-        let token_set = std::env::var(&self.config.http.token_env).is_ok_and(|t| !t.is_empty());
+        let token_set = std::env::var(&cfg.http.token_env).is_ok_and(|t| !t.is_empty());
         v["http"]["token"] = serde_json::json!(if token_set { "***" } else { "" });
         v["sources"] = serde_json::json!(
-            self.models
+            self.cat()
+                .models
                 .values()
                 .map(|m| (
                     m.id.clone(),
@@ -522,13 +556,14 @@ impl Control {
     /// Blobs of `id` and, for each, whether another pinned model lists it too.
     fn blobs_of(&self, id: &str) -> Vec<(Arc<FileCtx>, bool)> {
         let mut seen = HashSet::new();
-        let shared_pinned: HashSet<Digest> = self
+        let cat = self.cat();
+        let shared_pinned: HashSet<Digest> = cat
             .files
             .iter()
             .filter(|(m, _)| m.as_str() != id && self.pinned(m))
             .flat_map(|(_, fs)| fs.iter().map(|f| f.entry.sha256))
             .collect();
-        self.files[id]
+        cat.files[id]
             .iter()
             .filter(|f| seen.insert(f.entry.sha256))
             .map(|f| (f.clone(), shared_pinned.contains(&f.entry.sha256)))
@@ -588,7 +623,11 @@ impl Control {
             let running = j.status.lock().unwrap().kind.clone();
             return Err(ControlError::Busy(id.into(), running));
         }
-        let total = self.files[id].iter().map(|f| f.entry.size).sum();
+        let total = self
+            .cat()
+            .files
+            .get(id)
+            .map_or(0, |fs| fs.iter().map(|f| f.entry.size).sum());
         let job = Arc::new(Job {
             status: Mutex::new(JobStatus {
                 kind: kind.into(),
@@ -663,7 +702,7 @@ impl Control {
         }
         tracing::info!(model = %id, force, "ensure started");
         let mut first_err = None;
-        for f in self.files[id].clone() {
+        for f in self.cat().files.get(id).cloned().unwrap_or_default() {
             if let Err(e) = self.fetcher.ensure_file(&f, &job.progress).await {
                 METRICS.downloads.with_label_values(&[id, "failed"]).inc();
                 tracing::error!(model = %id, file = %f.entry.path, error = %e, "download failed");
@@ -750,7 +789,7 @@ impl Control {
         let mut checked = 0u64;
         let mut error = None;
         let mut seen = HashSet::new();
-        for f in self.files[id].clone() {
+        for f in self.cat().files.get(id).cloned().unwrap_or_default() {
             if !seen.insert(f.entry.sha256) {
                 continue;
             }
@@ -879,7 +918,8 @@ impl Control {
         let (used_before, _, free_pct) = self.usage();
         let (fs_total, _) = statvfs(store.root()).unwrap_or((0, 0));
         let mut owners: HashMap<Digest, (Vec<String>, Vec<String>, bool)> = HashMap::new();
-        for (id, files) in &self.files {
+        let cat = self.cat();
+        for (id, files) in &cat.files {
             let pinned = self.pinned(id);
             for f in files {
                 let o = owners.entry(f.entry.sha256).or_default();
@@ -899,7 +939,8 @@ impl Control {
             .collect();
         // Least recently used first; blobs no model lists any more go before everything.
         candidates.sort_by_key(|b| (owners.contains_key(&b.digest), b.last_access));
-        let gc = &self.config.gc;
+        let cfg = self.cfg();
+        let gc = &cfg.gc;
         let mut used = used_before;
         let mut free = free_pct;
         let mut removed = Vec::new();
@@ -989,7 +1030,8 @@ impl Control {
     /// Whether usage is past the high watermark (or under the free-space floor).
     pub fn gc_due(&self) -> bool {
         let (used, _, free_pct) = self.usage();
-        let gc = &self.config.gc;
+        let cfg = self.cfg();
+        let gc = &cfg.gc;
         (gc.max_bytes > 0 && used as f64 > gc.high_watermark * gc.max_bytes as f64)
             || (gc.min_free_percent > 0.0 && free_pct < gc.min_free_percent)
     }
@@ -998,9 +1040,9 @@ impl Control {
     /// when usage crosses the high watermark. Ends when `shutdown` resolves.
     pub async fn run_background(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let every = Duration::from_secs_f64(self.config.gc.interval_secs);
         let mut last_sample = 0u64;
         loop {
+            let every = Duration::from_secs_f64(self.cfg().gc.interval_secs);
             if let Err(e) = self.store().flush_access_times() {
                 tracing::warn!(error = %e, "could not save access times");
             }

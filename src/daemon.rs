@@ -21,6 +21,8 @@ pub struct MountPlan {
     pub manifest: PathBuf,
     pub cache_dir: PathBuf,
     pub config: Config,
+    /// Re-reads config (file + env) and the manifest path, as at start (SIGHUP).
+    pub reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
 }
 
 /// Mounts and serves until SIGTERM/SIGINT or an external unmount.
@@ -36,7 +38,8 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let _enter = rt.enter();
     let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
     let files = file_contexts(&manifest, &sources);
-    let tree = Tree::build(&files);
+    let sources_for_reload = sources.clone();
+    let tree = Tree::build(&files, None);
     let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
     let control = Control::new(
@@ -85,10 +88,11 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         fuser::SessionACL::Owner
     };
     fuse_cfg.n_threads = Some(cfg.mount.threads);
-    let adapter = FuseAdapter::new(fs, rt.handle().clone(), cfg.mount.passthrough);
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone(), cfg.mount.passthrough);
     let mut session = fuser::Session::new(adapter, &mountpoint, &fuse_cfg)
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();
+    let notifier = session.notifier();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = std::thread::Builder::new()
         .name("wan-fuse".into())
@@ -124,14 +128,28 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         ))
     });
+    let reloader = Reloader {
+        reread: plan.reread,
+        cache_dir: plan.cache_dir.clone(),
+        config: cfg.clone(),
+        sources: sources_for_reload,
+        fs: fs.clone(),
+        control: control.clone(),
+        notifier,
+    };
     rt.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
-            _ = int.recv() => tracing::info!("SIGINT: unmounting"),
-            _ = done_rx => tracing::info!("unmounted from outside"),
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::pin!(done_rx);
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: unmounting"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: unmounting"); break }
+                _ = &mut done_rx => { tracing::info!("unmounted from outside"); break }
+                _ = hup.recv() => reloader.reload(),
+            }
         }
         anyhow::Ok(())
     })?;
@@ -154,6 +172,70 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What SIGHUP needs: re-read config and manifest, swap them in, or keep the old ones.
+struct Reloader {
+    reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
+    cache_dir: PathBuf,
+    config: Config,
+    sources: Arc<SourceRegistry>,
+    fs: Arc<ModelFs>,
+    control: Arc<Control>,
+    notifier: fuser::Notifier,
+}
+
+impl Reloader {
+    /// New and removed models, sources and GC limits apply at once; a bad config or manifest
+    /// is refused with a log line and the old ones stay in force. Also reopens the log file.
+    fn reload(&self) {
+        sd_notify("RELOADING=1");
+        crate::logging::reopen();
+        let attempt = (self.reread)().and_then(|(cfg, manifest_path)| {
+            let manifest = Manifest::load(&manifest_path)?;
+            Ok((cfg, manifest_path, manifest))
+        });
+        match attempt {
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "reload refused: the running configuration and manifest stay in force"
+            ),
+            Ok((cfg, manifest_path, manifest)) => {
+                let files = file_contexts(&manifest, &self.sources);
+                let tree = self.fs.next_tree(&files);
+                let removed = self.fs.replace_tree(tree);
+                self.control.reload(&manifest, files, cfg.clone());
+                for name in &removed {
+                    // The kernel caches entries for an hour; forget removed models now.
+                    if let Err(e) = self
+                        .notifier
+                        .inval_entry(fuser::INodeNo(crate::fs::ROOT), std::ffi::OsStr::new(name))
+                    {
+                        tracing::debug!(model = %name, error = %e, "could not invalidate a removed model's entry");
+                    }
+                }
+                let restart_only = (
+                    self.config.fetch != cfg.fetch,
+                    self.config.mount != cfg.mount,
+                );
+                if restart_only.0
+                    || restart_only.1
+                    || cfg.cache_dir.as_ref().is_some_and(|c| *c != self.cache_dir)
+                {
+                    tracing::warn!(
+                        "reload: [fetch], [mount] and cache_dir changes apply at the next restart"
+                    );
+                }
+                tracing::info!(
+                    manifest = %manifest_path.display(),
+                    models = manifest.models.len(),
+                    removed = ?removed,
+                    "reloaded configuration and manifest"
+                );
+            }
+        }
+        sd_notify("READY=1");
+    }
 }
 
 /// Tells systemd (Type=notify) about our state, if it is listening.

@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod fs;
 pub mod fuse;
 pub mod http;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod mount_helper;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use wanfs::cli::{Action, Cli, Command, dispatch};
+use wanfs::logging::LogConfig;
 
 fn main() -> ExitCode {
     if wanfs::mount_helper::invoked_as_helper() {
@@ -13,19 +14,21 @@ fn main() -> ExitCode {
         });
     }
     let cli = Cli::parse();
-    // The daemon logs what it does; a command prints its result and logs only problems.
-    let default = match cli.command {
-        Command::Mount(_) => "info",
-        _ => "warn",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // The daemon logs what it does, as its config says; a command prints its result and logs
+    // only problems, to stderr.
+    let is_mount = matches!(cli.command, Command::Mount(_));
+    if !is_mount {
+        let quiet = LogConfig {
+            level: "warn".into(),
+            ..LogConfig::default()
+        };
+        let _ = wanfs::logging::init(&quiet);
+    }
     let result = dispatch(cli).and_then(|action| match action {
-        Action::Mount(plan) => wanfs::daemon::run(*plan).map(|_| ExitCode::SUCCESS),
+        Action::Mount(plan) => {
+            wanfs::logging::init(&plan.config.log)?;
+            wanfs::daemon::run(*plan).map(|_| ExitCode::SUCCESS)
+        }
         Action::Done(code) => Ok(code),
     });
     match result {

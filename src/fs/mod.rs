@@ -100,7 +100,7 @@ impl FsError {
 pub const XATTRS: [&str; 3] = ["user.wan.sha256", "user.wan.cached_bytes", "user.wan.state"];
 
 pub struct ModelFs {
-    tree: Tree,
+    tree: std::sync::RwLock<Arc<Tree>>,
     fetcher: Arc<Fetcher>,
     readahead: ReadAhead,
     mtime: SystemTime,
@@ -128,7 +128,7 @@ impl ModelFs {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         ModelFs {
-            tree,
+            tree: std::sync::RwLock::new(Arc::new(tree)),
             fetcher,
             readahead: ReadAhead::new(readahead_chunks),
             mtime,
@@ -142,8 +142,29 @@ impl ModelFs {
         }
     }
 
+    fn tree(&self) -> Arc<Tree> {
+        self.tree.read().unwrap().clone()
+    }
+
+    /// Swaps in a new tree (reload); returns the models that disappeared.
+    pub fn replace_tree(&self, tree: Tree) -> Vec<String> {
+        let mut slot = self.tree.write().unwrap();
+        let removed = slot.removed_models(&tree);
+        *slot = Arc::new(tree);
+        removed
+    }
+
+    /// A new tree for `models` that keeps the current inode numbers.
+    pub fn next_tree(
+        &self,
+        models: &std::collections::BTreeMap<String, Vec<Arc<FileCtx>>>,
+    ) -> Tree {
+        Tree::build(models, Some(&self.tree()))
+    }
+
     fn attr_of(&self, ino: u64) -> Result<Attr, FsError> {
-        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let tree = self.tree();
+        let node = tree.get(ino).ok_or(FsError::NotFound)?;
         let (kind, size, perm, nlink) = match &node.kind {
             NodeKind::Dir(children) => (Kind::Dir, 0, 0o555, 2 + children.len() as u32),
             NodeKind::File(f) => (Kind::File, f.entry.size, 0o444, 1),
@@ -162,16 +183,16 @@ impl ModelFs {
         })
     }
 
-    fn file(&self, ino: u64) -> Result<&Arc<FileCtx>, FsError> {
-        match &self.tree.get(ino).ok_or(FsError::NotFound)?.kind {
-            NodeKind::File(f) => Ok(f),
+    fn file(&self, ino: u64) -> Result<Arc<FileCtx>, FsError> {
+        match &self.tree().get(ino).ok_or(FsError::NotFound)?.kind {
+            NodeKind::File(f) => Ok(f.clone()),
             NodeKind::Dir(_) => Err(FsError::IsDir),
             NodeKind::Control(_) => Err(FsError::NoAttr),
         }
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
-        let ino = self.tree.lookup(parent, name).ok_or(FsError::NotFound)?;
+        let ino = self.tree().lookup(parent, name).ok_or(FsError::NotFound)?;
         self.attr_of(ino)
     }
 
@@ -180,7 +201,8 @@ impl ModelFs {
     }
 
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
-        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let tree = self.tree();
+        let node = tree.get(ino).ok_or(FsError::NotFound)?;
         let NodeKind::Dir(children) = &node.kind else {
             return Err(FsError::NotDir);
         };
@@ -207,7 +229,7 @@ impl ModelFs {
     }
 
     fn control_file(&self, ino: u64) -> Option<ControlFile> {
-        match self.tree.get(ino)?.kind {
+        match self.tree().get(ino)?.kind {
             NodeKind::Control(cf) => Some(cf),
             _ => None,
         }
@@ -310,9 +332,9 @@ impl ModelFs {
             Ok(f) => f,
             Err(e) => return Some(Err(e)),
         };
-        let r = self.fetcher.read_cached(f, offset, size)?;
+        let r = self.fetcher.read_cached(&f, offset, size)?;
         METRICS.cache_hits.inc();
-        self.note_read(f, fh, offset, size);
+        self.note_read(&f, fh, offset, size);
         Some(r.map_err(FsError::from))
     }
 
@@ -327,8 +349,8 @@ impl ModelFs {
         let f = self.file(ino)?;
         METRICS.cache_misses.inc();
         let t0 = std::time::Instant::now();
-        self.note_read(f, fh, offset, size);
-        match self.fetcher.read(f, offset, size).await {
+        self.note_read(&f, fh, offset, size);
+        match self.fetcher.read(&f, offset, size).await {
             Ok(v) => {
                 METRICS
                     .first_byte_seconds
@@ -368,14 +390,8 @@ impl ModelFs {
 
     /// (files, total bytes) for statfs.
     pub fn totals(&self) -> (u64, u64) {
-        let mut files = 0;
-        let mut bytes = 0;
-        for ino in 1..=self.tree.len() as u64 {
-            if let Ok(f) = self.file(ino) {
-                files += 1;
-                bytes += f.entry.size;
-            }
-        }
-        (files, bytes)
+        let tree = self.tree();
+        let files = tree.live_files();
+        (files.len() as u64, files.iter().map(|f| f.entry.size).sum())
     }
 }
