@@ -40,6 +40,19 @@ pub enum Command {
     /// Check a config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Cache maintenance (with the daemon stopped).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Rebuild the cache index from the blob files, re-verifying every chunk against the
+    /// manifest; nothing is fetched. Stop the daemon first.
+    RebuildIndex {
+        #[command(flatten)]
+        paths: Paths,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -331,6 +344,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
     match cli.command {
         Command::Mount(args) => Ok(Action::Mount(Box::new(args.plan()?))),
         Command::Models(args) => Ok(Action::Done(models(args)?)),
+        Command::Cache(CacheCommand::RebuildIndex { paths }) => {
+            let (_, manifest, cache_dir) = paths.load()?;
+            let manifest = Manifest::load(&manifest)?;
+            let store = crate::store::Store::open_rebuilding(&cache_dir)?;
+            let report = store.adopt(manifest.models.values().flat_map(|m| &m.files))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(Action::Done(ExitCode::SUCCESS))
+        }
         Command::Config(ConfigCommand::Check { file }) => {
             match Config::load(&file).and_then(|c| c.with_env(std::env::vars())) {
                 Ok(_) => {

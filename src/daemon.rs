@@ -113,6 +113,27 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     );
 
     sd_notify("READY=1");
+    {
+        // Blob files the index does not know (a lost or rebuilt index) are verified and
+        // adopted in the background, so the mount is usable at once.
+        let store = store.clone();
+        let entries: Vec<_> = manifest
+            .models
+            .values()
+            .flat_map(|m| m.files.clone())
+            .collect();
+        rt.spawn_blocking(move || match store.adopt(&entries) {
+            Ok(r) if r.blobs_adopted > 0 || r.chunks_bad > 0 => tracing::info!(
+                blobs = r.blobs_adopted,
+                chunks = r.chunks_verified,
+                bad = r.chunks_bad,
+                bytes = r.bytes,
+                "rebuilt index entries from blob files"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not adopt blob files into the index"),
+        });
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -180,7 +180,22 @@ impl Store {
         if rc != 0 {
             return Err(StoreError::Locked(cache_dir.display().to_string()));
         }
-        let index = Index::open(&root.join("index.sqlite"))?;
+        let index_path = root.join("index.sqlite");
+        let index = match Index::open(&index_path) {
+            Ok(i) => i,
+            Err(e) if index_path.exists() => {
+                // A broken index is set aside, not trusted: a fresh one is rebuilt from the
+                // blobs (`adopt`), re-verifying every chunk, so nothing is lost or refetched.
+                let aside = root.join(format!("index.sqlite.broken-{}", now_secs()));
+                tracing::error!(error = %e, aside = %aside.display(), "cache index unreadable; rebuilding it from the blobs");
+                std::fs::rename(&index_path, &aside).map_err(io_err(&index_path))?;
+                for ext in ["-wal", "-shm"] {
+                    let _ = std::fs::remove_file(root.join(format!("index.sqlite{ext}")));
+                }
+                Index::open(&index_path)?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let store = Store {
             root,
             index,
@@ -191,6 +206,24 @@ impl Store {
         };
         store.reconcile()?;
         Ok(store)
+    }
+
+    /// Opens the cache with a fresh index (the old one set aside), for `wan cache
+    /// rebuild-index`; follow with `adopt`.
+    pub fn open_rebuilding(cache_dir: &Path) -> Result<Store, StoreError> {
+        let root = cache_dir.join("v1");
+        let index_path = root.join("index.sqlite");
+        if index_path.exists() {
+            // Take the lock first so a running daemon's index is never moved under it.
+            let probe = Store::open(cache_dir)?;
+            drop(probe);
+            let aside = root.join(format!("index.sqlite.old-{}", now_secs()));
+            std::fs::rename(&index_path, &aside).map_err(io_err(&index_path))?;
+            for ext in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(root.join(format!("index.sqlite{ext}")));
+            }
+        }
+        Store::open(cache_dir)
     }
 
     /// Loads the index into memory, dropping rows whose blob file is gone or the wrong size
@@ -582,6 +615,102 @@ impl Store {
     }
 }
 
+/// What `Store::adopt` found.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct AdoptReport {
+    pub blobs_adopted: u64,
+    pub chunks_verified: u64,
+    pub chunks_bad: u64,
+    pub bytes: u64,
+}
+
+impl Store {
+    /// Rebuilds index entries for blob files on disk that the index does not know (a lost or
+    /// rebuilt index): every chunk with data is read and verified against `files` (the
+    /// manifest), and only matching chunks are marked present. Holes are skipped without
+    /// reading. Nothing is fetched. Blocking.
+    pub fn adopt<'a>(
+        &self,
+        files: impl IntoIterator<Item = &'a FileEntry>,
+    ) -> Result<AdoptReport, StoreError> {
+        let mut report = AdoptReport::default();
+        let mut seen = std::collections::HashSet::new();
+        for f in files {
+            if !seen.insert(f.sha256) || self.blobs.lock().unwrap().contains_key(&f.sha256) {
+                continue;
+            }
+            let path = self.blob_path(f.sha256);
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            if file.metadata().map(|m| m.len()).ok() != Some(f.size) {
+                continue;
+            }
+            let layout = f.layout();
+            let mut good = Vec::new();
+            match &f.chunks {
+                Some(digests) => {
+                    for idx in 0..layout.count() {
+                        let r = layout.range(idx);
+                        if !has_data(&file, r.start, r.end) {
+                            continue;
+                        }
+                        let mut buf = vec![0u8; (r.end - r.start) as usize];
+                        file.read_exact_at(&mut buf, r.start)
+                            .map_err(io_err(&path))?;
+                        if Digest::of(&buf) == digests[idx as usize] {
+                            good.push((idx, digests[idx as usize]));
+                        } else if buf.iter().any(|b| *b != 0) {
+                            // All zeros is a never-written region sharing a block with data.
+                            report.chunks_bad += 1;
+                        }
+                    }
+                }
+                None => {
+                    let (whole, chunks) = hash_blob(&file, f).map_err(io_err(&path))?;
+                    if whole == f.sha256 {
+                        good = chunks
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, d)| (i as u64, d))
+                            .collect();
+                    } else {
+                        report.chunks_bad += layout.count();
+                    }
+                }
+            }
+            if good.is_empty() {
+                continue;
+            }
+            let (_, generation) = self.prepare(f)?;
+            report.chunks_verified += good.len() as u64;
+            report.bytes += good
+                .iter()
+                .map(|(i, _)| {
+                    let r = layout.range(*i);
+                    r.end - r.start
+                })
+                .sum::<u64>();
+            self.mark(f, generation, &good)?;
+            report.blobs_adopted += 1;
+            tracing::info!(blob = %f.sha256, path = %f.path, chunks = good.len(), "adopted a blob into the index");
+        }
+        Ok(report)
+    }
+}
+
+/// Whether `start..end` of `file` holds any data (not entirely a hole).
+fn has_data(file: &File, start: u64, end: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a valid fd.
+    let off = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
+    // ENXIO: no data after `start`; other errors: assume data (read and verify).
+    if off < 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+    }
+    (off as u64) < end
+}
+
 /// (whole-file digest, chunk digests) of a blob file, in one pass.
 fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Vec<Digest>)> {
     let layout = f.layout();
@@ -680,6 +809,34 @@ mod tests {
         s.write_unverified(&f, 0, &data).unwrap();
         assert_eq!(s.verify_whole(&f, None).unwrap(), f.sha256);
         assert_eq!(s.state(&f), CacheState::Complete);
+    }
+
+    #[test]
+    fn lost_index_is_rebuilt_from_blobs_without_fetching() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        let f = entry(&data, 30);
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for idx in [0u64, 2] {
+                let r = f.layout().range(idx);
+                let c = VerifiedChunk::verify(
+                    f.chunks.as_ref().unwrap()[idx as usize],
+                    Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
+                )
+                .unwrap();
+                s.commit_chunk(&f, idx, &c).unwrap();
+            }
+        }
+        std::fs::write(dir.path().join("v1/index.sqlite"), b"this is not sqlite").unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.state(&f), CacheState::NotPresent);
+        let r = s.adopt([&f]).unwrap();
+        assert_eq!(
+            (r.blobs_adopted, r.chunks_verified, r.chunks_bad),
+            (1, 2, 0)
+        );
+        assert!(s.has_chunk(&f, 0) && !s.has_chunk(&f, 1) && s.has_chunk(&f, 2));
     }
 
     #[test]
