@@ -7,6 +7,7 @@
 
 mod file;
 mod http;
+mod s3;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -151,25 +152,27 @@ impl SourceRegistry {
                 let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
                 Box::new(HttpSource::new(self.client.clone(), base, token))
             }
-            SourceUrl::S3 { .. } => Box::new(Unsupported(
-                "s3:// sources are not built yet in this version".into(),
-            )),
+            SourceUrl::S3 { bucket, prefix } => Box::new(s3::S3Source::new(bucket, prefix)),
         };
         SourceHandle::new(name, source)
-    }
-}
-
-struct Unsupported(String);
-
-impl Source for Unsupported {
-    fn fetch<'a>(&'a self, _: &'a str, _: Range<u64>) -> BoxFuture<'a, Result<Bytes, SourceError>> {
-        Box::pin(async move { Err(SourceError::Unsupported(self.0.clone())) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Unsupported(String);
+
+    impl Source for Unsupported {
+        fn fetch<'a>(
+            &'a self,
+            _: &'a str,
+            _: Range<u64>,
+        ) -> BoxFuture<'a, Result<Bytes, SourceError>> {
+            Box::pin(async move { Err(SourceError::Unsupported(self.0.clone())) })
+        }
+    }
 
     #[test]
     fn cooldown_after_repeated_or_hard_failures() {
