@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::fetch::{Fetcher, FileCtx};
 use crate::manifest::Manifest;
 use crate::metrics::METRICS;
-use crate::source::SourceRegistry;
+use crate::source::{SourceRegistry, mask_url};
 use crate::store::index::Event;
 use crate::store::{CacheState, Store, now_secs};
 
@@ -171,6 +171,9 @@ pub struct GcReport {
     pub bad_chunks: u64,
 }
 
+/// A chunk dropped as corrupt by a report-only verify: (file, chunk index).
+type Quarantined = (Arc<FileCtx>, u64);
+
 /// The models in force: replaced whole on reload, so a request sees one consistent set.
 pub struct Catalog {
     pub models: BTreeMap<String, crate::manifest::Model>,
@@ -187,6 +190,9 @@ pub struct Control {
     mountpoint: Option<PathBuf>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     gc_running: tokio::sync::Mutex<()>,
+    /// Chunks a report-only verify found corrupt and dropped, by model: the next repairing
+    /// verify fetches them again (a read would too).
+    quarantine: Mutex<HashMap<String, Vec<Quarantined>>>,
 }
 
 impl Control {
@@ -211,6 +217,7 @@ impl Control {
             mountpoint,
             jobs: Mutex::new(HashMap::new()),
             gc_running: tokio::sync::Mutex::new(()),
+            quarantine: Mutex::new(HashMap::new()),
         })
     }
 
@@ -362,7 +369,8 @@ impl Control {
             100.0
         };
         METRICS.storage_used.set(used as i64);
-        METRICS.storage_total.set(cap as i64);
+        METRICS.storage_total.reset();
+        METRICS.storage_total.inc_by(cap);
         (used, cap, free_pct)
     }
 
@@ -441,7 +449,7 @@ impl Control {
             .sources
             .all()
             .into_iter()
-            .filter(|s| s.cooling_until().is_some())
+            .filter(|s| s.failing())
             .map(|s| s.name.clone())
             .collect();
         add(
@@ -789,6 +797,20 @@ impl Control {
         let mut checked = 0u64;
         let mut error = None;
         let mut seen = HashSet::new();
+        if !report_only {
+            let held = self
+                .quarantine
+                .lock()
+                .unwrap()
+                .remove(id)
+                .unwrap_or_default();
+            for (f, idx) in held {
+                bad += 1;
+                if let Err(e) = self.fetcher.refetch_chunk(&f, idx).await {
+                    error.get_or_insert(format!("{}: {e}", f.entry.path));
+                }
+            }
+        }
         for f in self.cat().files.get(id).cloned().unwrap_or_default() {
             if !seen.insert(f.entry.sha256) {
                 continue;
@@ -833,7 +855,7 @@ impl Control {
             } else {
                 "failed"
             },
-            checked,
+            job.progress.load(Ordering::Relaxed),
             secs,
             format!(
                 "{bad} corrupt chunks{}",
@@ -891,7 +913,19 @@ impl Control {
             }
         }
         let bad = bad_idx.len() as u64;
-        if bad == 0 || report_only {
+        if bad == 0 {
+            return Ok((checked, bad));
+        }
+        if report_only {
+            // Never serve a chunk known to be corrupt: forget it (a read fetches it again),
+            // but fetch nothing now. Handles already open in passthrough mode read the blob
+            // file directly and cannot be revoked; see docs/SEMANTICS.md.
+            let mut q = self.quarantine.lock().unwrap();
+            let held = q.entry(f.model.clone()).or_default();
+            for idx in bad_idx {
+                store.drop_chunk(&entry, idx).map_err(failed)?;
+                held.push((f.clone(), idx));
+            }
             return Ok((checked, bad));
         }
         if entry.chunks.is_none() {
@@ -992,11 +1026,16 @@ impl Control {
         if mode == GcMode::DeepClean {
             for (path, size) in store.orphans() {
                 if !dry_run {
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "could not remove an orphan blob");
-                        continue;
+                    match store.remove_orphan(&path) {
+                        Ok(true) => {
+                            tracing::info!(path = %path.display(), bytes = size, "removed orphan blob")
+                        }
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "could not remove an orphan blob");
+                            continue;
+                        }
                     }
-                    tracing::info!(path = %path.display(), bytes = size, "removed orphan blob");
                 }
                 freed += size;
                 orphans_removed += 1;
@@ -1147,27 +1186,6 @@ pub fn day_of(ts: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Hides credentials in a URL: userinfo and query strings (signed URLs).
-pub fn mask_url(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(q) = out.find('?') {
-        out.truncate(q);
-        out.push_str("?***");
-    }
-    if let Some(scheme_end) = out.find("://")
-        && let Some(at) = out[scheme_end + 3..].find('@')
-    {
-        let host_start = scheme_end + 3;
-        let slash = out[host_start..]
-            .find('/')
-            .map_or(out.len(), |s| host_start + s);
-        if host_start + at < slash {
-            out.replace_range(host_start..host_start + at, "***");
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1176,6 +1194,7 @@ mod tests {
     fn days_and_masks() {
         assert_eq!(day_of(0), "1970-01-01");
         assert_eq!(day_of(1_795_000_000), "2026-11-18");
+        use crate::source::mask_url;
         assert_eq!(
             mask_url("https://u:p@host/x?sig=1"),
             "https://***@host/x?***"

@@ -99,11 +99,17 @@ pub struct Fetcher {
     readahead_slots: Arc<Semaphore>,
     memory: Arc<Semaphore>,
     inflight: Mutex<HashMap<(Digest, u64), SharedFetch>>,
+    /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
+    /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
+    /// immediately with a smaller size).
+    failed: Mutex<HashMap<(Digest, u64), (Instant, FetchError)>>,
+    rt: tokio::runtime::Handle,
     whole: Mutex<HashMap<Digest, SharedWhole>>,
     started: Mutex<HashMap<Digest, Instant>>,
 }
 
 impl Fetcher {
+    /// Must be called within a tokio runtime (fetches are spawned on it).
     pub fn new(store: Arc<Store>, cfg: FetchConfig) -> Arc<Fetcher> {
         let reserve = (cfg.connections / 4).max(1);
         Arc::new(Fetcher {
@@ -116,6 +122,8 @@ impl Fetcher {
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
             cfg,
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
             whole: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
         })
@@ -321,6 +329,9 @@ impl Fetcher {
         permit: Option<OwnedSemaphorePermit>,
     ) -> BoxFuture<'static, Result<Option<VerifiedChunk>, FetchError>> {
         let key = (file.entry.sha256, idx);
+        if let Some(err) = self.recently_failed(key) {
+            return futures::future::ready(Err(err)).boxed();
+        }
         let shared = {
             let mut map = self.inflight.lock().unwrap();
             if self.store.has_chunk(&file.entry, idx) {
@@ -331,13 +342,14 @@ impl Fetcher {
                 None => {
                     let this = self.clone();
                     let file = file.clone();
-                    // Spawned, so the fetch completes (and is cached) even if readers give up.
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     // Spawned, so the fetch completes (and is cached) even if readers give up.
                     // Readers get the chunk as soon as it is verified; the commit (pwrite,
                     // fdatasync, index) follows off their path, and the chunk stays in
                     // `inflight` until it is committed, so nobody re-fetches it meanwhile.
-                    tokio::spawn(async move {
+                    // On the runtime's handle: read-ahead starts fetches from FUSE threads,
+                    // which are not runtime threads.
+                    self.rt.spawn(async move {
                         let _mem = match this.reserve_memory(&file, idx).await {
                             Ok(m) => m,
                             Err(e) => {
@@ -351,10 +363,14 @@ impl Fetcher {
                         METRICS.downloads_active.dec();
                         drop(permit);
                         let verified = r.as_ref().ok().cloned();
+                        if let Err(e) = &r {
+                            this.failed.lock().unwrap().insert(key, (Instant::now(), e.clone()));
+                        }
                         let _ = tx.send(r);
                         if let Some(chunk) = verified
                             && let Err(e) = this.commit(&file, idx, chunk).await
                         {
+                            METRICS.errors.with_label_values(&["store"]).inc();
                             tracing::error!(model = %file.model, file = %file.entry.path, chunk = idx, error = %e,
                                 "could not store a verified chunk; it will be fetched again");
                         }
@@ -375,6 +391,14 @@ impl Fetcher {
             }
         };
         async move { shared.await.map(Some) }.boxed()
+    }
+
+    /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
+    fn recently_failed(&self, key: (Digest, u64)) -> Option<FetchError> {
+        let mut failed = self.failed.lock().unwrap();
+        let window = self.cfg.cooldown();
+        failed.retain(|_, (t, _)| t.elapsed() < window);
+        failed.get(&key).map(|(_, e)| e.clone())
     }
 
     /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).
@@ -628,7 +652,7 @@ impl Fetcher {
                 None => {
                     let this = self.clone();
                     let file = file.clone();
-                    let task = tokio::spawn(async move {
+                    let task = self.rt.spawn(async move {
                         let r = this.fetch_whole(&file).await;
                         this.whole.lock().unwrap().remove(&key);
                         r

@@ -2,7 +2,8 @@
 //!
 //! Secrets never reach a log line: sources are logged by their display form, which carries no
 //! credentials, and URLs that might (userinfo, signed query strings) go through
-//! `control::mask_url` before they are logged or shown.
+//! `source::mask_url` before they are logged or shown (source names are masked once, where
+//! the source is built).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -84,7 +85,10 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let json = cfg.format == "json";
     if cfg.file.is_empty() {
-        let b = builder.with_writer(std::io::stderr);
+        use std::io::IsTerminal;
+        let b = builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
         if json { b.json().init() } else { b.init() }
     } else {
         let path = PathBuf::from(&cfg.file);

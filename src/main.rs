@@ -18,6 +18,9 @@ fn main() -> ExitCode {
     // only problems, to stderr.
     let is_mount = matches!(cli.command, Command::Mount(_));
     if !is_mount {
+        // A command piped into `head` should end quietly, like any Unix tool.
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
         let quiet = LogConfig {
             level: "warn".into(),
             ..LogConfig::default()

@@ -95,6 +95,12 @@ impl SourceHandle {
         h.cooled_until.filter(|t| *t > Instant::now())
     }
 
+    /// Whether the last request to this source failed (or it is cooling down).
+    pub fn failing(&self) -> bool {
+        let h = self.health.lock().unwrap();
+        h.consecutive_failures > 0 || h.cooled_until.is_some_and(|t| t > Instant::now())
+    }
+
     pub fn record_success(&self) {
         let mut h = self.health.lock().unwrap();
         h.consecutive_failures = 0;
@@ -109,6 +115,27 @@ impl SourceHandle {
             h.cooled_until = Some(Instant::now() + cooldown);
         }
     }
+}
+
+/// Hides credentials in a URL: userinfo and query strings (signed URLs).
+pub fn mask_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(q) = out.find('?') {
+        out.truncate(q);
+        out.push_str("?***");
+    }
+    if let Some(scheme_end) = out.find("://")
+        && let Some(at) = out[scheme_end + 3..].find('@')
+    {
+        let host_start = scheme_end + 3;
+        let slash = out[host_start..]
+            .find('/')
+            .map_or(out.len(), |s| host_start + s);
+        if host_start + at < slash {
+            out.replace_range(host_start..host_start + at, "***");
+        }
+    }
+    out
 }
 
 /// Builds and shares source handles by URL, so health is tracked once per mirror.
@@ -139,7 +166,8 @@ impl SourceRegistry {
     }
 
     fn build(&self, url: &SourceUrl) -> SourceHandle {
-        let name = url.to_string();
+        // The name is what logs, metrics and health show: never a credential.
+        let name = mask_url(&url.to_string());
         let source: Box<dyn Source> = match url {
             SourceUrl::Dir(dir) => Box::new(DirSource::new(dir.clone())),
             SourceUrl::Http(base) => {

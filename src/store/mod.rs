@@ -583,6 +583,21 @@ impl Store {
         Ok(Some(buf))
     }
 
+    /// Removes an orphan blob file, unless its blob became known since `orphans` listed it
+    /// (checked under the lock, so a blob being created is never deleted).
+    pub fn remove_orphan(&self, path: &Path) -> std::io::Result<bool> {
+        let blobs = self.blobs.lock().unwrap();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.parse::<Digest>().is_ok_and(|d| blobs.contains_key(&d)) {
+            return Ok(false);
+        }
+        std::fs::remove_file(path)?;
+        Ok(true)
+    }
+
     /// Blob files on disk that the index does not name (left by a lost index), and their size.
     pub fn orphans(&self) -> Vec<(PathBuf, u64)> {
         let known: std::collections::HashSet<String> = self

@@ -1,0 +1,427 @@
+//! The read path when sources misbehave: wrong bytes, 5xx, resets, truncation, slowness, an
+//! origin that is down, and a daemon killed in the middle of fetches. Reads are either correct
+//! or fail with EIO within `read_timeout_secs`; unverified bytes are never served nor stored.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+const CS: u64 = 256 * 1024;
+/// Tolerance above `read_timeout_secs` for an EIO to reach the reader.
+const EIO_SLACK: Duration = Duration::from_millis(2500);
+
+/// Short timeouts and one request per chunk (no read-ahead, parts as large as a chunk), so
+/// every attempt of the daemon is one line of the origin's log.
+fn fault_config() -> WanConfig {
+    WanConfig {
+        read_timeout_secs: 3.0,
+        request_timeout_secs: 1.0,
+        retries: 3,
+        backoff_ms: 10,
+        cooldown_secs: 1.0,
+        readahead_chunks: 0,
+        part_size_kib: 1024,
+        ..WanConfig::default()
+    }
+}
+
+fn read_timeout(config: &WanConfig) -> Duration {
+    Duration::from_secs_f64(config.read_timeout_secs)
+}
+
+/// Three 1 MiB files (four chunks each) behind one origin, mounted with [`fault_config`].
+fn fault_setup(seed: u64) -> (GenSetup, Mount) {
+    let setup = GenSetup::new(&[("a.bin", MIB), ("b.bin", MIB), ("c.bin", MIB)], CS, seed);
+    let mount = Mount::start(setup.spec(fault_config()));
+    (setup, mount)
+}
+
+/// `times` faults on a.bin, then the read of its first chunk must succeed, after exactly
+/// `times` failed attempts on that range and one good one.
+fn transient_then_served(setup: &GenSetup, mount: &Mount, fault: Fault, times: u64) {
+    setup
+        .origin
+        .add_fault(fault.clone(), Some("/a.bin"), Some(times));
+    let path = setup.mounted(mount, "a.bin");
+    let (got, took) = timed(|| read_range(&path, 0, 64 * 1024));
+    let got =
+        got.unwrap_or_else(|e| panic!("read after {times} x {fault:?} failed after {took:?}: {e}"));
+    assert_bytes_eq(
+        &got,
+        &setup.data("a.bin")[..64 * 1024],
+        "a.bin after transient faults",
+    );
+    let attempts: Vec<Option<Fault>> = setup
+        .origin
+        .gets("/a.bin")
+        .into_iter()
+        .filter(|r| r.range == Some(chunk_range(0, CS, MIB as u64)))
+        .map(|r| r.fault)
+        .collect();
+    let mut want = vec![Some(fault.clone()); times as usize];
+    want.push(None);
+    assert_eq!(attempts, want, "attempts on the first chunk of a.bin");
+    assert!(
+        took < read_timeout(&fault_config()),
+        "transient {fault:?} took {took:?}"
+    );
+}
+
+/// `fault` on every request for `rel`: the read must fail with EIO within the read timeout, after
+/// at least `retries` attempts.
+fn persistent_is_eio(setup: &GenSetup, mount: &Mount, fault: Fault, rel: &str) {
+    let config = fault_config();
+    setup
+        .origin
+        .add_fault(fault.clone(), Some(&format!("/{rel}")), None);
+    let path = setup.mounted(mount, rel);
+    let (result, took) = timed(|| read_range(&path, 0, 64 * 1024));
+    assert_eio(result, &format!("{rel} with {fault:?} on every request"));
+    assert!(
+        took <= read_timeout(&config) + EIO_SLACK,
+        "EIO for {fault:?} after {took:?}, read_timeout is {:?}",
+        read_timeout(&config)
+    );
+    let attempts = setup.origin.gets(&format!("/{rel}")).len();
+    assert!(
+        attempts >= config.retries as usize,
+        "{fault:?} on {rel}: {attempts} attempt(s), expected at least retries = {}",
+        config.retries
+    );
+    assert_ne!(state(&path), "COMPLETE");
+    let blob = sha256_hex(setup.data(rel));
+    assert!(
+        CacheView::new(&mount.spec.cache_dir)
+            .present(&blob)
+            .is_empty(),
+        "a chunk of {rel} was marked present"
+    );
+}
+
+#[test]
+fn status_5xx_is_retried_then_served_or_eio() {
+    let (setup, mount) = fault_setup(21);
+    transient_then_served(&setup, &mount, Fault::Status(503), 2);
+    persistent_is_eio(&setup, &mount, Fault::Status(500), "b.bin");
+}
+
+#[test]
+fn reset_mid_body_is_retried_then_served_or_eio() {
+    let (setup, mount) = fault_setup(22);
+    transient_then_served(&setup, &mount, Fault::ResetAfter(64 * 1024), 1);
+    persistent_is_eio(&setup, &mount, Fault::ResetAfter(100 * 1024), "b.bin");
+}
+
+#[test]
+fn truncated_body_is_retried_then_served_or_eio() {
+    let (setup, mount) = fault_setup(23);
+    transient_then_served(&setup, &mount, Fault::Truncate(64 * 1024), 1);
+    persistent_is_eio(&setup, &mount, Fault::Truncate(CS as usize - 1), "b.bin");
+}
+
+#[test]
+fn slow_headers_are_retried_then_served_or_eio() {
+    let (setup, mount) = fault_setup(24);
+    // One attempt outlives request_timeout (1 s); the retry is served.
+    transient_then_served(&setup, &mount, Fault::Delay(Duration::from_secs(2)), 1);
+    persistent_is_eio(
+        &setup,
+        &mount,
+        Fault::Delay(Duration::from_secs(60)),
+        "b.bin",
+    );
+}
+
+#[test]
+fn stalled_body_is_retried_then_served_or_eio() {
+    let (setup, mount) = fault_setup(30);
+    // The head arrives at once, the body only after request_timeout (1 s): one attempt lost.
+    transient_then_served(&setup, &mount, Fault::DelayBody(Duration::from_secs(2)), 1);
+    persistent_is_eio(
+        &setup,
+        &mount,
+        Fault::DelayBody(Duration::from_secs(60)),
+        "b.bin",
+    );
+}
+
+#[test]
+fn trickling_body_is_eio_within_read_timeout() {
+    let (setup, mount) = fault_setup(25);
+    // A 256 KiB chunk at 16 KiB/s needs 16 s: no attempt can finish.
+    persistent_is_eio(&setup, &mount, Fault::Trickle(16 * 1024), "c.bin");
+}
+
+/// The first source serves wrong bytes; the second is used, and only verified bytes are stored.
+#[test]
+fn wrong_bytes_fall_back_to_next_source() {
+    let work = workdir();
+    let src = work.path().join("src");
+    let files = gen_files(&src, GEN, &[("f.bin", MIB + 3)], 26);
+    let bad = Origin::start(&src);
+    let good = Origin::start(&src);
+    bad.add_fault(Fault::Corrupt, None, None);
+    let opts = BuildOpts {
+        chunk_size: Some(CS),
+        sources: vec![bad.base(GEN), good.base(GEN)],
+        whole_only: false,
+    };
+    let entry = manifest_build(&src.join(GEN), GEN, &opts);
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, std::slice::from_ref(&entry));
+    let mount = Mount::start(MountSpec::new(work.path(), &manifest).config(fault_config()));
+    let data = data_of(&files, "f.bin");
+    let path = mount.path(&format!("{GEN}/f.bin"));
+
+    let (got, took) = timed(|| fs::read(&path));
+    assert_bytes_eq(
+        &got.expect("read with a corrupting first source"),
+        data,
+        "f.bin",
+    );
+    assert!(took < read_timeout(&fault_config()), "read took {took:?}");
+    assert!(
+        !bad.gets("/f.bin").is_empty(),
+        "the first source was never tried"
+    );
+    let bad_ranges: BTreeSet<_> = bad.gets("/f.bin").iter().filter_map(|r| r.range).collect();
+    let good_ranges: BTreeSet<_> = good.gets("/f.bin").iter().filter_map(|r| r.range).collect();
+    assert!(
+        bad_ranges.is_subset(&good_ranges),
+        "ranges that failed verification at the first source {bad_ranges:?} were not fetched from the second {good_ranges:?}"
+    );
+
+    let cache = CacheView::new(&mount.spec.cache_dir);
+    cache.check_consistent().expect("cache consistent");
+    let record = manifest_files(&entry, GEN).remove(0);
+    for row in cache.chunk_rows() {
+        assert_eq!(
+            row.digest, record.chunks[row.idx as usize],
+            "stored digest of chunk {}",
+            row.idx
+        );
+    }
+    assert_bytes_eq(
+        &fs::read(cache.blob_path(&record.sha256)).expect("blob"),
+        data,
+        "blob file",
+    );
+}
+
+/// The only source serves wrong bytes: EIO, and nothing of it reaches the cache.
+#[test]
+fn wrong_bytes_from_only_source_are_eio_and_not_stored() {
+    let setup = GenSetup::new(&[("f.bin", MIB)], CS, 27);
+    setup.origin.add_fault(Fault::Corrupt, None, None);
+    let config = fault_config();
+    let mount = Mount::start(setup.spec(config.clone()));
+    let path = setup.mounted(&mount, "f.bin");
+
+    let (result, took) = timed(|| read_range(&path, 0, 4096));
+    assert_eio(result, "read with a corrupting only source");
+    assert!(
+        took <= read_timeout(&config) + EIO_SLACK,
+        "EIO after {took:?}"
+    );
+    assert!(
+        !setup.origin.gets("/f.bin").is_empty(),
+        "the source was never asked"
+    );
+    assert_eq!(state(&path), "NOT_PRESENT");
+    assert_eq!(cached_bytes(&path), 0);
+
+    let cache = CacheView::new(&mount.spec.cache_dir);
+    let blob = sha256_hex(setup.data("f.bin"));
+    assert!(
+        cache.present(&blob).is_empty(),
+        "a corrupt chunk was marked present"
+    );
+    if let Ok(bytes) = fs::read(cache.blob_path(&blob)) {
+        assert!(
+            bytes.iter().all(|b| *b == 0),
+            "unverified bytes were written to the blob file"
+        );
+    }
+}
+
+/// With the origin down, cached files still read from the cache; uncached reads fail fast.
+#[test]
+fn origin_down_cached_reads_work_uncached_fail_fast() {
+    let setup = GenSetup::new(&[("cached.bin", MIB + 17), ("uncached.bin", MIB)], CS, 28);
+    let config = WanConfig {
+        read_timeout_secs: 20.0,
+        request_timeout_secs: 1.0,
+        retries: 2,
+        ..fault_config()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let cached = setup.mounted(&mount, "cached.bin");
+    assert_bytes_eq(
+        &fs::read(&cached).expect("read while up"),
+        setup.data("cached.bin"),
+        "cached.bin",
+    );
+    assert_eq!(wait_state(&cached, "COMPLETE"), "COMPLETE");
+
+    setup.origin.stop();
+    drop_page_cache(&cached);
+    assert_bytes_eq(
+        &fs::read(&cached).expect("read cached file with origin down"),
+        setup.data("cached.bin"),
+        "cached.bin, origin down",
+    );
+
+    let (result, took) = timed(|| read_range(&setup.mounted(&mount, "uncached.bin"), 0, 4096));
+    assert_eio(result, "uncached read with origin down");
+    assert!(
+        took < Duration::from_secs(3),
+        "EIO with the origin refusing connections took {took:?} (read_timeout 20 s)"
+    );
+}
+
+/// `kill -9` while chunks trickle in, then a new daemon on the same cache: the dead mount is
+/// cleared, the index holds only verified chunks, and none of them is fetched again.
+#[test]
+fn kill9_mid_fetch_then_restart_keeps_cache_consistent() {
+    const SIZE: usize = 4 * MIB;
+    let setup = GenSetup::new(&[("big.bin", SIZE)], CS, 29);
+    let config = WanConfig {
+        read_timeout_secs: 60.0,
+        request_timeout_secs: 60.0,
+        readahead_chunks: 0,
+        part_size_kib: 1024,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "big.bin");
+    let data = setup.data("big.bin").to_vec();
+    let blob = sha256_hex(&data);
+    let cache = CacheView::new(&mount.spec.cache_dir);
+
+    // Chunks 0..4 verified before the crash.
+    assert_bytes_eq(
+        &read_range(&path, 0, MIB).expect("read first MiB"),
+        &data[..MIB],
+        "first MiB",
+    );
+    let early: BTreeSet<u64> = (0..4).collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || cache
+            .present(&blob)
+            .is_superset(&early)),
+        "chunks served to a reader are not marked present: {:?}",
+        cache.present(&blob)
+    );
+
+    // Chunks 8, 9 and 14 in flight, trickling, when the daemon dies.
+    setup
+        .origin
+        .add_fault(Fault::Trickle(32 * 1024), None, None);
+    let mark = setup.origin.request_count();
+    let readers: Vec<_> = [(8 * CS, 2 * CS as usize), (14 * CS, 4096)]
+        .into_iter()
+        .map(|(off, len)| {
+            let path = path.clone();
+            std::thread::spawn(move || (off, read_range(&path, off, len)))
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || setup
+            .origin
+            .requests_since(mark)
+            .len()
+            >= 2),
+        "the slow fetches never reached the origin"
+    );
+    std::thread::sleep(Duration::from_millis(300)); // let part of the bodies arrive
+    let dead = mount.kill9();
+    for r in readers {
+        let (off, result) = r.join().expect("reader thread");
+        if let Ok(bytes) = result {
+            assert_bytes_eq(
+                &bytes,
+                &data[off as usize..off as usize + bytes.len()],
+                "read interrupted by kill -9",
+            );
+        }
+    }
+    assert_eq!(
+        fs::read_dir(&dead.spec.mountpoint)
+            .map_err(|e| errno(&e))
+            .err(),
+        Some(libc::ENOTCONN),
+        "the killed daemon's mount is not dead"
+    );
+
+    let checked = cache
+        .check_consistent()
+        .expect("cache consistent after kill -9");
+    let before = cache.present(&blob);
+    assert!(
+        before.is_superset(&early),
+        "verified chunks lost by kill -9: {before:?}"
+    );
+    assert!(
+        before.is_disjoint(&[8, 9, 14].into()),
+        "chunks still trickling when killed are marked present: {before:?}"
+    );
+    eprintln!("{checked} chunk rows consistent after kill -9; present: {before:?}");
+
+    setup.origin.clear_faults();
+    let restart_mark = setup.origin.request_count();
+    let mount = dead.restart();
+    assert_eq!(
+        mount_count(&mount.spec.mountpoint),
+        1,
+        "the dead mount was not cleared before mounting again"
+    );
+    assert_bytes_eq(
+        &fs::read(&path).expect("read after restart"),
+        &data,
+        "big.bin after restart",
+    );
+    assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
+
+    let present_ranges: BTreeSet<_> = before
+        .iter()
+        .map(|c| chunk_range(*c, CS, SIZE as u64))
+        .collect();
+    let after: Vec<_> = setup
+        .origin
+        .requests_since(restart_mark)
+        .into_iter()
+        .filter(|r| r.path.ends_with("/big.bin"))
+        .collect();
+    let mut seen = BTreeSet::new();
+    for r in &after {
+        let (a, b) = r.range.unwrap_or((0, SIZE as u64 - 1));
+        for (pa, pb) in &present_ranges {
+            assert!(
+                b < *pa || a > *pb,
+                "after restart, range {a}-{b} refetched although chunk {pa}-{pb} was verified"
+            );
+        }
+        assert!(
+            seen.insert((a, b)),
+            "after restart, range {a}-{b} fetched twice"
+        );
+    }
+    for c in &early {
+        assert_eq!(
+            setup
+                .origin
+                .range_counts("/big.bin")
+                .get(&chunk_range(*c, CS, SIZE as u64)),
+            Some(&1),
+            "chunk {c} fetches in total"
+        );
+    }
+    cache
+        .check_consistent()
+        .expect("cache consistent after restart");
+}

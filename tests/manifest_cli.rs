@@ -1,0 +1,322 @@
+//! `wan manifest build` / `wan manifest check` end to end, and `wan mount` refusing a bad
+//! manifest: every rule broken yields one line naming the model, the file and the rule.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use toml::{Table, Value};
+
+const ID: &str = "base@1.0.0";
+const CS: u64 = 4096;
+
+/// A valid manifest for a small generated tree, as a TOML document to break.
+fn base_manifest(work: &Path) -> Table {
+    let src = work.join("src");
+    gen_files(
+        &src,
+        ID,
+        &[
+            ("a.bin", 10_000),
+            ("sub/b.bin", 5_000),
+            ("c.bin", 2 * CS as usize),
+        ],
+        31,
+    );
+    let opts = BuildOpts {
+        chunk_size: Some(CS),
+        sources: vec![format!("local://src/{ID}")],
+        whole_only: false,
+    };
+    let entry = manifest_build(&src.join(ID), ID, &opts);
+    let files = manifest_files(&entry, ID);
+    assert_eq!(files.len(), 3, "manifest build listed {files:?}");
+    for f in &files {
+        let data = fs::read(src.join(ID).join(&f.path)).expect("generated file");
+        assert_eq!(f.size, data.len() as u64, "{}: size", f.path);
+        assert_eq!(f.sha256, sha256_hex(&data), "{}: sha256", f.path);
+        assert_eq!(f.chunk_size, Some(CS), "{}: chunk_size", f.path);
+        let chunks: Vec<String> = data.chunks(CS as usize).map(sha256_hex).collect();
+        assert_eq!(f.chunks, chunks, "{}: chunk digests", f.path);
+    }
+    let doc: Table = toml::from_str(&entry).expect("entry parses");
+    assert!(
+        doc["models"][ID]["sources"]["priority"]
+            .as_array()
+            .is_some_and(|p| p.len() == 1)
+    );
+    doc
+}
+
+fn model(doc: &mut Table) -> &mut Table {
+    doc.get_mut("models")
+        .and_then(Value::as_table_mut)
+        .and_then(|m| m.get_mut(ID))
+        .and_then(Value::as_table_mut)
+        .expect("model table")
+}
+
+fn files(doc: &mut Table) -> &mut Vec<Value> {
+    model(doc)
+        .get_mut("files")
+        .and_then(Value::as_array_mut)
+        .expect("files")
+}
+
+/// The file entry whose path is `path`.
+fn file<'a>(doc: &'a mut Table, path: &str) -> &'a mut Table {
+    files(doc)
+        .iter_mut()
+        .filter_map(Value::as_table_mut)
+        .find(|f| f["path"].as_str() == Some(path))
+        .expect("file entry")
+}
+
+fn write(work: &Path, name: &str, doc: &Table) -> PathBuf {
+    let path = work.join(name);
+    fs::write(
+        &path,
+        format!(
+            "schema_version = 1\n\n{}",
+            toml::to_string(doc).expect("serialize")
+        ),
+    )
+    .expect("write");
+    path
+}
+
+fn check(manifest: &Path) -> (bool, String) {
+    let out = run_wan(
+        &[Path::new("manifest"), Path::new("check"), manifest],
+        Duration::from_secs(30),
+    );
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One expected error line: it must contain every group, each group satisfied by any of its
+/// alternatives (rule words are matched case-insensitively).
+struct Expect {
+    what: &'static str,
+    groups: Vec<Vec<String>>,
+}
+
+impl Expect {
+    fn new(what: &'static str, id: &str, path: Option<&[&str]>, rule: &str) -> Expect {
+        let mut groups = vec![vec![id.to_owned()]];
+        if let Some(paths) = path {
+            groups.push(paths.iter().map(|p| p.to_string()).collect());
+        }
+        groups.push(vec![rule.to_lowercase()]);
+        Expect { what, groups }
+    }
+
+    fn matches(&self, line: &str) -> bool {
+        let lower = line.to_lowercase();
+        self.groups.iter().all(|g| {
+            g.iter()
+                .any(|alt| line.contains(alt.as_str()) || lower.contains(alt.as_str()))
+        })
+    }
+
+    #[track_caller]
+    fn assert_in(&self, stderr: &str) {
+        assert!(
+            stderr.lines().any(|l| self.matches(l)),
+            "{}: no stderr line contains all of {:?}; stderr:\n{stderr}",
+            self.what,
+            self.groups
+        );
+    }
+}
+
+type Breakage = (&'static str, fn(&mut Table), Expect);
+
+fn breakages() -> Vec<Breakage> {
+    vec![
+        (
+            "bad id",
+            |d| {
+                let m = d["models"].as_table_mut().expect("models");
+                let v = m.remove(ID).expect("model");
+                m.insert("Bad.Model@1.0".into(), v);
+            },
+            Expect::new("bad id", "Bad.Model@1.0", None, "id"),
+        ),
+        (
+            "dotdot",
+            |d| {
+                file(d, "a.bin").insert("path".into(), "../escape.bin".into());
+            },
+            Expect::new("path with ..", ID, Some(&["../escape.bin"]), ".."),
+        ),
+        (
+            "absolute",
+            |d| {
+                file(d, "a.bin").insert("path".into(), "/etc/escape.bin".into());
+            },
+            Expect::new("absolute path", ID, Some(&["/etc/escape.bin"]), "absolute"),
+        ),
+        (
+            "duplicate",
+            |d| {
+                let dup = file(d, "a.bin").clone();
+                files(d).push(Value::Table(dup));
+            },
+            Expect::new("duplicate path", ID, Some(&["a.bin"]), "duplicate"),
+        ),
+        (
+            "case",
+            |d| {
+                let mut twin = file(d, "a.bin").clone();
+                twin.insert("path".into(), "A.BIN".into());
+                files(d).push(Value::Table(twin));
+            },
+            Expect::new("case collision", ID, Some(&["A.BIN", "a.bin"]), "case"),
+        ),
+        (
+            "chunk count",
+            |d| {
+                file(d, "a.bin")
+                    .get_mut("chunks")
+                    .and_then(Value::as_array_mut)
+                    .expect("chunks")
+                    .pop();
+            },
+            Expect::new("chunk count", ID, Some(&["a.bin"]), "chunk"),
+        ),
+        (
+            "uppercase hex",
+            |d| {
+                let f = file(d, "sub/b.bin");
+                let upper = f["sha256"].as_str().expect("sha").to_uppercase();
+                f.insert("sha256".into(), upper.into());
+            },
+            Expect::new("uppercase sha256", ID, Some(&["sub/b.bin"]), "hex"),
+        ),
+        (
+            "short hex",
+            |d| {
+                let chunks = file(d, "c.bin")
+                    .get_mut("chunks")
+                    .and_then(Value::as_array_mut)
+                    .expect("chunks");
+                chunks[0] = "abc123".into();
+            },
+            Expect::new("short chunk digest", ID, Some(&["c.bin"]), "hex"),
+        ),
+        (
+            "scheme",
+            |d| {
+                let sources = model(d)
+                    .get_mut("sources")
+                    .and_then(Value::as_table_mut)
+                    .expect("sources");
+                sources.insert(
+                    "priority".into(),
+                    Value::Array(vec!["ftp://mirror.invalid/x".into()]),
+                );
+            },
+            Expect::new("unknown scheme", ID, Some(&["ftp"]), "scheme"),
+        ),
+    ]
+}
+
+#[test]
+fn manifest_check_accepts_built_manifest() {
+    let work = workdir();
+    let doc = base_manifest(work.path());
+    let (ok, stderr) = check(&write(work.path(), "good.toml", &doc));
+    assert!(
+        ok,
+        "a manifest from `wan manifest build` was refused:\n{stderr}"
+    );
+}
+
+#[test]
+fn manifest_check_refuses_each_broken_rule_precisely() {
+    let work = workdir();
+    let base = base_manifest(work.path());
+    for (name, breakit, expect) in breakages() {
+        let mut doc = base.clone();
+        breakit(&mut doc);
+        let path = write(
+            work.path(),
+            &format!("{}.toml", name.replace(' ', "-")),
+            &doc,
+        );
+        let (ok, stderr) = check(&path);
+        assert!(
+            !ok,
+            "{name}: `wan manifest check` accepted:\n{}",
+            fs::read_to_string(&path).unwrap_or_default()
+        );
+        expect.assert_in(&stderr);
+    }
+}
+
+#[test]
+fn manifest_check_reports_every_error_one_per_line() {
+    let work = workdir();
+    let mut doc = base_manifest(work.path());
+    let all = breakages();
+    let picked: Vec<&Breakage> = all
+        .iter()
+        .filter(|(n, _, _)| ["chunk count", "uppercase hex", "short hex", "scheme"].contains(n))
+        .collect();
+    for (_, breakit, _) in &picked {
+        breakit(&mut doc);
+    }
+    let (ok, stderr) = check(&write(work.path(), "many.toml", &doc));
+    assert!(!ok, "a manifest with four errors was accepted");
+    eprintln!("{stderr}");
+    for (_, _, expect) in &picked {
+        expect.assert_in(&stderr);
+    }
+}
+
+#[test]
+fn mount_refuses_bad_manifest_naming_the_error() {
+    let work = workdir();
+    let mut doc = base_manifest(work.path());
+    let (_, breakit, expect) = breakages()
+        .into_iter()
+        .find(|(n, _, _)| *n == "dotdot")
+        .expect("dotdot");
+    breakit(&mut doc);
+    let manifest = write(work.path(), "bad.toml", &doc);
+    let spec = MountSpec::new(work.path(), &manifest);
+    let (mut child, log) = spec.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            force_unmount(&spec.mountpoint);
+            panic!(
+                "wan mount with a bad manifest still running after 20 s; log:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !status.success(),
+        "wan mount with a bad manifest exited {status}; log:\n{log}"
+    );
+    expect.assert_in(&log);
+    assert_eq!(
+        mount_count(&spec.mountpoint),
+        0,
+        "a bad manifest was mounted"
+    );
+}

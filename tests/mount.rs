@@ -1,0 +1,457 @@
+//! What a reader of a live mount sees: the tree from the manifest alone, bytes equal to the
+//! source whatever the access pattern (pread, mmap, 16 readers at once), whole-only files,
+//! dedup across models, and the `user.wan.*` xattrs.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+
+use common::*;
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+/// `(relative path, size)` of every file (or `None` size for a directory) under `root`.
+fn tree(root: &Path) -> BTreeMap<String, Option<u64>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let e = e.expect("dir entry");
+            let meta = fs::symlink_metadata(e.path())
+                .unwrap_or_else(|err| panic!("stat {}: {err}", e.path().display()));
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .into_owned();
+            if meta.is_dir() {
+                stack.push(e.path());
+                out.insert(rel, None);
+            } else {
+                assert!(meta.is_file(), "{rel} is neither file nor directory");
+                out.insert(rel, Some(meta.len()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn listing_and_stat_work_with_origin_stopped() {
+    let work = workdir();
+    let origin = Origin::start(fixture_models());
+    let ids = [T2V, I2V, TI2V];
+    let entries: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            let opts = BuildOpts {
+                chunk_size: Some(65536),
+                sources: vec![origin.base(id)],
+                whole_only: false,
+            };
+            manifest_build(&fixture_models().join(id), id, &opts)
+        })
+        .collect();
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, &entries);
+    origin.stop();
+
+    let mount = Mount::start(MountSpec::new(work.path(), &manifest));
+    let top: BTreeSet<String> = fs::read_dir(mount.path(""))
+        .expect("list mount root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(
+        top,
+        ids.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>()
+    );
+
+    for id in ids {
+        let want = tree(&fixture_models().join(id));
+        let got = tree(&mount.path(id));
+        assert_eq!(
+            got, want,
+            "tree of {id} in the mount differs from the fixture"
+        );
+        for (rel, size) in &want {
+            let Some(size) = size else { continue };
+            let path = mount.path(&format!("{id}/{rel}"));
+            let meta = fs::metadata(&path).expect("stat");
+            assert_eq!(meta.len(), *size, "{id}/{rel} size");
+            let source = fs::read(fixture_models().join(id).join(rel)).expect("read fixture");
+            assert_eq!(
+                xattr_str(&path, "user.wan.sha256"),
+                sha256_hex(&source),
+                "{id}/{rel} user.wan.sha256"
+            );
+            assert_eq!(state(&path), "NOT_PRESENT", "{id}/{rel} state");
+            assert_eq!(cached_bytes(&path), 0, "{id}/{rel} cached bytes");
+            let write = OpenOptions::new().write(true).open(&path);
+            assert!(
+                write.is_err(),
+                "{id}/{rel} opened for writing on a read-only mount"
+            );
+        }
+    }
+    let missing = fs::metadata(mount.path(&format!("{T2V}/no-such-file")));
+    assert_eq!(missing.map_err(|e| errno(&e)).err(), Some(libc::ENOENT));
+    assert!(
+        origin.requests().is_empty(),
+        "requests reached a stopped origin: {:?}",
+        origin.requests()
+    );
+
+    let mountpoint = mount.spec.mountpoint.clone();
+    let status = mount.stop();
+    assert!(
+        status.success(),
+        "wan mount exited with {status} after SIGTERM"
+    );
+    assert_eq!(
+        mount_count(&mountpoint),
+        0,
+        "mount left behind after SIGTERM"
+    );
+}
+
+/// Random preads (offsets anywhere or near chunk boundaries, lengths up to 3 chunks, some past
+/// EOF) through one mount, each compared with the source.
+#[test]
+fn random_reads_equal_source() {
+    const CS: u64 = 256 * 1024;
+    let setup = GenSetup::new(
+        &[("big.bin", 5 * MIB + 12345), ("dir/odd.bin", 1_000_003)],
+        CS,
+        11,
+    );
+    let mount = Mount::start(setup.spec(WanConfig::default()));
+    let files: Vec<(File, &[u8], String)> = ["big.bin", "dir/odd.bin"]
+        .iter()
+        .map(|rel| {
+            (
+                File::open(setup.mounted(&mount, rel)).expect("open"),
+                setup.data(rel),
+                rel.to_string(),
+            )
+        })
+        .collect();
+
+    let strategy = (
+        0..files.len(),
+        any::<prop::sample::Index>(),
+        prop::bool::ANY,
+        -8192i64..8192,
+        prop_oneof![1usize..4096, 4096usize..(3 * CS as usize)],
+    );
+    // 64 cases keep the suite fast; PROPTEST_CASES=N digs deeper.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&strategy, |(f, index, near_boundary, delta, len)| {
+        let (file, data, rel) = &files[f];
+        let size = data.len() as u64;
+        let off = if near_boundary {
+            let boundary = index.index((size / CS) as usize + 1) as u64 * CS;
+            boundary.saturating_add_signed(delta).min(size)
+        } else {
+            index.index(size as usize + 1) as u64
+        };
+        let got = read_range_in(file, off, len)
+            .map_err(|e| TestCaseError::fail(format!("{rel} @{off}+{len}: {e}")))?;
+        let end = (off as usize + len).min(data.len());
+        let want = &data[off as usize..end];
+        prop_assert!(
+            got == want,
+            "{rel} @{off}+{len}: {} bytes, want {}; first difference at {:?}",
+            got.len(),
+            want.len(),
+            got.iter().zip(want).position(|(a, b)| a != b)
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    CacheView::new(&mount.spec.cache_dir)
+        .check_consistent()
+        .expect("cache consistent");
+}
+
+#[test]
+fn mmap_reads_equal_source() {
+    const CS: u64 = 256 * 1024;
+    let setup = GenSetup::new(
+        &[("cold.bin", 3 * MIB + 777), ("warm.bin", 2 * MIB + 5)],
+        CS,
+        12,
+    );
+    let mount = Mount::start(setup.spec(WanConfig::default()));
+
+    // Cold: page faults drive the reads, last chunk first.
+    let cold = File::open(setup.mounted(&mount, "cold.bin")).expect("open cold");
+    // SAFETY: the file is read-only and immutable for the life of the mapping.
+    let map = unsafe { memmap2::Mmap::map(&cold) }.expect("mmap cold file");
+    let data = setup.data("cold.bin");
+    assert_eq!(map.len(), data.len());
+    let chunks = data.len().div_ceil(CS as usize);
+    for c in (0..chunks).rev() {
+        let start = c * CS as usize + 4097;
+        let end = (start + 10_000).min(data.len());
+        if start < end {
+            assert_bytes_eq(
+                &map[start..end],
+                &data[start..end],
+                &format!("mmap of cold.bin, chunk {c}"),
+            );
+        }
+    }
+    assert_bytes_eq(&map[..], data, "mmap of cold.bin");
+
+    // Warm: read fully first (complete blob, passthrough where the kernel allows), then mmap.
+    let warm_path = setup.mounted(&mount, "warm.bin");
+    assert_bytes_eq(
+        &fs::read(&warm_path).expect("read warm"),
+        setup.data("warm.bin"),
+        "read of warm.bin",
+    );
+    assert_eq!(wait_state(&warm_path, "COMPLETE"), "COMPLETE");
+    let warm = File::open(&warm_path).expect("open warm");
+    // SAFETY: as above.
+    let map = unsafe { memmap2::Mmap::map(&warm) }.expect("mmap warm file");
+    assert_bytes_eq(&map[..], setup.data("warm.bin"), "mmap of warm.bin");
+}
+
+/// 16 threads read the same cold file at once, each a different page of the same chunk at the
+/// same time: the origin must see each chunk's range exactly once.
+#[test]
+fn concurrent_readers_fetch_each_range_once() {
+    const CS: u64 = MIB as u64;
+    const READERS: usize = 16;
+    let setup = GenSetup::new(&[("shared.bin", 8 * MIB)], CS, 13);
+    let config = WanConfig {
+        readahead_chunks: 0,
+        part_size_kib: 1024,
+        connections: 16,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "shared.bin");
+    let data = Arc::new(setup.data("shared.bin").to_vec());
+    let barrier = Arc::new(Barrier::new(READERS));
+    let threads: Vec<_> = (0..READERS)
+        .map(|i| {
+            let (path, data, barrier) = (path.clone(), data.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let file = File::open(&path).expect("open");
+                barrier.wait();
+                for c in 0..8u64 {
+                    let off = c * CS + (i as u64) * (CS / READERS as u64);
+                    let got = read_range_in(&file, off, 64 * KIB).expect("concurrent read");
+                    let want = &data[off as usize..off as usize + 64 * KIB];
+                    assert_bytes_eq(&got, want, &format!("reader {i} chunk {c}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("reader thread panicked");
+    }
+    assert_bytes_eq(
+        &fs::read(&path).expect("read whole"),
+        &data,
+        "whole file after concurrent reads",
+    );
+
+    let size = data.len() as u64;
+    let counts = setup.origin.range_counts("/shared.bin");
+    let want: BTreeMap<(u64, u64), usize> = (0..8).map(|c| (chunk_range(c, CS, size), 1)).collect();
+    assert_eq!(
+        counts, want,
+        "GETs per byte range (each chunk exactly once)"
+    );
+}
+
+/// A `--whole-only` file is fetched whole on its first read (in ranges), verified, then served.
+#[test]
+fn whole_only_file_is_fetched_whole_on_first_read() {
+    let setup = GenSetup::whole_only(&[("w.bin", 3 * MIB + 5), ("other.bin", 100_000)], 14);
+    let record = setup.file("w.bin");
+    assert!(
+        record.chunk_size.is_none() && record.chunks.is_empty(),
+        "--whole-only wrote chunks: {record:?}"
+    );
+    let config = WanConfig {
+        part_size_kib: 256,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "w.bin");
+    let data = setup.data("w.bin");
+    let size = data.len() as u64;
+    assert_eq!(state(&path), "NOT_PRESENT");
+
+    let off = MIB as u64 + 3;
+    let got = read_range(&path, off, 4096).expect("first read of a whole-only file");
+    assert_bytes_eq(&got, &data[off as usize..off as usize + 4096], "first read");
+
+    let gets = setup.origin.gets("/w.bin");
+    let mut covered: Vec<(u64, u64)> = gets
+        .iter()
+        .filter(|r| r.status / 100 == 2)
+        .map(|r| r.range.unwrap_or((0, size - 1)))
+        .collect();
+    covered.sort();
+    let mut next = 0;
+    for (a, b) in &covered {
+        assert!(
+            *a <= next,
+            "gap before byte {a} in the fetched ranges {covered:?}"
+        );
+        next = next.max(b + 1);
+    }
+    assert_eq!(
+        next, size,
+        "the first read did not fetch the whole file: {covered:?}"
+    );
+    assert!(
+        gets.len() >= 2,
+        "a 3 MiB whole-only file with 256 KiB parts was fetched in {} request(s)",
+        gets.len()
+    );
+    assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
+    assert_eq!(cached_bytes(&path), size);
+
+    let before = setup.origin.request_count();
+    assert_bytes_eq(&fs::read(&path).expect("read whole"), data, "whole read");
+    assert_eq!(
+        setup.origin.request_count(),
+        before,
+        "a complete file was fetched again"
+    );
+    let cache = CacheView::new(&mount.spec.cache_dir);
+    let blob =
+        fs::read(cache.blob_path(&sha256_hex(data))).expect("blob file of the whole-only file");
+    assert_bytes_eq(&blob, data, "blob file");
+    cache.check_consistent().expect("cache consistent");
+    assert_eq!(
+        state(&setup.mounted(&mount, "other.bin")),
+        "NOT_PRESENT",
+        "an unread file was fetched"
+    );
+}
+
+/// The VAE shipped byte-identical in t2v and i2v is stored once and fetched once.
+#[test]
+fn identical_files_in_two_models_are_one_blob() {
+    let work = workdir();
+    let origin = Origin::start(fixture_models());
+    let entries: Vec<String> = [T2V, I2V]
+        .iter()
+        .map(|id| {
+            let opts = BuildOpts {
+                chunk_size: Some(65536),
+                sources: vec![origin.base(id)],
+                whole_only: false,
+            };
+            manifest_build(&fixture_models().join(id), id, &opts)
+        })
+        .collect();
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, &entries);
+    let mount = Mount::start(MountSpec::new(work.path(), &manifest));
+    let vae = fs::read(fixture_models().join(T2V).join(VAE)).expect("fixture VAE");
+    assert_eq!(
+        vae,
+        fs::read(fixture_models().join(I2V).join(VAE)).expect("fixture VAE"),
+        "fixtures changed"
+    );
+    let digest = sha256_hex(&vae);
+    let (t2v_vae, i2v_vae) = (
+        mount.path(&format!("{T2V}/{VAE}")),
+        mount.path(&format!("{I2V}/{VAE}")),
+    );
+
+    assert_bytes_eq(&fs::read(&t2v_vae).expect("read t2v VAE"), &vae, "t2v VAE");
+    assert_eq!(
+        wait_state(&i2v_vae, "COMPLETE"),
+        "COMPLETE",
+        "the i2v VAE is the same content as the t2v VAE just read"
+    );
+    assert_bytes_eq(&fs::read(&i2v_vae).expect("read i2v VAE"), &vae, "i2v VAE");
+    assert!(
+        origin.gets(&format!("{I2V}/{VAE}")).is_empty(),
+        "the i2v VAE was fetched although its content is cached"
+    );
+
+    let cache = CacheView::new(&mount.spec.cache_dir);
+    assert_eq!(
+        cache.blob_files(),
+        vec![cache.blob_path(&digest)],
+        "blob files after reading both VAEs"
+    );
+    assert_eq!(
+        cache
+            .blob_digests()
+            .iter()
+            .filter(|d| **d == digest)
+            .count(),
+        1
+    );
+    assert_eq!(fs::read(cache.blob_path(&digest)).expect("read blob"), vae);
+}
+
+#[test]
+fn xattrs_walk_not_present_partial_complete() {
+    const CS: u64 = 256 * 1024;
+    let setup = GenSetup::new(&[("x.bin", MIB + 1000)], CS, 15);
+    let config = WanConfig {
+        readahead_chunks: 0,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "x.bin");
+    let data = setup.data("x.bin");
+    let size = data.len() as u64;
+
+    let sha = xattr_str(&path, "user.wan.sha256");
+    assert_eq!(sha, sha256_hex(data));
+    assert!(
+        sha.len() == 64
+            && sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    );
+    assert_eq!(state(&path), "NOT_PRESENT");
+    assert_eq!(cached_bytes(&path), 0);
+
+    assert_bytes_eq(
+        &read_range(&path, 0, 4096).expect("read"),
+        &data[..4096],
+        "first page",
+    );
+    assert_eq!(wait_state(&path, "PARTIAL"), "PARTIAL");
+    let cached = cached_bytes(&path);
+    assert!(
+        cached >= CS && cached < size && cached % CS == 0,
+        "cached_bytes {cached} after reading one chunk of {CS}"
+    );
+
+    assert_bytes_eq(&fs::read(&path).expect("read all"), data, "whole file");
+    assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
+    assert_eq!(cached_bytes(&path), size);
+    assert_eq!(xattr_str(&path, "user.wan.sha256"), sha);
+}

@@ -1,0 +1,272 @@
+//! Operations: systemd units pass `systemd-analyze verify`, READY=1 reaches systemd only once
+//! the mount answers, SIGHUP reloads manifest and config (and refuses a bad one), the
+//! `mount.fuse.wan` helper, `wan config check` and WAN_* overrides, and a lost index rebuilt
+//! from the blobs without fetching anything again.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn hup(pid: u32) {
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+}
+
+fn wait_log(m: &Mount, needle: &str) {
+    let t0 = Instant::now();
+    while !m.log().contains(needle) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no {needle:?} in log:\n{}",
+            m.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn systemd_units_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["wan22.service", "data-models.mount"] {
+        let text = std::fs::read_to_string(repo().join("systemd").join(unit)).unwrap();
+        // Point ExecStart at the binary under test so the check of the command applies to it.
+        let text = text.replace("/usr/local/bin/wan", &wan_bin().to_string_lossy());
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let ours: Vec<&str> = stderr.lines().filter(|l| l.contains(unit)).collect();
+        assert!(out.status.success() && ours.is_empty(), "{unit}: {stderr}");
+    }
+}
+
+#[test]
+fn notify_ready_only_when_mounted_and_sighup_reloads_manifest() {
+    let work = workdir();
+    let sock_path = work.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let manifest = work.path().join("models.toml");
+    let full = std::fs::read_to_string(fixtures().join("models.toml")).unwrap();
+    let abs = full.replace(
+        "local://models/",
+        &format!("file://{}/", fixture_models().display()),
+    );
+    std::fs::write(&manifest, &abs).unwrap();
+
+    let spec =
+        MountSpec::new(work.path(), &manifest).env("NOTIFY_SOCKET", &sock_path.to_string_lossy());
+    let (mut child, _log) = spec.spawn();
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    // READY means usable: the models are listed at that moment.
+    let listed = std::fs::read_dir(&spec.mountpoint).unwrap().count();
+    assert!(
+        listed >= 3,
+        "READY before the mount answered ({listed} entries)"
+    );
+
+    // Drop ti2v from the manifest and add nothing: SIGHUP → it disappears, others stay.
+    let cut = abs.find("[models.\"ti2v-5B@2.2.0\"]").unwrap();
+    std::fs::write(&manifest, &abs[..cut]).unwrap();
+    hup(child.id());
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    assert!(
+        !spec.mountpoint.join("ti2v-5B@2.2.0").exists(),
+        "removed model still visible"
+    );
+    assert!(
+        spec.mountpoint
+            .join("t2v-A14B@2.2.0/configuration.json")
+            .exists()
+    );
+
+    // A broken manifest is refused; the running one stays.
+    std::fs::write(&manifest, "schema_version = 1\n[models.\"bad id\"]\n").unwrap();
+    hup(child.id());
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    let data = std::fs::read(spec.mountpoint.join("i2v-A14B@2.2.0/configuration.json")).unwrap();
+    assert_eq!(
+        data,
+        std::fs::read(fixture_models().join("i2v-A14B@2.2.0/configuration.json")).unwrap()
+    );
+
+    // The model comes back with the full manifest.
+    std::fs::write(&manifest, &abs).unwrap();
+    hup(child.id());
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    assert!(spec.mountpoint.join("ti2v-5B@2.2.0/config.json").exists());
+
+    // SAFETY: our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "daemon exit: {status}");
+    let log = std::fs::read_to_string(work.path().join("daemon-0.log")).unwrap_or_default();
+    assert!(
+        log.is_empty() || log.contains("reload refused"),
+        "refusal not logged:\n{log}"
+    );
+}
+
+#[test]
+fn reload_refuses_a_bad_config_and_keeps_serving() {
+    let work = workdir();
+    let m = Mount::start(MountSpec::new(work.path(), &fixtures().join("models.toml")));
+    wait_log(&m, "mounted");
+    let cfg = m.spec.work.join("wan.toml");
+    let cfg = if cfg.exists() {
+        cfg
+    } else {
+        find_config(&m.spec.work)
+    };
+    std::fs::write(&cfg, "[fetch]\nconections = 3\n").unwrap();
+    hup(m.pid());
+    wait_log(&m, "reload refused");
+    assert!(
+        m.log().contains("conections"),
+        "the bad key is named:\n{}",
+        m.log()
+    );
+    let p = m.path("t2v-A14B@2.2.0/configuration.json");
+    assert_eq!(
+        std::fs::read(p).unwrap(),
+        std::fs::read(fixture_models().join("t2v-A14B@2.2.0/configuration.json")).unwrap()
+    );
+}
+
+fn find_config(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "toml")
+                && std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .contains("[fetch]")
+        })
+        .expect("the harness writes a config file")
+}
+
+#[test]
+fn mount_helper_mounts_in_the_background() {
+    let work = workdir();
+    let helper = work.path().join("mount.fuse.wan");
+    std::os::unix::fs::symlink(wan_bin(), &helper).unwrap();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let cfg = work.path().join("wan.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "manifest = {:?}\ncache_dir = {:?}\n[http]\naddr = \"\"\n",
+            fixtures().join("models.toml"),
+            work.path().join("cache")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(&helper)
+        .arg("wanfs")
+        .arg(&mnt)
+        .arg("-o")
+        .arg(format!("rw,config={},_netdev", cfg.display()))
+        // mount(8) waits for the helper to exit, not for its output to close (the daemon it
+        // starts keeps stderr, for the journal): so do we.
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(out.success(), "helper failed: {out}");
+    assert!(
+        mnt.join("t2v-A14B@2.2.0").is_dir(),
+        "not mounted after the helper returned"
+    );
+    let n = mount_count(&mnt);
+    assert_eq!(n, 1);
+    force_unmount(&mnt);
+}
+
+#[test]
+fn config_check_names_bad_keys_and_env_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[gc]\nmax_bytes = 1000\n[log]\nformat = \"json\"\n").unwrap();
+    let out = run_wan(
+        &["config", "check", &good.to_string_lossy()],
+        Duration::from_secs(10),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[gc]\nhigh_watermark = 0.5\nlow_watermark = 0.7\n").unwrap();
+    let out = run_wan(
+        &["config", "check", &bad.to_string_lossy()],
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("watermark"));
+    let mut cmd = Command::new(wan_bin());
+    cmd.args(["config", "check", &good.to_string_lossy()])
+        .env("WAN_FETCH_RETRIES", "lots");
+    let out = run_with_timeout(cmd, Duration::from_secs(10));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WAN_") && err.contains("retries"), "{err}");
+}
+
+#[test]
+fn lost_index_is_rebuilt_without_fetching_again() {
+    let setup = GenSetup::new(&[("w.bin", 3 << 20)], 1 << 20, 9);
+    let m = Mount::start(setup.spec(WanConfig::default()));
+    let f = setup.mounted(&m, "w.bin");
+    assert_bytes_eq(
+        &std::fs::read(&f).unwrap(),
+        setup.data("w.bin"),
+        "first read",
+    );
+    let spec = m.spec.clone();
+    assert!(m.stop().success());
+    let before = setup.origin.request_count();
+    // Lose the index entirely (as if the disk holding it failed).
+    let index = spec.cache_dir.join("v1/index.sqlite");
+    std::fs::write(&index, b"garbage, not a database").unwrap();
+    let _ = std::fs::remove_file(spec.cache_dir.join("v1/index.sqlite-wal"));
+    let m = Mount::start(spec);
+    wait_log(&m, "rebuilt index entries");
+    let f = setup.mounted(&m, "w.bin");
+    assert_eq!(state(&f), "COMPLETE");
+    assert_bytes_eq(
+        &std::fs::read(&f).unwrap(),
+        setup.data("w.bin"),
+        "after rebuild",
+    );
+    assert_eq!(
+        setup.origin.request_count(),
+        before,
+        "the rebuild fetched something again"
+    );
+}
