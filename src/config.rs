@@ -99,7 +99,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         FetchConfig {
             connections: 16,
-            max_inflight_mib: 128,
+            max_inflight_mib: 64,
             read_timeout_secs: 30.0,
             request_timeout_secs: 10.0,
             retries: 3,

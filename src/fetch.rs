@@ -140,7 +140,7 @@ impl Fetcher {
         file: &Arc<FileCtx>,
         offset: u64,
         size: u32,
-    ) -> Result<Vec<u8>, FetchError> {
+    ) -> Result<Bytes, FetchError> {
         let timeout = self.cfg.read_timeout();
         match tokio::time::timeout(timeout, self.read_inner(file, offset, size)).await {
             Ok(r) => r,
@@ -177,11 +177,11 @@ impl Fetcher {
         file: &Arc<FileCtx>,
         offset: u64,
         size: u32,
-    ) -> Result<Vec<u8>, FetchError> {
+    ) -> Result<Bytes, FetchError> {
         let f = &file.entry;
         let end = (offset + size as u64).min(f.size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let layout = f.layout();
         let covering = layout.covering(offset, end - offset);
@@ -202,6 +202,15 @@ impl Fetcher {
                 .into_iter()
                 .filter_map(|(i, c)| c.map(|c| (i, c)))
                 .collect();
+            // The common case, a read inside one freshly fetched chunk, is a slice of it.
+            if covering.end - covering.start == 1
+                && let Some(c) = fetched.get(&covering.start)
+            {
+                let base = layout.range(covering.start).start;
+                return Ok(c
+                    .bytes()
+                    .slice((offset - base) as usize..(end - base) as usize));
+            }
             let mut out = vec![0u8; (end - offset) as usize];
             let mut from_disk = Vec::new();
             for idx in covering.clone() {
@@ -216,7 +225,7 @@ impl Fetcher {
                 }
             }
             if from_disk.is_empty() {
-                return Ok(out);
+                return Ok(Bytes::from(out));
             }
             let Some(fd) = self.store.reader(f, from_disk.iter().map(|(i, _, _)| *i)) else {
                 continue;
@@ -227,7 +236,7 @@ impl Fetcher {
                     fd.read_exact_at(&mut out[dst], s)
                         .map_err(|e| FetchError::Store(format!("reading blob {sha}: {e}")))?;
                 }
-                Ok(out)
+                Ok(Bytes::from(out))
             })
             .await
             .map_err(|e| FetchError::Store(e.to_string()))?;
@@ -557,24 +566,15 @@ impl Fetcher {
         prio: Priority,
         attempts: u32,
     ) -> Result<Bytes, SourceError> {
-        let part = self.cfg.part_size();
-        let parts: Vec<Range<u64>> = (range.start..range.end)
-            .step_by(part as usize)
-            .map(|s| s..(s + part).min(range.end))
-            .collect();
-        let pieces = futures::future::try_join_all(
-            parts
-                .into_iter()
-                .map(|r| self.fetch_part(src, path, r, prio, attempts)),
-        )
+        let part = self.cfg.part_size() as usize;
+        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+        // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
+        futures::future::try_join_all(buf.chunks_mut(part).enumerate().map(|(i, slice)| {
+            let start = range.start + (i * part) as u64;
+            let r = start..start + slice.len() as u64;
+            self.fetch_part(src, path, r, prio, attempts, slice)
+        }))
         .await?;
-        if pieces.len() == 1 {
-            return Ok(pieces.into_iter().next().unwrap());
-        }
-        let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
-        for p in pieces {
-            buf.extend_from_slice(&p);
-        }
         Ok(buf.freeze())
     }
 
@@ -585,7 +585,8 @@ impl Fetcher {
         r: Range<u64>,
         prio: Priority,
         attempts: u32,
-    ) -> Result<Bytes, SourceError> {
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
         let mut last = SourceError::Timeout;
         for attempt in 0..attempts {
             if attempt > 0 {
@@ -605,21 +606,21 @@ impl Fetcher {
             let _conn = self.connections.acquire().await.expect("open");
             let res = tokio::time::timeout(
                 self.cfg.request_timeout(),
-                src.source.fetch(path, r.clone()),
+                src.source.fetch_into(path, r.clone(), &mut *buf),
             )
             .await
             .unwrap_or(Err(SourceError::Timeout));
             match res {
-                Ok(b) => {
+                Ok(()) => {
                     METRICS
                         .source_bytes
                         .with_label_values(&[&src.name])
-                        .inc_by(b.len() as u64);
+                        .inc_by(buf.len() as u64);
                     METRICS
                         .source_requests
                         .with_label_values(&[&src.name, "ok"])
                         .inc();
-                    return Ok(b);
+                    return Ok(());
                 }
                 Err(e) => {
                     METRICS

@@ -117,7 +117,7 @@ fn s3_source_serves_verified_bytes_and_refuses_bad_credentials_and_missing_objec
         );
         let all = std::fs::read(&f).expect("whole read");
         assert_bytes_eq(&all, &data, "s3 whole read");
-        assert_eq!(state(&f), "COMPLETE");
+        assert_eq!(wait_state(&f, "COMPLETE"), "COMPLETE");
 
         // The object that is not in the bucket: EIO, and the log says not found.
         let missing = m.path("s3m@1.0.0/missing.bin");

@@ -345,7 +345,7 @@ impl ModelFs {
         fh: u64,
         offset: u64,
         size: u32,
-    ) -> Result<Vec<u8>, FsError> {
+    ) -> Result<bytes::Bytes, FsError> {
         let f = self.file(ino)?;
         METRICS.cache_misses.inc();
         let t0 = std::time::Instant::now();

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use reqwest::StatusCode;
@@ -18,6 +18,7 @@ use crate::config::FetchConfig;
 pub fn http_client(cfg: &FetchConfig) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.connections)
+        .pool_idle_timeout(std::time::Duration::from_secs(300))
         .tcp_nodelay(true)
         .connect_timeout(cfg.request_timeout())
         .user_agent(concat!("wanfs/", env!("CARGO_PKG_VERSION")))
@@ -76,6 +77,35 @@ fn transport(e: reqwest::Error) -> SourceError {
     }
 }
 
+impl HttpSource {
+    /// Sends the ranged GET and checks the answer's status.
+    async fn get(&self, path: &str, range: &Range<u64>) -> Result<reqwest::Response, SourceError> {
+        let want = range.end - range.start;
+        let mut req = self
+            .client
+            .get(self.url(path))
+            .header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
+        if let Some(t) = &self.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        match status {
+            StatusCode::PARTIAL_CONTENT => Ok(resp),
+            // A server that ignores Range is fine only when we asked for everything.
+            StatusCode::OK if range.start == 0 && resp.content_length() == Some(want) => Ok(resp),
+            StatusCode::OK => Err(SourceError::Transport(
+                "server ignored the Range header (answered 200 to a partial request)".into(),
+            )),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Err(SourceError::NotFound),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Err(SourceError::Denied(status.as_u16()))
+            }
+            s => Err(SourceError::Status(s.as_u16())),
+        }
+    }
+}
+
 impl Source for HttpSource {
     fn fetch<'a>(
         &'a self,
@@ -83,53 +113,44 @@ impl Source for HttpSource {
         range: Range<u64>,
     ) -> BoxFuture<'a, Result<Bytes, SourceError>> {
         Box::pin(async move {
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            self.fetch_into(path, range, &mut buf).await?;
+            Ok(Bytes::from(buf))
+        })
+    }
+
+    fn fetch_into<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
             let want = range.end - range.start;
             if want == 0 {
-                return Ok(Bytes::new());
+                return Ok(());
             }
-            let mut req = self
-                .client
-                .get(self.url(path))
-                .header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
-            if let Some(t) = &self.token {
-                req = req.header(AUTHORIZATION, format!("Bearer {t}"));
-            }
-            let resp = req.send().await.map_err(transport)?;
-            let status = resp.status();
-            match status {
-                StatusCode::PARTIAL_CONTENT => {}
-                // A server that ignores Range is fine only when we asked for everything.
-                StatusCode::OK if range.start == 0 && resp.content_length() == Some(want) => {}
-                StatusCode::OK => {
-                    return Err(SourceError::Transport(
-                        "server ignored the Range header (answered 200 to a partial request)"
-                            .into(),
-                    ));
-                }
-                StatusCode::NOT_FOUND | StatusCode::GONE => return Err(SourceError::NotFound),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    return Err(SourceError::Denied(status.as_u16()));
-                }
-                s => return Err(SourceError::Status(s.as_u16())),
-            }
-            let mut buf = BytesMut::with_capacity(want as usize);
+            let resp = self.get(path, &range).await?;
+            let mut got = 0usize;
             let mut body = resp.bytes_stream();
             while let Some(piece) = body.next().await {
                 let piece = piece.map_err(transport)?;
-                if buf.len() as u64 + piece.len() as u64 > want {
+                let end = got + piece.len();
+                if end as u64 > want {
                     return Err(SourceError::Transport(format!(
                         "body longer than the {want} bytes asked for"
                     )));
                 }
-                buf.extend_from_slice(&piece);
+                buf[got..end].copy_from_slice(&piece);
+                got = end;
             }
-            if (buf.len() as u64) < want {
+            if (got as u64) < want {
                 return Err(SourceError::Short {
                     want,
-                    got: buf.len() as u64,
+                    got: got as u64,
                 });
             }
-            Ok(buf.freeze())
+            Ok(())
         })
     }
 }

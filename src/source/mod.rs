@@ -61,6 +61,27 @@ pub trait Source: Send + Sync {
         path: &'a str,
         range: Range<u64>,
     ) -> BoxFuture<'a, Result<Bytes, SourceError>>;
+
+    /// The same bytes, written into `buf` (exactly `range`'s length). Sources that can stream
+    /// straight into the caller's buffer override this to save a copy.
+    fn fetch_into<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let b = self.fetch(path, range).await?;
+            if b.len() != buf.len() {
+                return Err(SourceError::Short {
+                    want: buf.len() as u64,
+                    got: b.len() as u64,
+                });
+            }
+            buf.copy_from_slice(&b);
+            Ok(())
+        })
+    }
 }
 
 /// A source plus its health, shared by every model that lists the same URL.
