@@ -36,7 +36,9 @@ say "checking the manifest"
 "$WAN" manifest check fixtures/models.toml
 
 say "mounting at $mnt (cache: $cache)"
-WAN_LOG=info "$WAN" mount "$mnt" --manifest fixtures/models.toml --cache-dir "$cache" 2>"$log" &
+# The HTTP endpoint on a free port, so the demo never collides with a running daemon.
+printf '[http]\naddr = "127.0.0.1:0"\n' > "$work/wan.toml"
+WAN_LOG=info "$WAN" mount "$mnt" --manifest fixtures/models.toml --cache-dir "$cache" --config "$work/wan.toml" 2>"$log" &
 pid=$!
 for _ in $(seq 100); do
   grep -q mounted "$log" 2>/dev/null && break
@@ -104,6 +106,24 @@ with open(sys.argv[1], "rb") as f, open(sys.argv[2], "rb") as g:
     assert m[:] == g.read(), "mmap content differs"
     print(f"  mapped {len(m)} bytes, identical to the source")
 PY
+
+say "the control plane: .wan/ files, the HTTP endpoint and wan models speak one vocabulary"
+http=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'HTTP endpoint listening addr=[0-9.:]*' | sed 's/.*addr=//')
+echo "  \$ echo ti2v-5B@2.2.0 > .wan/ensure"
+echo ti2v-5B@2.2.0 > "$mnt/.wan/ensure"
+for _ in $(seq 100); do
+  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); sys.exit(s['models']['ti2v-5B@2.2.0']['state']!='COMPLETE')" "$mnt/.wan/status" && break
+  sleep 0.1
+done
+echo "  \$ wan models --http $http status"
+"$WAN" models --http "$http" status | sed 's/^/  /'
+echo "  \$ curl -s http://$http/health/models   (summary)"
+python3 - "$http" <<'PY'
+import json, sys, urllib.request
+print("  ", json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/health/models"))["summary"])
+PY
+echo "  \$ echo bogus@1.0.0 > .wan/ensure"
+if echo bogus@1.0.0 > "$mnt/.wan/ensure" 2>/dev/null; then die "a bad id was accepted"; else echo "  refused with EINVAL, as it should be"; fi
 
 say "what was fetched (daemon log)"
 grep -o 'download completed.*' "$log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /'

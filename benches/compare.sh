@@ -186,10 +186,6 @@ wan_failed() { # the read through the mount failed: say why, with the daemon's o
   echo "compare.sh: ERROR: $1 through wanfs failed" >&2
   if [ -n "$WAN_PID" ] && ! kill -0 "$WAN_PID" 2>/dev/null; then echo "  the wan daemon (pid $WAN_PID) has exited" >&2; fi
   grep -m4 "panicked\| ERROR \|error" "$WLOG" >&2 || true
-  if grep -q "no reactor running" "$WLOG"; then
-    echo "  known wanfs bug (docs/BENCHMARKS.md): read-ahead started from a FUSE dispatch thread;" >&2
-    echo "  until it is fixed, run with WAN_CONFIG pointing to a file with: [fetch] readahead_chunks = 0" >&2
-  fi
   die "daemon log: $WLOG"
 }
 wread() { # wread WHAT MODE FILE [ARG]: readfile.py through the mount, value only
@@ -245,7 +241,7 @@ else
 # the daemon's defaults, spelled out
 [fetch]
 connections = 16
-max_inflight_mib = 128
+max_inflight_mib = 64
 read_timeout_secs = 30.0
 request_timeout_secs = 10.0
 retries = 3
@@ -256,6 +252,9 @@ part_size_kib = 1024
 passthrough = true
 read_ahead_kb = 4096
 threads = 2
+
+[http]
+addr = ""
 EOF
 fi
 

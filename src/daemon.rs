@@ -27,6 +27,14 @@ pub struct MountPlan {
 
 /// Mounts and serves until SIGTERM/SIGINT or an external unmount.
 pub fn run(plan: MountPlan) -> anyhow::Result<()> {
+    // Chunk buffers are megabytes and short-lived: keep them in their own mappings so a freed
+    // one goes back to the system at once (glibc would otherwise raise its mmap threshold and
+    // keep them in arena memory), and cap the per-thread arenas. Bounded RSS is a promise.
+    // SAFETY: mallopt only tunes the allocator; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cfg = plan.config;
     let manifest = Manifest::load(&plan.manifest)?;
     let store = Arc::new(Store::open(&plan.cache_dir)?);
@@ -141,7 +149,8 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     };
     let background = rt.spawn(control.clone().run_background(stopped(stop_rx.clone())));
     let server = http.map(|listener| {
-        tracing::info!(addr = %cfg.http.addr, "HTTP endpoint listening");
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| cfg.http.addr.clone());
+        tracing::info!(addr = %addr, "HTTP endpoint listening");
         rt.spawn(crate::http::serve(
             listener,
             control.clone(),
