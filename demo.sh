@@ -10,8 +10,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 die() { echo "demo: $*" >&2; exit 1; }
 
 [ -e /dev/fuse ] || die "/dev/fuse is missing: load the fuse module (modprobe fuse)"
-if [ "$(id -u)" != 0 ] && ! command -v fusermount3 >/dev/null; then
-  die "as a non-root user wanfs needs fusermount3: sudo apt-get install -y fuse3"
+if [ "$(id -u)" != 0 ]; then
+  command -v fusermount3 >/dev/null || die "as a non-root user wanfs needs fusermount3: sudo apt-get install -y fuse3"
+  [ -r /dev/fuse ] && [ -w /dev/fuse ] || die "/dev/fuse is not open to $(id -un) (mode $(stat -c %a /dev/fuse); distributions ship it 0666)"
 fi
 command -v cargo >/dev/null || die "cargo is missing: install Rust from https://rustup.rs"
 command -v python3 >/dev/null || die "python3 is missing (used here only to read xattrs)"
