@@ -270,3 +270,59 @@ fn lost_index_is_rebuilt_without_fetching_again() {
         "the rebuild fetched something again"
     );
 }
+
+#[test]
+fn json_logs_to_a_file_reopened_on_sighup_with_downloads_greppable() {
+    let work = workdir();
+    let logfile = work.path().join("wan.log");
+    let spec = MountSpec::new(work.path(), &fixtures().join("models.toml"))
+        .env("WAN_LOG_FORMAT", "json")
+        .env("WAN_LOG_FILE", &logfile.to_string_lossy());
+    let m = Mount::start(spec);
+    let f = m.path("ti2v-5B@2.2.0/config.json");
+    std::fs::read(&f).unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&logfile)
+        .unwrap_or_default()
+        .contains("download completed")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no download line in {}",
+            logfile.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&logfile).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("download completed"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(v["fields"]["model"], "ti2v-5B@2.2.0", "{line}");
+    assert_eq!(v["fields"]["file"], "config.json", "{line}");
+    assert!(
+        v["fields"]["bytes"].as_u64().unwrap() > 0 && v["fields"].get("seconds").is_some(),
+        "{line}"
+    );
+    // logrotate: move the file away, SIGHUP, and the daemon writes to a new one.
+    let rotated = work.path().join("wan.log.1");
+    std::fs::rename(&logfile, &rotated).unwrap();
+    hup(m.pid());
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&logfile)
+        .unwrap_or_default()
+        .contains("reload")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "log file not reopened after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !std::fs::read_to_string(&rotated)
+            .unwrap()
+            .contains("reloaded")
+    );
+}
