@@ -149,7 +149,10 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     };
     let background = rt.spawn(control.clone().run_background(stopped(stop_rx.clone())));
     let server = http.map(|listener| {
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| cfg.http.addr.clone());
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| cfg.http.addr.clone());
         tracing::info!(addr = %addr, "HTTP endpoint listening");
         rt.spawn(crate::http::serve(
             listener,
