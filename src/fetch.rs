@@ -85,6 +85,18 @@ pub enum Priority {
 type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
 type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 
+/// Every source failed: say what, and what each source said.
+fn exhausted(what: String, errors: Vec<String>) -> FetchError {
+    FetchError::Exhausted {
+        what,
+        detail: if errors.is_empty() {
+            "no sources".into()
+        } else {
+            errors.join("; ")
+        },
+    }
+}
+
 /// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).max(1) as u32
@@ -402,6 +414,13 @@ impl Fetcher {
         async move { shared.await.map(Some) }.boxed()
     }
 
+    /// Counts wrong bytes from `src` and cools it down at once.
+    fn integrity_failure(&self, src: &SourceHandle) {
+        METRICS.integrity_failures.inc();
+        METRICS.errors.with_label_values(&["integrity"]).inc();
+        src.record_failure(true, self.cfg.cooldown());
+    }
+
     /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
     fn recently_failed(&self, key: (Digest, u64)) -> Option<FetchError> {
         let mut failed = self.failed.lock().unwrap();
@@ -470,23 +489,14 @@ impl Fetcher {
                     return Ok(chunk);
                 }
                 Err(mismatch) => {
-                    METRICS.integrity_failures.inc();
-                    METRICS.errors.with_label_values(&["integrity"]).inc();
-                    src.record_failure(true, self.cfg.cooldown());
+                    self.integrity_failure(&src);
                     tracing::error!(source = %src.name, file = %what, %mismatch,
                         "integrity failure: source sent wrong bytes; discarded, trying the next source");
                     errors.push(format!("{}: wrong bytes ({mismatch})", src.name));
                 }
             }
         }
-        Err(FetchError::Exhausted {
-            what,
-            detail: if errors.is_empty() {
-                "no sources".into()
-            } else {
-                errors.join("; ")
-            },
-        })
+        Err(exhausted(what, errors))
     }
 
     async fn commit(
@@ -732,20 +742,11 @@ impl Fetcher {
                 self.completed(file);
                 return Ok(());
             }
-            METRICS.integrity_failures.inc();
-            METRICS.errors.with_label_values(&["integrity"]).inc();
-            src.record_failure(true, self.cfg.cooldown());
+            self.integrity_failure(&src);
             tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
                 "integrity failure: whole file does not match its sha256; discarded, trying the next source");
             errors.push(format!("{}: wrong bytes (sha256 {actual})", src.name));
         }
-        Err(FetchError::Exhausted {
-            what,
-            detail: if errors.is_empty() {
-                "no sources".into()
-            } else {
-                errors.join("; ")
-            },
-        })
+        Err(exhausted(what, errors))
     }
 }

@@ -60,6 +60,16 @@ impl FuseAdapter {
     }
 }
 
+impl FuseAdapter {
+    fn reply_passthrough(&self, fh: u64, ino: u64, id: &BackingId, reply: ReplyOpen) {
+        self.handles
+            .lock()
+            .unwrap()
+            .insert(fh, (ino, HandleMode::Passthrough));
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+    }
+}
+
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -147,11 +157,7 @@ impl Filesystem for FuseAdapter {
             *n += 1;
             let id = id.clone();
             drop(io);
-            self.handles
-                .lock()
-                .unwrap()
-                .insert(fh, (ino.0, HandleMode::Passthrough));
-            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            return self.reply_passthrough(fh, ino.0, &id, reply);
         }
         if state.cached_opens == 0
             && self.passthrough
@@ -162,11 +168,7 @@ impl Filesystem for FuseAdapter {
                     let id = Arc::new(id);
                     state.passthrough = Some((id.clone(), 1));
                     drop(io);
-                    self.handles
-                        .lock()
-                        .unwrap()
-                        .insert(fh, (ino.0, HandleMode::Passthrough));
-                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    return self.reply_passthrough(fh, ino.0, &id, reply);
                 }
                 Err(e) => {
                     tracing::debug!(ino = ino.0, error = %e, "passthrough refused; serving reads")
