@@ -23,7 +23,7 @@ pub struct Config {
 }
 
 /// Cache size limits and garbage collection.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GcConfig {
     /// Most bytes the cache may hold (0 = no byte limit).
@@ -51,7 +51,7 @@ impl Default for GcConfig {
 }
 
 /// The HTTP endpoint.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Listen address; empty disables the endpoint.

@@ -167,7 +167,7 @@ pub struct GcReport {
     pub freed_bytes: u64,
     pub removed: Vec<GcItem>,
     pub orphans_removed: usize,
-    pub reverified_chunks: u64,
+    pub reverified_bytes: u64,
     pub bad_chunks: u64,
 }
 
@@ -609,6 +609,9 @@ impl Control {
     pub fn mark_corrupted(&self, ids: &[String]) -> Result<Vec<String>, ControlError> {
         let ids = self.resolve(ids)?;
         for id in &ids {
+            for (f, _) in self.blobs_of(id) {
+                self.store().mark_suspect(f.entry.sha256);
+            }
             self.evict(id, true)?;
             self.store()
                 .index()
@@ -756,7 +759,15 @@ impl Control {
             first_err.unwrap_or_default(),
         );
         self.finish_job(&job, &result);
-        self.usage();
+        // Past the hard limit the daemon reports itself unhealthy: collect now rather than
+        // at the next tick (the high watermark alone waits for the tick).
+        let max = self.cfg().gc.max_bytes;
+        if max > 0 && self.store().used_bytes() > max {
+            tracing::info!("cache usage crossed the high watermark: running auto GC");
+            if let Err(e) = self.gc(GcMode::Auto, false).await {
+                tracing::error!(error = %e, "auto GC failed");
+            }
+        }
     }
 
     /// Starts verify jobs in the background.
@@ -1061,7 +1072,7 @@ impl Control {
             freed_bytes: freed,
             removed,
             orphans_removed,
-            reverified_chunks: reverified,
+            reverified_bytes: reverified,
             bad_chunks: bad,
         })
     }

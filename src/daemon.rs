@@ -164,7 +164,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let reloader = Reloader {
         reread: plan.reread,
         cache_dir: plan.cache_dir.clone(),
-        config: cfg.clone(),
+        config: std::sync::Mutex::new(cfg.clone()),
         sources: sources_for_reload,
         fs: fs.clone(),
         control: control.clone(),
@@ -195,12 +195,25 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         }
     });
     if let Err(e) = unmounter.unmount() {
-        tracing::warn!(error = %e, "unmount failed");
+        // Busy (files still open): detach lazily so the mountpoint is free at once; exiting
+        // then closes the FUSE connection, and readers still holding files get errors.
+        tracing::warn!(error = %e, "unmount failed; detaching the mount lazily");
+        if let Err(e) = detach(&mountpoint) {
+            tracing::error!(error = %format!("{e:#}"), "could not detach the mount");
+        }
     }
-    match serve.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
-        Err(_) => bail!("FUSE session thread panicked"),
+    let t0 = std::time::Instant::now();
+    while !serve.is_finished() && t0.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if serve.is_finished() {
+        match serve.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+            Err(_) => bail!("FUSE session thread panicked"),
+        }
+    } else {
+        tracing::warn!("files are still open on the detached mount; exiting anyway");
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     tracing::info!("stopped");
@@ -211,7 +224,8 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
 struct Reloader {
     reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
     cache_dir: PathBuf,
-    config: Config,
+    /// The configuration in force: only `[gc]` (and the manifest) change on reload.
+    config: std::sync::Mutex<Config>,
     sources: Arc<SourceRegistry>,
     fs: Arc<ModelFs>,
     control: Arc<Control>,
@@ -236,29 +250,44 @@ impl Reloader {
             Ok((cfg, manifest_path, manifest)) => {
                 let files = file_contexts(&manifest, &self.sources);
                 let tree = self.fs.next_tree(&files);
-                let removed = self.fs.replace_tree(tree);
-                self.control.reload(&manifest, files, cfg.clone());
-                for name in &removed {
-                    // The kernel caches entries for an hour; forget removed models now.
+                let (removed, stale) = self.fs.replace_tree(tree);
+                for (parent, name) in &stale {
+                    // The kernel caches entries for an hour: forget removed or changed ones now.
                     if let Err(e) = self
                         .notifier
-                        .inval_entry(fuser::INodeNo(crate::fs::ROOT), std::ffi::OsStr::new(name))
+                        .inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::new(name))
                     {
-                        tracing::debug!(model = %name, error = %e, "could not invalidate a removed model's entry");
+                        tracing::debug!(entry = %name, error = %e, "could not invalidate a stale entry");
                     }
                 }
-                let restart_only = (
-                    self.config.fetch != cfg.fetch,
-                    self.config.mount != cfg.mount,
-                );
-                if restart_only.0
-                    || restart_only.1
-                    || cfg.cache_dir.as_ref().is_some_and(|c| *c != self.cache_dir)
-                {
+                let mut in_force = self.config.lock().unwrap();
+                let mut later = Vec::new();
+                if in_force.fetch != cfg.fetch {
+                    later.push("[fetch]");
+                }
+                if in_force.mount != cfg.mount {
+                    later.push("[mount]");
+                }
+                if in_force.http != cfg.http {
+                    later.push("[http]");
+                }
+                if in_force.log != cfg.log {
+                    later.push("[log]");
+                }
+                if cfg.mountpoint.is_some() && in_force.mountpoint != cfg.mountpoint {
+                    later.push("mountpoint");
+                }
+                if cfg.cache_dir.as_ref().is_some_and(|c| *c != self.cache_dir) {
+                    later.push("cache_dir");
+                }
+                if !later.is_empty() {
                     tracing::warn!(
-                        "reload: [fetch], [mount] and cache_dir changes apply at the next restart"
+                        sections = %later.join(", "),
+                        "reload: these changes apply at the next restart; the running values stay in force"
                     );
                 }
+                in_force.gc = cfg.gc.clone();
+                self.control.reload(&manifest, files, in_force.clone());
                 tracing::info!(
                     manifest = %manifest_path.display(),
                     models = manifest.models.len(),
@@ -360,6 +389,24 @@ fn mount_at(path: &Path) -> Option<MountEntry> {
     })
 }
 
+/// Detaches the mount at `path` lazily: `umount2(MNT_DETACH)` as root, else `fusermount3 -u -z`.
+fn detach(path: &Path) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid C string; MNT_DETACH only detaches.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let status = std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(path)
+        .status()
+        .context("running fusermount3 -u -z")?;
+    if !status.success() {
+        bail!("could not detach the mount at {}", path.display());
+    }
+    Ok(())
+}
+
 /// A daemon killed with SIGKILL leaves its mount behind ("Transport endpoint is not
 /// connected"); detach it so we can mount again. A live mount is refused instead.
 fn clear_stale_mount(path: &Path) -> anyhow::Result<()> {
@@ -369,19 +416,7 @@ fn clear_stale_mount(path: &Path) -> anyhow::Result<()> {
     match std::fs::metadata(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             tracing::warn!(mountpoint = %path.display(), "clearing a dead mount left by a previous daemon");
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-            // SAFETY: a valid C string; MNT_DETACH only detaches.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                let status = std::process::Command::new("fusermount3")
-                    .args(["-u", "-z"])
-                    .arg(path)
-                    .status()
-                    .context("running fusermount3 -u -z to clear a dead mount")?;
-                if !status.success() {
-                    bail!("could not clear the dead mount at {}", path.display());
-                }
-            }
-            Ok(())
+            detach(path)
         }
         _ if entry.fstype.starts_with("fuse") => bail!(
             "{} is already mounted ({}) and answering: is another wan daemon running?",

@@ -468,8 +468,10 @@ impl Fetcher {
             .await;
             let bytes = match got {
                 Err(_) => {
-                    errors.push(format!("{}: gave up at the read deadline", src.name));
-                    break;
+                    // A source that cannot answer in time is failing, as much as one that errs.
+                    src.record_failure(false, self.cfg.cooldown());
+                    tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
+                    return Err(FetchError::Timeout(self.cfg.read_timeout()));
                 }
                 Ok(Err(e)) => {
                     src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
@@ -548,7 +550,7 @@ impl Fetcher {
             model = %file.model,
             file = %file.entry.path,
             bytes = file.entry.size,
-            seconds = format_args!("{secs:.3}"),
+            seconds = (secs * 1000.0).round() / 1000.0,
             "download completed"
         );
     }

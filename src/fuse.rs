@@ -154,6 +154,17 @@ impl Filesystem for FuseAdapter {
         let mut io = self.io.lock().unwrap();
         let state = io.entry(ino.0).or_default();
         if let Some((id, n)) = &mut state.passthrough {
+            if opened.suspect {
+                // The kernel makes every open of this inode share the backing file, whose
+                // bytes are now known bad: refuse rather than serve them.
+                drop(io);
+                self.fs.release(ino.0, fh);
+                tracing::error!(
+                    ino = ino.0,
+                    "refused an open: the cached file was found corrupt while other processes hold it open in passthrough mode; it opens again once they close it"
+                );
+                return reply.error(Errno::EIO);
+            }
             *n += 1;
             let id = id.clone();
             drop(io);
@@ -364,6 +375,75 @@ impl Filesystem for FuseAdapter {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    // The namespace is the manifest's: nothing can be created, removed or renamed.
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _t: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
     }
 
     fn flush(

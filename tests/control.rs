@@ -1005,7 +1005,7 @@ fn http_routes() {
     assert_eq!(g["mode"], "deep-clean");
     assert_eq!(g["orphans_removed"], 1, "{g:#}");
     assert!(!orphan.exists(), "deep-clean left the orphan");
-    assert!(g["reverified_chunks"].as_u64().unwrap() > 0, "{g:#}");
+    assert!(g["reverified_bytes"].as_u64().unwrap() > 0, "{g:#}");
     assert_eq!(g["bad_chunks"], 0);
     assert_eq!(api.model(T2V)["state"], "COMPLETE");
     let e = api.post("/gc?mode=everything", None, None).expect(400);
@@ -1342,7 +1342,7 @@ fn cli_against_a_live_daemon() {
     assert_eq!(cli.status(T2V)["state"], "COMPLETE");
     let v = cli.run(&["--json", "gc", "--deep-clean"]).ok().json();
     assert_eq!(v["mode"], "deep-clean");
-    assert!(v["reverified_chunks"].as_u64().unwrap() > 0, "{v:#}");
+    assert!(v["reverified_bytes"].as_u64().unwrap() > 0, "{v:#}");
     cli.run(&["gc", "--auto"]).ok();
     cli.run(&["gc", "--auto", "--aggressive"]).fails();
 

@@ -196,6 +196,8 @@ fn wrong_bytes_fall_back_to_next_source() {
         "ranges that failed verification at the first source {bad_ranges:?} were not fetched from the second {good_ranges:?}"
     );
 
+    // Readers are served as soon as a chunk is verified; its commit follows.
+    assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
     let cache = CacheView::new(&mount.spec.cache_dir);
     cache.check_consistent().expect("cache consistent");
     let record = manifest_files(&entry, GEN).remove(0);

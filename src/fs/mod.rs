@@ -57,6 +57,8 @@ pub struct Opened {
     pub fh: u64,
     pub backing: Option<std::fs::File>,
     pub direct_io: bool,
+    /// The file's cached data was found or declared corrupt and is not complete again.
+    pub suspect: bool,
 }
 
 /// Every error a filesystem call can return; `errno` is the one place they map to codes.
@@ -146,12 +148,14 @@ impl ModelFs {
         self.tree.read().unwrap().clone()
     }
 
-    /// Swaps in a new tree (reload); returns the models that disappeared.
-    pub fn replace_tree(&self, tree: Tree) -> Vec<String> {
+    /// Swaps in a new tree (reload); returns the models that disappeared and every entry whose
+    /// kernel dentry is now stale (removed, or the same path with new content).
+    pub fn replace_tree(&self, tree: Tree) -> (Vec<String>, Vec<(u64, String)>) {
         let mut slot = self.tree.write().unwrap();
         let removed = slot.removed_models(&tree);
+        let stale = slot.stale_entries(&tree);
         *slot = Arc::new(tree);
-        removed
+        (removed, stale)
     }
 
     /// A new tree for `models` that keeps the current inode numbers.
@@ -250,6 +254,7 @@ impl ModelFs {
                 fh,
                 backing: None,
                 direct_io: true,
+                suspect: false,
             });
         }
         if write {
@@ -267,6 +272,7 @@ impl ModelFs {
             fh,
             backing,
             direct_io: false,
+            suspect: store.is_suspect(f.entry.sha256),
         })
     }
 

@@ -222,6 +222,26 @@ impl Tree {
         }
     }
 
+    /// Entries (parent inode, name) reachable in `self` that `next` removed or gave another
+    /// inode: the kernel's cached dentries for them must be dropped on reload.
+    pub fn stale_entries(&self, next: &Tree) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut stack = vec![ROOT];
+        while let Some(dir) = stack.pop() {
+            let Some(NodeKind::Dir(children)) = self.get(dir).map(|n| &n.kind) else {
+                continue;
+            };
+            for (name, &ino) in children {
+                if next.lookup(dir, name) == Some(ino) {
+                    stack.push(ino);
+                } else {
+                    out.push((dir, name.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Every file reachable from the root (for statfs).
     pub fn live_files(&self) -> Vec<&Arc<FileCtx>> {
         let mut out = Vec::new();

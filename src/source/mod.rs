@@ -96,7 +96,12 @@ pub struct SourceHandle {
 struct Health {
     consecutive_failures: u32,
     cooled_until: Option<Instant>,
+    last_failure: Option<Instant>,
 }
+
+/// How long after its last failure a source still counts as failing for health, unless a
+/// request to it succeeds first: a failover-only mirror may see no traffic once it recovers.
+const FAILING_FOR: Duration = Duration::from_secs(60);
 
 /// Consecutive failures after which a source is cooled down.
 const FAILURES_BEFORE_COOLDOWN: u32 = 3;
@@ -119,7 +124,11 @@ impl SourceHandle {
     /// Whether the last request to this source failed (or it is cooling down).
     pub fn failing(&self) -> bool {
         let h = self.health.lock().unwrap();
-        h.consecutive_failures > 0 || h.cooled_until.is_some_and(|t| t > Instant::now())
+        let now = Instant::now();
+        h.cooled_until.is_some_and(|t| t > now)
+            || (h.consecutive_failures > 0
+                && h.last_failure
+                    .is_some_and(|t| now.duration_since(t) < FAILING_FOR))
     }
 
     pub fn record_success(&self) {
@@ -132,6 +141,7 @@ impl SourceHandle {
     pub fn record_failure(&self, hard: bool, cooldown: Duration) {
         let mut h = self.health.lock().unwrap();
         h.consecutive_failures += 1;
+        h.last_failure = Some(Instant::now());
         if hard || h.consecutive_failures >= FAILURES_BEFORE_COOLDOWN {
             h.cooled_until = Some(Instant::now() + cooldown);
         }

@@ -153,6 +153,8 @@ pub struct Store {
     blobs: Mutex<HashMap<Digest, BlobState>>,
     fds: Mutex<LruCache<Digest, Arc<File>>>,
     opens: Mutex<HashMap<Digest, u32>>,
+    /// Blobs with data found or declared corrupt that are not complete again yet.
+    suspect: Mutex<std::collections::HashSet<Digest>>,
     _lock: File,
 }
 
@@ -202,6 +204,7 @@ impl Store {
             blobs: Mutex::new(HashMap::new()),
             fds: Mutex::new(LruCache::new(NonZeroUsize::new(OPEN_BLOBS).unwrap())),
             opens: Mutex::new(HashMap::new()),
+            suspect: Mutex::new(std::collections::HashSet::new()),
             _lock: lock,
         };
         store.reconcile()?;
@@ -424,11 +427,24 @@ impl Store {
             st.set(*idx);
         }
         st.touch();
+        if st.complete() {
+            self.suspect.lock().unwrap().remove(&f.sha256);
+        }
         Ok(())
+    }
+
+    /// Marks a blob's on-disk data as not to be trusted until it is complete again.
+    pub fn mark_suspect(&self, d: Digest) {
+        self.suspect.lock().unwrap().insert(d);
+    }
+
+    pub fn is_suspect(&self, d: Digest) -> bool {
+        self.suspect.lock().unwrap().contains(&d)
     }
 
     /// Forgets one chunk (found corrupt on disk): it will be fetched again.
     pub fn drop_chunk(&self, f: &FileEntry, idx: u64) -> Result<(), StoreError> {
+        self.mark_suspect(f.sha256);
         let mut blobs = self.blobs.lock().unwrap();
         if let Some(st) = blobs.get_mut(&f.sha256) {
             self.index.forget_chunk(f.sha256, idx)?;
