@@ -59,6 +59,9 @@ pub struct HttpConfig {
     /// Name of the environment variable holding the bearer token that lets non-local clients
     /// call mutating routes (the token itself never goes in this file).
     pub token_env: String,
+    /// Require the token from loopback clients too (any local user can reach 127.0.0.1,
+    /// while `.wan/` writes need the mount owner).
+    pub require_token: bool,
 }
 
 impl Default for HttpConfig {
@@ -66,6 +69,7 @@ impl Default for HttpConfig {
         HttpConfig {
             addr: "127.0.0.1:8000".into(),
             token_env: "WAN_HTTP_TOKEN".into(),
+            require_token: false,
         }
     }
 }

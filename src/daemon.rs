@@ -157,7 +157,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         rt.spawn(crate::http::serve(
             listener,
             control.clone(),
-            cfg.http.token_env.clone(),
+            cfg.http.clone(),
             stopped(stop_rx.clone()),
         ))
     });

@@ -4,7 +4,8 @@
 //! routes (POST) are refused with 403 unless the peer is this host's loopback address
 //! (127.0.0.1 or ::1 exactly: other 127/8 addresses count as remote, which is how tests play a
 //! remote client) or presents `Authorization: Bearer <token>` matching the environment
-//! variable named by `http.token_env`.
+//! variable named by `http.token_env`. With `http.require_token`, loopback clients need the
+//! token too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,16 +25,17 @@ use crate::control::{Control, ControlError, GcMode};
 struct AppState {
     control: Arc<Control>,
     token_env: String,
+    require_token: bool,
 }
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     control: Arc<Control>,
-    token_env: String,
+    http: crate::config::HttpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(control, token_env);
+    let app = router(control, http.token_env, http.require_token);
     if let Err(e) = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -45,8 +47,12 @@ pub async fn serve(
     }
 }
 
-pub fn router(control: Arc<Control>, token_env: String) -> Router {
-    let state = AppState { control, token_env };
+pub fn router(control: Arc<Control>, token_env: String, require_token: bool) -> Router {
+    let state = AppState {
+        control,
+        token_env,
+        require_token,
+    };
     let mutating = Router::new()
         .route("/models/{id}/ensure", post(ensure_one))
         .route("/models/{id}/verify", post(verify_one))
@@ -112,7 +118,7 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let token_ok = matches!((&token, presented), (Some(t), Some(p)) if constant_time_eq(t.as_bytes(), p.as_bytes()));
-    if local || token_ok {
+    if (local && !st.require_token) || token_ok {
         return next.run(req).await;
     }
     tracing::warn!(%peer, path = %req.uri().path(), "refused a mutating HTTP call: not loopback and no valid token");
