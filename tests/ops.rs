@@ -58,7 +58,7 @@ fn notify_ready_only_when_mounted_and_sighup_reloads_manifest() {
     let work = workdir();
     let sock_path = work.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20)))
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let manifest = work.path().join("models.toml");
     let full = std::fs::read_to_string(fixtures().join("models.toml")).unwrap();
@@ -70,11 +70,16 @@ fn notify_ready_only_when_mounted_and_sighup_reloads_manifest() {
 
     let spec =
         MountSpec::new(work.path(), &manifest).env("NOTIFY_SOCKET", &sock_path.to_string_lossy());
-    let (mut child, _log) = spec.spawn();
+    let (mut child, log) = spec.spawn();
     let next = || {
         let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf).expect("a notification within 20 s");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        match sock.recv(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) => panic!(
+                "no notification within 60 s ({e}); daemon log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
     };
     assert_eq!(next(), "READY=1");
     // READY means usable: the models are listed at that moment.
@@ -122,7 +127,7 @@ fn notify_ready_only_when_mounted_and_sighup_reloads_manifest() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "daemon exit: {status}");
-    let log = std::fs::read_to_string(work.path().join("daemon-0.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         log.is_empty() || log.contains("reload refused"),
         "refusal not logged:\n{log}"
