@@ -44,6 +44,13 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let _enter = rt.enter();
+    // Handlers first: a SIGHUP or SIGTERM that arrives right after READY (systemd may send one
+    // at once) must not meet the default disposition, which kills the process and leaves a
+    // dead mount.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
     let files = file_contexts(&manifest, &sources);
     let sources_for_reload = sources.clone();
@@ -171,10 +178,6 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         notifier,
     };
     rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         tokio::pin!(done_rx);
         loop {
             tokio::select! {
