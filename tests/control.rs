@@ -2135,3 +2135,31 @@ fn gc_while_8_readers_stream_passthrough() {
 fn gc_while_8_readers_stream_daemon_reads() {
     gc_while_readers_stream(false, 4602);
 }
+
+#[test]
+fn require_token_applies_to_loopback_clients_too() {
+    let work = workdir();
+    let manifest = fixture_manifest(work.path());
+    let token = "tok-loopback-7f1c";
+    let opts = Opts::default()
+        .env("WAN_HTTP_TOKEN", token)
+        .env("WAN_HTTP_REQUIRE_TOKEN", "true");
+    let d = Daemon::start(work.path(), &manifest, &opts);
+    let local = Api::new(d.http, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(local.get("/health").status, 200, "reads stay open");
+    assert_eq!(
+        local.post(&format!("/models/{I2V}/pin"), None, None).status,
+        403
+    );
+    assert_eq!(
+        local
+            .post(&format!("/models/{I2V}/pin"), None, Some("wrong"))
+            .status,
+        403
+    );
+    assert_eq!(local.get(&format!("/models/{I2V}")).json()["pinned"], false);
+    local
+        .post(&format!("/models/{I2V}/pin"), None, Some(token))
+        .expect(200);
+    assert_eq!(local.get(&format!("/models/{I2V}")).json()["pinned"], true);
+}
