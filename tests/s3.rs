@@ -34,13 +34,20 @@ fn free_port() -> u16 {
 /// the server and the credentials of its S3 user.
 fn moto_with(dir: &Path, bucket: &str, prefix: &str) -> (Moto, String, String) {
     let port = free_port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("moto_server (pip install 'moto[server]') must be installed");
+        .expect("python3 with moto (pip install 'moto[server]') must be installed");
     let endpoint = format!("http://127.0.0.1:{port}");
     let moto = Moto { child, endpoint };
     let t0 = Instant::now();
