@@ -107,6 +107,58 @@ impl Layout {
     }
 }
 
+/// Alignment of chunk buffers: the page size, so a chunk can be written with `O_DIRECT`.
+pub const BUF_ALIGN: usize = 4096;
+
+/// A zeroed, page-aligned heap buffer; frozen into `Bytes` without a copy.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access is read-only (`AsRef`), like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), BUF_ALIGN).expect("valid layout")
+    }
+
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for len bytes and uniquely borrowed through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
 /// Bytes whose sha256 was checked against the digest they were expected to have.
 #[derive(Clone, Debug)]
 pub struct VerifiedChunk {
@@ -172,6 +224,17 @@ mod tests {
         let d = Digest::of(&good);
         assert!(VerifiedChunk::verify(d, good).is_ok());
         assert!(VerifiedChunk::verify(d, Bytes::from_static(b"hellp")).is_err());
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned_and_frozen_without_copy() {
+        let mut b = AlignedBuf::zeroed(10_000);
+        b.as_mut_slice()[9_999] = 7;
+        let p = b.as_mut_slice().as_ptr();
+        let frozen = b.freeze();
+        assert_eq!(frozen.as_ptr(), p);
+        assert_eq!(frozen.as_ptr() as usize % BUF_ALIGN, 0);
+        assert_eq!((frozen.len(), frozen[9_999], frozen[0]), (10_000, 7, 0));
     }
 
     #[test]

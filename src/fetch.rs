@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -579,13 +579,16 @@ impl Fetcher {
         attempts: u32,
     ) -> Result<Bytes, SourceError> {
         let part = self.cfg.part_size() as usize;
-        let mut buf = BytesMut::zeroed((range.end - range.start) as usize);
+        // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
+        let mut buf = crate::chunk::AlignedBuf::zeroed((range.end - range.start) as usize);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
-        futures::future::try_join_all(buf.chunks_mut(part).enumerate().map(|(i, slice)| {
-            let start = range.start + (i * part) as u64;
-            let r = start..start + slice.len() as u64;
-            self.fetch_part(src, path, r, prio, attempts, slice)
-        }))
+        futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
+            |(i, slice)| {
+                let start = range.start + (i * part) as u64;
+                let r = start..start + slice.len() as u64;
+                self.fetch_part(src, path, r, prio, attempts, slice)
+            },
+        ))
         .await?;
         Ok(buf.freeze())
     }

@@ -401,9 +401,11 @@ impl Store {
         let (fd, generation) = self.prepare(f)?;
         let path = self.blob_path(f.sha256);
         let start = f.layout().range(idx).start;
-        fd.write_all_at(chunk.bytes(), start)
-            .map_err(io_err(&path))?;
-        fd.sync_data().map_err(io_err(&path))?;
+        if !write_direct(&path, chunk.bytes(), start).map_err(io_err(&path))? {
+            fd.write_all_at(chunk.bytes(), start)
+                .map_err(io_err(&path))?;
+            fd.sync_data().map_err(io_err(&path))?;
+        }
         self.mark(f, generation, &[(idx, chunk.digest())])?;
         Ok(self.is_complete(f))
     }
@@ -644,6 +646,41 @@ impl Store {
         }
         out
     }
+}
+
+/// Writes `data` at `offset` with `O_DIRECT` and makes it durable, when buffer, offset and
+/// length are page-aligned (every chunk but a file's last); returns false to ask for the
+/// buffered path. Why: on the machines we measured, buffered writes plus `fdatasync` sustain
+/// about 0.5 GB/s while direct writes sustain 2.8 GB/s, and the cache write is on the path of
+/// every cold read (a chunk's memory is held until it is committed). Readers already have the
+/// bytes in memory, so skipping the page cache costs them nothing; later reads come from disk.
+fn write_direct(path: &Path, data: &[u8], offset: u64) -> std::io::Result<bool> {
+    use crate::chunk::BUF_ALIGN;
+    let aligned = data.as_ptr() as usize % BUF_ALIGN == 0
+        && offset % BUF_ALIGN as u64 == 0
+        && data.len() % BUF_ALIGN == 0
+        && !data.is_empty();
+    if !aligned {
+        return Ok(false);
+    }
+    let file = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => f,
+        // Filesystems without O_DIRECT (tmpfs, some FUSE) refuse it: use the page cache.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match file.write_all_at(data, offset) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    // The data is on the device; this makes the block allocation of the sparse file durable.
+    file.sync_data()?;
+    Ok(true)
 }
 
 /// What `Store::adopt` found.
