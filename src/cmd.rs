@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::control::{Control, GcMode};
+use crate::control::{Control, GcMode, Work};
 use crate::fetch::{Fetcher, file_contexts};
 use crate::manifest::Manifest;
 use crate::source::SourceRegistry;
@@ -392,11 +392,12 @@ async fn run_jobs(
             // Run the jobs one after another in the background while we poll like a client.
             tokio::spawn(async move {
                 for id in ids2 {
-                    let r = if kind2 == "ensure" {
-                        c2.ensure_now(&id, force).await
+                    let work = if kind2 == "ensure" {
+                        Work::Ensure { force }
                     } else {
-                        c2.verify_now(&id, report_only).await
+                        Work::Verify { report_only }
                     };
+                    let r = c2.run_now(&id, work).await;
                     if let Err(e) = r {
                         tracing::error!(model = %id, error = %e, "{kind2} failed");
                     }

@@ -74,6 +74,22 @@ impl std::str::FromStr for GcMode {
     }
 }
 
+/// Long work on one model, run as a job.
+#[derive(Debug, Clone, Copy)]
+pub enum Work {
+    Ensure { force: bool },
+    Verify { report_only: bool },
+}
+
+impl Work {
+    fn kind(self) -> &'static str {
+        match self {
+            Work::Ensure { .. } => "ensure",
+            Work::Verify { .. } => "verify",
+        }
+    }
+}
+
 /// A background job's progress.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobStatus {
@@ -626,34 +642,52 @@ impl Control {
         Ok(ids)
     }
 
-    fn start_job(&self, id: &str, kind: &str) -> Result<Arc<Job>, ControlError> {
+    /// Creates running jobs for `ids`, all or none: a model with a job running is busy,
+    /// except that a second ensure of a model already ensuring is simply left to run.
+    fn start_jobs(
+        &self,
+        ids: &[String],
+        work: Work,
+    ) -> Result<Vec<(String, Arc<Job>)>, ControlError> {
         let mut jobs = self.jobs.lock().unwrap();
-        if let Some(j) = jobs.get(id)
-            && j.running()
-        {
-            let running = j.status.lock().unwrap().kind.clone();
-            return Err(ControlError::Busy(id.into(), running));
+        let mut todo = Vec::new();
+        for id in ids {
+            if let Some(j) = jobs.get(id)
+                && j.running()
+            {
+                let running = j.status.lock().unwrap().kind.clone();
+                if matches!(work, Work::Ensure { .. }) && running == work.kind() {
+                    continue;
+                }
+                return Err(ControlError::Busy(id.clone(), running));
+            }
+            todo.push(id.clone());
         }
-        let total = self
-            .cat()
-            .files
-            .get(id)
-            .map_or(0, |fs| fs.iter().map(|f| f.entry.size).sum());
-        let job = Arc::new(Job {
-            status: Mutex::new(JobStatus {
-                kind: kind.into(),
-                state: "running".into(),
-                started: now_secs(),
-                finished: None,
-                bytes_done: 0,
-                bytes_total: total,
-                error: None,
-                bad_chunks: 0,
-            }),
-            progress: AtomicU64::new(0),
-        });
-        jobs.insert(id.into(), job.clone());
-        Ok(job)
+        let cat = self.cat();
+        Ok(todo
+            .into_iter()
+            .map(|id| {
+                let total = cat
+                    .files
+                    .get(&id)
+                    .map_or(0, |fs| fs.iter().map(|f| f.entry.size).sum());
+                let job = Arc::new(Job {
+                    status: Mutex::new(JobStatus {
+                        kind: work.kind().into(),
+                        state: "running".into(),
+                        started: now_secs(),
+                        finished: None,
+                        bytes_done: 0,
+                        bytes_total: total,
+                        error: None,
+                        bad_chunks: 0,
+                    }),
+                    progress: AtomicU64::new(0),
+                });
+                jobs.insert(id.clone(), job.clone());
+                (id, job)
+            })
+            .collect())
     }
 
     fn finish_job(&self, job: &Job, result: &Result<(), ControlError>) {
@@ -675,31 +709,46 @@ impl Control {
         ids: &[String],
         force: bool,
     ) -> Result<Vec<String>, ControlError> {
+        self.start(ids, Work::Ensure { force })
+    }
+
+    /// Starts verify jobs in the background.
+    pub fn verify(
+        self: &Arc<Self>,
+        ids: &[String],
+        report_only: bool,
+    ) -> Result<Vec<String>, ControlError> {
+        self.start(ids, Work::Verify { report_only })
+    }
+
+    fn start(self: &Arc<Self>, ids: &[String], work: Work) -> Result<Vec<String>, ControlError> {
         let ids = self.resolve(ids)?;
-        for id in &ids {
-            match self.start_job(id, "ensure") {
-                Ok(job) => {
-                    let this = self.clone();
-                    let id = id.clone();
-                    tokio::spawn(async move { this.run_ensure(&id, force, job).await });
-                }
-                Err(ControlError::Busy(_, kind)) if kind == "ensure" => {}
-                Err(e) => return Err(e),
-            }
+        for (id, job) in self.start_jobs(&ids, work)? {
+            let this = self.clone();
+            tokio::spawn(async move { this.run_job(&id, work, job).await });
         }
         Ok(ids)
     }
 
-    /// Runs an ensure now and waits for it.
-    pub async fn ensure_now(
+    /// Runs one job now and waits for it (the CLI without a daemon).
+    pub async fn run_now(
         self: &Arc<Self>,
         id: &str,
-        force: bool,
+        work: Work,
     ) -> Result<JobStatus, ControlError> {
         let id = &self.resolve(&[id.to_string()])?[0];
-        let job = self.start_job(id, "ensure")?;
-        self.run_ensure(id, force, job.clone()).await;
+        let Some((_, job)) = self.start_jobs(std::slice::from_ref(id), work)?.pop() else {
+            return Err(ControlError::Busy(id.clone(), work.kind().into()));
+        };
+        self.run_job(id, work, job.clone()).await;
         Ok(job.snapshot())
+    }
+
+    async fn run_job(self: &Arc<Self>, id: &str, work: Work, job: Arc<Job>) {
+        match work {
+            Work::Ensure { force } => self.run_ensure(id, force, job).await,
+            Work::Verify { report_only } => self.run_verify(id, report_only, job).await,
+        }
     }
 
     async fn run_ensure(self: &Arc<Self>, id: &str, force: bool, job: Arc<Job>) {
@@ -768,36 +817,6 @@ impl Control {
                 tracing::error!(error = %e, "auto GC failed");
             }
         }
-    }
-
-    /// Starts verify jobs in the background.
-    pub fn verify(
-        self: &Arc<Self>,
-        ids: &[String],
-        report_only: bool,
-    ) -> Result<Vec<String>, ControlError> {
-        let ids = self.resolve(ids)?;
-        let mut jobs = Vec::new();
-        for id in &ids {
-            jobs.push((id.clone(), self.start_job(id, "verify")?));
-        }
-        for (id, job) in jobs {
-            let this = self.clone();
-            tokio::spawn(async move { this.run_verify(&id, report_only, job).await });
-        }
-        Ok(ids)
-    }
-
-    /// Runs a verify now and waits for it.
-    pub async fn verify_now(
-        self: &Arc<Self>,
-        id: &str,
-        report_only: bool,
-    ) -> Result<JobStatus, ControlError> {
-        let id = &self.resolve(&[id.to_string()])?[0];
-        let job = self.start_job(id, "verify")?;
-        self.run_verify(id, report_only, job.clone()).await;
-        Ok(job.snapshot())
     }
 
     /// Re-reads every present chunk of a model from disk and checks it against its digest;
@@ -1053,7 +1072,12 @@ impl Control {
             }
             if !dry_run {
                 for id in self.model_ids() {
-                    let job = self.start_job(&id, "verify")?;
+                    // run_verify directly: run_now could reach an ensure, which may run gc.
+                    let work = Work::Verify { report_only: false };
+                    let Some((_, job)) = self.start_jobs(std::slice::from_ref(&id), work)?.pop()
+                    else {
+                        continue;
+                    };
                     self.run_verify(&id, false, job.clone()).await;
                     let s = job.snapshot();
                     reverified += s.bytes_done;

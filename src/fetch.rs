@@ -385,7 +385,7 @@ impl Fetcher {
                         drop(permit);
                         let verified = r.as_ref().ok().cloned();
                         if let Err(e) = &r {
-                            this.failed.lock().unwrap().insert(key, (Instant::now(), e.clone()));
+                            this.remember_failure(key, e);
                         }
                         let _ = tx.send(r);
                         if let Some(chunk) = verified
@@ -423,10 +423,17 @@ impl Fetcher {
 
     /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
     fn recently_failed(&self, key: (Digest, u64)) -> Option<FetchError> {
+        let failed = self.failed.lock().unwrap();
+        let (t, e) = failed.get(&key)?;
+        (t.elapsed() < self.cfg.cooldown()).then(|| e.clone())
+    }
+
+    /// Remembers a failed fetch; old entries are dropped here, off the per-read path.
+    fn remember_failure(&self, key: (Digest, u64), e: &FetchError) {
         let mut failed = self.failed.lock().unwrap();
         let window = self.cfg.cooldown();
         failed.retain(|_, (t, _)| t.elapsed() < window);
-        failed.get(&key).map(|(_, e)| e.clone())
+        failed.insert(key, (Instant::now(), e.clone()));
     }
 
     /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).

@@ -46,6 +46,8 @@ pub struct FuseAdapter {
     passthrough: bool,
     io: Mutex<HashMap<u64, InodeIo>>,
     handles: Mutex<HashMap<u64, (u64, HandleMode)>>,
+    /// The read latency histogram, resolved once: reads are the hot path.
+    read_seconds: prometheus::Histogram,
 }
 
 impl FuseAdapter {
@@ -56,6 +58,7 @@ impl FuseAdapter {
             passthrough,
             io: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            read_seconds: METRICS.fuse_seconds.with_label_values(&["read"]),
         }
     }
 }
@@ -206,10 +209,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let timer = METRICS
-            .fuse_seconds
-            .with_label_values(&["read"])
-            .start_timer();
+        let timer = self.read_seconds.start_timer();
         if let Some(r) = self.fs.read_cached(ino.0, fh.0, offset, size) {
             drop(timer);
             return match r {

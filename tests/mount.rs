@@ -48,19 +48,7 @@ fn listing_and_stat_work_with_origin_stopped() {
     let work = workdir();
     let origin = Origin::start(fixture_models());
     let ids = [T2V, I2V, TI2V];
-    let entries: Vec<String> = ids
-        .iter()
-        .map(|id| {
-            let opts = BuildOpts {
-                chunk_size: Some(65536),
-                sources: vec![origin.base(id)],
-                whole_only: false,
-            };
-            manifest_build(&fixture_models().join(id), id, &opts)
-        })
-        .collect();
-    let manifest = work.path().join("models.toml");
-    write_manifest(&manifest, &entries);
+    let manifest = fixture_manifest_over(&origin, &ids, work.path());
     origin.stop();
 
     let mount = Mount::start(MountSpec::new(work.path(), &manifest));
@@ -359,19 +347,7 @@ fn whole_only_file_is_fetched_whole_on_first_read() {
 fn identical_files_in_two_models_are_one_blob() {
     let work = workdir();
     let origin = Origin::start(fixture_models());
-    let entries: Vec<String> = [T2V, I2V]
-        .iter()
-        .map(|id| {
-            let opts = BuildOpts {
-                chunk_size: Some(65536),
-                sources: vec![origin.base(id)],
-                whole_only: false,
-            };
-            manifest_build(&fixture_models().join(id), id, &opts)
-        })
-        .collect();
-    let manifest = work.path().join("models.toml");
-    write_manifest(&manifest, &entries);
+    let manifest = fixture_manifest_over(&origin, &[T2V, I2V], work.path());
     let mount = Mount::start(MountSpec::new(work.path(), &manifest));
     let vae = fs::read(fixture_models().join(T2V).join(VAE)).expect("fixture VAE");
     assert_eq!(
@@ -454,4 +430,26 @@ fn xattrs_walk_not_present_partial_complete() {
     assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
     assert_eq!(cached_bytes(&path), size);
     assert_eq!(xattr_str(&path, "user.wan.sha256"), sha);
+}
+
+/// A manifest in `dir` for fixture models `ids`, with 64 KiB chunks, served by `origin`.
+fn fixture_manifest_over(
+    origin: &Origin,
+    ids: &[&str],
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    let entries: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            let opts = BuildOpts {
+                chunk_size: Some(65536),
+                sources: vec![origin.base(id)],
+                whole_only: false,
+            };
+            manifest_build(&fixture_models().join(id), id, &opts)
+        })
+        .collect();
+    let manifest = dir.join("models.toml");
+    write_manifest(&manifest, &entries);
+    manifest
 }

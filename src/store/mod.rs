@@ -532,16 +532,6 @@ impl Store {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset` of a present range. Blocking.
-    pub fn read_at(&self, f: &FileEntry, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let covering = f.layout().covering(offset, buf.len() as u64);
-        let fd = self
-            .reader(f, covering)
-            .ok_or(StoreError::Evicted(f.sha256))?;
-        fd.read_exact_at(buf, offset)
-            .map_err(io_err(&self.blob_path(f.sha256)))
-    }
-
     /// Writes not-yet-verified bytes of a file fetched whole. They stay invisible until
     /// `verify_whole` checks the whole file. Blocking; returns the generation to verify with.
     pub fn write_unverified(
@@ -860,7 +850,10 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert!(s.has_chunk(&f, 1) && !s.has_chunk(&f, 0));
         let mut buf = [0u8; 10];
-        s.read_at(&f, 35, &mut buf).unwrap();
+        s.reader(&f, [1])
+            .unwrap()
+            .read_exact_at(&mut buf, 35)
+            .unwrap();
         assert_eq!(&buf, &data[35..45]);
     }
 
