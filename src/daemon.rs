@@ -410,23 +410,64 @@ fn detach(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What opening a mountpoint's root says about the daemon behind it.
+#[derive(Debug)]
+enum Probe {
+    Answers,
+    Dead,
+    Silent,
+    Error(std::io::Error),
+}
+
+/// Opens the directory, which the kernel always forwards to the daemon (`OPENDIR`): a `stat`
+/// is answered from the kernel's attribute cache (TTL up to an hour) even when the daemon is
+/// gone, so it cannot tell a dead mount from a live one.
+fn probe_mount(path: &Path, timeout: std::time::Duration) -> Probe {
+    let p = path.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A hung daemon blocks the open in the kernel; the thread is left behind in that case.
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::File::open(&p).map(|_| ()));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(())) => Probe::Answers,
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOTCONN) => Probe::Dead,
+        Ok(Err(e)) => Probe::Error(e),
+        Err(_) => Probe::Silent,
+    }
+}
+
 /// A daemon killed with SIGKILL leaves its mount behind ("Transport endpoint is not
 /// connected"); detach it so we can mount again. A live mount is refused instead.
 fn clear_stale_mount(path: &Path) -> anyhow::Result<()> {
     let Some(entry) = mount_at(path) else {
         return Ok(());
     };
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+    if !entry.fstype.starts_with("fuse") {
+        return Ok(());
+    }
+    match probe_mount(path, std::time::Duration::from_secs(5)) {
+        Probe::Dead => {
             tracing::warn!(mountpoint = %path.display(), "clearing a dead mount left by a previous daemon");
             detach(path)
         }
-        _ if entry.fstype.starts_with("fuse") => bail!(
+        Probe::Answers => bail!(
             "{} is already mounted ({}) and answering: is another wan daemon running?",
             path.display(),
             entry.fstype
         ),
-        _ => Ok(()),
+        Probe::Silent => bail!(
+            "{} is mounted ({}) by a daemon that does not answer within 5 s; \
+             stop it, or clear the mount with `umount -l {}`",
+            path.display(),
+            entry.fstype,
+            path.display()
+        ),
+        Probe::Error(e) => bail!(
+            "{} is mounted ({}) and opening it fails: {e}",
+            path.display(),
+            entry.fstype
+        ),
     }
 }
 

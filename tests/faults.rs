@@ -427,3 +427,32 @@ fn kill9_mid_fetch_then_restart_keeps_cache_consistent() {
         .check_consistent()
         .expect("cache consistent after restart");
 }
+
+/// A crash right after the mount was used: the kernel still holds the dead mount's root
+/// attributes, so `stat MNT` succeeds without any daemon. The next daemon must still see the
+/// mount as dead, clear it, and serve (under systemd, `Restart=` would otherwise be refused
+/// for the attribute TTL, an hour).
+#[test]
+fn restart_at_once_after_kill9_with_root_attributes_cached() {
+    let setup = GenSetup::new(&[("a.bin", MIB)], CS, 41);
+    let mount = Mount::start(setup.spec(fault_config()));
+    let path = setup.mounted(&mount, "a.bin");
+    assert_bytes_eq(
+        &read_range(&path, 0, 4096).expect("read before the crash"),
+        &setup.data("a.bin")[..4096],
+        "a.bin before the crash",
+    );
+    fs::metadata(&mount.spec.mountpoint).expect("stat the live mount");
+    let dead = mount.kill9();
+    assert!(
+        fs::metadata(&dead.spec.mountpoint).is_ok(),
+        "the dead mount's root attributes are no longer cached: the test proves nothing"
+    );
+    let mount = dead.restart();
+    let path = setup.mounted(&mount, "a.bin");
+    assert_bytes_eq(
+        &read_range(&path, 0, MIB).expect("read after the restart"),
+        setup.data("a.bin"),
+        "a.bin after the restart",
+    );
+}
