@@ -190,7 +190,15 @@ impl Config {
         self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut tree = toml::Value::try_from(&self).expect("config serializes");
+        // Out-of-range values (a u64 past i64::MAX) cannot be serialized: refuse them first.
+        self.validate().map_err(|msg| ConfigError::Invalid {
+            path: "configuration".into(),
+            msg,
+        })?;
+        let mut tree = toml::Value::try_from(&self).map_err(|e| ConfigError::Invalid {
+            path: "configuration".into(),
+            msg: e.to_string(),
+        })?;
         let table = tree.as_table_mut().expect("a table");
         // Optional top-level keys are absent when unset; list them so they can be set.
         let top = ["mountpoint", "manifest", "cache_dir"];
@@ -243,59 +251,87 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Rejects values that cannot work, naming the key.
+    /// Rejects values that cannot work, naming the key and its range. Every number has a
+    /// range: past it a value would overflow a `Duration`, SQLite's signed integers or the
+    /// serializer (TOML integers are signed), or spawn absurd numbers of threads.
     pub fn validate(&self) -> Result<(), String> {
         let f = &self.fetch;
-        let positive = [
-            ("fetch.read_timeout_secs", f.read_timeout_secs),
-            ("fetch.request_timeout_secs", f.request_timeout_secs),
+        let g = &self.gc;
+        let m = &self.mount;
+        const DAY: f64 = 86_400.0;
+        // (key, value, least, most, unit); bounds are inclusive.
+        let ints: [(&str, u64, u64, u64, &str); 9] = [
+            ("fetch.connections", f.connections as u64, 1, 1024, ""),
+            (
+                "fetch.max_inflight_mib",
+                f.max_inflight_mib,
+                1,
+                65_536,
+                " MiB",
+            ),
+            ("fetch.retries", u64::from(f.retries), 1, 100, " attempts"),
+            ("fetch.backoff_ms", f.backoff_ms, 0, 600_000, " ms"),
+            (
+                "fetch.readahead_chunks",
+                u64::from(f.readahead_chunks),
+                0,
+                1024,
+                " chunks",
+            ),
+            (
+                "fetch.part_size_kib",
+                f.part_size_kib,
+                64,
+                1_048_576,
+                " KiB",
+            ),
+            ("gc.max_bytes", g.max_bytes, 0, i64::MAX as u64, " bytes"),
+            (
+                "mount.read_ahead_kb",
+                u64::from(m.read_ahead_kb),
+                0,
+                1_048_576,
+                " KiB",
+            ),
+            ("mount.threads", m.threads as u64, 1, 256, " threads"),
         ];
-        for (key, v) in positive {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(format!(
-                    "{key} must be a positive number of seconds, got {v}"
-                ));
+        for (key, v, lo, hi, unit) in ints {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("{key} must be in [{lo}, {hi}]{unit}, got {v}"));
             }
         }
-        if !(f.cooldown_secs.is_finite() && f.cooldown_secs >= 0.0) {
-            return Err(format!(
-                "fetch.cooldown_secs must be >= 0, got {}",
-                f.cooldown_secs
-            ));
+        // (key, value, least, least allowed itself, most).
+        let floats: [(&str, f64, f64, bool, f64); 5] = [
+            (
+                "fetch.read_timeout_secs",
+                f.read_timeout_secs,
+                0.0,
+                false,
+                DAY,
+            ),
+            (
+                "fetch.request_timeout_secs",
+                f.request_timeout_secs,
+                0.0,
+                false,
+                DAY,
+            ),
+            ("fetch.cooldown_secs", f.cooldown_secs, 0.0, true, DAY),
+            ("gc.interval_secs", g.interval_secs, 0.0, false, DAY),
+            ("gc.min_free_percent", g.min_free_percent, 0.0, true, 99.0),
+        ];
+        for (key, v, lo, lo_ok, hi) in floats {
+            let above = if lo_ok { v >= lo } else { v > lo };
+            if !(v.is_finite() && above && v <= hi) {
+                let open = if lo_ok { '[' } else { '(' };
+                return Err(format!("{key} must be in {open}{lo}, {hi}], got {v}"));
+            }
         }
-        if f.connections == 0 {
-            return Err("fetch.connections must be at least 1".into());
-        }
-        if f.retries == 0 {
-            return Err("fetch.retries must be at least 1 (it counts attempts)".into());
-        }
-        if f.part_size_kib < 64 {
-            return Err(format!(
-                "fetch.part_size_kib must be at least 64, got {}",
-                f.part_size_kib
-            ));
-        }
-        if f.max_inflight_mib < 1 {
-            return Err("fetch.max_inflight_mib must be at least 1".into());
-        }
-        let g = &self.gc;
         if !(0.0 < g.low_watermark && g.low_watermark < g.high_watermark && g.high_watermark <= 1.0)
         {
             return Err(format!(
                 "gc watermarks must satisfy 0 < low_watermark ({}) < high_watermark ({}) <= 1",
                 g.low_watermark, g.high_watermark
-            ));
-        }
-        if !(0.0..100.0).contains(&g.min_free_percent) {
-            return Err(format!(
-                "gc.min_free_percent must be in [0, 100), got {}",
-                g.min_free_percent
-            ));
-        }
-        if !(g.interval_secs.is_finite() && g.interval_secs > 0.0) {
-            return Err(format!(
-                "gc.interval_secs must be positive, got {}",
-                g.interval_secs
             ));
         }
         if !self.http.addr.is_empty() && self.http.addr.parse::<std::net::SocketAddr>().is_err() {
@@ -305,9 +341,6 @@ impl Config {
             ));
         }
         self.log.validate()?;
-        if self.mount.threads == 0 {
-            return Err("mount.threads must be at least 1".into());
-        }
         Ok(())
     }
 }
@@ -351,5 +384,36 @@ mod tests {
         let c: Config = toml::from_str("[fetch]\nretries = 0\n").unwrap();
         assert!(c.validate().unwrap_err().contains("retries"));
         assert!(Config::default().validate().is_ok());
+    }
+
+    /// Each of these once panicked (serializing, building a `Duration`, spawning threads).
+    #[test]
+    fn out_of_range_values_are_refused_naming_key_and_range() {
+        let cases = [
+            ("[gc]\nmax_bytes = 10000000000000000000\n", "gc.max_bytes"),
+            (
+                "[fetch]\nbackoff_ms = 9223372036854775808\n",
+                "fetch.backoff_ms",
+            ),
+            (
+                "[fetch]\nread_timeout_secs = 1e300\n",
+                "fetch.read_timeout_secs",
+            ),
+            (
+                "[fetch]\nrequest_timeout_secs = 1e300\n",
+                "fetch.request_timeout_secs",
+            ),
+            ("[fetch]\ncooldown_secs = inf\n", "fetch.cooldown_secs"),
+            ("[mount]\nthreads = 20000\n", "mount.threads"),
+            ("[fetch]\nconnections = 100000\n", "fetch.connections"),
+            ("[gc]\ninterval_secs = 1e20\n", "gc.interval_secs"),
+        ];
+        for (text, key) in cases {
+            let c: Config = toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(key) && e.contains("must be in"), "{text}: {e}");
+            let e = c.with_env([]).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 }

@@ -145,19 +145,54 @@ fn reload_refuses_a_bad_config_and_keeps_serving() {
     } else {
         find_config(&m.spec.work)
     };
-    std::fs::write(&cfg, "[fetch]\nconections = 3\n").unwrap();
-    hup(m.pid());
-    wait_log(&m, "reload refused");
-    assert!(
-        m.log().contains("conections"),
-        "the bad key is named:\n{}",
-        m.log()
-    );
-    let p = m.path("t2v-A14B@2.2.0/configuration.json");
-    assert_eq!(
-        std::fs::read(p).unwrap(),
-        std::fs::read(fixture_models().join("t2v-A14B@2.2.0/configuration.json")).unwrap()
-    );
+    // A typo, then values out of range that once panicked the daemon (a dead mount).
+    let bad = [
+        ("[fetch]\nconections = 3\n", "conections"),
+        ("[gc]\nmax_bytes = 10000000000000000000\n", "gc.max_bytes"),
+        (
+            "[fetch]\nbackoff_ms = 9223372036854775808\n",
+            "fetch.backoff_ms",
+        ),
+        (
+            "[fetch]\nread_timeout_secs = 1e300\n",
+            "fetch.read_timeout_secs",
+        ),
+        ("[mount]\nthreads = 20000\n", "mount.threads"),
+    ];
+    for (i, (text, key)) in bad.into_iter().enumerate() {
+        std::fs::write(&cfg, text).unwrap();
+        let out = run_wan(
+            &["config", "check", &cfg.to_string_lossy()],
+            Duration::from_secs(10),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && err.contains(key) && !err.contains("panicked"),
+            "wan config check on {text:?}: {:?} {err}",
+            out.status
+        );
+        hup(m.pid());
+        assert!(
+            wait_until(Duration::from_secs(10), || m
+                .log()
+                .matches("reload refused")
+                .count()
+                > i),
+            "reload of {text:?} not refused:\n{}",
+            m.log()
+        );
+        assert!(
+            m.log().contains(key) && !m.log().contains("panicked"),
+            "the bad key {key} is named:\n{}",
+            m.log()
+        );
+        let p = m.path("t2v-A14B@2.2.0/configuration.json");
+        assert_eq!(
+            std::fs::read(p).unwrap(),
+            std::fs::read(fixture_models().join("t2v-A14B@2.2.0/configuration.json")).unwrap(),
+            "after refusing {text:?}"
+        );
+    }
 }
 
 fn find_config(dir: &Path) -> PathBuf {
