@@ -89,13 +89,18 @@ type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 fn exhausted(what: String, errors: Vec<String>) -> FetchError {
     FetchError::Exhausted {
         what,
-        detail: if errors.is_empty() {
-            "no sources".into()
-        } else {
-            errors.join("; ")
+        detail: match errors.len() {
+            0 => "no sources".into(),
+            // Rounds of retries against a flaky source: the last few say enough.
+            n @ 5.. => format!("{n} failures, the last: {}", errors[n - 3..].join("; ")),
+            _ => errors.join("; "),
         },
     }
 }
+
+/// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
+/// (no chunk has this index).
+const WHOLE_FILE: u64 = u64::MAX;
 
 /// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
 fn kib(bytes: u64) -> u32 {
@@ -110,6 +115,9 @@ pub struct Fetcher {
     /// Chunk fetches read-ahead may start at once.
     readahead_slots: Arc<Semaphore>,
     memory: Arc<Semaphore>,
+    /// All of `memory`, in KiB: a chunk larger than the whole budget takes all of it and is
+    /// fetched alone, rather than waiting forever for permits that do not exist.
+    memory_kib: u32,
     inflight: Mutex<HashMap<(Digest, u64), SharedFetch>>,
     /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
     /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
@@ -132,6 +140,7 @@ impl Fetcher {
             )),
             readahead_slots: Arc::new(Semaphore::new(cfg.readahead_chunks.max(1) as usize)),
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
+            memory_kib: (cfg.max_inflight_mib * 1024) as u32,
             cfg,
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -445,7 +454,7 @@ impl Fetcher {
         let r = file.entry.layout().range(idx);
         self.memory
             .clone()
-            .acquire_many_owned(kib(r.end - r.start))
+            .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
             .await
             .map_err(|e| FetchError::Store(e.to_string()))
     }
@@ -467,45 +476,79 @@ impl Fetcher {
         let what = format!("{}/{} chunk {idx}", file.model, f.path);
         let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
         let mut errors = Vec::new();
-        for (src, attempts) in self.source_order(&file.sources) {
-            let got = tokio::time::timeout_at(
-                deadline,
-                self.fetch_range(&src, &f.path, range.clone(), prio, attempts),
-            )
-            .await;
-            let bytes = match got {
-                Err(_) => {
-                    // A source that cannot answer in time is failing, as much as one that errs.
-                    src.record_failure(false, self.cfg.cooldown());
-                    tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
-                    return Err(FetchError::Timeout(self.cfg.read_timeout()));
-                }
-                Ok(Err(e)) => {
-                    src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
-                    tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
-                    errors.push(format!("{}: {e}", src.name));
-                    continue;
-                }
-                Ok(Ok(b)) => b,
-            };
-            let verified =
-                tokio::task::spawn_blocking(move || VerifiedChunk::verify(expected, bytes))
-                    .await
-                    .map_err(|e| FetchError::Store(e.to_string()))?;
-            match verified {
-                Ok(chunk) => {
-                    src.record_success();
-                    return Ok(chunk);
-                }
-                Err(mismatch) => {
-                    self.integrity_failure(&src);
-                    tracing::error!(source = %src.name, file = %what, %mismatch,
-                        "integrity failure: source sent wrong bytes; discarded, trying the next source");
-                    errors.push(format!("{}: wrong bytes ({mismatch})", src.name));
+        let mut round = 0;
+        loop {
+            let mut transient = !file.sources.is_empty();
+            for (src, attempts) in self.source_order(&file.sources) {
+                let got = tokio::time::timeout_at(
+                    deadline,
+                    self.fetch_range(&src, &f.path, range.clone(), prio, attempts),
+                )
+                .await;
+                let bytes = match got {
+                    Err(_) => {
+                        // A source that cannot answer in time is failing, as much as one that errs.
+                        src.record_failure(false, self.cfg.cooldown());
+                        tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
+                        return Err(FetchError::Timeout(self.cfg.read_timeout()));
+                    }
+                    Ok(Err(e)) => {
+                        transient &= e.retryable();
+                        src.record_failure(
+                            matches!(e, SourceError::Denied(_)),
+                            self.cfg.cooldown(),
+                        );
+                        tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                        errors.push(format!("{}: {e}", src.name));
+                        continue;
+                    }
+                    Ok(Ok(b)) => b,
+                };
+                let verified =
+                    tokio::task::spawn_blocking(move || VerifiedChunk::verify(expected, bytes))
+                        .await
+                        .map_err(|e| FetchError::Store(e.to_string()))?;
+                match verified {
+                    Ok(chunk) => {
+                        src.record_success();
+                        return Ok(chunk);
+                    }
+                    Err(mismatch) => {
+                        transient = false;
+                        self.integrity_failure(&src);
+                        tracing::error!(source = %src.name, file = %what, %mismatch,
+                            "integrity failure: source sent wrong bytes; discarded, trying the next source");
+                        errors.push(format!("{}: wrong bytes ({mismatch})", src.name));
+                    }
                 }
             }
+            if !(transient && self.pause_before_next_round(round, deadline).await) {
+                return Err(exhausted(what, errors));
+            }
+            round += 1;
         }
-        Err(exhausted(what, errors))
+    }
+
+    /// Every source failed, but only with errors that may pass (5xx, resets, timeouts): the
+    /// reader still has time, and a cooling source is still its best chance, so sources are
+    /// tried again after a backoff until the read deadline rather than failing a read that a
+    /// flaky mirror would serve a moment later. Wrong bytes, 404 and denials end at once.
+    /// Returns false when the next round could not start before `deadline`.
+    async fn pause_before_next_round(&self, round: u32, deadline: tokio::time::Instant) -> bool {
+        // At least 10 ms and at most 2 s, so a zero backoff does not spin and a long one still
+        // leaves rounds inside the read deadline.
+        let cap = self
+            .cfg
+            .backoff_ms
+            .max(10)
+            .saturating_mul(1 << round.min(8))
+            .min(2000);
+        let pause = Duration::from_millis(rand::random_range(cap / 2..=cap));
+        if tokio::time::Instant::now() + pause >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        true
     }
 
     async fn commit(
@@ -665,6 +708,11 @@ impl Fetcher {
     /// Makes a file listed with only a whole-file sha256 complete (single-flight per blob).
     pub async fn ensure_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
         let key = file.entry.sha256;
+        // A failed whole-file fetch is remembered like a failed chunk: the kernel retries a
+        // failed read at once, and each retry would download the whole file again.
+        if let Some(err) = self.recently_failed((key, WHOLE_FILE)) {
+            return Err(err);
+        }
         let shared = {
             let mut map = self.whole.lock().unwrap();
             if self.store.is_complete(&file.entry) {
@@ -677,6 +725,9 @@ impl Fetcher {
                     let file = file.clone();
                     let task = self.rt.spawn(async move {
                         let r = this.fetch_whole(&file).await;
+                        if let Err(e) = &r {
+                            this.remember_failure((key, WHOLE_FILE), e);
+                        }
                         this.whole.lock().unwrap().remove(&key);
                         r
                     });
@@ -714,7 +765,7 @@ impl Fetcher {
                         let r = layout.range(idx);
                         let _mem = self
                             .memory
-                            .acquire_many(kib(r.end - r.start))
+                            .acquire_many(kib(r.end - r.start).min(self.memory_kib))
                             .await
                             .expect("open");
                         let bytes = self

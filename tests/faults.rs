@@ -456,3 +456,103 @@ fn restart_at_once_after_kill9_with_root_attributes_cached() {
         "a.bin after the restart",
     );
 }
+
+/// A chunk larger than the whole fetch-memory budget (`max_inflight_mib`) is fetched alone
+/// with all of it, instead of waiting forever for permits that do not exist.
+#[test]
+fn chunk_larger_than_memory_budget_is_fetched() {
+    let setup = GenSetup::new(&[("big.bin", 4 * MIB)], 2 * MIB as u64, 43);
+    let config = WanConfig {
+        max_inflight_mib: 1,
+        ..fault_config()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "big.bin");
+    let got = read_range(&path, 0, 4 * MIB).expect("read of chunks larger than the budget");
+    assert_bytes_eq(&got, setup.data("big.bin"), "big.bin");
+}
+
+/// A whole-only file whose bytes are wrong, read in 4 KiB blocks as a loader would: each
+/// failed read is retried by the kernel and by the reader, and without failure memory each
+/// one downloaded the whole file again (316 full downloads in 120 s were seen).
+#[test]
+fn corrupt_whole_only_file_is_not_downloaded_again_for_every_read() {
+    let setup = GenSetup::whole_only(&[("w.bin", 2 * MIB)], 47);
+    let config = WanConfig {
+        cooldown_secs: 5.0,
+        ..fault_config()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "w.bin");
+    setup.origin.add_fault(Fault::Corrupt, Some("w.bin"), None);
+    let mark = setup.origin.request_count();
+    let start = std::time::Instant::now();
+    let mut reads = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        let r = read_range(&path, (reads % 512) * 4096, 4096);
+        assert_eq!(
+            r.map_err(|e| errno(&e)).err(),
+            Some(libc::EIO),
+            "a read of a file whose only source sends wrong bytes"
+        );
+        reads += 1;
+    }
+    let fetched: u64 = setup
+        .origin
+        .requests_since(mark)
+        .iter()
+        .map(|r| r.range.map_or(2 * MIB as u64, |(a, b)| b - a + 1))
+        .sum();
+    eprintln!("{reads} failed reads cost {fetched} origin bytes");
+    assert!(reads >= 10, "only {reads} reads in 3 s");
+    assert!(
+        fetched <= 2 * 2 * MIB as u64,
+        "{reads} failed reads downloaded {fetched} bytes of a 2 MiB file in 3 s"
+    );
+}
+
+/// The only source answers 503 to about half of all requests. Retries and rounds within
+/// `read_timeout` must serve every read: cooling the only source down used to leave each
+/// chunk a single attempt, so about half of the reads failed with EIO.
+#[test]
+fn flaky_only_source_serves_every_read_within_read_timeout() {
+    const N: u64 = 40;
+    let setup = GenSetup::new(&[("f.bin", N as usize * CS as usize)], CS, 53);
+    let config = WanConfig {
+        cooldown_secs: 5.0,
+        read_timeout_secs: 10.0,
+        ..fault_config()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "f.bin");
+    setup.origin.add_fault(
+        Fault::Flaky {
+            status: 503,
+            percent: 50,
+        },
+        Some("f.bin"),
+        None,
+    );
+    let data = setup.data("f.bin");
+    let mut failed = Vec::new();
+    for i in 0..N {
+        let off = i * CS;
+        match read_range(&path, off, 4096) {
+            Ok(got) => assert_bytes_eq(&got, &data[off as usize..off as usize + 4096], "flaky"),
+            Err(e) => failed.push((i, e.to_string())),
+        }
+    }
+    let refused = setup
+        .origin
+        .requests()
+        .iter()
+        .filter(|r| r.status == 503)
+        .count();
+    eprintln!("{refused} requests answered 503");
+    assert!(refused >= 10, "the origin was not flaky: {refused} 503s");
+    assert!(
+        failed.is_empty(),
+        "{} of {N} reads failed: {failed:?}",
+        failed.len()
+    );
+}

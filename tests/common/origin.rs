@@ -41,6 +41,9 @@ pub enum Fault {
     Trickle(u64),
     /// Serve the right length with one byte of the body flipped.
     Corrupt,
+    /// Answer with this status on about `percent` % of requests (a fixed pseudo-random
+    /// sequence, so runs repeat), and serve the others normally: a flaky mirror.
+    Flaky { status: u16, percent: u64 },
 }
 
 /// Which requests a fault applies to and how many more times.
@@ -88,6 +91,8 @@ struct Shared {
     log: Mutex<Vec<Request>>,
     /// When set, every request is answered `302 Location: {redirect}{path}`.
     redirect: Mutex<Option<String>>,
+    /// Draws made for [`Fault::Flaky`].
+    draws: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -100,6 +105,17 @@ impl Shared {
         let rule = &mut rules[pos];
         if let Some(n) = rule.remaining.as_mut() {
             *n -= 1;
+        }
+        if let Fault::Flaky { status, percent } = rule.fault {
+            // splitmix64 of a counter: a fixed sequence of draws.
+            let n = self
+                .draws
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut z = n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            return (z % 100 < percent).then_some(Fault::Status(status));
         }
         Some(rule.fault.clone())
     }
@@ -126,6 +142,7 @@ impl Origin {
             rules: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             redirect: Mutex::new(None),
+            draws: Default::default(),
         });
         let (runtime, addr) = launch(shared.clone(), SocketAddr::new(ip, 0));
         Origin {
