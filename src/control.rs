@@ -1232,7 +1232,7 @@ mod tests {
         use crate::source::mask_url;
         assert_eq!(
             mask_url("https://u:p@host/x?sig=1"),
-            "https://***@host/x?***"
+            "https://***@host/x?sig=***"
         );
         assert_eq!(mask_url("hf://org/repo@main"), "hf://org/repo@main");
     }

@@ -92,3 +92,78 @@ fn hf_token_sent_to_endpoint_not_across_redirects() {
         );
     }
 }
+
+/// A signed URL as a source (`…/base?X-Amz-Signature=…`): each file's path goes before the
+/// query, and the signature shows up in no log line, status, event, metric or config view,
+/// even when the source fails.
+#[test]
+fn signed_url_source_works_and_its_secret_never_shows() {
+    const SECRET: &str = "s1gn4tur3deadbeef";
+    let work = workdir();
+    let src = work.path().join("src");
+    let files = gen_files(
+        &src,
+        "gen@1.0.0",
+        &[("a.bin", 300_000), ("b.bin", 300_000)],
+        7,
+    );
+    let origin = Origin::start(&src);
+    let base = format!(
+        "{}?X-Amz-Signature={SECRET}&X-Amz-Expires=600",
+        origin.base("gen@1.0.0")
+    );
+    let opts = BuildOpts {
+        chunk_size: Some(65536),
+        sources: vec![base],
+        whole_only: false,
+    };
+    let entry = manifest_build(&src.join("gen@1.0.0"), "gen@1.0.0", &opts);
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, std::slice::from_ref(&entry));
+    let config = WanConfig {
+        retries: 1,
+        read_timeout_secs: 2.0,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(MountSpec::new(work.path(), &manifest).config(config));
+    let a = mount.path("gen@1.0.0/a.bin");
+    assert_bytes_eq(
+        &fs::read(&a).expect("read through a signed-URL source"),
+        data_of(&files, "a.bin"),
+        "a.bin",
+    );
+    let paths: Vec<String> = origin
+        .gets("a.bin")
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert!(
+        paths.iter().all(|p| p == "/gen@1.0.0/a.bin"),
+        "request paths: {paths:?}"
+    );
+
+    // Failures whose messages would carry the request URL: a reset body, then no origin.
+    origin.add_fault(Fault::ResetAfter(0), Some("b.bin"), None);
+    let b = mount.path("gen@1.0.0/b.bin");
+    assert!(fs::read(&b).is_err(), "b.bin read while its source resets");
+    drop(origin);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let b = mount.path("gen@1.0.0/b.bin");
+    assert!(fs::read(&b).is_err(), "b.bin read while its source resets");
+    let mut seen = mount.log();
+    for name in ["status", "events", "metrics", "config", "health"] {
+        seen += &fs::read_to_string(mount.path(&format!(".wan/{name}"))).unwrap_or_default();
+    }
+    assert!(
+        seen.contains("X-Amz-Signature"),
+        "the source is named somewhere"
+    );
+    assert!(
+        !seen.contains(SECRET),
+        "the signature leaked:\n{}",
+        seen.lines()
+            .filter(|l| l.contains(SECRET))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

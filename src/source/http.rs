@@ -27,24 +27,37 @@ pub fn http_client(cfg: &FetchConfig) -> anyhow::Result<reqwest::Client> {
 
 pub struct HttpSource {
     client: reqwest::Client,
+    /// The base URL up to its query string.
     base: String,
+    /// The base URL's query (`X-Amz-Signature=…` of a signed URL), sent with every request.
+    query: Option<String>,
     token: Option<String>,
 }
 
 impl HttpSource {
     pub fn new(client: reqwest::Client, base: String, token: Option<String>) -> HttpSource {
+        let (base, query) = match base.split_once('?') {
+            Some((b, q)) => (b.to_string(), Some(q.to_string())),
+            None => (base, None),
+        };
         HttpSource {
             client,
-            base,
+            base: base.trim_end_matches('/').to_string(),
+            query,
             token,
         }
     }
 
+    /// The file's path goes before the base's query, never after it.
     fn url(&self, path: &str) -> String {
         let mut url = self.base.clone();
         for seg in path.split('/') {
             url.push('/');
             encode_segment(seg, &mut url);
+        }
+        if let Some(q) = &self.query {
+            url.push('?');
+            url.push_str(q);
         }
         url
     }
@@ -61,7 +74,10 @@ fn encode_segment(seg: &str, out: &mut String) {
     }
 }
 
+/// The URL is left out of the message: it may carry a signature in its query, and the
+/// source's masked name already says where the error came from.
 fn transport(e: reqwest::Error) -> SourceError {
+    let e = e.without_url();
     if e.is_timeout() {
         SourceError::Timeout
     } else {
@@ -157,6 +173,19 @@ impl Source for HttpSource {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn path_goes_before_the_query_of_a_signed_base() {
+        let s = super::HttpSource::new(
+            reqwest::Client::new(),
+            "http://h/base/?X-Amz-Signature=s3cr3t&x=1".into(),
+            None,
+        );
+        assert_eq!(
+            s.url("vae/a b.pth"),
+            "http://h/base/vae/a%20b.pth?X-Amz-Signature=s3cr3t&x=1"
+        );
+    }
+
     #[test]
     fn segments_are_encoded() {
         let mut s = String::new();

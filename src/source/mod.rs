@@ -151,9 +151,16 @@ impl SourceHandle {
 /// Hides credentials in a URL: userinfo and query strings (signed URLs).
 pub fn mask_url(url: &str) -> String {
     let mut out = url.to_string();
-    if let Some(q) = out.find('?') {
-        out.truncate(q);
-        out.push_str("?***");
+    // Keys stay (they say what kind of URL it is), every value goes.
+    if let Some((base, query)) = url.split_once('?') {
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) => format!("{k}=***"),
+                None => "***".into(),
+            })
+            .collect();
+        out = format!("{base}?{}", masked.join("&"));
     }
     if let Some(scheme_end) = out.find("://")
         && let Some(at) = out[scheme_end + 3..].find('@')
