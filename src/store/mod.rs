@@ -155,6 +155,14 @@ pub struct Store {
     opens: Mutex<HashMap<Digest, u32>>,
     /// Blobs with data found or declared corrupt that are not complete again yet.
     suspect: Mutex<std::collections::HashSet<Digest>>,
+    /// Serializes every change of the index together with the matching change of `blobs`
+    /// (create, mark, drop, evict). SQLite writes and unlinks happen under this lock only,
+    /// never under `blobs`, which cache hits take: a hit never waits on the disk or SQLite.
+    writer: Mutex<()>,
+    /// Evicted blobs whose index rows could not be deleted (a full disk: SQLite needs space
+    /// to delete). Their files are gone; the rows are deleted before the blob is created
+    /// again, and dropped at the next start anyway (their file is missing).
+    unforgotten: Mutex<std::collections::HashSet<Digest>>,
     _lock: File,
 }
 
@@ -205,6 +213,8 @@ impl Store {
             fds: Mutex::new(LruCache::new(NonZeroUsize::new(OPEN_BLOBS).unwrap())),
             opens: Mutex::new(HashMap::new()),
             suspect: Mutex::new(std::collections::HashSet::new()),
+            writer: Mutex::new(()),
+            unforgotten: Mutex::new(std::collections::HashSet::new()),
             _lock: lock,
         };
         store.reconcile()?;
@@ -243,7 +253,11 @@ impl Store {
                     tracing::warn!(blob = %row.digest, path = %path.display(),
                         "blob file missing or wrong size; its {} chunks will be fetched again", row.chunks.len());
                 }
-                self.index.forget_blob(row.digest)?;
+                if let Err(e) = self.index.forget_blob(row.digest) {
+                    // A full disk: the row stays, unloaded, until a write can delete it.
+                    tracing::warn!(blob = %row.digest, error = %e, "could not delete a stale index row yet");
+                    self.unforgotten.lock().unwrap().insert(row.digest);
+                }
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
@@ -313,24 +327,53 @@ impl Store {
     /// Creates the blob's index row and sparse file if needed (idempotent); returns its file
     /// and the generation a later commit must still find.
     fn prepare(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
-        let mut blobs = self.blobs.lock().unwrap();
-        if let Some(st) = blobs.get(&f.sha256).filter(|s| s.layout == f.layout()) {
-            let generation = st.generation;
-            let fd = self.fd(f.sha256, Some(f.size))?;
-            return Ok((fd, generation));
+        let existing = self
+            .blobs
+            .lock()
+            .unwrap()
+            .get(&f.sha256)
+            .filter(|s| s.layout == f.layout())
+            .map(|s| s.generation);
+        if let Some(generation) = existing {
+            return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
+        let _w = self.writer.lock().unwrap();
+        if let Some(st) = self
+            .blobs
+            .lock()
+            .unwrap()
+            .get(&f.sha256)
+            .filter(|s| s.layout == f.layout())
+        {
+            let generation = st.generation;
+            return Ok((self.fd(f.sha256, Some(f.size))?, generation));
+        }
+        // Rows an eviction could not delete must go first: they would name chunks of the new
+        // (empty) file as present after a restart.
+        self.retry_forgets()?;
         // Index row first: a blob file is never on disk without a row naming it.
         self.index.upsert_blob(f.sha256, f.size, f.chunk_size)?;
         let fd = self.fd(f.sha256, Some(f.size))?;
         let st = BlobState::new(f.layout(), now_secs());
         let generation = st.generation;
-        blobs.insert(f.sha256, st);
+        self.blobs.lock().unwrap().insert(f.sha256, st);
         Ok((fd, generation))
+    }
+
+    /// Deletes the index rows of evicted blobs that a full disk kept. Under `writer`.
+    fn retry_forgets(&self) -> Result<(), StoreError> {
+        let pending: Vec<Digest> = self.unforgotten.lock().unwrap().iter().copied().collect();
+        for d in pending {
+            self.index.forget_blob(d)?;
+            self.unforgotten.lock().unwrap().remove(&d);
+        }
+        Ok(())
     }
 
     /// The blob's file, read-write. With `create`, it is created sparse at its full size;
     /// without, a missing file is an error (readers must never create an empty blob).
-    /// Called with the `blobs` lock held.
+    /// Called with the `blobs` lock held (readers) or `writer` held (creation), so the blob
+    /// cannot be unlinked in between.
     fn fd(&self, d: Digest, create: Option<u64>) -> Result<Arc<File>, StoreError> {
         if let Some(f) = self.fds.lock().unwrap().get(&d) {
             return Ok(f.clone());
@@ -410,21 +453,27 @@ impl Store {
         Ok(self.is_complete(f))
     }
 
-    /// Marks chunks present if the blob is still the one prepared (not evicted meanwhile).
+    /// Marks chunks present if the blob is still the one prepared (not evicted meanwhile):
+    /// index rows first, then the in-memory bits readers look at.
     fn mark(
         &self,
         f: &FileEntry,
         generation: u64,
         chunks: &[(u64, Digest)],
     ) -> Result<(), StoreError> {
-        let mut blobs = self.blobs.lock().unwrap();
-        let Some(st) = blobs
-            .get_mut(&f.sha256)
-            .filter(|s| s.generation == generation)
-        else {
-            return Err(StoreError::Evicted(f.sha256));
+        // Under `writer` the blob cannot be evicted between the check and the bits.
+        let _w = self.writer.lock().unwrap();
+        let current = |blobs: &HashMap<Digest, BlobState>| {
+            blobs
+                .get(&f.sha256)
+                .is_some_and(|s| s.generation == generation)
         };
+        if !current(&self.blobs.lock().unwrap()) {
+            return Err(StoreError::Evicted(f.sha256));
+        }
         self.index.mark_present(f.sha256, chunks)?;
+        let mut blobs = self.blobs.lock().unwrap();
+        let st = blobs.get_mut(&f.sha256).expect("checked under writer");
         for (idx, _) in chunks {
             st.set(*idx);
         }
@@ -444,30 +493,45 @@ impl Store {
         self.suspect.lock().unwrap().contains(&d)
     }
 
-    /// Forgets one chunk (found corrupt on disk): it will be fetched again.
+    /// Forgets one chunk (found corrupt on disk): it will be fetched again. The index row goes
+    /// first, so a crash right after cannot bring the chunk back as present.
     pub fn drop_chunk(&self, f: &FileEntry, idx: u64) -> Result<(), StoreError> {
         self.mark_suspect(f.sha256);
-        let mut blobs = self.blobs.lock().unwrap();
-        if let Some(st) = blobs.get_mut(&f.sha256) {
-            self.index.forget_chunk(f.sha256, idx)?;
+        let _w = self.writer.lock().unwrap();
+        if !self.blobs.lock().unwrap().contains_key(&f.sha256) {
+            return Ok(());
+        }
+        self.index.forget_chunk(f.sha256, idx)?;
+        if let Some(st) = self.blobs.lock().unwrap().get_mut(&f.sha256) {
             st.clear(idx);
         }
         Ok(())
     }
 
-    /// Removes a blob: index rows first, then the file (unlinked, so open handles keep
-    /// reading the old bytes). Returns the bytes it held.
+    /// Removes a blob and returns the bytes it held. Readers stop seeing it first; then the
+    /// file is unlinked (open handles keep reading the old, verified bytes), then its index
+    /// rows go. Unlinking before touching the index is what lets GC free a full disk, where
+    /// SQLite cannot write until space is freed: rows it cannot delete now are kept in
+    /// `unforgotten` and deleted later; a row whose file is gone is dropped at start anyway.
     pub fn evict(&self, d: Digest) -> Result<u64, StoreError> {
-        let mut blobs = self.blobs.lock().unwrap();
-        let freed = blobs.get(&d).map_or(0, BlobState::bytes);
-        self.index.forget_blob(d)?;
-        blobs.remove(&d);
-        self.fds.lock().unwrap().pop(&d);
+        let _w = self.writer.lock().unwrap();
+        let freed = {
+            let mut blobs = self.blobs.lock().unwrap();
+            let freed = blobs.remove(&d).map_or(0, |s| s.bytes());
+            self.fds.lock().unwrap().pop(&d);
+            freed
+        };
         let path = self.blob_path(d);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path)(e)),
+        }
+        if let Err(e) = self.index.forget_blob(d) {
+            tracing::warn!(blob = %d, error = %e, "evicted blob's index rows kept for now (deleted later)");
+            self.unforgotten.lock().unwrap().insert(d);
+        } else if let Err(e) = self.retry_forgets() {
+            tracing::debug!(error = %e, "index rows of earlier evictions still kept");
         }
         Ok(freed)
     }

@@ -1,0 +1,141 @@
+//! A cache filesystem that fills up (another process's logs, a core dump): reads keep being
+//! served while nothing can be stored, and GC can always free space, although the index
+//! itself cannot write until it does. The cache sits on a small tmpfs (needs root).
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+const CS: u64 = 256 * 1024;
+
+/// A tmpfs of `mib` MiB at `dir`, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, mib: usize) -> Option<SmallFs> {
+        fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={}", mib * MIB), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes zeros to `path` until the filesystem says ENOSPC; returns the bytes written.
+fn fill(path: &Path) -> u64 {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    let block = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    n
+}
+
+#[test]
+fn full_cache_disk_keeps_serving_and_gc_frees_it() {
+    let setup = GenSetup::new(
+        &[("a.bin", 8 * MIB), ("b.bin", 8 * MIB), ("c.bin", 2 * MIB)],
+        CS,
+        61,
+    );
+    let cache_fs = setup.work.path().join("cachefs");
+    let Some(_tmpfs) = SmallFs::mount(&cache_fs, 24) else {
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let mut spec = setup.spec(WanConfig::default());
+    spec.cache_dir = cache_fs.join("cache");
+    let mount = Mount::start(spec);
+    for f in ["a.bin", "b.bin"] {
+        let got = fs::read(setup.mounted(&mount, f)).expect("read before the disk fills");
+        assert_bytes_eq(&got, setup.data(f), f);
+    }
+    let cache = CacheView::new(&mount.spec.cache_dir);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            ["a.bin", "b.bin"]
+                .iter()
+                .all(|f| cache.present(&sha256_hex(setup.data(f))).len() == 32)
+        }),
+        "a.bin and b.bin not cached"
+    );
+    let filled = fill(&cache_fs.join("filler"));
+    eprintln!("filled the cache filesystem with {filled} more bytes");
+
+    // Nothing can be stored now, but a cold read is still served (verified, not cached).
+    let c = setup.mounted(&mount, "c.bin");
+    let got = fs::read(&c).expect("a cold read on a full cache disk");
+    assert_bytes_eq(&got, setup.data("c.bin"), "c.bin on a full disk");
+
+    // GC frees space although the index cannot write until it has.
+    fs::write(mount.path(".wan/gc"), "aggressive\n").expect("write .wan/gc");
+    assert!(
+        wait_until(Duration::from_secs(20), || mount
+            .log()
+            .contains("gc from .wan/gc")),
+        "gc never finished:\n{}",
+        mount.log()
+    );
+    assert!(
+        !mount.log().contains("gc from .wan/gc failed"),
+        "gc failed on a full disk:\n{}",
+        mount.log()
+    );
+    let free = fs2_free(&cache_fs);
+    assert!(free >= 12 * MIB as u64, "only {free} bytes free after GC");
+
+    // And the cache works again: the next cold read is stored, the index answers.
+    drop_page_cache(&c);
+    let got = fs::read(&c).expect("read after GC");
+    assert_bytes_eq(&got, setup.data("c.bin"), "c.bin after GC");
+    let want = sha256_hex(setup.data("c.bin"));
+    assert!(
+        wait_until(Duration::from_secs(10), || cache.present(&want).len() == 8),
+        "c.bin not cached after GC freed space"
+    );
+    let health = fs::read_to_string(mount.path(".wan/health")).expect("read .wan/health");
+    assert!(!health.contains("unhealthy"), "{health}");
+
+    // A restart on the same cache finds it consistent.
+    drop(mount);
+    cache
+        .check_consistent()
+        .expect("cache consistent after a full disk");
+}
+
+/// Free bytes on the filesystem holding `path`.
+fn fs2_free(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs into a zeroed struct we own.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail as u64 * s.f_frsize as u64
+}
