@@ -1025,7 +1025,12 @@ impl Control {
                 .map(|o| (o.0.clone(), o.1.clone()))
                 .unwrap_or_default();
             if !dry_run {
-                self.evict_blob(b.digest)?;
+                // Unlink and SQLite: off the runtime threads.
+                let this = self.clone();
+                let d = b.digest;
+                tokio::task::spawn_blocking(move || this.evict_blob(d))
+                    .await
+                    .map_err(failed)??;
                 for m in &models {
                     self.record(
                         "evict",
@@ -1083,7 +1088,11 @@ impl Control {
                     reverified += s.bytes_done;
                     bad += s.bad_chunks;
                 }
-                store.index().vacuum().map_err(failed)?;
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || s.index().vacuum())
+                    .await
+                    .map_err(failed)?
+                    .map_err(failed)?;
             }
         }
         let (used_after, _, _) = self.usage();
@@ -1117,8 +1126,11 @@ impl Control {
         let mut last_sample = 0u64;
         loop {
             let every = Duration::from_secs_f64(self.cfg().gc.interval_secs);
-            if let Err(e) = self.store().flush_access_times() {
-                tracing::warn!(error = %e, "could not save access times");
+            let store = self.store().clone();
+            match tokio::task::spawn_blocking(move || store.flush_access_times()).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not save access times"),
+                Err(e) => tracing::warn!(error = %e, "could not save access times"),
+                Ok(Ok(())) => {}
             }
             let now = now_secs();
             if now >= last_sample + 3600 {

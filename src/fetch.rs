@@ -83,6 +83,15 @@ pub enum Priority {
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
+type SharedStored = Shared<BoxFuture<'static, Result<(), FetchError>>>;
+
+/// A chunk fetch in flight: readers await `served` (the verified bytes); an ensure awaits
+/// `stored` (durable and indexed), instead of polling the index.
+#[derive(Clone)]
+struct InFlight {
+    served: SharedFetch,
+    stored: SharedStored,
+}
 type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 
 /// Every source failed: say what, and what each source said.
@@ -118,7 +127,7 @@ pub struct Fetcher {
     /// All of `memory`, in KiB: a chunk larger than the whole budget takes all of it and is
     /// fetched alone, rather than waiting forever for permits that do not exist.
     memory_kib: u32,
-    inflight: Mutex<HashMap<(Digest, u64), SharedFetch>>,
+    inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
     /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
     /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
     /// immediately with a smaller size).
@@ -311,7 +320,7 @@ impl Fetcher {
         let parallel = (self.cfg.readahead_chunks as usize).max(2);
         futures::stream::iter(self.store.missing(f, 0..layout.count()))
             .map(|idx| {
-                let fut = self.chunk(file, idx, Priority::ReadAhead, None);
+                let fut = self.chunk_stored(file, idx, Priority::ReadAhead);
                 async move {
                     fut.await?;
                     let r = layout.range(idx);
@@ -322,18 +331,12 @@ impl Fetcher {
             .buffer_unordered(parallel)
             .try_collect::<Vec<()>>()
             .await?;
-        // Chunks served from memory commit just after; wait for them to be durable.
-        for _ in 0..200 {
-            if self.store.is_complete(f) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         if self.store.is_complete(f) {
             Ok(())
         } else {
+            // Stored, then evicted or dropped before the last one was: the caller may retry.
             Err(FetchError::Store(format!(
-                "{}: chunks fetched but not all stored",
+                "{}: chunks fetched but evicted or dropped before the file was complete",
                 f.path
             )))
         }
@@ -358,69 +361,119 @@ impl Fetcher {
         prio: Priority,
         permit: Option<OwnedSemaphorePermit>,
     ) -> BoxFuture<'static, Result<Option<VerifiedChunk>, FetchError>> {
+        match self.start_chunk(file, idx, prio, permit) {
+            Err(e) => futures::future::ready(Err(e)).boxed(),
+            Ok(None) => futures::future::ready(Ok(None)).boxed(),
+            Ok(Some(f)) => async move { f.served.await.map(Some) }.boxed(),
+        }
+    }
+
+    /// Like [`Fetcher::chunk`], but resolves once the chunk is stored (durable and indexed),
+    /// or with the error that kept it from being stored.
+    fn chunk_stored(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+        prio: Priority,
+    ) -> BoxFuture<'static, Result<(), FetchError>> {
+        match self.start_chunk(file, idx, prio, None) {
+            Err(e) => futures::future::ready(Err(e)).boxed(),
+            Ok(None) => futures::future::ready(Ok(())).boxed(),
+            Ok(Some(f)) => f.stored.boxed(),
+        }
+    }
+
+    /// Joins the fetch of chunk `idx` in flight, or starts one. `None`: present on disk.
+    fn start_chunk(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+        prio: Priority,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<InFlight>, FetchError> {
         let key = (file.entry.sha256, idx);
         if let Some(err) = self.recently_failed(key) {
-            return futures::future::ready(Err(err)).boxed();
+            return Err(err);
         }
-        let shared = {
-            let mut map = self.inflight.lock().unwrap();
-            if self.store.has_chunk(&file.entry, idx) {
-                return futures::future::ready(Ok(None)).boxed();
-            }
-            match map.get(&key) {
-                Some(s) => s.clone(),
-                None => {
-                    let this = self.clone();
-                    let file = file.clone();
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    // Spawned, so the fetch completes (and is cached) even if readers give up.
-                    // Readers get the chunk as soon as it is verified; the commit (pwrite,
-                    // fdatasync, index) follows off their path, and the chunk stays in
-                    // `inflight` until it is committed, so nobody re-fetches it meanwhile.
-                    // On the runtime's handle: read-ahead starts fetches from FUSE threads,
-                    // which are not runtime threads.
-                    self.rt.spawn(async move {
-                        let _mem = match this.reserve_memory(&file, idx).await {
-                            Ok(m) => m,
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
-                                this.inflight.lock().unwrap().remove(&key);
-                                return;
-                            }
-                        };
-                        METRICS.downloads_active.inc();
-                        let r = this.fetch_chunk(&file, idx, prio).await;
-                        METRICS.downloads_active.dec();
-                        drop(permit);
-                        let verified = r.as_ref().ok().cloned();
-                        if let Err(e) = &r {
-                            this.remember_failure(key, e);
-                        }
-                        let _ = tx.send(r);
-                        if let Some(chunk) = verified
-                            && let Err(e) = this.commit(&file, idx, chunk).await
-                        {
-                            METRICS.errors.with_label_values(&["store"]).inc();
-                            tracing::error!(model = %file.model, file = %file.entry.path, chunk = idx, error = %e,
-                                "could not store a verified chunk; it will be fetched again");
-                        }
-                        this.inflight.lock().unwrap().remove(&key);
-                    });
-                    let fut = async move {
-                        rx.await.unwrap_or_else(|_| {
-                            Err(FetchError::Store(
-                                "fetch task ended without an answer".into(),
-                            ))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    map.insert(key, fut.clone());
-                    fut
+        let mut map = self.inflight.lock().unwrap();
+        if self.store.has_chunk(&file.entry, idx) {
+            return Ok(None);
+        }
+        if let Some(f) = map.get(&key) {
+            return Ok(Some(f.clone()));
+        }
+        let this = self.clone();
+        let file = file.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (stored_tx, stored_rx) = tokio::sync::oneshot::channel();
+        // Spawned, so the fetch completes (and is cached) even if readers give up.
+        // Readers get the chunk as soon as it is verified; the commit (pwrite, fdatasync,
+        // index) follows off their path, and the chunk stays in `inflight` until it is
+        // committed, so nobody re-fetches it meanwhile. On the runtime's handle: read-ahead
+        // starts fetches from FUSE threads, which are not runtime threads.
+        self.rt.spawn(async move {
+            let done = |r: Result<(), FetchError>| {
+                this.inflight.lock().unwrap().remove(&key);
+                let _ = stored_tx.send(r);
+            };
+            let _mem = match this.reserve_memory(&file, idx).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = tx.send(Err(e.clone()));
+                    return done(Err(e));
                 }
+            };
+            if let Some(chunk) = this.adopt_from_disk(&file, idx).await {
+                let _ = tx.send(Ok(chunk));
+                return done(Ok(()));
             }
+            METRICS.downloads_active.inc();
+            let r = this.fetch_chunk(&file, idx, prio).await;
+            METRICS.downloads_active.dec();
+            drop(permit);
+            let chunk = match r {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    this.remember_failure(key, &e);
+                    let _ = tx.send(Err(e.clone()));
+                    return done(Err(e));
+                }
+            };
+            let _ = tx.send(Ok(chunk.clone()));
+            let stored = this.commit(&file, idx, chunk).await;
+            if let Err(e) = &stored {
+                METRICS.errors.with_label_values(&["store"]).inc();
+                tracing::error!(model = %file.model, file = %file.entry.path, chunk = idx, error = %e,
+                    "could not store a verified chunk; it will be fetched again");
+            }
+            done(stored)
+        });
+        let gone = || FetchError::Store("fetch task ended without an answer".into());
+        let f = InFlight {
+            served: async move { rx.await.unwrap_or_else(|_| Err(gone())) }
+                .boxed()
+                .shared(),
+            stored: async move { stored_rx.await.unwrap_or_else(|_| Err(gone())) }
+                .boxed()
+                .shared(),
         };
-        async move { shared.await.map(Some) }.boxed()
+        map.insert(key, f.clone());
+        Ok(Some(f))
+    }
+
+    /// The chunk from the blob file, verified, when the index does not list it but the file
+    /// holds it (see `Store::adopt_chunk`): checked before any source is asked.
+    async fn adopt_from_disk(&self, file: &Arc<FileCtx>, idx: u64) -> Option<VerifiedChunk> {
+        let expected = file.entry.chunks.as_ref()?[idx as usize];
+        let store = self.store.clone();
+        let entry = file.entry.clone();
+        let chunk = tokio::task::spawn_blocking(move || store.adopt_chunk(&entry, idx, expected))
+            .await
+            .ok()??;
+        if self.store.is_complete(&file.entry) {
+            self.completed(file);
+        }
+        Some(chunk)
     }
 
     /// Counts wrong bytes from `src` and cools it down at once.
@@ -586,7 +639,7 @@ impl Fetcher {
             .download_seconds
             .with_label_values(&[&file.model])
             .observe(secs);
-        let _ = self.store.index().add_event(&crate::store::index::Event {
+        let event = crate::store::index::Event {
             ts: crate::store::now_secs(),
             kind: "download".into(),
             model: file.model.clone(),
@@ -595,6 +648,13 @@ impl Fetcher {
             seconds: secs,
             status: "success".into(),
             detail: String::new(),
+        };
+        // An SQLite write: never on a runtime thread.
+        let store = self.store.clone();
+        self.rt.spawn_blocking(move || {
+            if let Err(e) = store.index().add_event(&event) {
+                tracing::warn!(error = %e, "could not record a download event");
+            }
         });
         tracing::info!(
             model = %file.model,

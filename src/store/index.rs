@@ -103,6 +103,14 @@ pub struct Index {
     conn: Mutex<Connection>,
 }
 
+#[cfg(test)]
+impl Index {
+    /// Holds the connection, as a slow SQLite write (a busy disk) would.
+    pub(crate) fn stall(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap()
+    }
+}
+
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
     SystemTime::now()

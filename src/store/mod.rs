@@ -453,6 +453,40 @@ impl Store {
         Ok(self.is_complete(f))
     }
 
+    /// Chunk `idx` read back from the blob file where the index does not list it but the file
+    /// holds data there: a lost index not yet rebuilt, or a commit cut short by a crash. The
+    /// bytes are verified against `expected` and, if they match, the chunk is made durable
+    /// and marked present, so a read racing an index rebuild fetches nothing it already has.
+    /// `None` when there is nothing usable on disk. Blocking.
+    pub fn adopt_chunk(&self, f: &FileEntry, idx: u64, expected: Digest) -> Option<VerifiedChunk> {
+        let path = self.blob_path(f.sha256);
+        let file = File::open(&path).ok()?;
+        if file.metadata().ok()?.len() != f.size {
+            return None;
+        }
+        let r = f.layout().range(idx);
+        if !has_data(&file, r.start, r.end) {
+            return None;
+        }
+        let mut buf = crate::chunk::AlignedBuf::zeroed((r.end - r.start) as usize);
+        file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
+        let chunk = VerifiedChunk::verify(expected, buf.freeze()).ok()?;
+        let adopted = self.prepare(f).and_then(|(fd, generation)| {
+            fd.sync_data().map_err(io_err(&path))?;
+            self.mark(f, generation, &[(idx, expected)])
+        });
+        match adopted {
+            Ok(()) => {
+                tracing::debug!(blob = %f.sha256, chunk = idx, "adopted a chunk found on disk");
+                Some(chunk)
+            }
+            Err(e) => {
+                tracing::debug!(blob = %f.sha256, chunk = idx, error = %e, "could not adopt a chunk found on disk");
+                None
+            }
+        }
+    }
+
     /// Marks chunks present if the blob is still the one prepared (not evicted meanwhile):
     /// index rows first, then the in-memory bits readers look at.
     fn mark(
@@ -919,6 +953,39 @@ mod tests {
             .read_exact_at(&mut buf, 35)
             .unwrap();
         assert_eq!(&buf, &data[35..45]);
+    }
+
+    /// A cache hit takes only the `blobs` lock: it must not wait while an eviction or a
+    /// commit waits on SQLite (or on unlinking a large file).
+    #[test]
+    fn cache_hit_does_not_wait_on_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(dir.path()).unwrap());
+        let data: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+        let other: Vec<u8> = data.iter().map(|b| b ^ 1).collect();
+        let (f, g) = (entry(&data, 1024), entry(&other, 1024));
+        for (e, d) in [(&f, &data), (&g, &other)] {
+            let c = VerifiedChunk::verify(
+                e.chunks.as_ref().unwrap()[0],
+                Bytes::copy_from_slice(&d[..1024]),
+            )
+            .unwrap();
+            s.commit_chunk(e, 0, &c).unwrap();
+        }
+        let stalled = s.index().stall();
+        let (s2, g2) = (s.clone(), g.clone());
+        let evicting = std::thread::spawn(move || s2.evict(g2.sha256));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s3, f3) = (s.clone(), f.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(s3.reader(&f3, [0]).is_some() && s3.has_chunk(&f3, 0));
+        });
+        let hit = rx.recv_timeout(std::time::Duration::from_secs(2));
+        drop(stalled);
+        assert_eq!(hit, Ok(true), "a cache hit waited on the index");
+        assert_eq!(evicting.join().unwrap().unwrap(), 1024);
+        assert!(!s.has_chunk(&g, 0));
     }
 
     #[test]
