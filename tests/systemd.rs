@@ -278,7 +278,8 @@ fn units_under_a_real_systemd() {
         return skip("no /dev/fuse");
     }
     // One run at a time on a host (other checkouts use the same container).
-    let lock = File::create("/run/lock/wanfs-systemd-test.lock").expect("lock file");
+    let lock =
+        File::create(std::env::temp_dir().join("wanfs-systemd-test.lock")).expect("lock file");
     lock.lock().expect("locking the container");
     let staging = tempfile::Builder::new()
         .prefix("systemd-ct-")
@@ -382,6 +383,21 @@ fn units_under_a_real_systemd() {
     ct.ok("stop wan22", "systemctl stop wan22");
     ct.assert_unmounted("systemctl stop wan22");
     assert_eq!(ct.text("systemctl is-active wan22"), "inactive");
+
+    // An unmount from outside: the daemon exits 0, which Restart=on-failure leaves alone.
+    ct.ok(
+        "umount under wan22",
+        &format!("systemctl start wan22\nls {MNT} >/dev/null\numount {MNT}"),
+    );
+    assert!(
+        ct.poll(
+            "[ \"$(systemctl show -p ActiveState --value wan22)\" = inactive ]",
+            Duration::from_secs(10)
+        ),
+        "wan22 not inactive after an umount from outside{}",
+        ct.diagnostics()
+    );
+    ct.assert_unmounted("umount under wan22");
 
     // The mount unit, through mount.fuse.wan (docs/OPERATIONS.md §1b).
     let listed = ct.ok(
