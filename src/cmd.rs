@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::control::{Control, GcMode, Work};
+use crate::control::{Control, ControlError, GcMode, Work};
 use crate::fetch::{Fetcher, file_contexts};
 use crate::manifest::Manifest;
 use crate::source::SourceRegistry;
@@ -199,7 +199,8 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             let all = statuses(b).await?;
             for id in &only {
                 if !all.iter().any(|m| m["id"] == id.as_str()) {
-                    bail!("unknown model id {id:?} (see `wan models list`)");
+                    let known = all.iter().filter_map(|m| m["id"].as_str());
+                    return Err(ControlError::unknown_model(id, known).into());
                 }
             }
             let shown: Vec<Value> = all

@@ -25,8 +25,10 @@ use crate::store::{CacheState, Store, now_secs};
 /// Why a control request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("unknown model id {0:?} (see `wan models list`)")]
-    UnknownModel(String),
+    /// An id the manifest does not list, with the id probably meant (see
+    /// [`ControlError::unknown_model`]).
+    #[error("unknown model id {:?}{} (see `wan models list`)", .0, .1.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default())]
+    UnknownModel(String, Option<String>),
     #[error("{0}")]
     BadRequest(String),
     #[error("model {0} is busy: {1} is running")]
@@ -36,10 +38,17 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// The refusal of an unknown `id`, with a "did you mean" among `known` (one rule for the
+    /// CLI, HTTP and the control files: [`crate::manifest::suggest_id`]).
+    pub fn unknown_model<'a>(id: &str, known: impl IntoIterator<Item = &'a str>) -> ControlError {
+        let hint = crate::manifest::suggest_id(id, known).map(str::to_string);
+        ControlError::UnknownModel(id.to_string(), hint)
+    }
+
     /// HTTP status for this error.
     pub fn http_status(&self) -> u16 {
         match self {
-            ControlError::UnknownModel(_) => 404,
+            ControlError::UnknownModel(..) => 404,
             ControlError::BadRequest(_) => 400,
             ControlError::Busy(..) => 409,
             ControlError::Failed(_) => 500,
@@ -273,10 +282,14 @@ impl Control {
             return Ok(self.model_ids());
         }
         let mut out = Vec::new();
+        let cat = self.cat();
         for id in ids {
             let id = id.trim();
-            if !self.cat().models.contains_key(id) {
-                return Err(ControlError::UnknownModel(id.to_string()));
+            if !cat.models.contains_key(id) {
+                return Err(ControlError::unknown_model(
+                    id,
+                    cat.models.keys().map(String::as_str),
+                ));
             }
             if !out.iter().any(|o| o == id) {
                 out.push(id.to_string());
@@ -299,10 +312,9 @@ impl Control {
 
     pub fn model_status(&self, id: &str) -> Result<ModelStatus, ControlError> {
         let cat = self.cat();
-        let model = cat
-            .models
-            .get(id)
-            .ok_or_else(|| ControlError::UnknownModel(id.into()))?;
+        let model = cat.models.get(id).ok_or_else(|| {
+            ControlError::unknown_model(id, cat.models.keys().map(String::as_str))
+        })?;
         let store = self.store();
         let files = &cat.files[id];
         let mut cached = 0;

@@ -217,6 +217,44 @@ pub fn valid_id(id: &str) -> bool {
     first_ok && rest_ok && version_ok
 }
 
+/// The id among `known` that an unknown `id` was probably meant to be, for a "did you mean"
+/// hint wherever an id is refused (ids are case sensitive): the same id ignoring case, else
+/// the only id within two edits (e.g. a mistyped version). `None` when nothing is close or the
+/// guess would be ambiguous.
+pub fn suggest_id<'a>(id: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let known: Vec<&str> = known.into_iter().collect();
+    if let Some(k) = known.iter().find(|k| k.eq_ignore_ascii_case(id)) {
+        return Some(k);
+    }
+    let lower = id.to_ascii_lowercase();
+    let near: Vec<&str> = known
+        .into_iter()
+        .filter(|k| edit_distance(&k.to_ascii_lowercase(), &lower) <= 2)
+        .collect();
+    match near[..] {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+/// Levenshtein distance over chars (ids are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 fn path_rule(path: &str) -> Option<&'static str> {
     if path.is_empty() {
         return Some("path is empty");
@@ -691,6 +729,19 @@ mod tests {
         ] {
             assert!(!valid_id(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn suggestions() {
+        let known = ["ti2v-5B@2.2.0", "t2v-A14B@2.2.0", "i2v-A14B@2.2.0"];
+        let s = |id| suggest_id(id, known);
+        assert_eq!(s("ti2v-5b@2.2.0"), Some("ti2v-5B@2.2.0"));
+        assert_eq!(s("TI2V-5B@2.2.0"), Some("ti2v-5B@2.2.0"));
+        assert_eq!(s("ti2v-5b@2.2.1"), Some("ti2v-5B@2.2.0"));
+        assert_eq!(s("flux-dev@1.0.0"), None);
+        // t2v and i2v are both one edit from "x2v-A14B@2.2.0": no guess.
+        assert_eq!(s("x2v-A14B@2.2.0"), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
