@@ -836,6 +836,9 @@ impl Control {
     async fn run_verify(self: &Arc<Self>, id: &str, report_only: bool, job: Arc<Job>) {
         let t0 = std::time::Instant::now();
         let mut bad = 0u64;
+        // Bad chunks this run found itself; those a report-only run found (and counted) before
+        // are repaired here and shown in `bad`, but not counted again.
+        let mut found = 0u64;
         let mut checked = 0u64;
         let mut error = None;
         let mut seen = HashSet::new();
@@ -861,6 +864,7 @@ impl Control {
                 Ok((c, b)) => {
                     checked += c;
                     bad += b;
+                    found += b;
                 }
                 Err(e) => {
                     error.get_or_insert(format!("{}: {e}", f.entry.path));
@@ -884,19 +888,17 @@ impl Control {
                 r.last_error = None;
             }
         });
-        if bad > 0 {
-            METRICS.errors.with_label_values(&["verify"]).inc_by(bad);
+        if found > 0 {
+            METRICS.errors.with_label_values(&["verify"]).inc_by(found);
         }
+        // A repairing verify that fetched every bad chunk again succeeded: the model is whole.
+        let ok = error.is_none() && (bad == 0 || !report_only);
         let secs = t0.elapsed().as_secs_f64();
         tracing::info!(model = %id, checked, bad, repaired = !report_only && bad > 0, "verify completed");
         self.record(
             "verify",
             id,
-            if bad == 0 && error.is_none() {
-                "success"
-            } else {
-                "failed"
-            },
+            if ok { "success" } else { "failed" },
             job.progress.load(Ordering::Relaxed),
             secs,
             format!(
