@@ -111,6 +111,12 @@ pub struct JobStatus {
     pub error: Option<String>,
     /// Verify: chunks found corrupt.
     pub bad_chunks: u64,
+    /// Ensure: bytes this job added to the cache (fetched from sources and verified); 0 when
+    /// everything was cached already. Set when the job ends.
+    pub bytes_fetched: u64,
+    /// Ensure: seconds from the job's start to its first chunk stored, `None` if it fetched
+    /// nothing (for a whole-only file, the time to the whole file).
+    pub first_fetch_secs: Option<f64>,
 }
 
 struct Job {
@@ -693,6 +699,8 @@ impl Control {
                         bytes_total: total,
                         error: None,
                         bad_chunks: 0,
+                        bytes_fetched: 0,
+                        first_fetch_secs: None,
                     }),
                     progress: AtomicU64::new(0),
                 });
@@ -774,8 +782,25 @@ impl Control {
         }
         tracing::info!(model = %id, force, "ensure started");
         let mut first_err = None;
+        let mut fetched = 0u64;
+        let mut first_fetch = None;
         for f in self.cat().files.get(id).cloned().unwrap_or_default() {
-            if let Err(e) = self.fetcher.ensure_file(&f, &job.progress).await {
+            let before = self.store().cached_bytes(&f.entry);
+            let base = job.progress.load(Ordering::Relaxed);
+            let mut ensure = std::pin::pin!(self.fetcher.ensure_file(&f, &job.progress));
+            // ensure_file adds the bytes already cached at once, then each chunk as it is
+            // stored, inside its own poll: checked after each poll, progress past that marks
+            // the moment this job's first fetched chunk landed (no timer, no sampling).
+            let r = std::future::poll_fn(|cx| {
+                let r = ensure.as_mut().poll(cx);
+                if first_fetch.is_none() && job.progress.load(Ordering::Relaxed) > base + before {
+                    first_fetch = Some(t0.elapsed().as_secs_f64());
+                }
+                r
+            })
+            .await;
+            fetched += self.store().cached_bytes(&f.entry).saturating_sub(before);
+            if let Err(e) = r {
                 METRICS.downloads.with_label_values(&[id, "failed"]).inc();
                 tracing::error!(model = %id, file = %f.entry.path, error = %e, "download failed");
                 let _ = self.store().index().add_event(&Event {
@@ -790,6 +815,11 @@ impl Control {
                 });
                 first_err.get_or_insert_with(|| format!("{}: {e}", f.entry.path));
             }
+        }
+        {
+            let mut s = job.status.lock().unwrap();
+            s.bytes_fetched = fetched;
+            s.first_fetch_secs = first_fetch;
         }
         let secs = t0.elapsed().as_secs_f64();
         let result = match &first_err {
