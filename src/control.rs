@@ -881,7 +881,7 @@ impl Control {
                 .unwrap_or_default();
             for (f, idx) in held {
                 bad += 1;
-                if let Err(e) = self.fetcher.refetch_chunk(&f, idx).await {
+                if let Err(e) = self.refetch_stored(&f, idx).await {
                     error.get_or_insert(format!("{}: {e}", f.entry.path));
                 }
             }
@@ -947,6 +947,24 @@ impl Control {
         self.finish_job(&job, &result);
     }
 
+    /// Fetches a dropped chunk again and waits until it is stored: a fetch answers once the
+    /// chunk is verified and commits it just after, and a repair reported done must leave the
+    /// model COMPLETE, not PARTIAL for the next few milliseconds.
+    async fn refetch_stored(&self, f: &Arc<FileCtx>, idx: u64) -> Result<(), ControlError> {
+        self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
+        // Generous: a commit is one write and an fdatasync, which can stall for seconds while
+        // other writers flood the disk's writeback.
+        for _ in 0..3000 {
+            if self.store().has_chunk(&f.entry, idx) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(ControlError::Failed(format!(
+            "chunk {idx} fetched again but not stored"
+        )))
+    }
+
     /// (chunks checked, chunks bad) for one blob.
     async fn verify_file(
         self: &Arc<Self>,
@@ -1009,7 +1027,7 @@ impl Control {
         } else {
             for idx in bad_idx {
                 store.drop_chunk(&entry, idx).map_err(failed)?;
-                self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
+                self.refetch_stored(f, idx).await?;
             }
         }
         Ok((checked, bad))
