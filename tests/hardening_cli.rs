@@ -283,6 +283,18 @@ fn benchmark_measures_what_was_fetched_and_says_when_nothing_was() {
         b["mb_per_s"].is_null() && b["time_to_first_byte_s"].is_null(),
         "{b:#}"
     );
+    // --force-redownload drops the cache first: every byte is fetched and measured again.
+    let out = ok(live.wan(&[
+        "--json",
+        "ensure",
+        "--only",
+        GEN,
+        "--benchmark",
+        "--force-redownload",
+    ]));
+    let b = &json(&out)["benchmark"];
+    assert_eq!(b["bytes_fetched"], size as u64, "{b:#}");
+    assert!(b["time_to_first_byte_s"].as_f64().is_some(), "{b:#}");
 }
 
 fn flip_byte(path: &Path, offset: u64) {
