@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
@@ -379,8 +378,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                     sources,
                     whole_only,
                 },
-            )
-            .with_context(|| format!("building a manifest entry for {}", dir.display()))?;
+            )?;
             print!("{text}");
             Ok(Action::Done(ExitCode::SUCCESS))
         }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::control::{Control, GcMode, Work};
+use crate::control::{Control, ControlError, GcMode, Work};
 use crate::fetch::{Fetcher, file_contexts};
 use crate::manifest::Manifest;
 use crate::source::SourceRegistry;
@@ -199,7 +199,8 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             let all = statuses(b).await?;
             for id in &only {
                 if !all.iter().any(|m| m["id"] == id.as_str()) {
-                    bail!("unknown model id {id:?} (see `wan models list`)");
+                    let known = all.iter().filter_map(|m| m["id"].as_str());
+                    return Err(ControlError::unknown_model(id, known).into());
                 }
             }
             let shown: Vec<Value> = all
@@ -407,7 +408,6 @@ async fn run_jobs(
         }
     };
     let tty = std::io::stderr().is_terminal() && !json_out;
-    let mut first_byte: Option<Duration> = None;
     let results = loop {
         tokio::time::sleep(Duration::from_millis(if benchmark { 20 } else { 200 })).await;
         let all = statuses(b).await?;
@@ -424,9 +424,6 @@ async fn run_jobs(
             .iter()
             .map(|j| j["bytes_total"].as_u64().unwrap_or(0))
             .sum();
-        if first_byte.is_none() && done > 0 {
-            first_byte = Some(t0.elapsed());
-        }
         let running = jobs
             .iter()
             .any(|j| j.is_null() || j["kind"] != kind || j["state"] == "running");
@@ -451,15 +448,30 @@ async fn run_jobs(
     let ok = results
         .iter()
         .all(|m| m["job"]["state"] == "done" && !(kind == "verify" && m["state"] == "CORRUPT"));
-    let bytes: u64 = results
+    // What the daemon measured: bytes its jobs fetched and stored, and when the first landed.
+    // Cached bytes are not a download rate, and the CLI's own polling is not a first byte.
+    let fetched: u64 = results
         .iter()
-        .map(|m| m["job"]["bytes_done"].as_u64().unwrap_or(0))
+        .map(|m| m["job"]["bytes_fetched"].as_u64().unwrap_or(0))
         .sum();
+    let first_byte = results
+        .iter()
+        .filter_map(|m| m["job"]["first_fetch_secs"].as_f64())
+        .reduce(f64::min);
+    let rate = (fetched > 0).then(|| fetched as f64 / 1e6 / secs.max(1e-9));
+    let nothing = if ok {
+        "nothing fetched: already cached"
+    } else {
+        "nothing fetched"
+    };
     if json_out {
         let mut v = json!({"models": results, "seconds": secs});
         if benchmark {
-            v["benchmark"] = json!({"bytes": bytes, "seconds": secs, "mb_per_s": bytes as f64 / 1e6 / secs.max(1e-9),
-                "time_to_first_byte_s": first_byte.map(|d| d.as_secs_f64())});
+            v["benchmark"] = json!({"bytes_fetched": fetched, "seconds": secs, "mb_per_s": rate,
+                "time_to_first_byte_s": first_byte});
+            if fetched == 0 {
+                v["benchmark"]["note"] = json!(nothing);
+            }
         }
         print_json(&v);
     } else {
@@ -481,15 +493,16 @@ async fn run_jobs(
                     .unwrap_or_default()
             );
         }
-        if benchmark {
-            println!(
-                "benchmark: {} in {secs:.2} s = {:.1} MB/s, time to first byte {}",
-                human(bytes),
-                bytes as f64 / 1e6 / secs.max(1e-9),
+        match rate {
+            _ if !benchmark => {}
+            None => println!("benchmark: {nothing} (in {secs:.2} s)"),
+            Some(rate) => println!(
+                "benchmark: fetched {} in {secs:.2} s = {rate:.1} MB/s, time to first byte {}",
+                human(fetched),
                 first_byte
-                    .map(|d| format!("{:.3} s", d.as_secs_f64()))
-                    .unwrap_or_else(|| "n/a (nothing fetched)".into())
-            );
+                    .map(|t| format!("{t:.3} s"))
+                    .unwrap_or_else(|| "n/a".into())
+            ),
         }
     }
     Ok(code(ok))

@@ -25,8 +25,10 @@ use crate::store::{CacheState, Store, now_secs};
 /// Why a control request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("unknown model id {0:?} (see `wan models list`)")]
-    UnknownModel(String),
+    /// An id the manifest does not list, with the id probably meant (see
+    /// [`ControlError::unknown_model`]).
+    #[error("unknown model id {:?}{} (see `wan models list`)", .0, .1.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default())]
+    UnknownModel(String, Option<String>),
     #[error("{0}")]
     BadRequest(String),
     #[error("model {0} is busy: {1} is running")]
@@ -36,10 +38,17 @@ pub enum ControlError {
 }
 
 impl ControlError {
+    /// The refusal of an unknown `id`, with a "did you mean" among `known` (one rule for the
+    /// CLI, HTTP and the control files: [`crate::manifest::suggest_id`]).
+    pub fn unknown_model<'a>(id: &str, known: impl IntoIterator<Item = &'a str>) -> ControlError {
+        let hint = crate::manifest::suggest_id(id, known).map(str::to_string);
+        ControlError::UnknownModel(id.to_string(), hint)
+    }
+
     /// HTTP status for this error.
     pub fn http_status(&self) -> u16 {
         match self {
-            ControlError::UnknownModel(_) => 404,
+            ControlError::UnknownModel(..) => 404,
             ControlError::BadRequest(_) => 400,
             ControlError::Busy(..) => 409,
             ControlError::Failed(_) => 500,
@@ -102,6 +111,12 @@ pub struct JobStatus {
     pub error: Option<String>,
     /// Verify: chunks found corrupt.
     pub bad_chunks: u64,
+    /// Ensure: bytes this job added to the cache (fetched from sources and verified); 0 when
+    /// everything was cached already. Set when the job ends.
+    pub bytes_fetched: u64,
+    /// Ensure: seconds from the job's start to its first chunk stored, `None` if it fetched
+    /// nothing (for a whole-only file, the time to the whole file).
+    pub first_fetch_secs: Option<f64>,
 }
 
 struct Job {
@@ -273,10 +288,14 @@ impl Control {
             return Ok(self.model_ids());
         }
         let mut out = Vec::new();
+        let cat = self.cat();
         for id in ids {
             let id = id.trim();
-            if !self.cat().models.contains_key(id) {
-                return Err(ControlError::UnknownModel(id.to_string()));
+            if !cat.models.contains_key(id) {
+                return Err(ControlError::unknown_model(
+                    id,
+                    cat.models.keys().map(String::as_str),
+                ));
             }
             if !out.iter().any(|o| o == id) {
                 out.push(id.to_string());
@@ -299,10 +318,9 @@ impl Control {
 
     pub fn model_status(&self, id: &str) -> Result<ModelStatus, ControlError> {
         let cat = self.cat();
-        let model = cat
-            .models
-            .get(id)
-            .ok_or_else(|| ControlError::UnknownModel(id.into()))?;
+        let model = cat.models.get(id).ok_or_else(|| {
+            ControlError::unknown_model(id, cat.models.keys().map(String::as_str))
+        })?;
         let store = self.store();
         let files = &cat.files[id];
         let mut cached = 0;
@@ -681,6 +699,8 @@ impl Control {
                         bytes_total: total,
                         error: None,
                         bad_chunks: 0,
+                        bytes_fetched: 0,
+                        first_fetch_secs: None,
                     }),
                     progress: AtomicU64::new(0),
                 });
@@ -762,8 +782,25 @@ impl Control {
         }
         tracing::info!(model = %id, force, "ensure started");
         let mut first_err = None;
+        let mut fetched = 0u64;
+        let mut first_fetch = None;
         for f in self.cat().files.get(id).cloned().unwrap_or_default() {
-            if let Err(e) = self.fetcher.ensure_file(&f, &job.progress).await {
+            let before = self.store().cached_bytes(&f.entry);
+            let base = job.progress.load(Ordering::Relaxed);
+            let mut ensure = std::pin::pin!(self.fetcher.ensure_file(&f, &job.progress));
+            // ensure_file adds the bytes already cached at once, then each chunk as it is
+            // stored, inside its own poll: checked after each poll, progress past that marks
+            // the moment this job's first fetched chunk landed (no timer, no sampling).
+            let r = std::future::poll_fn(|cx| {
+                let r = ensure.as_mut().poll(cx);
+                if first_fetch.is_none() && job.progress.load(Ordering::Relaxed) > base + before {
+                    first_fetch = Some(t0.elapsed().as_secs_f64());
+                }
+                r
+            })
+            .await;
+            fetched += self.store().cached_bytes(&f.entry).saturating_sub(before);
+            if let Err(e) = r {
                 METRICS.downloads.with_label_values(&[id, "failed"]).inc();
                 tracing::error!(model = %id, file = %f.entry.path, error = %e, "download failed");
                 let _ = self.store().index().add_event(&Event {
@@ -778,6 +815,11 @@ impl Control {
                 });
                 first_err.get_or_insert_with(|| format!("{}: {e}", f.entry.path));
             }
+        }
+        {
+            let mut s = job.status.lock().unwrap();
+            s.bytes_fetched = fetched;
+            s.first_fetch_secs = first_fetch;
         }
         let secs = t0.elapsed().as_secs_f64();
         let result = match &first_err {
@@ -824,6 +866,9 @@ impl Control {
     async fn run_verify(self: &Arc<Self>, id: &str, report_only: bool, job: Arc<Job>) {
         let t0 = std::time::Instant::now();
         let mut bad = 0u64;
+        // Bad chunks this run found itself; those a report-only run found (and counted) before
+        // are repaired here and shown in `bad`, but not counted again.
+        let mut found = 0u64;
         let mut checked = 0u64;
         let mut error = None;
         let mut seen = HashSet::new();
@@ -836,7 +881,7 @@ impl Control {
                 .unwrap_or_default();
             for (f, idx) in held {
                 bad += 1;
-                if let Err(e) = self.fetcher.refetch_chunk(&f, idx).await {
+                if let Err(e) = self.refetch_stored(&f, idx).await {
                     error.get_or_insert(format!("{}: {e}", f.entry.path));
                 }
             }
@@ -849,6 +894,7 @@ impl Control {
                 Ok((c, b)) => {
                     checked += c;
                     bad += b;
+                    found += b;
                 }
                 Err(e) => {
                     error.get_or_insert(format!("{}: {e}", f.entry.path));
@@ -872,19 +918,17 @@ impl Control {
                 r.last_error = None;
             }
         });
-        if bad > 0 {
-            METRICS.errors.with_label_values(&["verify"]).inc_by(bad);
+        if found > 0 {
+            METRICS.errors.with_label_values(&["verify"]).inc_by(found);
         }
+        // A repairing verify that fetched every bad chunk again succeeded: the model is whole.
+        let ok = error.is_none() && (bad == 0 || !report_only);
         let secs = t0.elapsed().as_secs_f64();
         tracing::info!(model = %id, checked, bad, repaired = !report_only && bad > 0, "verify completed");
         self.record(
             "verify",
             id,
-            if bad == 0 && error.is_none() {
-                "success"
-            } else {
-                "failed"
-            },
+            if ok { "success" } else { "failed" },
             job.progress.load(Ordering::Relaxed),
             secs,
             format!(
@@ -901,6 +945,24 @@ impl Control {
             None => Ok(()),
         };
         self.finish_job(&job, &result);
+    }
+
+    /// Fetches a dropped chunk again and waits until it is stored: a fetch answers once the
+    /// chunk is verified and commits it just after, and a repair reported done must leave the
+    /// model COMPLETE, not PARTIAL for the next few milliseconds.
+    async fn refetch_stored(&self, f: &Arc<FileCtx>, idx: u64) -> Result<(), ControlError> {
+        self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
+        // Generous: a commit is one write and an fdatasync, which can stall for seconds while
+        // other writers flood the disk's writeback.
+        for _ in 0..3000 {
+            if self.store().has_chunk(&f.entry, idx) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(ControlError::Failed(format!(
+            "chunk {idx} fetched again but not stored"
+        )))
     }
 
     /// (chunks checked, chunks bad) for one blob.
@@ -965,7 +1027,7 @@ impl Control {
         } else {
             for idx in bad_idx {
                 store.drop_chunk(&entry, idx).map_err(failed)?;
-                self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
+                self.refetch_stored(f, idx).await?;
             }
         }
         Ok((checked, bad))

@@ -4,13 +4,13 @@
 //! the model, the file and the rule, so an operator fixes everything in one pass. `build` hashes
 //! a local tree and prints the entry to paste into a manifest.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::{self, Write as _};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chunk::{Digest, Layout};
 
@@ -217,6 +217,44 @@ pub fn valid_id(id: &str) -> bool {
     first_ok && rest_ok && version_ok
 }
 
+/// The id among `known` that an unknown `id` was probably meant to be, for a "did you mean"
+/// hint wherever an id is refused (ids are case sensitive): the same id ignoring case, else
+/// the only id within two edits (e.g. a mistyped version). `None` when nothing is close or the
+/// guess would be ambiguous.
+pub fn suggest_id<'a>(id: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let known: Vec<&str> = known.into_iter().collect();
+    if let Some(k) = known.iter().find(|k| k.eq_ignore_ascii_case(id)) {
+        return Some(k);
+    }
+    let lower = id.to_ascii_lowercase();
+    let near: Vec<&str> = known
+        .into_iter()
+        .filter(|k| edit_distance(&k.to_ascii_lowercase(), &lower) <= 2)
+        .collect();
+    match near[..] {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+/// Levenshtein distance over chars (ids are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 fn path_rule(path: &str) -> Option<&'static str> {
     if path.is_empty() {
         return Some("path is empty");
@@ -224,8 +262,15 @@ fn path_rule(path: &str) -> Option<&'static str> {
     if path.starts_with('/') {
         return Some("path must be relative, not absolute");
     }
-    if path.contains('\\') || path.contains('\0') {
-        return Some("path must not contain backslashes or NUL");
+    if path.contains('\\') {
+        return Some("path must not contain a backslash (separate directories with '/')");
+    }
+    if path.contains('\0') {
+        return Some("path must not contain NUL");
+    }
+    // One path per line is what `find`, logs and shell loops assume.
+    if path.contains(['\n', '\r']) {
+        return Some("path must not contain a newline (\\n or \\r)");
     }
     for seg in path.split('/') {
         match seg {
@@ -238,6 +283,46 @@ fn path_rule(path: &str) -> Option<&'static str> {
         }
     }
     None
+}
+
+/// The path rules of one model: each path alone ([`path_rule`]), then against the paths
+/// before it. Two names that differ only in Unicode normalization (NFC "caf\u{e9}" vs NFD
+/// "cafe\u{301}") look identical to a person and are one file on a filesystem that normalizes
+/// (macOS, some NFS and SMB servers), so they are refused like a case collision.
+#[derive(Default)]
+struct PathRules {
+    seen: HashSet<String>,
+    /// NFC form -> the first path with it.
+    seen_nfc: HashMap<String, String>,
+    /// Lower-cased NFC form -> the first path with it.
+    seen_lower: HashMap<String, String>,
+}
+
+impl PathRules {
+    /// The rule `path` breaks, if any; a path that breaks none is remembered.
+    fn check(&mut self, path: &str) -> Result<(), String> {
+        use unicode_normalization::UnicodeNormalization;
+        if let Some(rule) = path_rule(path) {
+            return Err(rule.into());
+        }
+        if self.seen.contains(path) {
+            return Err("duplicate path".into());
+        }
+        let nfc: String = path.nfc().collect();
+        if let Some(other) = self.seen_nfc.get(&nfc) {
+            return Err(format!(
+                "path equals {other:?} under Unicode normalization (NFC); name each file once"
+            ));
+        }
+        let lower = nfc.to_lowercase();
+        if let Some(other) = self.seen_lower.get(&lower) {
+            return Err(format!("path collides with {other:?} when case is ignored"));
+        }
+        self.seen.insert(path.to_string());
+        self.seen_nfc.insert(nfc, path.to_string());
+        self.seen_lower.insert(lower, path.to_string());
+        Ok(())
+    }
 }
 
 impl Manifest {
@@ -298,23 +383,11 @@ impl Manifest {
                     Err(e) => bad(None, format!("source {url:?}: {e}")),
                 }
             }
-            let mut seen = HashMap::new();
-            let mut seen_lower = HashMap::new();
+            let mut rules = PathRules::default();
             let mut files = Vec::new();
             for f in m.files {
-                if let Some(rule) = path_rule(&f.path) {
-                    bad(Some(&f.path), rule.to_string());
-                    continue;
-                }
-                if seen.insert(f.path.clone(), ()).is_some() {
-                    bad(Some(&f.path), "duplicate path".into());
-                    continue;
-                }
-                if let Some(other) = seen_lower.insert(f.path.to_lowercase(), f.path.clone()) {
-                    bad(
-                        Some(&f.path),
-                        format!("path collides with {other:?} when case is ignored"),
-                    );
+                if let Err(rule) = rules.check(&f.path) {
+                    bad(Some(&f.path), rule);
                     continue;
                 }
                 let sha256 = match f.sha256.parse::<Digest>() {
@@ -409,7 +482,7 @@ impl Manifest {
                     .1
                 {
                     prefix.push_str(seg);
-                    if seen.contains_key(&prefix) {
+                    if rules.seen.contains(&prefix) {
                         bad(
                             Some(&prefix),
                             format!("path is both a file and a directory of {:?}", f.path),
@@ -463,7 +536,41 @@ pub struct BuildOptions {
     pub whole_only: bool,
 }
 
+/// The entry `build` prints, serialized by the toml crate so that any name the rules accept
+/// (quotes, control characters, any Unicode) comes out as TOML that reads back the same.
+#[derive(Serialize)]
+struct OutEntry<'a> {
+    models: BTreeMap<&'a str, OutModel<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutModel<'a> {
+    description: &'a str,
+    sources: OutSources<'a>,
+    files: Vec<OutFile>,
+}
+
+#[derive(Serialize)]
+struct OutSources<'a> {
+    priority: &'a [String],
+}
+
+#[derive(Serialize)]
+struct OutFile {
+    path: String,
+    size: u64,
+    sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunks: Option<Vec<String>>,
+}
+
 /// Hashes every regular file under `dir` and returns the manifest entry as TOML text.
+///
+/// A file name the manifest rules refuse (a backslash, a newline, a name that is not UTF-8,
+/// two names equal under Unicode normalization...) refuses the whole build, naming every such
+/// file before anything is hashed: a partial entry would silently leave files out.
 pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
     use anyhow::{Context, bail};
     if !valid_id(&opts.id) {
@@ -475,37 +582,67 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
     for s in &opts.sources {
         SourceUrl::parse(s, dir).map_err(|e| anyhow::anyhow!("--source {s:?}: {e}"))?;
     }
+    let mut found = Vec::new();
+    walk(dir, dir, &mut found).with_context(|| format!("walking {}", dir.display()))?;
+    found.sort();
+    let mut rules = PathRules::default();
+    let mut problems = Vec::new();
     let mut paths = Vec::new();
-    walk(dir, dir, &mut paths).with_context(|| format!("walking {}", dir.display()))?;
-    paths.sort();
-    let id = &opts.id;
-    let mut out = String::new();
-    writeln!(out, "[models.{id:?}]").unwrap();
-    writeln!(out, "description = \"\"").unwrap();
-    writeln!(out, "[models.{id:?}.sources]").unwrap();
-    let quoted: Vec<String> = opts.sources.iter().map(|s| format!("{s:?}")).collect();
-    writeln!(out, "priority = [{}]", quoted.join(", ")).unwrap();
-    for rel in paths {
+    for rel in found {
+        let checked = match rel.to_str() {
+            Some(p) => rules.check(p).map(|()| p.to_string()),
+            None => Err("file name is not UTF-8 (a manifest is UTF-8 text)".into()),
+        };
+        match checked {
+            Ok(p) => paths.push((p, rel)),
+            Err(rule) => problems.push(Problem {
+                model: opts.id.clone(),
+                path: Some(rel.to_string_lossy().into_owned()),
+                rule,
+            }),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ManifestError::Invalid {
+            file: dir.display().to_string(),
+            problems,
+        }
+        .into());
+    }
+    let mut files = Vec::with_capacity(paths.len());
+    for (path, rel) in paths {
         let full = dir.join(&rel);
         let (size, whole, chunks) = hash_file(&full, opts.chunk_size)
             .with_context(|| format!("hashing {}", full.display()))?;
-        writeln!(out, "\n[[models.{id:?}.files]]").unwrap();
-        writeln!(out, "path = {rel:?}").unwrap();
-        writeln!(out, "size = {size}").unwrap();
-        writeln!(out, "sha256 = \"{whole}\"").unwrap();
-        if !opts.whole_only {
-            writeln!(out, "chunk_size = {}", opts.chunk_size).unwrap();
-            out.push_str("chunks = [\n");
-            for c in chunks {
-                writeln!(out, "  \"{c}\",").unwrap();
-            }
-            out.push_str("]\n");
-        }
+        files.push(OutFile {
+            path,
+            size,
+            sha256: whole.to_hex(),
+            chunk_size: (!opts.whole_only).then_some(opts.chunk_size),
+            chunks: (!opts.whole_only).then(|| chunks.iter().map(Digest::to_hex).collect()),
+        });
     }
-    Ok(out)
+    let entry = OutEntry {
+        models: BTreeMap::from([(
+            opts.id.as_str(),
+            OutModel {
+                description: "",
+                sources: OutSources {
+                    priority: &opts.sources,
+                },
+                files,
+            },
+        )]),
+    };
+    let text = toml::to_string_pretty(&entry).context("serializing the manifest entry")?;
+    // What build writes, check and mount must accept: parse it back under the same rules.
+    Manifest::parse(&format!("schema_version = 1\n{text}"), "build output", dir)
+        .context("manifest build produced an entry the manifest rules refuse (a bug)")?;
+    Ok(text)
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
+/// Regular files under `dir` (symlinks followed), relative to `root`, as the OS names them.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
@@ -513,11 +650,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> anyhow::Result<()> {
         if meta.is_dir() {
             walk(root, &path, out)?;
         } else if meta.is_file() {
-            let rel = path
-                .strip_prefix(root)?
-                .to_string_lossy()
-                .replace('\\', "/");
-            out.push(rel);
+            out.push(path.strip_prefix(root)?.to_path_buf());
         }
     }
     Ok(())
@@ -563,7 +696,8 @@ mod tests {
 
     fn entry(path: &str, extra: &str) -> String {
         format!(
-            "[[models.\"m@1.0.0\".files]]\npath = {path:?}\nsize = 3\nsha256 = \"{}\"\n{extra}\n",
+            "[[models.\"m@1.0.0\".files]]\npath = {}\nsize = 3\nsha256 = \"{}\"\n{extra}\n",
+            toml::Value::String(path.into()),
             Digest::of(b"abc")
         )
     }
@@ -598,6 +732,19 @@ mod tests {
     }
 
     #[test]
+    fn suggestions() {
+        let known = ["ti2v-5B@2.2.0", "t2v-A14B@2.2.0", "i2v-A14B@2.2.0"];
+        let s = |id| suggest_id(id, known);
+        assert_eq!(s("ti2v-5b@2.2.0"), Some("ti2v-5B@2.2.0"));
+        assert_eq!(s("TI2V-5B@2.2.0"), Some("ti2v-5B@2.2.0"));
+        assert_eq!(s("ti2v-5b@2.2.1"), Some("ti2v-5B@2.2.0"));
+        assert_eq!(s("flux-dev@1.0.0"), None);
+        // t2v and i2v are both one edit from "x2v-A14B@2.2.0": no guess.
+        assert_eq!(s("x2v-A14B@2.2.0"), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
     fn good_manifest_parses_and_resolves_local() {
         let m = parse(&entry("a/b.bin", "")).unwrap();
         let model = &m.models["m@1.0.0"];
@@ -617,6 +764,17 @@ mod tests {
         let e = problems(&(entry("a", "") + &entry("a", "")));
         assert!(e.contains("duplicate"), "{e}");
         let e = problems(&(entry("A", "") + &entry("a", "")));
+        assert!(e.contains("case"), "{e}");
+        let e = problems(&entry("a\\b", ""));
+        assert!(e.contains("backslash") && e.contains(r#""a\\b""#), "{e}");
+        let e = problems(&entry("a\nb", ""));
+        assert!(e.contains("newline"), "{e}");
+        let e = problems(&(entry("caf\u{e9}", "") + &entry("cafe\u{301}", "")));
+        assert!(
+            e.contains("normalization") && e.contains("caf\u{e9}"),
+            "{e}"
+        );
+        let e = problems(&(entry("Caf\u{e9}", "") + &entry("cafe\u{301}", "")));
         assert!(e.contains("case"), "{e}");
         let e = problems(&entry("a", "chunk_size = 2\nchunks = [\"00\"]"));
         assert!(e.contains("chunk count 1") && e.contains("want 2"), "{e}");

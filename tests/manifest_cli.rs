@@ -180,6 +180,29 @@ fn breakages() -> Vec<Breakage> {
             Expect::new("case collision", ID, Some(&["A.BIN", "a.bin"]), "case"),
         ),
         (
+            "newline",
+            |d| {
+                file(d, "a.bin").insert("path".into(), "a\nb.bin".into());
+            },
+            Expect::new("newline in a path", ID, Some(&["a\\nb.bin"]), "newline"),
+        ),
+        (
+            "normalization",
+            |d| {
+                // The same name twice: precomposed (NFC) and decomposed (NFD) "café".
+                file(d, "a.bin").insert("path".into(), "caf\u{e9}.bin".into());
+                let mut twin = file(d, "caf\u{e9}.bin").clone();
+                twin.insert("path".into(), "cafe\u{301}.bin".into());
+                files(d).push(Value::Table(twin));
+            },
+            Expect::new(
+                "names equal under Unicode normalization",
+                ID,
+                Some(&["caf\u{e9}.bin"]),
+                "normaliz",
+            ),
+        ),
+        (
             "chunk count",
             |d| {
                 file(d, "a.bin")
