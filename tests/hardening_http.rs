@@ -1,0 +1,123 @@
+//! The HTTP endpoint and the control files against hostile or careless clients, through a real
+//! `wan mount` and its real HTTP endpoint: the metric series alerts need from the first scrape.
+//!
+//! Clients here are raw `TcpStream`s on 127.0.0.1, so each test controls every header byte.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+const KIB: usize = 1024;
+const CS: u64 = 256 * 1024;
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A daemon over a generated model with its HTTP endpoint at `addr` (`{port}` is replaced by a
+/// free port); returns it and the address to connect to on 127.0.0.1.
+fn start(setup: &GenSetup, addr: &str) -> (Mount, SocketAddr) {
+    let port = free_port();
+    let config = WanConfig {
+        http_addr: addr.replace("{port}", &port.to_string()),
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    (mount, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// One HTTP/1.1 exchange: `head` is the request line and headers (without the blank line).
+/// Returns the status and the body.
+fn exchange(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let len = if body.is_empty() && head.starts_with("GET") {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    write!(s, "{head}\r\n{len}Connection: close\r\n\r\n{body}").expect("send request");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read response");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
+    exchange(addr, &format!("GET {path} HTTP/1.1\r\nHost: {host}"), "")
+}
+
+#[test]
+fn metrics_show_alert_series_at_zero_from_the_start() {
+    let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6005);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let series = |model: &str| {
+        let mut want = vec![
+            format!("model_downloads_total{{model=\"{model}\",status=\"failed\"}} 0"),
+            format!("model_downloads_total{{model=\"{model}\",status=\"success\"}} 0"),
+        ];
+        for kind in [
+            "source",
+            "integrity",
+            "read",
+            "read_timeout",
+            "store",
+            "verify",
+        ] {
+            want.push(format!("model_errors_total{{kind=\"{kind}\"}} 0"));
+        }
+        want
+    };
+    let (code, text) = get(addr, "/metrics", "localhost");
+    assert_eq!(code, 200);
+    for line in series(GEN) {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE model_storage_bytes_total gauge"),
+        "capacity is not a gauge:\n{text}"
+    );
+
+    // A model added by a reload has its series at once too.
+    let added = "added@1.0.0";
+    let src = setup.work.path().join("src");
+    gen_files(&src, added, &[("b.bin", 10 * KIB)], 6006);
+    let entry = manifest_build(
+        &src.join(added),
+        added,
+        &BuildOpts {
+            chunk_size: Some(CS),
+            sources: vec![setup.origin.base(added)],
+            whole_only: false,
+        },
+    );
+    write_manifest(&setup.manifest, &[setup.entry.clone(), entry]);
+    // SAFETY: kill(2) on the pid of the daemon this test started.
+    unsafe { libc::kill(d.pid() as libc::pid_t, libc::SIGHUP) };
+    let mut last = String::new();
+    let reloaded = wait_until(Duration::from_secs(10), || {
+        last = get(addr, "/metrics", "localhost").1;
+        series(added)
+            .iter()
+            .all(|want| last.lines().any(|l| l == want))
+    });
+    assert!(
+        reloaded,
+        "series of {added} missing after reload:\n{last}\n{}",
+        d.log()
+    );
+}
