@@ -1,10 +1,12 @@
 //! The HTTP endpoint and the control files against hostile or careless clients, through a real
-//! `wan mount` and its real HTTP endpoint: the metric series alerts need from the first scrape.
+//! `wan mount` and its real HTTP endpoint: forged log lines, and the metric series alerts need from
+//! the first scrape.
 //!
 //! Clients here are raw `TcpStream`s on 127.0.0.1, so each test controls every header byte.
 
 mod common;
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
@@ -59,6 +61,47 @@ fn exchange(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
 
 fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
     exchange(addr, &format!("GET {path} HTTP/1.1\r\nHost: {host}"), "")
+}
+
+#[test]
+fn control_writes_are_logged_on_one_bounded_line() {
+    let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6004);
+    let d = Mount::start(setup.spec(WanConfig::default()));
+    let write = |name: &str, data: &[u8]| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(d.path(&format!(".wan/{name}")))
+            .expect("open control file");
+        f.write_all(data)
+    };
+    let forged =
+        "nosuch\n2026-01-01T00:00:00.000000Z  INFO wanfs::control: FORGED ensure completed";
+    assert!(
+        write("ensure", forged.as_bytes()).is_err(),
+        "a bad id is refused"
+    );
+    let big = vec![b'a'; 1 << 20];
+    assert!(write("pin", &big).is_err(), "a 1 MiB id is refused");
+
+    let log = d.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("FORGED") && !l.contains("control write refused")),
+        "a write forged a log line:\n{log}"
+    );
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control write refused"))
+        .collect();
+    assert!(refused.len() >= 2, "refusals not logged:\n{log}");
+    let longest = refused.iter().map(|l| l.len()).max().unwrap();
+    assert!(longest < 1000, "a refusal line of {longest} bytes");
+    assert!(log.len() < 64 * 1024, "the log grew to {} bytes", log.len());
+    assert!(
+        refused.iter().any(|l| l.contains("bytes)")),
+        "a cut input says how long it was:\n{}",
+        refused.join("\n")
+    );
 }
 
 #[test]
