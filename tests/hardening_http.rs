@@ -1,6 +1,6 @@
 //! The HTTP endpoint and the control files against hostile or careless clients, through a real
-//! `wan mount` and its real HTTP endpoint: forged log lines, and the metric series alerts need from
-//! the first scrape.
+//! `wan mount` and its real HTTP endpoint: cross-site requests and DNS rebinding, IPv4 clients of a
+//! dual-stack endpoint, forged log lines, and the metric series alerts need from the first scrape.
 //!
 //! Clients here are raw `TcpStream`s on 127.0.0.1, so each test controls every header byte.
 
@@ -61,6 +61,122 @@ fn exchange(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
 
 fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
     exchange(addr, &format!("GET {path} HTTP/1.1\r\nHost: {host}"), "")
+}
+
+/// The daemon's log lines that contain `needle`.
+fn log_lines(mount: &Mount, needle: &str) -> Vec<String> {
+    mount
+        .log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn cross_site_mutations_and_foreign_hosts_are_refused() {
+    let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6001);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let here = addr.to_string();
+    let file = setup.mounted(&d, "a.bin");
+    assert_bytes_eq(
+        &fs::read(&file).expect("read"),
+        setup.data("a.bin"),
+        "a.bin",
+    );
+    assert_eq!(wait_state(&file, "COMPLETE"), "COMPLETE");
+
+    // A page on evil.example POSTing to the endpoint: the browser adds its Origin.
+    let evict =
+        format!("POST /models/{GEN}/evict HTTP/1.1\r\nHost: {here}\r\nOrigin: http://evil.example");
+    let (code, body) = exchange(addr, &evict, "");
+    assert_eq!(code, 403, "cross-site evict: {body}");
+    assert!(body.contains("cross-site"), "the refusal says why: {body}");
+    assert_eq!(state(&file), "COMPLETE", "a refused evict evicted");
+    let gc = format!(
+        "POST /gc?mode=aggressive HTTP/1.1\r\nHost: {here}\r\nOrigin: http://localhost:3000"
+    );
+    let (code, body) = exchange(addr, &gc, "");
+    assert_eq!(
+        code, 403,
+        "a page on another local port is another origin: {body}"
+    );
+    assert_eq!(state(&file), "COMPLETE", "a refused gc evicted");
+
+    // DNS rebinding: evil.example resolves to 127.0.0.1, and the browser says so in Host.
+    for path in ["/health", "/metrics", "/models", "/nowhere"] {
+        let (code, body) = get(addr, path, "evil.example");
+        assert_eq!(code, 403, "GET {path} for Host evil.example: {body}");
+        assert!(body.contains("Host"), "{body}");
+    }
+    let rebound = format!(
+        "POST /gc?mode=aggressive HTTP/1.1\r\nHost: evil.example:{}",
+        addr.port()
+    );
+    assert_eq!(exchange(addr, &rebound, "").0, 403);
+    assert_eq!(state(&file), "COMPLETE");
+
+    // Loopback names, with or without port, still answer.
+    for host in [
+        here.clone(),
+        "127.0.0.1".to_owned(),
+        format!("localhost:{}", addr.port()),
+        "LocalHost".to_owned(),
+        format!("[::1]:{}", addr.port()),
+        "[::1]".to_owned(),
+    ] {
+        let (code, body) = get(addr, "/health", &host);
+        assert_eq!(code, 200, "GET /health for Host {host}: {body}");
+    }
+    // Mutations without Origin (curl, the CLI) and from the endpoint's own origin still work.
+    let dry = format!("POST /gc?dry_run=true HTTP/1.1\r\nHost: {here}");
+    assert_eq!(exchange(addr, &dry, "").0, 200);
+    let same = format!("POST /gc?dry_run=true HTTP/1.1\r\nHost: {here}\r\nOrigin: http://{here}");
+    assert_eq!(exchange(addr, &same, "").0, 200);
+    let (code, body) = exchange(
+        addr,
+        &format!("POST /models/{GEN}/evict HTTP/1.1\r\nHost: {here}"),
+        "",
+    );
+    assert_eq!(code, 200, "evict from a plain loopback client: {body}");
+    assert_eq!(wait_state(&file, "NOT_PRESENT"), "NOT_PRESENT");
+
+    // The refusals are logged, and a long path the client chose is cut in the log.
+    let long = "x".repeat(20_000);
+    let (code, _) = exchange(
+        addr,
+        &format!(
+            "POST /models/{long}/evict HTTP/1.1\r\nHost: {here}\r\nOrigin: http://evil.example"
+        ),
+        "",
+    );
+    assert_eq!(code, 403);
+    let refused = log_lines(&d, "cross-site");
+    assert!(refused.len() >= 3, "refusals not logged:\n{}", d.log());
+    assert!(
+        refused.iter().all(|l| l.len() < 1000),
+        "a refusal line carries the client's whole path: {} bytes",
+        refused.iter().map(String::len).max().unwrap_or(0)
+    );
+    assert!(!log_lines(&d, "foreign Host").is_empty(), "{}", d.log());
+}
+
+#[test]
+fn ipv4_clients_of_a_dual_stack_endpoint_are_loopback() {
+    let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6003);
+    let (d, addr) = start(&setup, "[::]:{port}");
+    // 127.0.0.1 reaches a [::] listener as ::ffff:127.0.0.1.
+    let (code, body) = exchange(
+        addr,
+        &format!("POST /gc?dry_run=true HTTP/1.1\r\nHost: {addr}"),
+        "",
+    );
+    assert_eq!(
+        code,
+        200,
+        "POST from 127.0.0.1 to [::]: {body}\n{}",
+        d.log()
+    );
 }
 
 #[test]
