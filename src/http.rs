@@ -1,4 +1,5 @@
-//! The HTTP endpoint: axum routes over `Control` (no logic of their own).
+//! The HTTP endpoint: axum routes over `Control` (no logic of their own), served by an accept
+//! loop of our own that bounds what clients can hold.
 //!
 //! Reads are open to anyone who can reach the address (default 127.0.0.1:8000). Mutating
 //! routes (POST) are refused with 403 unless the peer is this host's loopback address
@@ -12,21 +13,47 @@
 //! [`host_allowed`]) unless the bearer token is presented, and mutating routes refuse a
 //! request whose `Origin` is not the endpoint itself (a cross-site POST). Clients that send
 //! no `Origin` (curl, the `wan` CLI, Prometheus) are not affected.
+//!
+//! At most [`MAX_CONNECTIONS`] connections are open at once, one request each, and a client
+//! has [`READ_TIMEOUT`] to send its request head and body: slow or stalled clients cannot take
+//! the daemon's file descriptors, which its cold reads need.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::service::Service as _;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::{Notify, watch};
 
 use crate::control::{Control, ControlError, GcMode};
 use crate::logging::untrusted;
+
+/// Connections served at once. Each holds a file descriptor, and the daemon's descriptors also
+/// hold the cache's blob files and the sources' sockets: unbounded, stalled clients took them
+/// all and every cold read failed. Operators, the CLI and a scraper need a handful; 128 leaves
+/// room for bursts of `wan models` runs and stays far below any soft `RLIMIT_NOFILE` (1024).
+const MAX_CONNECTIONS: usize = 128;
+
+/// How long a client has to send its request head (hyper's timer), and then its body. Every
+/// client we serve sends both at once; 10 s absorbs a congested link, not a stalled client.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest request body read (bulk id lists are a few KiB).
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How long shutdown waits for requests in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct AppState {
@@ -37,7 +64,7 @@ struct AppState {
     hostname: Option<String>,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, then gives requests in progress [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     control: Arc<Control>,
@@ -45,14 +72,157 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let app = router(control, &http);
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    {
-        tracing::error!(error = %e, "HTTP endpoint failed");
+    let conns = Arc::new(Conns::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Both warnings below can come once per connection attempt: one line per 10 s is enough.
+    let mut last_warning: Option<Instant> = None;
+    let mut warn_now = move || {
+        let due = last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+        if due {
+            last_warning = Some(Instant::now());
+        }
+        due
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Typically EMFILE: wait for descriptors to come back rather than spin.
+                    if warn_now() {
+                        tracing::warn!(error = %e, "HTTP endpoint: accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        match conns.admit() {
+            Some(slot) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    app.clone(),
+                    slot,
+                    stop_rx.clone(),
+                ));
+            }
+            None if warn_now() => {
+                tracing::warn!(%peer, "HTTP endpoint: {MAX_CONNECTIONS} requests in progress; connections refused");
+            }
+            None => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while conns.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One connection: its request (keep-alive is off, so a served connection frees its slot and
+/// an idle one cannot hold it), the header-read timeout, being shed, and shutdown.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let started = slot.started.clone();
+    let inner = hyper_util::service::TowerToHyperService::new(app);
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            started.store(true, Ordering::Relaxed);
+            req.extensions_mut().insert(ConnectInfo(peer));
+            inner.call(req)
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .keep_alive(false);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = slot.shed.notified() => {
+            tracing::debug!(%peer, "HTTP connection shed: no request head while the endpoint was full");
+        }
+        _ = async { drop(stop.wait_for(|s| *s).await) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Conns {
+    open: Mutex<VecDeque<Entry>>,
+    next_id: AtomicU64,
+}
+
+/// A connection as [`Conns`] sees it.
+struct Entry {
+    id: u64,
+    /// Set once its request head has been read.
+    started: Arc<AtomicBool>,
+    /// Notified to close it.
+    shed: Arc<Notify>,
+}
+
+/// A connection's place in [`Conns`], held by its task; dropping it frees the place.
+struct Slot {
+    id: u64,
+    conns: Arc<Conns>,
+    started: Arc<AtomicBool>,
+    shed: Arc<Notify>,
+}
+
+impl Conns {
+    /// A slot for a new connection. When all are taken, the oldest connection that has not
+    /// sent a whole request head is closed to make room: a stalled client, not one being
+    /// served, loses its place, so a fresh `/health` is answered at once however many clients
+    /// stall. `None` when every connection is in a request.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap();
+        if open.len() >= MAX_CONNECTIONS {
+            let idle = open
+                .iter()
+                .position(|e| !e.started.load(Ordering::Relaxed))?;
+            let victim = open.remove(idle).expect("index in range");
+            victim.shed.notify_one();
+        }
+        let entry = Entry {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            started: Arc::new(AtomicBool::new(false)),
+            shed: Arc::new(Notify::new()),
+        };
+        let slot = Slot {
+            id: entry.id,
+            conns: self.clone(),
+            started: entry.started.clone(),
+            shed: entry.shed.clone(),
+        };
+        open.push_back(entry);
+        Some(slot)
+    }
+
+    fn open(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conns.open.lock().unwrap().retain(|e| e.id != self.id);
     }
 }
 
@@ -86,6 +256,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .route("/report/daily", get(report_daily))
         .route("/report/storage", get(report_storage))
         .merge(mutating)
+        .layer(middleware::from_fn(read_body))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
@@ -206,6 +377,26 @@ async fn check_host(State(st): State<AppState>, req: Request, next: Next) -> Res
         "the Host header does not name this endpoint: use localhost, an IP address, this \
          machine's host name, or the bearer token",
     )
+}
+
+/// Reads the request body within [`READ_TIMEOUT`] and [`MAX_BODY_BYTES`], so a handler never
+/// waits on a slow client.
+async fn read_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large or cut short",
+        ),
+        Err(_) => refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        ),
+    }
 }
 
 /// Whether a mutation's `Origin` (if any) is the endpoint itself: `http://` plus the `Host`
@@ -420,6 +611,38 @@ mod tests {
         assert!(!is_loopback_peer("::ffff:127.0.0.2".parse().unwrap()));
         assert!(!is_loopback_peer("127.0.0.2".parse().unwrap()));
         assert!(!is_loopback_peer("::ffff:10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_full_endpoint_sheds_the_oldest_connection_without_a_request() {
+        use futures::FutureExt;
+        let conns = Arc::new(Conns::default());
+        let slots: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| conns.admit().expect("room"))
+            .collect();
+        slots[0].started.store(true, Ordering::Relaxed);
+        let newcomer = conns.admit().expect("room made");
+        assert_eq!(conns.open(), MAX_CONNECTIONS);
+        assert!(
+            slots[1].shed.notified().now_or_never().is_some(),
+            "oldest idle not shed"
+        );
+        assert!(
+            slots[0].shed.notified().now_or_never().is_none(),
+            "a served one was shed"
+        );
+        for s in &slots {
+            s.started.store(true, Ordering::Relaxed);
+        }
+        newcomer.started.store(true, Ordering::Relaxed);
+        assert!(conns.admit().is_none(), "every connection is in a request");
+        drop(newcomer);
+        assert_eq!(
+            conns.open(),
+            MAX_CONNECTIONS - 1,
+            "a closed connection frees its place"
+        );
+        assert!(conns.admit().is_some());
     }
 
     #[test]

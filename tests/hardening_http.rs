@@ -1,6 +1,7 @@
 //! The HTTP endpoint and the control files against hostile or careless clients, through a real
-//! `wan mount` and its real HTTP endpoint: cross-site requests and DNS rebinding, IPv4 clients of a
-//! dual-stack endpoint, forged log lines, and the metric series alerts need from the first scrape.
+//! `wan mount` and its real HTTP endpoint: cross-site requests and DNS rebinding, stalled
+//! connections, IPv4 clients of a dual-stack endpoint, forged log lines, and the metric series
+//! alerts need from the first scrape.
 //!
 //! Clients here are raw `TcpStream`s on 127.0.0.1, so each test controls every header byte.
 
@@ -9,7 +10,8 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -159,6 +161,87 @@ fn cross_site_mutations_and_foreign_hosts_are_refused() {
         refused.iter().map(String::len).max().unwrap_or(0)
     );
     assert!(!log_lines(&d, "foreign Host").is_empty(), "{}", d.log());
+}
+
+#[test]
+fn stalled_clients_neither_exhaust_the_daemon_nor_stay_open() {
+    const STALLED: usize = 300;
+    let setup = GenSetup::new(&[("cold.bin", 600 * KIB)], CS, 6002);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let fds = |pid: u32| fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |r| r.count());
+    let before = fds(d.pid());
+
+    // A client that sends its head, then half of its body, then nothing.
+    let mut slow_body = TcpStream::connect(addr).expect("connect");
+    write!(
+        slow_body,
+        "POST /ensure HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"ids\":"
+    )
+    .unwrap();
+    // Clients that send half a request line and stall.
+    let mut stalled: Vec<TcpStream> = (0..STALLED)
+        .map(|_| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            s.write_all(b"GET /hea").expect("half a request");
+            s
+        })
+        .collect();
+    let t0 = Instant::now();
+
+    // A fresh client is answered at once, and a cold read (which needs descriptors for the
+    // blob and the origin) works.
+    let (code, body) = get(addr, "/health", &addr.to_string());
+    assert_eq!(code, 200, "{body}");
+    let waited = t0.elapsed();
+    assert!(waited < Duration::from_secs(3), "/health took {waited:?}");
+    let got = read_fresh(&setup.mounted(&d, "cold.bin"));
+    assert_bytes_eq(
+        &got,
+        setup.data("cold.bin"),
+        "cold read while clients stall",
+    );
+    let during = fds(d.pid());
+    assert!(
+        during < before + 200,
+        "the daemon holds {during} descriptors with {STALLED} stalled clients ({before} before)"
+    );
+
+    // Within the read timeout (10 s) and a margin, every stalled connection is closed.
+    let deadline = t0 + Duration::from_secs(20);
+    let mut open = STALLED;
+    while open > 0 && Instant::now() < deadline {
+        open = 0;
+        for s in &mut stalled {
+            s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+            let mut b = [0u8; 256];
+            match s.read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => open += 1,
+                _ => {} // EOF, a reset or a 408: closed by the daemon
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        open,
+        0,
+        "{open} stalled connections still open after {:?}",
+        t0.elapsed()
+    );
+    slow_body
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = slow_body.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "slow body: {answer:?}");
+    let (code, _) = get(addr, "/health", "localhost");
+    assert_eq!(code, 200);
+}
+
+/// Reads a whole file with the page cache dropped first.
+fn read_fresh(path: &Path) -> Vec<u8> {
+    drop_page_cache(path);
+    fs::read(path).expect("read through the mount")
 }
 
 #[test]
