@@ -178,11 +178,13 @@ fn stalled_clients_neither_exhaust_the_daemon_nor_stay_open() {
         "POST /ensure HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"ids\":"
     )
     .unwrap();
-    // Clients that send half a request line and stall.
+    // Clients that send half a request line and stall, or connect and send nothing.
     let mut stalled: Vec<TcpStream> = (0..STALLED)
-        .map(|_| {
+        .map(|i| {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-            s.write_all(b"GET /hea").expect("half a request");
+            if i % 2 == 0 {
+                s.write_all(b"GET /hea").expect("half a request");
+            }
             s
         })
         .collect();
