@@ -236,6 +236,7 @@ impl Control {
         config: Config,
         mountpoint: Option<PathBuf>,
     ) -> Arc<Control> {
+        crate::metrics::register_models(manifest.models.keys().map(String::as_str));
         Arc::new(Control {
             catalog: std::sync::RwLock::new(Arc::new(Catalog {
                 models: manifest.models.clone(),
@@ -259,6 +260,7 @@ impl Control {
         files: BTreeMap<String, Vec<Arc<FileCtx>>>,
         config: Config,
     ) {
+        crate::metrics::register_models(manifest.models.keys().map(String::as_str));
         *self.catalog.write().unwrap() = Arc::new(Catalog {
             models: manifest.models.clone(),
             files,
@@ -403,8 +405,7 @@ impl Control {
             100.0
         };
         METRICS.storage_used.set(used as i64);
-        METRICS.storage_total.reset();
-        METRICS.storage_total.inc_by(cap);
+        METRICS.storage_total.set(cap as i64);
         (used, cap, free_pct)
     }
 

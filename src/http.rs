@@ -1,57 +1,237 @@
-//! The HTTP endpoint: axum routes over `Control` (no logic of their own).
+//! The HTTP endpoint: axum routes over `Control` (no logic of their own), served by an accept
+//! loop of our own that bounds what clients can hold.
 //!
 //! Reads are open to anyone who can reach the address (default 127.0.0.1:8000). Mutating
 //! routes (POST) are refused with 403 unless the peer is this host's loopback address
-//! (127.0.0.1 or ::1 exactly: other 127/8 addresses count as remote, which is how tests play a
-//! remote client) or presents `Authorization: Bearer <token>` matching the environment
-//! variable named by `http.token_env`. With `http.require_token`, loopback clients need the
-//! token too.
+//! (127.0.0.1 or ::1 exactly, IPv4-mapped forms included: other 127/8 addresses count as
+//! remote, which is how tests play a remote client) or presents `Authorization: Bearer <token>`
+//! matching the environment variable named by `http.token_env`. With `http.require_token`,
+//! loopback clients need the token too.
+//!
+//! Browsers on this host are kept out, since any web page could otherwise reach 127.0.0.1:
+//! every route refuses a `Host` that is not a name of this endpoint (DNS rebinding: see
+//! [`host_allowed`]) unless the bearer token is presented, and mutating routes refuse a
+//! request whose `Origin` is not the endpoint itself (a cross-site POST). Clients that send
+//! no `Origin` (curl, the `wan` CLI, Prometheus) are not affected.
+//!
+//! At most [`MAX_CONNECTIONS`] connections are open at once, one request each, and a client
+//! has [`READ_TIMEOUT`] to send its request head and body: slow or stalled clients cannot take
+//! the daemon's file descriptors, which its cold reads need.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::service::Service as _;
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::{Notify, watch};
 
 use crate::control::{Control, ControlError, GcMode};
+use crate::logging::untrusted;
+
+/// Connections served at once. Each holds a file descriptor, and the daemon's descriptors also
+/// hold the cache's blob files and the sources' sockets: unbounded, stalled clients took them
+/// all and every cold read failed. Operators, the CLI and a scraper need a handful; 128 leaves
+/// room for bursts of `wan models` runs and stays far below any soft `RLIMIT_NOFILE` (1024).
+const MAX_CONNECTIONS: usize = 128;
+
+/// How long a client has to send its request head (hyper's timer), and then its body. Every
+/// client we serve sends both at once; 10 s absorbs a congested link, not a stalled client.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest request body read (bulk id lists are a few KiB).
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// How long shutdown waits for requests in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct AppState {
     control: Arc<Control>,
     token_env: String,
     require_token: bool,
+    /// This machine's host name (lower case): a `Host` a remote scraper may rightly send.
+    hostname: Option<String>,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, then gives requests in progress [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     control: Arc<Control>,
     http: crate::config::HttpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(control, http.token_env, http.require_token);
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    {
-        tracing::error!(error = %e, "HTTP endpoint failed");
+    let app = router(control, &http);
+    let conns = Arc::new(Conns::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Both warnings below can come once per connection attempt: one line per 10 s is enough.
+    let mut last_warning: Option<Instant> = None;
+    let mut warn_now = move || {
+        let due = last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+        if due {
+            last_warning = Some(Instant::now());
+        }
+        due
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Typically EMFILE: wait for descriptors to come back rather than spin.
+                    if warn_now() {
+                        tracing::warn!(error = %e, "HTTP endpoint: accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        match conns.admit() {
+            Some(slot) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    app.clone(),
+                    slot,
+                    stop_rx.clone(),
+                ));
+            }
+            None if warn_now() => {
+                tracing::warn!(%peer, "HTTP endpoint: {MAX_CONNECTIONS} requests in progress; connections refused");
+            }
+            None => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while conns.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-pub fn router(control: Arc<Control>, token_env: String, require_token: bool) -> Router {
+/// One connection: its request (keep-alive is off, so a served connection frees its slot and
+/// an idle one cannot hold it), the header-read timeout, being shed, and shutdown.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let started = slot.started.clone();
+    let inner = hyper_util::service::TowerToHyperService::new(app);
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            started.store(true, Ordering::Relaxed);
+            req.extensions_mut().insert(ConnectInfo(peer));
+            inner.call(req)
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .keep_alive(false);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = slot.shed.notified() => {
+            tracing::debug!(%peer, "HTTP connection shed: no request head while the endpoint was full");
+        }
+        _ = async { drop(stop.wait_for(|s| *s).await) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+    }
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Conns {
+    open: Mutex<VecDeque<Entry>>,
+    next_id: AtomicU64,
+}
+
+/// A connection as [`Conns`] sees it.
+struct Entry {
+    id: u64,
+    /// Set once its request head has been read.
+    started: Arc<AtomicBool>,
+    /// Notified to close it.
+    shed: Arc<Notify>,
+}
+
+/// A connection's place in [`Conns`], held by its task; dropping it frees the place.
+struct Slot {
+    id: u64,
+    conns: Arc<Conns>,
+    started: Arc<AtomicBool>,
+    shed: Arc<Notify>,
+}
+
+impl Conns {
+    /// A slot for a new connection. When all are taken, the oldest connection that has not
+    /// sent a whole request head is closed to make room: a stalled client, not one being
+    /// served, loses its place, so a fresh `/health` is answered at once however many clients
+    /// stall. `None` when every connection is in a request.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap();
+        if open.len() >= MAX_CONNECTIONS {
+            let idle = open
+                .iter()
+                .position(|e| !e.started.load(Ordering::Relaxed))?;
+            let victim = open.remove(idle).expect("index in range");
+            victim.shed.notify_one();
+        }
+        let entry = Entry {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            started: Arc::new(AtomicBool::new(false)),
+            shed: Arc::new(Notify::new()),
+        };
+        let slot = Slot {
+            id: entry.id,
+            conns: self.clone(),
+            started: entry.started.clone(),
+            shed: entry.shed.clone(),
+        };
+        open.push_back(entry);
+        Some(slot)
+    }
+
+    fn open(&self) -> usize {
+        self.open.lock().unwrap().len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conns.open.lock().unwrap().retain(|e| e.id != self.id);
+    }
+}
+
+pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router {
     let state = AppState {
         control,
-        token_env,
-        require_token,
+        token_env: http.token_env.clone(),
+        require_token: http.require_token,
+        hostname: hostname(),
     };
     let mutating = Router::new()
         .route("/models/{id}/ensure", post(ensure_one))
@@ -76,6 +256,8 @@ pub fn router(control: Arc<Control>, token_env: String, require_token: bool) -> 
         .route("/report/daily", get(report_daily))
         .route("/report/storage", get(report_storage))
         .merge(mutating)
+        .layer(middleware::from_fn(read_body))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .with_state(state)
 }
 
@@ -101,6 +283,139 @@ fn ok(v: impl serde::Serialize) -> ApiResult {
     Ok(axum::Json(v).into_response())
 }
 
+fn refuse(status: StatusCode, error: &str) -> Response {
+    (status, axum::Json(json!({ "error": error }))).into_response()
+}
+
+/// A header's value for a log line (it is the client's text).
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
+    headers
+        .get(name)
+        .map(|v| untrusted(&String::from_utf8_lossy(v.as_bytes())))
+        .unwrap_or_default()
+}
+
+/// Whether the peer is this host's loopback address. An IPv4 client of a listener on `[::]`
+/// arrives as `::ffff:127.0.0.1`: it is mapped back to IPv4 first.
+fn is_loopback_peer(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST,
+    }
+}
+
+/// Whether the bearer token is configured and presented.
+fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
+    let token = std::env::var(&st.token_env).ok().filter(|t| !t.is_empty());
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    matches!((&token, presented), (Some(t), Some(p)) if constant_time_eq(t.as_bytes(), p.as_bytes()))
+}
+
+/// Whether `authority` (a `Host` header: name or address, optional port) names this endpoint.
+/// DNS rebinding gives an attacker's page a name of its own that resolves to 127.0.0.1: the
+/// browser then sends that name as `Host`. So a name is accepted only if it is `localhost` or
+/// this machine's host name exactly, and an address of any kind is accepted (the configured
+/// `http.addr`, or another of this host's: a page cannot make a browser send an address as
+/// `Host` unless it was loaded from that address).
+fn host_allowed(authority: &str, hostname: Option<&str>) -> bool {
+    let authority = authority.trim().to_ascii_lowercase();
+    if let Some(rest) = authority.strip_prefix('[') {
+        // [v6] or [v6]:port
+        let Some((addr, port)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_ok = port.is_empty() || port.strip_prefix(':').is_some_and(valid_port);
+        return addr.parse::<Ipv6Addr>().is_ok() && port_ok;
+    }
+    let name = match authority.rsplit_once(':') {
+        Some((name, port)) if valid_port(port) => name,
+        Some(_) => return false,
+        None => authority.as_str(),
+    };
+    name == "localhost" || name.parse::<Ipv4Addr>().is_ok() || hostname == Some(name)
+}
+
+fn valid_port(port: &str) -> bool {
+    port.parse::<u16>().is_ok()
+}
+
+/// This machine's host name, lower case.
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..end]).ok()?.to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Every route: refuses a `Host` that does not name this endpoint (DNS rebinding), unless the
+/// bearer token is presented. A request without `Host` (HTTP/1.0) is not from a browser.
+async fn check_host(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let host_ok = match headers.get(header::HOST).map(|h| h.to_str()) {
+        None => true,
+        Some(Ok(h)) => host_allowed(h, st.hostname.as_deref()),
+        Some(Err(_)) => false,
+    };
+    if host_ok || token_ok(&st, headers) {
+        return next.run(req).await;
+    }
+    tracing::warn!(
+        host = %header_text(headers, header::HOST),
+        path = %untrusted(req.uri().path()),
+        "refused an HTTP request for a foreign Host (DNS rebinding?)"
+    );
+    refuse(
+        StatusCode::FORBIDDEN,
+        "the Host header does not name this endpoint: use localhost, an IP address, this \
+         machine's host name, or the bearer token",
+    )
+}
+
+/// Reads the request body within [`READ_TIMEOUT`] and [`MAX_BODY_BYTES`], so a handler never
+/// waits on a slow client.
+async fn read_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large or cut short",
+        ),
+        Err(_) => refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        ),
+    }
+}
+
+/// Whether a mutation's `Origin` (if any) is the endpoint itself: `http://` plus the `Host`
+/// the request was sent to. Browsers send `Origin` on every cross-site POST; a page elsewhere
+/// (another port of localhost included) is a different origin. No `Origin`: not a browser.
+fn origin_allowed(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (
+        origin.to_str().ok().and_then(|o| o.strip_prefix("http://")),
+        host,
+    ) {
+        (Some(authority), Some(host)) => authority.eq_ignore_ascii_case(host),
+        _ => false,
+    }
+}
+
 async fn authorize(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -108,27 +423,27 @@ async fn authorize(
     req: Request,
     next: Next,
 ) -> Response {
-    let local = match peer.ip() {
-        std::net::IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
-        std::net::IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST,
-    };
-    let token = std::env::var(&st.token_env).ok().filter(|t| !t.is_empty());
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let token_ok = matches!((&token, presented), (Some(t), Some(p)) if constant_time_eq(t.as_bytes(), p.as_bytes()));
-    if (local && !st.require_token) || token_ok {
+    if !origin_allowed(&headers) {
+        tracing::warn!(
+            %peer,
+            origin = %header_text(&headers, header::ORIGIN),
+            path = %untrusted(req.uri().path()),
+            "refused a cross-site mutating HTTP call"
+        );
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "cross-site request refused: mutating calls are not accepted from web pages (Origin \
+             is not this endpoint)",
+        );
+    }
+    if (is_loopback_peer(peer.ip()) && !st.require_token) || token_ok(&st, &headers) {
         return next.run(req).await;
     }
-    tracing::warn!(%peer, path = %req.uri().path(), "refused a mutating HTTP call: not loopback and no valid token");
-    (
+    tracing::warn!(%peer, path = %untrusted(req.uri().path()), "refused a mutating HTTP call: not loopback and no valid token");
+    refuse(
         StatusCode::FORBIDDEN,
-        axum::Json(
-            json!({"error": "mutating calls need a loopback client or a valid bearer token"}),
-        ),
+        "mutating calls need a loopback client or a valid bearer token",
     )
-        .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -282,4 +597,116 @@ struct GcQuery {
 async fn gc(State(st): State<AppState>, Query(q): Query<GcQuery>) -> ApiResult {
     let mode: GcMode = q.mode.as_deref().unwrap_or("auto").parse()?;
     ok(st.control.gc(mode, q.dry_run).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_loopback_is_loopback() {
+        assert!(is_loopback_peer("127.0.0.1".parse().unwrap()));
+        assert!(is_loopback_peer("::1".parse().unwrap()));
+        assert!(is_loopback_peer("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!is_loopback_peer("::ffff:127.0.0.2".parse().unwrap()));
+        assert!(!is_loopback_peer("127.0.0.2".parse().unwrap()));
+        assert!(!is_loopback_peer("::ffff:10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_full_endpoint_sheds_the_oldest_connection_without_a_request() {
+        use futures::FutureExt;
+        let conns = Arc::new(Conns::default());
+        let slots: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|_| conns.admit().expect("room"))
+            .collect();
+        slots[0].started.store(true, Ordering::Relaxed);
+        let newcomer = conns.admit().expect("room made");
+        assert_eq!(conns.open(), MAX_CONNECTIONS);
+        assert!(
+            slots[1].shed.notified().now_or_never().is_some(),
+            "oldest idle not shed"
+        );
+        assert!(
+            slots[0].shed.notified().now_or_never().is_none(),
+            "a served one was shed"
+        );
+        for s in &slots {
+            s.started.store(true, Ordering::Relaxed);
+        }
+        newcomer.started.store(true, Ordering::Relaxed);
+        assert!(conns.admit().is_none(), "every connection is in a request");
+        drop(newcomer);
+        assert_eq!(
+            conns.open(),
+            MAX_CONNECTIONS - 1,
+            "a closed connection frees its place"
+        );
+        assert!(conns.admit().is_some());
+    }
+
+    #[test]
+    fn hosts_that_name_this_endpoint() {
+        let me = Some("gpu-17");
+        for ok in [
+            "localhost",
+            "LOCALHOST:8000",
+            "127.0.0.1",
+            "127.0.0.1:8000",
+            "[::1]",
+            "[::1]:8000",
+            "10.1.2.3:8000",
+            "[fe80::1]:80",
+            "gpu-17:8000",
+        ] {
+            assert!(host_allowed(ok, me), "{ok} refused");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8000",
+            "localhost.evil.example",
+            "gpu-17.evil.example",
+            "127.0.0.1.nip.io",
+            "localhost:99999",
+            "[::1]8000",
+            "[::1",
+            "",
+        ] {
+            assert!(!host_allowed(bad, me), "{bad} allowed");
+        }
+        assert!(!host_allowed("gpu-17", None));
+    }
+
+    #[test]
+    fn origins_of_mutations() {
+        let headers = |pairs: &[(header::HeaderName, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(k.clone(), v.parse().unwrap());
+            }
+            h
+        };
+        assert!(origin_allowed(&headers(&[(
+            header::HOST,
+            "127.0.0.1:8000"
+        )])));
+        assert!(origin_allowed(&headers(&[
+            (header::HOST, "127.0.0.1:8000"),
+            (header::ORIGIN, "http://127.0.0.1:8000"),
+        ])));
+        for origin in [
+            "http://evil.example",
+            "http://localhost:3000",
+            "null",
+            "https://127.0.0.1:8000",
+        ] {
+            assert!(
+                !origin_allowed(&headers(&[
+                    (header::HOST, "127.0.0.1:8000"),
+                    (header::ORIGIN, origin),
+                ])),
+                "{origin} allowed"
+            );
+        }
+    }
 }

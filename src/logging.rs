@@ -4,6 +4,9 @@
 //! credentials, and URLs that might (userinfo, signed query strings) go through
 //! `source::mask_url` before they are logged or shown (source names are masked once, where
 //! the source is built).
+//!
+//! Text a client supplied (a `.wan/` write, an HTTP path or header) goes through [`untrusted`]
+//! before it reaches a log line, so it can neither forge lines nor flood the log.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -114,5 +117,38 @@ pub fn reopen() {
                 tracing::error!(path = %r.path.display(), error = %e, "could not reopen the log file")
             }
         }
+    }
+}
+
+/// How many characters of client-supplied text a log line keeps.
+const UNTRUSTED_MAX_CHARS: usize = 200;
+
+/// `text` fit for a log line: control characters (newlines included) escaped as `\n`, `\u{1b}`,
+/// …, so a client cannot start a line of its own, and cut to 200 characters with a
+/// `… (N bytes)` suffix, so a refused 1 MiB write costs one short line.
+pub fn untrusted(text: &str) -> String {
+    let mut out: String = text.chars().take(UNTRUSTED_MAX_CHARS).collect();
+    let cut = out.len() < text.len();
+    out = out.escape_debug().to_string();
+    if cut {
+        out.push_str(&format!("… ({} bytes)", text.len()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::untrusted;
+
+    #[test]
+    fn untrusted_text_stays_on_one_short_line() {
+        assert_eq!(untrusted("wan22-t2v@1.0.0"), "wan22-t2v@1.0.0");
+        let forged = untrusted("x\n2026-01-01T00:00:00Z  INFO ensure completed\r\u{1b}[2J");
+        assert!(!forged.contains('\n') && !forged.contains('\r') && !forged.contains('\u{1b}'));
+        assert!(forged.starts_with("x\\n2026"), "{forged}");
+        let big = "a".repeat(1 << 20);
+        let line = untrusted(&big);
+        assert!(line.len() < 300, "{} bytes", line.len());
+        assert!(line.ends_with("… (1048576 bytes)"), "{line}");
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! The runbook's names are kept as they were (`model_downloads_total`, …); everything else is
 //! `wan_*`. Handles are process-wide statics so any module can count without plumbing; the
-//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`.
+//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`. The series the documented
+//! alerts watch are created at 0 for every model ([`register_models`]), so alerts see a first
+//! failure.
 
 use std::sync::LazyLock;
 
@@ -68,9 +70,11 @@ pub struct Metrics {
     /// Errors by `kind`: source, integrity, read_timeout, read, store, verify.
     pub errors: IntCounterVec,
     pub storage_used: IntGauge,
-    /// A counter only in type: `promtool check metrics` refuses a gauge whose name ends in
-    /// `_total`, and the runbook's name is kept. It is set (reset + add), never rated.
-    pub storage_total: IntCounter,
+    /// Cache capacity. A gauge: it is set, and goes down when a reload lowers `gc.max_bytes`
+    /// (as a counter, Prometheus and every type-aware consumer would read that as a reset).
+    /// The runbook's name is kept although it ends in `_total`, which costs one
+    /// `promtool check metrics` lint warning (docs/METRICS.md).
+    pub storage_total: IntGauge,
     /// Chunk fetches in flight.
     pub downloads_active: IntGauge,
     pub cache_hits: IntCounter,
@@ -106,7 +110,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "model_storage_bytes_used",
         "Verified bytes held in the cache.",
     ),
-    storage_total: counter(
+    storage_total: gauge(
         "model_storage_bytes_total",
         "Cache capacity in bytes: gc.max_bytes if set, else the size of the cache's filesystem (set, not accumulated).",
     ),
@@ -152,6 +156,35 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     evicted_bytes: counter("wan_evicted_bytes_total", "Bytes evicted from the cache."),
 });
 
+/// Every `kind` of `model_errors_total` (docs/METRICS.md).
+pub const ERROR_KINDS: [&str; 6] = [
+    "source",
+    "integrity",
+    "read",
+    "read_timeout",
+    "store",
+    "verify",
+];
+
+/// Every `status` of `model_downloads_total`.
+pub const DOWNLOAD_STATUSES: [&str; 2] = ["success", "failed"];
+
+/// Creates every documented label set of the alerting counters at 0: the error kinds, and both
+/// download statuses of each of `models`. A series that first appears at its first increment
+/// has no earlier sample, so `increase()` over it stays 0 and the documented alerts would never
+/// fire for a first failure. Called at start and for the models a reload adds (a model a reload
+/// removes keeps its series: counters count since the daemon started).
+pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
+    for kind in ERROR_KINDS {
+        METRICS.errors.with_label_values(&[kind]);
+    }
+    for model in models {
+        for status in DOWNLOAD_STATUSES {
+            METRICS.downloads.with_label_values(&[model, status]);
+        }
+    }
+}
+
 /// The Prometheus text exposition of every metric.
 pub fn render() -> String {
     LazyLock::force(&METRICS);
@@ -182,5 +215,34 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing");
         }
+    }
+
+    #[test]
+    fn registered_models_show_every_documented_series_at_zero() {
+        super::register_models(["zero@1.0.0"]);
+        let text = super::render();
+        for line in [
+            "model_downloads_total{model=\"zero@1.0.0\",status=\"success\"} 0",
+            "model_downloads_total{model=\"zero@1.0.0\",status=\"failed\"} 0",
+            "model_errors_total{kind=\"read_timeout\"}",
+            "model_errors_total{kind=\"store\"}",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(line)),
+                "{line} missing:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn storage_capacity_is_a_gauge() {
+        super::METRICS.storage_total.set(10);
+        super::METRICS.storage_total.set(4);
+        let text = super::render();
+        assert!(
+            text.contains("# TYPE model_storage_bytes_total gauge"),
+            "{text}"
+        );
+        assert!(text.contains("model_storage_bytes_total 4"), "{text}");
     }
 }

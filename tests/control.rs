@@ -1223,8 +1223,14 @@ fn promtool_accepts_the_metrics() {
             .write_all(text.as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
+        // The one accepted lint (exit 3): the runbook's `model_storage_bytes_total` is a gauge
+        // despite its `_total` suffix (docs/METRICS.md). Anything else fails.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let only_known_lint = out.status.code() == Some(3) && stderr.lines().all(|l| {
+            l == "model_storage_bytes_total non-counter metrics should not have \"_total\" suffix"
+        });
         assert!(
-            out.status.success(),
+            out.status.success() || only_known_lint,
             "promtool check metrics refused {what} ({}):\n{}{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),

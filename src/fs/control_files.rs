@@ -4,8 +4,9 @@
 //! Reads are rendered once at open, so a reader sees one consistent snapshot however it
 //! reads. A write is one command: ids (whitespace separated) or a mode, plus optional flags
 //! (`--force-redownload` for ensure, `--report-only` for verify, `--dry-run` for gc). It is
-//! validated at once — a bad id or mode fails the write with EINVAL and a log line — and the
-//! work then runs in the background; `status` shows its progress.
+//! validated at once — a bad id or mode fails the write with EINVAL and a log line, where the
+//! written text is escaped and cut (`logging::untrusted`: a write must not forge or flood log
+//! lines) — and the work then runs in the background; `status` shows its progress.
 
 use std::sync::Arc;
 

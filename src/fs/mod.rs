@@ -285,7 +285,12 @@ impl ModelFs {
                 Ok(data.len())
             }
             Err(e) => {
-                tracing::warn!(file = %format!(".wan/{}", cf.name()), input = %String::from_utf8_lossy(data).trim(), error = %e, "control write refused");
+                tracing::warn!(
+                    file = %format!(".wan/{}", cf.name()),
+                    input = %crate::logging::untrusted(String::from_utf8_lossy(data).trim()),
+                    error = %crate::logging::untrusted(&e.to_string()),
+                    "control write refused"
+                );
                 Err(e.into())
             }
         }
