@@ -342,15 +342,14 @@ impl Fetcher {
         }
     }
 
-    /// Fetches chunk `idx` again now (after it was dropped as corrupt).
+    /// Fetches chunk `idx` again now (after it was dropped as corrupt); resolves once it is
+    /// stored, so a repair reported done leaves the file complete.
     pub async fn refetch_chunk(
         self: &Arc<Self>,
         file: &Arc<FileCtx>,
         idx: u64,
     ) -> Result<(), FetchError> {
-        self.chunk(file, idx, Priority::OnDemand, None)
-            .await
-            .map(|_| ())
+        self.chunk_stored(file, idx, Priority::OnDemand).await
     }
 
     /// The single-flight entry point for chunk `idx`: `None` if it is (now) present on disk.
@@ -546,7 +545,7 @@ impl Fetcher {
                         return Err(FetchError::Timeout(self.cfg.read_timeout()));
                     }
                     Ok(Err(e)) => {
-                        transient &= e.retryable();
+                        transient &= e.flaky();
                         src.record_failure(
                             matches!(e, SourceError::Denied(_)),
                             self.cfg.cooldown(),
@@ -585,7 +584,8 @@ impl Fetcher {
     /// Every source failed, but only with errors that may pass (5xx, resets, timeouts): the
     /// reader still has time, and a cooling source is still its best chance, so sources are
     /// tried again after a backoff until the read deadline rather than failing a read that a
-    /// flaky mirror would serve a moment later. Wrong bytes, 404 and denials end at once.
+    /// flaky mirror would serve a moment later. Wrong bytes, 404, denials and a source that
+    /// refuses connections (down, not flaky) end the read at once.
     /// Returns false when the next round could not start before `deadline`.
     async fn pause_before_next_round(&self, round: u32, deadline: tokio::time::Instant) -> bool {
         // At least 10 ms and at most 2 s, so a zero backoff does not spin and a long one still

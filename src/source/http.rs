@@ -78,6 +78,7 @@ fn encode_segment(seg: &str, out: &mut String) {
 /// source's masked name already says where the error came from.
 fn transport(e: reqwest::Error) -> SourceError {
     let e = e.without_url();
+    let connect = e.is_connect();
     if e.is_timeout() {
         SourceError::Timeout
     } else {
@@ -89,7 +90,11 @@ fn transport(e: reqwest::Error) -> SourceError {
             msg.push_str(&s.to_string());
             src = s.source();
         }
-        SourceError::Transport(msg)
+        if connect {
+            SourceError::Unreachable(msg)
+        } else {
+            SourceError::Transport(msg)
+        }
     }
 }
 

@@ -34,6 +34,9 @@ pub enum SourceError {
     Status(u16),
     #[error("transport: {0}")]
     Transport(String),
+    /// No connection could be made (refused, no route, no such host): nothing is serving.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
     #[error("timed out")]
     Timeout,
     #[error("short body: wanted {want} bytes, got {got}")]
@@ -48,8 +51,18 @@ impl SourceError {
         match self {
             SourceError::NotFound | SourceError::Denied(_) | SourceError::Unsupported(_) => false,
             SourceError::Status(s) => *s >= 500 || *s == 408 || *s == 429,
-            SourceError::Transport(_) | SourceError::Timeout | SourceError::Short { .. } => true,
+            SourceError::Transport(_)
+            | SourceError::Unreachable(_)
+            | SourceError::Timeout
+            | SourceError::Short { .. } => true,
         }
+    }
+
+    /// Whether the source answered but failed (5xx, a reset, a stall): such a source is
+    /// flaky, and worth more rounds until the read deadline. One that refuses connections is
+    /// down: a read fails fast rather than wait out `read_timeout` against it.
+    pub fn flaky(&self) -> bool {
+        self.retryable() && !matches!(self, SourceError::Unreachable(_))
     }
 }
 
