@@ -222,6 +222,11 @@ impl Fetcher {
                 self.ensure_whole(file).await?;
             }
             let missing = self.store.missing(f, covering.clone());
+            if f.chunks.is_none() && !missing.is_empty() {
+                // Evicted again since `ensure_whole`: a whole-only file has no chunk digests
+                // to fetch by, so it is made whole again.
+                continue;
+            }
             let fetched: Vec<(u64, Option<VerifiedChunk>)> =
                 futures::future::try_join_all(missing.into_iter().map(|idx| {
                     let fut = self.chunk(file, idx, Priority::OnDemand, None);
@@ -391,6 +396,12 @@ impl Fetcher {
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<Option<InFlight>, FetchError> {
         let key = (file.entry.sha256, idx);
+        if file.entry.chunks.is_none() {
+            return Err(FetchError::Store(format!(
+                "{}: a whole-only file has no chunk to fetch by itself",
+                file.entry.path
+            )));
+        }
         if let Some(err) = self.recently_failed(key) {
             return Err(err);
         }
@@ -818,7 +829,10 @@ impl Fetcher {
         let mut errors = Vec::new();
         for (src, attempts) in self.source_order(&file.sources) {
             let parallel = (self.cfg.connections / 2).max(1);
-            let written = futures::stream::iter(0..layout.count())
+            // Only chunks not present: the unverified bytes of a failed or lying fetch must
+            // never land on a chunk that readers are being served (a whole-only file is
+            // partial when a chunk was dropped as corrupt).
+            let written = futures::stream::iter(self.store.missing(f, 0..layout.count()))
                 .map(|idx| {
                     let src = src.clone();
                     async move {

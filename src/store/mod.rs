@@ -338,6 +338,11 @@ impl Store {
             return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
         let _w = self.writer.lock().unwrap();
+        self.prepare_locked(f)
+    }
+
+    /// [`Store::prepare`] with `writer` held by the caller.
+    fn prepare_locked(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
         if let Some(st) = self
             .blobs
             .lock()
@@ -358,6 +363,34 @@ impl Store {
         let generation = st.generation;
         self.blobs.lock().unwrap().insert(f.sha256, st);
         Ok((fd, generation))
+    }
+
+    /// Marks `chunks`, verified by reading them from `file`, present — if `file` is still the
+    /// blob file at its path. Checked under `writer`, so an eviction (which unlinks under
+    /// it) cannot slip between the check and the marks: otherwise chunks verified in an
+    /// evicted file would be marked present in a new, empty one, and zeros served.
+    /// Returns whether they were marked.
+    fn adopt_verified(
+        &self,
+        f: &FileEntry,
+        file: &File,
+        chunks: &[(u64, Digest)],
+    ) -> Result<bool, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.blob_path(f.sha256);
+        let _w = self.writer.lock().unwrap();
+        let same = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && a.nlink() > 0,
+            _ => false,
+        };
+        if !same {
+            return Ok(false);
+        }
+        let (fd, generation) = self.prepare_locked(f)?;
+        // Bytes read back may still be only in the page cache (a crash before a commit).
+        fd.sync_data().map_err(io_err(&path))?;
+        self.mark_locked(f, generation, chunks)?;
+        Ok(true)
     }
 
     /// Deletes the index rows of evicted blobs that a full disk kept. Under `writer`.
@@ -471,12 +504,9 @@ impl Store {
         let mut buf = crate::chunk::AlignedBuf::zeroed((r.end - r.start) as usize);
         file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
         let chunk = VerifiedChunk::verify(expected, buf.freeze()).ok()?;
-        let adopted = self.prepare(f).and_then(|(fd, generation)| {
-            fd.sync_data().map_err(io_err(&path))?;
-            self.mark(f, generation, &[(idx, expected)])
-        });
-        match adopted {
-            Ok(()) => {
+        match self.adopt_verified(f, &file, &[(idx, expected)]) {
+            Ok(false) => None,
+            Ok(true) => {
                 tracing::debug!(blob = %f.sha256, chunk = idx, "adopted a chunk found on disk");
                 Some(chunk)
             }
@@ -497,6 +527,16 @@ impl Store {
     ) -> Result<(), StoreError> {
         // Under `writer` the blob cannot be evicted between the check and the bits.
         let _w = self.writer.lock().unwrap();
+        self.mark_locked(f, generation, chunks)
+    }
+
+    /// [`Store::mark`] with `writer` held by the caller.
+    fn mark_locked(
+        &self,
+        f: &FileEntry,
+        generation: u64,
+        chunks: &[(u64, Digest)],
+    ) -> Result<(), StoreError> {
         let current = |blobs: &HashMap<Digest, BlobState>| {
             blobs
                 .get(&f.sha256)
@@ -835,10 +875,9 @@ impl Store {
                     }
                 }
             }
-            if good.is_empty() {
+            if good.is_empty() || !self.adopt_verified(f, &file, &good)? {
                 continue;
             }
-            let (_, generation) = self.prepare(f)?;
             report.chunks_verified += good.len() as u64;
             report.bytes += good
                 .iter()
@@ -847,7 +886,6 @@ impl Store {
                     r.end - r.start
                 })
                 .sum::<u64>();
-            self.mark(f, generation, &good)?;
             report.blobs_adopted += 1;
             tracing::info!(blob = %f.sha256, path = %f.path, chunks = good.len(), "adopted a blob into the index");
         }
