@@ -110,6 +110,12 @@ impl MockSource {
         self.state.lock().unwrap().delay = d;
     }
 
+    /// Forgets every injected fault not yet consumed (the delay stays).
+    pub fn clear_faults(&self) {
+        let mut s = self.state.lock().unwrap();
+        (s.fail_next, s.corrupt_next, s.stall_next) = (0, 0, 0);
+    }
+
     /// Injected faults not yet consumed.
     pub fn pending_faults(&self) -> u32 {
         self.state.lock().unwrap().pending()
