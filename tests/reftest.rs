@@ -17,8 +17,10 @@
 //! the origin, a slow origin, a restart (everything dropped and reopened on the same directory,
 //! as the daemon does), a crash (the runtime shut down with fetches in flight), a lost index
 //! (deleted, or overwritten with garbage, then a restart that adopts the blob files, before the
-//! first read or, as `daemon.rs` does, in the background while reads run), and an eviction or
-//! dropped chunk racing running reads.
+//! first read or, as `daemon.rs` does, in the background while reads run), an eviction or
+//! dropped chunk racing running reads, and passthrough opens (the blob file a complete blob
+//! hands to the kernel, read at open and again at every later passthrough open while it stays
+//! open, whatever was evicted or dropped meanwhile).
 //!
 //! Invariants checked after every operation:
 //! 1. Every byte served equals the model. With wrong bytes injected a read returns the right
@@ -242,6 +244,9 @@ struct Daemon {
     inos: Vec<u64>,
     /// An open handle on each spec (read-ahead is tracked per handle).
     fhs: Vec<u64>,
+    /// Handles opened in passthrough mode, with the blob file the kernel would read: (spec,
+    /// handle, file).
+    backings: Vec<(usize, u64, std::fs::File)>,
     /// References to the fetcher when no fetch task is running (each task holds one).
     idle_refs: usize,
     /// The adoption of blob files running in the background, if any.
@@ -316,7 +321,9 @@ impl Daemon {
             rt.handle().clone(),
             cfg.fetch.readahead_chunks,
             SystemTime::UNIX_EPOCH,
-            false,
+            // Passthrough on, as mounted by default: `open` hands out the blob file of a
+            // complete blob, which `Op::Passthrough` reads as the kernel would.
+            true,
         ));
         let inos: Vec<u64> = specs().iter().map(|s| lookup(&fs, s)).collect();
         let idle_refs = Arc::strong_count(&fetcher);
@@ -327,6 +334,7 @@ impl Daemon {
             fs,
             inos,
             fhs: Vec::new(),
+            backings: Vec::new(),
             idle_refs,
             adopting,
             rt,
@@ -346,6 +354,9 @@ impl Daemon {
     fn release_all(&mut self) {
         for (ino, fh) in self.inos.iter().zip(self.fhs.drain(..)) {
             self.fs.release(*ino, fh);
+        }
+        for (spec, fh, _) in self.backings.drain(..) {
+            self.fs.release(self.inos[spec], fh);
         }
     }
 
@@ -507,6 +518,11 @@ enum Op {
         spec: usize,
         chunk: u64,
     },
+    /// A passthrough open: if the blob is complete, its file is read as the kernel would, and
+    /// kept open; every passthrough file still open is read again.
+    Passthrough {
+        spec: usize,
+    },
     /// One byte of a present chunk flipped in its blob file, then a verify of its model
     /// (`repair`: the bad chunk is fetched again; else it is dropped).
     CorruptOnDisk {
@@ -587,6 +603,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(reads, same)| Op::Concurrent { reads, same }),
         1 => (0..MODELS.len()).prop_map(|model| Op::Evict { model }),
         1 => Just(Op::Gc),
+        2 => (0..specs().len()).prop_map(|spec| Op::Passthrough { spec }),
         2 => (prop::sample::select(droppable()), any::<u64>()).prop_map(|(spec, c)| Op::DropChunk {
             spec,
             chunk: c % specs()[spec].layout().count(),
@@ -923,6 +940,16 @@ impl Harness {
                 }
                 let r = s.layout().range(*chunk);
                 flip_byte(&d.store.blob_path(s.entry().sha256), (r.start + r.end) / 2);
+                // A passthrough file cannot be revoked: its reader sees the corruption until it
+                // closes the file (docs/SEMANTICS.md). Close them here, as that reader would.
+                let d = self.daemon.as_mut().unwrap();
+                let (gone, kept) = std::mem::take(&mut d.backings)
+                    .into_iter()
+                    .partition(|(sp, _, _)| specs()[*sp].blob == s.blob);
+                d.backings = kept;
+                for (sp, fh, _) in gone {
+                    d.fs.release(d.inos[sp], fh);
+                }
                 // The chunk's bytes on disk are wrong from here: a new generation either way.
                 if s.whole_only {
                     self.new_blob_generation(s.blob);
@@ -947,6 +974,26 @@ impl Harness {
                     job.state == "done" || (*repair && self.faults),
                     "verify failed with no fault in play: {job:?}"
                 );
+            }
+            Op::Passthrough { spec } => {
+                let d = self.daemon.as_mut().unwrap();
+                let opened = d.fs.open(d.inos[*spec], false).unwrap();
+                match opened.backing {
+                    Some(file) => d.backings.push((*spec, opened.fh, file)),
+                    None => d.fs.release(d.inos[*spec], opened.fh),
+                }
+                // Eviction unlinks a blob file and never punches holes in it, so a file handed
+                // out for passthrough keeps its verified bytes whatever happens to the cache.
+                for (spec, _, file) in &d.backings {
+                    let want = &specs()[*spec].data;
+                    let mut got = vec![0u8; want.len()];
+                    std::os::unix::fs::FileExt::read_exact_at(file, &mut got, 0).unwrap();
+                    assert!(
+                        got[..] == want[..],
+                        "WRONG BYTES in the passthrough file of {}",
+                        specs()[*spec].path
+                    );
+                }
             }
             Op::Race {
                 reads,
@@ -1200,6 +1247,9 @@ fn every_operation_once() {
             r(5, 0, 70_000),
             Op::Evict { model: 1 },
             r(1, 0, 70_000),
+            Op::Passthrough { spec: 1 },
+            Op::Evict { model: 0 },
+            Op::Passthrough { spec: 5 },
             Op::Delay { ms: 2 },
             Op::Restart,
             r(1, 0, 70_000),
