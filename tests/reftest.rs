@@ -656,8 +656,8 @@ struct Harness {
     tainted: HashSet<(usize, u64)>,
     /// A fault may be in play: reads may fail (invariant 2).
     faults: bool,
-    /// Blobs removed under running fetches: deliveries are not counted until the fetcher is
-    /// idle again and a new generation starts.
+    /// Blobs whose deliveries are not counted for now (removed under running fetches, or read
+    /// while a background adoption runs), until everything is idle and a new generation starts.
     racing: HashSet<usize>,
     /// Spec that serves each path the mock sees.
     by_path: HashMap<&'static str, usize>,
