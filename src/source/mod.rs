@@ -7,6 +7,7 @@
 
 mod file;
 mod http;
+pub mod mock;
 mod s3;
 
 use std::collections::HashMap;
