@@ -891,11 +891,16 @@ impl Control {
             if !seen.insert(f.entry.sha256) {
                 continue;
             }
-            match self.verify_file(&f, report_only, &job.progress).await {
-                Ok((c, b)) => {
+            match self.check_file(&f, &job.progress).await {
+                Ok((c, bad_idx)) => {
+                    let b = bad_idx.len() as u64;
                     checked += c;
                     bad += b;
                     found += b;
+                    // Counted before the repair: a repair that fails still found them.
+                    if let Err(e) = self.handle_bad_chunks(&f, bad_idx, report_only).await {
+                        error.get_or_insert(format!("{}: {e}", f.entry.path));
+                    }
                 }
                 Err(e) => {
                     error.get_or_insert(format!("{}: {e}", f.entry.path));
@@ -961,13 +966,12 @@ impl Control {
         }
     }
 
-    /// (chunks checked, chunks bad) for one blob.
-    async fn verify_file(
+    /// (chunks checked, indices of the bad ones) for one blob.
+    async fn check_file(
         self: &Arc<Self>,
         f: &Arc<FileCtx>,
-        report_only: bool,
         progress: &AtomicU64,
-    ) -> Result<(u64, u64), ControlError> {
+    ) -> Result<(u64, Vec<u64>), ControlError> {
         let store = self.store().clone();
         let entry = f.entry.clone();
         let recorded = store.chunk_digests(&entry).map_err(failed)?;
@@ -1000,10 +1004,22 @@ impl Control {
                 bad_idx.push(idx);
             }
         }
-        let bad = bad_idx.len() as u64;
-        if bad == 0 {
-            return Ok((checked, bad));
+        Ok((checked, bad_idx))
+    }
+
+    /// Drops chunks found corrupt (report-only: quarantined, fetched at the next read) or
+    /// fetches them again now (repair).
+    async fn handle_bad_chunks(
+        self: &Arc<Self>,
+        f: &Arc<FileCtx>,
+        bad_idx: Vec<u64>,
+        report_only: bool,
+    ) -> Result<(), ControlError> {
+        if bad_idx.is_empty() {
+            return Ok(());
         }
+        let store = self.store().clone();
+        let entry = f.entry.clone();
         if report_only {
             // Never serve a chunk known to be corrupt: forget it (a read fetches it again),
             // but fetch nothing now. Handles already open in passthrough mode read the blob
@@ -1014,7 +1030,7 @@ impl Control {
                 store.drop_chunk(&entry, idx).map_err(failed)?;
                 held.push((f.clone(), idx));
             }
-            return Ok((checked, bad));
+            return Ok(());
         }
         if entry.chunks.is_none() {
             // A whole-only file can only be re-fetched whole.
@@ -1026,7 +1042,7 @@ impl Control {
                 self.refetch_stored(f, idx).await?;
             }
         }
-        Ok((checked, bad))
+        Ok(())
     }
 
     /// Runs GC now (see DESIGN §6 and docs/CONTROL.md).

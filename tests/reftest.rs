@@ -47,11 +47,11 @@
 //! are checked, and deliveries are not counted until the fetcher (and the adoption) is idle
 //! again. (A read racing the adoption fetches a chunk that is on disk.)
 //!
-//! Known bugs kept out of the assertions until fixed (each is named where it is left out):
-//! a whole-only file with a dropped chunk can serve wrong bytes after a failed refetch
-//! (`droppable`); a whole-only file evicted during a read can fail that read (`Op::Race`); an
-//! eviction racing a background adoption can serve zeros (`Op::Race`); a repairing verify
-//! whose refetch fails reports 0 bad chunks (`Op::CorruptOnDisk`).
+//! Bugs this test found, fixed, and kept in its reach: a whole-only file with a dropped chunk
+//! served wrong bytes after a lying refetch (`droppable`); a whole-only file evicted during a
+//! read failed that read (`Op::Race`); an eviction racing a background adoption served zeros
+//! (`Op::Race`); a repairing verify whose refetch failed reported 0 bad chunks
+//! (`Op::CorruptOnDisk`).
 //!
 //! `PROPTEST_CASES=N` runs more cases (default 64); `RUST_LOG=wanfs=debug` shows the daemon's
 //! log for a failing case.
@@ -567,19 +567,15 @@ fn read_op() -> impl Strategy<Value = ReadOp> {
     (0..specs().len(), any::<u64>(), len).prop_map(|(spec, at, len)| ReadOp { spec, at, len })
 }
 
-/// Specs `DropChunk` may pick: chunked files with at least one chunk.
-///
-/// Whole-only files are left out for now: dropping one of their chunks (what a report-only
-/// verify does) and then meeting wrong bytes from the origin serves wrong bytes. Minimal
-/// sequence: Read(whole.bin, all); DropChunk(whole.bin, 1); Fault(Corrupt, 1);
-/// Read(whole.bin, 9000+10) (fails, as it should); Read(whole.bin, 0+8192) returns the
-/// corrupted bytes. The refetch (`fetch_whole`) writes unverified bytes over chunks 0, 2 and 3,
-/// which stay marked present, and `read_cached` serves them. Put them back once fixed.
+/// Specs `DropChunk` may pick: files with at least one chunk, whole-only ones included (a
+/// dropped chunk of a whole-only file once let a lying refetch overwrite chunks still served:
+/// Read(whole.bin, all); DropChunk(whole.bin, 1); Fault(Corrupt, 1); Read(whole.bin, 9000+10);
+/// Read(whole.bin, 0+8192) returned the corrupted bytes).
 fn droppable() -> Vec<usize> {
     specs()
         .iter()
         .enumerate()
-        .filter(|(_, s)| !s.data.is_empty() && !s.whole_only)
+        .filter(|(_, s)| !s.data.is_empty())
         .map(|(i, _)| i)
         .collect()
 }
@@ -612,8 +608,7 @@ fn op() -> impl Strategy<Value = Op> {
             |(spec, c, repair)| Op::CorruptOnDisk {
                 spec,
                 chunk: c % specs()[spec].layout().count(),
-                // A report-only verify drops a chunk: see `droppable` for whole-only files.
-                repair: repair || specs()[spec].whole_only,
+                repair,
             }
         ),
         1 => (0..MODELS.len(), any::<bool>()).prop_map(|(model, force)| Op::Ensure { model, force }),
@@ -963,10 +958,9 @@ impl Harness {
                 let job =
                     d.rt.block_on(d.control.run_now(MODELS[s.model], work))
                         .unwrap();
-                // A repair whose refetch fails reports 0 bad chunks (`verify_file` returns the
-                // error and the count is lost): only a verify that completed must count it.
+                // Counted even when the repair's refetch fails.
                 assert!(
-                    job.bad_chunks >= 1 || (job.state == "failed" && self.faults),
+                    job.bad_chunks >= 1,
                     "verify missed a flipped byte in {} chunk {chunk}: {job:?}",
                     s.path
                 );
@@ -1001,10 +995,8 @@ impl Harness {
                 after_us,
             } => {
                 self.settle_faults();
-                // Known bug, left out until fixed: an eviction racing `Store::adopt` (after a
-                // lost index) can leave chunks marked present in a new, empty blob file, so
-                // zeros are served. Evictions here wait for the adoption.
-                self.d().wait_adopted();
+                // Evictions race the background adoption too (an eviction between its verify
+                // and its marks once left zeros marked present in a new, empty blob file).
                 let blobs: HashSet<usize> = match *target {
                     RaceTarget::Model(m) => specs()
                         .iter()
