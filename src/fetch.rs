@@ -74,6 +74,10 @@ pub enum FetchError {
     Timeout(Duration),
     #[error("cache: {0}")]
     Store(String),
+    /// The blob was evicted while it was being fetched whole: nothing is wrong with the
+    /// source, and a reader simply goes round again.
+    #[error("evicted while being fetched; fetched again on the next read")]
+    Evicted,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -219,7 +223,10 @@ impl Fetcher {
         // again and fetch it (bounded by the caller's read timeout).
         loop {
             if f.chunks.is_none() && !self.store.is_complete(f) {
-                self.ensure_whole(file).await?;
+                match self.ensure_whole(file).await {
+                    Err(FetchError::Evicted) => continue,
+                    r => r?,
+                }
             }
             let missing = self.store.missing(f, covering.clone());
             if f.chunks.is_none() && !missing.is_empty() {
@@ -796,7 +803,9 @@ impl Fetcher {
                     let file = file.clone();
                     let task = self.rt.spawn(async move {
                         let r = this.fetch_whole(&file).await;
-                        if let Err(e) = &r {
+                        if let Err(e) = &r
+                            && !matches!(e, FetchError::Evicted)
+                        {
                             this.remember_failure((key, WHOLE_FILE), e);
                         }
                         this.whole.lock().unwrap().remove(&key);
@@ -873,7 +882,10 @@ impl Fetcher {
                 tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
                     .await
                     .map_err(|e| FetchError::Store(e.to_string()))?
-                    .map_err(|e| FetchError::Store(e.to_string()))?;
+                    .map_err(|e| match e {
+                        crate::store::StoreError::Evicted(_) => FetchError::Evicted,
+                        e => FetchError::Store(e.to_string()),
+                    })?;
             if actual == f.sha256 {
                 src.record_success();
                 self.completed(file);
