@@ -956,6 +956,10 @@ impl Control {
     /// Fetches a dropped chunk again and waits until it is stored (not just served): a repair
     /// reported done must leave the model COMPLETE.
     async fn refetch_stored(&self, f: &Arc<FileCtx>, idx: u64) -> Result<(), ControlError> {
+        if f.entry.chunks.is_none() {
+            // No chunk digest to fetch it by: a whole-only file is made whole again.
+            return self.fetcher.ensure_whole(f).await.map_err(failed);
+        }
         self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
         if self.store().has_chunk(&f.entry, idx) {
             Ok(())

@@ -826,6 +826,40 @@ impl Fetcher {
         shared.await
     }
 
+    /// Fetches chunks `idx` of a whole-only file from `src` in parallel and writes them,
+    /// unverified, into its blob; returns the blob generation each write found.
+    async fn write_whole_parts(
+        &self,
+        src: &Arc<SourceHandle>,
+        f: &FileEntry,
+        chunks: Vec<u64>,
+        attempts: u32,
+    ) -> Result<Vec<u64>, SourceError> {
+        let layout = f.layout();
+        let parallel = (self.cfg.connections / 2).max(1);
+        futures::stream::iter(chunks)
+            .map(|idx| async move {
+                let r = layout.range(idx);
+                let _mem = self
+                    .memory
+                    .acquire_many(kib(r.end - r.start).min(self.memory_kib))
+                    .await
+                    .expect("open");
+                let bytes = self
+                    .fetch_range(src, &f.path, r.clone(), Priority::OnDemand, attempts)
+                    .await?;
+                let store = self.store.clone();
+                let entry = f.clone();
+                tokio::task::spawn_blocking(move || store.write_unverified(&entry, r.start, &bytes))
+                    .await
+                    .map_err(|e| SourceError::Transport(e.to_string()))?
+                    .map_err(|e| SourceError::Transport(format!("cache write: {e}")))
+            })
+            .buffer_unordered(parallel)
+            .try_collect::<Vec<u64>>()
+            .await
+    }
+
     async fn fetch_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
         let f = &file.entry;
         let what = format!("{}/{}", file.model, f.path);
@@ -837,64 +871,62 @@ impl Fetcher {
         let layout = f.layout();
         let mut errors = Vec::new();
         for (src, attempts) in self.source_order(&file.sources) {
-            let parallel = (self.cfg.connections / 2).max(1);
             // Only chunks not present: the unverified bytes of a failed or lying fetch must
             // never land on a chunk that readers are being served (a whole-only file is
-            // partial when a chunk was dropped as corrupt).
-            let written = futures::stream::iter(self.store.missing(f, 0..layout.count()))
-                .map(|idx| {
-                    let src = src.clone();
-                    async move {
-                        let r = layout.range(idx);
-                        let _mem = self
-                            .memory
-                            .acquire_many(kib(r.end - r.start).min(self.memory_kib))
-                            .await
-                            .expect("open");
-                        let bytes = self
-                            .fetch_range(&src, &f.path, r.clone(), Priority::OnDemand, attempts)
-                            .await?;
-                        let store = self.store.clone();
-                        let entry = f.clone();
-                        tokio::task::spawn_blocking(move || {
-                            store.write_unverified(&entry, r.start, &bytes)
-                        })
-                        .await
-                        .map_err(|e| SourceError::Transport(e.to_string()))?
-                        .map_err(|e| SourceError::Transport(format!("cache write: {e}")))
+            // partial when a chunk was dropped as corrupt). The kept chunks are part of the
+            // whole-file hash, though: if it fails with some kept, the blob is evicted and the
+            // file fetched whole once more before the source is blamed.
+            let mut kept_any = true;
+            while kept_any {
+                let missing = self.store.missing(f, 0..layout.count());
+                kept_any = (missing.len() as u64) < layout.count();
+                let written = self.write_whole_parts(&src, f, missing, attempts).await;
+                let generation = match written {
+                    Ok(gens) if gens.windows(2).any(|w| w[0] != w[1]) => {
+                        // Evicted and created again while the parts were being written.
+                        return Err(FetchError::Evicted);
                     }
-                })
-                .buffer_unordered(parallel)
-                .try_collect::<Vec<u64>>()
-                .await;
-            let generation = match written {
-                Ok(gens) => gens.first().copied(),
-                Err(e) => {
-                    src.record_failure(matches!(e, SourceError::Denied(_)), self.cfg.cooldown());
-                    tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
-                    errors.push(format!("{}: {e}", src.name));
+                    Ok(gens) => gens.first().copied(),
+                    Err(e) => {
+                        src.record_failure(
+                            matches!(e, SourceError::Denied(_)),
+                            self.cfg.cooldown(),
+                        );
+                        tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                        errors.push(format!("{}: {e}", src.name));
+                        break;
+                    }
+                };
+                let store = self.store.clone();
+                let entry = f.clone();
+                let actual =
+                    tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
+                        .await
+                        .map_err(|e| FetchError::Store(e.to_string()))?
+                        .map_err(|e| match e {
+                            crate::store::StoreError::Evicted(_) => FetchError::Evicted,
+                            e => FetchError::Store(e.to_string()),
+                        })?;
+                if actual == f.sha256 {
+                    src.record_success();
+                    self.completed(file);
+                    return Ok(());
+                }
+                if kept_any {
+                    tracing::warn!(file = %what, "whole-file check failed with chunks kept from the cache; fetching the file whole again");
+                    let store = self.store.clone();
+                    let d = f.sha256;
+                    tokio::task::spawn_blocking(move || store.evict(d))
+                        .await
+                        .map_err(|e| FetchError::Store(e.to_string()))?
+                        .map_err(|e| FetchError::Store(e.to_string()))?;
                     continue;
                 }
-            };
-            let store = self.store.clone();
-            let entry = f.clone();
-            let actual =
-                tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
-                    .await
-                    .map_err(|e| FetchError::Store(e.to_string()))?
-                    .map_err(|e| match e {
-                        crate::store::StoreError::Evicted(_) => FetchError::Evicted,
-                        e => FetchError::Store(e.to_string()),
-                    })?;
-            if actual == f.sha256 {
-                src.record_success();
-                self.completed(file);
-                return Ok(());
+                self.integrity_failure(&src);
+                tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
+                    "integrity failure: whole file does not match its sha256; discarded, trying the next source");
+                errors.push(format!("{}: wrong bytes (sha256 {actual})", src.name));
             }
-            self.integrity_failure(&src);
-            tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
-                "integrity failure: whole file does not match its sha256; discarded, trying the next source");
-            errors.push(format!("{}: wrong bytes (sha256 {actual})", src.name));
         }
         Err(exhausted(what, errors))
     }
