@@ -73,28 +73,63 @@ impl FromStr for Digest {
     }
 }
 
-/// How a file of `size` bytes is cut into chunks of `chunk_size` (the last may be short).
+/// How a file of `size` bytes is cut into chunks: a first ("head") chunk of `head` bytes, then
+/// chunks of `chunk_size` (the last may be short). A small head makes the first read of a file
+/// (a loader reading a safetensors header) wait for one small chunk instead of a whole large
+/// one; `head == chunk_size` is the uniform grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     pub size: u64,
     pub chunk_size: u64,
+    pub head: u64,
 }
 
 impl Layout {
+    /// The uniform grid.
     pub fn new(size: u64, chunk_size: u64) -> Layout {
+        Layout::with_head(size, chunk_size, chunk_size)
+    }
+
+    /// A first chunk of `head` bytes (`0 < head <= chunk_size`), then `chunk_size` chunks.
+    pub fn with_head(size: u64, chunk_size: u64, head: u64) -> Layout {
         assert!(chunk_size > 0, "chunk_size must be positive");
-        Layout { size, chunk_size }
+        assert!(
+            head > 0 && head <= chunk_size,
+            "head must be in (0, chunk_size]"
+        );
+        Layout {
+            size,
+            chunk_size,
+            head,
+        }
     }
 
     /// Number of chunks; an empty file has none.
     pub fn count(&self) -> u64 {
-        self.size.div_ceil(self.chunk_size)
+        match self.size {
+            0 => 0,
+            s if s <= self.head => 1,
+            s => 1 + (s - self.head).div_ceil(self.chunk_size),
+        }
     }
 
     /// Byte range of chunk `idx` within the file.
     pub fn range(&self, idx: u64) -> Range<u64> {
-        let start = idx * self.chunk_size;
-        start..(start + self.chunk_size).min(self.size)
+        let start = match idx {
+            0 => 0,
+            i => self.head + (i - 1) * self.chunk_size,
+        };
+        let len = if idx == 0 { self.head } else { self.chunk_size };
+        start.min(self.size)..(start + len).min(self.size)
+    }
+
+    /// The chunk holding byte `offset` (< size).
+    fn index_of(&self, offset: u64) -> u64 {
+        if offset < self.head {
+            0
+        } else {
+            1 + (offset - self.head) / self.chunk_size
+        }
     }
 
     /// Chunks covering `offset..offset+len`, clipped to the file.
@@ -103,7 +138,7 @@ impl Layout {
         if offset >= end {
             return 0..0;
         }
-        offset / self.chunk_size..end.div_ceil(self.chunk_size)
+        self.index_of(offset)..self.index_of(end - 1) + 1
     }
 }
 
@@ -247,12 +282,26 @@ mod tests {
         assert_eq!(l.covering(9, 100), 2..3);
         assert_eq!(l.covering(10, 1), 0..0);
         assert_eq!(Layout::new(0, 4).count(), 0);
+        let h = Layout::with_head(10, 4, 1);
+        assert_eq!(h.count(), 4);
+        assert_eq!((h.range(0), h.range(1), h.range(3)), (0..1, 1..5, 9..10));
+        assert_eq!(h.covering(0, 2), 0..2);
+        assert_eq!(Layout::with_head(1, 4, 2).count(), 1);
     }
 
     proptest! {
         #[test]
-        fn covering_is_exact(size in 0u64..10_000, cs in 1u64..700, off in 0u64..11_000, len in 0u64..3_000) {
-            let l = Layout::new(size, cs);
+        fn covering_is_exact(size in 0u64..10_000, cs in 1u64..700, head_pct in 1u64..=100, off in 0u64..11_000, len in 0u64..3_000) {
+            let head = (cs * head_pct / 100).max(1);
+            let l = Layout::with_head(size, cs, head);
+            // The chunks tile the file exactly.
+            let mut at = 0;
+            for i in 0..l.count() {
+                let r = l.range(i);
+                prop_assert!(r.start == at && r.end > r.start);
+                at = r.end;
+            }
+            prop_assert_eq!(at, size);
             let r = l.covering(off, len);
             let end = (off + len).min(size);
             if off >= end {

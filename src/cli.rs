@@ -204,6 +204,11 @@ pub enum ManifestCommand {
         /// Chunk size in bytes.
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u64,
+        /// Size of each file's first chunk, in bytes (0: none, all chunks --chunk-size).
+        /// Default: 1 MiB, or a safetensors header rounded up to 1 MiB, so a loader's first
+        /// read waits for one small chunk.
+        #[arg(long)]
+        head_size: Option<u64>,
         /// A source URL, in priority order (repeatable).
         #[arg(long = "source")]
         sources: Vec<String>,
@@ -367,6 +372,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             dir,
             id,
             chunk_size,
+            head_size,
             sources,
             whole_only,
         }) => {
@@ -375,6 +381,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 &BuildOptions {
                     id,
                     chunk_size,
+                    head_size,
                     sources,
                     whole_only,
                 },

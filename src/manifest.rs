@@ -44,15 +44,27 @@ pub struct FileEntry {
     pub size: u64,
     pub sha256: Digest,
     pub chunk_size: u64,
+    /// Size of the first chunk (`head_size` in the manifest; `chunk_size` when absent).
+    pub head_size: u64,
     /// Per-chunk digests when the manifest lists them (lazy reads); `None` = fetched whole.
     pub chunks: Option<Vec<Digest>>,
 }
 
 impl FileEntry {
     pub fn layout(&self) -> Layout {
-        Layout::new(self.size, self.chunk_size)
+        Layout::with_head(self.size, self.chunk_size, self.head_size)
     }
 }
+
+/// A small first chunk ends at a multiple of this, so every later chunk starts page-aligned
+/// (chunks are committed with `O_DIRECT`).
+pub const HEAD_ALIGN: u64 = 4096;
+
+/// The first chunk `wan manifest build` gives a file larger than it: 1 MiB, or a safetensors
+/// header rounded up to 1 MiB. A loader's first read (the header) then waits for one 1 MiB
+/// chunk, which arrives in about the time of one 1 MiB range request, instead of a whole
+/// 8 MiB chunk; later reads stream the usual large chunks.
+pub const DEFAULT_HEAD_SIZE: u64 = 1 << 20;
 
 /// Where a model's bytes can be fetched from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -161,7 +173,8 @@ impl fmt::Display for Problem {
 }
 
 /// Where a content digest was first seen: (model, path, size, chunk_size, chunks).
-type FirstSeen = (String, String, u64, u64, Option<Vec<Digest>>);
+/// (model, path, size, (chunk_size, head_size), chunks) of the first file with a digest.
+type FirstSeen = (String, String, u64, (u64, u64), Option<Vec<Digest>>);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +211,7 @@ struct RawFile {
     size: u64,
     sha256: String,
     chunk_size: Option<u64>,
+    head_size: Option<u64>,
     chunks: Option<Vec<String>>,
 }
 
@@ -402,15 +416,28 @@ impl Manifest {
                     bad(Some(&f.path), "chunk_size must be positive".into());
                     continue;
                 }
+                let head_size = f.head_size.unwrap_or(chunk_size);
+                if head_size == 0
+                    || head_size > chunk_size
+                    || (head_size != chunk_size && head_size % HEAD_ALIGN != 0)
+                {
+                    bad(
+                        Some(&f.path),
+                        format!(
+                            "head_size {head_size} must be chunk_size ({chunk_size}) or a positive multiple of {HEAD_ALIGN} below it"
+                        ),
+                    );
+                    continue;
+                }
                 let chunks = match f.chunks {
                     None => None,
                     Some(list) => {
-                        let want = Layout::new(f.size, chunk_size).count();
+                        let want = Layout::with_head(f.size, chunk_size, head_size).count();
                         if list.len() as u64 != want {
                             bad(
                                 Some(&f.path),
                                 format!(
-                                    "chunk count {} does not match size {} / chunk_size {} (want {want})",
+                                    "chunk count {} does not match size {} / chunk_size {} with head_size {head_size} (want {want})",
                                     list.len(),
                                     f.size,
                                     chunk_size
@@ -437,13 +464,13 @@ impl Manifest {
                 match by_digest.get(&sha256) {
                     Some((om, op, osize, ocs, ochunks))
                         if *osize != f.size
-                            || *ocs != chunk_size
+                            || *ocs != (chunk_size, head_size)
                             || (ochunks.is_some() && chunks.is_some() && *ochunks != chunks) =>
                     {
                         bad(
                             Some(&f.path),
                             format!(
-                                "same sha256 as {om:?} file {op:?} but a different size, chunk_size or chunks"
+                                "same sha256 as {om:?} file {op:?} but a different size, chunk_size, head_size or chunks"
                             ),
                         );
                         continue;
@@ -456,7 +483,7 @@ impl Manifest {
                                 id.clone(),
                                 f.path.clone(),
                                 f.size,
-                                chunk_size,
+                                (chunk_size, head_size),
                                 chunks.clone(),
                             ),
                         );
@@ -467,6 +494,7 @@ impl Manifest {
                     size: f.size,
                     sha256,
                     chunk_size,
+                    head_size,
                     chunks,
                 });
             }
@@ -531,6 +559,8 @@ impl Manifest {
 pub struct BuildOptions {
     pub id: String,
     pub chunk_size: u64,
+    /// The first chunk's size: `None` = [`head_size_for`] per file, `Some(0)` = none (uniform).
+    pub head_size: Option<u64>,
     pub sources: Vec<String>,
     /// Omit chunk digests: files are then fetched whole on first read.
     pub whole_only: bool,
@@ -563,6 +593,8 @@ struct OutFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     chunk_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    head_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     chunks: Option<Vec<String>>,
 }
 
@@ -578,6 +610,13 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
     }
     if opts.chunk_size == 0 {
         bail!("--chunk-size must be positive");
+    }
+    if let Some(h) = opts.head_size.filter(|h| *h != 0)
+        && (h > opts.chunk_size || (h != opts.chunk_size && h % HEAD_ALIGN != 0))
+    {
+        bail!(
+            "--head-size {h} must be 0 (none), --chunk-size, or a multiple of {HEAD_ALIGN} below it"
+        );
     }
     for s in &opts.sources {
         SourceUrl::parse(s, dir).map_err(|e| anyhow::anyhow!("--source {s:?}: {e}"))?;
@@ -612,13 +651,22 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
     let mut files = Vec::with_capacity(paths.len());
     for (path, rel) in paths {
         let full = dir.join(&rel);
-        let (size, whole, chunks) = hash_file(&full, opts.chunk_size)
+        let head = match (opts.whole_only, opts.head_size) {
+            (true, _) | (false, Some(0)) => opts.chunk_size,
+            (false, Some(h)) => h,
+            (false, None) => head_size_for(&full, opts.chunk_size)
+                .with_context(|| format!("reading {}", full.display()))?,
+        };
+        let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head)
             .with_context(|| format!("hashing {}", full.display()))?;
+        // A head only where it cuts something: a file within it is one chunk either way.
+        let head = (head < opts.chunk_size && size > head).then_some(head);
         files.push(OutFile {
             path,
             size,
             sha256: whole.to_hex(),
             chunk_size: (!opts.whole_only).then_some(opts.chunk_size),
+            head_size: head,
             chunks: (!opts.whole_only).then(|| chunks.iter().map(Digest::to_hex).collect()),
         });
     }
@@ -656,8 +704,31 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns (size, whole-file digest, chunk digests) in one pass over the file.
-pub fn hash_file(path: &Path, chunk_size: u64) -> std::io::Result<(u64, Digest, Vec<Digest>)> {
+/// The first-chunk size `build` picks for `path` by default: [`DEFAULT_HEAD_SIZE`], or for a
+/// `.safetensors` file its header (8-byte length + JSON) rounded up to a multiple of it;
+/// `chunk_size` (no head) when that would not be smaller than a chunk.
+pub fn head_size_for(path: &Path, chunk_size: u64) -> std::io::Result<u64> {
+    let mut head = DEFAULT_HEAD_SIZE;
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let mut len = [0u8; 8];
+        if File::open(path)?.read_exact(&mut len).is_ok() {
+            let end = u64::from_le_bytes(len).saturating_add(8);
+            head = end
+                .div_ceil(DEFAULT_HEAD_SIZE)
+                .max(1)
+                .saturating_mul(DEFAULT_HEAD_SIZE);
+        }
+    }
+    Ok(if head < chunk_size { head } else { chunk_size })
+}
+
+/// Returns (size, whole-file digest, chunk digests) in one pass over the file, the first chunk
+/// `head` bytes long and the others `chunk_size`.
+pub fn hash_file(
+    path: &Path,
+    chunk_size: u64,
+    head: u64,
+) -> std::io::Result<(u64, Digest, Vec<Digest>)> {
     use sha2::{Digest as _, Sha256};
     let mut f = File::open(path)?;
     let mut whole = Sha256::new();
@@ -666,10 +737,11 @@ pub fn hash_file(path: &Path, chunk_size: u64) -> std::io::Result<(u64, Digest, 
     let mut size = 0u64;
     loop {
         // Fill one chunk (or the buffer) completely: chunk digests need exact boundaries.
+        let this_chunk = if chunks.is_empty() { head } else { chunk_size };
         let mut chunk = Sha256::new();
         let mut in_chunk = 0u64;
-        while in_chunk < chunk_size {
-            let want = (chunk_size - in_chunk).min(buf.len() as u64) as usize;
+        while in_chunk < this_chunk {
+            let want = (this_chunk - in_chunk).min(buf.len() as u64) as usize;
             let n = f.read(&mut buf[..want])?;
             if n == 0 {
                 break;
@@ -683,7 +755,7 @@ pub fn hash_file(path: &Path, chunk_size: u64) -> std::io::Result<(u64, Digest, 
         }
         size += in_chunk;
         chunks.push(Digest(chunk.finalize().into()));
-        if in_chunk < chunk_size {
+        if in_chunk < this_chunk {
             break;
         }
     }
@@ -810,6 +882,7 @@ mod tests {
         let opts = BuildOptions {
             id: "m@1.2.3".into(),
             chunk_size: 4,
+            head_size: None,
             sources: vec!["local://x".into()],
             whole_only: false,
         };
@@ -822,5 +895,69 @@ mod tests {
         let w = &files[1];
         assert_eq!((w.size, w.sha256), (10, Digest::of(&[7u8; 10])));
         assert_eq!(w.chunks.as_ref().unwrap()[2], Digest::of(&[7u8; 2]));
+    }
+
+    /// By default a large file gets a 1 MiB first chunk, a safetensors file one that holds its
+    /// header (rounded up to 1 MiB); the entry reads back with that grid.
+    #[test]
+    fn build_gives_large_files_a_small_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1usize << 20;
+        std::fs::write(dir.path().join("big.bin"), vec![1u8; 3 * mib]).unwrap();
+        let mut st = (1_500_000u64).to_le_bytes().to_vec();
+        st.resize(4 * mib, 2);
+        std::fs::write(dir.path().join("m.safetensors"), &st).unwrap();
+        std::fs::write(dir.path().join("small.bin"), vec![3u8; 1000]).unwrap();
+        let mut opts = BuildOptions {
+            id: "m@1.2.3".into(),
+            chunk_size: 2 * mib as u64,
+            head_size: None,
+            sources: vec!["local://x".into()],
+            whole_only: false,
+        };
+        let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
+        let m = Manifest::parse(&text, "b", dir.path()).unwrap();
+        let head = |p: &str| {
+            let f = m.models["m@1.2.3"]
+                .files
+                .iter()
+                .find(|f| f.path == p)
+                .unwrap();
+            (f.head_size, f.chunks.as_ref().unwrap().len())
+        };
+        assert_eq!(head("big.bin"), (1 << 20, 2));
+        assert_eq!(
+            head("m.safetensors"),
+            (2 << 20, 2),
+            "header 1.5 MB -> 2 MiB"
+        );
+        assert_eq!(head("small.bin"), (2 << 20, 1));
+        assert!(
+            !text.contains("head_size = 2097152"),
+            "no head where none cuts:\n{text}"
+        );
+        opts.head_size = Some(0);
+        let text = build(dir.path(), &opts).unwrap();
+        assert!(!text.contains("head_size"), "{text}");
+        opts.head_size = Some(1000);
+        assert!(
+            build(dir.path(), &opts).is_err(),
+            "a head not a multiple of 4096"
+        );
+    }
+
+    #[test]
+    fn head_size_rules() {
+        let d = Digest::of(b"abc");
+        let e = problems(&entry("f", "chunk_size = 8192\nhead_size = 100"));
+        assert!(e.contains("head_size 100"), "{e}");
+        let e = problems(&entry("f", "chunk_size = 8192\nhead_size = 16384"));
+        assert!(e.contains("head_size 16384"), "{e}");
+        // size 3 with a 4096 head: one chunk.
+        let ok = parse(&entry(
+            "f",
+            &format!("chunk_size = 8192\nhead_size = 4096\nchunks = [\"{d}\"]"),
+        ));
+        assert_eq!(ok.unwrap().models["m@1.0.0"].files[0].layout().count(), 1);
     }
 }

@@ -453,3 +453,51 @@ fn fixture_manifest_over(
     write_manifest(&manifest, &entries);
     manifest
 }
+
+/// `wan manifest build` gives a large file a 1 MiB first chunk: the first read of a header
+/// costs the origin that one small chunk, not a whole 8 MiB one, and the rest of the file
+/// (8 MiB chunks shifted by the head) reads back exactly.
+#[test]
+fn first_read_fetches_only_the_small_head_chunk() {
+    let setup = GenSetup::new(&[("big.bin", 20 * MIB + 5)], 8 * MIB as u64, 71);
+    let head = setup.file("big.bin");
+    assert_eq!(
+        head.chunks.len(),
+        4,
+        "1 MiB head + 8 + 8 + 3 MiB: {:?}",
+        setup.entry
+    );
+    assert!(
+        setup.entry.contains("head_size = 1048576"),
+        "{}",
+        setup.entry
+    );
+    let config = WanConfig {
+        readahead_chunks: 0,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "big.bin");
+    let data = setup.data("big.bin");
+    assert_bytes_eq(
+        &read_range(&path, 0, 4096).expect("header read"),
+        &data[..4096],
+        "header",
+    );
+    let fetched: u64 = setup
+        .origin
+        .gets("big.bin")
+        .iter()
+        .map(|r| r.range.map_or(0, |(a, b)| b - a + 1))
+        .sum();
+    assert_eq!(
+        fetched, MIB as u64,
+        "a 4 KiB header read fetched {fetched} bytes"
+    );
+    assert_bytes_eq(&fs::read(&path).expect("whole file"), data, "big.bin");
+    assert_eq!(
+        wait_state(&path, "COMPLETE"),
+        "COMPLETE",
+        "every chunk of the shifted grid is stored"
+    );
+}

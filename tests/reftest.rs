@@ -85,6 +85,8 @@ struct Spec {
     path: &'static str,
     data: Bytes,
     chunk_size: u64,
+    /// The first chunk's size (`chunk_size`: a uniform grid).
+    head: u64,
     whole_only: bool,
     /// Index of its blob (files with equal content share one).
     blob: usize,
@@ -92,7 +94,7 @@ struct Spec {
 
 impl Spec {
     fn layout(&self) -> Layout {
-        Layout::new(self.data.len() as u64, self.chunk_size)
+        Layout::with_head(self.data.len() as u64, self.chunk_size, self.head)
     }
 
     /// Whether one chunk is fetched in more than one request.
@@ -115,6 +117,7 @@ impl Spec {
             size: self.data.len() as u64,
             sha256: Digest::of(&self.data),
             chunk_size: self.chunk_size,
+            head_size: self.head,
             chunks,
         }
     }
@@ -144,6 +147,7 @@ fn specs() -> &'static [Spec] {
                 path: "a.bin",
                 data: bytes(1, 45_000),
                 chunk_size: 4 * KIB,
+                head: 4 * KIB,
                 whole_only: false,
                 blob: 0,
             },
@@ -152,6 +156,7 @@ fn specs() -> &'static [Spec] {
                 path: "shared/t5.bin",
                 data: t5.clone(),
                 chunk_size: 16 * KIB,
+                head: 16 * KIB,
                 whole_only: false,
                 blob: 1,
             },
@@ -160,6 +165,7 @@ fn specs() -> &'static [Spec] {
                 path: "whole.bin",
                 data: bytes(3, 30_000),
                 chunk_size: 8 * KIB,
+                head: 8 * KIB,
                 whole_only: true,
                 blob: 2,
             },
@@ -168,6 +174,7 @@ fn specs() -> &'static [Spec] {
                 path: "empty.bin",
                 data: Bytes::new(),
                 chunk_size: 4 * KIB,
+                head: 4 * KIB,
                 whole_only: false,
                 blob: 3,
             },
@@ -176,6 +183,8 @@ fn specs() -> &'static [Spec] {
                 path: "b.bin",
                 data: bytes(4, 2 * 65_536 + 100),
                 chunk_size: 64 * KIB,
+                // A small first chunk, as `wan manifest build` gives large files.
+                head: 4 * KIB,
                 whole_only: false,
                 blob: 4,
             },
@@ -184,6 +193,7 @@ fn specs() -> &'static [Spec] {
                 path: "enc/t5.bin",
                 data: t5,
                 chunk_size: 16 * KIB,
+                head: 16 * KIB,
                 whole_only: false,
                 blob: 1,
             },

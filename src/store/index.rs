@@ -12,10 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::chunk::Digest;
+use crate::chunk::{Digest, Layout};
 
-/// Bumped when the schema changes incompatibly; pinned by a test.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Bumped when the schema changes; pinned by a test. Version 1 (no `head_size`) is migrated
+/// in place at open.
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -23,6 +24,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     digest      TEXT PRIMARY KEY,
     size        INTEGER NOT NULL,
     chunk_size  INTEGER NOT NULL,
+    head_size   INTEGER NOT NULL DEFAULT 0,
     created     INTEGER NOT NULL,
     last_access INTEGER NOT NULL
 );
@@ -91,8 +93,7 @@ pub struct IndexError {
 #[derive(Debug, Clone)]
 pub struct BlobRow {
     pub digest: Digest,
-    pub size: u64,
-    pub chunk_size: u64,
+    pub layout: Layout,
     pub last_access: u64,
     /// (index, digest) of every present chunk.
     pub chunks: Vec<(u64, Digest)>,
@@ -155,6 +156,16 @@ impl Index {
                 .map_err(wrap)?;
             }
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            // Version 1 had uniform chunks only: every blob's head is its chunk size (0).
+            Some(v) if v == "1" => {
+                conn.execute_batch(
+                    "BEGIN;
+                     ALTER TABLE blobs ADD COLUMN head_size INTEGER NOT NULL DEFAULT 0;
+                     UPDATE meta SET value = '2' WHERE key = 'schema_version';
+                     COMMIT;",
+                )
+                .map_err(wrap)?;
+            }
             Some(v) => {
                 return Err(wrap(rusqlite::Error::InvalidParameterName(format!(
                     "index schema version {v} is not supported by this wan (want {SCHEMA_VERSION})"
@@ -179,7 +190,7 @@ impl Index {
         let conn = self.conn.lock().unwrap();
         let mut blobs = Vec::new();
         let mut stmt = conn
-            .prepare("SELECT digest, size, chunk_size, last_access FROM blobs")
+            .prepare("SELECT digest, size, chunk_size, head_size, last_access FROM blobs")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -188,16 +199,22 @@ impl Index {
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (d, size, cs, la) = row.map_err(|e| self.err(e))?;
+            let (d, size, cs, head, la) = row.map_err(|e| self.err(e))?;
             let Ok(digest) = d.parse() else { continue };
+            let (cs, head) = (cs as u64, head as u64);
+            // A row no layout can describe is skipped: its chunks are simply fetched again.
+            if cs == 0 || head > cs {
+                continue;
+            }
+            let head = if head == 0 { cs } else { head };
             blobs.push(BlobRow {
                 digest,
-                size: size as u64,
-                chunk_size: cs as u64,
+                layout: Layout::with_head(size as u64, cs, head),
                 last_access: la as u64,
                 chunks: Vec::new(),
             });
@@ -221,41 +238,43 @@ impl Index {
         Ok(blobs)
     }
 
-    /// Records a blob (no chunks yet). If it exists with another chunk size, its chunk rows
-    /// are dropped: presence is tracked per chunk of one layout.
-    pub fn upsert_blob(
-        &self,
-        digest: Digest,
-        size: u64,
-        chunk_size: u64,
-    ) -> Result<bool, IndexError> {
+    /// Records a blob (no chunks yet). If it exists with another layout, its chunk rows are
+    /// dropped: presence is tracked per chunk of one layout.
+    pub fn upsert_blob(&self, digest: Digest, layout: Layout) -> Result<bool, IndexError> {
+        let (size, cs, head) = (
+            layout.size as i64,
+            layout.chunk_size as i64,
+            layout.head as i64,
+        );
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let hex = digest.to_hex();
-        let existing: Option<(i64, i64)> = tx
+        let existing: Option<(i64, i64, i64)> = tx
             .query_row(
-                "SELECT size, chunk_size FROM blobs WHERE digest = ?1",
+                "SELECT size, chunk_size, head_size FROM blobs WHERE digest = ?1",
                 [&hex],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
             .map_err(|e| self.err(e))?;
         let reset = match existing {
-            Some((s, cs)) if s as u64 == size && cs as u64 == chunk_size => false,
+            Some((s, c, h)) if s == size && c == cs && (h == head || (h == 0 && head == cs)) => {
+                false
+            }
             Some(_) => {
                 tx.execute("DELETE FROM chunks WHERE blob = ?1", [&hex])
                     .map_err(|e| self.err(e))?;
                 tx.execute(
-                    "UPDATE blobs SET size = ?2, chunk_size = ?3 WHERE digest = ?1",
-                    params![hex, size as i64, chunk_size as i64],
+                    "UPDATE blobs SET size = ?2, chunk_size = ?3, head_size = ?4 WHERE digest = ?1",
+                    params![hex, size, cs, head],
                 )
                 .map_err(|e| self.err(e))?;
                 true
             }
             None => {
                 tx.execute(
-                    "INSERT INTO blobs (digest, size, chunk_size, created, last_access) VALUES (?1, ?2, ?3, ?4, ?4)",
-                    params![hex, size as i64, chunk_size as i64, now()],
+                    "INSERT INTO blobs (digest, size, chunk_size, head_size, created, last_access) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                    params![hex, size, cs, head, now()],
                 )
                 .map_err(|e| self.err(e))?;
                 false
@@ -471,8 +490,38 @@ mod tests {
     /// Pins the on-disk format: changing the schema must bump SCHEMA_VERSION.
     #[test]
     fn schema_is_pinned() {
-        assert_eq!(SCHEMA_VERSION, 1);
+        assert_eq!(SCHEMA_VERSION, 2);
         assert!(SCHEMA.contains("PRIMARY KEY (blob, idx)"));
+        assert!(SCHEMA.contains("head_size   INTEGER NOT NULL DEFAULT 0"));
+    }
+
+    /// A cache written by a version-1 wan (uniform chunks) opens, keeps its chunks, and
+    /// reads its blobs with head = chunk_size.
+    #[test]
+    fn version_1_index_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.sqlite");
+        let b = Digest::of(b"old");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(&SCHEMA.replace("    head_size   INTEGER NOT NULL DEFAULT 0,\n", ""))
+                .unwrap();
+            c.execute_batch(&format!(
+                "INSERT INTO meta VALUES ('schema_version', '1');
+                 INSERT INTO blobs (digest, size, chunk_size, created, last_access)
+                     VALUES ('{b}', 100, 10, 0, 0);
+                 INSERT INTO chunks VALUES ('{b}', 3, '{}');",
+                Digest::of(b"c3")
+            ))
+            .unwrap();
+        }
+        let ix = Index::open(&p).unwrap();
+        let rows = ix.load().unwrap();
+        assert_eq!(rows[0].layout, Layout::new(100, 10));
+        assert_eq!(rows[0].chunks, vec![(3, Digest::of(b"c3"))]);
+        assert!(!ix.upsert_blob(b, Layout::new(100, 10)).unwrap());
+        drop(ix);
+        assert!(Index::open(&p).is_ok(), "the migration is not repeated");
     }
 
     #[test]
@@ -482,14 +531,16 @@ mod tests {
         let b = Digest::of(b"blob");
         {
             let ix = Index::open(&p).unwrap();
-            assert!(!ix.upsert_blob(b, 100, 10).unwrap());
+            assert!(!ix.upsert_blob(b, Layout::new(100, 10)).unwrap());
             ix.mark_present(b, &[(3, Digest::of(b"c3"))]).unwrap();
         }
         let ix = Index::open(&p).unwrap();
         let rows = ix.load().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].chunks, vec![(3, Digest::of(b"c3"))]);
-        assert!(ix.upsert_blob(b, 100, 20).unwrap());
+        assert!(ix.upsert_blob(b, Layout::new(100, 20)).unwrap());
+        assert!(ix.upsert_blob(b, Layout::with_head(100, 20, 5)).unwrap());
+        assert_eq!(ix.load().unwrap()[0].layout.head, 5);
         assert!(ix.load().unwrap()[0].chunks.is_empty());
         ix.forget_blob(b).unwrap();
         assert!(ix.load().unwrap().is_empty());

@@ -246,7 +246,7 @@ impl Store {
         for row in self.index.load()? {
             let path = self.blob_path(row.digest);
             let ok = std::fs::metadata(&path)
-                .map(|m| m.len() == row.size)
+                .map(|m| m.len() == row.layout.size)
                 .unwrap_or(false);
             if !ok {
                 if !row.chunks.is_empty() {
@@ -261,7 +261,7 @@ impl Store {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            let mut st = BlobState::new(Layout::new(row.size, row.chunk_size), row.last_access);
+            let mut st = BlobState::new(row.layout, row.last_access);
             for (idx, _) in row.chunks {
                 st.set(idx);
             }
@@ -357,7 +357,7 @@ impl Store {
         // (empty) file as present after a restart.
         self.retry_forgets()?;
         // Index row first: a blob file is never on disk without a row naming it.
-        self.index.upsert_blob(f.sha256, f.size, f.chunk_size)?;
+        self.index.upsert_blob(f.sha256, f.layout())?;
         let fd = self.fd(f.sha256, Some(f.size))?;
         let st = BlobState::new(f.layout(), now_secs());
         let generation = st.generation;
@@ -939,6 +939,7 @@ mod tests {
             size: data.len() as u64,
             sha256: Digest::of(data),
             chunk_size,
+            head_size: chunk_size,
             chunks: Some(
                 (0..layout.count())
                     .map(|i| {
