@@ -25,6 +25,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::bufpool::BufPool;
 use crate::chunk::{Digest, VerifiedChunk};
 use crate::config::FetchConfig;
 use crate::manifest::FileEntry;
@@ -127,6 +128,9 @@ pub struct Fetcher {
     /// All of `memory`, in KiB: a chunk larger than the whole budget takes all of it and is
     /// fetched alone, rather than waiting forever for permits that do not exist.
     memory_kib: u32,
+    /// Chunk buffers, reused so a fetch does not fault in and zero fresh pages (see `bufpool`);
+    /// keeps at most `max_inflight_mib` of free buffers.
+    bufs: BufPool,
     inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
     /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
     /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
@@ -150,6 +154,7 @@ impl Fetcher {
             readahead_slots: Arc::new(Semaphore::new(cfg.readahead_chunks.max(1) as usize)),
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
+            bufs: BufPool::new((cfg.max_inflight_mib as usize) << 20),
             cfg,
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -690,7 +695,9 @@ impl Fetcher {
     ) -> Result<Bytes, SourceError> {
         let part = self.cfg.part_size() as usize;
         // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
-        let mut buf = crate::chunk::AlignedBuf::zeroed((range.end - range.start) as usize);
+        // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
+        // and the bytes are hashed before anyone sees them.
+        let mut buf = self.bufs.take((range.end - range.start) as usize);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
         futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
             |(i, slice)| {
