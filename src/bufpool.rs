@@ -18,9 +18,12 @@
 //! Bound: the pool keeps at most `max_idle` bytes of free buffers (the fetch memory budget,
 //! `max_inflight_mib`). Buffers in use are bounded by that budget already (a chunk's permit is
 //! held until it is committed), and the pool only allocates when no free buffer fits, so the
-//! buffers alive at once stay near the budget: RSS is what it was, minus the churn.
+//! buffers alive at once stay near the budget: RSS is what it was, minus the churn. Once no
+//! buffer has been taken for a while (`trim_if_idle`, run by the fetcher), the free ones are
+//! let go, so an idle daemon gives that memory back as it did before the pool.
 
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -37,10 +40,10 @@ struct Inner {
     max_idle: usize,
 }
 
-#[derive(Default)]
 struct Free {
     bufs: Vec<AlignedBuf>,
     bytes: usize,
+    last_take: Instant,
 }
 
 impl BufPool {
@@ -48,7 +51,11 @@ impl BufPool {
     pub fn new(max_idle: usize) -> BufPool {
         BufPool {
             inner: Arc::new(Inner {
-                free: Mutex::new(Free::default()),
+                free: Mutex::new(Free {
+                    bufs: Vec::new(),
+                    bytes: 0,
+                    last_take: Instant::now(),
+                }),
                 max_idle,
             }),
         }
@@ -59,6 +66,7 @@ impl BufPool {
     pub fn take(&self, len: usize) -> PooledBuf {
         let reused = {
             let mut free = self.inner.free.lock().unwrap();
+            free.last_take = Instant::now();
             // The smallest that fits: a file's short last chunk does not take a full-size
             // buffer that the next full chunk would need.
             let best = (free.bufs.iter().enumerate())
@@ -87,6 +95,29 @@ impl BufPool {
             len,
             pool: Arc::downgrade(&self.inner),
         }
+    }
+
+    /// Frees every free buffer if none was taken for `idle`; returns the bytes freed.
+    pub fn trim_if_idle(&self, idle: Duration) -> usize {
+        let mut free = self.inner.free.lock().unwrap();
+        if free.last_take.elapsed() < idle {
+            return 0;
+        }
+        free.bufs.clear();
+        std::mem::take(&mut free.bytes)
+    }
+
+    /// Runs `trim_if_idle(every)` every `every` on the current tokio runtime, for as long as
+    /// the pool exists.
+    pub fn spawn_trimmer(&self, every: Duration) {
+        let pool = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = pool.upgrade() else { return };
+                BufPool { inner }.trim_if_idle(every);
+            }
+        });
     }
 
     /// Bytes held in free buffers.
@@ -221,6 +252,16 @@ mod tests {
         // A size that nothing fits: a new buffer, and a free one of the other size is let go.
         let _huge = pool.take(3 * MIB);
         assert!(pool.idle_bytes() <= MIB);
+    }
+
+    #[test]
+    fn an_idle_pool_lets_its_buffers_go() {
+        let pool = BufPool::new(4 * MIB);
+        drop(pool.take(MIB));
+        assert_eq!(pool.trim_if_idle(Duration::from_secs(3600)), 0);
+        assert_eq!(pool.idle_bytes(), MIB);
+        assert_eq!(pool.trim_if_idle(Duration::ZERO), MIB);
+        assert_eq!(pool.idle_bytes(), 0);
     }
 
     #[test]

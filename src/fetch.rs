@@ -112,6 +112,10 @@ fn exhausted(what: String, errors: Vec<String>) -> FetchError {
 /// (no chunk has this index).
 const WHOLE_FILE: u64 = u64::MAX;
 
+/// Free chunk buffers are let go after this long without a fetch: long enough that a reader
+/// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
+const BUF_IDLE: Duration = Duration::from_secs(10);
+
 /// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).max(1) as u32
@@ -145,6 +149,8 @@ impl Fetcher {
     /// Must be called within a tokio runtime (fetches are spawned on it).
     pub fn new(store: Arc<Store>, cfg: FetchConfig) -> Arc<Fetcher> {
         let reserve = (cfg.connections / 4).max(1);
+        let bufs = BufPool::new((cfg.max_inflight_mib as usize) << 20);
+        bufs.spawn_trimmer(BUF_IDLE);
         Arc::new(Fetcher {
             store,
             connections: Arc::new(Semaphore::new(cfg.connections)),
@@ -154,7 +160,7 @@ impl Fetcher {
             readahead_slots: Arc::new(Semaphore::new(cfg.readahead_chunks.max(1) as usize)),
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
-            bufs: BufPool::new((cfg.max_inflight_mib as usize) << 20),
+            bufs,
             cfg,
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
