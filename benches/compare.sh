@@ -20,6 +20,13 @@
 #       vs one 1 MiB curl range request to the same origin (page cache dropped before both)
 #                                                                                     target <= 3x
 #   (f) daemon peak RSS (VmHWM) over the cold reads of (a) and (b), worst run          target <= 200 MiB
+#   (g) daemon CPU per GB of the cold read of (a): utime+stime from /proc/PID/stat, from the
+#       start of the read until the cache is COMPLETE (commits included), over GB read,
+#       vs the hashing floor: one core's sha256 (openssl speed -evp sha256, 8 MiB blocks),
+#       which every byte must pass through once                                   target <= 1.3x
+# The machine's limits are measured once per run and printed with the table: direct write to
+# WORK's disk (dd oflag=direct), cold read of the test file (dd, page cache dropped) and one
+# core's sha256 (openssl).
 # Reads use ../shared/bench/readfile.py (read() of 1 MiB), the origin is ../shared/bench/origin.sh
 # (nginx; RATE through its per-connection rate-limiting proxy), peers come from
 # ../shared/bench/peers.sh. Those scripts are called from where they live, never copied.
@@ -273,12 +280,13 @@ done
 # ---------------------------------------------------------------- measurements
 declare -a W_COLD_U W_COLD_L W_WARM W_HOT W_TTFB HWM \
            RCF_COLD RCF_WARM RCO_COLD RCO_WARM ARIA BLOB_COLD BLOB_HOT CURL_TTFB \
-           CPU_U CPU_L ORG_U ORG_L BUSY_U BUSY_L CONN_U CONN_L LAG
+           CPU_U CPU_L ORG_U ORG_L BUSY_U BUSY_L CONN_U CONN_L LAG CPG_U CPG_L
 i=0
 
 # wan_cold TAG MANIFEST PORT: cold sequential read of the whole file through a fresh mount.
 # Leaves $WORK/cache-TAG complete. Sets C_GBPS C_HWM C_LAG (s from the end of the read until the
-# cache holds every chunk) C_CPU (daemon CPU %, 100 = one core),
+# cache holds every chunk) C_CPU (daemon CPU %, 100 = one core), C_CPG (daemon core-seconds
+# per GB, from the start of the read until the cache is COMPLETE, so commits count too),
 # C_ORG (origin CPU %), C_BUSY (machine busy %), C_CONN (origin connections seen mid-read).
 wan_cold() {
   local tag=$1 man=$2 port=$3 cache=$WORK/cache-$1 r=$i
@@ -306,6 +314,7 @@ wan_cold() {
   for _ in $(seq 1 600); do [ "$(wan_state)" = COMPLETE ] && break; sleep 0.05; done
   [ "$(wan_state)" = COMPLETE ] || die "cache still not COMPLETE 30 s after a full read ($tag); log: $WLOG"
   C_LAG=$(awk -v a="$lag0" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')
+  C_CPG=$(awk -v d=$(($(ticks "$WAN_PID") - w0)) -v hz="$CLK_TCK" -v n="$SIZE" 'BEGIN{printf "%.2f", d/hz/(n/1e9)}')
   C_HWM=$(hwm_mib "$WAN_PID")
   wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=
   C_CONN=$(cat "$LOGS/conns-$tag-$r.txt" 2>/dev/null || echo 0)
@@ -316,12 +325,12 @@ wan_cold() {
     [ "$($READ verify "$WFILE" "$FILE" | awk '{print $2}')" = ok ] || die "content through wanfs differs from the origin file"
   fi
   wan_umount
-  log "  wanfs cold $tag: $C_GBPS GB/s, VmHWM $C_HWM MiB, daemon CPU ${C_CPU}%, origin CPU ${C_ORG}%, machine busy ${C_BUSY}%, conns $C_CONN, cache complete ${C_LAG}s after the read"
+  log "  wanfs cold $tag: $C_GBPS GB/s, VmHWM $C_HWM MiB, daemon CPU ${C_CPU}% (${C_CPG} core-s/GB), origin CPU ${C_ORG}%, machine busy ${C_BUSY}%, conns $C_CONN, cache complete ${C_LAG}s after the read"
 }
 
 a_wan() {
   wan_cold u "$MAN_U" "$PORT"
-  W_COLD_U+=("$C_GBPS"); HWM+=("$C_HWM"); LAG+=("$C_LAG"); CPU_U+=("$C_CPU"); ORG_U+=("$C_ORG"); BUSY_U+=("$C_BUSY"); CONN_U+=("$C_CONN")
+  W_COLD_U+=("$C_GBPS"); HWM+=("$C_HWM"); LAG+=("$C_LAG"); CPU_U+=("$C_CPU"); CPG_U+=("$C_CPG"); ORG_U+=("$C_ORG"); BUSY_U+=("$C_BUSY"); CONN_U+=("$C_CONN")
 }
 a_peer() {
   local out=$LOGS/peers-rclone-$i.txt
@@ -335,7 +344,7 @@ a_peer() {
 }
 b_wan() {
   wan_cold l "$MAN_L" "$LPORT"
-  W_COLD_L+=("$C_GBPS"); HWM+=("$C_HWM"); LAG+=("$C_LAG"); CPU_L+=("$C_CPU"); ORG_L+=("$C_ORG"); BUSY_L+=("$C_BUSY"); CONN_L+=("$C_CONN")
+  W_COLD_L+=("$C_GBPS"); HWM+=("$C_HWM"); LAG+=("$C_LAG"); CPU_L+=("$C_CPU"); CPG_L+=("$C_CPG"); ORG_L+=("$C_ORG"); BUSY_L+=("$C_BUSY"); CONN_L+=("$C_CONN")
 }
 b_peer() {
   local out=$LOGS/peers-aria2-$i.txt v
@@ -386,6 +395,26 @@ e_curl() {
 }
 pair() { if (( i % 2 )); then "$1"; "$2"; else "$2"; "$1"; fi; }   # alternate A/B order
 
+# ---------------------------------------------------------------- the machine's limits
+# What no filesystem on this box can beat, measured in the same run: the cache disk's direct
+# write (what a commit does), its cold read, and one core's sha256 (every fetched byte is hashed
+# once, so core-s/GB of hashing is the floor for the daemon's CPU per GB).
+limits() {
+  local n=$(( SIZE / CHUNK < 128 ? SIZE / CHUNK : 128 )) out
+  out=$(LC_ALL=C dd if=/dev/zero of="$WORK/dd-direct.tmp" bs=$CHUNK count=$n oflag=direct conv=fdatasync 2>&1 | tail -1)
+  rm -f "$WORK/dd-direct.tmp"
+  L_WRITE=$(awk -v l="$out" 'BEGIN{split(l,a," "); for(i=1;i<=length(a);i++) if(a[i] ~ /^s,?$/) s=a[i-1]; printf "%.3f\n", a[1]/s/1e9}')
+  need "$L_WRITE" "dd oflag=direct write to $WORK"
+  drop_caches
+  L_READ=$(dd_gbps "$FILE" 8M); need "$L_READ" "dd cold read of $FILE"
+  # openssl's figure is in 1000s of bytes per second of user CPU time: one core's rate.
+  L_SHA=$(openssl speed -seconds 3 -bytes $CHUNK -evp sha256 2>/dev/null | awk '/^sha256 /{sub(/k$/, "", $2); printf "%.3f\n", $2*1000/1e9}')
+  need "$L_SHA" "openssl speed -evp sha256"
+  L_FLOOR=$(awk -v g="$L_SHA" 'BEGIN{printf "%.2f", 1/g}')
+  log "machine limits: direct write $L_WRITE GB/s, cold read $L_READ GB/s, sha256 $L_SHA GB/s per core ($L_FLOOR core-s/GB)"
+}
+limits
+
 { echo "== $(date -Is) start"; uptime; top -b -n1 -w 200 | sed -n '7,20p'; } > "$LOGS/machine-start.txt"
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 T_START=$(date +%s)
@@ -434,6 +463,7 @@ if awk -v a="$rfw" -v b="$row" 'BEGIN{exit !(a>=b)}'; then rw=$rfw; rwn="rclone 
 ar=$(m "${ARIA[@]}"); ww=$(m "${W_WARM[@]}"); wh=$(m "${W_HOT[@]}")
 bc=$(m "${BLOB_COLD[@]}"); bh=$(m "${BLOB_HOT[@]}")
 wt=$(m "${W_TTFB[@]}"); ct=$(m "${CURL_TTFB[@]}"); hw=$(mx "${HWM[@]}")
+cpg=$(m "${CPG_U[@]}")
 ms() { awk -v s="$1" 'BEGIN{printf "%.1f ms", s*1000}'; }
 
 row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
@@ -444,6 +474,8 @@ row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
   echo "file $SIZE bytes, RUNS=$RUNS (medians), rate-limited origin $RATE per connection, wan $WAN_REV"
   echo "wan config ${WAN_CONFIG:-(defaults)}: $(grep -v '^ *#' "$CFG" | grep . | xargs)"
   echo "load average at start $LOAD0, at end $LOAD1; wall time $((T_END - T_START)) s"
+  echo "machine limits: dd oflag=direct write $L_WRITE GB/s; cold read of the test file (dd) $L_READ GB/s;" \
+       "openssl sha256 $L_SHA GB/s per core = $L_FLOOR core-s/GB"
   echo
   echo "| measure | wanfs | baseline | ratio | target | result |"
   echo "| --- | --- | --- | --- | --- | --- |"
@@ -455,6 +487,7 @@ row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
   row "(e) time to first MiB, cold, $RATE/conn, vs curl 1 MiB range" "$(ms "$wt")" "$(ms "$ct")" "$(ratio "$wt" "$ct")" "<=" 3
   printf '| (f) daemon peak RSS (VmHWM), cold reads, worst run | %s MiB | — | — | <= 200 MiB | %s |\n' \
     "$hw" "$(awk -v h="$hw" 'BEGIN{print (h<=200) ? "PASS" : "FAIL"}')"
+  row "(g) daemon CPU per GB, cold read of (a) (core-s/GB) vs sha256 floor (openssl)" "$cpg" "$L_FLOOR" "$(ratio "$cpg" "$L_FLOOR")" "<=" 1.3
   echo
   echo "per-run values (in round order):"
   echo "  wanfs cold unlimited GB/s: ${W_COLD_U[*]}"
@@ -467,6 +500,7 @@ row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
   echo "  wanfs first MiB s:         ${W_TTFB[*]}"
   echo "  curl 1 MiB range s:        ${CURL_TTFB[*]}"
   echo "  daemon VmHWM MiB (a,b):    ${HWM[*]}"
+  echo "  daemon core-s/GB (a / b):  ${CPG_U[*]} / ${CPG_L[*]}"
   echo "  cache COMPLETE after read: ${LAG[*]} s (a,b; commit lag behind the reader)"
   echo "diagnostics during cold reads (100% = one core; machine has $(nproc)):"
   echo "  unlimited: daemon CPU % ${CPU_U[*]}; origin (nginx) CPU % ${ORG_U[*]}; machine busy % ${BUSY_U[*]}; origin connections ${CONN_U[*]}"

@@ -25,6 +25,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::bufpool::BufPool;
 use crate::chunk::{Digest, VerifiedChunk};
 use crate::config::FetchConfig;
 use crate::manifest::FileEntry;
@@ -115,6 +116,10 @@ fn exhausted(what: String, errors: Vec<String>) -> FetchError {
 /// (no chunk has this index).
 const WHOLE_FILE: u64 = u64::MAX;
 
+/// Free chunk buffers are let go after this long without a fetch: long enough that a reader
+/// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
+const BUF_IDLE: Duration = Duration::from_secs(10);
+
 /// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).max(1) as u32
@@ -131,6 +136,9 @@ pub struct Fetcher {
     /// All of `memory`, in KiB: a chunk larger than the whole budget takes all of it and is
     /// fetched alone, rather than waiting forever for permits that do not exist.
     memory_kib: u32,
+    /// Chunk buffers, reused so a fetch does not fault in and zero fresh pages (see `bufpool`);
+    /// keeps at most `max_inflight_mib` of free buffers.
+    bufs: BufPool,
     inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
     /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
     /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
@@ -145,6 +153,8 @@ impl Fetcher {
     /// Must be called within a tokio runtime (fetches are spawned on it).
     pub fn new(store: Arc<Store>, cfg: FetchConfig) -> Arc<Fetcher> {
         let reserve = (cfg.connections / 4).max(1);
+        let bufs = BufPool::new((cfg.max_inflight_mib as usize) << 20);
+        bufs.spawn_trimmer(BUF_IDLE);
         Arc::new(Fetcher {
             store,
             connections: Arc::new(Semaphore::new(cfg.connections)),
@@ -154,6 +164,7 @@ impl Fetcher {
             readahead_slots: Arc::new(Semaphore::new(cfg.readahead_chunks.max(1) as usize)),
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
+            bufs,
             cfg,
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -708,7 +719,9 @@ impl Fetcher {
     ) -> Result<Bytes, SourceError> {
         let part = self.cfg.part_size() as usize;
         // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
-        let mut buf = crate::chunk::AlignedBuf::zeroed((range.end - range.start) as usize);
+        // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
+        // and the bytes are hashed before anyone sees them.
+        let mut buf = self.bufs.take((range.end - range.start) as usize);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
         futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
             |(i, slice)| {

@@ -2,8 +2,9 @@
 //!
 //! Module map (arrows point down; see docs/DESIGN.md):
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
-//! `manifest`, `chunk`; `config` and `metrics` are leaves used throughout.
+//! `manifest`, `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout.
 
+pub mod bufpool;
 pub mod chunk;
 pub mod cli;
 pub mod cmd;
