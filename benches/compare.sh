@@ -43,6 +43,8 @@
 #   WAN_CONFIG=FILE  a wan config to use instead of the defaults written below (for tuning)
 #   BENCH_DIR=../shared/bench   where origin.sh, peers.sh, lib.sh and readfile.py live
 #   KEEP=1           keep caches of the last round under WORK (logs are always kept)
+#   HEAD_SIZE=N      `wan manifest build --head-size N` (0: uniform 8 MiB chunks, as before
+#                    head_size existed); default: what build picks (a 1 MiB first chunk)
 #   PROFILE=1        after the rounds, profile one extra cold read of the daemon with perf
 # Results: the table on stdout, also saved with per-run values and diagnostics under WORK/.
 set -Eeuo pipefail
@@ -233,7 +235,8 @@ log "building manifests"
 MAN_U=$WORK/manifest-unlimited.toml
 MAN_L=$WORK/manifest-limited.toml
 { echo "schema_version = 1"; echo;
-  "$WAN" manifest build "$DATA" --id "$MODEL" --chunk-size "$CHUNK" --source "http://127.0.0.1:$PORT"; } > "$MAN_U"
+  "$WAN" manifest build "$DATA" --id "$MODEL" --chunk-size "$CHUNK" ${HEAD_SIZE:+--head-size "$HEAD_SIZE"} \
+    --source "http://127.0.0.1:$PORT"; } > "$MAN_U"
 sed "s#\"http://127.0.0.1:$PORT\"#\"http://127.0.0.1:$LPORT\"#" "$MAN_U" > "$MAN_L"
 grep -q "127.0.0.1:$LPORT" "$MAN_L" || die "could not derive the limited manifest from $MAN_U"
 "$WAN" manifest check "$MAN_U" >/dev/null && "$WAN" manifest check "$MAN_L" >/dev/null \
