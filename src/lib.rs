@@ -1,6 +1,6 @@
 //! wanfs: a FUSE-mounted, lazy, verified model filesystem.
 //!
-//! Module map (arrows point down; see docs/DESIGN.md):
+//! Module map (arrows point down; see docs/DESIGN-NOTES.md and ../shared/DESIGN.md §10):
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
 //! `manifest`, `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout.
 

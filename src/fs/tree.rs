@@ -1,6 +1,7 @@
 //! The inode table: the manifest laid out as a directory tree, plus the `.wan/` control
-//! directory, built once, never changing while mounted. Inode numbers are indices (root = 1),
-//! so lookups are a map probe.
+//! directory. A tree never changes once built; a reload builds the next one (keeping the
+//! inode numbers of paths that stay) and swaps it in whole. Inode numbers are indices
+//! (root = 1), so lookups are a map probe.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
