@@ -42,6 +42,7 @@ impl ReadAhead {
             return 0..0;
         }
         let (first, last) = (covering.start, covering.end - 1);
+        let small_head = layout.head < layout.chunk_size;
         let mut handles = self.handles.lock().unwrap();
         let seq = match handles.get(&fh) {
             None => Seq {
@@ -50,7 +51,9 @@ impl ReadAhead {
             },
             Some(s) if first == s.last_chunk || first == s.last_chunk + 1 => Seq {
                 last_chunk: last.max(s.last_chunk),
-                window: if last > s.last_chunk {
+                // Leaving a small head chunk is not yet a sign of a sequential reader: the
+                // kernel's own read-ahead of a header read already reaches into chunk 1.
+                window: if last > s.last_chunk && !(s.last_chunk == 0 && small_head) {
                     (s.window * 2).clamp(1, self.max_window)
                 } else {
                     s.window
@@ -88,6 +91,15 @@ mod tests {
         assert_eq!(ra.on_read(1, l, 16 * MB, MB), 3..5);
         assert_eq!(ra.on_read(1, l, 24 * MB, MB), 4..8);
         assert_eq!(ra.on_read(1, l, 32 * MB, MB), 5..9); // capped at 4
+    }
+
+    #[test]
+    fn leaving_a_small_head_chunk_does_not_start_read_ahead() {
+        let ra = ReadAhead::new(4);
+        let l = Layout::with_head(100 * MB, 8 * MB, MB);
+        assert_eq!(ra.on_read(1, l, 0, MB), 1..1); // the header read
+        assert_eq!(ra.on_read(1, l, MB, MB), 2..2); // the kernel's read-ahead of it
+        assert_eq!(ra.on_read(1, l, 9 * MB, MB), 3..4); // a reader moving on: sequential
     }
 
     #[test]
