@@ -11,8 +11,10 @@ use std::str::FromStr;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-/// A sha256 digest.
+/// A sha256 digest. `repr(transparent)`: a compiled manifest's digest table is 32-byte records
+/// mapped from disk and viewed as `[Digest]` (`crate::compiled`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(transparent)]
 pub struct Digest(pub [u8; 32]);
 
 impl Digest {

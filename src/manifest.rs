@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
+use std::ops::{Deref, Range};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +49,67 @@ pub struct FileEntry {
     /// Size of the first chunk (`head_size` in the manifest; `chunk_size` when absent).
     pub head_size: u64,
     /// Per-chunk digests when the manifest lists them (lazy reads); `None` = fetched whole.
-    pub chunks: Option<Vec<Digest>>,
+    pub chunks: Option<ChunkList>,
+}
+
+/// A file's chunk digests, in order: a shared, read-only slice. Cloning is a reference count.
+///
+/// From a compiled manifest (`crate::compiled`) it is a window on the digest table mapped from
+/// the cache dir, so a daemon listing 500k digests holds in memory only the pages of files
+/// actually read; from TOML it owns its digests.
+#[derive(Clone)]
+pub struct ChunkList {
+    table: Arc<dyn AsRef<[Digest]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl ChunkList {
+    /// Digests `range` of a shared table. Panics if the range is outside it.
+    pub fn shared(table: Arc<dyn AsRef<[Digest]> + Send + Sync>, range: Range<usize>) -> ChunkList {
+        assert!(range.start <= range.end && range.end <= (*table).as_ref().len());
+        ChunkList {
+            table,
+            start: range.start,
+            len: range.end - range.start,
+        }
+    }
+}
+
+impl Deref for ChunkList {
+    type Target = [Digest];
+    fn deref(&self) -> &[Digest] {
+        &(*self.table).as_ref()[self.start..self.start + self.len]
+    }
+}
+
+impl From<Vec<Digest>> for ChunkList {
+    fn from(v: Vec<Digest>) -> ChunkList {
+        let len = v.len();
+        ChunkList {
+            table: Arc::new(v),
+            start: 0,
+            len,
+        }
+    }
+}
+
+impl FromIterator<Digest> for ChunkList {
+    fn from_iter<I: IntoIterator<Item = Digest>>(iter: I) -> ChunkList {
+        iter.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl PartialEq for ChunkList {
+    fn eq(&self, other: &ChunkList) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for ChunkList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 impl FileEntry {
@@ -174,7 +236,7 @@ impl fmt::Display for Problem {
 
 /// Where a content digest was first seen: (model, path, size, chunk_size, chunks).
 /// (model, path, size, (chunk_size, head_size), chunks) of the first file with a digest.
-type FirstSeen = (String, String, u64, (u64, u64), Option<Vec<Digest>>);
+type FirstSeen = (String, String, u64, (u64, u64), Option<ChunkList>);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -347,12 +409,15 @@ impl Manifest {
             file: file.clone(),
             err,
         })?;
-        let base = path
-            .canonicalize()
+        Manifest::parse(&text, &file, &Manifest::base_dir(path))
+    }
+
+    /// The directory `local://` sources of the manifest at `path` are relative to.
+    pub fn base_dir(path: &Path) -> PathBuf {
+        path.canonicalize()
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_else(|| PathBuf::from("."));
-        Manifest::parse(&text, &file, &base)
+            .unwrap_or_else(|| PathBuf::from("."))
     }
 
     /// Parses and validates manifest text; `file` names it in errors.
@@ -458,7 +523,7 @@ impl Manifest {
                         if out.len() != list.len() {
                             continue;
                         }
-                        Some(out)
+                        Some(ChunkList::from(out))
                     }
                 };
                 match by_digest.get(&sha256) {
