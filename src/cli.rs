@@ -218,6 +218,14 @@ pub enum ManifestCommand {
     },
     /// Validate a manifest; exits non-zero listing every problem.
     Check { file: PathBuf },
+    /// Internal: validate a manifest and write its compiled form into OUT; prints its sha256.
+    /// `wan mount` runs this as a child so the TOML parse's memory never lands in the daemon.
+    #[command(hide = true)]
+    Compile {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// What `main` should do after parsing.
@@ -388,6 +396,19 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             )?;
             print!("{text}");
             Ok(Action::Done(ExitCode::SUCCESS))
+        }
+        Command::Manifest(ManifestCommand::Compile { file, out }) => {
+            match crate::compiled::compile(&file, &out) {
+                Ok(sha) => {
+                    println!("{sha}");
+                    Ok(Action::Done(ExitCode::SUCCESS))
+                }
+                Err(e) => {
+                    // Exactly what `Manifest::load` says: the daemon repeats it as its error.
+                    eprintln!("{e}");
+                    Ok(Action::Done(ExitCode::from(1)))
+                }
+            }
         }
         Command::Manifest(ManifestCommand::Check { file }) => match Manifest::load(&file) {
             Ok(m) => {

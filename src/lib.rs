@@ -2,12 +2,13 @@
 //!
 //! Module map (arrows point down; see docs/DESIGN-NOTES.md and ../shared/DESIGN.md §10):
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
-//! `manifest`, `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout.
+//! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout.
 
 pub mod bufpool;
 pub mod chunk;
 pub mod cli;
 pub mod cmd;
+pub mod compiled;
 pub mod config;
 pub mod control;
 pub mod daemon;
