@@ -36,7 +36,15 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cfg = plan.config;
-    let manifest = Manifest::load(&plan.manifest)?;
+    // From its compiled form in the cache dir (a restart parses no TOML), else compiled now.
+    let compiled = crate::compiled::load(
+        &plan.manifest,
+        &plan.cache_dir,
+        crate::compiled::CompileIn::Child,
+    )?;
+    let manifest_sha = compiled.sha256;
+    let fingerprints = compiled.fingerprints;
+    let manifest = compiled.manifest;
     let store = Arc::new(Store::open(&plan.cache_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,6 +61,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
     let files = file_contexts(&manifest, &sources);
+    let files_for_reload = files.clone();
     let sources_for_reload = sources.clone();
     let tree = Tree::build(&files, None);
     let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
@@ -126,28 +135,29 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         cache = %store.root().display(),
         "mounted"
     );
+    // The catalog holds the models; this copy was only needed to build it.
+    drop(manifest);
+    trim_heap();
 
     sd_notify("READY=1");
     {
         // Blob files the index does not know (a lost or rebuilt index) are verified and
         // adopted in the background, so the mount is usable at once.
         let store = store.clone();
-        let entries: Vec<_> = manifest
-            .models
-            .values()
-            .flat_map(|m| m.files.clone())
-            .collect();
-        rt.spawn_blocking(move || match store.adopt(&entries) {
-            Ok(r) if r.blobs_adopted > 0 || r.chunks_bad > 0 => tracing::info!(
-                blobs = r.blobs_adopted,
-                chunks = r.chunks_verified,
-                bad = r.chunks_bad,
-                bytes = r.bytes,
-                "rebuilt index entries from blob files"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "could not adopt blob files into the index"),
-        });
+        let files = files_for_reload.clone();
+        rt.spawn_blocking(
+            move || match store.adopt(files.values().flatten().map(|f| &f.entry)) {
+                Ok(r) if r.blobs_adopted > 0 || r.chunks_bad > 0 => tracing::info!(
+                    blobs = r.blobs_adopted,
+                    chunks = r.chunks_verified,
+                    bad = r.chunks_bad,
+                    bytes = r.bytes,
+                    "rebuilt index entries from blob files"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "could not adopt blob files into the index"),
+            },
+        );
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -171,6 +181,11 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let reloader = Reloader {
         reread: plan.reread,
         cache_dir: plan.cache_dir.clone(),
+        current: std::sync::Mutex::new(InForce {
+            sha256: manifest_sha,
+            fingerprints,
+            files: files_for_reload,
+        }),
         config: std::sync::Mutex::new(cfg.clone()),
         sources: sources_for_reload,
         fs: fs.clone(),
@@ -223,10 +238,25 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives glibc's free memory back to the system: building the catalog and the tree leaves
+/// freed temporaries in the heap that would otherwise count as resident for the daemon's life.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
+}
+
+/// The manifest in force, as far as a reload needs it to see what changed.
+struct InForce {
+    sha256: crate::chunk::Digest,
+    fingerprints: std::collections::BTreeMap<String, crate::chunk::Digest>,
+    files: std::collections::BTreeMap<String, Vec<Arc<crate::fetch::FileCtx>>>,
+}
+
 /// What SIGHUP needs: re-read config and manifest, swap them in, or keep the old ones.
 struct Reloader {
     reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
     cache_dir: PathBuf,
+    current: std::sync::Mutex<InForce>,
     /// The configuration in force: only `[gc]` (and the manifest) change on reload.
     config: std::sync::Mutex<Config>,
     sources: Arc<SourceRegistry>,
@@ -242,18 +272,61 @@ impl Reloader {
         sd_notify("RELOADING=1");
         crate::logging::reopen();
         let attempt = (self.reread)().and_then(|(cfg, manifest_path)| {
-            let manifest = Manifest::load(&manifest_path)?;
-            Ok((cfg, manifest_path, manifest))
+            let compiled = crate::compiled::load(
+                &manifest_path,
+                &self.cache_dir,
+                crate::compiled::CompileIn::Child,
+            )?;
+            Ok((cfg, manifest_path, compiled))
         });
         match attempt {
             Err(e) => tracing::error!(
                 error = %format!("{e:#}"),
                 "reload refused: the running configuration and manifest stay in force"
             ),
-            Ok((cfg, manifest_path, manifest)) => {
-                let files = file_contexts(&manifest, &self.sources);
-                let tree = self.fs.next_tree(&files);
-                let (removed, stale) = self.fs.replace_tree(tree);
+            Ok((cfg, manifest_path, compiled)) => {
+                let manifest = compiled.manifest;
+                let mut current = self.current.lock().unwrap();
+                // Only models whose compiled form changed get new file contexts (and so new
+                // inodes where content changed); the others keep theirs as they are.
+                let changed: Manifest = Manifest {
+                    models: manifest
+                        .models
+                        .iter()
+                        .filter(|(id, _)| {
+                            current.fingerprints.get(*id) != compiled.fingerprints.get(*id)
+                                || !current.files.contains_key(*id)
+                        })
+                        .map(|(id, m)| (id.clone(), m.clone()))
+                        .collect(),
+                };
+                let mut fresh = file_contexts(&changed, &self.sources);
+                let files: std::collections::BTreeMap<_, _> = manifest
+                    .models
+                    .keys()
+                    .map(|id| {
+                        let kept = fresh.remove(id).or_else(|| current.files.get(id).cloned());
+                        (id.clone(), kept.unwrap_or_default())
+                    })
+                    .collect();
+                let unchanged_manifest = compiled.sha256 == current.sha256;
+                tracing::debug!(
+                    changed = changed.models.len(),
+                    models = manifest.models.len(),
+                    "reload: models whose manifest entry changed"
+                );
+                *current = InForce {
+                    sha256: compiled.sha256,
+                    fingerprints: compiled.fingerprints,
+                    files: files.clone(),
+                };
+                drop(current);
+                let (removed, stale) = if unchanged_manifest {
+                    (Vec::new(), Vec::new())
+                } else {
+                    let tree = self.fs.next_tree(&files);
+                    self.fs.replace_tree(tree)
+                };
                 for (parent, name) in &stale {
                     // The kernel caches entries for an hour: forget removed or changed ones now.
                     if let Err(e) = self
@@ -297,6 +370,8 @@ impl Reloader {
                     removed = ?removed,
                     "reloaded configuration and manifest"
                 );
+                drop(manifest);
+                trim_heap();
             }
         }
         sd_notify("READY=1");
