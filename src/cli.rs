@@ -225,6 +225,10 @@ pub enum ManifestCommand {
         file: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// The sha256 of the manifest in force: models whose text is unchanged are taken from
+        /// its compiled form instead of being parsed again.
+        #[arg(long)]
+        prev: Option<String>,
     },
 }
 
@@ -397,8 +401,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             print!("{text}");
             Ok(Action::Done(ExitCode::SUCCESS))
         }
-        Command::Manifest(ManifestCommand::Compile { file, out }) => {
-            match crate::compiled::compile(&file, &out) {
+        Command::Manifest(ManifestCommand::Compile { file, out, prev }) => {
+            // A bad --prev only costs the shortcut.
+            let prev = prev.and_then(|p| p.parse().ok());
+            match crate::compiled::compile(&file, &out, prev.as_ref()) {
                 Ok(sha) => {
                     println!("{sha}");
                     Ok(Action::Done(ExitCode::SUCCESS))

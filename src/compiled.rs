@@ -49,6 +49,10 @@ pub struct Compiled {
     /// Per model, a digest of everything the compiled form holds for it: a reload rebuilds
     /// only the models whose fingerprint changed.
     pub fingerprints: BTreeMap<String, Digest>,
+    /// Per model, the sha256 of its text in the manifest (see [`segments`]), when the
+    /// manifest has the plain shape that allows cutting it by model: the next compile parses
+    /// again only the models whose text changed.
+    pub texts: BTreeMap<String, Digest>,
     /// Whether an existing compiled form was used (false: compiled just now).
     pub reused: bool,
 }
@@ -109,7 +113,14 @@ pub enum CompileIn {
 /// The manifest at `path`, from its compiled form in `cache_dir` when there is a good one,
 /// else compiled now and then opened. A manifest that fails validation is an error worded as
 /// `Manifest::load` words it.
-pub fn load(path: &Path, cache_dir: &Path, how: CompileIn) -> anyhow::Result<Compiled> {
+///
+/// `prev` names the form in force (a reload): only models whose text changed are parsed.
+pub fn load(
+    path: &Path,
+    cache_dir: &Path,
+    how: CompileIn,
+    prev: Option<&Digest>,
+) -> anyhow::Result<Compiled> {
     let file = path.display().to_string();
     let sha = hash_file(path).map_err(|err| ManifestError::Io {
         file: file.clone(),
@@ -132,8 +143,8 @@ pub fn load(path: &Path, cache_dir: &Path, how: CompileIn) -> anyhow::Result<Com
     // The child hashes what it parses: if the file changed since we hashed it, its hash names
     // the form it wrote.
     let sha = match how {
-        CompileIn::Child => compile_in_child(path, &dir)?,
-        CompileIn::Process => compile(path, &dir)?,
+        CompileIn::Child => compile_in_child(path, &dir, prev)?,
+        CompileIn::Process => compile(path, &dir, prev)?,
     };
     let c = open(&form_path(&dir, &sha), &sha, &base)
         .with_context(|| format!("opening the manifest just compiled ({file})"))?;
@@ -145,21 +156,22 @@ pub fn load(path: &Path, cache_dir: &Path, how: CompileIn) -> anyhow::Result<Com
 
 /// Runs `wan manifest compile` (this executable) so the parse's peak memory is the child's.
 /// Falls back to compiling in this process if the executable cannot be run.
-fn compile_in_child(path: &Path, dir: &Path) -> anyhow::Result<Digest> {
+fn compile_in_child(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::Result<Digest> {
     let exe = std::env::current_exe().ok();
     let out = exe.and_then(|exe| {
-        std::process::Command::new(exe)
-            .args(["manifest", "compile"])
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["manifest", "compile"])
             .arg(path)
             .arg("--out")
-            .arg(dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .ok()
+            .arg(dir);
+        if let Some(prev) = prev {
+            cmd.arg("--prev").arg(prev.to_hex());
+        }
+        cmd.stdin(std::process::Stdio::null()).output().ok()
     });
     let Some(out) = out else {
         tracing::warn!("cannot run this executable to compile the manifest; compiling in process");
-        return Ok(compile(path, dir)?);
+        return Ok(compile(path, dir, prev)?);
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -184,7 +196,13 @@ pub enum CompileError {
 
 /// Parses and validates the manifest at `path` and writes its compiled form into `dir`;
 /// returns the sha256 of the bytes parsed (the form's name). `wan manifest compile` runs this.
-pub fn compile(path: &Path, dir: &Path) -> Result<Digest, CompileError> {
+///
+/// With `prev`, the form of the manifest in force: if both cut cleanly by model
+/// ([`segments`]), only the models whose text changed are parsed, the others are taken from
+/// `prev`, and the rule that spans models (identical content described identically) is
+/// checked on the result. Anything else (a problem, a shape that does not cut, no usable
+/// `prev`) parses the whole text, so errors are always those of a full parse.
+pub fn compile(path: &Path, dir: &Path, prev: Option<&Digest>) -> Result<Digest, CompileError> {
     let file = path.display().to_string();
     let text = std::fs::read(path).map_err(|err| ManifestError::Io {
         file: file.clone(),
@@ -196,20 +214,124 @@ pub fn compile(path: &Path, dir: &Path) -> Result<Digest, CompileError> {
         err: std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
     })?;
     let base = Manifest::base_dir(path);
-    let manifest = Manifest::parse(&text, &file, &base)?;
+    let segs = segments(&text);
+    let texts: BTreeMap<String, Digest> = segs
+        .iter()
+        .flatten()
+        .map(|(id, seg)| (id.clone(), Digest::of(seg.as_bytes())))
+        .collect();
+    let partial = match (prev, &segs) {
+        (Some(prev), Some(segs)) => open(&form_path(dir, prev), prev, &base)
+            .ok()
+            .and_then(|old| merge(&old, segs, &texts, &file, &base)),
+        _ => None,
+    };
+    let manifest = match partial {
+        Some(m) => m,
+        None => Manifest::parse(&text, &file, &base)?,
+    };
+    drop(segs);
     drop(text);
-    write(dir, &sha, &base, &manifest).map_err(|err| CompileError::Write {
+    write(dir, &sha, &base, &manifest, &texts).map_err(|err| CompileError::Write {
         dir: dir.display().to_string(),
         err,
     })?;
     Ok(sha)
 }
 
+/// The manifest from `old`'s models whose text is unchanged and the others parsed alone;
+/// `None` when any of that fails (the caller then parses everything, for exact errors).
+fn merge(
+    old: &Compiled,
+    segs: &BTreeMap<String, String>,
+    texts: &BTreeMap<String, Digest>,
+    file: &str,
+    base: &Path,
+) -> Option<Manifest> {
+    let mut models = BTreeMap::new();
+    for (id, seg) in segs {
+        let model = match old.texts.get(id) {
+            Some(t) if Some(t) == texts.get(id) => old.manifest.models.get(id)?.clone(),
+            _ => {
+                let one =
+                    Manifest::parse(&format!("schema_version = 1\n{seg}"), file, base).ok()?;
+                one.models.into_values().next()?
+            }
+        };
+        models.insert(id.clone(), model);
+    }
+    let merged = Manifest { models };
+    merged.shared_content_consistent().then_some(merged)
+}
+
+/// The manifest text cut by model: for each model id, the lines of every table under
+/// `models."<id>"`, in order. `None` unless the text has the plain shape `wan manifest build`
+/// writes: before the first table only `schema_version = 1`, comments and blank lines; every
+/// table header `[models."<id>"...]` or `[[models."<id>"...]]` on a line of its own; no
+/// multi-line strings (whose lines could look like headers). Parsing one model's lines alone
+/// then gives what a parse of the whole text gives for it.
+pub fn segments(text: &str) -> Option<BTreeMap<String, String>> {
+    if text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let id = header_model(t)?;
+            out.entry(id.clone()).or_default();
+            current = Some(id);
+        }
+        match &current {
+            Some(id) => out.get_mut(id)?.push_str(line),
+            None => {
+                let bare = t.split('#').next().unwrap_or("").trim();
+                if !bare.is_empty() && bare.replace(' ', "") != "schema_version=1" {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The model id of a table header line `[models."ID"…]` / `[[models."ID"…]]` (a trailing
+/// comment allowed); `None` for any other header.
+fn header_model(line: &str) -> Option<String> {
+    let (inner, rest) = if let Some(r) = line.strip_prefix("[[") {
+        let end = r.find("]]")?;
+        (&r[..end], &r[end + 2..])
+    } else {
+        let r = line.strip_prefix('[')?;
+        let end = r.find(']')?;
+        (&r[..end], &r[end + 1..])
+    };
+    let rest = rest.trim();
+    if !(rest.is_empty() || rest.starts_with('#')) {
+        return None;
+    }
+    let key = inner.trim().strip_prefix("models.\"")?;
+    let end = key.find('"')?;
+    let (id, after) = (&key[..end], &key[end + 1..]);
+    // Escapes would need decoding; an id never has one (ids are letters, digits, _-@.).
+    if id.contains('\\') || !(after.is_empty() || after.starts_with('.')) {
+        return None;
+    }
+    Some(id.to_string())
+}
+
 /// Serializes `manifest` (compiled from bytes hashing to `sha`, `local://` resolved against
 /// `base`) and puts it in place atomically: temp file, fsync, rename.
-pub fn write(dir: &Path, sha: &Digest, base: &Path, manifest: &Manifest) -> std::io::Result<()> {
+pub fn write(
+    dir: &Path,
+    sha: &Digest,
+    base: &Path,
+    manifest: &Manifest,
+    texts: &BTreeMap<String, Digest>,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let (meta, digests) = encode(base, manifest);
+    let (meta, digests) = encode(base, manifest, texts);
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -268,10 +390,14 @@ impl Enc {
 const NO_CHUNKS: u64 = u64::MAX;
 
 /// (meta section, digest table). Meta: base dir, model count, then per model: id,
-/// fingerprint, description, pinned, sources (kind tag + fields, `local://` already resolved
+/// fingerprint, text hash, description, pinned, sources (kind tag + fields, `local://` already resolved
 /// against the base dir), files (path, size, sha256,
 /// chunk_size, head_size, first digest index or `NO_CHUNKS`, digest count).
-fn encode(base: &Path, manifest: &Manifest) -> (Vec<u8>, Vec<Digest>) {
+fn encode(
+    base: &Path,
+    manifest: &Manifest,
+    texts: &BTreeMap<String, Digest>,
+) -> (Vec<u8>, Vec<Digest>) {
     let mut e = Enc::default();
     let mut digests = Vec::new();
     e.str(&base.to_string_lossy());
@@ -334,6 +460,8 @@ fn encode(base: &Path, manifest: &Manifest) -> (Vec<u8>, Vec<Digest>) {
         }
         e.str(&m.id);
         e.bytes(&fp.finalize());
+        // All zeros: the text could not be cut by model (never the sha256 of anything).
+        e.bytes(&texts.get(&m.id).map_or([0; 32], |t| t.0));
         e.bytes(&me.0);
     }
     (e.0, digests)
@@ -455,11 +583,12 @@ pub fn open(path: &Path, sha: &Digest, base: &Path) -> Result<Compiled, Compiled
         offset: digests_at,
         count,
     });
-    let (manifest, fingerprints) = decode(&meta, base, &table, count)?;
+    let (manifest, fingerprints, texts) = decode(&meta, base, &table, count)?;
     Ok(Compiled {
         manifest,
         sha256: *sha,
         fingerprints,
+        texts,
         reused: false,
     })
 }
@@ -496,7 +625,7 @@ impl<'a> Dec<'a> {
     }
 }
 
-type Decoded = (Manifest, BTreeMap<String, Digest>);
+type Decoded = (Manifest, BTreeMap<String, Digest>, BTreeMap<String, Digest>);
 
 fn decode(
     meta: &[u8],
@@ -513,9 +642,14 @@ fn decode(
     let n_models = d.u32()?;
     let mut models = BTreeMap::new();
     let mut fingerprints = BTreeMap::new();
+    let mut texts = BTreeMap::new();
     for _ in 0..n_models {
         let id = d.str()?;
         let fp = d.digest()?;
+        let text = d.digest()?;
+        if text.0 != [0; 32] {
+            texts.insert(id.clone(), text);
+        }
         let description = d.str()?;
         let pinned = d.u8()? != 0;
         let n_sources = d.u32()?;
@@ -584,7 +718,7 @@ fn decode(
     if !d.0.is_empty() {
         return Err(Malformed("bytes after the last model"));
     }
-    Ok((Manifest { models }, fingerprints))
+    Ok((Manifest { models }, fingerprints, texts))
 }
 
 /// Keeps the form in use (`current`, marked newest) and the [`KEEP`] most recently used
@@ -655,7 +789,7 @@ mod tests {
     }
 
     fn load_here(manifest: &Path, cache: &Path) -> Compiled {
-        load(manifest, cache, CompileIn::Process).unwrap()
+        load(manifest, cache, CompileIn::Process, None).unwrap()
     }
 
     fn forms(cache: &Path) -> Vec<PathBuf> {
@@ -765,7 +899,9 @@ mod tests {
     fn bad_manifests_are_refused_as_load_words_them() {
         let (_d, manifest, cache) = setup(&text(10_000).replace("x/y.bin", "../y"));
         let want = Manifest::load(&manifest).unwrap_err().to_string();
-        let got = load(&manifest, &cache, CompileIn::Process).err().unwrap();
+        let got = load(&manifest, &cache, CompileIn::Process, None)
+            .err()
+            .unwrap();
         assert_eq!(format!("{got:#}"), want);
         assert!(!dir(&cache).exists() || forms(&cache).is_empty());
     }
@@ -800,5 +936,70 @@ mod tests {
             w.sort();
             w
         });
+    }
+
+    #[test]
+    fn segments_cut_plain_manifests_only() {
+        let segs = segments(&text(10_000)).unwrap();
+        assert_eq!(segs.keys().collect::<Vec<_>>(), ["a@1.0.0", "b@2.0.0"]);
+        assert!(segs["b@2.0.0"].starts_with("[models.\"b@2.0.0\".sources]"));
+        for odd in [
+            "schema_version = 1\ntitle = \"x\"\n",
+            "schema_version = 1\n[models . \"a@1.0.0\"]\n",
+            "schema_version = 1\n[models]\n",
+            "schema_version = 1\n[models.\"a@1.0.0\"]\ndescription = \"\"\"\n[x]\n\"\"\"\n",
+            "schema_version = 1\n[models.\"a@1.0.0\"] x = 1\n",
+        ] {
+            assert!(segments(odd).is_none(), "{odd}");
+        }
+    }
+
+    /// A reload's compile takes the models whose text did not change from the form in force
+    /// (trusting its text hash), and parses the others.
+    #[test]
+    fn a_compile_with_prev_parses_only_changed_models() {
+        let (_d, manifest, cache) = setup(&text(10_000));
+        let base = Manifest::base_dir(&manifest);
+        // The form in force: the real texts' hashes, but model a planted with another
+        // description, to see where the new form's model a comes from.
+        let a_text = std::fs::read(&manifest).unwrap();
+        let mut planted = Manifest::load(&manifest).unwrap();
+        planted.models.get_mut("a@1.0.0").unwrap().description = "planted".into();
+        let texts = segments(&text(10_000))
+            .unwrap()
+            .into_iter()
+            .map(|(id, t)| (id, Digest::of(t.as_bytes())))
+            .collect();
+        let prev = Digest::of(&a_text);
+        write(&dir(&cache), &prev, &base, &planted, &texts).unwrap();
+
+        std::fs::write(&manifest, text(20_000)).unwrap();
+        let c = load(&manifest, &cache, CompileIn::Process, Some(&prev)).unwrap();
+        assert_eq!(c.manifest.models["a@1.0.0"].description, "planted");
+        assert_eq!(c.manifest.models["b@2.0.0"].files[0].size, 20_000);
+        // Without a prev, everything is parsed: the same result as `Manifest::load`.
+        std::fs::remove_dir_all(dir(&cache)).unwrap();
+        let full = load(&manifest, &cache, CompileIn::Process, Some(&prev)).unwrap();
+        assert_eq!(
+            format!("{:?}", full.manifest),
+            format!("{:?}", Manifest::load(&manifest).unwrap())
+        );
+        assert_eq!(full.texts.len(), 2, "text hashes kept for the next reload");
+    }
+
+    /// A changed model that breaks the rule spanning models (same sha256, other size) is
+    /// refused with the full parse's words.
+    #[test]
+    fn a_compile_with_prev_still_checks_across_models() {
+        let (_d, manifest, cache) = setup(&text(10_000));
+        let prev = load_here(&manifest, &cache).sha256;
+        let clash = text(10_000).replace(&Digest::of(b"h").to_hex(), D);
+        std::fs::write(&manifest, &clash).unwrap();
+        let want = Manifest::load(&manifest).unwrap_err().to_string();
+        assert!(want.contains("same sha256"), "{want}");
+        let got = load(&manifest, &cache, CompileIn::Process, Some(&prev))
+            .err()
+            .unwrap();
+        assert_eq!(format!("{got:#}"), want);
     }
 }

@@ -41,6 +41,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         &plan.manifest,
         &plan.cache_dir,
         crate::compiled::CompileIn::Child,
+        None,
     )?;
     let manifest_sha = compiled.sha256;
     let fingerprints = compiled.fingerprints;
@@ -271,11 +272,13 @@ impl Reloader {
     fn reload(&self) {
         sd_notify("RELOADING=1");
         crate::logging::reopen();
+        let prev_sha = self.current.lock().unwrap().sha256;
         let attempt = (self.reread)().and_then(|(cfg, manifest_path)| {
             let compiled = crate::compiled::load(
                 &manifest_path,
                 &self.cache_dir,
                 crate::compiled::CompileIn::Child,
+                Some(&prev_sha),
             )?;
             Ok((cfg, manifest_path, compiled))
         });

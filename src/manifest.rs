@@ -607,6 +607,28 @@ impl Manifest {
         Ok(Manifest { models })
     }
 
+    /// Whether files with the same sha256 are described identically everywhere (the rule
+    /// `parse` enforces across models), for a manifest assembled from models parsed apart.
+    pub fn shared_content_consistent(&self) -> bool {
+        let mut first: HashMap<Digest, &FileEntry> = HashMap::new();
+        for f in self.models.values().flat_map(|m| &m.files) {
+            match first.get(&f.sha256) {
+                Some(o)
+                    if o.size != f.size
+                        || (o.chunk_size, o.head_size) != (f.chunk_size, f.head_size)
+                        || (o.chunks.is_some() && f.chunks.is_some() && o.chunks != f.chunks) =>
+                {
+                    return false;
+                }
+                Some(_) => {}
+                None => {
+                    first.insert(f.sha256, f);
+                }
+            }
+        }
+        true
+    }
+
     pub fn file_count(&self) -> usize {
         self.models.values().map(|m| m.files.len()).sum()
     }
