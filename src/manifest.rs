@@ -274,7 +274,27 @@ struct RawFile {
     sha256: String,
     chunk_size: Option<u64>,
     head_size: Option<u64>,
-    chunks: Option<Vec<String>>,
+    chunks: Option<Vec<HexDigest>>,
+}
+
+/// A digest as the manifest writes it, decoded as it is read: no `String` per digest (a fleet
+/// manifest has over half a million). A bad one keeps its error for the problem list.
+struct HexDigest(Result<Digest, crate::chunk::BadHex>);
+
+impl<'de> Deserialize<'de> for HexDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HexDigest, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = HexDigest;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<HexDigest, E> {
+                Ok(HexDigest(s.parse()))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// Checks a model id against `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$`.
@@ -510,9 +530,10 @@ impl Manifest {
                             );
                             continue;
                         }
-                        let mut out = Vec::with_capacity(list.len());
-                        for (i, h) in list.iter().enumerate() {
-                            match h.parse::<Digest>() {
+                        let n = list.len();
+                        let mut out = Vec::with_capacity(n);
+                        for (i, h) in list.into_iter().enumerate() {
+                            match h.0 {
                                 Ok(d) => out.push(d),
                                 Err(e) => {
                                     bad(Some(&f.path), format!("chunks[{i}]: {e}"));
@@ -520,7 +541,7 @@ impl Manifest {
                                 }
                             }
                         }
-                        if out.len() != list.len() {
+                        if out.len() != n {
                             continue;
                         }
                         Some(ChunkList::from(out))
