@@ -256,13 +256,13 @@ impl Control {
     /// Replaces the models and the configuration (SIGHUP reload).
     pub fn reload(
         &self,
-        manifest: &Manifest,
+        manifest: Manifest,
         files: BTreeMap<String, Vec<Arc<FileCtx>>>,
         config: Config,
     ) {
         crate::metrics::register_models(manifest.models.keys().map(String::as_str));
         *self.catalog.write().unwrap() = Arc::new(Catalog {
-            models: manifest.models.clone(),
+            models: manifest.models,
             files,
         });
         *self.config.write().unwrap() = Arc::new(config);

@@ -324,21 +324,6 @@ impl Reloader {
                     files: files.clone(),
                 };
                 drop(current);
-                let (removed, stale) = if unchanged_manifest {
-                    (Vec::new(), Vec::new())
-                } else {
-                    let tree = self.fs.next_tree(&files);
-                    self.fs.replace_tree(tree)
-                };
-                for (parent, name) in &stale {
-                    // The kernel caches entries for an hour: forget removed or changed ones now.
-                    if let Err(e) = self
-                        .notifier
-                        .inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::new(name))
-                    {
-                        tracing::debug!(entry = %name, error = %e, "could not invalidate a stale entry");
-                    }
-                }
                 let mut in_force = self.config.lock().unwrap();
                 let mut later = Vec::new();
                 if in_force.fetch != cfg.fetch {
@@ -366,14 +351,33 @@ impl Reloader {
                     );
                 }
                 in_force.gc = cfg.gc.clone();
-                self.control.reload(&manifest, files, in_force.clone());
+                let models = manifest.models.len();
+                // The catalog takes the manifest (no copy) and lets the old one go before the
+                // next tree is built: the reload's peak memory holds one catalog, not two.
+                self.control
+                    .reload(manifest, files.clone(), in_force.clone());
+                drop(in_force);
+                let (removed, stale) = if unchanged_manifest {
+                    (Vec::new(), Vec::new())
+                } else {
+                    let tree = self.fs.next_tree(&files);
+                    self.fs.replace_tree(tree)
+                };
+                for (parent, name) in &stale {
+                    // The kernel caches entries for an hour: forget removed or changed ones now.
+                    if let Err(e) = self
+                        .notifier
+                        .inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::new(name))
+                    {
+                        tracing::debug!(entry = %name, error = %e, "could not invalidate a stale entry");
+                    }
+                }
                 tracing::info!(
                     manifest = %manifest_path.display(),
-                    models = manifest.models.len(),
+                    models,
                     removed = ?removed,
                     "reloaded configuration and manifest"
                 );
-                drop(manifest);
                 trim_heap();
             }
         }
