@@ -197,11 +197,12 @@ pub enum CompileError {
 /// Parses and validates the manifest at `path` and writes its compiled form into `dir`;
 /// returns the sha256 of the bytes parsed (the form's name). `wan manifest compile` runs this.
 ///
-/// With `prev`, the form of the manifest in force: if both cut cleanly by model
-/// ([`segments`]), only the models whose text changed are parsed, the others are taken from
-/// `prev`, and the rule that spans models (identical content described identically) is
-/// checked on the result. Anything else (a problem, a shape that does not cut, no usable
-/// `prev`) parses the whole text, so errors are always those of a full parse.
+/// A text that cuts cleanly by model ([`segments`]) is parsed one model at a time, on all
+/// cores, and with `prev` (the form of the manifest in force) only the models whose text
+/// changed are parsed at all, the others taken from `prev`; the rule that spans models
+/// (identical content described identically) is then checked on the result. Anything else (a
+/// problem, a shape that does not cut) parses the whole text as one, so errors are always
+/// those of a full parse.
 pub fn compile(path: &Path, dir: &Path, prev: Option<&Digest>) -> Result<Digest, CompileError> {
     let file = path.display().to_string();
     let text = std::fs::read(path).map_err(|err| ManifestError::Io {
@@ -220,12 +221,11 @@ pub fn compile(path: &Path, dir: &Path, prev: Option<&Digest>) -> Result<Digest,
         .flatten()
         .map(|(id, seg)| (id.clone(), Digest::of(seg.as_bytes())))
         .collect();
-    let partial = match (prev, &segs) {
-        (Some(prev), Some(segs)) => open(&form_path(dir, prev), prev, &base)
-            .ok()
-            .and_then(|old| merge(&old, segs, &texts, &file, &base)),
-        _ => None,
-    };
+    let old = prev.and_then(|prev| open(&form_path(dir, prev), prev, &base).ok());
+    let partial = segs
+        .as_ref()
+        .and_then(|segs| assemble(old.as_ref(), segs, &texts, &file, &base));
+    drop(old);
     let manifest = match partial {
         Some(m) => m,
         None => Manifest::parse(&text, &file, &base)?,
@@ -239,33 +239,55 @@ pub fn compile(path: &Path, dir: &Path, prev: Option<&Digest>) -> Result<Digest,
     Ok(sha)
 }
 
-/// The manifest from `old`'s models whose text is unchanged and the others parsed alone;
-/// `None` when any of that fails (the caller then parses everything, for exact errors).
-fn merge(
-    old: &Compiled,
+/// The manifest from `old`'s models whose text is unchanged (with an `old` form) and the
+/// others parsed one model at a time, spread over the machine's cores; `None` when any of that
+/// fails (the caller then parses everything, for exact errors).
+fn assemble(
+    old: Option<&Compiled>,
     segs: &BTreeMap<String, String>,
     texts: &BTreeMap<String, Digest>,
     file: &str,
     base: &Path,
 ) -> Option<Manifest> {
     let mut models = BTreeMap::new();
+    let mut todo = Vec::new();
     for (id, seg) in segs {
-        let model = match old.texts.get(id) {
-            Some(t) if Some(t) == texts.get(id) => old.manifest.models.get(id)?.clone(),
-            _ => {
-                let one =
-                    Manifest::parse(&format!("schema_version = 1\n{seg}"), file, base).ok()?;
-                one.models.into_values().next()?
+        match old {
+            Some(old) if old.texts.get(id).is_some_and(|t| Some(t) == texts.get(id)) => {
+                models.insert(id.clone(), old.manifest.models.get(id)?.clone());
             }
-        };
-        models.insert(id.clone(), model);
+            _ => todo.push(seg.as_str()),
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(todo.len())
+        .max(1);
+    let parse_one = |seg: &str| {
+        let one = Manifest::parse(seg, file, base).ok()?;
+        one.models.into_iter().next()
+    };
+    let parsed: Vec<Option<Vec<(String, Model)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<&str> = todo.iter().skip(t).step_by(threads).copied().collect();
+                s.spawn(move || mine.into_iter().map(parse_one).collect::<Option<Vec<_>>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    for part in parsed {
+        models.extend(part?);
     }
     let merged = Manifest { models };
     merged.shared_content_consistent().then_some(merged)
 }
 
-/// The manifest text cut by model: for each model id, the lines of every table under
-/// `models."<id>"`, in order. `None` unless the text has the plain shape `wan manifest build`
+/// The manifest text cut by model: for each model id, `schema_version = 1` and the lines of
+/// every table under `models."<id>"`, in order. `None` unless the text has the plain shape `wan manifest build`
 /// writes: before the first table only `schema_version = 1`, comments and blank lines; every
 /// table header `[models."<id>"...]` or `[[models."<id>"...]]` on a line of its own; no
 /// multi-line strings (whose lines could look like headers). Parsing one model's lines alone
@@ -280,7 +302,9 @@ pub fn segments(text: &str) -> Option<BTreeMap<String, String>> {
         let t = line.trim();
         if t.starts_with('[') {
             let id = header_model(t)?;
-            out.entry(id.clone()).or_default();
+            // Each model's text parses alone as a manifest of one model.
+            out.entry(id.clone())
+                .or_insert_with(|| SEGMENT_START.to_string());
             current = Some(id);
         }
         match &current {
@@ -295,6 +319,9 @@ pub fn segments(text: &str) -> Option<BTreeMap<String, String>> {
     }
     Some(out)
 }
+
+/// What every model's text in [`segments`] starts with.
+const SEGMENT_START: &str = "schema_version = 1\n";
 
 /// The model id of a table header line `[models."ID"…]` / `[[models."ID"…]]` (a trailing
 /// comment allowed); `None` for any other header.
@@ -322,7 +349,7 @@ fn header_model(line: &str) -> Option<String> {
 }
 
 /// Serializes `manifest` (compiled from bytes hashing to `sha`, `local://` resolved against
-/// `base`) and puts it in place atomically: temp file, fsync, rename.
+/// `base`) and puts it in place atomically: temp file, then rename.
 pub fn write(
     dir: &Path,
     sha: &Digest,
@@ -352,10 +379,10 @@ pub fn write(
             f.write_all(&d.0)?;
         }
         f.write_all(&sum.finalize())?;
-        let f = f.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, form_path(dir, sha))?;
-        File::open(dir)?.sync_all()
+        // No fsync: a form lost or torn by a crash fails its checksum and is compiled again,
+        // and syncing 30 MB would cost every first mount tens of milliseconds.
+        f.into_inner().map_err(|e| e.into_error())?;
+        std::fs::rename(&tmp, form_path(dir, sha))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -942,7 +969,7 @@ mod tests {
     fn segments_cut_plain_manifests_only() {
         let segs = segments(&text(10_000)).unwrap();
         assert_eq!(segs.keys().collect::<Vec<_>>(), ["a@1.0.0", "b@2.0.0"]);
-        assert!(segs["b@2.0.0"].starts_with("[models.\"b@2.0.0\".sources]"));
+        assert!(segs["b@2.0.0"].starts_with("schema_version = 1\n[models.\"b@2.0.0\".sources]"));
         for odd in [
             "schema_version = 1\ntitle = \"x\"\n",
             "schema_version = 1\n[models . \"a@1.0.0\"]\n",
