@@ -146,8 +146,21 @@ pub fn load(
         CompileIn::Child => compile_in_child(path, &dir, prev)?,
         CompileIn::Process => compile(path, &dir, prev)?,
     };
-    let c = open(&form_path(&dir, &sha), &sha, &base)
-        .with_context(|| format!("opening the manifest just compiled ({file})"))?;
+    let c = match open(&form_path(&dir, &sha), &sha, &base) {
+        Ok(c) => c,
+        // The executable on disk may be another wanfs version than this process (upgraded
+        // while running) and write another format: compile here instead.
+        Err(e) if how == CompileIn::Child => {
+            tracing::warn!(manifest = %file, reason = %e,
+                "manifest: the form compiled by the child is unusable; compiling in process");
+            let sha = compile(path, &dir, prev)?;
+            open(&form_path(&dir, &sha), &sha, &base)
+                .with_context(|| format!("opening the manifest just compiled ({file})"))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening the manifest just compiled ({file})"));
+        }
+    };
     tracing::info!(manifest = %file, sha256 = %sha, secs = t0.elapsed().as_secs_f64(),
         "manifest: compiled");
     keep_newest(&dir, &sha);
@@ -155,12 +168,16 @@ pub fn load(
 }
 
 /// Runs `wan manifest compile` (this executable) so the parse's peak memory is the child's.
-/// Falls back to compiling in this process if the executable cannot be run.
+/// Falls back to compiling in this process if the executable cannot be run or fails other
+/// than by refusing the manifest (exit status 1).
 fn compile_in_child(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::Result<Digest> {
     let exe = std::env::current_exe().ok();
     let out = exe.and_then(|exe| {
+        use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(exe);
-        cmd.args(["manifest", "compile"])
+        // As `wan` whatever the file is called (`mount.fuse.wan` would start the helper).
+        cmd.arg0("wan")
+            .args(["manifest", "compile"])
             .arg(path)
             .arg("--out")
             .arg(dir);
@@ -175,9 +192,17 @@ fn compile_in_child(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::R
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
+    match out.status.code() {
+        Some(0) => {}
         // The child printed the manifest's problems as `Manifest::load` words them.
-        anyhow::bail!("{}", stderr.trim_end());
+        Some(1) => anyhow::bail!("{}", stderr.trim_end()),
+        // Killed, or an executable that does not know the command (another version on disk):
+        // the manifest may be fine, so compile here rather than refuse it.
+        _ => {
+            tracing::warn!(status = %out.status, stderr = %stderr.trim_end(),
+                "manifest compile in a child failed; compiling in process");
+            return Ok(compile(path, dir, prev)?);
+        }
     }
     stdout
         .trim()
