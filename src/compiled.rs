@@ -530,6 +530,7 @@ struct Mapped {
 // SAFETY: the mapping is read-only and never changes while mapped (forms are never written in
 // place: a new one is renamed over, which leaves this inode as it is).
 unsafe impl Send for Mapped {}
+// SAFETY: as above: shared readers only ever read the mapping.
 unsafe impl Sync for Mapped {}
 
 impl AsRef<[Digest]> for Mapped {
