@@ -27,7 +27,7 @@ use anyhow::Context;
 use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{Digest, Layout};
-use crate::manifest::{ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl};
+use crate::manifest::{ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, segments};
 
 /// Bumped whenever the layout below changes: a form of another version is compiled again.
 pub const FORMAT_VERSION: u32 = 1;
@@ -265,8 +265,8 @@ pub fn compile(path: &Path, dir: &Path, prev: Option<&Digest>) -> Result<Digest,
 }
 
 /// The manifest from `old`'s models whose text is unchanged (with an `old` form) and the
-/// others parsed one model at a time, spread over the machine's cores; `None` when any of that
-/// fails (the caller then parses everything, for exact errors).
+/// others parsed one model at a time ([`crate::manifest::parse_models`]); `None` when any of
+/// that fails (the caller then parses everything, for exact errors).
 fn assemble(
     old: Option<&Compiled>,
     segs: &BTreeMap<String, String>,
@@ -284,93 +284,9 @@ fn assemble(
             _ => todo.push(seg.as_str()),
         }
     }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(todo.len())
-        .max(1);
-    let parse_one = |seg: &str| {
-        let one = Manifest::parse(seg, file, base).ok()?;
-        one.models.into_iter().next()
-    };
-    let parsed: Vec<Option<Vec<(String, Model)>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let mine: Vec<&str> = todo.iter().skip(t).step_by(threads).copied().collect();
-                s.spawn(move || mine.into_iter().map(parse_one).collect::<Option<Vec<_>>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().ok().flatten())
-            .collect()
-    });
-    for part in parsed {
-        models.extend(part?);
-    }
+    models.extend(crate::manifest::parse_models(&todo, file, base)?);
     let merged = Manifest { models };
     merged.shared_content_consistent().then_some(merged)
-}
-
-/// The manifest text cut by model: for each model id, `schema_version = 1` and the lines of
-/// every table under `models."<id>"`, in order. `None` unless the text has the plain shape `wan manifest build`
-/// writes: before the first table only `schema_version = 1`, comments and blank lines; every
-/// table header `[models."<id>"...]` or `[[models."<id>"...]]` on a line of its own; no
-/// multi-line strings (whose lines could look like headers). Parsing one model's lines alone
-/// then gives what a parse of the whole text gives for it.
-pub fn segments(text: &str) -> Option<BTreeMap<String, String>> {
-    if text.contains("\"\"\"") || text.contains("'''") {
-        return None;
-    }
-    let mut out: BTreeMap<String, String> = BTreeMap::new();
-    let mut current: Option<String> = None;
-    for line in text.split_inclusive('\n') {
-        let t = line.trim();
-        if t.starts_with('[') {
-            let id = header_model(t)?;
-            // Each model's text parses alone as a manifest of one model.
-            out.entry(id.clone())
-                .or_insert_with(|| SEGMENT_START.to_string());
-            current = Some(id);
-        }
-        match &current {
-            Some(id) => out.get_mut(id)?.push_str(line),
-            None => {
-                let bare = t.split('#').next().unwrap_or("").trim();
-                if !bare.is_empty() && bare.replace(' ', "") != "schema_version=1" {
-                    return None;
-                }
-            }
-        }
-    }
-    Some(out)
-}
-
-/// What every model's text in [`segments`] starts with.
-const SEGMENT_START: &str = "schema_version = 1\n";
-
-/// The model id of a table header line `[models."ID"…]` / `[[models."ID"…]]` (a trailing
-/// comment allowed); `None` for any other header.
-fn header_model(line: &str) -> Option<String> {
-    let (inner, rest) = if let Some(r) = line.strip_prefix("[[") {
-        let end = r.find("]]")?;
-        (&r[..end], &r[end + 2..])
-    } else {
-        let r = line.strip_prefix('[')?;
-        let end = r.find(']')?;
-        (&r[..end], &r[end + 1..])
-    };
-    let rest = rest.trim();
-    if !(rest.is_empty() || rest.starts_with('#')) {
-        return None;
-    }
-    let key = inner.trim().strip_prefix("models.\"")?;
-    let end = key.find('"')?;
-    let (id, after) = (&key[..end], &key[end + 1..]);
-    // Escapes would need decoding; an id never has one (ids are letters, digits, _-@.).
-    if id.contains('\\') || !(after.is_empty() || after.starts_with('.')) {
-        return None;
-    }
-    Some(id.to_string())
 }
 
 /// Serializes `manifest` (compiled from bytes hashing to `sha`, `local://` resolved against

@@ -429,7 +429,26 @@ impl Manifest {
             file: file.clone(),
             err,
         })?;
-        Manifest::parse(&text, &file, &Manifest::base_dir(path))
+        Manifest::parse_fast(&text, &file, &Manifest::base_dir(path))
+    }
+
+    /// What [`Manifest::parse`] returns, one model at a time on all cores when the text cuts
+    /// by model ([`segments`]): the models parse alone, then the rule that spans models is
+    /// checked. Any problem, or a text that does not cut, is a parse of the whole text, so the
+    /// errors are always exactly `parse`'s.
+    pub fn parse_fast(text: &str, file: &str, base_dir: &Path) -> Result<Manifest, ManifestError> {
+        if let Some(segs) = segments(text) {
+            let segs: Vec<&str> = segs.values().map(String::as_str).collect();
+            if let Some(models) = parse_models(&segs, file, base_dir) {
+                let m = Manifest {
+                    models: models.into_iter().collect(),
+                };
+                if m.shared_content_consistent() {
+                    return Ok(m);
+                }
+            }
+        }
+        Manifest::parse(text, file, base_dir)
     }
 
     /// The directory `local://` sources of the manifest at `path` are relative to.
@@ -661,6 +680,99 @@ impl Manifest {
             .map(|f| f.size)
             .sum()
     }
+}
+
+/// The manifest text cut by model: for each model id, `schema_version = 1` and the lines of
+/// every table under `models."<id>"`, in order. `None` unless the text has the plain shape `wan manifest build`
+/// writes: before the first table only `schema_version = 1`, comments and blank lines; every
+/// table header `[models."<id>"...]` or `[[models."<id>"...]]` on a line of its own; no
+/// multi-line strings (whose lines could look like headers). Parsing one model's lines alone
+/// then gives what a parse of the whole text gives for it.
+pub fn segments(text: &str) -> Option<BTreeMap<String, String>> {
+    if text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let id = header_model(t)?;
+            // Each model's text parses alone as a manifest of one model.
+            out.entry(id.clone())
+                .or_insert_with(|| SEGMENT_START.to_string());
+            current = Some(id);
+        }
+        match &current {
+            Some(id) => out.get_mut(id)?.push_str(line),
+            None => {
+                let bare = t.split('#').next().unwrap_or("").trim();
+                if !bare.is_empty() && bare.replace(' ', "") != "schema_version=1" {
+                    return None;
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// What every model's text in [`segments`] starts with.
+const SEGMENT_START: &str = "schema_version = 1\n";
+
+/// The model id of a table header line `[models."ID"…]` / `[[models."ID"…]]` (a trailing
+/// comment allowed); `None` for any other header.
+fn header_model(line: &str) -> Option<String> {
+    let (inner, rest) = if let Some(r) = line.strip_prefix("[[") {
+        let end = r.find("]]")?;
+        (&r[..end], &r[end + 2..])
+    } else {
+        let r = line.strip_prefix('[')?;
+        let end = r.find(']')?;
+        (&r[..end], &r[end + 1..])
+    };
+    let rest = rest.trim();
+    if !(rest.is_empty() || rest.starts_with('#')) {
+        return None;
+    }
+    let key = inner.trim().strip_prefix("models.\"")?;
+    let end = key.find('"')?;
+    let (id, after) = (&key[..end], &key[end + 1..]);
+    // Escapes would need decoding; an id never has one (ids are letters, digits, _-@.).
+    if id.contains('\\') || !(after.is_empty() || after.starts_with('.')) {
+        return None;
+    }
+    Some(id.to_string())
+}
+
+/// Parses each model's text ([`segments`]) alone, spread over the machine's cores; `None` if
+/// any fails. Each model's TOML document is freed as soon as it is converted, so the peak is a
+/// few models' documents rather than the whole manifest's.
+pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(String, Model)>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(segs.len())
+        .max(1);
+    let parse_one = |seg: &str| {
+        let one = Manifest::parse(seg, file, base).ok()?;
+        one.models.into_iter().next()
+    };
+    let parsed: Vec<Option<Vec<(String, Model)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mine: Vec<&str> = segs.iter().skip(t).step_by(threads).copied().collect();
+                s.spawn(move || mine.into_iter().map(parse_one).collect::<Option<Vec<_>>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    let mut out = Vec::new();
+    for part in parsed {
+        out.extend(part?);
+    }
+    Some(out)
 }
 
 /// Options for [`build`].
@@ -1067,5 +1179,45 @@ mod tests {
             &format!("chunk_size = 8192\nhead_size = 4096\nchunks = [\"{d}\"]"),
         ));
         assert_eq!(ok.unwrap().models["m@1.0.0"].files[0].layout().count(), 1);
+    }
+
+    /// `parse_fast` (used by `load`) gives what `parse` gives: the same models when the text
+    /// cuts by model, the same errors when it does not or when a rule is broken.
+    #[test]
+    fn parse_fast_equals_parse() {
+        let d = Digest::of(b"abc");
+        let model = |id: &str, size: u64| {
+            format!(
+                "[models.\"{id}\"]\ndescription = \"{id}\"\n[models.\"{id}\".sources]\n\
+                 priority = [\"local://x\"]\n[[models.\"{id}\".files]]\npath = \"f\"\n\
+                 size = {size}\nsha256 = \"{d}\"\n# a comment\n"
+            )
+        };
+        let fast = |t: &str| Manifest::parse_fast(t, "t.toml", Path::new("/b"));
+        let full = |t: &str| Manifest::parse(t, "t.toml", Path::new("/b"));
+        let good = format!(
+            "schema_version = 1\n\n{}{}",
+            model("a@1.0.0", 3),
+            model("b@1.0.0", 3)
+        );
+        assert!(segments(&good).is_some());
+        assert_eq!(format!("{:?}", fast(&good)), format!("{:?}", full(&good)));
+        assert_eq!(fast(&good).unwrap().models.len(), 2);
+        for bad in [
+            // Same content, another size, across models: only the whole manifest sees it.
+            format!(
+                "schema_version = 1\n{}{}",
+                model("a@1.0.0", 3),
+                model("b@1.0.0", 4)
+            ),
+            // Problems inside a model, and a syntax error with its line.
+            good.replace("path = \"f\"", "path = \"../f\""),
+            good.replace("size = 3", "size = [\n"),
+            // Does not cut: a key before the first table.
+            format!("schema_version = 1\nextra = 1\n{}", model("a@1.0.0", 3)),
+        ] {
+            let want = full(&bad).unwrap_err().to_string();
+            assert_eq!(fast(&bad).unwrap_err().to_string(), want, "{bad}");
+        }
     }
 }
