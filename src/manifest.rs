@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{Digest, Layout};
 
+mod fast;
+
 /// Default chunk size: 8 MiB. Large enough that a 60 GB model is ~7,000 chunks (index rows,
 /// digests in the manifest, requests) and per-request overhead is noise; small enough that one
 /// chunk, fetched as parallel 1 MiB parts, reaches a reader in tens of milliseconds even from a
@@ -238,7 +240,7 @@ impl fmt::Display for Problem {
 /// (model, path, size, (chunk_size, head_size), chunks) of the first file with a digest.
 type FirstSeen = (String, String, u64, (u64, u64), Option<ChunkList>);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
     schema_version: u32,
@@ -246,7 +248,7 @@ struct RawManifest {
     models: BTreeMap<String, RawModel>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
     #[serde(default)]
@@ -259,14 +261,14 @@ struct RawModel {
     files: Vec<RawFile>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawSources {
     #[serde(default)]
     priority: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     path: String,
@@ -279,6 +281,7 @@ struct RawFile {
 
 /// A digest as the manifest writes it, decoded as it is read: no `String` per digest (a fleet
 /// manifest has over half a million). A bad one keeps its error for the problem list.
+#[derive(Debug)]
 struct HexDigest(Result<Digest, crate::chunk::BadHex>);
 
 impl<'de> Deserialize<'de> for HexDigest {
@@ -461,10 +464,15 @@ impl Manifest {
 
     /// Parses and validates manifest text; `file` names it in errors.
     pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Manifest, ManifestError> {
-        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Syntax {
-            file: file.to_string(),
-            msg: e.to_string().trim_end().to_string(),
-        })?;
+        // The plain shape is read by hand (`fast`), anything else by the `toml` crate, which
+        // also words every syntax error.
+        let raw: RawManifest = match fast::read(text) {
+            Some(raw) => raw,
+            None => toml::from_str(text).map_err(|e| ManifestError::Syntax {
+                file: file.to_string(),
+                msg: e.to_string().trim_end().to_string(),
+            })?,
+        };
         let mut problems = Vec::new();
         if raw.schema_version != 1 {
             problems.push(Problem {
