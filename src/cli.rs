@@ -412,7 +412,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 Err(e) => {
                     // Exactly what `Manifest::load` says: the daemon repeats it as its error.
                     eprintln!("{e}");
-                    Ok(Action::Done(ExitCode::from(1)))
+                    let code = match e {
+                        crate::compiled::CompileError::Write { .. } => {
+                            crate::compiled::EXIT_NOT_WRITTEN
+                        }
+                        crate::compiled::CompileError::Manifest(_) => 1,
+                    };
+                    Ok(Action::Done(ExitCode::from(code)))
                 }
             }
         }

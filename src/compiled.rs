@@ -142,9 +142,12 @@ pub fn load(
     let t0 = std::time::Instant::now();
     // The child hashes what it parses: if the file changed since we hashed it, its hash names
     // the form it wrote.
-    let sha = match how {
+    let written = match how {
         CompileIn::Child => compile_in_child(path, &dir, prev)?,
-        CompileIn::Process => compile(path, &dir, prev)?,
+        CompileIn::Process => compile_here(path, &dir, prev)?,
+    };
+    let Some(sha) = written else {
+        return in_memory(path, sha);
     };
     let c = match open(&form_path(&dir, &sha), &sha, &base) {
         Ok(c) => c,
@@ -153,7 +156,9 @@ pub fn load(
         Err(e) if how == CompileIn::Child => {
             tracing::warn!(manifest = %file, reason = %e,
                 "manifest: the form compiled by the child is unusable; compiling in process");
-            let sha = compile(path, &dir, prev)?;
+            let Some(sha) = compile_here(path, &dir, prev)? else {
+                return in_memory(path, sha);
+            };
             open(&form_path(&dir, &sha), &sha, &base)
                 .with_context(|| format!("opening the manifest just compiled ({file})"))?
         }
@@ -167,10 +172,48 @@ pub fn load(
     Ok(c)
 }
 
+/// `wan manifest compile`'s exit status when the manifest is good but its form could not be
+/// written (a full or read-only cache disk): the daemon then keeps the manifest in memory.
+pub const EXIT_NOT_WRITTEN: u8 = 3;
+
+/// [`compile`] in this process; `None` when the manifest is good but the form could not be
+/// written.
+fn compile_here(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::Result<Option<Digest>> {
+    match compile(path, dir, prev) {
+        Ok(sha) => Ok(Some(sha)),
+        Err(e @ CompileError::Write { .. }) => {
+            tracing::warn!(error = %e, "manifest: cannot write its compiled form");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The manifest parsed into this process's memory, for when no compiled form can be written:
+/// a cache disk that is full (or read-only) must not stop a mount. Costs the parse's memory in
+/// the daemon and a parse at every start until a form can be written again.
+fn in_memory(path: &Path, sha: Digest) -> anyhow::Result<Compiled> {
+    tracing::warn!(manifest = %path.display(),
+        "manifest: kept in memory without a compiled form; the next start parses it again");
+    let manifest = Manifest::load(path)?;
+    let (_, _, fingerprints) = encode(&Manifest::base_dir(path), &manifest, &BTreeMap::new());
+    Ok(Compiled {
+        manifest,
+        sha256: sha,
+        fingerprints,
+        texts: BTreeMap::new(),
+        reused: false,
+    })
+}
+
 /// Runs `wan manifest compile` (this executable) so the parse's peak memory is the child's.
 /// Falls back to compiling in this process if the executable cannot be run or fails other
 /// than by refusing the manifest (exit status 1).
-fn compile_in_child(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::Result<Digest> {
+fn compile_in_child(
+    path: &Path,
+    dir: &Path,
+    prev: Option<&Digest>,
+) -> anyhow::Result<Option<Digest>> {
     let exe = std::env::current_exe().ok();
     let out = exe.and_then(|exe| {
         use std::os::unix::process::CommandExt;
@@ -188,7 +231,7 @@ fn compile_in_child(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::R
     });
     let Some(out) = out else {
         tracing::warn!("cannot run this executable to compile the manifest; compiling in process");
-        return Ok(compile(path, dir, prev)?);
+        return compile_here(path, dir, prev);
     };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -196,17 +239,22 @@ fn compile_in_child(path: &Path, dir: &Path, prev: Option<&Digest>) -> anyhow::R
         Some(0) => {}
         // The child printed the manifest's problems as `Manifest::load` words them.
         Some(1) => anyhow::bail!("{}", stderr.trim_end()),
+        Some(c) if c == i32::from(EXIT_NOT_WRITTEN) => {
+            tracing::warn!(error = %stderr.trim_end(), "manifest: cannot write its compiled form");
+            return Ok(None);
+        }
         // Killed, or an executable that does not know the command (another version on disk):
         // the manifest may be fine, so compile here rather than refuse it.
         _ => {
             tracing::warn!(status = %out.status, stderr = %stderr.trim_end(),
                 "manifest compile in a child failed; compiling in process");
-            return Ok(compile(path, dir, prev)?);
+            return compile_here(path, dir, prev);
         }
     }
     stdout
         .trim()
         .parse::<Digest>()
+        .map(Some)
         .map_err(|e| anyhow::anyhow!("manifest compile printed no digest ({e}); {stderr}"))
 }
 
@@ -299,7 +347,7 @@ pub fn write(
     texts: &BTreeMap<String, Digest>,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let (meta, digests) = encode(base, manifest, texts);
+    let (meta, digests, _) = encode(base, manifest, texts);
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -357,7 +405,7 @@ impl Enc {
 /// Marks a file listed with only a whole-file sha256 (no chunk digests).
 const NO_CHUNKS: u64 = u64::MAX;
 
-/// (meta section, digest table). Meta: base dir, model count, then per model: id,
+/// (meta section, digest table, fingerprints). Meta: base dir, model count, then per model: id,
 /// fingerprint, text hash, description, pinned, sources (kind tag + fields, `local://` already resolved
 /// against the base dir), files (path, size, sha256,
 /// chunk_size, head_size, first digest index or `NO_CHUNKS`, digest count).
@@ -365,7 +413,8 @@ fn encode(
     base: &Path,
     manifest: &Manifest,
     texts: &BTreeMap<String, Digest>,
-) -> (Vec<u8>, Vec<Digest>) {
+) -> (Vec<u8>, Vec<Digest>, BTreeMap<String, Digest>) {
+    let mut fingerprints = BTreeMap::new();
     let mut e = Enc::default();
     let mut digests = Vec::new();
     e.str(&base.to_string_lossy());
@@ -426,13 +475,15 @@ fn encode(
         for d in &digests[first..] {
             fp.update(d.0);
         }
+        let fp = Digest(fp.finalize().into());
+        fingerprints.insert(m.id.clone(), fp);
         e.str(&m.id);
-        e.bytes(&fp.finalize());
+        e.bytes(&fp.0);
         // All zeros: the text could not be cut by model (never the sha256 of anything).
         e.bytes(&texts.get(&m.id).map_or([0; 32], |t| t.0));
         e.bytes(&me.0);
     }
-    (e.0, digests)
+    (e.0, digests, fingerprints)
 }
 
 /// The digest table of an open compiled form, mapped read-only from its file.
@@ -970,5 +1021,24 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(format!("{got:#}"), want);
+    }
+
+    /// A cache disk where no form can be written (full, read-only) must not stop a mount: the
+    /// manifest is then kept in memory, fingerprints included (a reload compares them).
+    #[test]
+    fn a_form_that_cannot_be_written_leaves_the_manifest_in_memory() {
+        let (_d, manifest, cache) = setup(&text(10_000));
+        std::fs::create_dir_all(cache.join("v1")).unwrap();
+        std::fs::write(dir(&cache), b"a file where the directory should be").unwrap();
+        let c = load_here(&manifest, &cache);
+        assert!(!c.reused);
+        assert_eq!(
+            format!("{:?}", c.manifest),
+            format!("{:?}", Manifest::load(&manifest).unwrap())
+        );
+        assert_eq!(c.fingerprints.len(), 2);
+        // The same fingerprints a compiled form gets.
+        std::fs::remove_file(dir(&cache)).unwrap();
+        assert_eq!(load_here(&manifest, &cache).fingerprints, c.fingerprints);
     }
 }

@@ -165,3 +165,20 @@ fn mount_refuses_a_bad_manifest_in_the_words_of_manifest_check() {
         assert!(forms(&spec.cache_dir).is_empty());
     }
 }
+
+#[test]
+fn a_cache_where_no_form_can_be_written_still_mounts() {
+    let g = GenSetup::new(&[("a.bin", 100 * KIB)], 64 * 1024, 94);
+    let spec = g.spec(WanConfig::default());
+    // Where the forms would go, a file: nothing can be written there (as a full disk would).
+    fs::create_dir_all(spec.cache_dir.join("v1")).unwrap();
+    fs::write(spec.cache_dir.join("v1/manifests"), b"not a directory").unwrap();
+    let m = Mount::start(spec);
+    assert!(m.log().contains("manifest: kept in memory"), "{}", m.log());
+    assert_bytes_eq(
+        &fs::read(g.mounted(&m, "a.bin")).unwrap(),
+        g.data("a.bin"),
+        "a.bin without a compiled form",
+    );
+    assert!(m.stop().success());
+}
