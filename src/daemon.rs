@@ -56,6 +56,8 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let sources_for_reload = sources.clone();
     let tree = Tree::build(&files, None);
     let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
+    fetcher.set_peers(peer_handles(&sources, &cfg)?, cfg.peers.cooldown());
+    let fetcher_for_reload = fetcher.clone();
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
     let control = Control::new(
         &manifest,
@@ -173,6 +175,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         cache_dir: plan.cache_dir.clone(),
         config: std::sync::Mutex::new(cfg.clone()),
         sources: sources_for_reload,
+        fetcher: fetcher_for_reload,
         fs: fs.clone(),
         control: control.clone(),
         notifier,
@@ -227,9 +230,10 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
 struct Reloader {
     reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
     cache_dir: PathBuf,
-    /// The configuration in force: only `[gc]` (and the manifest) change on reload.
+    /// The configuration in force: only `[gc]`, `[peers]` (and the manifest) change on reload.
     config: std::sync::Mutex<Config>,
     sources: Arc<SourceRegistry>,
+    fetcher: Arc<Fetcher>,
     fs: Arc<ModelFs>,
     control: Arc<Control>,
     notifier: fuser::Notifier,
@@ -290,6 +294,17 @@ impl Reloader {
                     );
                 }
                 in_force.gc = cfg.gc.clone();
+                if in_force.peers != cfg.peers {
+                    match peer_handles(&self.sources, &cfg) {
+                        Ok(peers) => {
+                            tracing::info!(peers = peers.len(), "reload: peers replaced");
+                            self.fetcher.set_peers(peers, cfg.peers.cooldown());
+                            in_force.peers = cfg.peers.clone();
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"),
+                            "reload: the new peers could not be set up; the old ones stay in force"),
+                    }
+                }
                 self.control.reload(&manifest, files, in_force.clone());
                 tracing::info!(
                     manifest = %manifest_path.display(),
@@ -301,6 +316,17 @@ impl Reloader {
         }
         sd_notify("READY=1");
     }
+}
+
+/// The handles of the configured peers; they send the fleet's token (`http.token_env`).
+fn peer_handles(
+    sources: &SourceRegistry,
+    cfg: &Config,
+) -> anyhow::Result<Vec<Arc<crate::source::SourceHandle>>> {
+    let token = std::env::var(&cfg.http.token_env)
+        .ok()
+        .filter(|t| !t.is_empty());
+    sources.peers(&cfg.peers, token)
 }
 
 /// Tells systemd (Type=notify) about our state, if it is listening.

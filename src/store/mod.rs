@@ -451,6 +451,35 @@ impl Store {
         self.fd(f.sha256, None).ok()
     }
 
+    /// The size of a blob the cache has an entry for (any chunk present or not).
+    pub fn blob_size(&self, d: Digest) -> Option<u64> {
+        self.blobs.lock().unwrap().get(&d).map(|s| s.layout.size)
+    }
+
+    /// For a peer's `/blobs` request: the blob's size and a handle on it, if the cache holds
+    /// every chunk that `range` (clamped to the blob) touches, checked with the same lock a
+    /// commit or eviction takes. The chunks were verified when they were committed; the peer
+    /// verifies them again, so a rotted disk costs it a fallback, never a wrong byte.
+    pub fn peer_reader(&self, d: Digest, range: std::ops::Range<u64>) -> Option<(u64, Arc<File>)> {
+        if self.is_suspect(d) {
+            return None;
+        }
+        let mut blobs = self.blobs.lock().unwrap();
+        let st = blobs.get_mut(&d)?;
+        let size = st.layout.size;
+        let end = range.end.min(size);
+        if range.start < end {
+            let chunks = st.layout.covering(range.start, end - range.start);
+            if !chunks.into_iter().all(|i| st.has(i)) {
+                return None;
+            }
+        } else if !st.complete() {
+            return None;
+        }
+        st.touch();
+        Some((size, self.fd(d, None).ok()?))
+    }
+
     /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.
     pub fn open_complete_ro(&self, f: &FileEntry) -> Option<File> {
         let mut blobs = self.blobs.lock().unwrap();
