@@ -194,9 +194,11 @@ pub struct MountArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ManifestCommand {
-    /// Print the manifest entry (TOML) for a local model tree.
+    /// Print the manifest entry (TOML) for a local model tree, a Hub repository
+    /// (hf://org/repo@rev, from its API: HF_ENDPOINT, HF_TOKEN) or an S3 prefix
+    /// (s3://bucket/prefix: AWS_*).
     Build {
-        /// The model's directory.
+        /// The model's directory, or hf://org/repo@rev, or s3://bucket/prefix.
         dir: PathBuf,
         /// Model id, NAME@X.Y.Z.
         #[arg(long)]
@@ -215,6 +217,11 @@ pub enum ManifestCommand {
         /// List only whole-file digests (files are then fetched whole on first read).
         #[arg(long)]
         whole_only: bool,
+        /// For hf:// and s3://: fetch every file once and list its chunk digests (lazy reads);
+        /// without it, only whole-file digests are listed (the Hub's LFS sha256 needs no
+        /// download).
+        #[arg(long, conflicts_with = "whole_only")]
+        chunked: bool,
     },
     /// Validate a manifest; exits non-zero listing every problem.
     Check { file: PathBuf },
@@ -375,17 +382,25 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             head_size,
             sources,
             whole_only,
+            chunked,
         }) => {
-            let text = crate::manifest::build(
-                &dir,
-                &BuildOptions {
-                    id,
-                    chunk_size,
-                    head_size,
-                    sources,
-                    whole_only,
-                },
-            )?;
+            let remote = dir.to_str().filter(|d| crate::remote::is_remote(d));
+            if chunked && remote.is_none() {
+                anyhow::bail!(
+                    "--chunked is for hf:// and s3:// models; a local build lists chunk digests unless --whole-only"
+                );
+            }
+            let opts = BuildOptions {
+                id,
+                chunk_size,
+                head_size,
+                sources,
+                whole_only: whole_only || (remote.is_some() && !chunked),
+            };
+            let text = match remote {
+                Some(url) => crate::remote::build(url, &opts)?,
+                None => crate::manifest::build(&dir, &opts)?,
+            };
             print!("{text}");
             Ok(Action::Done(ExitCode::SUCCESS))
         }

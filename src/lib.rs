@@ -2,7 +2,8 @@
 //!
 //! Module map (arrows point down; see docs/DESIGN-NOTES.md and ../shared/DESIGN.md §10):
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
-//! `manifest`, `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout.
+//! `manifest`, `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout;
+//! `remote` (manifest entries from the Hub or S3) sits beside `cli`, over `source`.
 
 pub mod bufpool;
 pub mod chunk;
@@ -20,5 +21,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod mount_helper;
 pub mod prefetch;
+pub mod remote;
 pub mod source;
 pub mod store;

@@ -64,7 +64,7 @@ impl HttpSource {
 }
 
 /// Percent-encodes one path segment (RFC 3986 unreserved characters and a few safe ones pass).
-fn encode_segment(seg: &str, out: &mut String) {
+pub(crate) fn encode_segment(seg: &str, out: &mut String) {
     for b in seg.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~@+=,".contains(&b) {
             out.push(b as char);

@@ -6,7 +6,7 @@
 //! Sources return raw bytes; they never verify: the fetcher does, before anything is stored.
 
 mod file;
-mod http;
+pub(crate) mod http;
 pub mod mock;
 mod s3;
 
@@ -23,6 +23,7 @@ use crate::manifest::SourceUrl;
 
 pub use file::DirSource;
 pub use http::{HttpSource, http_client};
+pub use s3::S3Source;
 
 /// Why a source could not deliver.
 #[derive(Debug, Clone, thiserror::Error)]
