@@ -117,17 +117,30 @@ pub struct JobStatus {
     /// Ensure: seconds from the job's start to its first chunk stored, `None` if it fetched
     /// nothing (for a whole-only file, the time to the whole file).
     pub first_fetch_secs: Option<f64>,
+    /// While running: average progress since the job started, bytes per second (bytes found
+    /// cached count as progress, as they do in `bytes_done`).
+    pub rate_bytes_per_s: Option<f64>,
+    /// While running: seconds to `bytes_total` at that rate.
+    pub eta_secs: Option<f64>,
 }
 
 struct Job {
     status: Mutex<JobStatus>,
     progress: AtomicU64,
+    started_at: std::time::Instant,
 }
 
 impl Job {
     fn snapshot(&self) -> JobStatus {
         let mut s = self.status.lock().unwrap().clone();
         s.bytes_done = self.progress.load(Ordering::Relaxed).min(s.bytes_total);
+        let secs = self.started_at.elapsed().as_secs_f64();
+        if s.state == "running" && secs > 0.0 {
+            let rate = s.bytes_done as f64 / secs;
+            s.rate_bytes_per_s = Some(rate.round());
+            s.eta_secs = (rate > 0.0)
+                .then(|| ((s.bytes_total - s.bytes_done) as f64 / rate * 10.0).round() / 10.0);
+        }
         s
     }
     fn running(&self) -> bool {
@@ -702,8 +715,11 @@ impl Control {
                         bad_chunks: 0,
                         bytes_fetched: 0,
                         first_fetch_secs: None,
+                        rate_bytes_per_s: None,
+                        eta_secs: None,
                     }),
                     progress: AtomicU64::new(0),
+                    started_at: std::time::Instant::now(),
                 });
                 jobs.insert(id.clone(), job.clone());
                 (id, job)

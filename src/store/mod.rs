@@ -849,6 +849,16 @@ pub struct AdoptReport {
     pub bytes: u64,
 }
 
+impl std::fmt::Display for AdoptReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "index rebuilt: {} blobs adopted, {} chunks verified ({} bytes), {} corrupt chunks left out",
+            self.blobs_adopted, self.chunks_verified, self.bytes, self.chunks_bad
+        )
+    }
+}
+
 impl Store {
     /// Rebuilds index entries for blob files on disk that the index does not know (a lost or
     /// rebuilt index): every chunk with data is read and verified against `files` (the
