@@ -90,6 +90,8 @@ pub struct Metrics {
     pub peer_served_bytes: IntCounter,
     pub first_byte_seconds: Histogram,
     pub fuse_seconds: HistogramVec,
+    /// FUSE requests answered with an error, by operation.
+    pub fuse_errors: IntCounterVec,
     pub integrity_failures: IntCounter,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
@@ -167,6 +169,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "FUSE request latency by operation.",
         &["op"],
         latency_buckets(),
+    ),
+    fuse_errors: counter_vec(
+        "wan_fuse_errors_total",
+        "FUSE requests answered with an error, by operation (a lookup's ENOENT excepted).",
+        &["op"],
     ),
     integrity_failures: counter(
         "wan_integrity_failures_total",

@@ -91,6 +91,16 @@ fn listing_and_stat_work_with_origin_stopped() {
     }
     let missing = fs::metadata(mount.path(&format!("{T2V}/no-such-file")));
     assert_eq!(missing.map_err(|e| errno(&e)).err(), Some(libc::ENOENT));
+    // Refused opens for writing are counted by operation; a lookup's miss is not an error.
+    let metrics = fs::read_to_string(mount.path(".wan/metrics")).expect("read .wan/metrics");
+    let count = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(count("wan_fuse_errors_total{op=\"open\"}") >= 1.0, "{metrics}");
+    assert_eq!(count("wan_fuse_errors_total{op=\"lookup\"}"), 0.0);
     assert!(
         origin.requests().is_empty(),
         "requests reached a stopped origin: {:?}",

@@ -94,7 +94,9 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::Control(ControlError::Busy(..)) => libc::EBUSY,
             FsError::Control(ControlError::Failed(_)) => libc::EIO,
-            FsError::Control(_) => libc::EINVAL,
+            FsError::Control(ControlError::UnknownModel(..) | ControlError::BadRequest(_)) => {
+                libc::EINVAL
+            }
         }
     }
 }
