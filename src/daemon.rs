@@ -88,7 +88,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     };
 
     clear_stale_mount(&mountpoint)?;
-    let is_root = unsafe { libc::geteuid() } == 0;
+    let is_root = nix::unistd::geteuid().is_root();
     let allow_other = cfg.mount.allow_other.unwrap_or(is_root);
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = vec![
@@ -420,9 +420,7 @@ fn mount_at(path: &Path) -> Option<MountEntry> {
 
 /// Detaches the mount at `path` lazily: `umount2(MNT_DETACH)` as root, else `fusermount3 -u -z`.
 fn detach(path: &Path) -> anyhow::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a valid C string; MNT_DETACH only detaches.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_ok() {
         return Ok(());
     }
     let status = std::process::Command::new("fusermount3")

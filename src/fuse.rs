@@ -76,12 +76,15 @@ impl FuseAdapter {
 /// The one place a filesystem error becomes a reply code: counted by operation in
 /// `wan_fuse_errors_total` and logged at debug. A lookup's ENOENT is neither: a miss is how
 /// `stat` and shells ask whether a name exists. The read path also logs an EIO at error level
-/// with the file and its cause, which only it knows.
+/// with the file and its cause, and a refused control write its input, bounded: only they know
+/// those.
 fn fail(op: &'static str, ino: u64, e: &FsError) -> Errno {
     let code = e.errno();
     if !(op == "lookup" && code == libc::ENOENT) {
         METRICS.fuse_errors.with_label_values(&[op]).inc();
-        tracing::debug!(op, ino, errno = code, error = %e, "FUSE request failed");
+        // Not the error's text: it may carry a client's input (a control-file write), which
+        // the code that knows its context logs, bounded.
+        tracing::debug!(op, ino, errno = code, "FUSE request failed");
     }
     Errno::from_i32(code)
 }

@@ -345,14 +345,8 @@ fn valid_port(port: &str) -> bool {
 
 /// This machine's host name, lower case.
 fn hostname() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return None;
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let name = std::str::from_utf8(&buf[..end]).ok()?.to_ascii_lowercase();
+    let name = nix::unistd::gethostname().ok()?;
+    let name = name.to_str()?.to_ascii_lowercase();
     (!name.is_empty()).then_some(name)
 }
 
@@ -447,8 +441,11 @@ async fn authorize(
     )
 }
 
+/// A token compare whose time does not depend on where the bytes differ (`subtle`); the
+/// length is not secret.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 /// A `Range` header's one byte range, before the blob's size resolves it.

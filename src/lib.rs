@@ -5,6 +5,8 @@
 //! `manifest`, `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout;
 //! `remote` (manifest entries from the Hub or S3) sits beside `cli`, over `source`.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bufpool;
 pub mod chunk;
 pub mod cli;

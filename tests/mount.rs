@@ -99,7 +99,10 @@ fn listing_and_stat_work_with_origin_stopped() {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     };
-    assert!(count("wan_fuse_errors_total{op=\"open\"}") >= 1.0, "{metrics}");
+    assert!(
+        count("wan_fuse_errors_total{op=\"open\"}") >= 1.0,
+        "{metrics}"
+    );
     assert_eq!(count("wan_fuse_errors_total{op=\"lookup\"}"), 0.0);
     assert!(
         origin.requests().is_empty(),
@@ -432,7 +435,7 @@ fn xattrs_walk_not_present_partial_complete() {
     assert_eq!(wait_state(&path, "PARTIAL"), "PARTIAL");
     let cached = cached_bytes(&path);
     assert!(
-        cached >= CS && cached < size && cached % CS == 0,
+        cached >= CS && cached < size && cached.is_multiple_of(CS),
         "cached_bytes {cached} after reading one chunk of {CS}"
     );
 
