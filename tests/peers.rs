@@ -106,11 +106,17 @@ fn three_daemons_cost_the_origin_one_copy() {
 
     for (name, m) in [("a", &a), ("b", &b), ("c", &c)] {
         let path = setup.mounted(m, FILE);
-        assert_bytes_eq(&read_all(&path), want, &format!("{FILE} through {name}"));
+        let (got, took) = timed(|| read_all(&path));
+        eprintln!("{name}: read {SIZE} bytes in {took:?}");
+        assert_bytes_eq(&got, want, &format!("{FILE} through {name}"));
         // The last chunk is committed just after it is served: B must find it at A.
         assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE", "{name}");
     }
     let sent = origin_bytes(&setup.origin, FILE);
+    eprintln!(
+        "the origin sent {sent} bytes for three reads: {:.3}x the file",
+        sent as f64 / SIZE as f64
+    );
     assert!(
         sent as f64 <= 1.1 * SIZE as f64,
         "the origin sent {sent} bytes for three reads of a {SIZE}-byte file"
