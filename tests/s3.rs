@@ -1,6 +1,7 @@
 //! The `s3://` source against a real S3-compatible server (moto, from PyPI) on 127.0.0.1:
 //! ranged reads verified end to end, wrong credentials refused with a clear error, and a
-//! missing object failing the read with EIO. `.ci/run` installs `moto[server]`.
+//! missing object failing the read with EIO; and S3 as a scale-out origin: concurrent readers
+//! of one object with many ranged GETs in flight at once. `.ci/run` installs `moto[server]`.
 
 mod common;
 
@@ -151,4 +152,147 @@ fn s3_source_serves_verified_bytes_and_refuses_bad_credentials_and_missing_objec
         "log should explain the denial:\n{}",
         m.log()
     );
+}
+
+/// `model_downloads_active` (chunk fetches in flight) from the mount's `.wan/metrics`.
+fn downloads_active(m: &Mount) -> Option<u64> {
+    let text = std::fs::read_to_string(m.path(".wan/metrics")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("model_downloads_active "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// How many TCP connections to 127.0.0.1:`port` are established now (client sides, from
+/// /proc/net/tcp). The S3 client opens a connection only when no idle one is free, so N open at
+/// once means about N requests were in flight together. Not an upper bound on them: a
+/// connection whose answer was just read may not be back in the pool when the next request
+/// starts, so the pool can grow past `fetch.connections` (seen: 25 with 16).
+fn connections_to(port: u16) -> usize {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2].ends_with(&want) && f[3] == "01"
+        })
+        .count()
+}
+
+/// The sum of `wan_source_requests_total` samples with `result="ok"`.
+fn ok_requests(m: &Mount) -> u64 {
+    let text = std::fs::read_to_string(m.path(".wan/metrics")).expect("read .wan/metrics");
+    text.lines()
+        .filter(|l| l.starts_with("wan_source_requests_total{") && l.contains("result=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// S3 as a scale-out origin: one multi-chunk object read at once by sequential and random
+/// readers through the mount, with 16 connections, small chunks and small parts, so many ranged
+/// GETs are in flight against the server together. Every byte must be right and the cache must
+/// end consistent (each chunk row matching the bytes on disk).
+#[test]
+fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
+    const MIB: usize = 1 << 20;
+    const PART_KIB: u32 = 256;
+    let work = workdir();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let size = 32 * MIB + 4097;
+    let data = write_random(&src.join("weights/big.bin"), size, 43);
+    let (moto, ak, sk) = moto_with(&src, "models", "wan22/load");
+    let opts = BuildOpts {
+        chunk_size: Some(MIB as u64),
+        sources: vec!["s3://models/wan22/load".into()],
+        whole_only: false,
+    };
+    let entry = manifest_build(&src, "load@1.0.0", &opts);
+    let chunks = manifest_files(&entry, "load@1.0.0")[0].chunks.len();
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, &[entry]);
+    let config = WanConfig {
+        connections: 16,
+        part_size_kib: PART_KIB,
+        readahead_chunks: 8,
+        // moto is one Python process on a small machine: let a slow answer be slow, not failed.
+        request_timeout_secs: 10.0,
+        read_timeout_secs: 30.0,
+        ..WanConfig::default()
+    };
+    let m = Mount::start(
+        MountSpec::new(work.path(), &manifest)
+            .config(config)
+            .env("AWS_ACCESS_KEY_ID", &ak)
+            .env("AWS_SECRET_ACCESS_KEY", &sk)
+            .env("AWS_ENDPOINT_URL", &moto.endpoint)
+            .env("AWS_REGION", "us-east-1"),
+    );
+    let f = m.path("load@1.0.0/weights/big.bin");
+
+    let port: u16 = moto.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let ((max_active, max_conns), took) = timed(|| {
+        std::thread::scope(|s| {
+            // Samples the chunk fetches and the connections to S3 while the readers run.
+            let sampler = s.spawn(|| {
+                let (mut active, mut conns) = (0, 0);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    active = active.max(downloads_active(&m).unwrap_or(0));
+                    conns = conns.max(connections_to(port));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (active, conns)
+            });
+            let mut readers = Vec::new();
+            // Two sequential readers: the whole file at once, and 3 MiB at a time.
+            readers.push(s.spawn(|| assert_bytes_eq(&std::fs::read(&f).unwrap(), &data, "seq")));
+            readers.push(s.spawn(|| {
+                let file = std::fs::File::open(&f).unwrap();
+                for off in (0..size).step_by(3 * MIB) {
+                    let got = read_range_in(&file, off as u64, 3 * MIB).unwrap();
+                    let want = &data[off..(off + 3 * MIB).min(size)];
+                    assert_bytes_eq(&got, want, "sequential 3 MiB reads");
+                }
+            }));
+            // Four random readers, each with its own fixed sequence of offsets and lengths.
+            for t in 0..4u64 {
+                let (f, data) = (&f, &data);
+                readers.push(s.spawn(move || {
+                    let file = std::fs::File::open(f).unwrap();
+                    let draws = random_bytes(16 * 40, 100 + t);
+                    for d in draws.chunks(16) {
+                        let off = u64::from_le_bytes(d[..8].try_into().unwrap()) as usize % size;
+                        let len =
+                            1 + u64::from_le_bytes(d[8..].try_into().unwrap()) as usize % (2 * MIB);
+                        let got = read_range_in(&file, off as u64, len).unwrap();
+                        let want = &data[off..(off + len).min(size)];
+                        assert_bytes_eq(&got, want, "random read");
+                    }
+                }));
+            }
+            for r in readers {
+                r.join().expect("reader");
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            sampler.join().expect("sampler")
+        })
+    });
+    let requests = ok_requests(&m);
+    eprintln!(
+        "s3 load: {size} bytes in {took:?} by 6 readers; {requests} ranged GETs; \
+         at most {max_active} chunk fetches and {max_conns} connections to S3 at once"
+    );
+    // Every part of every chunk is its own GET.
+    let parts = size.div_ceil(PART_KIB as usize * 1024) as u64;
+    assert!(requests >= parts, "{requests} GETs for {parts} parts");
+    assert!(
+        max_conns >= 8,
+        "expected many GETs in flight at once (16 connections allowed), saw at most {max_conns} connections"
+    );
+    assert_eq!(wait_state(&f, "COMPLETE"), "COMPLETE");
+    let view = CacheView::new(&m.spec.cache_dir);
+    assert_eq!(view.check_consistent(), Ok(chunks));
 }
