@@ -296,3 +296,60 @@ fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
     let view = CacheView::new(&m.spec.cache_dir);
     assert_eq!(view.check_consistent(), Ok(chunks));
 }
+
+/// Not a check: cold sequential reads of one 64 MiB file by a fresh daemon (default fetch
+/// settings, 8 MiB chunks) from the test origin, through an nginx cache tier (cold, then warm)
+/// and from moto, for docs/BENCHMARKS.md. Run by hand, with a release binary:
+/// `WAN_TEST_BIN=target/release/wan cargo test --test s3 -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_cold_read_origin_tier_and_s3() {
+    const MIB: usize = 1 << 20;
+    let size = 64 * MIB;
+    let work = workdir();
+    let src = work.path().join("src");
+    let data = &gen_files(&src, GEN, &[("w.bin", size)], 7)[0].1;
+    let origin = Origin::start(&src);
+    let Some(nginx) =
+        common::nginx::Nginx::start(&work.path().join("nginx"), origin.addr(), 1 << 20)
+    else {
+        return;
+    };
+    let (moto, ak, sk) = moto_with(&src.join(GEN), "models", "bench");
+    let config = WanConfig {
+        request_timeout_secs: 30.0,
+        read_timeout_secs: 60.0,
+        ..WanConfig::default()
+    };
+    let run = |name: &str, source: String| {
+        let opts = BuildOpts {
+            chunk_size: None,
+            sources: vec![source],
+            whole_only: false,
+        };
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = dir.join("models.toml");
+        write_manifest(&manifest, &[manifest_build(&src.join(GEN), GEN, &opts)]);
+        let m = Mount::start(
+            MountSpec::new(&dir, &manifest)
+                .config(config.clone())
+                .env("AWS_ACCESS_KEY_ID", &ak)
+                .env("AWS_SECRET_ACCESS_KEY", &sk)
+                .env("AWS_ENDPOINT_URL", &moto.endpoint)
+                .env("AWS_REGION", "us-east-1"),
+        );
+        let (got, took) = timed(|| std::fs::read(m.path(&format!("{GEN}/w.bin"))).unwrap());
+        assert_bytes_eq(&got, data, name);
+        eprintln!(
+            "bench {name}: {:.0} MB/s ({took:.2?} for {size} bytes)",
+            size as f64 / took.as_secs_f64() / 1e6
+        );
+    };
+    for round in 0..3 {
+        run(&format!("origin-{round}"), origin.base(GEN));
+        let tier = if round == 0 { "tier-cold" } else { "tier-warm" };
+        run(&format!("{tier}-{round}"), nginx.base(GEN));
+        run(&format!("s3-{round}"), "s3://models/bench".into());
+    }
+}
