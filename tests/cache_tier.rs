@@ -8,7 +8,8 @@
 //!   many daemons read it, concurrently or later, and nginx answers the later ones from its cache.
 //! - A cache that stored wrong bytes (the origin corrupted one slice on its way into the cache)
 //!   never reaches a reader: a daemon with only the cache tier as a source fails that chunk with
-//!   EIO; a daemon that also lists the origin fetches that chunk, and only it, from the origin.
+//!   EIO; a daemon that also lists the origin fetches that chunk, and only it, from the origin;
+//!   once the file's slices are purged from the tier, the tier alone serves it right again.
 //!
 //! Where nginx (with the slice module) is not installed, each test prints SKIP and passes;
 //! `.ci/run` installs it.
@@ -229,4 +230,26 @@ fn wrong_bytes_in_the_cache_tier_never_reach_a_reader() {
         0,
         "after its cool-down the cache tier should serve the rest"
     );
+    drop((file, y));
+
+    // The remedy of docs/OPERATIONS.md, as written there: drop the file's slices from the tier.
+    // A daemon with only the tier as a source then reads every byte.
+    let purge = format!(
+        "grep -rlaF 'KEY: {path}bytes=' {} | xargs -r rm -v",
+        nginx.cache_dir().display()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &purge])
+        .output()
+        .expect("run the purge");
+    let removed = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(
+        out.status.success() && removed == size.div_ceil(SLICE as usize),
+        "{purge}: removed {removed} files: {out:?}"
+    );
+    let dir = work.path().join("z");
+    fs::create_dir_all(&dir).expect("daemon dir");
+    let z = Mount::start(MountSpec::new(&dir, &only_tier).config(tier_config()));
+    let f = z.path(&format!("{GEN}/weights/model.bin"));
+    assert_bytes_eq(&fs::read(&f).expect("read"), data, "after the purge");
 }

@@ -133,6 +133,11 @@ impl Nginx {
         format!("http://127.0.0.1:{}/{sub}", self.port)
     }
 
+    /// `proxy_cache_path`: one file per cached slice, each holding a `KEY: ` line.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cache")
+    }
+
     pub fn error_log(&self) -> String {
         fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
