@@ -190,49 +190,52 @@ fn ok_requests(m: &Mount) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// S3 as a scale-out origin: one multi-chunk object read at once by sequential and random
+const LOAD_MIB: usize = 1 << 20;
+const LOAD_PART_KIB: u32 = 256;
+
+/// The object of the load tests: `src/weights/big.bin`, 32 MiB and a bit, and its bytes.
+fn load_object(src: &Path) -> Vec<u8> {
+    write_random(&src.join("weights/big.bin"), 32 * LOAD_MIB + 4097, 43)
+}
+
+/// S3 as a scale-out origin: the object of [`load_object`], uploaded under
+/// `s3://models/wan22/load` of the server at `endpoint`, read at once by sequential and random
 /// readers through the mount, with 16 connections, small chunks and small parts, so many ranged
 /// GETs are in flight against the server together. Every byte must be right and the cache must
 /// end consistent (each chunk row matching the bytes on disk).
-#[test]
-fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
-    const MIB: usize = 1 << 20;
-    const PART_KIB: u32 = 256;
-    let work = workdir();
-    let src = work.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let size = 32 * MIB + 4097;
-    let data = write_random(&src.join("weights/big.bin"), size, 43);
-    let (moto, ak, sk) = moto_with(&src, "models", "wan22/load");
+fn concurrent_readers(work: &Path, src: &Path, data: &[u8], endpoint: &str, ak: &str, sk: &str) {
+    const MIB: usize = LOAD_MIB;
+    const PART_KIB: u32 = LOAD_PART_KIB;
+    let size = data.len();
     let opts = BuildOpts {
         chunk_size: Some(MIB as u64),
         sources: vec!["s3://models/wan22/load".into()],
         whole_only: false,
     };
-    let entry = manifest_build(&src, "load@1.0.0", &opts);
+    let entry = manifest_build(src, "load@1.0.0", &opts);
     let chunks = manifest_files(&entry, "load@1.0.0")[0].chunks.len();
-    let manifest = work.path().join("models.toml");
+    let manifest = work.join("models.toml");
     write_manifest(&manifest, &[entry]);
     let config = WanConfig {
         connections: 16,
         part_size_kib: PART_KIB,
         readahead_chunks: 8,
-        // moto is one Python process on a small machine: let a slow answer be slow, not failed.
+        // One S3 server on a small machine: let a slow answer be slow, not failed.
         request_timeout_secs: 10.0,
         read_timeout_secs: 30.0,
         ..WanConfig::default()
     };
     let m = Mount::start(
-        MountSpec::new(work.path(), &manifest)
+        MountSpec::new(work, &manifest)
             .config(config)
-            .env("AWS_ACCESS_KEY_ID", &ak)
-            .env("AWS_SECRET_ACCESS_KEY", &sk)
-            .env("AWS_ENDPOINT_URL", &moto.endpoint)
+            .env("AWS_ACCESS_KEY_ID", ak)
+            .env("AWS_SECRET_ACCESS_KEY", sk)
+            .env("AWS_ENDPOINT_URL", endpoint)
             .env("AWS_REGION", "us-east-1"),
     );
     let f = m.path("load@1.0.0/weights/big.bin");
 
-    let port: u16 = moto.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
     let ((max_active, max_conns), took) = timed(|| {
         std::thread::scope(|s| {
@@ -248,7 +251,7 @@ fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
             });
             let mut readers = Vec::new();
             // Two sequential readers: the whole file at once, and 3 MiB at a time.
-            readers.push(s.spawn(|| assert_bytes_eq(&std::fs::read(&f).unwrap(), &data, "seq")));
+            readers.push(s.spawn(|| assert_bytes_eq(&std::fs::read(&f).unwrap(), data, "seq")));
             readers.push(s.spawn(|| {
                 let file = std::fs::File::open(&f).unwrap();
                 for off in (0..size).step_by(3 * MIB) {
@@ -259,7 +262,7 @@ fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
             }));
             // Four random readers, each with its own fixed sequence of offsets and lengths.
             for t in 0..4u64 {
-                let (f, data) = (&f, &data);
+                let f = &f;
                 readers.push(s.spawn(move || {
                     let file = std::fs::File::open(f).unwrap();
                     let draws = random_bytes(16 * 40, 100 + t);
@@ -297,10 +300,126 @@ fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
     assert_eq!(view.check_consistent(), Ok(chunks));
 }
 
+/// [`concurrent_readers`] against moto.
+#[test]
+fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
+    let work = workdir();
+    let src = work.path().join("src");
+    let data = load_object(&src);
+    let (moto, ak, sk) = moto_with(&src, "models", "wan22/load");
+    concurrent_readers(work.path(), &src, &data, &moto.endpoint, &ak, &sk);
+}
+
+/// A throwaway Ceph (monitor, in-memory OSD, radosgw) started by tests/support/ceph_rgw.sh.
+/// Dropping it stops its daemons, by the pids they wrote.
+struct Ceph {
+    dir: std::path::PathBuf,
+    endpoint: String,
+}
+
+impl Ceph {
+    /// Boots Ceph under `dir` with an S3 user `ak`/`sk`; `None` (after printing SKIP) where
+    /// Debian's ceph-mon, ceph-osd and radosgw are not installed.
+    fn start(dir: &Path, ak: &str, sk: &str) -> Option<Ceph> {
+        let tools = [
+            "monmaptool",
+            "ceph",
+            "ceph-mon",
+            "ceph-osd",
+            "radosgw",
+            "radosgw-admin",
+        ];
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let missing: Vec<&str> = tools
+            .into_iter()
+            .filter(|t| !std::env::split_paths(&path).any(|d| d.join(t).is_file()))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "SKIP: no Ceph here ({} missing; apt-get install ceph-mon ceph-osd radosgw)",
+                missing.join(", ")
+            );
+            return None;
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ceph_rgw.sh");
+        let (mon, rgw) = (free_port(), free_port());
+        let mut ceph = Ceph {
+            dir: dir.to_path_buf(),
+            endpoint: String::new(),
+        };
+        let mut cmd = Command::new("bash");
+        cmd.arg(script)
+            .arg(dir)
+            .args([mon.to_string(), rgw.to_string()])
+            .args([ak, sk]);
+        let out = run_with_timeout(cmd, Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "ceph_rgw.sh failed: {}\nlogs in {}",
+            String::from_utf8_lossy(&out.stderr),
+            dir.join("log").display()
+        );
+        ceph.endpoint = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        Some(ceph)
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        let pids: Vec<libc::pid_t> = std::fs::read_dir(self.dir.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok())
+            .collect();
+        // SAFETY: kill(2) of the daemons this test started, by the pids they wrote.
+        let alive = |sig| {
+            pids.iter()
+                .filter(|p| unsafe { libc::kill(**p, sig) } == 0)
+                .count()
+        };
+        alive(libc::SIGTERM);
+        // Nothing to keep (the OSD holds its data in memory): a short grace, then SIGKILL.
+        if !wait_until(Duration::from_secs(3), || alive(0) == 0) {
+            alive(libc::SIGKILL);
+        }
+    }
+}
+
+/// [`concurrent_readers`] against Ceph's S3 gateway (radosgw, Debian's package), where Ceph is
+/// installed. moto copies the whole object for every ranged GET; radosgw is a production S3
+/// server, with its own HTTP stack (beast), chunked object storage and SigV4 checks.
+#[test]
+fn s3_source_serves_concurrent_readers_from_ceph_radosgw() {
+    let work = workdir();
+    let (ak, sk) = (
+        "WANFSTESTACCESSKEY01",
+        "wanfs-test-secret-key-for-radosgw-0001",
+    );
+    let Some(ceph) = Ceph::start(&work.path().join("ceph"), ak, sk) else {
+        return;
+    };
+    let src = work.path().join("src");
+    let data = load_object(&src);
+    let put = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_put.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(put)
+        .args([&ceph.endpoint, ak, sk, "models", "wan22/load"])
+        .arg(&src);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "upload to radosgw failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    concurrent_readers(work.path(), &src, &data, &ceph.endpoint, ak, sk);
+}
+
 /// Not a check: cold sequential reads of one 64 MiB file by a fresh daemon (default fetch
-/// settings, 8 MiB chunks) from the test origin, through an nginx cache tier (cold, then warm)
-/// and from moto, for docs/BENCHMARKS.md. Run by hand, with a release binary:
-/// `WAN_TEST_BIN=target/release/wan cargo test --test s3 -- --ignored --nocapture`.
+/// settings, 8 MiB chunks) from the test origin, through an nginx cache tier (cold, then warm),
+/// from moto and, where Ceph is installed, from radosgw, for docs/BENCHMARKS.md. Run by hand,
+/// with a release binary: `WAN_TEST_BIN=target/release/wan cargo test --test s3 -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn bench_cold_read_origin_tier_and_s3() {
@@ -316,12 +435,26 @@ fn bench_cold_read_origin_tier_and_s3() {
         return;
     };
     let (moto, ak, sk) = moto_with(&src.join(GEN), "models", "bench");
+    // Ceph's radosgw too, where it is installed (same keys as moto's user, same object).
+    let ceph = Ceph::start(&work.path().join("ceph"), &ak, &sk);
+    if let Some(ceph) = &ceph {
+        let put = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/s3_put.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(put)
+            .args([&ceph.endpoint, &ak, &sk, "models", "bench"])
+            .arg(src.join(GEN));
+        assert!(
+            run_with_timeout(cmd, Duration::from_secs(60))
+                .status
+                .success()
+        );
+    }
     let config = WanConfig {
         request_timeout_secs: 30.0,
         read_timeout_secs: 60.0,
         ..WanConfig::default()
     };
-    let run = |name: &str, source: String| {
+    let run = |name: &str, source: String, endpoint: &str| {
         let opts = BuildOpts {
             chunk_size: None,
             sources: vec![source],
@@ -336,7 +469,7 @@ fn bench_cold_read_origin_tier_and_s3() {
                 .config(config.clone())
                 .env("AWS_ACCESS_KEY_ID", &ak)
                 .env("AWS_SECRET_ACCESS_KEY", &sk)
-                .env("AWS_ENDPOINT_URL", &moto.endpoint)
+                .env("AWS_ENDPOINT_URL", endpoint)
                 .env("AWS_REGION", "us-east-1"),
         );
         let (got, took) = timed(|| std::fs::read(m.path(&format!("{GEN}/w.bin"))).unwrap());
@@ -347,9 +480,21 @@ fn bench_cold_read_origin_tier_and_s3() {
         );
     };
     for round in 0..3 {
-        run(&format!("origin-{round}"), origin.base(GEN));
+        let none = "";
+        run(&format!("origin-{round}"), origin.base(GEN), none);
         let tier = if round == 0 { "tier-cold" } else { "tier-warm" };
-        run(&format!("{tier}-{round}"), nginx.base(GEN));
-        run(&format!("s3-{round}"), "s3://models/bench".into());
+        run(&format!("{tier}-{round}"), nginx.base(GEN), none);
+        run(
+            &format!("moto-{round}"),
+            "s3://models/bench".into(),
+            &moto.endpoint,
+        );
+        if let Some(ceph) = &ceph {
+            run(
+                &format!("radosgw-{round}"),
+                "s3://models/bench".into(),
+                &ceph.endpoint,
+            );
+        }
     }
 }
