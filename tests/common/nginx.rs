@@ -142,14 +142,24 @@ impl Nginx {
         fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
-    /// `$upstream_cache_status` of every request answered so far, in order (nginx writes a
-    /// line when a request completes). `-` for a request that did not use the cache.
+    /// `$upstream_cache_status` of every request answered so far, in order; `-` for a request
+    /// that did not use the cache. nginx writes a request's line as it finishes it, which can be
+    /// just after the client has the last byte, so this waits until the log stops growing.
     pub fn cache_statuses(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.split(' ').next().unwrap_or("").to_owned())
-            .collect()
+        let read = || {
+            fs::read_to_string(self.dir.join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+        };
+        let mut last = read();
+        wait_until(Duration::from_secs(2), || {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = read();
+            std::mem::replace(&mut last, now).len() == last.len()
+        });
+        last
     }
 
     /// A plain HTTP/1.0 GET of `path` with `Range: bytes=first-last`; the status and body.
