@@ -34,6 +34,13 @@ fn free_port() -> u16 {
 /// Starts moto with authentication enforced after the setup calls, uploads `dir`, and returns
 /// the server and the credentials of its S3 user.
 fn moto_with(dir: &Path, bucket: &str, prefix: &str) -> (Moto, String, String) {
+    moto_enforcing(dir, bucket, prefix, true)
+}
+
+/// [`moto_with`], with authentication enforced or not: moto 5 refuses the signature of every
+/// ListObjectsV2 once it enforces authentication (boto3's own included), so a listing test
+/// runs it open.
+fn moto_enforcing(dir: &Path, bucket: &str, prefix: &str, auth: bool) -> (Moto, String, String) {
     let port = free_port();
     let child = Command::new("python3")
         .args([
@@ -44,7 +51,10 @@ fn moto_with(dir: &Path, bucket: &str, prefix: &str) -> (Moto, String, String) {
             "-p",
             &port.to_string(),
         ])
-        .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+        .env(
+            "INITIAL_NO_AUTH_ACTION_COUNT",
+            if auth { "3" } else { "1000000" },
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -496,5 +506,61 @@ fn bench_cold_read_origin_tier_and_s3() {
                 &ceph.endpoint,
             );
         }
+    }
+}
+
+/// `wan manifest build s3://bucket/prefix`: the listing (ListObjectsV2) names every object
+/// under the prefix; S3 gives no sha256, so each is fetched and hashed; `--chunked` gives the
+/// same chunk digests as a local build of the same files.
+#[test]
+fn manifest_build_from_an_s3_prefix_matches_a_local_build() {
+    let work = workdir();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("weights/model.safetensors"), 3 << 20, 77);
+    std::fs::write(src.join("config.json"), b"{\"dim\": 8}\n").unwrap();
+    let (moto, ak, sk) = moto_enforcing(&src, "models", "wan22/built", false);
+    let url = "s3://models/wan22/built";
+    let build = |extra: &[&str]| {
+        let mut cmd = Command::new(wan_bin());
+        cmd.args(["manifest", "build", url, "--id", "s3b@1.0.0"])
+            .args(extra)
+            .env("AWS_ACCESS_KEY_ID", &ak)
+            .env("AWS_SECRET_ACCESS_KEY", &sk)
+            .env("AWS_ENDPOINT_URL", &moto.endpoint);
+        let out = run_with_timeout(cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let local = manifest_build(
+        &src,
+        "s3b@1.0.0",
+        &BuildOpts {
+            chunk_size: Some(1 << 20),
+            sources: vec![url.into()],
+            whole_only: false,
+        },
+    );
+    let local = manifest_files(&local, "s3b@1.0.0");
+    let chunked = manifest_files(
+        &build(&["--chunked", "--chunk-size", "1048576"]),
+        "s3b@1.0.0",
+    );
+    let whole = manifest_files(&build(&[]), "s3b@1.0.0");
+    assert_eq!(local.len(), 2);
+    for ((l, c), w) in local.iter().zip(&chunked).zip(&whole) {
+        assert_eq!(
+            (&c.path, c.size, &c.sha256, &c.chunks),
+            (&l.path, l.size, &l.sha256, &l.chunks)
+        );
+        assert_eq!((&w.path, &w.sha256), (&l.path, &l.sha256));
+        assert!(
+            w.chunks.is_empty(),
+            "whole-file digests only without --chunked"
+        );
     }
 }
