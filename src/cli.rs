@@ -23,6 +23,9 @@ const DEFAULT_CACHE_DIR: &str = "/var/cache/wan22";
     about = "wanfs: every model mounted at once, fetched lazily and verified"
 )]
 pub struct Cli {
+    /// Print JSON instead of text, on every command that prints a result (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,6 +45,14 @@ pub enum Command {
     /// Cache maintenance (with the daemon stopped).
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Print a shell completion script: `wan completions bash > /etc/bash_completion.d/wan`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `wan man | man -l -`; with --out DIR, write wan.1 and a page
+    /// per subcommand (wan-models.1, …) into DIR.
+    Man {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,9 +92,6 @@ pub struct ModelsArgs {
     /// The daemon's HTTP address (default: config http.addr, else 127.0.0.1:8000).
     #[arg(long, global = true)]
     pub http: Option<String>,
-    /// Print JSON (for scripts).
-    #[arg(long, global = true)]
-    pub json: bool,
     #[command(subcommand)]
     pub command: ModelsCommand,
 }
@@ -194,9 +202,11 @@ pub struct MountArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ManifestCommand {
-    /// Print the manifest entry (TOML) for a local model tree.
+    /// Print the manifest entry (TOML) for a local model tree, a Hub repository
+    /// (hf://org/repo@rev, from its API: HF_ENDPOINT, HF_TOKEN) or an S3 prefix
+    /// (s3://bucket/prefix: AWS_*).
     Build {
-        /// The model's directory.
+        /// The model's directory, or hf://org/repo@rev, or s3://bucket/prefix.
         dir: PathBuf,
         /// Model id, NAME@X.Y.Z.
         #[arg(long)]
@@ -215,6 +225,11 @@ pub enum ManifestCommand {
         /// List only whole-file digests (files are then fetched whole on first read).
         #[arg(long)]
         whole_only: bool,
+        /// For hf:// and s3://: fetch every file once and list its chunk digests (lazy reads);
+        /// without it, only whole-file digests are listed (the Hub's LFS sha256 needs no
+        /// download).
+        #[arg(long, conflicts_with = "whole_only")]
+        chunked: bool,
     },
     /// Validate a manifest; exits non-zero listing every problem.
     Check { file: PathBuf },
@@ -283,7 +298,7 @@ impl MountArgs {
     }
 }
 
-fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
+fn models(args: ModelsArgs, json: bool) -> anyhow::Result<ExitCode> {
     use crate::cmd::{ModelsOp, Target};
     use crate::control::GcMode;
     let (config, manifest, cache_dir) = args.paths.load()?;
@@ -351,27 +366,64 @@ fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
             cache_dir,
             config,
         },
-        args.json,
+        json,
     )
 }
 
 /// Runs every command that is not the daemon; returns the mount plan for `wan mount`.
 pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
+    let json = cli.json;
     match cli.command {
         Command::Mount(args) => Ok(Action::Mount(Box::new(args.plan()?))),
-        Command::Models(args) => Ok(Action::Done(models(args)?)),
+        Command::Models(args) => Ok(Action::Done(models(args, json)?)),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "wan", &mut std::io::stdout());
+            Ok(Action::Done(ExitCode::SUCCESS))
+        }
+        Command::Man { out } => {
+            use clap::CommandFactory;
+            let cmd = Cli::command();
+            match out {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)?;
+                    clap_mangen::generate_to(cmd, &dir)?;
+                    if !json {
+                        println!("wrote man pages to {}", dir.display());
+                    }
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+            }
+            Ok(Action::Done(ExitCode::SUCCESS))
+        }
         Command::Cache(CacheCommand::RebuildIndex { paths }) => {
             let (_, manifest, cache_dir) = paths.load()?;
             let manifest = Manifest::load(&manifest)?;
             let store = crate::store::Store::open_rebuilding(&cache_dir)?;
             let report = store.adopt(manifest.models.values().flat_map(|m| &m.files))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
             Ok(Action::Done(ExitCode::SUCCESS))
         }
         Command::Config(ConfigCommand::Check { file }) => {
-            match Config::load(&file).and_then(|c| c.with_env(std::env::vars())) {
+            let checked = Config::load(&file).and_then(|c| c.with_env(std::env::vars()));
+            if json {
+                let v = match &checked {
+                    Ok(_) => serde_json::json!({"ok": true, "file": file}),
+                    Err(e) => {
+                        serde_json::json!({"ok": false, "file": file, "error": e.to_string()})
+                    }
+                };
+                println!("{v}");
+            }
+            match checked {
                 Ok(_) => {
-                    println!("ok: {}", file.display());
+                    if !json {
+                        println!("ok: {}", file.display());
+                    }
                     Ok(Action::Done(ExitCode::SUCCESS))
                 }
                 Err(e) => {
@@ -387,18 +439,31 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             head_size,
             sources,
             whole_only,
+            chunked,
         }) => {
-            let text = crate::manifest::build(
-                &dir,
-                &BuildOptions {
-                    id,
-                    chunk_size,
-                    head_size,
-                    sources,
-                    whole_only,
-                },
-            )?;
-            print!("{text}");
+            let remote = dir.to_str().filter(|d| crate::remote::is_remote(d));
+            if chunked && remote.is_none() {
+                anyhow::bail!(
+                    "--chunked is for hf:// and s3:// models; a local build lists chunk digests unless --whole-only"
+                );
+            }
+            let opts = BuildOptions {
+                id,
+                chunk_size,
+                head_size,
+                sources,
+                whole_only: whole_only || (remote.is_some() && !chunked),
+            };
+            let text = match remote {
+                Some(url) => crate::remote::build(url, &opts)?,
+                None => crate::manifest::build(&dir, &opts)?,
+            };
+            if json {
+                let table: toml::Table = toml::from_str(&text)?;
+                println!("{}", serde_json::to_string_pretty(&table)?);
+            } else {
+                print!("{text}");
+            }
             Ok(Action::Done(ExitCode::SUCCESS))
         }
         Command::Manifest(ManifestCommand::Compile { file, out, prev }) => {
@@ -423,6 +488,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             }
         }
         Command::Manifest(ManifestCommand::Check { file }) => match Manifest::load(&file) {
+            Ok(m) if json => {
+                let v = serde_json::json!({"ok": true, "file": file, "models": m.models.len(),
+                    "files": m.file_count(), "bytes": m.total_bytes()});
+                println!("{v}");
+                Ok(Action::Done(ExitCode::SUCCESS))
+            }
             Ok(m) => {
                 println!(
                     "ok: {} models, {} files, {} bytes",
@@ -433,6 +504,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 Ok(Action::Done(ExitCode::SUCCESS))
             }
             Err(e) => {
+                if json {
+                    let problems: Vec<String> = e.to_string().lines().map(String::from).collect();
+                    let v = serde_json::json!({"ok": false, "file": file, "problems": problems});
+                    println!("{v}");
+                }
                 eprintln!("{e}");
                 Ok(Action::Done(ExitCode::from(1)))
             }

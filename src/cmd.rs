@@ -2,7 +2,8 @@
 //! no daemon answers, it opens the cache itself (under the cache lock) and runs the same
 //! `Control` functions directly, so the logic exists once.
 
-use std::io::{IsTerminal, Write};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -214,12 +215,12 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                 print_json(&json!(shown));
             } else {
                 println!(
-                    "{:<28} {:<12} {:>22} {:>6}  ERROR",
-                    "MODEL", "STATE", "CACHED / TOTAL", "PINNED"
+                    "{:<28} {:<12} {:>22} {:>6}  {:<14} ERROR",
+                    "MODEL", "STATE", "CACHED / TOTAL", "PINNED", "LAST ACCESS"
                 );
                 for m in &shown {
                     println!(
-                        "{:<28} {:<12} {:>22} {:>6}  {}",
+                        "{:<28} {:<12} {:>22} {:>6}  {:<14} {}",
                         m["id"].as_str().unwrap_or(""),
                         m["state"].as_str().unwrap_or(""),
                         format!(
@@ -228,6 +229,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                             human(m["bytes_total"].as_u64().unwrap_or(0))
                         ),
                         if m["pinned"] == true { "yes" } else { "no" },
+                        ago(m["last_access"].as_u64()),
                         m["last_error"].as_str().unwrap_or("")
                     );
                 }
@@ -325,7 +327,13 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                 }
                 _ => unreachable!(),
             };
-            print_json(&report);
+            if json_out {
+                print_json(&report);
+            } else if matches!(op, ModelsOp::ReportDaily) {
+                print_daily(&report);
+            } else {
+                print_storage(&report);
+            }
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::MarkCorrupted { ids } => {
@@ -407,7 +415,7 @@ async fn run_jobs(
             ids
         }
     };
-    let tty = std::io::stderr().is_terminal() && !json_out;
+    let mut progress = Progress::new(kind, &ids);
     let results = loop {
         tokio::time::sleep(Duration::from_millis(if benchmark { 20 } else { 200 })).await;
         let all = statuses(b).await?;
@@ -415,32 +423,12 @@ async fn run_jobs(
             .into_iter()
             .filter(|m| ids.iter().any(|i| m["id"] == i.as_str()))
             .collect();
-        let jobs: Vec<&Value> = mine.iter().map(|m| &m["job"]).collect();
-        let done: u64 = jobs
-            .iter()
-            .map(|j| j["bytes_done"].as_u64().unwrap_or(0))
-            .sum();
-        let total: u64 = jobs
-            .iter()
-            .map(|j| j["bytes_total"].as_u64().unwrap_or(0))
-            .sum();
-        let running = jobs
-            .iter()
-            .any(|j| j.is_null() || j["kind"] != kind || j["state"] == "running");
-        if tty {
-            let pct = (done * 100).checked_div(total).unwrap_or(100);
-            eprint!(
-                "\r{kind} {}: {pct:>3}% {} / {}   ",
-                ids.join(","),
-                human(done),
-                human(total)
-            );
-            let _ = std::io::stderr().flush();
-        }
+        let running = mine.iter().any(|m| {
+            let j = &m["job"];
+            j.is_null() || j["kind"] != kind || j["state"] == "running"
+        });
+        progress.show(&mine, !running);
         if !running {
-            if tty {
-                eprintln!();
-            }
             break mine;
         }
     };
@@ -506,6 +494,181 @@ async fn run_jobs(
         }
     }
     Ok(code(ok))
+}
+
+/// `wan models report --daily` as a table: one row per UTC day and kind of event.
+fn print_daily(report: &Value) {
+    println!(
+        "{:<12} {:<28} {:>7} {:>12}",
+        "DAY", "EVENT", "COUNT", "BYTES"
+    );
+    let days = report["days"].as_object();
+    if days.is_none_or(|d| d.is_empty()) {
+        println!("(no events in the period)");
+    }
+    for (day, kinds) in days.into_iter().flatten() {
+        for (kind, v) in kinds.as_object().into_iter().flatten() {
+            println!(
+                "{day:<12} {kind:<28} {:>7} {:>12}",
+                v["count"].as_u64().unwrap_or(0),
+                human(v["bytes"].as_u64().unwrap_or(0))
+            );
+        }
+    }
+}
+
+/// `wan models report --storage` as tables: now (in total and per model), then per day.
+fn print_storage(report: &Value) {
+    let cur = &report["current"];
+    let cap = cur["capacity_bytes"].as_u64().unwrap_or(0);
+    println!(
+        "now: {} used{}, {:.1} % of the filesystem free",
+        human(cur["used_bytes"].as_u64().unwrap_or(0)),
+        if cap > 0 {
+            format!(" of {}", human(cap))
+        } else {
+            String::new()
+        },
+        cur["free_percent"].as_f64().unwrap_or(0.0)
+    );
+    println!("\n{:<28} {:>12}", "MODEL", "CACHED");
+    for (id, bytes) in cur["per_model"].as_object().into_iter().flatten() {
+        println!("{id:<28} {:>12}", human(bytes.as_u64().unwrap_or(0)));
+    }
+    println!(
+        "\n{:<12} {:>12} {:>12} {:>12}",
+        "DAY", "MIN USED", "MAX USED", "CAPACITY"
+    );
+    let days = report["days"].as_object();
+    if days.is_none_or(|d| d.is_empty()) {
+        println!("(no samples yet: one is taken every hour)");
+    }
+    for (day, v) in days.into_iter().flatten() {
+        println!(
+            "{day:<12} {:>12} {:>12} {:>12}",
+            human(v["min_used"].as_u64().unwrap_or(0)),
+            human(v["max_used"].as_u64().unwrap_or(0)),
+            human(v["capacity"].as_u64().unwrap_or(0))
+        );
+    }
+}
+
+/// Per-model progress of ensure/verify jobs on stderr: a bar per model (bytes, rate, ETA) on
+/// a terminal; otherwise one plain line per model every few seconds, and once at the end, so a
+/// log or CI job shows that a long ensure is moving without a screenful of escape codes.
+struct Progress {
+    kind: String,
+    bars: Option<(
+        indicatif::MultiProgress,
+        BTreeMap<String, indicatif::ProgressBar>,
+    )>,
+    last_line: Option<Instant>,
+}
+
+/// Between two plain progress lines of one model.
+const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+impl Progress {
+    fn new(kind: &str, ids: &[String]) -> Progress {
+        let bars = std::io::stderr().is_terminal().then(|| {
+            let multi = indicatif::MultiProgress::new();
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:<28} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} ETA {eta:>4} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> ");
+            let bars = ids
+                .iter()
+                .map(|id| {
+                    let bar = multi.add(indicatif::ProgressBar::new(0));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(format!("{kind} {id}"));
+                    (id.clone(), bar)
+                })
+                .collect();
+            (multi, bars)
+        });
+        Progress {
+            kind: kind.to_string(),
+            bars,
+            last_line: None,
+        }
+    }
+
+    fn show(&mut self, models: &[Value], last: bool) {
+        match &self.bars {
+            Some((_, bars)) => {
+                for m in models {
+                    let (Some(id), j) = (m["id"].as_str(), &m["job"]) else {
+                        continue;
+                    };
+                    let Some(bar) = bars.get(id) else { continue };
+                    bar.set_length(j["bytes_total"].as_u64().unwrap_or(0));
+                    bar.set_position(j["bytes_done"].as_u64().unwrap_or(0));
+                    if j["state"] != "running" && !j.is_null() {
+                        bar.finish_with_message(j["state"].as_str().unwrap_or("").to_string());
+                    }
+                }
+                if last {
+                    bars.values().for_each(indicatif::ProgressBar::finish);
+                }
+            }
+            None => {
+                let due = self.last_line.is_none_or(|t| t.elapsed() >= PLAIN_EVERY);
+                if !(due || last) {
+                    return;
+                }
+                self.last_line = Some(Instant::now());
+                for m in models {
+                    eprintln!("{}", plain_line(&self.kind, m));
+                }
+            }
+        }
+    }
+}
+
+/// `ensure t2v-A14B@2.2.0: 45% 1.2 GiB / 2.7 GiB, 118.0 MiB/s, ETA 13 s (running)`
+fn plain_line(kind: &str, m: &Value) -> String {
+    let j = &m["job"];
+    let done = j["bytes_done"].as_u64().unwrap_or(0);
+    let total = j["bytes_total"].as_u64().unwrap_or(0);
+    let pct = (done * 100).checked_div(total).unwrap_or(100);
+    let mut line = format!(
+        "{kind} {}: {pct}% {} / {}",
+        m["id"].as_str().unwrap_or(""),
+        human(done),
+        human(total)
+    );
+    if let Some(rate) = j["rate_bytes_per_s"].as_f64().filter(|r| *r > 0.0) {
+        line.push_str(&format!(", {}/s", human(rate as u64)));
+    }
+    if let Some(eta) = j["eta_secs"].as_f64() {
+        line.push_str(&format!(", ETA {}", duration(eta)));
+    }
+    line.push_str(&format!(" ({})", j["state"].as_str().unwrap_or("starting")));
+    line
+}
+
+/// A duration for people: `45 s`, `3 min`, `2 h 5 min`, `3 d 4 h`.
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// How long ago a unix time was: `12 s ago`, `3 min ago`, … (`-` for none).
+pub fn ago(ts: Option<u64>) -> String {
+    match ts {
+        None | Some(0) => "-".into(),
+        Some(t) => {
+            let now = crate::store::now_secs();
+            format!("{} ago", duration(now.saturating_sub(t) as f64))
+        }
+    }
 }
 
 fn human(b: u64) -> String {

@@ -19,7 +19,79 @@ pub struct Config {
     pub mount: MountConfig,
     pub gc: GcConfig,
     pub http: HttpConfig,
+    pub peers: PeersConfig,
     pub log: crate::logging::LogConfig,
+}
+
+/// Other wanfs daemons of the fleet, asked for a chunk before the manifest's sources.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    /// Base URLs of the peers' HTTP endpoints (`http://10.0.0.2:8000`), tried in this order.
+    pub urls: Vec<String>,
+    /// Connecting to a peer: a peer that is down costs at most this, once per cool-down.
+    pub connect_timeout_secs: f64,
+    /// How long a peer that failed (down, erring, stalled or sending wrong bytes) is skipped.
+    /// A peer that lacks a chunk (404) has not failed.
+    pub cooldown_secs: f64,
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        PeersConfig {
+            urls: Vec::new(),
+            connect_timeout_secs: 1.0,
+            cooldown_secs: 30.0,
+        }
+    }
+}
+
+/// Most peers a daemon names: each cold chunk may ask every one of them in turn.
+pub const MAX_PEERS: usize = 64;
+
+impl PeersConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs_f64(self.cooldown_secs)
+    }
+
+    /// Each URL: `http(s)://host[:port]`, with no path, query, credentials or repeats (the
+    /// token goes in a header, from `http.token_env`).
+    fn validate(&self) -> Result<(), String> {
+        if self.urls.len() > MAX_PEERS {
+            return Err(format!(
+                "peers.urls names {} peers; at most {MAX_PEERS}",
+                self.urls.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, raw) in self.urls.iter().enumerate() {
+            let bad = |why: &str| format!("peers.urls[{i}] {raw:?}: {why}");
+            let url = reqwest::Url::parse(raw).map_err(|e| bad(&e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(bad("must be an http:// or https:// URL"));
+            }
+            if url.host_str().is_none_or(str::is_empty) {
+                return Err(bad("has no host"));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(bad(
+                    "must not carry credentials (peers send the token of http.token_env)",
+                ));
+            }
+            if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+                return Err(bad(
+                    "must be a daemon's base URL, like http://10.0.0.2:8000, with no path or query",
+                ));
+            }
+            if !seen.insert(url.as_str().to_string()) {
+                return Err(bad("is listed twice"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Cache size limits and garbage collection.
@@ -301,7 +373,7 @@ impl Config {
             }
         }
         // (key, value, least, least allowed itself, most).
-        let floats: [(&str, f64, f64, bool, f64); 5] = [
+        let floats: [(&str, f64, f64, bool, f64); 7] = [
             (
                 "fetch.read_timeout_secs",
                 f.read_timeout_secs,
@@ -319,6 +391,20 @@ impl Config {
             ("fetch.cooldown_secs", f.cooldown_secs, 0.0, true, DAY),
             ("gc.interval_secs", g.interval_secs, 0.0, false, DAY),
             ("gc.min_free_percent", g.min_free_percent, 0.0, true, 99.0),
+            (
+                "peers.connect_timeout_secs",
+                self.peers.connect_timeout_secs,
+                0.0,
+                false,
+                DAY,
+            ),
+            (
+                "peers.cooldown_secs",
+                self.peers.cooldown_secs,
+                0.0,
+                true,
+                DAY,
+            ),
         ];
         for (key, v, lo, lo_ok, hi) in floats {
             let above = if lo_ok { v >= lo } else { v > lo };
@@ -340,6 +426,7 @@ impl Config {
                 self.http.addr
             ));
         }
+        self.peers.validate()?;
         self.log.validate()?;
         Ok(())
     }
@@ -384,6 +471,43 @@ mod tests {
         let c: Config = toml::from_str("[fetch]\nretries = 0\n").unwrap();
         assert!(c.validate().unwrap_err().contains("retries"));
         assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn peers_are_checked_naming_the_entry() {
+        let ok: Config = toml::from_str(
+            "[peers]\nurls = [\"http://10.0.0.2:8000\", \"https://gpu-3.example:8443/\"]\n",
+        )
+        .unwrap();
+        assert!(ok.validate().is_ok());
+        let cases = [
+            ("ftp://10.0.0.2", "http:// or https://"),
+            ("http://u:p@10.0.0.2:8000", "credentials"),
+            ("http://10.0.0.2:8000/blobs", "no path"),
+            ("http://10.0.0.2:8000?x=1", "no path or query"),
+            ("10.0.0.2:8000", "peers.urls[1]"),
+        ];
+        for (url, want) in cases {
+            let text = format!("[peers]\nurls = [\"http://10.0.0.9:8000\", {url:?}]\n");
+            let c: Config = toml::from_str(&text).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(
+                e.contains(want) && e.contains("peers.urls[1]"),
+                "{url}: {e}"
+            );
+        }
+        let twice: Config =
+            toml::from_str("[peers]\nurls = [\"http://a:1\", \"http://a:1/\"]\n").unwrap();
+        assert!(twice.validate().unwrap_err().contains("listed twice"));
+        let slow: Config = toml::from_str("[peers]\nconnect_timeout_secs = 0\n").unwrap();
+        assert!(
+            slow.validate()
+                .unwrap_err()
+                .contains("peers.connect_timeout_secs")
+        );
+        let vars = [("WAN_PEERS_URLS".into(), "[\"http://127.0.0.1:9\"]".into())];
+        let c = Config::default().with_env(vars).unwrap();
+        assert_eq!(c.peers.urls, ["http://127.0.0.1:9"]);
     }
 
     /// Each of these once panicked (serializing, building a `Duration`, spawning threads).

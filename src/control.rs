@@ -117,17 +117,30 @@ pub struct JobStatus {
     /// Ensure: seconds from the job's start to its first chunk stored, `None` if it fetched
     /// nothing (for a whole-only file, the time to the whole file).
     pub first_fetch_secs: Option<f64>,
+    /// While running: average progress since the job started, bytes per second (bytes found
+    /// cached count as progress, as they do in `bytes_done`).
+    pub rate_bytes_per_s: Option<f64>,
+    /// While running: seconds to `bytes_total` at that rate.
+    pub eta_secs: Option<f64>,
 }
 
 struct Job {
     status: Mutex<JobStatus>,
     progress: AtomicU64,
+    started_at: std::time::Instant,
 }
 
 impl Job {
     fn snapshot(&self) -> JobStatus {
         let mut s = self.status.lock().unwrap().clone();
         s.bytes_done = self.progress.load(Ordering::Relaxed).min(s.bytes_total);
+        let secs = self.started_at.elapsed().as_secs_f64();
+        if s.state == "running" && secs > 0.0 {
+            let rate = s.bytes_done as f64 / secs;
+            s.rate_bytes_per_s = Some(rate.round());
+            s.eta_secs = (rate > 0.0)
+                .then(|| ((s.bytes_total - s.bytes_done) as f64 / rate * 10.0).round() / 10.0);
+        }
         s
     }
     fn running(&self) -> bool {
@@ -702,8 +715,11 @@ impl Control {
                         bad_chunks: 0,
                         bytes_fetched: 0,
                         first_fetch_secs: None,
+                        rate_bytes_per_s: None,
+                        eta_secs: None,
                     }),
                     progress: AtomicU64::new(0),
+                    started_at: std::time::Instant::now(),
                 });
                 jobs.insert(id.clone(), job.clone());
                 (id, job)
@@ -1286,29 +1302,19 @@ impl Control {
 
 /// (total bytes, available bytes) of the filesystem holding `path`.
 pub fn statvfs(path: &std::path::Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((
+        st.blocks() as u64 * frsize,
+        st.blocks_available() as u64 * frsize,
+    ))
 }
 
 /// `YYYY-MM-DD` (UTC) of a unix time.
 pub fn day_of(ts: u64) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = (ts / 86400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    chrono::DateTime::from_timestamp(ts.min(i64::MAX as u64) as i64, 0)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "out-of-range".into())
 }
 
 #[cfg(test)]

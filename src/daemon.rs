@@ -66,6 +66,8 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let sources_for_reload = sources.clone();
     let tree = Tree::build(&files, None);
     let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
+    fetcher.set_peers(peer_handles(&sources, &cfg)?, cfg.peers.cooldown());
+    let fetcher_for_reload = fetcher.clone();
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
     let control = Control::new(
         &manifest,
@@ -96,7 +98,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     };
 
     clear_stale_mount(&mountpoint)?;
-    let is_root = unsafe { libc::geteuid() } == 0;
+    let is_root = nix::unistd::geteuid().is_root();
     let allow_other = cfg.mount.allow_other.unwrap_or(is_root);
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = vec![
@@ -189,6 +191,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         }),
         config: std::sync::Mutex::new(cfg.clone()),
         sources: sources_for_reload,
+        fetcher: fetcher_for_reload,
         fs: fs.clone(),
         control: control.clone(),
         notifier,
@@ -258,9 +261,10 @@ struct Reloader {
     reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
     cache_dir: PathBuf,
     current: std::sync::Mutex<InForce>,
-    /// The configuration in force: only `[gc]` (and the manifest) change on reload.
+    /// The configuration in force: only `[gc]`, `[peers]` (and the manifest) change on reload.
     config: std::sync::Mutex<Config>,
     sources: Arc<SourceRegistry>,
+    fetcher: Arc<Fetcher>,
     fs: Arc<ModelFs>,
     control: Arc<Control>,
     notifier: fuser::Notifier,
@@ -351,6 +355,17 @@ impl Reloader {
                     );
                 }
                 in_force.gc = cfg.gc.clone();
+                if in_force.peers != cfg.peers {
+                    match peer_handles(&self.sources, &cfg) {
+                        Ok(peers) => {
+                            tracing::info!(peers = peers.len(), "reload: peers replaced");
+                            self.fetcher.set_peers(peers, cfg.peers.cooldown());
+                            in_force.peers = cfg.peers.clone();
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"),
+                            "reload: the new peers could not be set up; the old ones stay in force"),
+                    }
+                }
                 let models = manifest.models.len();
                 // The catalog takes the manifest (no copy) and lets the old one go before the
                 // next tree is built: the reload's peak memory holds one catalog, not two.
@@ -383,6 +398,17 @@ impl Reloader {
         }
         sd_notify("READY=1");
     }
+}
+
+/// The handles of the configured peers; they send the fleet's token (`http.token_env`).
+fn peer_handles(
+    sources: &SourceRegistry,
+    cfg: &Config,
+) -> anyhow::Result<Vec<Arc<crate::source::SourceHandle>>> {
+    let token = std::env::var(&cfg.http.token_env)
+        .ok()
+        .filter(|t| !t.is_empty());
+    sources.peers(&cfg.peers, token)
 }
 
 /// Tells systemd (Type=notify) about our state, if it is listening.
@@ -476,9 +502,7 @@ fn mount_at(path: &Path) -> Option<MountEntry> {
 
 /// Detaches the mount at `path` lazily: `umount2(MNT_DETACH)` as root, else `fusermount3 -u -z`.
 fn detach(path: &Path) -> anyhow::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: a valid C string; MNT_DETACH only detaches.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_ok() {
         return Ok(());
     }
     let status = std::process::Command::new("fusermount3")

@@ -147,6 +147,9 @@ pub struct Fetcher {
     rt: tokio::runtime::Handle,
     whole: Mutex<HashMap<Digest, SharedWhole>>,
     started: Mutex<HashMap<Digest, Instant>>,
+    /// Other daemons (`[peers]`), asked for every chunk before the manifest's sources, and
+    /// how long one that failed is skipped; replaced on reload.
+    peers: std::sync::RwLock<(Vec<Arc<SourceHandle>>, Duration)>,
 }
 
 impl Fetcher {
@@ -171,7 +174,49 @@ impl Fetcher {
             rt: tokio::runtime::Handle::current(),
             whole: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
+            peers: std::sync::RwLock::new((Vec::new(), Duration::ZERO)),
         })
+    }
+
+    /// The peers to ask before the manifest's sources (at start and on reload).
+    pub fn set_peers(&self, peers: Vec<Arc<SourceHandle>>, cooldown: Duration) {
+        *self.peers.write().unwrap() = (peers, cooldown);
+    }
+
+    /// The peers to ask now, in order: those cooling down are skipped outright (not probed,
+    /// as a cooling origin is), so a peer that is down costs one connect timeout per
+    /// cool-down, and the origin is always there behind them.
+    fn live_peers(&self) -> Vec<Arc<SourceHandle>> {
+        let peers = self.peers.read().unwrap();
+        peers
+            .0
+            .iter()
+            .filter(|p| p.cooling_until().is_none())
+            .cloned()
+            .collect()
+    }
+
+    fn cooldown_of(&self, src: &SourceHandle) -> Duration {
+        if src.peer {
+            self.peers.read().unwrap().1
+        } else {
+            self.cfg.cooldown()
+        }
+    }
+
+    /// Records a failed request to `src`. A peer that lacks the chunk (404) has not failed;
+    /// one that is down, erring or stalled cools down at once: it is an optimisation, and the
+    /// origin behind it is never more than one timeout away.
+    fn source_failed(&self, src: &SourceHandle, e: &SourceError) {
+        let hard = if src.peer {
+            !matches!(e, SourceError::NotFound)
+        } else {
+            matches!(e, SourceError::Denied(_))
+        };
+        if src.peer && !hard {
+            return;
+        }
+        src.record_failure(hard, self.cooldown_of(src));
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -508,7 +553,7 @@ impl Fetcher {
     fn integrity_failure(&self, src: &SourceHandle) {
         METRICS.integrity_failures.inc();
         METRICS.errors.with_label_values(&["integrity"]).inc();
-        src.record_failure(true, self.cfg.cooldown());
+        src.record_failure(true, self.cooldown_of(src));
     }
 
     /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
@@ -555,31 +600,40 @@ impl Fetcher {
             .entry(f.sha256)
             .or_insert_with(Instant::now);
         let what = format!("{}/{} chunk {idx}", file.model, f.path);
+        let hex = f.sha256.to_hex();
         let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
         let mut errors = Vec::new();
         let mut round = 0;
+        // Peers once, each with one attempt: a miss or a failure moves on to the next at once.
+        let peers = self.live_peers().into_iter().map(|p| (p, 1));
+        let mut order: Vec<_> = peers.collect();
         loop {
             let mut transient = !file.sources.is_empty();
-            for (src, attempts) in self.source_order(&file.sources) {
+            order.extend(self.source_order(&file.sources));
+            for (src, attempts) in order.drain(..) {
                 let got = tokio::time::timeout_at(
                     deadline,
-                    self.fetch_range(&src, &f.path, range.clone(), prio, attempts),
+                    self.fetch_range(&src, src.locator(f, &hex), range.clone(), prio, attempts),
                 )
                 .await;
                 let bytes = match got {
                     Err(_) => {
                         // A source that cannot answer in time is failing, as much as one that errs.
-                        src.record_failure(false, self.cfg.cooldown());
+                        src.record_failure(src.peer, self.cooldown_of(&src));
                         tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
                         return Err(FetchError::Timeout(self.cfg.read_timeout()));
                     }
                     Ok(Err(e)) => {
-                        transient &= e.flaky();
-                        src.record_failure(
-                            matches!(e, SourceError::Denied(_)),
-                            self.cfg.cooldown(),
-                        );
-                        tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                        // A peer's miss or failure says nothing of whether the origin is flaky.
+                        if !src.peer {
+                            transient &= e.flaky();
+                        }
+                        self.source_failed(&src, &e);
+                        if src.peer && matches!(e, SourceError::NotFound) {
+                            tracing::debug!(source = %src.name, file = %what, "peer does not hold the chunk");
+                        } else {
+                            tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                        }
                         errors.push(format!("{}: {e}", src.name));
                         continue;
                     }
@@ -595,7 +649,9 @@ impl Fetcher {
                         return Ok(chunk);
                     }
                     Err(mismatch) => {
-                        transient = false;
+                        if !src.peer {
+                            transient = false;
+                        }
                         self.integrity_failure(&src);
                         tracing::error!(source = %src.name, file = %what, %mismatch,
                             "integrity failure: source sent wrong bytes; discarded, trying the next source");
@@ -773,10 +829,22 @@ impl Fetcher {
                         .with_label_values(&[&src.name])
                         .inc_by(buf.len() as u64);
                     METRICS
+                        .source_kind_bytes
+                        .with_label_values(&[src.kind()])
+                        .inc_by(buf.len() as u64);
+                    METRICS
                         .source_requests
                         .with_label_values(&[&src.name, "ok"])
                         .inc();
                     return Ok(());
+                }
+                Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
+                    // A peer without the chunk: a miss, not an error.
+                    METRICS
+                        .source_requests
+                        .with_label_values(&[&src.name, "miss"])
+                        .inc();
+                    return Err(e);
                 }
                 Err(e) => {
                     METRICS
@@ -858,8 +926,15 @@ impl Fetcher {
                     .acquire_many(kib(r.end - r.start).min(self.memory_kib))
                     .await
                     .expect("open");
+                let hex = f.sha256.to_hex();
                 let bytes = self
-                    .fetch_range(src, &f.path, r.clone(), Priority::OnDemand, attempts)
+                    .fetch_range(
+                        src,
+                        src.locator(f, &hex),
+                        r.clone(),
+                        Priority::OnDemand,
+                        attempts,
+                    )
                     .await?;
                 let store = self.store.clone();
                 let entry = f.clone();
@@ -883,7 +958,8 @@ impl Fetcher {
             .or_insert_with(Instant::now);
         let layout = f.layout();
         let mut errors = Vec::new();
-        for (src, attempts) in self.source_order(&file.sources) {
+        let peers = self.live_peers().into_iter().map(|p| (p, 1));
+        for (src, attempts) in peers.chain(self.source_order(&file.sources)) {
             // Only chunks not present: the unverified bytes of a failed or lying fetch must
             // never land on a chunk that readers are being served (a whole-only file is
             // partial when a chunk was dropped as corrupt). The kept chunks are part of the
@@ -901,10 +977,7 @@ impl Fetcher {
                     }
                     Ok(gens) => gens.first().copied(),
                     Err(e) => {
-                        src.record_failure(
-                            matches!(e, SourceError::Denied(_)),
-                            self.cfg.cooldown(),
-                        );
+                        self.source_failed(&src, &e);
                         tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
                         errors.push(format!("{}: {e}", src.name));
                         break;

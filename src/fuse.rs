@@ -73,8 +73,20 @@ impl FuseAdapter {
     }
 }
 
-fn errno(e: &FsError) -> Errno {
-    Errno::from_i32(e.errno())
+/// The one place a filesystem error becomes a reply code: counted by operation in
+/// `wan_fuse_errors_total` and logged at debug. A lookup's ENOENT is neither: a miss is how
+/// `stat` and shells ask whether a name exists. The read path also logs an EIO at error level
+/// with the file and its cause, and a refused control write its input, bounded: only they know
+/// those.
+fn fail(op: &'static str, ino: u64, e: &FsError) -> Errno {
+    let code = e.errno();
+    if !(op == "lookup" && code == libc::ENOENT) {
+        METRICS.fuse_errors.with_label_values(&[op]).inc();
+        // Not the error's text: it may carry a client's input (a control-file write), which
+        // the code that knows its context logs, bounded.
+        tracing::debug!(op, ino, errno = code, "FUSE request failed");
+    }
+    Errno::from_i32(code)
 }
 
 fn file_attr(a: &Attr) -> FileAttr {
@@ -98,6 +110,19 @@ fn file_attr(a: &Attr) -> FileAttr {
         blksize: BLKSIZE,
         flags: 0,
     }
+}
+
+/// Filesystem methods that change the namespace, each answering EROFS: one line per method
+/// rather than a body each.
+macro_rules! read_only {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $reply:ty;)*) => {
+        $(
+            #[allow(clippy::too_many_arguments)]
+            fn $name(&self, _req: &Request, $($arg: $ty,)* reply: $reply) {
+                reply.error(Errno::EROFS);
+            }
+        )*
+    };
 }
 
 impl Filesystem for FuseAdapter {
@@ -125,7 +150,7 @@ impl Filesystem for FuseAdapter {
         };
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(fail("lookup", parent.0, &e)),
         }
     }
 
@@ -136,7 +161,7 @@ impl Filesystem for FuseAdapter {
             .start_timer();
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(fail("getattr", ino.0, &e)),
         }
     }
 
@@ -148,7 +173,7 @@ impl Filesystem for FuseAdapter {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let opened = match self.fs.open(ino.0, write) {
             Ok(o) => o,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(fail("open", ino.0, &e)),
         };
         let fh = opened.fh;
         if opened.direct_io {
@@ -214,14 +239,14 @@ impl Filesystem for FuseAdapter {
             drop(timer);
             return match r {
                 Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(fail("read", ino.0, &e)),
             };
         }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(ino.0, fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(fail("read", ino.0, &e)),
             }
             drop(timer);
         });
@@ -279,7 +304,7 @@ impl Filesystem for FuseAdapter {
             .start_timer();
         let entries = match self.fs.readdir(ino.0) {
             Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(fail("readdir", ino.0, &e)),
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
             let kind = match e.kind {
@@ -318,7 +343,7 @@ impl Filesystem for FuseAdapter {
             .start_timer();
         let value = match self.fs.getxattr(ino.0, &name.to_string_lossy()) {
             Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return reply.error(fail("getxattr", ino.0, &e)),
         };
         xattr_reply(&value, size, reply);
     }
@@ -345,7 +370,7 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.fs.write(ino.0, data) {
             Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(fail("write", ino.0, &e)),
         }
     }
 
@@ -373,77 +398,20 @@ impl Filesystem for FuseAdapter {
         };
         match r {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(fail("setattr", ino.0, &e)),
         }
     }
 
     // The namespace is the manifest's: nothing can be created, removed or renamed.
-    fn mknod(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _t: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn rename(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EROFS);
-    }
-
-    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(Errno::EROFS);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn create(
-        &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _f: i32,
-        reply: fuser::ReplyCreate,
-    ) {
-        reply.error(Errno::EROFS);
+    read_only! {
+        mknod(_p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32) -> ReplyEntry;
+        mkdir(_p: INodeNo, _n: &OsStr, _m: u32, _u: u32) -> ReplyEntry;
+        unlink(_p: INodeNo, _n: &OsStr) -> ReplyEmpty;
+        rmdir(_p: INodeNo, _n: &OsStr) -> ReplyEmpty;
+        symlink(_p: INodeNo, _n: &OsStr, _t: &std::path::Path) -> ReplyEntry;
+        rename(_p: INodeNo, _n: &OsStr, _np: INodeNo, _nn: &OsStr, _f: fuser::RenameFlags) -> ReplyEmpty;
+        link(_i: INodeNo, _np: INodeNo, _nn: &OsStr) -> ReplyEntry;
+        create(_p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32) -> fuser::ReplyCreate;
     }
 
     fn flush(
@@ -488,7 +456,7 @@ fn xattr_reply(value: &[u8], size: u32, reply: ReplyXattr) {
     } else if value.len() <= size as usize {
         reply.data(value);
     } else {
-        reply.error(errno(&FsError::Range));
+        reply.error(Errno::from_i32(FsError::Range.errno()));
     }
 }
 

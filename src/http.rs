@@ -255,6 +255,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .route("/events", get(events))
         .route("/report/daily", get(report_daily))
         .route("/report/storage", get(report_storage))
+        .route("/blobs/{sha256}", get(blob))
         .merge(mutating)
         .layer(middleware::from_fn(read_body))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
@@ -344,14 +345,8 @@ fn valid_port(port: &str) -> bool {
 
 /// This machine's host name, lower case.
 fn hostname() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return None;
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let name = std::str::from_utf8(&buf[..end]).ok()?.to_ascii_lowercase();
+    let name = nix::unistd::gethostname().ok()?;
+    let name = name.to_str()?.to_ascii_lowercase();
     (!name.is_empty()).then_some(name)
 }
 
@@ -446,8 +441,139 @@ async fn authorize(
     )
 }
 
+/// A token compare whose time does not depend on where the bytes differ (`subtle`); the
+/// length is not secret.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// A `Range` header's one byte range, before the blob's size resolves it.
+#[derive(Debug, PartialEq)]
+enum ByteRange {
+    /// `bytes=a-b` (inclusive) or `bytes=a-`.
+    From(u64, Option<u64>),
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+/// Parses a single-range `Range` header; multiple ranges are not served (peers never ask).
+fn parse_range(v: &str) -> Option<ByteRange> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    if a.is_empty() {
+        return Some(ByteRange::Suffix(b.parse().ok()?));
+    }
+    let a = a.parse().ok()?;
+    let b = if b.is_empty() {
+        None
+    } else {
+        Some(b.parse().ok()?)
+    };
+    if b.is_some_and(|b| b < a) {
+        return None;
+    }
+    Some(ByteRange::From(a, b))
+}
+
+/// Bytes a blob body is read and sent in: a peer asks for one fetch part (1 MiB by default).
+const BLOB_PIECE: u64 = 1 << 20;
+
+/// `GET`/`HEAD /blobs/<sha256>` (with `Range`): bytes of a blob for another daemon, answered
+/// only from chunks this cache holds verified: 206 with the bytes, or 404 at once if any chunk
+/// the range touches is absent, so the caller moves on to its next peer or the origin. The
+/// caller verifies every chunk against its own manifest: nothing here is trusted by it.
+/// Under `http.require_token` the bearer token is required, from loopback clients too.
+async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: HeaderMap) -> Response {
+    if st.require_token && !token_ok(&st, &headers) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "/blobs needs the bearer token (http.require_token)",
+        );
+    }
+    let Ok(digest) = hex.parse::<crate::chunk::Digest>() else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a blob is named by its sha256: 64 hex digits",
+        );
+    };
+    let store = st.control.store().clone();
+    let miss = |why: &str| {
+        crate::metrics::METRICS
+            .peer_requests
+            .with_label_values(&["miss"])
+            .inc();
+        refuse(StatusCode::NOT_FOUND, why)
+    };
+    let Some(size) = store.blob_size(digest) else {
+        return miss("this cache does not hold the blob");
+    };
+    let asked = match headers.get(header::RANGE) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(parse_range) {
+            Some(r) => Some(r),
+            None => {
+                return refuse(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "only one byte range (bytes=a-b, a- or -n) is served",
+                );
+            }
+        },
+    };
+    let range = match asked {
+        None => 0..size,
+        Some(ByteRange::From(a, b)) => a..b.map_or(size, |b| b.saturating_add(1).min(size)),
+        Some(ByteRange::Suffix(n)) => size.saturating_sub(n)..size,
+    };
+    if asked.is_some() && range.start >= range.end {
+        return Response::builder()
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+            .body(Body::empty())
+            .expect("valid response");
+    }
+    let Some((_, file)) = store.peer_reader(digest, range.clone()) else {
+        return miss("this cache does not hold every chunk of that range");
+    };
+    crate::metrics::METRICS
+        .peer_requests
+        .with_label_values(&["hit"])
+        .inc();
+    let len = range.end - range.start;
+    // Read piece by piece on blocking threads: a whole-blob GET must not sit in memory.
+    let pieces = futures::stream::try_unfold(range.start, move |at| {
+        let file = file.clone();
+        let end = range.end;
+        async move {
+            if at >= end {
+                return Ok(None);
+            }
+            let n = (end - at).min(BLOB_PIECE);
+            let piece = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; n as usize];
+                file.read_exact_at(&mut buf, at).map(|()| buf)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            crate::metrics::METRICS.peer_served_bytes.inc_by(n);
+            Ok::<_, std::io::Error>(Some((axum::body::Bytes::from(piece), at + n)))
+        }
+    });
+    let mut resp = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes");
+    resp = if asked.is_some() {
+        resp.status(StatusCode::PARTIAL_CONTENT).header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{size}", range.start, range.end - 1),
+        )
+    } else {
+        resp.status(StatusCode::OK)
+    };
+    resp.body(Body::from_stream(pieces))
+        .expect("valid response")
 }
 
 async fn health(State(st): State<AppState>) -> Response {
@@ -601,6 +727,17 @@ async fn gc(State(st): State<AppState>, Query(q): Query<GcQuery>) -> ApiResult {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn byte_ranges() {
+        use super::{ByteRange::*, parse_range};
+        assert_eq!(parse_range("bytes=0-1023"), Some(From(0, Some(1023))));
+        assert_eq!(parse_range("bytes=5-"), Some(From(5, None)));
+        assert_eq!(parse_range("bytes=-10"), Some(Suffix(10)));
+        assert_eq!(parse_range("bytes=9-3"), None);
+        assert_eq!(parse_range("bytes=0-1,5-6"), None);
+        assert_eq!(parse_range("items=0-1"), None);
+    }
+
     use super::*;
 
     #[test]

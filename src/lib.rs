@@ -2,7 +2,11 @@
 //!
 //! Module map (arrows point down; see docs/DESIGN-NOTES.md and ../shared/DESIGN.md §10):
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
-//! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and `metrics` are leaves used throughout.
+//! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and
+//! `metrics` are leaves used throughout; `remote` (manifest entries from the Hub or S3) sits
+//! beside `cli`, over `source`.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod bufpool;
 pub mod chunk;
@@ -21,5 +25,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod mount_helper;
 pub mod prefetch;
+pub mod remote;
 pub mod source;
 pub mod store;

@@ -1,5 +1,7 @@
 //! `wan`: parse the command line, set up logging, run the daemon or a command.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -19,8 +21,14 @@ fn main() -> ExitCode {
     let is_mount = matches!(cli.command, Command::Mount(_));
     if !is_mount {
         // A command piped into `head` should end quietly, like any Unix tool.
-        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts; no
+        // handler of ours is replaced.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
         let quiet = LogConfig {
             level: "warn".into(),
             ..LogConfig::default()

@@ -784,6 +784,7 @@ pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(Strin
 }
 
 /// Options for [`build`].
+#[derive(Clone)]
 pub struct BuildOptions {
     pub id: String,
     pub chunk_size: u64,
@@ -831,24 +832,34 @@ struct OutFile {
 /// A file name the manifest rules refuse (a backslash, a newline, a name that is not UTF-8,
 /// two names equal under Unicode normalization...) refuses the whole build, naming every such
 /// file before anything is hashed: a partial entry would silently leave files out.
+impl BuildOptions {
+    /// Refuses options no build can use, naming the flag (relative `local://` sources resolve
+    /// against `base`).
+    pub fn check(&self, base: &Path) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if !valid_id(&self.id) {
+            bail!("bad model id {:?} (want NAME@X.Y.Z)", self.id);
+        }
+        if self.chunk_size == 0 {
+            bail!("--chunk-size must be positive");
+        }
+        if let Some(h) = self.head_size.filter(|h| *h != 0)
+            && (h > self.chunk_size || (h != self.chunk_size && h % HEAD_ALIGN != 0))
+        {
+            bail!(
+                "--head-size {h} must be 0 (none), --chunk-size, or a multiple of {HEAD_ALIGN} below it"
+            );
+        }
+        for s in &self.sources {
+            SourceUrl::parse(s, base).map_err(|e| anyhow::anyhow!("--source {s:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
-    use anyhow::{Context, bail};
-    if !valid_id(&opts.id) {
-        bail!("bad model id {:?} (want NAME@X.Y.Z)", opts.id);
-    }
-    if opts.chunk_size == 0 {
-        bail!("--chunk-size must be positive");
-    }
-    if let Some(h) = opts.head_size.filter(|h| *h != 0)
-        && (h > opts.chunk_size || (h != opts.chunk_size && h % HEAD_ALIGN != 0))
-    {
-        bail!(
-            "--head-size {h} must be 0 (none), --chunk-size, or a multiple of {HEAD_ALIGN} below it"
-        );
-    }
-    for s in &opts.sources {
-        SourceUrl::parse(s, dir).map_err(|e| anyhow::anyhow!("--source {s:?}: {e}"))?;
-    }
+    use anyhow::Context;
+    opts.check(dir)?;
     let mut found = Vec::new();
     walk(dir, dir, &mut found).with_context(|| format!("walking {}", dir.display()))?;
     found.sort();
@@ -878,42 +889,95 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
     }
     let mut files = Vec::with_capacity(paths.len());
     for (path, rel) in paths {
-        let full = dir.join(&rel);
-        let head = match (opts.whole_only, opts.head_size) {
-            (true, _) | (false, Some(0)) => opts.chunk_size,
-            (false, Some(h)) => h,
-            (false, None) => head_size_for(&full, opts.chunk_size)
-                .with_context(|| format!("reading {}", full.display()))?,
-        };
-        let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head)
-            .with_context(|| format!("hashing {}", full.display()))?;
-        // A head only where it cuts something: a file within it is one chunk either way.
-        let head = (head < opts.chunk_size && size > head).then_some(head);
-        files.push(OutFile {
-            path,
-            size,
-            sha256: whole.to_hex(),
-            chunk_size: (!opts.whole_only).then_some(opts.chunk_size),
-            head_size: head,
-            chunks: (!opts.whole_only).then(|| chunks.iter().map(Digest::to_hex).collect()),
-        });
+        files.push(build_file(dir, path, &rel, opts)?);
     }
+    render_entry(&opts.id, &opts.sources, files, dir)
+}
+
+/// Hashes one file of a local build.
+fn build_file(
+    dir: &Path,
+    path: String,
+    rel: &Path,
+    opts: &BuildOptions,
+) -> anyhow::Result<BuiltFile> {
+    use anyhow::Context;
+    let full = dir.join(rel);
+    let head = match (opts.whole_only, opts.head_size) {
+        (true, _) | (false, Some(0)) => opts.chunk_size,
+        (false, Some(h)) => h,
+        (false, None) => head_size_for(&full, opts.chunk_size)
+            .with_context(|| format!("reading {}", full.display()))?,
+    };
+    let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head)
+        .with_context(|| format!("hashing {}", full.display()))?;
+    Ok(BuiltFile::new(
+        path,
+        size,
+        whole,
+        (!opts.whole_only).then_some((opts.chunk_size, head, chunks)),
+    ))
+}
+
+/// One file of a built entry.
+pub struct BuiltFile {
+    out: OutFile,
+}
+
+impl BuiltFile {
+    /// `chunked`: the chunk size, the first chunk's size and the chunk digests; `None` for a
+    /// whole-only file.
+    pub fn new(
+        path: String,
+        size: u64,
+        sha256: Digest,
+        chunked: Option<(u64, u64, Vec<Digest>)>,
+    ) -> BuiltFile {
+        let (chunk_size, head_size, chunks) = match chunked {
+            // A head only where it cuts something: a file within it is one chunk either way.
+            Some((cs, head, chunks)) => (
+                Some(cs),
+                (head < cs && size > head).then_some(head),
+                Some(chunks.iter().map(Digest::to_hex).collect()),
+            ),
+            None => (None, None, None),
+        };
+        BuiltFile {
+            out: OutFile {
+                path,
+                size,
+                sha256: sha256.to_hex(),
+                chunk_size,
+                head_size,
+                chunks,
+            },
+        }
+    }
+}
+
+/// The TOML entry of one model, checked by parsing it back under the manifest's rules
+/// (relative `local://` sources against `base`).
+pub fn render_entry(
+    id: &str,
+    sources: &[String],
+    files: Vec<BuiltFile>,
+    base: &Path,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
     let entry = OutEntry {
         models: BTreeMap::from([(
-            opts.id.as_str(),
+            id,
             OutModel {
                 description: "",
-                sources: OutSources {
-                    priority: &opts.sources,
-                },
-                files,
+                sources: OutSources { priority: sources },
+                files: files.into_iter().map(|f| f.out).collect(),
             },
         )]),
     };
     let text = toml::to_string_pretty(&entry).context("serializing the manifest entry")?;
     // What build writes, check and mount must accept: parse it back under the same rules.
-    Manifest::parse(&format!("schema_version = 1\n{text}"), "build output", dir)
-        .context("manifest build produced an entry the manifest rules refuse (a bug)")?;
+    Manifest::parse(&format!("schema_version = 1\n{text}"), "build output", base)
+        .context("manifest build produced an entry the manifest rules refuse")?;
     Ok(text)
 }
 
@@ -936,18 +1000,28 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 /// `.safetensors` file its header (8-byte length + JSON) rounded up to a multiple of it;
 /// `chunk_size` (no head) when that would not be smaller than a chunk.
 pub fn head_size_for(path: &Path, chunk_size: u64) -> std::io::Result<u64> {
-    let mut head = DEFAULT_HEAD_SIZE;
+    let mut header = None;
     if path.extension().is_some_and(|e| e == "safetensors") {
         let mut len = [0u8; 8];
         if File::open(path)?.read_exact(&mut len).is_ok() {
-            let end = u64::from_le_bytes(len).saturating_add(8);
-            head = end
-                .div_ceil(DEFAULT_HEAD_SIZE)
-                .max(1)
-                .saturating_mul(DEFAULT_HEAD_SIZE);
+            header = Some(len);
         }
     }
-    Ok(if head < chunk_size { head } else { chunk_size })
+    Ok(head_size_from(header, chunk_size))
+}
+
+/// [`head_size_for`] from a safetensors file's first 8 bytes (`None`: not a safetensors file,
+/// or shorter than 8 bytes).
+pub fn head_size_from(safetensors_len: Option<[u8; 8]>, chunk_size: u64) -> u64 {
+    let head = match safetensors_len {
+        Some(len) => u64::from_le_bytes(len)
+            .saturating_add(8)
+            .div_ceil(DEFAULT_HEAD_SIZE)
+            .max(1)
+            .saturating_mul(DEFAULT_HEAD_SIZE),
+        None => DEFAULT_HEAD_SIZE,
+    };
+    if head < chunk_size { head } else { chunk_size }
 }
 
 /// Returns (size, whole-file digest, chunk digests) in one pass over the file, the first chunk

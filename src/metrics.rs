@@ -82,8 +82,16 @@ pub struct Metrics {
     pub chunks_fetched: IntCounter,
     pub source_bytes: IntCounterVec,
     pub source_requests: IntCounterVec,
+    /// Bytes received by kind of source: `peer` (another daemon of the fleet) or `origin`
+    /// (the manifest's sources): what the fleet saved the origin.
+    pub source_kind_bytes: IntCounterVec,
+    /// `/blobs` requests this daemon answered for its peers, by result (hit|miss).
+    pub peer_requests: IntCounterVec,
+    pub peer_served_bytes: IntCounter,
     pub first_byte_seconds: Histogram,
     pub fuse_seconds: HistogramVec,
+    /// FUSE requests answered with an error, by operation.
+    pub fuse_errors: IntCounterVec,
     pub integrity_failures: IntCounter,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
@@ -134,8 +142,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     source_requests: counter_vec(
         "wan_source_requests_total",
-        "Requests to each source by result (ok|error).",
+        "Requests to each source by result (ok|error|miss: a peer without the chunk).",
         &["source", "result"],
+    ),
+    source_kind_bytes: counter_vec(
+        "wan_source_kind_bytes_total",
+        "Bytes received by kind of source (peer|origin).",
+        &["kind"],
+    ),
+    peer_requests: counter_vec(
+        "wan_peer_requests_total",
+        "Requests to /blobs from peers by result (hit|miss).",
+        &["result"],
+    ),
+    peer_served_bytes: counter(
+        "wan_peer_served_bytes_total",
+        "Bytes served to peers from /blobs.",
     ),
     first_byte_seconds: histogram(
         "wan_time_to_first_byte_seconds",
@@ -147,6 +169,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "FUSE request latency by operation.",
         &["op"],
         latency_buckets(),
+    ),
+    fuse_errors: counter_vec(
+        "wan_fuse_errors_total",
+        "FUSE requests answered with an error, by operation (a lookup's ENOENT excepted).",
+        &["op"],
     ),
     integrity_failures: counter(
         "wan_integrity_failures_total",
@@ -177,6 +204,12 @@ pub const DOWNLOAD_STATUSES: [&str; 2] = ["success", "failed"];
 pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     for kind in ERROR_KINDS {
         METRICS.errors.with_label_values(&[kind]);
+    }
+    for kind in ["peer", "origin"] {
+        METRICS.source_kind_bytes.with_label_values(&[kind]);
+    }
+    for result in ["hit", "miss"] {
+        METRICS.peer_requests.with_label_values(&[result]);
     }
     for model in models {
         for status in DOWNLOAD_STATUSES {

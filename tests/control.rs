@@ -1353,14 +1353,14 @@ fn cli_against_a_live_daemon() {
     cli.run(&["gc", "--auto", "--aggressive"]).fails();
 
     // report
-    let rep = cli.run(&["report", "--daily"]).ok().json();
+    let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
     assert!(
         report_sum(&rep, "download_success", "count") >= 11,
         "{rep:#}"
     );
     assert!(report_sum(&rep, "evict_success", "count") >= 1, "{rep:#}");
     let st = cli
-        .run(&["report", "--storage", "--last-30-days"])
+        .run(&["report", "--storage", "--last-30-days", "--json"])
         .ok()
         .json();
     assert_eq!(st["current"]["used_bytes"], api.used_bytes(), "{st:#}");
@@ -1456,10 +1456,10 @@ fn cli_without_a_daemon_works_on_the_cache() {
     assert_eq!(cli.status(T2V)["state"], "COMPLETE");
     let out = cli.run(&["verify", "--all"]).ok().stdout;
     assert!(out.contains("0 corrupt chunks"), "{out}");
-    let rep = cli.run(&["report", "--daily"]).ok().json();
+    let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
     assert_eq!(report_sum(&rep, "download_success", "count"), 11, "{rep:#}");
     let st = cli
-        .run(&["report", "--storage", "--last-30-days"])
+        .run(&["report", "--storage", "--last-30-days", "--json"])
         .ok()
         .json();
     assert_eq!(st["current"]["used_bytes"], T2V_BYTES, "{st:#}");
@@ -1676,7 +1676,7 @@ fn daily_report_shows_real_downloads() {
     let cli = d.cli();
     let api = d.api();
 
-    let rep = cli.run(&["report", "--daily"]).ok().json();
+    let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
     assert_eq!(report_sum(&rep, "download_success", "count"), 0, "{rep:#}");
 
     cli.run(&["ensure", "--only", GEN]).ok();
@@ -1684,7 +1684,7 @@ fn daily_report_shows_real_downloads() {
         !setup.origin.gets("").is_empty(),
         "nothing came from the origin"
     );
-    let rep = cli.run(&["report", "--daily"]).ok().json();
+    let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
     assert_eq!(report_sum(&rep, "download_success", "count"), 3, "{rep:#}");
     assert_eq!(
         report_sum(&rep, "download_success", "bytes"),
@@ -1698,7 +1698,7 @@ fn daily_report_shows_real_downloads() {
     assert_eq!(http["days"], rep["days"]);
 
     let st = cli
-        .run(&["report", "--storage", "--last-30-days"])
+        .run(&["report", "--storage", "--last-30-days", "--json"])
         .ok()
         .json();
     assert_eq!(st["current"]["used_bytes"], total, "{st:#}");
@@ -1709,7 +1709,7 @@ fn daily_report_shows_real_downloads() {
         .expect(200);
     setup.origin.stop();
     cli.run(&["ensure", "--only", GEN]).fails();
-    let rep = cli.run(&["report", "--daily"]).ok().json();
+    let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
     assert_eq!(report_sum(&rep, "evict_success", "count"), 1, "{rep:#}");
     assert_eq!(report_sum(&rep, "evict_success", "bytes"), total, "{rep:#}");
     assert!(report_sum(&rep, "download_failed", "count") >= 1, "{rep:#}");
@@ -1725,7 +1725,7 @@ fn daily_report_counts_verified_bytes() {
     let cli = d.cli();
     cli.run(&["ensure", "--only", GEN]).ok();
     cli.run(&["verify", "--only", GEN]).ok();
-    let rep = cli.run(&["report", "--daily"]).ok().json();
+    let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
     assert_eq!(report_sum(&rep, "verify_success", "count"), 1, "{rep:#}");
     assert_eq!(
         report_sum(&rep, "verify_success", "bytes"),

@@ -321,7 +321,7 @@ fn verify_counts(live: &Live) -> (f64, f64) {
 
 /// Statuses of the `verify` events of the daily report.
 fn verify_events(live: &Live) -> Value {
-    let out = ok(live.wan(&["report", "--daily"]));
+    let out = ok(live.wan(&["report", "--daily", "--json"]));
     let rep = json(&out);
     let mut sums = serde_json::Map::new();
     for day in rep["days"].as_object().into_iter().flat_map(|d| d.values()) {

@@ -91,6 +91,19 @@ fn listing_and_stat_work_with_origin_stopped() {
     }
     let missing = fs::metadata(mount.path(&format!("{T2V}/no-such-file")));
     assert_eq!(missing.map_err(|e| errno(&e)).err(), Some(libc::ENOENT));
+    // Refused opens for writing are counted by operation; a lookup's miss is not an error.
+    let metrics = fs::read_to_string(mount.path(".wan/metrics")).expect("read .wan/metrics");
+    let count = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        count("wan_fuse_errors_total{op=\"open\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(count("wan_fuse_errors_total{op=\"lookup\"}"), 0.0);
     assert!(
         origin.requests().is_empty(),
         "requests reached a stopped origin: {:?}",
@@ -422,7 +435,7 @@ fn xattrs_walk_not_present_partial_complete() {
     assert_eq!(wait_state(&path, "PARTIAL"), "PARTIAL");
     let cached = cached_bytes(&path);
     assert!(
-        cached >= CS && cached < size && cached % CS == 0,
+        cached >= CS && cached < size && cached.is_multiple_of(CS),
         "cached_bytes {cached} after reading one chunk of {CS}"
     );
 

@@ -94,7 +94,9 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::Control(ControlError::Busy(..)) => libc::EBUSY,
             FsError::Control(ControlError::Failed(_)) => libc::EIO,
-            FsError::Control(_) => libc::EINVAL,
+            FsError::Control(ControlError::UnknownModel(..) | ControlError::BadRequest(_)) => {
+                libc::EINVAL
+            }
         }
     }
 }
@@ -127,8 +129,10 @@ impl ModelFs {
         mtime: SystemTime,
         passthrough: bool,
     ) -> ModelFs {
-        // SAFETY: getuid/getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
         ModelFs {
             tree: std::sync::RwLock::new(Arc::new(tree)),
             fetcher,

@@ -63,15 +63,20 @@ impl HttpSource {
     }
 }
 
-/// Percent-encodes one path segment (RFC 3986 unreserved characters and a few safe ones pass).
-fn encode_segment(seg: &str, out: &mut String) {
-    for b in seg.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~@+=,".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+/// What a path segment keeps as is: RFC 3986 unreserved characters and a few safe ones.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'@')
+    .remove(b'+')
+    .remove(b'=')
+    .remove(b',');
+
+/// Percent-encodes one path segment.
+pub(crate) fn encode_segment(seg: &str, out: &mut String) {
+    out.extend(percent_encoding::utf8_percent_encode(seg, SEGMENT));
 }
 
 /// The URL is left out of the message: it may carry a signature in its query, and the

@@ -6,7 +6,7 @@
 //! Sources return raw bytes; they never verify: the fetcher does, before anything is stored.
 
 mod file;
-mod http;
+pub(crate) mod http;
 pub mod mock;
 mod s3;
 
@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use crate::config::FetchConfig;
+use crate::config::{FetchConfig, PeersConfig};
 use crate::manifest::SourceUrl;
 
 pub use file::DirSource;
 pub use http::{HttpSource, http_client};
+pub use s3::S3Source;
 
 /// Why a source could not deliver.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -103,6 +104,9 @@ pub struct SourceHandle {
     /// Safe to log: no credentials.
     pub name: String,
     pub source: Box<dyn Source>,
+    /// Another wanfs daemon (`[peers]`): addressed by blob digest (`/blobs/<sha256>`), not by
+    /// the file's path, and a chunk it lacks (404) is not a failure of it.
+    pub peer: bool,
     health: Mutex<Health>,
 }
 
@@ -125,8 +129,20 @@ impl SourceHandle {
         SourceHandle {
             name,
             source,
+            peer: false,
             health: Mutex::new(Health::default()),
         }
+    }
+
+    /// Where this source finds `entry`'s bytes: its path under the model's base URL, or for a
+    /// peer the blob's digest (a peer's cache is content-addressed and knows no models).
+    pub fn locator<'a>(&self, entry: &'a crate::manifest::FileEntry, hex: &'a str) -> &'a str {
+        if self.peer { hex } else { &entry.path }
+    }
+
+    /// The kind, as metrics label it.
+    pub fn kind(&self) -> &'static str {
+        if self.peer { "peer" } else { "origin" }
     }
 
     /// When the cool-down ends, if the source is cooling down now.
@@ -194,14 +210,59 @@ pub fn mask_url(url: &str) -> String {
 pub struct SourceRegistry {
     client: reqwest::Client,
     by_url: Mutex<HashMap<SourceUrl, Arc<SourceHandle>>>,
+    /// Peer handles by what defines them, so a reload that keeps a peer keeps its health.
+    peers: Mutex<HashMap<PeerKey, Arc<SourceHandle>>>,
+    fetch: FetchConfig,
 }
+
+/// A peer's URL, connect timeout (in µs) and token: a change to any needs a new handle.
+type PeerKey = (String, u64, Option<String>);
 
 impl SourceRegistry {
     pub fn new(cfg: &FetchConfig) -> anyhow::Result<SourceRegistry> {
         Ok(SourceRegistry {
             client: http_client(cfg)?,
             by_url: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            fetch: cfg.clone(),
         })
+    }
+
+    /// The handles of `cfg`'s peers, in its order. Each sends `token` (the fleet's bearer
+    /// token, from `http.token_env`), which `/blobs` asks for under `http.require_token`.
+    pub fn peers(
+        &self,
+        cfg: &PeersConfig,
+        token: Option<String>,
+    ) -> anyhow::Result<Vec<Arc<SourceHandle>>> {
+        let mut map = self.peers.lock().unwrap();
+        let micros = cfg.connect_timeout().as_micros() as u64;
+        let mut client = None;
+        let mut out = Vec::new();
+        for url in &cfg.urls {
+            let key = (url.clone(), micros, token.clone());
+            if let Some(h) = map.get(&key) {
+                out.push(h.clone());
+                continue;
+            }
+            if client.is_none() {
+                // The origin's client waits `request_timeout` to connect; a peer is asked
+                // first for every cold chunk, so one that is down must fail fast.
+                let mut fetch = self.fetch.clone();
+                fetch.request_timeout_secs = cfg.connect_timeout_secs;
+                client = Some(http_client(&fetch)?);
+            }
+            let base = format!("{}/blobs", url.trim_end_matches('/'));
+            let source = HttpSource::new(client.clone().expect("built"), base, token.clone());
+            let mut h = SourceHandle::new(format!("peer {}", mask_url(url)), Box::new(source));
+            h.peer = true;
+            let h = Arc::new(h);
+            map.insert(key, h.clone());
+            out.push(h);
+        }
+        // Handles of peers no longer listed go; those in flight hold their own reference.
+        map.retain(|_, h| out.iter().any(|o| Arc::ptr_eq(o, h)));
+        Ok(out)
     }
 
     /// The handle for `url`, created on first use.

@@ -49,6 +49,37 @@ impl S3Source {
     }
 }
 
+impl S3Source {
+    /// Every object under the prefix: (path relative to the prefix, size), by path.
+    /// `ListObjectsV2`, paged by the client.
+    pub async fn list(&self) -> Result<Vec<(String, u64)>, SourceError> {
+        use futures::TryStreamExt;
+        let store = self
+            .store
+            .as_ref()
+            .map_err(|e| SourceError::Unsupported(e.clone()))?;
+        let prefix =
+            (!self.prefix.is_empty()).then(|| object_store::path::Path::from(self.prefix.as_str()));
+        let mut out: Vec<(String, u64)> = store
+            .list(prefix.as_ref())
+            .map_ok(|m| {
+                let key = m.location.as_ref();
+                let rel = match self.prefix.is_empty() {
+                    true => key,
+                    false => key
+                        .strip_prefix(self.prefix.as_str())
+                        .map_or(key, |r| r.trim_start_matches('/')),
+                };
+                (rel.to_string(), m.size)
+            })
+            .try_collect()
+            .await
+            .map_err(classify)?;
+        out.sort();
+        Ok(out)
+    }
+}
+
 fn classify(e: object_store::Error) -> SourceError {
     use object_store::Error as E;
     match e {

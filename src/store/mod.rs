@@ -180,14 +180,8 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
-        // SAFETY: flock on a valid fd we own.
-        let rc = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&lock),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        };
-        if rc != 0 {
+        // flock(LOCK_EX | LOCK_NB), held as long as `lock` is open.
+        if lock.try_lock().is_err() {
             return Err(StoreError::Locked(cache_dir.display().to_string()));
         }
         let index_path = root.join("index.sqlite");
@@ -449,6 +443,35 @@ impl Store {
         }
         st.touch();
         self.fd(f.sha256, None).ok()
+    }
+
+    /// The size of a blob the cache has an entry for (any chunk present or not).
+    pub fn blob_size(&self, d: Digest) -> Option<u64> {
+        self.blobs.lock().unwrap().get(&d).map(|s| s.layout.size)
+    }
+
+    /// For a peer's `/blobs` request: the blob's size and a handle on it, if the cache holds
+    /// every chunk that `range` (clamped to the blob) touches, checked with the same lock a
+    /// commit or eviction takes. The chunks were verified when they were committed; the peer
+    /// verifies them again, so a rotted disk costs it a fallback, never a wrong byte.
+    pub fn peer_reader(&self, d: Digest, range: std::ops::Range<u64>) -> Option<(u64, Arc<File>)> {
+        if self.is_suspect(d) {
+            return None;
+        }
+        let mut blobs = self.blobs.lock().unwrap();
+        let st = blobs.get_mut(&d)?;
+        let size = st.layout.size;
+        let end = range.end.min(size);
+        if range.start < end {
+            let chunks = st.layout.covering(range.start, end - range.start);
+            if !chunks.into_iter().all(|i| st.has(i)) {
+                return None;
+            }
+        } else if !st.complete() {
+            return None;
+        }
+        st.touch();
+        Some((size, self.fd(d, None).ok()?))
     }
 
     /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.
@@ -784,9 +807,9 @@ impl Store {
 /// bytes in memory, so skipping the page cache costs them nothing; later reads come from disk.
 fn write_direct(path: &Path, data: &[u8], offset: u64) -> std::io::Result<bool> {
     use crate::chunk::BUF_ALIGN;
-    let aligned = data.as_ptr() as usize % BUF_ALIGN == 0
-        && offset % BUF_ALIGN as u64 == 0
-        && data.len() % BUF_ALIGN == 0
+    let aligned = (data.as_ptr() as usize).is_multiple_of(BUF_ALIGN)
+        && offset.is_multiple_of(BUF_ALIGN as u64)
+        && data.len().is_multiple_of(BUF_ALIGN)
         && !data.is_empty();
     if !aligned {
         return Ok(false);
@@ -818,6 +841,16 @@ pub struct AdoptReport {
     pub chunks_verified: u64,
     pub chunks_bad: u64,
     pub bytes: u64,
+}
+
+impl std::fmt::Display for AdoptReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "index rebuilt: {} blobs adopted, {} chunks verified ({} bytes), {} corrupt chunks left out",
+            self.blobs_adopted, self.chunks_verified, self.bytes, self.chunks_bad
+        )
+    }
 }
 
 impl Store {
@@ -895,14 +928,12 @@ impl Store {
 
 /// Whether `start..end` of `file` holds any data (not entirely a hole).
 fn has_data(file: &File, start: u64, end: u64) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on a valid fd.
-    let off = unsafe { libc::lseek(file.as_raw_fd(), start as libc::off_t, libc::SEEK_DATA) };
-    // ENXIO: no data after `start`; other errors: assume data (read and verify).
-    if off < 0 {
-        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+    use nix::unistd::{Whence, lseek};
+    match lseek(file, start as libc::off_t, Whence::SeekData) {
+        Ok(off) => (off as u64) < end,
+        // ENXIO: no data after `start`; other errors: assume data (read and verify).
+        Err(e) => e != nix::errno::Errno::ENXIO,
     }
-    (off as u64) < end
 }
 
 /// (whole-file digest, chunk digests) of a blob file, in one pass.

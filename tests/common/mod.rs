@@ -1,10 +1,12 @@
 //! Shared harness of the integration tests: the HTTP origin ([`origin`]), the daemon under test
-//! ([`mount`]), and helpers for files, manifests, xattrs and the on-disk cache.
+//! ([`mount`]), an nginx cache tier ([`nginx`]), and helpers for files, manifests, xattrs and the
+//! on-disk cache.
 //!
 //! Each test binary uses a different part of it, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
 pub mod mount;
+pub mod nginx;
 pub mod origin;
 
 use std::collections::BTreeSet;

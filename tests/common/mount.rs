@@ -30,6 +30,8 @@ pub struct WanConfig {
     /// `[http] addr`: the daemon's HTTP endpoint. Empty disables it, so parallel daemons do
     /// not fight over the default 127.0.0.1:8000.
     pub http_addr: String,
+    /// Appended to the file as is: further sections (`[peers]`, `[http]` keys after `addr`).
+    pub extra: String,
 }
 
 impl Default for WanConfig {
@@ -46,6 +48,7 @@ impl Default for WanConfig {
             part_size_kib: 1024,
             passthrough: true,
             http_addr: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -56,7 +59,7 @@ impl WanConfig {
             "[fetch]\nconnections = {}\nmax_inflight_mib = {}\nread_timeout_secs = {:?}\n\
              request_timeout_secs = {:?}\nretries = {}\nbackoff_ms = {}\ncooldown_secs = {:?}\n\
              readahead_chunks = {}\npart_size_kib = {}\n\n[mount]\npassthrough = {}\n\n\
-             [http]\naddr = {:?}\n",
+             [http]\naddr = {:?}\n{}",
             self.connections,
             self.max_inflight_mib,
             self.read_timeout_secs,
@@ -68,6 +71,7 @@ impl WanConfig {
             self.part_size_kib,
             self.passthrough,
             self.http_addr,
+            self.extra,
         )
     }
 }
