@@ -2,8 +2,8 @@
 //! file's sha256, that a restart opens instead of parsing the TOML again.
 //!
 //! Owns its on-disk format (`<cache_dir>/v1/manifests/<sha256>.bin`), compiling (in a child
-//! process, so the TOML parse's transient memory never lands in the daemon's heap), opening,
-//! and pruning old forms. Validation stays in `manifest.rs`: a compiled form is only ever
+//! process, so the parse's transient memory never lands in the daemon's heap; on a reload only
+//! the models whose text changed), opening, and pruning old forms. Validation stays in `manifest.rs`: a compiled form is only ever
 //! written from a manifest that passed it, and a manifest it refuses is reported by the child
 //! exactly as `Manifest::load` words it.
 //!
@@ -12,7 +12,9 @@
 //! actually read are ever resident. The rest (models, sources, paths, sizes) is decoded at
 //! open. A form is trusted only if its magic, format version, manifest hash, base directory and
 //! trailing checksum all match; anything else is compiled again. Files are written to a temp
-//! name, synced and renamed into place, so a reader never sees half of one. Nothing else
+//! name and renamed into place, so a reader never sees half of one (not synced: a form torn
+//! by a crash fails its checksum). A cache where no form can be written still mounts, with the
+//! manifest kept in memory. Nothing else
 //! touches this directory: GC and eviction work on `blobs/` only, and an open form stays
 //! mapped even if pruned (unlinked) meanwhile.
 
