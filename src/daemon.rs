@@ -316,7 +316,10 @@ impl Reloader {
                         (id.clone(), kept.unwrap_or_default())
                     })
                     .collect();
-                let unchanged_manifest = compiled.sha256 == current.sha256;
+                // Not the hash alone: the same text moved to another directory resolves its
+                // `local://` sources elsewhere, which changes fingerprints, not the hash.
+                let unchanged_manifest = changed.models.is_empty()
+                    && current.files.keys().eq(manifest.models.keys());
                 tracing::debug!(
                     changed = changed.models.len(),
                     models = manifest.models.len(),
