@@ -318,8 +318,8 @@ impl Reloader {
                     .collect();
                 // Not the hash alone: the same text moved to another directory resolves its
                 // `local://` sources elsewhere, which changes fingerprints, not the hash.
-                let unchanged_manifest = changed.models.is_empty()
-                    && current.files.keys().eq(manifest.models.keys());
+                let unchanged_manifest =
+                    changed.models.is_empty() && current.files.keys().eq(manifest.models.keys());
                 tracing::debug!(
                     changed = changed.models.len(),
                     models = manifest.models.len(),

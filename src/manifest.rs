@@ -16,8 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{Digest, Layout};
 
-mod fast;
-
 /// Default chunk size: 8 MiB. Large enough that a 60 GB model is ~7,000 chunks (index rows,
 /// digests in the manifest, requests) and per-request overhead is noise; small enough that one
 /// chunk, fetched as parallel 1 MiB parts, reaches a reader in tens of milliseconds even from a
@@ -464,15 +462,10 @@ impl Manifest {
 
     /// Parses and validates manifest text; `file` names it in errors.
     pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Manifest, ManifestError> {
-        // The plain shape is read by hand (`fast`), anything else by the `toml` crate, which
-        // also words every syntax error.
-        let raw: RawManifest = match fast::read(text) {
-            Some(raw) => raw,
-            None => toml::from_str(text).map_err(|e| ManifestError::Syntax {
-                file: file.to_string(),
-                msg: e.to_string().trim_end().to_string(),
-            })?,
-        };
+        let raw: RawManifest = toml::from_str(text).map_err(|e| ManifestError::Syntax {
+            file: file.to_string(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
         let mut problems = Vec::new();
         if raw.schema_version != 1 {
             problems.push(Problem {
