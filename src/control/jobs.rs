@@ -14,6 +14,7 @@ use super::{Control, ControlError, GcMode, failed, statvfs};
 use crate::chunk::Digest;
 use crate::fetch::FileCtx;
 use crate::metrics::METRICS;
+use crate::store::gc::{GcBlob, GcUsage, plan_gc};
 use crate::store::index::Event;
 use crate::store::now_secs;
 
@@ -524,32 +525,27 @@ impl Control {
                 o.2 |= pinned;
             }
         }
-        let mut candidates: Vec<_> = store
+        let blobs: Vec<GcBlob> = store
             .blobs()
             .into_iter()
-            .filter(|b| b.cached_bytes > 0 || b.size == 0)
-            .filter(|b| !owners.get(&b.digest).is_some_and(|o| o.2))
-            .filter(|b| !b.open)
+            .map(|b| GcBlob {
+                digest: b.digest,
+                size: b.size,
+                cached_bytes: b.cached_bytes,
+                last_access: b.last_access,
+                pinned: owners.get(&b.digest).is_some_and(|o| o.2),
+                open: b.open,
+                listed: owners.contains_key(&b.digest),
+            })
             .collect();
-        // Least recently used first; blobs no model lists any more go before everything.
-        candidates.sort_by_key(|b| (owners.contains_key(&b.digest), b.last_access));
-        let cfg = self.cfg();
-        let gc = &cfg.gc;
-        let mut used = used_before;
-        let mut free = free_pct;
+        let usage = GcUsage {
+            used: used_before,
+            free_percent: free_pct,
+            fs_total,
+        };
+        let plan = plan_gc(&blobs, &self.cfg().gc, usage, mode);
         let mut removed = Vec::new();
-        let mut freed = 0;
-        for b in candidates {
-            if mode == GcMode::Auto {
-                let bytes_ok =
-                    gc.max_bytes == 0 || (used as f64) <= gc.low_watermark * gc.max_bytes as f64;
-                let free_target =
-                    gc.min_free_percent + (gc.high_watermark - gc.low_watermark) * 100.0;
-                let free_ok = gc.min_free_percent == 0.0 || free >= free_target;
-                if bytes_ok && free_ok {
-                    break;
-                }
-            }
+        for b in &plan.evict {
             let (models, files) = owners
                 .get(&b.digest)
                 .map(|o| (o.0.clone(), o.1.clone()))
@@ -572,11 +568,6 @@ impl Control {
                     );
                 }
             }
-            used = used.saturating_sub(b.cached_bytes);
-            if fs_total > 0 {
-                free += b.cached_bytes as f64 * 100.0 / fs_total as f64;
-            }
-            freed += b.cached_bytes;
             removed.push(GcItem {
                 blob: b.digest.to_hex(),
                 models,
@@ -585,6 +576,7 @@ impl Control {
                 last_access: b.last_access,
             });
         }
+        let mut freed = plan.freed;
         let mut orphans_removed = 0;
         let mut reverified = 0;
         let mut bad = 0;
@@ -631,7 +623,7 @@ impl Control {
             mode,
             dry_run,
             used_before,
-            used_after: if dry_run { used } else { used_after },
+            used_after: if dry_run { plan.used_after } else { used_after },
             freed_bytes: freed,
             removed,
             orphans_removed,

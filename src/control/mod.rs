@@ -72,14 +72,7 @@ fn failed(e: impl std::fmt::Display) -> ControlError {
     ControlError::Failed(e.to_string())
 }
 
-/// GC modes (DESIGN §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GcMode {
-    Auto,
-    Aggressive,
-    DeepClean,
-}
+pub use crate::store::gc::GcMode;
 
 impl std::str::FromStr for GcMode {
     type Err = ControlError;
