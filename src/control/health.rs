@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Control;
 
@@ -18,10 +18,20 @@ pub struct Check {
     pub detail: String,
 }
 
+/// The daemon's health (serialized `healthy`, `degraded`, `unhealthy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Healthy,
+    /// A check that is not critical fails: still serving.
+    Degraded,
+    /// A critical check fails: HTTP 503, so a load balancer or systemd can act.
+    Unhealthy,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {
-    /// healthy, degraded or unhealthy.
-    pub status: String,
+    pub status: HealthStatus,
     pub checks: BTreeMap<String, Check>,
 }
 
@@ -118,15 +128,12 @@ impl Control {
             },
         );
         let status = if checks.values().any(|c| !c.ok && c.critical) {
-            "unhealthy"
+            HealthStatus::Unhealthy
         } else if checks.values().any(|c| !c.ok) {
-            "degraded"
+            HealthStatus::Degraded
         } else {
-            "healthy"
+            HealthStatus::Healthy
         };
-        Health {
-            status: status.into(),
-            checks,
-        }
+        Health { status, checks }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Control, ControlError, GcMode, failed, statvfs};
 use crate::chunk::Digest;
@@ -26,19 +26,69 @@ pub enum Work {
 }
 
 impl Work {
-    fn kind(self) -> &'static str {
+    pub fn kind(self) -> JobKind {
         match self {
-            Work::Ensure { .. } => "ensure",
-            Work::Verify { .. } => "verify",
+            Work::Ensure { .. } => JobKind::Ensure,
+            Work::Verify { .. } => JobKind::Verify,
         }
+    }
+}
+
+/// What a job does (serialized `ensure`, `verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Ensure,
+    Verify,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Ensure => "ensure",
+            JobKind::Verify => "verify",
+        }
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Where a job is (serialized `running`, `done`, `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Running,
+    /// Ended without an error (a report-only verify that found bad chunks is `failed`).
+    Done,
+    /// Ended with an error, in `JobStatus::error`.
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
     }
 }
 
 /// A background job's progress.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobStatus {
-    pub kind: String,
-    pub state: String,
+    pub kind: JobKind,
+    pub state: JobState,
     pub started: u64,
     pub finished: Option<u64>,
     pub bytes_done: u64,
@@ -70,7 +120,7 @@ impl Job {
         let mut s = self.status.lock().unwrap().clone();
         s.bytes_done = self.progress.load(Ordering::Relaxed).min(s.bytes_total);
         let secs = self.started_at.elapsed().as_secs_f64();
-        if s.state == "running" && secs > 0.0 {
+        if s.state == JobState::Running && secs > 0.0 {
             let rate = s.bytes_done as f64 / secs;
             s.rate_bytes_per_s = Some(rate.round());
             s.eta_secs = (rate > 0.0)
@@ -79,7 +129,7 @@ impl Job {
         s
     }
     pub(super) fn running(&self) -> bool {
-        self.status.lock().unwrap().state == "running"
+        self.status.lock().unwrap().state == JobState::Running
     }
 }
 
@@ -124,11 +174,11 @@ impl Control {
             if let Some(j) = jobs.get(id)
                 && j.running()
             {
-                let running = j.status.lock().unwrap().kind.clone();
+                let running = j.status.lock().unwrap().kind;
                 if matches!(work, Work::Ensure { .. }) && running == work.kind() {
                     continue;
                 }
-                return Err(ControlError::Busy(id.clone(), running));
+                return Err(ControlError::Busy(id.clone(), running.as_str().into()));
             }
             todo.push(id.clone());
         }
@@ -142,8 +192,8 @@ impl Control {
                     .map_or(0, |fs| fs.iter().map(|f| f.entry.size).sum());
                 let job = Arc::new(Job {
                     status: Mutex::new(JobStatus {
-                        kind: work.kind().into(),
-                        state: "running".into(),
+                        kind: work.kind(),
+                        state: JobState::Running,
                         started: now_secs(),
                         finished: None,
                         bytes_done: 0,
@@ -168,9 +218,9 @@ impl Control {
         let mut s = job.status.lock().unwrap();
         s.finished = Some(now_secs());
         match result {
-            Ok(()) => s.state = "done".into(),
+            Ok(()) => s.state = JobState::Done,
             Err(e) => {
-                s.state = "failed".into();
+                s.state = JobState::Failed;
                 s.error = Some(e.to_string());
             }
         }
@@ -212,7 +262,7 @@ impl Control {
     ) -> Result<JobStatus, ControlError> {
         let id = &self.resolve(&[id.to_string()])?[0];
         let Some((_, job)) = self.start_jobs(std::slice::from_ref(id), work)?.pop() else {
-            return Err(ControlError::Busy(id.clone(), work.kind().into()));
+            return Err(ControlError::Busy(id.clone(), work.kind().as_str().into()));
         };
         self.run_job(id, work, job.clone()).await;
         Ok(job.snapshot())

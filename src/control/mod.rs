@@ -15,15 +15,15 @@ mod health;
 mod jobs;
 mod report;
 
-pub use health::{Check, Health};
-pub use jobs::{GcItem, GcReport, JobStatus, Work};
+pub use health::{Check, Health, HealthStatus};
+pub use jobs::{GcItem, GcReport, JobKind, JobState, JobStatus, Work};
 pub use report::day_of;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chunk::Digest;
 use crate::config::Config;
@@ -88,13 +88,49 @@ impl std::str::FromStr for GcMode {
     }
 }
 
+/// Where a model stands, as `status` shows it. Serialized as today's words (`NOT_PRESENT`, …),
+/// which scripts and docs/CONTROL.md rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ModelState {
+    /// Nothing cached.
+    NotPresent,
+    /// Some bytes cached, not every file complete.
+    Partial,
+    /// A verify job is running.
+    Verifying,
+    /// Every file complete.
+    Complete,
+    /// Found or marked corrupt; stays so until an ensure or verify completes the model.
+    Corrupt,
+}
+
+impl ModelState {
+    /// The word in JSON and in `wan models status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::NotPresent => "NOT_PRESENT",
+            ModelState::Partial => "PARTIAL",
+            ModelState::Verifying => "VERIFYING",
+            ModelState::Complete => "COMPLETE",
+            ModelState::Corrupt => "CORRUPT",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // pad, not write: tables align the word with `{:<12}`.
+        f.pad(self.as_str())
+    }
+}
+
 /// One model as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStatus {
     pub id: String,
     pub description: String,
-    /// NOT_PRESENT, PARTIAL, VERIFYING, COMPLETE or CORRUPT.
-    pub state: String,
+    pub state: ModelState,
     pub pinned: bool,
     pub files: usize,
     pub files_complete: usize,
@@ -251,22 +287,22 @@ impl Control {
         let job = self.job(id);
         let verifying = job
             .as_ref()
-            .is_some_and(|j| j.running() && j.status.lock().unwrap().kind == "verify");
+            .is_some_and(|j| j.running() && j.status.lock().unwrap().kind == JobKind::Verify);
         let state = if verifying {
-            "VERIFYING"
+            ModelState::Verifying
         } else if row.corrupt {
-            "CORRUPT"
+            ModelState::Corrupt
         } else if complete == files.len() {
-            "COMPLETE"
+            ModelState::Complete
         } else if cached > 0 {
-            "PARTIAL"
+            ModelState::Partial
         } else {
-            "NOT_PRESENT"
+            ModelState::NotPresent
         };
         Ok(ModelStatus {
             id: id.to_string(),
             description: model.description.clone(),
-            state: state.into(),
+            state,
             pinned: row.pinned.unwrap_or(model.pinned),
             files: files.len(),
             files_complete: complete,
@@ -288,14 +324,14 @@ impl Control {
     }
 
     pub fn summary(&self, models: &[ModelStatus]) -> Summary {
-        let count = |s: &str| models.iter().filter(|m| m.state == s).count();
+        let count = |s: ModelState| models.iter().filter(|m| m.state == s).count();
         Summary {
             total: models.len(),
-            complete: count("COMPLETE"),
-            partial: count("PARTIAL"),
-            not_present: count("NOT_PRESENT"),
-            corrupt: count("CORRUPT"),
-            verifying: count("VERIFYING"),
+            complete: count(ModelState::Complete),
+            partial: count(ModelState::Partial),
+            not_present: count(ModelState::NotPresent),
+            corrupt: count(ModelState::Corrupt),
+            verifying: count(ModelState::Verifying),
         }
     }
 
