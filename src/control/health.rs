@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::Control;
 
 /// One health check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub ok: bool,
     /// Whether failing it makes the whole daemon unhealthy (else only degraded).
@@ -29,7 +29,7 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
     pub status: HealthStatus,
     pub checks: BTreeMap<String, Check>,

@@ -85,7 +85,7 @@ impl std::fmt::Display for JobState {
 }
 
 /// A background job's progress.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobStatus {
     pub kind: JobKind,
     pub state: JobState,
@@ -134,7 +134,7 @@ impl Job {
 }
 
 /// One blob GC removed (or would remove).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GcItem {
     pub blob: String,
     pub models: Vec<String>,
@@ -143,7 +143,7 @@ pub struct GcItem {
     pub last_access: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GcReport {
     pub mode: GcMode,
     pub dry_run: bool,

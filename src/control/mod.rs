@@ -17,7 +17,7 @@ mod report;
 
 pub use health::{Check, Health, HealthStatus};
 pub use jobs::{GcItem, GcReport, JobKind, JobState, JobStatus, Work};
-pub use report::day_of;
+pub use report::{DailyReport, StorageDay, StorageNow, StorageReport, Tally, day_of};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -126,7 +126,7 @@ impl std::fmt::Display for ModelState {
 }
 
 /// One model as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelStatus {
     pub id: String,
     pub description: String,
@@ -142,7 +142,7 @@ pub struct ModelStatus {
     pub job: Option<JobStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub total: usize,
     pub complete: usize,
