@@ -1,5 +1,5 @@
-//! Health checks: the mount answers, the cache is writable, the index answers, disk use is
-//! within limits (critical), and below the high watermark, sources not failing (not critical).
+//! Health checks. Critical: the mount answers, the cache is writable, the index answers, disk
+//! use is within its limits. Not critical: usage under the high watermark, no source failing.
 //! One failing critical check makes the daemon unhealthy (HTTP 503), any other degraded.
 
 use std::collections::BTreeMap;
@@ -29,6 +29,7 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
+/// The answer of `/health` and `.wan/health`: the overall status and every check by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
     pub status: HealthStatus,

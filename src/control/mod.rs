@@ -7,8 +7,8 @@
 //!
 //! This file owns the [`Control`] handle, its errors, the catalog of models in force and
 //! `status` (with pin, evict and mark-corrupted, which change what status shows). The rest is
-//! split by what it owns: [`jobs`] the long work (ensure, verify, GC and the background loop),
-//! [`health`] the health checks, [`report`] events and the daily and storage reports. The GC
+//! split by what it owns: `jobs.rs` the long work (ensure, verify, GC and the background loop),
+//! `health.rs` the health checks, `report.rs` events and the daily and storage reports. The GC
 //! policy itself (which blobs go) is pure and lives in [`crate::store::gc`].
 
 mod health;
@@ -494,5 +494,47 @@ mod tests {
     fn gc_modes_parse() {
         assert_eq!("deep-clean".parse::<GcMode>().unwrap(), GcMode::DeepClean);
         assert!("everything".parse::<GcMode>().is_err());
+    }
+
+    /// The words are the JSON API (scripts, tests and docs/CONTROL.md match on them): each enum
+    /// writes exactly the string it replaced, reads it back, and prints it as `as_str` does.
+    #[test]
+    fn the_vocabulary_serializes_as_its_words() {
+        fn word<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+            v: T,
+            w: &str,
+        ) {
+            assert_eq!(serde_json::to_value(&v).unwrap(), w);
+            assert_eq!(serde_json::from_value::<T>(w.into()).unwrap(), v);
+        }
+        for (s, w) in [
+            (ModelState::NotPresent, "NOT_PRESENT"),
+            (ModelState::Partial, "PARTIAL"),
+            (ModelState::Verifying, "VERIFYING"),
+            (ModelState::Complete, "COMPLETE"),
+            (ModelState::Corrupt, "CORRUPT"),
+        ] {
+            word(s, w);
+            assert_eq!(format!("{s:<12}|"), format!("{w:<12}|"));
+        }
+        for (s, w) in [
+            (JobState::Running, "running"),
+            (JobState::Done, "done"),
+            (JobState::Failed, "failed"),
+        ] {
+            word(s, w);
+            assert_eq!(s.as_str(), w);
+        }
+        for (k, w) in [(JobKind::Ensure, "ensure"), (JobKind::Verify, "verify")] {
+            word(k, w);
+            assert_eq!(k.to_string(), w);
+        }
+        word(HealthStatus::Healthy, "healthy");
+        word(HealthStatus::Degraded, "degraded");
+        word(HealthStatus::Unhealthy, "unhealthy");
+        for m in [GcMode::Auto, GcMode::Aggressive, GcMode::DeepClean] {
+            word(m, m.as_str());
+            assert_eq!(m.as_str().parse::<GcMode>().unwrap(), m);
+        }
     }
 }
