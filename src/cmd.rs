@@ -9,10 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::control::{Control, ControlError, GcMode, Work};
+use crate::control::{
+    Control, ControlError, DailyReport, GcMode, GcReport, JobKind, JobState, JobStatus, ModelState,
+    ModelStatus, StorageReport, Work,
+};
 use crate::fetch::{Fetcher, file_contexts};
 use crate::manifest::Manifest;
 use crate::source::SourceRegistry;
@@ -110,14 +115,14 @@ impl Backend {
         )))
     }
 
-    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let Backend::Daemon { base, client } = self else {
             unreachable!()
         };
         answer(client.get(format!("{base}{path}")).send().await?).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> anyhow::Result<T> {
         let Backend::Daemon { base, client } = self else {
             unreachable!()
         };
@@ -132,7 +137,8 @@ impl Backend {
     }
 }
 
-async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
+/// The daemon's answer as `T` (the control structs the daemon serialized), or its error.
+async fn answer<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -144,7 +150,7 @@ async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
                 .unwrap_or_else(|| format!("HTTP {status}"))
         );
     }
-    Ok(v)
+    serde_json::from_value(v).context("the daemon's answer")
 }
 
 /// Runs one `wan models` command; prints JSON with `json`, else a human summary.
@@ -158,8 +164,11 @@ pub fn run(op: ModelsOp, target: Target, json_out: bool) -> anyhow::Result<ExitC
     })
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+/// Prints `v` as pretty JSON with its keys sorted: through a `Value`, whose maps sort them, as
+/// the CLI always has (a struct alone would print its fields in declaration order).
+fn print_json(v: &impl Serialize) {
+    let v = serde_json::to_value(v).unwrap_or_default();
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
 fn code(ok: bool) -> ExitCode {
@@ -170,24 +179,17 @@ fn code(ok: bool) -> ExitCode {
     }
 }
 
-async fn statuses(b: &Backend) -> anyhow::Result<Vec<Value>> {
+async fn statuses(b: &Backend) -> anyhow::Result<Vec<ModelStatus>> {
     match b {
-        Backend::Daemon { .. } => Ok(b
-            .get("/models")
-            .await?
-            .as_array()
-            .cloned()
-            .unwrap_or_default()),
-        Backend::Direct(c) => Ok(c
-            .status(&[])?
-            .into_iter()
-            .map(|s| serde_json::to_value(s).unwrap())
-            .collect()),
+        Backend::Daemon { .. } => b.get("/models").await,
+        Backend::Direct(c) => Ok(c.status(&[])?),
     }
 }
 
-fn failed(m: &Value) -> bool {
-    m["state"] == "CORRUPT" || !m["last_error"].is_null() || m["job"]["state"] == "failed"
+fn failed(m: &ModelStatus) -> bool {
+    m.state == ModelState::Corrupt
+        || m.last_error.is_some()
+        || m.job.as_ref().is_some_and(|j| j.state == JobState::Failed)
 }
 
 async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -199,20 +201,20 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
         } => {
             let all = statuses(b).await?;
             for id in &only {
-                if !all.iter().any(|m| m["id"] == id.as_str()) {
-                    let known = all.iter().filter_map(|m| m["id"].as_str());
+                if !all.iter().any(|m| m.id == *id) {
+                    let known = all.iter().map(|m| m.id.as_str());
                     return Err(ControlError::unknown_model(id, known).into());
                 }
             }
-            let shown: Vec<Value> = all
+            let shown: Vec<ModelStatus> = all
                 .into_iter()
-                .filter(|m| only.is_empty() || only.iter().any(|i| m["id"] == i.as_str()))
-                .filter(|m| !critical_only || m["pinned"] == true)
+                .filter(|m| only.is_empty() || only.contains(&m.id))
+                .filter(|m| !critical_only || m.pinned)
                 .filter(|m| !failed_only || failed(m))
                 .collect();
             let ok = !shown.iter().any(failed);
             if json_out {
-                print_json(&json!(shown));
+                print_json(&shown);
             } else {
                 println!(
                     "{:<28} {:<12} {:>22} {:>6}  {:<14} ERROR",
@@ -221,16 +223,12 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                 for m in &shown {
                     println!(
                         "{:<28} {:<12} {:>22} {:>6}  {:<14} {}",
-                        m["id"].as_str().unwrap_or(""),
-                        m["state"].as_str().unwrap_or(""),
-                        format!(
-                            "{} / {}",
-                            human(m["bytes_cached"].as_u64().unwrap_or(0)),
-                            human(m["bytes_total"].as_u64().unwrap_or(0))
-                        ),
-                        if m["pinned"] == true { "yes" } else { "no" },
-                        ago(m["last_access"].as_u64()),
-                        m["last_error"].as_str().unwrap_or("")
+                        m.id,
+                        m.state,
+                        format!("{} / {}", human(m.bytes_cached), human(m.bytes_total)),
+                        if m.pinned { "yes" } else { "no" },
+                        ago(m.last_access),
+                        m.last_error.as_deref().unwrap_or("")
                     );
                 }
             }
@@ -239,19 +237,15 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
         ModelsOp::List => {
             let all = statuses(b).await?;
             if json_out {
-                print_json(&json!(all.iter().map(|m| json!({"id": m["id"], "description": m["description"], "pinned": m["pinned"], "bytes_total": m["bytes_total"]})).collect::<Vec<_>>()));
+                print_json(&all.iter().map(|m| json!({"id": m.id, "description": m.description, "pinned": m.pinned, "bytes_total": m.bytes_total})).collect::<Vec<_>>());
             } else {
                 for m in &all {
                     println!(
                         "{:<28} {:>10}  {}{}",
-                        m["id"].as_str().unwrap_or(""),
-                        human(m["bytes_total"].as_u64().unwrap_or(0)),
-                        m["description"].as_str().unwrap_or(""),
-                        if m["pinned"] == true {
-                            "  [pinned]"
-                        } else {
-                            ""
-                        }
+                        m.id,
+                        human(m.bytes_total),
+                        m.description,
+                        if m.pinned { "  [pinned]" } else { "" }
                     );
                 }
             }
@@ -261,76 +255,65 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             ids,
             force,
             benchmark,
-        } => run_jobs(b, "ensure", ids, force, false, benchmark, json_out).await,
+        } => run_jobs(b, JobKind::Ensure, ids, force, false, benchmark, json_out).await,
         ModelsOp::Verify { ids, report_only } => {
-            run_jobs(b, "verify", ids, false, report_only, false, json_out).await
+            run_jobs(b, JobKind::Verify, ids, false, report_only, false, json_out).await
         }
         ModelsOp::Gc { mode, dry_run } => {
-            let report = match b {
+            let report: GcReport = match b {
                 Backend::Daemon { .. } => {
-                    let mode = serde_json::to_value(mode)?;
                     b.post(
-                        &format!(
-                            "/gc?mode={}&dry_run={dry_run}",
-                            mode.as_str().unwrap_or("auto")
-                        ),
+                        &format!("/gc?mode={}&dry_run={dry_run}", mode.as_str()),
                         json!({}),
                     )
                     .await?
                 }
-                Backend::Direct(c) => serde_json::to_value(c.gc(mode, dry_run).await?)?,
+                Backend::Direct(c) => c.gc(mode, dry_run).await?,
             };
             if json_out {
                 print_json(&report);
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
-                for item in report["removed"].as_array().into_iter().flatten() {
+                for item in &report.removed {
                     println!(
                         "{verb} {} ({}) {}",
-                        &item["blob"].as_str().unwrap_or("")
-                            [..12.min(item["blob"].as_str().unwrap_or("").len())],
-                        human(item["bytes"].as_u64().unwrap_or(0)),
-                        item["files"]
-                            .as_array()
-                            .map(|f| f
-                                .iter()
-                                .filter_map(|x| x.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", "))
-                            .unwrap_or_default()
+                        &item.blob[..12.min(item.blob.len())],
+                        human(item.bytes),
+                        item.files.join(", ")
                     );
                 }
                 println!(
                     "gc {}{}: {verb} {} blobs, {} freed; {} orphans; usage {} -> {}",
-                    report["mode"].as_str().unwrap_or(""),
+                    report.mode.as_str(),
                     if dry_run { " (dry run)" } else { "" },
-                    report["removed"].as_array().map_or(0, Vec::len),
-                    human(report["freed_bytes"].as_u64().unwrap_or(0)),
-                    report["orphans_removed"],
-                    human(report["used_before"].as_u64().unwrap_or(0)),
-                    human(report["used_after"].as_u64().unwrap_or(0)),
+                    report.removed.len(),
+                    human(report.freed_bytes),
+                    report.orphans_removed,
+                    human(report.used_before),
+                    human(report.used_after),
                 );
             }
-            Ok(code(report["bad_chunks"].as_u64().unwrap_or(0) == 0))
+            Ok(code(report.bad_chunks == 0))
         }
-        ModelsOp::ReportDaily | ModelsOp::ReportStorage { .. } => {
-            let report = match (&op, b) {
-                (ModelsOp::ReportDaily, Backend::Daemon { .. }) => {
-                    b.get("/report/daily?days=1").await?
-                }
-                (ModelsOp::ReportStorage { days }, Backend::Daemon { .. }) => {
-                    b.get(&format!("/report/storage?days={days}")).await?
-                }
-                (ModelsOp::ReportDaily, Backend::Direct(c)) => c.report_daily(1)?,
-                (ModelsOp::ReportStorage { days }, Backend::Direct(c)) => {
-                    c.report_storage(*days)?
-                }
-                _ => unreachable!(),
+        ModelsOp::ReportDaily => {
+            let report: DailyReport = match b {
+                Backend::Daemon { .. } => b.get("/report/daily?days=1").await?,
+                Backend::Direct(c) => c.report_daily(1)?,
             };
             if json_out {
                 print_json(&report);
-            } else if matches!(op, ModelsOp::ReportDaily) {
+            } else {
                 print_daily(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsOp::ReportStorage { days } => {
+            let report: StorageReport = match b {
+                Backend::Daemon { .. } => b.get(&format!("/report/storage?days={days}")).await?,
+                Backend::Direct(c) => c.report_storage(days)?,
+            };
+            if json_out {
+                print_json(&report);
             } else {
                 print_storage(&report);
             }
@@ -340,7 +323,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             if ids.is_empty() {
                 bail!("mark-corrupted needs --only IDS or --model-list FILE");
             }
-            let v = match b {
+            let v: Value = match b {
                 Backend::Daemon { .. } => b.post("/mark-corrupted", json!({"ids": ids})).await?,
                 Backend::Direct(c) => json!({"marked": c.mark_corrupted(&ids)?}),
             };
@@ -352,7 +335,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::Pin { id, pinned } => {
-            let v = match b {
+            let v: ModelStatus = match b {
                 Backend::Daemon { .. } => {
                     b.post(
                         &format!("/models/{id}/{}", if pinned { "pin" } else { "unpin" }),
@@ -360,12 +343,12 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                     )
                     .await?
                 }
-                Backend::Direct(c) => serde_json::to_value(c.set_pinned(&id, pinned)?)?,
+                Backend::Direct(c) => c.set_pinned(&id, pinned)?,
             };
             if json_out {
                 print_json(&v)
             } else {
-                println!("{id}: pinned = {}", v["pinned"])
+                println!("{id}: pinned = {}", v.pinned)
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -375,7 +358,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
 /// Starts ensure or verify jobs and waits for them, with progress on a terminal.
 async fn run_jobs(
     b: &Backend,
-    kind: &str,
+    kind: JobKind,
     ids: Vec<String>,
     force: bool,
     report_only: bool,
@@ -385,30 +368,33 @@ async fn run_jobs(
     let t0 = Instant::now();
     let ids: Vec<String> = match b {
         Backend::Daemon { .. } => {
-            let v = b
+            /// The daemon's answer to a started job: the ids it started (or left running).
+            #[derive(serde::Deserialize)]
+            struct Started {
+                started: Vec<String>,
+            }
+            let v: Started = b
                 .post(
                     &format!("/{kind}"),
                     json!({"ids": ids, "force": force, "report_only": report_only}),
                 )
                 .await?;
-            serde_json::from_value(v["started"].clone())?
+            v.started
         }
         Backend::Direct(c) => {
             let ids = c.resolve(&ids)?;
             let c2 = c.clone();
             let ids2 = ids.clone();
-            let kind2 = kind.to_string();
             // Run the jobs one after another in the background while we poll like a client.
             tokio::spawn(async move {
                 for id in ids2 {
-                    let work = if kind2 == "ensure" {
-                        Work::Ensure { force }
-                    } else {
-                        Work::Verify { report_only }
+                    let work = match kind {
+                        JobKind::Ensure => Work::Ensure { force },
+                        JobKind::Verify => Work::Verify { report_only },
                     };
                     let r = c2.run_now(&id, work).await;
                     if let Err(e) = r {
-                        tracing::error!(model = %id, error = %e, "{kind2} failed");
+                        tracing::error!(model = %id, error = %e, "{kind} failed");
                     }
                 }
             });
@@ -419,13 +405,10 @@ async fn run_jobs(
     let results = loop {
         tokio::time::sleep(Duration::from_millis(if benchmark { 20 } else { 200 })).await;
         let all = statuses(b).await?;
-        let mine: Vec<Value> = all
-            .into_iter()
-            .filter(|m| ids.iter().any(|i| m["id"] == i.as_str()))
-            .collect();
-        let running = mine.iter().any(|m| {
-            let j = &m["job"];
-            j.is_null() || j["kind"] != kind || j["state"] == "running"
+        let mine: Vec<ModelStatus> = all.into_iter().filter(|m| ids.contains(&m.id)).collect();
+        let running = mine.iter().any(|m| match &m.job {
+            None => true,
+            Some(j) => j.kind != kind || j.state == JobState::Running,
         });
         progress.show(&mine, !running);
         if !running {
@@ -433,18 +416,20 @@ async fn run_jobs(
         }
     };
     let secs = t0.elapsed().as_secs_f64();
-    let ok = results
-        .iter()
-        .all(|m| m["job"]["state"] == "done" && !(kind == "verify" && m["state"] == "CORRUPT"));
+    let ok = results.iter().all(|m| {
+        m.job.as_ref().is_some_and(|j| j.state == JobState::Done)
+            && !(kind == JobKind::Verify && m.state == ModelState::Corrupt)
+    });
     // What the daemon measured: bytes its jobs fetched and stored, and when the first landed.
     // Cached bytes are not a download rate, and the CLI's own polling is not a first byte.
     let fetched: u64 = results
         .iter()
-        .map(|m| m["job"]["bytes_fetched"].as_u64().unwrap_or(0))
+        .filter_map(|m| m.job.as_ref())
+        .map(|j| j.bytes_fetched)
         .sum();
     let first_byte = results
         .iter()
-        .filter_map(|m| m["job"]["first_fetch_secs"].as_f64())
+        .filter_map(|m| m.job.as_ref()?.first_fetch_secs)
         .reduce(f64::min);
     let rate = (fetched > 0).then(|| fetched as f64 / 1e6 / secs.max(1e-9));
     let nothing = if ok {
@@ -464,19 +449,19 @@ async fn run_jobs(
         print_json(&v);
     } else {
         for m in &results {
-            let j = &m["job"];
+            // Every job has ended here (the loop waits for it), so `job` is set.
+            let j = m.job.as_ref();
             println!(
                 "{:<28} {:<12} {kind} {}{}{}",
-                m["id"].as_str().unwrap_or(""),
-                m["state"].as_str().unwrap_or(""),
-                j["state"].as_str().unwrap_or(""),
-                if kind == "verify" {
-                    format!(", {} corrupt chunks", j["bad_chunks"])
+                m.id,
+                m.state,
+                j.map_or("", |j| j.state.as_str()),
+                if kind == JobKind::Verify {
+                    format!(", {} corrupt chunks", j.map_or(0, |j| j.bad_chunks))
                 } else {
                     String::new()
                 },
-                j["error"]
-                    .as_str()
+                j.and_then(|j| j.error.as_deref())
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()
             );
@@ -497,58 +482,52 @@ async fn run_jobs(
 }
 
 /// `wan models report --daily` as a table: one row per UTC day and kind of event.
-fn print_daily(report: &Value) {
+fn print_daily(report: &DailyReport) {
     println!(
         "{:<12} {:<28} {:>7} {:>12}",
         "DAY", "EVENT", "COUNT", "BYTES"
     );
-    let days = report["days"].as_object();
-    if days.is_none_or(|d| d.is_empty()) {
+    if report.days.is_empty() {
         println!("(no events in the period)");
     }
-    for (day, kinds) in days.into_iter().flatten() {
-        for (kind, v) in kinds.as_object().into_iter().flatten() {
-            println!(
-                "{day:<12} {kind:<28} {:>7} {:>12}",
-                v["count"].as_u64().unwrap_or(0),
-                human(v["bytes"].as_u64().unwrap_or(0))
-            );
+    for (day, kinds) in &report.days {
+        for (kind, t) in kinds {
+            println!("{day:<12} {kind:<28} {:>7} {:>12}", t.count, human(t.bytes));
         }
     }
 }
 
 /// `wan models report --storage` as tables: now (in total and per model), then per day.
-fn print_storage(report: &Value) {
-    let cur = &report["current"];
-    let cap = cur["capacity_bytes"].as_u64().unwrap_or(0);
+fn print_storage(report: &StorageReport) {
+    let cur = &report.current;
+    let cap = cur.capacity_bytes;
     println!(
         "now: {} used{}, {:.1} % of the filesystem free",
-        human(cur["used_bytes"].as_u64().unwrap_or(0)),
+        human(cur.used_bytes),
         if cap > 0 {
             format!(" of {}", human(cap))
         } else {
             String::new()
         },
-        cur["free_percent"].as_f64().unwrap_or(0.0)
+        cur.free_percent
     );
     println!("\n{:<28} {:>12}", "MODEL", "CACHED");
-    for (id, bytes) in cur["per_model"].as_object().into_iter().flatten() {
-        println!("{id:<28} {:>12}", human(bytes.as_u64().unwrap_or(0)));
+    for (id, bytes) in &cur.per_model {
+        println!("{id:<28} {:>12}", human(*bytes));
     }
     println!(
         "\n{:<12} {:>12} {:>12} {:>12}",
         "DAY", "MIN USED", "MAX USED", "CAPACITY"
     );
-    let days = report["days"].as_object();
-    if days.is_none_or(|d| d.is_empty()) {
+    if report.days.is_empty() {
         println!("(no samples yet: one is taken every hour)");
     }
-    for (day, v) in days.into_iter().flatten() {
+    for (day, d) in &report.days {
         println!(
             "{day:<12} {:>12} {:>12} {:>12}",
-            human(v["min_used"].as_u64().unwrap_or(0)),
-            human(v["max_used"].as_u64().unwrap_or(0)),
-            human(v["capacity"].as_u64().unwrap_or(0))
+            human(d.min_used),
+            human(d.max_used),
+            human(d.capacity)
         );
     }
 }
@@ -557,7 +536,7 @@ fn print_storage(report: &Value) {
 /// a terminal; otherwise one plain line per model every few seconds, and once at the end, so a
 /// log or CI job shows that a long ensure is moving without a screenful of escape codes.
 struct Progress {
-    kind: String,
+    kind: JobKind,
     bars: Option<(
         indicatif::MultiProgress,
         BTreeMap<String, indicatif::ProgressBar>,
@@ -569,7 +548,7 @@ struct Progress {
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 impl Progress {
-    fn new(kind: &str, ids: &[String]) -> Progress {
+    fn new(kind: JobKind, ids: &[String]) -> Progress {
         let bars = std::io::stderr().is_terminal().then(|| {
             let multi = indicatif::MultiProgress::new();
             let style = indicatif::ProgressStyle::with_template(
@@ -589,24 +568,22 @@ impl Progress {
             (multi, bars)
         });
         Progress {
-            kind: kind.to_string(),
+            kind,
             bars,
             last_line: None,
         }
     }
 
-    fn show(&mut self, models: &[Value], last: bool) {
+    fn show(&mut self, models: &[ModelStatus], last: bool) {
         match &self.bars {
             Some((_, bars)) => {
                 for m in models {
-                    let (Some(id), j) = (m["id"].as_str(), &m["job"]) else {
-                        continue;
-                    };
-                    let Some(bar) = bars.get(id) else { continue };
-                    bar.set_length(j["bytes_total"].as_u64().unwrap_or(0));
-                    bar.set_position(j["bytes_done"].as_u64().unwrap_or(0));
-                    if j["state"] != "running" && !j.is_null() {
-                        bar.finish_with_message(j["state"].as_str().unwrap_or("").to_string());
+                    let Some(bar) = bars.get(&m.id) else { continue };
+                    let j = m.job.as_ref();
+                    bar.set_length(j.map_or(0, |j| j.bytes_total));
+                    bar.set_position(j.map_or(0, |j| j.bytes_done));
+                    if let Some(j) = j.filter(|j| j.state != JobState::Running) {
+                        bar.finish_with_message(j.state.as_str());
                     }
                 }
                 if last {
@@ -620,7 +597,7 @@ impl Progress {
                 }
                 self.last_line = Some(Instant::now());
                 for m in models {
-                    eprintln!("{}", plain_line(&self.kind, m));
+                    eprintln!("{}", plain_line(self.kind, m));
                 }
             }
         }
@@ -628,24 +605,22 @@ impl Progress {
 }
 
 /// `ensure t2v-A14B@2.2.0: 45% 1.2 GiB / 2.7 GiB, 118.0 MiB/s, ETA 13 s (running)`
-fn plain_line(kind: &str, m: &Value) -> String {
-    let j = &m["job"];
-    let done = j["bytes_done"].as_u64().unwrap_or(0);
-    let total = j["bytes_total"].as_u64().unwrap_or(0);
+fn plain_line(kind: JobKind, m: &ModelStatus) -> String {
+    let j: Option<&JobStatus> = m.job.as_ref();
+    let done = j.map_or(0, |j| j.bytes_done);
+    let total = j.map_or(0, |j| j.bytes_total);
     let pct = (done * 100).checked_div(total).unwrap_or(100);
-    let mut line = format!(
-        "{kind} {}: {pct}% {} / {}",
-        m["id"].as_str().unwrap_or(""),
-        human(done),
-        human(total)
-    );
-    if let Some(rate) = j["rate_bytes_per_s"].as_f64().filter(|r| *r > 0.0) {
+    let mut line = format!("{kind} {}: {pct}% {} / {}", m.id, human(done), human(total));
+    if let Some(rate) = j.and_then(|j| j.rate_bytes_per_s).filter(|r| *r > 0.0) {
         line.push_str(&format!(", {}/s", human(rate as u64)));
     }
-    if let Some(eta) = j["eta_secs"].as_f64() {
+    if let Some(eta) = j.and_then(|j| j.eta_secs) {
         line.push_str(&format!(", ETA {}", duration(eta)));
     }
-    line.push_str(&format!(" ({})", j["state"].as_str().unwrap_or("starting")));
+    line.push_str(&format!(
+        " ({})",
+        j.map_or("starting", |j| j.state.as_str())
+    ));
     line
 }
 

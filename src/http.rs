@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
-use crate::control::{Control, ControlError, GcMode};
+use crate::control::{Control, ControlError, GcMode, HealthStatus};
 use crate::logging::untrusted;
 
 /// Connections served at once. Each holds a file descriptor, and the daemon's descriptors also
@@ -578,7 +578,7 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
 
 async fn health(State(st): State<AppState>) -> Response {
     let h = st.control.health(true).await;
-    let code = if h.status == "unhealthy" {
+    let code = if h.status == HealthStatus::Unhealthy {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

@@ -66,7 +66,7 @@ use proptest::prelude::*;
 
 use wanfs::chunk::{Digest, Layout};
 use wanfs::config::{Config, FetchConfig};
-use wanfs::control::{Control, GcMode, Work};
+use wanfs::control::{Control, GcMode, JobState, Work};
 use wanfs::fetch::{Fetcher, FileCtx};
 use wanfs::fs::{ModelFs, ROOT, Tree};
 use wanfs::manifest::{FileEntry, Manifest, Model};
@@ -988,7 +988,7 @@ impl Harness {
                     s.path
                 );
                 assert!(
-                    job.state == "done" || (*repair && self.faults),
+                    job.state == JobState::Done || (*repair && self.faults),
                     "verify failed with no fault in play: {job:?}"
                 );
             }
@@ -1077,10 +1077,10 @@ impl Harness {
                     )
                     .unwrap();
                 assert!(
-                    job.state == "done" || self.faults,
+                    job.state == JobState::Done || self.faults,
                     "ensure failed with no fault in play: {job:?}"
                 );
-                if job.state == "done" {
+                if job.state == JobState::Done {
                     for s in specs().iter().filter(|s| s.model == *model) {
                         assert!(
                             d.store.is_complete(&s.entry()),

@@ -16,6 +16,7 @@
 //! punches holes), so a reader that got a handle keeps reading the old, verified bytes. Each
 //! blob state carries a generation; a commit whose blob was evicted meanwhile is dropped.
 
+pub mod gc;
 pub mod index;
 
 use std::collections::HashMap;

@@ -1,0 +1,540 @@
+//! One control vocabulary — status, health, ensure, verify, gc, pin, evict, mark-corrupted —
+//! shared by the `.wan/` control files, the HTTP endpoint and the CLI, so no logic is written
+//! twice. Everything here returns plain serde structs; the front ends only render them.
+//!
+//! Long work (ensure, verify, gc started from a control file or HTTP) runs as a background job;
+//! `status` shows its progress. The CLI without a daemon awaits the same functions directly.
+//!
+//! This file owns the [`Control`] handle, its errors, the catalog of models in force and
+//! `status` (with pin, evict and mark-corrupted, which change what status shows). The rest is
+//! split by what it owns: `jobs.rs` the long work (ensure, verify, GC and the background loop),
+//! `health.rs` the health checks, `report.rs` events and the daily and storage reports. The GC
+//! policy itself (which blobs go) is pure and lives in [`crate::store::gc`].
+
+mod health;
+mod jobs;
+mod report;
+
+pub use health::{Check, Health, HealthStatus};
+pub use jobs::{GcItem, GcReport, JobKind, JobState, JobStatus, Work};
+pub use report::{DailyReport, StorageDay, StorageNow, StorageReport, Tally, day_of};
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::Digest;
+use crate::config::Config;
+use crate::fetch::{Fetcher, FileCtx};
+use crate::manifest::Manifest;
+use crate::metrics::METRICS;
+use crate::source::{SourceRegistry, mask_url};
+use crate::store::{CacheState, Store};
+use jobs::Job;
+
+/// Why a control request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// An id the manifest does not list, with the id probably meant (see
+    /// [`ControlError::unknown_model`]).
+    #[error("unknown model id {:?}{} (see `wan models list`)", .0, .1.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default())]
+    UnknownModel(String, Option<String>),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("model {0} is busy: {1} is running")]
+    Busy(String, String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ControlError {
+    /// The refusal of an unknown `id`, with a "did you mean" among `known` (one rule for the
+    /// CLI, HTTP and the control files: [`crate::manifest::suggest_id`]).
+    pub fn unknown_model<'a>(id: &str, known: impl IntoIterator<Item = &'a str>) -> ControlError {
+        let hint = crate::manifest::suggest_id(id, known).map(str::to_string);
+        ControlError::UnknownModel(id.to_string(), hint)
+    }
+
+    /// HTTP status for this error.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ControlError::UnknownModel(..) => 404,
+            ControlError::BadRequest(_) => 400,
+            ControlError::Busy(..) => 409,
+            ControlError::Failed(_) => 500,
+        }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Failed(e.to_string())
+}
+
+pub use crate::store::gc::GcMode;
+
+impl std::str::FromStr for GcMode {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<GcMode, ControlError> {
+        match s.trim() {
+            "auto" => Ok(GcMode::Auto),
+            "aggressive" => Ok(GcMode::Aggressive),
+            "deep-clean" => Ok(GcMode::DeepClean),
+            other => Err(ControlError::BadRequest(format!(
+                "unknown gc mode {other:?} (want auto, aggressive or deep-clean, optionally followed by --dry-run)"
+            ))),
+        }
+    }
+}
+
+/// Where a model stands, as `status` shows it. Serialized as today's words (`NOT_PRESENT`, …),
+/// which scripts and docs/CONTROL.md rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ModelState {
+    /// Nothing cached.
+    NotPresent,
+    /// Some bytes cached, not every file complete.
+    Partial,
+    /// A verify job is running.
+    Verifying,
+    /// Every file complete.
+    Complete,
+    /// Found or marked corrupt; stays so until an ensure or verify completes the model.
+    Corrupt,
+}
+
+impl ModelState {
+    /// The word in JSON and in `wan models status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::NotPresent => "NOT_PRESENT",
+            ModelState::Partial => "PARTIAL",
+            ModelState::Verifying => "VERIFYING",
+            ModelState::Complete => "COMPLETE",
+            ModelState::Corrupt => "CORRUPT",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // pad, not write: tables align the word with `{:<12}`.
+        f.pad(self.as_str())
+    }
+}
+
+/// One model as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub id: String,
+    pub description: String,
+    pub state: ModelState,
+    pub pinned: bool,
+    pub files: usize,
+    pub files_complete: usize,
+    pub bytes_total: u64,
+    pub bytes_cached: u64,
+    pub last_access: Option<u64>,
+    pub last_verified: Option<u64>,
+    pub last_error: Option<String>,
+    pub job: Option<JobStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub total: usize,
+    pub complete: usize,
+    pub partial: usize,
+    pub not_present: usize,
+    pub corrupt: usize,
+    pub verifying: usize,
+}
+
+/// A chunk dropped as corrupt by a report-only verify: (file, chunk index).
+type Quarantined = (Arc<FileCtx>, u64);
+
+/// The models in force: replaced whole on reload, so a request sees one consistent set.
+pub struct Catalog {
+    pub models: BTreeMap<String, crate::manifest::Model>,
+    pub files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+}
+
+/// Everything the control plane needs; built once by the daemon (or the CLI).
+pub struct Control {
+    catalog: std::sync::RwLock<Arc<Catalog>>,
+    fetcher: Arc<Fetcher>,
+    sources: Arc<SourceRegistry>,
+    config: std::sync::RwLock<Arc<Config>>,
+    manifest_path: PathBuf,
+    mountpoint: Option<PathBuf>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    gc_running: tokio::sync::Mutex<()>,
+    /// Chunks a report-only verify found corrupt and dropped, by model: the next repairing
+    /// verify fetches them again (a read would too).
+    quarantine: Mutex<HashMap<String, Vec<Quarantined>>>,
+}
+
+impl Control {
+    pub fn new(
+        manifest: &Manifest,
+        manifest_path: PathBuf,
+        files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+        fetcher: Arc<Fetcher>,
+        sources: Arc<SourceRegistry>,
+        config: Config,
+        mountpoint: Option<PathBuf>,
+    ) -> Arc<Control> {
+        crate::metrics::register_models(manifest.models.keys().map(String::as_str));
+        Arc::new(Control {
+            catalog: std::sync::RwLock::new(Arc::new(Catalog {
+                models: manifest.models.clone(),
+                files,
+            })),
+            fetcher,
+            sources,
+            config: std::sync::RwLock::new(Arc::new(config)),
+            manifest_path,
+            mountpoint,
+            jobs: Mutex::new(HashMap::new()),
+            gc_running: tokio::sync::Mutex::new(()),
+            quarantine: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Replaces the models and the configuration (SIGHUP reload).
+    pub fn reload(
+        &self,
+        manifest: Manifest,
+        files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+        config: Config,
+    ) {
+        crate::metrics::register_models(manifest.models.keys().map(String::as_str));
+        *self.catalog.write().unwrap() = Arc::new(Catalog {
+            models: manifest.models,
+            files,
+        });
+        *self.config.write().unwrap() = Arc::new(config);
+    }
+
+    fn cat(&self) -> Arc<Catalog> {
+        self.catalog.read().unwrap().clone()
+    }
+
+    fn cfg(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        self.fetcher.store()
+    }
+
+    pub fn model_ids(&self) -> Vec<String> {
+        self.cat().models.keys().cloned().collect()
+    }
+
+    /// Checks ids, naming the first unknown one; an empty list means every model.
+    pub fn resolve(&self, ids: &[String]) -> Result<Vec<String>, ControlError> {
+        if ids.is_empty() {
+            return Ok(self.model_ids());
+        }
+        let mut out = Vec::new();
+        let cat = self.cat();
+        for id in ids {
+            let id = id.trim();
+            if !cat.models.contains_key(id) {
+                return Err(ControlError::unknown_model(
+                    id,
+                    cat.models.keys().map(String::as_str),
+                ));
+            }
+            if !out.iter().any(|o| o == id) {
+                out.push(id.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    fn pinned(&self, id: &str) -> bool {
+        let manifest = self.cat().models.get(id).is_some_and(|m| m.pinned);
+        match self.store().index().model(id) {
+            Ok(row) => row.pinned.unwrap_or(manifest),
+            Err(_) => manifest,
+        }
+    }
+
+    pub fn model_status(&self, id: &str) -> Result<ModelStatus, ControlError> {
+        let cat = self.cat();
+        let model = cat.models.get(id).ok_or_else(|| {
+            ControlError::unknown_model(id, cat.models.keys().map(String::as_str))
+        })?;
+        let store = self.store();
+        let files = &cat.files[id];
+        let mut cached = 0;
+        let mut complete = 0;
+        let mut last_access: Option<u64> = None;
+        for f in files {
+            cached += store.cached_bytes(&f.entry);
+            if store.state(&f.entry) == CacheState::Complete {
+                complete += 1;
+            }
+            if let Some(t) = store.last_access(&f.entry) {
+                last_access = Some(last_access.map_or(t, |l| l.max(t)));
+            }
+        }
+        let row = store.index().model(id).map_err(failed)?;
+        let job = self.job(id);
+        let verifying = job
+            .as_ref()
+            .is_some_and(|j| j.running() && j.status.lock().unwrap().kind == JobKind::Verify);
+        let state = if verifying {
+            ModelState::Verifying
+        } else if row.corrupt {
+            ModelState::Corrupt
+        } else if complete == files.len() {
+            ModelState::Complete
+        } else if cached > 0 {
+            ModelState::Partial
+        } else {
+            ModelState::NotPresent
+        };
+        Ok(ModelStatus {
+            id: id.to_string(),
+            description: model.description.clone(),
+            state,
+            pinned: row.pinned.unwrap_or(model.pinned),
+            files: files.len(),
+            files_complete: complete,
+            bytes_total: files.iter().map(|f| f.entry.size).sum(),
+            bytes_cached: cached,
+            last_access,
+            last_verified: row.last_verified,
+            last_error: row.last_error,
+            job: job.map(|j| j.snapshot()),
+        })
+    }
+
+    /// Status of the given models (all if empty).
+    pub fn status(&self, ids: &[String]) -> Result<Vec<ModelStatus>, ControlError> {
+        self.resolve(ids)?
+            .iter()
+            .map(|id| self.model_status(id))
+            .collect()
+    }
+
+    pub fn summary(&self, models: &[ModelStatus]) -> Summary {
+        let count = |s: ModelState| models.iter().filter(|m| m.state == s).count();
+        Summary {
+            total: models.len(),
+            complete: count(ModelState::Complete),
+            partial: count(ModelState::Partial),
+            not_present: count(ModelState::NotPresent),
+            corrupt: count(ModelState::Corrupt),
+            verifying: count(ModelState::Verifying),
+        }
+    }
+
+    /// (used bytes, capacity bytes, free percent of the cache filesystem).
+    pub fn usage(&self) -> (u64, u64, f64) {
+        let used = self.store().used_bytes();
+        let (fs_total, fs_free) = statvfs(self.store().root()).unwrap_or((0, 0));
+        let gc = self.cfg().gc.clone();
+        let cap = if gc.max_bytes > 0 {
+            gc.max_bytes
+        } else {
+            fs_total
+        };
+        let free_pct = if fs_total > 0 {
+            fs_free as f64 * 100.0 / fs_total as f64
+        } else {
+            100.0
+        };
+        METRICS.storage_used.set(used as i64);
+        METRICS.storage_total.set(cap as i64);
+        (used, cap, free_pct)
+    }
+
+    /// The configuration in force, secrets masked (only env var names are ever stored).
+    pub fn config_view(&self) -> serde_json::Value {
+        let cfg = self.cfg();
+        let mut v = serde_json::to_value(&*cfg).unwrap_or_default();
+        v["manifest"] = serde_json::json!(self.manifest_path.display().to_string());
+        v["cache_dir"] = serde_json::json!(
+            self.store()
+                .root()
+                .parent()
+                .map(|p| p.display().to_string())
+        );
+        v["mountpoint"] =
+            serde_json::json!(self.mountpoint.as_ref().map(|p| p.display().to_string()));
+        let token_set = std::env::var(&cfg.http.token_env).is_ok_and(|t| !t.is_empty());
+        v["http"]["token"] = serde_json::json!(if token_set { "***" } else { "" });
+        v["sources"] = serde_json::json!(
+            self.cat()
+                .models
+                .values()
+                .map(|m| (
+                    m.id.clone(),
+                    m.sources
+                        .iter()
+                        .map(|s| mask_url(&s.to_string()))
+                        .collect::<Vec<_>>()
+                ))
+                .collect::<BTreeMap<_, _>>()
+        );
+        v["hf_token"] = serde_json::json!(if std::env::var("HF_TOKEN").is_ok() {
+            "***"
+        } else {
+            ""
+        });
+        v
+    }
+
+    /// Pins or unpins a model (persisted; overrides the manifest's `pinned`).
+    pub fn set_pinned(&self, id: &str, pinned: bool) -> Result<ModelStatus, ControlError> {
+        let id = &self.resolve(&[id.to_string()])?[0];
+        self.store()
+            .index()
+            .update_model(id, |r| r.pinned = Some(pinned))
+            .map_err(failed)?;
+        tracing::info!(model = %id, pinned, "pin changed");
+        self.record(
+            if pinned { "pin" } else { "unpin" },
+            id,
+            "success",
+            0,
+            0.0,
+            String::new(),
+        );
+        self.model_status(id)
+    }
+
+    /// Blobs of `id` and, for each, whether another pinned model lists it too.
+    fn blobs_of(&self, id: &str) -> Vec<(Arc<FileCtx>, bool)> {
+        let mut seen = HashSet::new();
+        let cat = self.cat();
+        let shared_pinned: HashSet<Digest> = cat
+            .files
+            .iter()
+            .filter(|(m, _)| m.as_str() != id && self.pinned(m))
+            .flat_map(|(_, fs)| fs.iter().map(|f| f.entry.sha256))
+            .collect();
+        cat.files[id]
+            .iter()
+            .filter(|f| seen.insert(f.entry.sha256))
+            .map(|f| (f.clone(), shared_pinned.contains(&f.entry.sha256)))
+            .collect()
+    }
+
+    fn evict_blob(&self, d: Digest) -> Result<u64, ControlError> {
+        let freed = self.store().evict(d).map_err(failed)?;
+        METRICS.evictions.inc();
+        METRICS.evicted_bytes.inc_by(freed);
+        Ok(freed)
+    }
+
+    /// Drops a model's cached data (blobs also listed by a pinned model are kept).
+    pub fn evict(&self, id: &str, force_pinned: bool) -> Result<u64, ControlError> {
+        let id = &self.resolve(&[id.to_string()])?[0];
+        if self.job(id).is_some_and(|j| j.running()) {
+            return Err(ControlError::Busy(id.clone(), "a job".into()));
+        }
+        let mut freed = 0;
+        for (f, shared_pinned) in self.blobs_of(id) {
+            if shared_pinned && !force_pinned {
+                continue;
+            }
+            freed += self.evict_blob(f.entry.sha256)?;
+        }
+        tracing::info!(model = %id, bytes = freed, "evicted");
+        self.record("evict", id, "success", freed, 0.0, String::new());
+        self.usage();
+        Ok(freed)
+    }
+
+    /// Marks models corrupt and drops their cached data, so every byte is fetched and verified
+    /// again; the state stays CORRUPT until an ensure or verify completes them.
+    pub fn mark_corrupted(&self, ids: &[String]) -> Result<Vec<String>, ControlError> {
+        let ids = self.resolve(ids)?;
+        for id in &ids {
+            for (f, _) in self.blobs_of(id) {
+                self.store().mark_suspect(f.entry.sha256);
+            }
+            self.evict(id, true)?;
+            self.store()
+                .index()
+                .update_model(id, |r| {
+                    r.corrupt = true;
+                    r.last_error = Some("marked corrupted by an operator".into());
+                })
+                .map_err(failed)?;
+            tracing::warn!(model = %id, "marked corrupted: cached data dropped");
+            self.record("mark-corrupted", id, "success", 0, 0.0, String::new());
+        }
+        Ok(ids)
+    }
+}
+
+/// (total bytes, available bytes) of the filesystem holding `path`.
+pub fn statvfs(path: &std::path::Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let frsize = st.fragment_size() as u64;
+    Some((
+        st.blocks() as u64 * frsize,
+        st.blocks_available() as u64 * frsize,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gc_modes_parse() {
+        assert_eq!("deep-clean".parse::<GcMode>().unwrap(), GcMode::DeepClean);
+        assert!("everything".parse::<GcMode>().is_err());
+    }
+
+    /// The words are the JSON API (scripts, tests and docs/CONTROL.md match on them): each enum
+    /// writes exactly the string it replaced, reads it back, and prints it as `as_str` does.
+    #[test]
+    fn the_vocabulary_serializes_as_its_words() {
+        fn word<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+            v: T,
+            w: &str,
+        ) {
+            assert_eq!(serde_json::to_value(&v).unwrap(), w);
+            assert_eq!(serde_json::from_value::<T>(w.into()).unwrap(), v);
+        }
+        for (s, w) in [
+            (ModelState::NotPresent, "NOT_PRESENT"),
+            (ModelState::Partial, "PARTIAL"),
+            (ModelState::Verifying, "VERIFYING"),
+            (ModelState::Complete, "COMPLETE"),
+            (ModelState::Corrupt, "CORRUPT"),
+        ] {
+            word(s, w);
+            assert_eq!(format!("{s:<12}|"), format!("{w:<12}|"));
+        }
+        for (s, w) in [
+            (JobState::Running, "running"),
+            (JobState::Done, "done"),
+            (JobState::Failed, "failed"),
+        ] {
+            word(s, w);
+            assert_eq!(s.as_str(), w);
+        }
+        for (k, w) in [(JobKind::Ensure, "ensure"), (JobKind::Verify, "verify")] {
+            word(k, w);
+            assert_eq!(k.to_string(), w);
+        }
+        word(HealthStatus::Healthy, "healthy");
+        word(HealthStatus::Degraded, "degraded");
+        word(HealthStatus::Unhealthy, "unhealthy");
+        for m in [GcMode::Auto, GcMode::Aggressive, GcMode::DeepClean] {
+            word(m, m.as_str());
+            assert_eq!(m.as_str().parse::<GcMode>().unwrap(), m);
+        }
+    }
+}
