@@ -15,7 +15,6 @@
 //! blob's file handle in one step under the `blobs` lock, and eviction unlinks the file (never
 //! punches holes), so a reader that got a handle keeps reading the old, verified bytes. Each
 //! blob state carries a generation; a commit whose blob was evicted meanwhile is dropped.
-
 //!
 //! Submodules: `presence` (the per-blob bitmap readers consult), `blob` (blob file I/O),
 //! `adopt` (blob files the index does not list), `index` (SQLite, the only rusqlite user).
