@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fetch;
+pub mod file_ctx;
 pub mod fs;
 pub mod fuse;
 pub mod http;
