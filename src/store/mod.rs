@@ -30,6 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -106,6 +107,14 @@ pub struct Store {
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
     unforgotten: Mutex<std::collections::HashSet<Digest>>,
+    /// What `used_bytes` sums, kept as a running total (changed with the bits, under
+    /// `blobs`), so a commit can tell at no cost that it crossed auto GC's threshold.
+    used: AtomicU64,
+    /// Auto GC's threshold in bytes (`gc.high_watermark × gc.max_bytes`; 0 = none), set by
+    /// the daemon. A commit that crosses it wakes `gc_wake` at once: with only the
+    /// `gc.interval_secs` tick, a burst of reads could fill the disk before GC looked.
+    gc_threshold: AtomicU64,
+    gc_wake: tokio::sync::Notify,
     _lock: File,
 }
 
@@ -152,6 +161,9 @@ impl Store {
             suspect: Mutex::new(std::collections::HashSet::new()),
             writer: Mutex::new(()),
             unforgotten: Mutex::new(std::collections::HashSet::new()),
+            used: AtomicU64::new(0),
+            gc_threshold: AtomicU64::new(0),
+            gc_wake: tokio::sync::Notify::new(),
             _lock: lock,
         };
         store.reconcile()?;
@@ -202,6 +214,7 @@ impl Store {
             for (idx, _) in row.chunks {
                 st.set(idx);
             }
+            self.used.fetch_add(st.bytes(), Ordering::Relaxed);
             blobs.insert(row.digest, st);
         }
         Ok(())
@@ -298,7 +311,10 @@ impl Store {
         let fd = self.fd(f.sha256, Some(f.size))?;
         let st = BlobState::new(f.layout(), now_secs());
         let generation = st.generation;
-        self.blobs.lock().unwrap().insert(f.sha256, st);
+        // A state of another layout (a manifest changed the chunk size) is replaced.
+        if let Some(old) = self.blobs.lock().unwrap().insert(f.sha256, st) {
+            self.used.fetch_sub(old.bytes(), Ordering::Relaxed);
+        }
         Ok((fd, generation))
     }
 
@@ -359,13 +375,13 @@ impl Store {
         self.index.mark_present(f.sha256, chunks)?;
         let mut blobs = self.blobs.lock().unwrap();
         let st = blobs.get_mut(&f.sha256).expect("checked under writer");
-        for (idx, _) in chunks {
-            st.set(*idx);
-        }
+        let added: u64 = chunks.iter().map(|(idx, _)| st.set(*idx)).sum();
         st.touch();
         if st.complete() {
             self.suspect.lock().unwrap().remove(&f.sha256);
         }
+        drop(blobs);
+        self.grew(added);
         Ok(())
     }
 
@@ -388,7 +404,7 @@ impl Store {
         }
         self.index.forget_chunk(f.sha256, idx)?;
         if let Some(st) = self.blobs.lock().unwrap().get_mut(&f.sha256) {
-            st.clear(idx);
+            self.used.fetch_sub(st.clear(idx), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -403,6 +419,7 @@ impl Store {
         let freed = {
             let mut blobs = self.blobs.lock().unwrap();
             let freed = blobs.remove(&d).map_or(0, |s| s.bytes());
+            self.used.fetch_sub(freed, Ordering::Relaxed);
             self.fds.lock().unwrap().pop(&d);
             freed
         };
@@ -445,6 +462,35 @@ impl Store {
             .values()
             .map(BlobState::bytes)
             .sum()
+    }
+
+    /// Counts `added` bytes of newly present chunks; wakes auto GC if they crossed its
+    /// threshold. Only a crossing wakes it: a cache that GC cannot bring down (everything
+    /// pinned or open) must not run GC again at every commit.
+    fn grew(&self, added: u64) {
+        if added == 0 {
+            return;
+        }
+        let before = self.used.fetch_add(added, Ordering::Relaxed);
+        let limit = self.gc_threshold.load(Ordering::Relaxed);
+        if limit > 0 && before <= limit && before + added > limit {
+            self.gc_wake.notify_one();
+        }
+    }
+
+    /// Sets auto GC's threshold in bytes (0: none), at start and on reload; wakes GC at once
+    /// if usage is already past it.
+    pub fn set_gc_threshold(&self, bytes: u64) {
+        self.gc_threshold.store(bytes, Ordering::Relaxed);
+        if bytes > 0 && self.used.load(Ordering::Relaxed) > bytes {
+            self.gc_wake.notify_one();
+        }
+    }
+
+    /// Resolves when a commit crosses the threshold set by [`Store::set_gc_threshold`] (a
+    /// wake-up that came while nobody waited is kept for the next waiter).
+    pub fn gc_wake(&self) -> &tokio::sync::Notify {
+        &self.gc_wake
     }
 
     /// Counts opens of a blob through the mount (open blobs are spared by aggressive GC).
@@ -688,6 +734,52 @@ pub(super) mod tests {
         s.write_unverified(&f, 0, &data).unwrap();
         assert_eq!(s.verify_whole(&f, None).unwrap(), f.sha256);
         assert_eq!(s.state(&f), CacheState::Complete);
+    }
+
+    /// The running total that decides when GC is woken follows every change of presence,
+    /// and only a commit that crosses the threshold wakes it.
+    #[test]
+    fn usage_total_follows_presence_and_wakes_gc_on_crossing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        let f = entry(&data, 30);
+        let commit = |s: &Store, idx: u64| {
+            let r = f.layout().range(idx);
+            let c = VerifiedChunk::verify(
+                f.chunks.as_ref().unwrap()[idx as usize],
+                Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
+            )
+            .unwrap();
+            s.commit_chunk(&f, idx, &c).unwrap();
+        };
+        let woken = |s: &Store| {
+            let n = s.gc_wake().notified();
+            futures::pin_mut!(n);
+            futures::FutureExt::now_or_never(n).is_some()
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.set_gc_threshold(50);
+            commit(&s, 0);
+            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes());
+            assert!(!woken(&s), "woken under the threshold");
+            commit(&s, 1);
+            assert_eq!(s.used.load(Ordering::Relaxed), 60);
+            assert!(woken(&s), "not woken on crossing the threshold");
+            commit(&s, 3);
+            assert!(!woken(&s), "woken again without crossing");
+            s.drop_chunk(&f, 1).unwrap();
+            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes());
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.used.load(Ordering::Relaxed), 40);
+        s.set_gc_threshold(30);
+        assert!(
+            woken(&s),
+            "not woken when the threshold is set under the usage"
+        );
+        s.evict(f.sha256).unwrap();
+        assert_eq!(s.used.load(Ordering::Relaxed), 0);
     }
 
     #[test]

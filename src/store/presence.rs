@@ -40,17 +40,27 @@ impl BlobState {
     pub(super) fn has(&self, idx: u64) -> bool {
         idx < self.layout.count() && self.present[(idx / 64) as usize] & (1 << (idx % 64)) != 0
     }
-    pub(super) fn set(&mut self, idx: u64) {
+    /// Marks chunk `idx` present; returns the bytes this added (0 if it already was).
+    pub(super) fn set(&mut self, idx: u64) -> u64 {
         if idx < self.layout.count() && !self.has(idx) {
             self.present[(idx / 64) as usize] |= 1 << (idx % 64);
             self.count += 1;
+            return self.chunk_len(idx);
         }
+        0
     }
-    pub(super) fn clear(&mut self, idx: u64) {
+    /// Marks chunk `idx` absent; returns the bytes this removed (0 if it was not present).
+    pub(super) fn clear(&mut self, idx: u64) -> u64 {
         if self.has(idx) {
             self.present[(idx / 64) as usize] &= !(1 << (idx % 64));
             self.count -= 1;
+            return self.chunk_len(idx);
         }
+        0
+    }
+    fn chunk_len(&self, idx: u64) -> u64 {
+        let r = self.layout.range(idx);
+        r.end - r.start
     }
     pub(super) fn complete(&self) -> bool {
         self.count == self.layout.count()
@@ -61,10 +71,7 @@ impl BlobState {
         }
         (0..self.layout.count())
             .filter(|i| self.has(*i))
-            .map(|i| {
-                let r = self.layout.range(i);
-                r.end - r.start
-            })
+            .map(|i| self.chunk_len(i))
             .sum()
     }
     pub(super) fn touch(&mut self) {
@@ -85,13 +92,13 @@ mod tests {
         // 3 chunks of 30 bytes and a last one of 10.
         let mut s = BlobState::new(Layout::new(100, 30), 0);
         assert!(!s.has(0) && s.count == 0 && s.bytes() == 0);
-        s.set(3);
-        s.set(3);
+        assert_eq!(s.set(3), 10);
+        assert_eq!(s.set(3), 0);
         assert_eq!((s.count, s.bytes()), (1, 10), "setting twice counts once");
         s.set(0);
         assert_eq!((s.count, s.bytes()), (2, 40));
-        s.clear(3);
-        s.clear(3);
+        assert_eq!(s.clear(3), 10);
+        assert_eq!(s.clear(3), 0);
         assert_eq!((s.count, s.bytes()), (1, 30), "clearing twice counts once");
         for i in 0..4 {
             s.set(i);
