@@ -226,7 +226,7 @@ pub struct VerifiedChunk {
 }
 
 /// Bytes that did not hash to what the manifest says.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("sha256 mismatch: expected {expected}, got {actual}")]
 pub struct Mismatch {
     pub expected: Digest,

@@ -18,10 +18,9 @@ use crate::control::{
     Control, ControlError, DailyReport, GcMode, GcReport, JobKind, JobState, JobStatus, ModelState,
     ModelStatus, StorageReport, Work,
 };
-use crate::fetch::{Fetcher, file_contexts};
+use crate::daemon::Services;
 use crate::manifest::Manifest;
-use crate::source::SourceRegistry;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// What to operate on.
 pub enum ModelsOp {
@@ -93,26 +92,18 @@ impl Backend {
             }
         }
         let manifest = Manifest::load(&t.manifest)?;
-        let store = match Store::open(&t.cache_dir) {
-            Ok(s) => Arc::new(s),
-            Err(StoreError::Locked(dir)) => bail!(
-                "cache {dir} is locked by a running wan daemon, but its HTTP endpoint {} does not answer (check --http / http.addr)",
-                t.http
-            ),
-            Err(e) => return Err(e.into()),
+        let services = match Services::build(&manifest, &t.manifest, &t.cache_dir, &t.config, None)
+        {
+            Ok(s) => s,
+            Err(e) => match e.downcast_ref::<StoreError>() {
+                Some(StoreError::Locked(dir)) => bail!(
+                    "cache {dir} is locked by a running wan daemon, but its HTTP endpoint {} does not answer (check --http / http.addr)",
+                    t.http
+                ),
+                _ => return Err(e),
+            },
         };
-        let sources = Arc::new(SourceRegistry::new(&t.config.fetch)?);
-        let files = file_contexts(&manifest, &sources);
-        let fetcher = Fetcher::new(store, t.config.fetch.clone());
-        Ok(Backend::Direct(Control::new(
-            &manifest,
-            t.manifest.clone(),
-            files,
-            fetcher,
-            sources,
-            t.config.clone(),
-            None,
-        )))
+        Ok(Backend::Direct(services.control))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

@@ -1,6 +1,11 @@
 //! Wiring for `wan mount`: config, manifest, store, sources, fetcher, filesystem, FUSE session,
 //! signals and shutdown. Owns the process lifecycle, no filesystem logic.
+//!
+//! `Services::build` makes the parts a cache is worked with (the CLI's no-daemon backend uses
+//! it too); `serve` mounts them and runs the endpoint, reload and background loops until a
+//! shutdown future resolves; `run` is `wan mount`: both, with SIGTERM/SIGINT as shutdown.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,7 +13,8 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::control::Control;
-use crate::fetch::{Fetcher, file_contexts};
+use crate::fetch::Fetcher;
+use crate::file_ctx::{FileCtx, file_contexts};
 use crate::fs::{ModelFs, Tree};
 use crate::fuse::{FuseAdapter, manifest_mtime};
 use crate::manifest::Manifest;
@@ -25,6 +31,51 @@ pub struct MountPlan {
     pub reread: Box<dyn Fn() -> anyhow::Result<(Config, PathBuf)> + Send>,
 }
 
+/// What a cache needs to be served or worked on: the store, the sources, the fetcher over
+/// them, the file contexts of every model and the `Control` vocabulary over all of it. Built
+/// the same way by the daemon and by the CLI when no daemon runs (`cmd.rs`).
+pub struct Services {
+    pub store: Arc<Store>,
+    pub sources: Arc<SourceRegistry>,
+    pub fetcher: Arc<Fetcher>,
+    pub files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+    pub control: Arc<Control>,
+}
+
+impl Services {
+    /// Opens the cache (a [`crate::store::StoreError`] when it cannot, `Locked` included) and
+    /// builds everything over it. `mountpoint` is where the daemon mounts (None for the CLI).
+    /// Must be called within a tokio runtime: the fetcher spawns on it.
+    pub fn build(
+        manifest: &Manifest,
+        manifest_path: &Path,
+        cache_dir: &Path,
+        cfg: &Config,
+        mountpoint: Option<PathBuf>,
+    ) -> anyhow::Result<Services> {
+        let store = Arc::new(Store::open(cache_dir)?);
+        let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
+        let files = file_contexts(manifest, &sources);
+        let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
+        let control = Control::new(
+            manifest,
+            manifest_path.to_path_buf(),
+            files.clone(),
+            fetcher.clone(),
+            sources.clone(),
+            cfg.clone(),
+            mountpoint,
+        );
+        Ok(Services {
+            store,
+            sources,
+            fetcher,
+            files,
+            control,
+        })
+    }
+}
+
 /// Mounts and serves until SIGTERM/SIGINT or an external unmount.
 pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     // Chunk buffers are megabytes and short-lived: keep them in their own mappings so a freed
@@ -35,7 +86,6 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let cfg = plan.config;
     // From its compiled form in the cache dir (a restart parses no TOML), else compiled now.
     let compiled = crate::compiled::load(
         &plan.manifest,
@@ -43,44 +93,67 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         crate::compiled::CompileIn::Child,
         None,
     )?;
-    let manifest_sha = compiled.sha256;
-    let fingerprints = compiled.fingerprints;
-    let manifest = compiled.manifest;
-    let store = Arc::new(Store::open(&plan.cache_dir)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("wan-io")
         .build()
         .context("starting the async runtime")?;
     let _enter = rt.enter();
-    // Handlers first: a SIGHUP or SIGTERM that arrives right after READY (systemd may send one
-    // at once) must not meet the default disposition, which kills the process and leaves a
-    // dead mount.
+    // Handlers first: a SIGTERM that arrives right after READY (systemd may send one at once)
+    // must not meet the default disposition, which kills the process and leaves a dead mount.
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
-    let files = file_contexts(&manifest, &sources);
-    let files_for_reload = files.clone();
-    let sources_for_reload = sources.clone();
-    let tree = Tree::build(&files, None);
-    let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
-    fetcher.set_peers(peer_handles(&sources, &cfg)?, cfg.peers.cooldown());
-    let fetcher_for_reload = fetcher.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
+            _ = int.recv() => tracing::info!("SIGINT: unmounting"),
+        }
+    };
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
-    let control = Control::new(
-        &manifest,
-        plan.manifest.clone(),
-        files,
-        fetcher.clone(),
-        sources,
-        cfg.clone(),
+    let services = Services::build(
+        &compiled.manifest,
+        &plan.manifest,
+        &plan.cache_dir,
+        &plan.config,
         Some(mountpoint.clone()),
-    );
+    )?;
+    serve(&rt, services, plan, compiled, shutdown)?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves `services` at `plan.mountpoint` until `shutdown` resolves or the mount goes away:
+/// the FUSE session, the HTTP endpoint, reload on SIGHUP, and the background loops (access
+/// times, storage samples, GC on its interval and as soon as a commit crosses the high
+/// watermark). `compiled` is the manifest `services` were built from. Blocks; call within
+/// `rt`.
+pub fn serve(
+    rt: &tokio::runtime::Runtime,
+    services: Services,
+    plan: MountPlan,
+    compiled: crate::compiled::Compiled,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Services {
+        store,
+        sources,
+        fetcher,
+        files,
+        control,
+    } = services;
+    let cfg = plan.config;
+    // Before READY, like the shutdown signals: a SIGHUP must never meet the default disposition.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let manifest = compiled.manifest;
+    let tree = Tree::build(&files, None);
+    fetcher.set_peers(peer_handles(&sources, &cfg)?, cfg.peers.cooldown());
+    store.set_gc_threshold(gc_threshold(&cfg));
+    let mountpoint = std::path::absolute(&plan.mountpoint)?;
     let fs = Arc::new(ModelFs::new(
         tree,
-        fetcher,
+        fetcher.clone(),
         control.clone(),
         rt.handle().clone(),
         cfg.fetch.readahead_chunks,
@@ -121,7 +194,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     let mut unmounter = session.unmount_callable();
     let notifier = session.notifier();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let serve = std::thread::Builder::new()
+    let session_thread = std::thread::Builder::new()
         .name("wan-fuse".into())
         .spawn(move || {
             let r = session.run();
@@ -147,7 +220,7 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         // Blob files the index does not know (a lost or rebuilt index) are verified and
         // adopted in the background, so the mount is usable at once.
         let store = store.clone();
-        let files = files_for_reload.clone();
+        let files = files.clone();
         rt.spawn_blocking(
             move || match store.adopt(files.values().flatten().map(|f| &f.entry)) {
                 Ok(r) if r.blobs_adopted > 0 || r.chunks_bad > 0 => tracing::info!(
@@ -168,6 +241,11 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let background = rt.spawn(control.clone().run_background(stopped(stop_rx.clone())));
+    let gc_waker = rt.spawn(gc_on_watermark(
+        control.clone(),
+        store.clone(),
+        stopped(stop_rx.clone()),
+    ));
     let server = http.map(|listener| {
         let addr = listener
             .local_addr()
@@ -185,33 +263,34 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         reread: plan.reread,
         cache_dir: plan.cache_dir.clone(),
         current: std::sync::Mutex::new(InForce {
-            sha256: manifest_sha,
-            fingerprints,
-            files: files_for_reload,
+            sha256: compiled.sha256,
+            fingerprints: compiled.fingerprints,
+            files,
         }),
         config: std::sync::Mutex::new(cfg.clone()),
-        sources: sources_for_reload,
-        fetcher: fetcher_for_reload,
+        sources,
+        fetcher,
+        store,
         fs: fs.clone(),
         control: control.clone(),
         notifier,
     };
     rt.block_on(async {
         tokio::pin!(done_rx);
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: unmounting"); break }
-                _ = int.recv() => { tracing::info!("SIGINT: unmounting"); break }
+                _ = &mut shutdown => break,
                 _ = &mut done_rx => { tracing::info!("unmounted from outside"); break }
                 _ = hup.recv() => reloader.reload(),
             }
         }
-        anyhow::Ok(())
-    })?;
+    });
     sd_notify("STOPPING=1");
     let _ = stop_tx.send(true);
     rt.block_on(async {
         let _ = background.await;
+        let _ = gc_waker.await;
         if let Some(s) = server {
             let _ = s.await;
         }
@@ -225,11 +304,11 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         }
     }
     let t0 = std::time::Instant::now();
-    while !serve.is_finished() && t0.elapsed() < std::time::Duration::from_secs(5) {
+    while !session_thread.is_finished() && t0.elapsed() < std::time::Duration::from_secs(5) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    if serve.is_finished() {
-        match serve.join() {
+    if session_thread.is_finished() {
+        match session_thread.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
             Err(_) => bail!("FUSE session thread panicked"),
@@ -237,9 +316,39 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
     } else {
         tracing::warn!("files are still open on the detached mount; exiting anyway");
     }
-    rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    tracing::info!("stopped");
     Ok(())
+}
+
+/// Auto GC's byte threshold for the store (`high_watermark × max_bytes`; 0 without a byte
+/// limit).
+fn gc_threshold(cfg: &Config) -> u64 {
+    if cfg.gc.max_bytes == 0 {
+        return 0;
+    }
+    (cfg.gc.high_watermark * cfg.gc.max_bytes as f64) as u64
+}
+
+/// Runs auto GC as soon as a commit crosses the high watermark, between the ticks of
+/// `Control::run_background` (which still checks every `gc.interval_secs`, for the free-space
+/// floor too). GCs do not overlap: `Control::gc` runs one at a time.
+async fn gc_on_watermark(
+    control: Arc<Control>,
+    store: Arc<Store>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = store.gc_wake().notified() => {}
+        }
+        if control.gc_due() {
+            tracing::info!("cache usage crossed the high watermark: running auto GC");
+            if let Err(e) = control.gc(crate::control::GcMode::Auto, false).await {
+                tracing::error!(error = %e, "auto GC failed");
+            }
+        }
+    }
 }
 
 /// Gives glibc's free memory back to the system: building the catalog and the tree leaves
@@ -253,7 +362,7 @@ fn trim_heap() {
 struct InForce {
     sha256: crate::chunk::Digest,
     fingerprints: std::collections::BTreeMap<String, crate::chunk::Digest>,
-    files: std::collections::BTreeMap<String, Vec<Arc<crate::fetch::FileCtx>>>,
+    files: BTreeMap<String, Vec<Arc<FileCtx>>>,
 }
 
 /// What SIGHUP needs: re-read config and manifest, swap them in, or keep the old ones.
@@ -265,6 +374,7 @@ struct Reloader {
     config: std::sync::Mutex<Config>,
     sources: Arc<SourceRegistry>,
     fetcher: Arc<Fetcher>,
+    store: Arc<Store>,
     fs: Arc<ModelFs>,
     control: Arc<Control>,
     notifier: fuser::Notifier,
@@ -358,6 +468,7 @@ impl Reloader {
                     );
                 }
                 in_force.gc = cfg.gc.clone();
+                self.store.set_gc_threshold(gc_threshold(&cfg));
                 if in_force.peers != cfg.peers {
                     match peer_handles(&self.sources, &cfg) {
                         Ok(peers) => {

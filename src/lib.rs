@@ -4,7 +4,9 @@
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
 //! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and
 //! `metrics` are leaves used throughout; `remote` (manifest entries from the Hub or S3) sits
-//! beside `cli`, over `source`.
+//! beside `cli`, over `source`. `daemon::Services` is what `cmd` builds too when no daemon
+//! runs; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
+//! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod fetch;
+pub mod file_ctx;
 pub mod fs;
 pub mod fuse;
 pub mod http;

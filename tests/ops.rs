@@ -1,7 +1,7 @@
 //! Operations: systemd units pass `systemd-analyze verify`, READY=1 reaches systemd only once
 //! the mount answers, SIGHUP reloads manifest and config (and refuses a bad one), the
-//! `mount.fuse.wan` helper, `wan config check` and WAN_* overrides, and a lost index rebuilt
-//! from the blobs without fetching anything again.
+//! `mount.fuse.wan` helper, `wan config check` and WAN_* overrides, a lost index rebuilt
+//! from the blobs without fetching anything again, and auto GC woken by the high watermark.
 
 mod common;
 
@@ -402,4 +402,69 @@ fn reads_racing_a_lost_index_rebuild_fetch_nothing() {
         refetched.len(),
         refetched.first()
     );
+}
+
+/// Auto GC runs as soon as reads push usage past the high watermark, not at the next
+/// `gc.interval_secs` tick (an hour here): a burst of cold reads must not fill the disk.
+#[test]
+fn gc_runs_soon_after_reads_cross_the_high_watermark() {
+    const MIB: usize = 1 << 20;
+    let names = ["a.bin", "b.bin", "c.bin", "d.bin"];
+    let setup = GenSetup::new(&names.map(|n| (n, MIB)), MIB as u64, 17);
+    // High watermark 2.7 MiB, low 1.5 MiB: the third file read crosses it.
+    let max = 3 * MIB as u64;
+    let low = max / 2;
+    let cfg = WanConfig {
+        extra: format!(
+            "\n[gc]\nmax_bytes = {max}\nhigh_watermark = 0.9\nlow_watermark = 0.5\ninterval_secs = 3600.0\n"
+        ),
+        ..WanConfig::default()
+    };
+    let m = Mount::start(setup.spec(cfg));
+    let used = || -> u64 {
+        names
+            .iter()
+            .map(|n| cached_bytes(&setup.mounted(&m, n)))
+            .sum()
+    };
+    for n in &names[..2] {
+        assert_bytes_eq(
+            &std::fs::read(setup.mounted(&m, n)).unwrap(),
+            setup.data(n),
+            n,
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || used() == 2 * MIB as u64),
+        "two files not cached: {} bytes",
+        used()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(used(), 2 * MIB as u64, "GC ran under the high watermark");
+    let t0 = Instant::now();
+    assert_bytes_eq(
+        &std::fs::read(setup.mounted(&m, "c.bin")).unwrap(),
+        setup.data("c.bin"),
+        "c.bin",
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || used() <= low),
+        "usage {} still above the low watermark {low} {:?} after crossing the high one:\n{}",
+        used(),
+        t0.elapsed(),
+        m.log()
+    );
+    assert!(
+        m.log().contains("crossed the high watermark"),
+        "{}",
+        m.log()
+    );
+    // What is left still reads back right, from the cache or fetched again.
+    for n in names {
+        assert_bytes_eq(
+            &std::fs::read(setup.mounted(&m, n)).unwrap(),
+            setup.data(n),
+            n,
+        );
+    }
 }

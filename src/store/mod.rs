@@ -15,29 +15,35 @@
 //! blob's file handle in one step under the `blobs` lock, and eviction unlinks the file (never
 //! punches holes), so a reader that got a handle keeps reading the old, verified bytes. Each
 //! blob state carries a generation; a commit whose blob was evicted meanwhile is dropped.
+//!
+//! Submodules: `presence` (the per-blob bitmap readers consult), `blob` (blob file I/O),
+//! `adopt` (blob files the index does not list), `index` (SQLite, the only rusqlite user).
+//! This file holds `Store`, its two locks and the operations that change presence.
 
+mod adopt;
+mod blob;
 pub mod gc;
 pub mod index;
+mod presence;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
-use sha2::{Digest as _, Sha256};
 
-use crate::chunk::{Digest, Layout, VerifiedChunk};
+use crate::chunk::{Digest, VerifiedChunk};
 use crate::manifest::FileEntry;
+use blob::OPEN_BLOBS;
 use index::{Index, IndexError};
+use presence::BlobState;
 
+pub use adopt::AdoptReport;
 pub use index::now_secs;
-
-/// Open blob files kept around; beyond this the least recently used is closed.
-const OPEN_BLOBS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,68 +61,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |err| StoreError::Io {
         path: path.display().to_string(),
         err,
-    }
-}
-
-static GENERATION: AtomicU64 = AtomicU64::new(1);
-
-/// What the cache holds of one blob.
-struct BlobState {
-    layout: Layout,
-    present: Vec<u64>,
-    count: u64,
-    generation: u64,
-    last_access: u64,
-    access_dirty: bool,
-}
-
-impl BlobState {
-    fn new(layout: Layout, last_access: u64) -> BlobState {
-        BlobState {
-            layout,
-            present: vec![0; layout.count().div_ceil(64) as usize],
-            count: 0,
-            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-            last_access,
-            access_dirty: false,
-        }
-    }
-    fn has(&self, idx: u64) -> bool {
-        idx < self.layout.count() && self.present[(idx / 64) as usize] & (1 << (idx % 64)) != 0
-    }
-    fn set(&mut self, idx: u64) {
-        if idx < self.layout.count() && !self.has(idx) {
-            self.present[(idx / 64) as usize] |= 1 << (idx % 64);
-            self.count += 1;
-        }
-    }
-    fn clear(&mut self, idx: u64) {
-        if self.has(idx) {
-            self.present[(idx / 64) as usize] &= !(1 << (idx % 64));
-            self.count -= 1;
-        }
-    }
-    fn complete(&self) -> bool {
-        self.count == self.layout.count()
-    }
-    fn bytes(&self) -> u64 {
-        if self.complete() {
-            return self.layout.size;
-        }
-        (0..self.layout.count())
-            .filter(|i| self.has(*i))
-            .map(|i| {
-                let r = self.layout.range(i);
-                r.end - r.start
-            })
-            .sum()
-    }
-    fn touch(&mut self) {
-        let now = now_secs();
-        if now != self.last_access {
-            self.last_access = now;
-            self.access_dirty = true;
-        }
     }
 }
 
@@ -164,6 +108,14 @@ pub struct Store {
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
     unforgotten: Mutex<std::collections::HashSet<Digest>>,
+    /// What `used_bytes` sums, kept as a running total (changed with the bits, under
+    /// `blobs`), so a commit can tell at no cost that it crossed auto GC's threshold.
+    used: AtomicU64,
+    /// Auto GC's threshold in bytes (`gc.high_watermark × gc.max_bytes`; 0 = none), set by
+    /// the daemon. A commit that crosses it wakes `gc_wake` at once: with only the
+    /// `gc.interval_secs` tick, a burst of reads could fill the disk before GC looked.
+    gc_threshold: AtomicU64,
+    gc_wake: tokio::sync::Notify,
     _lock: File,
 }
 
@@ -210,6 +162,9 @@ impl Store {
             suspect: Mutex::new(std::collections::HashSet::new()),
             writer: Mutex::new(()),
             unforgotten: Mutex::new(std::collections::HashSet::new()),
+            used: AtomicU64::new(0),
+            gc_threshold: AtomicU64::new(0),
+            gc_wake: tokio::sync::Notify::new(),
             _lock: lock,
         };
         store.reconcile()?;
@@ -260,6 +215,7 @@ impl Store {
             for (idx, _) in row.chunks {
                 st.set(idx);
             }
+            self.used.fetch_add(st.bytes(), Ordering::Relaxed);
             blobs.insert(row.digest, st);
         }
         Ok(())
@@ -356,36 +312,11 @@ impl Store {
         let fd = self.fd(f.sha256, Some(f.size))?;
         let st = BlobState::new(f.layout(), now_secs());
         let generation = st.generation;
-        self.blobs.lock().unwrap().insert(f.sha256, st);
-        Ok((fd, generation))
-    }
-
-    /// Marks `chunks`, verified by reading them from `file`, present — if `file` is still the
-    /// blob file at its path. Checked under `writer`, so an eviction (which unlinks under
-    /// it) cannot slip between the check and the marks: otherwise chunks verified in an
-    /// evicted file would be marked present in a new, empty one, and zeros served.
-    /// Returns whether they were marked.
-    fn adopt_verified(
-        &self,
-        f: &FileEntry,
-        file: &File,
-        chunks: &[(u64, Digest)],
-    ) -> Result<bool, StoreError> {
-        use std::os::unix::fs::MetadataExt;
-        let path = self.blob_path(f.sha256);
-        let _w = self.writer.lock().unwrap();
-        let same = match (file.metadata(), std::fs::metadata(&path)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && a.nlink() > 0,
-            _ => false,
-        };
-        if !same {
-            return Ok(false);
+        // A state of another layout (a manifest changed the chunk size) is replaced.
+        if let Some(old) = self.blobs.lock().unwrap().insert(f.sha256, st) {
+            self.used.fetch_sub(old.bytes(), Ordering::Relaxed);
         }
-        let (fd, generation) = self.prepare_locked(f)?;
-        // Bytes read back may still be only in the page cache (a crash before a commit).
-        fd.sync_data().map_err(io_err(&path))?;
-        self.mark_locked(f, generation, chunks)?;
-        Ok(true)
+        Ok((fd, generation))
     }
 
     /// Deletes the index rows of evicted blobs that a full disk kept. Under `writer`.
@@ -397,97 +328,6 @@ impl Store {
         }
         Ok(())
     }
-
-    /// The blob's file, read-write. With `create`, it is created sparse at its full size;
-    /// without, a missing file is an error (readers must never create an empty blob).
-    /// Called with the `blobs` lock held (readers) or `writer` held (creation), so the blob
-    /// cannot be unlinked in between.
-    fn fd(&self, d: Digest, create: Option<u64>) -> Result<Arc<File>, StoreError> {
-        if let Some(f) = self.fds.lock().unwrap().get(&d) {
-            return Ok(f.clone());
-        }
-        let path = self.blob_path(d);
-        if create.is_some() {
-            std::fs::create_dir_all(path.parent().unwrap()).map_err(io_err(&path))?;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create.is_some())
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        if let Some(size) = create
-            && file.metadata().map_err(io_err(&path))?.len() != size
-        {
-            file.set_len(size).map_err(io_err(&path))?;
-        }
-        let file = Arc::new(file);
-        self.fds.lock().unwrap().put(d, file.clone());
-        Ok(file)
-    }
-
-    /// A handle on the blob if every chunk in `chunks` is present, taken atomically with that
-    /// check so eviction cannot slip in between. Also records the access for LRU.
-    pub fn reader(
-        &self,
-        f: &FileEntry,
-        chunks: impl IntoIterator<Item = u64>,
-    ) -> Option<Arc<File>> {
-        let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs
-            .get_mut(&f.sha256)
-            .filter(|s| s.layout == f.layout())?;
-        if !chunks.into_iter().all(|i| st.has(i)) {
-            return None;
-        }
-        st.touch();
-        self.fd(f.sha256, None).ok()
-    }
-
-    /// The size of a blob the cache has an entry for (any chunk present or not).
-    pub fn blob_size(&self, d: Digest) -> Option<u64> {
-        self.blobs.lock().unwrap().get(&d).map(|s| s.layout.size)
-    }
-
-    /// For a peer's `/blobs` request: the blob's size and a handle on it, if the cache holds
-    /// every chunk that `range` (clamped to the blob) touches, checked with the same lock a
-    /// commit or eviction takes. The chunks were verified when they were committed; the peer
-    /// verifies them again, so a rotted disk costs it a fallback, never a wrong byte.
-    pub fn peer_reader(&self, d: Digest, range: std::ops::Range<u64>) -> Option<(u64, Arc<File>)> {
-        if self.is_suspect(d) {
-            return None;
-        }
-        let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs.get_mut(&d)?;
-        let size = st.layout.size;
-        let end = range.end.min(size);
-        if range.start < end {
-            let chunks = st.layout.covering(range.start, end - range.start);
-            if !chunks.into_iter().all(|i| st.has(i)) {
-                return None;
-            }
-        } else if !st.complete() {
-            return None;
-        }
-        st.touch();
-        Some((size, self.fd(d, None).ok()?))
-    }
-
-    /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.
-    pub fn open_complete_ro(&self, f: &FileEntry) -> Option<File> {
-        let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs
-            .get_mut(&f.sha256)
-            .filter(|s| s.layout == f.layout())?;
-        if !st.complete() {
-            return None;
-        }
-        st.touch();
-        File::open(self.blob_path(f.sha256)).ok()
-    }
-
     /// Stores a verified chunk durably and marks it present. Blocking.
     pub fn commit_chunk(
         &self,
@@ -501,47 +341,11 @@ impl Store {
         let (fd, generation) = self.prepare(f)?;
         let path = self.blob_path(f.sha256);
         let start = f.layout().range(idx).start;
-        if !write_direct(&path, chunk.bytes(), start).map_err(io_err(&path))? {
-            fd.write_all_at(chunk.bytes(), start)
-                .map_err(io_err(&path))?;
-            fd.sync_data().map_err(io_err(&path))?;
-        }
+        blob::write_durable(&fd, &path, chunk.bytes(), start).map_err(io_err(&path))?;
         self.mark(f, generation, &[(idx, chunk.digest())])?;
         Ok(self.is_complete(f))
     }
 
-    /// Chunk `idx` read back from the blob file where the index does not list it but the file
-    /// holds data there: a lost index not yet rebuilt, or a commit cut short by a crash. The
-    /// bytes are verified against `expected` and, if they match, the chunk is made durable
-    /// and marked present, so a read racing an index rebuild fetches nothing it already has.
-    /// `None` when there is nothing usable on disk. Blocking.
-    pub fn adopt_chunk(&self, f: &FileEntry, idx: u64, expected: Digest) -> Option<VerifiedChunk> {
-        let path = self.blob_path(f.sha256);
-        let file = File::open(&path).ok()?;
-        if file.metadata().ok()?.len() != f.size {
-            return None;
-        }
-        let r = f.layout().range(idx);
-        if !has_data(&file, r.start, r.end) {
-            return None;
-        }
-        let mut buf = crate::chunk::AlignedBuf::zeroed((r.end - r.start) as usize);
-        file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
-        let chunk = VerifiedChunk::verify(expected, buf.freeze()).ok()?;
-        match self.adopt_verified(f, &file, &[(idx, expected)]) {
-            Ok(false) => None,
-            Ok(true) => {
-                tracing::debug!(blob = %f.sha256, chunk = idx, "adopted a chunk found on disk");
-                Some(chunk)
-            }
-            Err(e) => {
-                tracing::debug!(blob = %f.sha256, chunk = idx, error = %e, "could not adopt a chunk found on disk");
-                None
-            }
-        }
-    }
-
-    /// Marks chunks present if the blob is still the one prepared (not evicted meanwhile):
     /// index rows first, then the in-memory bits readers look at.
     fn mark(
         &self,
@@ -572,13 +376,13 @@ impl Store {
         self.index.mark_present(f.sha256, chunks)?;
         let mut blobs = self.blobs.lock().unwrap();
         let st = blobs.get_mut(&f.sha256).expect("checked under writer");
-        for (idx, _) in chunks {
-            st.set(*idx);
-        }
+        let added: u64 = chunks.iter().map(|(idx, _)| st.set(*idx)).sum();
         st.touch();
         if st.complete() {
             self.suspect.lock().unwrap().remove(&f.sha256);
         }
+        drop(blobs);
+        self.grew(added);
         Ok(())
     }
 
@@ -601,7 +405,7 @@ impl Store {
         }
         self.index.forget_chunk(f.sha256, idx)?;
         if let Some(st) = self.blobs.lock().unwrap().get_mut(&f.sha256) {
-            st.clear(idx);
+            self.used.fetch_sub(st.clear(idx), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -616,6 +420,7 @@ impl Store {
         let freed = {
             let mut blobs = self.blobs.lock().unwrap();
             let freed = blobs.remove(&d).map_or(0, |s| s.bytes());
+            self.used.fetch_sub(freed, Ordering::Relaxed);
             self.fds.lock().unwrap().pop(&d);
             freed
         };
@@ -658,6 +463,35 @@ impl Store {
             .values()
             .map(BlobState::bytes)
             .sum()
+    }
+
+    /// Counts `added` bytes of newly present chunks; wakes auto GC if they crossed its
+    /// threshold. Only a crossing wakes it: a cache that GC cannot bring down (everything
+    /// pinned or open) must not run GC again at every commit.
+    fn grew(&self, added: u64) {
+        if added == 0 {
+            return;
+        }
+        let before = self.used.fetch_add(added, Ordering::Relaxed);
+        let limit = self.gc_threshold.load(Ordering::Relaxed);
+        if limit > 0 && before <= limit && before + added > limit {
+            self.gc_wake.notify_one();
+        }
+    }
+
+    /// Sets auto GC's threshold in bytes (0: none), at start and on reload; wakes GC at once
+    /// if usage is already past it.
+    pub fn set_gc_threshold(&self, bytes: u64) {
+        self.gc_threshold.store(bytes, Ordering::Relaxed);
+        if bytes > 0 && self.used.load(Ordering::Relaxed) > bytes {
+            self.gc_wake.notify_one();
+        }
+    }
+
+    /// Resolves when a commit crosses the threshold set by [`Store::set_gc_threshold`] (a
+    /// wake-up that came while nobody waited is kept for the next waiter).
+    pub fn gc_wake(&self) -> &tokio::sync::Notify {
+        &self.gc_wake
     }
 
     /// Counts opens of a blob through the mount (open blobs are spared by aggressive GC).
@@ -722,7 +556,7 @@ impl Store {
             return Err(StoreError::Evicted(f.sha256));
         }
         let path = self.blob_path(f.sha256);
-        let (actual, chunks) = hash_blob(&fd, f).map_err(io_err(&path))?;
+        let (actual, chunks) = adopt::hash_blob(&fd, f).map_err(io_err(&path))?;
         if actual != f.sha256 {
             return Ok(actual);
         }
@@ -741,19 +575,6 @@ impl Store {
         Ok(self.index.chunk_digests(f.sha256)?.into_iter().collect())
     }
 
-    /// Reads one present chunk back from disk (for re-verification). Blocking.
-    pub fn read_chunk(&self, f: &FileEntry, idx: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(fd) = self.reader(f, [idx]) else {
-            return Ok(None);
-        };
-        let r = f.layout().range(idx);
-        let mut buf = vec![0u8; (r.end - r.start) as usize];
-        fd.read_exact_at(&mut buf, r.start)
-            .map_err(io_err(&self.blob_path(f.sha256)))?;
-        Ok(Some(buf))
-    }
-
-    /// Removes an orphan blob file, unless its blob became known since `orphans` listed it
     /// (checked under the lock, so a blob being created is never deleted).
     pub fn remove_orphan(&self, path: &Path) -> std::io::Result<bool> {
         let blobs = self.blobs.lock().unwrap();
@@ -800,171 +621,13 @@ impl Store {
     }
 }
 
-/// Writes `data` at `offset` with `O_DIRECT` and makes it durable, when buffer, offset and
-/// length are page-aligned (every chunk but a file's last); returns false to ask for the
-/// buffered path. Why: on the machines we measured, buffered writes plus `fdatasync` sustain
-/// about 0.5 GB/s while direct writes sustain 2.8 GB/s, and the cache write is on the path of
-/// every cold read (a chunk's memory is held until it is committed). Readers already have the
-/// bytes in memory, so skipping the page cache costs them nothing; later reads come from disk.
-fn write_direct(path: &Path, data: &[u8], offset: u64) -> std::io::Result<bool> {
-    use crate::chunk::BUF_ALIGN;
-    let aligned = (data.as_ptr() as usize).is_multiple_of(BUF_ALIGN)
-        && offset.is_multiple_of(BUF_ALIGN as u64)
-        && data.len().is_multiple_of(BUF_ALIGN)
-        && !data.is_empty();
-    if !aligned {
-        return Ok(false);
-    }
-    let file = match OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => f,
-        // Filesystems without O_DIRECT (tmpfs, some FUSE) refuse it: use the page cache.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    match file.write_all_at(data, offset) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    // The data is on the device; this makes the block allocation of the sparse file durable.
-    file.sync_data()?;
-    Ok(true)
-}
-
-/// What `Store::adopt` found.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct AdoptReport {
-    pub blobs_adopted: u64,
-    pub chunks_verified: u64,
-    pub chunks_bad: u64,
-    pub bytes: u64,
-}
-
-impl std::fmt::Display for AdoptReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "index rebuilt: {} blobs adopted, {} chunks verified ({} bytes), {} corrupt chunks left out",
-            self.blobs_adopted, self.chunks_verified, self.bytes, self.chunks_bad
-        )
-    }
-}
-
-impl Store {
-    /// Rebuilds index entries for blob files on disk that the index does not know (a lost or
-    /// rebuilt index): every chunk with data is read and verified against `files` (the
-    /// manifest), and only matching chunks are marked present. Holes are skipped without
-    /// reading. Nothing is fetched. Blocking.
-    pub fn adopt<'a>(
-        &self,
-        files: impl IntoIterator<Item = &'a FileEntry>,
-    ) -> Result<AdoptReport, StoreError> {
-        let mut report = AdoptReport::default();
-        let mut seen = std::collections::HashSet::new();
-        for f in files {
-            if !seen.insert(f.sha256) || self.blobs.lock().unwrap().contains_key(&f.sha256) {
-                continue;
-            }
-            let path = self.blob_path(f.sha256);
-            let Ok(file) = File::open(&path) else {
-                continue;
-            };
-            if file.metadata().map(|m| m.len()).ok() != Some(f.size) {
-                continue;
-            }
-            let layout = f.layout();
-            let mut good = Vec::new();
-            match &f.chunks {
-                Some(digests) => {
-                    for idx in 0..layout.count() {
-                        let r = layout.range(idx);
-                        if !has_data(&file, r.start, r.end) {
-                            continue;
-                        }
-                        let mut buf = vec![0u8; (r.end - r.start) as usize];
-                        file.read_exact_at(&mut buf, r.start)
-                            .map_err(io_err(&path))?;
-                        if Digest::of(&buf) == digests[idx as usize] {
-                            good.push((idx, digests[idx as usize]));
-                        } else if buf.iter().any(|b| *b != 0) {
-                            // All zeros is a never-written region sharing a block with data.
-                            report.chunks_bad += 1;
-                        }
-                    }
-                }
-                None => {
-                    let (whole, chunks) = hash_blob(&file, f).map_err(io_err(&path))?;
-                    if whole == f.sha256 {
-                        good = chunks
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, d)| (i as u64, d))
-                            .collect();
-                    } else {
-                        report.chunks_bad += layout.count();
-                    }
-                }
-            }
-            if good.is_empty() || !self.adopt_verified(f, &file, &good)? {
-                continue;
-            }
-            report.chunks_verified += good.len() as u64;
-            report.bytes += good
-                .iter()
-                .map(|(i, _)| {
-                    let r = layout.range(*i);
-                    r.end - r.start
-                })
-                .sum::<u64>();
-            report.blobs_adopted += 1;
-            tracing::info!(blob = %f.sha256, path = %f.path, chunks = good.len(), "adopted a blob into the index");
-        }
-        Ok(report)
-    }
-}
-
-/// Whether `start..end` of `file` holds any data (not entirely a hole).
-fn has_data(file: &File, start: u64, end: u64) -> bool {
-    use nix::unistd::{Whence, lseek};
-    match lseek(file, start as libc::off_t, Whence::SeekData) {
-        Ok(off) => (off as u64) < end,
-        // ENXIO: no data after `start`; other errors: assume data (read and verify).
-        Err(e) => e != nix::errno::Errno::ENXIO,
-    }
-}
-
-/// (whole-file digest, chunk digests) of a blob file, in one pass.
-fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Vec<Digest>)> {
-    let layout = f.layout();
-    let mut whole = Sha256::new();
-    let mut chunks = Vec::with_capacity(layout.count() as usize);
-    let mut buf = vec![0u8; (1 << 20).min(f.chunk_size) as usize];
-    for idx in 0..layout.count() {
-        let r = layout.range(idx);
-        let mut chunk = Sha256::new();
-        let mut off = r.start;
-        while off < r.end {
-            let n = (r.end - off).min(buf.len() as u64) as usize;
-            fd.read_exact_at(&mut buf[..n], off)?;
-            whole.update(&buf[..n]);
-            chunk.update(&buf[..n]);
-            off += n as u64;
-        }
-        chunks.push(Digest(chunk.finalize().into()));
-    }
-    Ok((Digest(whole.finalize().into()), chunks))
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::chunk::Layout;
     use bytes::Bytes;
 
-    fn entry(data: &[u8], chunk_size: u64) -> FileEntry {
+    pub(in crate::store) fn entry(data: &[u8], chunk_size: u64) -> FileEntry {
         let layout = Layout::new(data.len() as u64, chunk_size);
         FileEntry {
             path: "f".into(),
@@ -1074,32 +737,50 @@ mod tests {
         assert_eq!(s.state(&f), CacheState::Complete);
     }
 
+    /// The running total that decides when GC is woken follows every change of presence,
+    /// and only a commit that crosses the threshold wakes it.
     #[test]
-    fn lost_index_is_rebuilt_from_blobs_without_fetching() {
+    fn usage_total_follows_presence_and_wakes_gc_on_crossing() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..100u8).collect();
         let f = entry(&data, 30);
+        let commit = |s: &Store, idx: u64| {
+            let r = f.layout().range(idx);
+            let c = VerifiedChunk::verify(
+                f.chunks.as_ref().unwrap()[idx as usize],
+                Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
+            )
+            .unwrap();
+            s.commit_chunk(&f, idx, &c).unwrap();
+        };
+        let woken = |s: &Store| {
+            let n = s.gc_wake().notified();
+            futures::pin_mut!(n);
+            futures::FutureExt::now_or_never(n).is_some()
+        };
         {
             let s = Store::open(dir.path()).unwrap();
-            for idx in [0u64, 2] {
-                let r = f.layout().range(idx);
-                let c = VerifiedChunk::verify(
-                    f.chunks.as_ref().unwrap()[idx as usize],
-                    Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
-                )
-                .unwrap();
-                s.commit_chunk(&f, idx, &c).unwrap();
-            }
+            s.set_gc_threshold(50);
+            commit(&s, 0);
+            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes());
+            assert!(!woken(&s), "woken under the threshold");
+            commit(&s, 1);
+            assert_eq!(s.used.load(Ordering::Relaxed), 60);
+            assert!(woken(&s), "not woken on crossing the threshold");
+            commit(&s, 3);
+            assert!(!woken(&s), "woken again without crossing");
+            s.drop_chunk(&f, 1).unwrap();
+            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes());
         }
-        std::fs::write(dir.path().join("v1/index.sqlite"), b"this is not sqlite").unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.state(&f), CacheState::NotPresent);
-        let r = s.adopt([&f]).unwrap();
-        assert_eq!(
-            (r.blobs_adopted, r.chunks_verified, r.chunks_bad),
-            (1, 2, 0)
+        assert_eq!(s.used.load(Ordering::Relaxed), 40);
+        s.set_gc_threshold(30);
+        assert!(
+            woken(&s),
+            "not woken when the threshold is set under the usage"
         );
-        assert!(s.has_chunk(&f, 0) && !s.has_chunk(&f, 1) && s.has_chunk(&f, 2));
+        s.evict(f.sha256).unwrap();
+        assert_eq!(s.used.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -13,6 +13,10 @@
 //!   bytes held in fetch buffers, so memory is bounded however many files are open.
 //! - Files listed with only a whole-file sha256 are fetched whole (chunk-sized parts in
 //!   parallel, written unverified and invisible), hashed, and then made visible all at once.
+//!
+//! This file owns the `Fetcher`, single-flight, the read path and committing; `attempt.rs`
+//! asks the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
+//! whole-only files. `FileCtx` lives in `crate::file_ctx` and is re-exported here.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -26,51 +30,26 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::bufpool::BufPool;
-use crate::chunk::{Digest, VerifiedChunk};
+use crate::chunk::{Digest, Mismatch, VerifiedChunk};
 use crate::config::FetchConfig;
-use crate::manifest::FileEntry;
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
 use crate::store::Store;
 
-/// One file of one model, with the sources to fetch it from.
-pub struct FileCtx {
-    pub model: String,
-    pub entry: FileEntry,
-    pub sources: Vec<Arc<SourceHandle>>,
-}
+mod attempt;
+mod whole;
 
-/// Every file of every model, with its sources resolved, by model id.
-pub fn file_contexts(
-    manifest: &crate::manifest::Manifest,
-    sources: &crate::source::SourceRegistry,
-) -> std::collections::BTreeMap<String, Vec<Arc<FileCtx>>> {
-    manifest
-        .models
-        .values()
-        .map(|m| {
-            let handles: Vec<_> = m.sources.iter().map(|u| sources.get(u)).collect();
-            let files = m
-                .files
-                .iter()
-                .map(|f| {
-                    Arc::new(FileCtx {
-                        model: m.id.clone(),
-                        entry: f.clone(),
-                        sources: handles.clone(),
-                    })
-                })
-                .collect();
-            (m.id.clone(), files)
-        })
-        .collect()
-}
+pub use crate::file_ctx::{FileCtx, file_contexts};
 
 /// Why bytes could not be delivered.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
-    #[error("no source could deliver {what}: {detail}")]
-    Exhausted { what: String, detail: String },
+    /// Every source was asked and none delivered; what each said, in the order asked.
+    #[error("no source could deliver {what}: {}", summary(.failures))]
+    Exhausted {
+        what: String,
+        failures: Vec<SourceFailure>,
+    },
     #[error("not served within {0:?}")]
     Timeout(Duration),
     #[error("cache: {0}")]
@@ -79,6 +58,55 @@ pub enum FetchError {
     /// source, and a reader simply goes round again.
     #[error("evicted while being fetched; fetched again on the next read")]
     Evicted,
+}
+
+/// One source's failure to deliver, kept typed so callers can tell a missing object from a
+/// lying source without parsing text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{source_name}: {kind}")]
+pub struct SourceFailure {
+    /// The source's name (`SourceHandle::name`).
+    pub source_name: String,
+    pub kind: FailureKind,
+}
+
+impl SourceFailure {
+    fn new(src: &SourceHandle, kind: FailureKind) -> SourceFailure {
+        SourceFailure {
+            source_name: src.name.clone(),
+            kind,
+        }
+    }
+}
+
+/// What went wrong with one source.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FailureKind {
+    /// The request failed (after its retries).
+    #[error("{0}")]
+    Source(SourceError),
+    /// A chunk's bytes did not match its digest.
+    #[error("wrong bytes ({0})")]
+    WrongChunk(Mismatch),
+    /// A whole-only file's bytes did not match its sha256.
+    #[error("wrong bytes (sha256 {})", .0.actual)]
+    WrongFile(Mismatch),
+}
+
+/// The `detail` of an exhausted fetch, as logged and answered to readers.
+fn summary(failures: &[SourceFailure]) -> String {
+    let text = |fs: &[SourceFailure]| {
+        fs.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    match failures.len() {
+        0 => "no sources".into(),
+        // Rounds of retries against a flaky source: the last few say enough.
+        n @ 5.. => format!("{n} failures, the last: {}", text(&failures[n - 3..])),
+        _ => text(failures),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -98,23 +126,6 @@ struct InFlight {
     stored: SharedStored,
 }
 type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
-
-/// Every source failed: say what, and what each source said.
-fn exhausted(what: String, errors: Vec<String>) -> FetchError {
-    FetchError::Exhausted {
-        what,
-        detail: match errors.len() {
-            0 => "no sources".into(),
-            // Rounds of retries against a flaky source: the last few say enough.
-            n @ 5.. => format!("{n} failures, the last: {}", errors[n - 3..].join("; ")),
-            _ => errors.join("; "),
-        },
-    }
-}
-
-/// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
-/// (no chunk has this index).
-const WHOLE_FILE: u64 = u64::MAX;
 
 /// Free chunk buffers are let go after this long without a fetch: long enough that a reader
 /// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
@@ -181,42 +192,6 @@ impl Fetcher {
     /// The peers to ask before the manifest's sources (at start and on reload).
     pub fn set_peers(&self, peers: Vec<Arc<SourceHandle>>, cooldown: Duration) {
         *self.peers.write().unwrap() = (peers, cooldown);
-    }
-
-    /// The peers to ask now, in order: those cooling down are skipped outright (not probed,
-    /// as a cooling origin is), so a peer that is down costs one connect timeout per
-    /// cool-down, and the origin is always there behind them.
-    fn live_peers(&self) -> Vec<Arc<SourceHandle>> {
-        let peers = self.peers.read().unwrap();
-        peers
-            .0
-            .iter()
-            .filter(|p| p.cooling_until().is_none())
-            .cloned()
-            .collect()
-    }
-
-    fn cooldown_of(&self, src: &SourceHandle) -> Duration {
-        if src.peer {
-            self.peers.read().unwrap().1
-        } else {
-            self.cfg.cooldown()
-        }
-    }
-
-    /// Records a failed request to `src`. A peer that lacks the chunk (404) has not failed;
-    /// one that is down, erring or stalled cools down at once: it is an optimisation, and the
-    /// origin behind it is never more than one timeout away.
-    fn source_failed(&self, src: &SourceHandle, e: &SourceError) {
-        let hard = if src.peer {
-            !matches!(e, SourceError::NotFound)
-        } else {
-            matches!(e, SourceError::Denied(_))
-        };
-        if src.peer && !hard {
-            return;
-        }
-        src.record_failure(hard, self.cooldown_of(src));
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -549,13 +524,6 @@ impl Fetcher {
         Some(chunk)
     }
 
-    /// Counts wrong bytes from `src` and cools it down at once.
-    fn integrity_failure(&self, src: &SourceHandle) {
-        METRICS.integrity_failures.inc();
-        METRICS.errors.with_label_values(&["integrity"]).inc();
-        src.record_failure(true, self.cooldown_of(src));
-    }
-
     /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
     fn recently_failed(&self, key: (Digest, u64)) -> Option<FetchError> {
         let failed = self.failed.lock().unwrap();
@@ -583,110 +551,6 @@ impl Fetcher {
             .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
             .await
             .map_err(|e| FetchError::Store(e.to_string()))
-    }
-
-    async fn fetch_chunk(
-        self: &Arc<Self>,
-        file: &Arc<FileCtx>,
-        idx: u64,
-        prio: Priority,
-    ) -> Result<VerifiedChunk, FetchError> {
-        let f = &file.entry;
-        let range = f.layout().range(idx);
-        let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
-        self.started
-            .lock()
-            .unwrap()
-            .entry(f.sha256)
-            .or_insert_with(Instant::now);
-        let what = format!("{}/{} chunk {idx}", file.model, f.path);
-        let hex = f.sha256.to_hex();
-        let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
-        let mut errors = Vec::new();
-        let mut round = 0;
-        // Peers once, each with one attempt: a miss or a failure moves on to the next at once.
-        let peers = self.live_peers().into_iter().map(|p| (p, 1));
-        let mut order: Vec<_> = peers.collect();
-        loop {
-            let mut transient = !file.sources.is_empty();
-            order.extend(self.source_order(&file.sources));
-            for (src, attempts) in order.drain(..) {
-                let got = tokio::time::timeout_at(
-                    deadline,
-                    self.fetch_range(&src, src.locator(f, &hex), range.clone(), prio, attempts),
-                )
-                .await;
-                let bytes = match got {
-                    Err(_) => {
-                        // A source that cannot answer in time is failing, as much as one that errs.
-                        src.record_failure(src.peer, self.cooldown_of(&src));
-                        tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
-                        return Err(FetchError::Timeout(self.cfg.read_timeout()));
-                    }
-                    Ok(Err(e)) => {
-                        // A peer's miss or failure says nothing of whether the origin is flaky.
-                        if !src.peer {
-                            transient &= e.flaky();
-                        }
-                        self.source_failed(&src, &e);
-                        if src.peer && matches!(e, SourceError::NotFound) {
-                            tracing::debug!(source = %src.name, file = %what, "peer does not hold the chunk");
-                        } else {
-                            tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
-                        }
-                        errors.push(format!("{}: {e}", src.name));
-                        continue;
-                    }
-                    Ok(Ok(b)) => b,
-                };
-                let verified =
-                    tokio::task::spawn_blocking(move || VerifiedChunk::verify(expected, bytes))
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?;
-                match verified {
-                    Ok(chunk) => {
-                        src.record_success();
-                        return Ok(chunk);
-                    }
-                    Err(mismatch) => {
-                        if !src.peer {
-                            transient = false;
-                        }
-                        self.integrity_failure(&src);
-                        tracing::error!(source = %src.name, file = %what, %mismatch,
-                            "integrity failure: source sent wrong bytes; discarded, trying the next source");
-                        errors.push(format!("{}: wrong bytes ({mismatch})", src.name));
-                    }
-                }
-            }
-            if !(transient && self.pause_before_next_round(round, deadline).await) {
-                return Err(exhausted(what, errors));
-            }
-            round += 1;
-        }
-    }
-
-    /// Every source failed, but only with errors that may pass (5xx, resets, timeouts): the
-    /// reader still has time, and a cooling source is still its best chance, so sources are
-    /// tried again after a backoff until the read deadline rather than failing a read that a
-    /// flaky mirror would serve a moment later. Wrong bytes, 404, denials and a source that
-    /// refuses connections (down, not flaky) end the read at once.
-    /// Returns false when the next round could not start before `deadline`.
-    async fn pause_before_next_round(&self, round: u32, deadline: tokio::time::Instant) -> bool {
-        // At least 10 ms and at most 2 s, so a zero backoff does not spin and a long one still
-        // leaves rounds inside the read deadline.
-        let cap = self
-            .cfg
-            .backoff_ms
-            .max(10)
-            .saturating_mul(1 << round.min(8))
-            .min(2000);
-        let pause = Duration::from_millis(rand::random_range(cap / 2..=cap));
-        if tokio::time::Instant::now() + pause >= deadline {
-            return false;
-        }
-        tokio::time::sleep(pause).await;
-        true
     }
 
     async fn commit(
@@ -749,271 +613,72 @@ impl Fetcher {
             "download completed"
         );
     }
+}
 
-    /// Healthy sources in priority order with full retries, then cooling ones (one attempt
-    /// each, as a probe), so a recovered origin is noticed at once but a dead one costs little.
-    fn source_order(&self, sources: &[Arc<SourceHandle>]) -> Vec<(Arc<SourceHandle>, u32)> {
-        let (healthy, cooling): (Vec<_>, Vec<_>) = sources
-            .iter()
-            .cloned()
-            .partition(|s| s.cooling_until().is_none());
-        healthy
-            .into_iter()
-            .map(|s| (s, self.cfg.retries))
-            .chain(cooling.into_iter().map(|s| (s, 1)))
-            .collect()
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// Fetches `range` from one source as parallel parts, each retried up to `attempts` times.
-    async fn fetch_range(
-        &self,
-        src: &SourceHandle,
-        path: &str,
-        range: Range<u64>,
-        prio: Priority,
-        attempts: u32,
-    ) -> Result<Bytes, SourceError> {
-        let part = self.cfg.part_size() as usize;
-        // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
-        // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
-        // and the bytes are hashed before anyone sees them.
-        let mut buf = self.bufs.take((range.end - range.start) as usize);
-        // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
-        futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
-            |(i, slice)| {
-                let start = range.start + (i * part) as u64;
-                let r = start..start + slice.len() as u64;
-                self.fetch_part(src, path, r, prio, attempts, slice)
-            },
-        ))
-        .await?;
-        Ok(buf.freeze())
-    }
-
-    async fn fetch_part(
-        &self,
-        src: &SourceHandle,
-        path: &str,
-        r: Range<u64>,
-        prio: Priority,
-        attempts: u32,
-        buf: &mut [u8],
-    ) -> Result<(), SourceError> {
-        let mut last = SourceError::Timeout;
-        for attempt in 0..attempts {
-            if attempt > 0 {
-                let cap = self
-                    .cfg
-                    .backoff_ms
-                    .saturating_mul(1 << (attempt - 1).min(10));
-                let ms = rand::random_range(0..=cap);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            let _ra = match prio {
-                Priority::ReadAhead => {
-                    Some(self.readahead_connections.acquire().await.expect("open"))
-                }
-                Priority::OnDemand => None,
-            };
-            let _conn = self.connections.acquire().await.expect("open");
-            let res = tokio::time::timeout(
-                self.cfg.request_timeout(),
-                src.source.fetch_into(path, r.clone(), &mut *buf),
-            )
-            .await
-            .unwrap_or(Err(SourceError::Timeout));
-            match res {
-                Ok(()) => {
-                    METRICS
-                        .source_bytes
-                        .with_label_values(&[&src.name])
-                        .inc_by(buf.len() as u64);
-                    METRICS
-                        .source_kind_bytes
-                        .with_label_values(&[src.kind()])
-                        .inc_by(buf.len() as u64);
-                    METRICS
-                        .source_requests
-                        .with_label_values(&[&src.name, "ok"])
-                        .inc();
-                    return Ok(());
-                }
-                Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
-                    // A peer without the chunk: a miss, not an error.
-                    METRICS
-                        .source_requests
-                        .with_label_values(&[&src.name, "miss"])
-                        .inc();
-                    return Err(e);
-                }
-                Err(e) => {
-                    METRICS
-                        .source_requests
-                        .with_label_values(&[&src.name, "error"])
-                        .inc();
-                    METRICS.errors.with_label_values(&["source"]).inc();
-                    tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
-                    let retry = e.retryable();
-                    last = e;
-                    if !retry {
-                        break;
-                    }
-                }
-            }
+    fn failure(name: &str, kind: FailureKind) -> SourceFailure {
+        SourceFailure {
+            source_name: name.into(),
+            kind,
         }
-        Err(last)
     }
 
-    /// Makes a file listed with only a whole-file sha256 complete (single-flight per blob).
-    pub async fn ensure_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
-        let key = file.entry.sha256;
-        // A failed whole-file fetch is remembered like a failed chunk: the kernel retries a
-        // failed read at once, and each retry would download the whole file again.
-        if let Some(err) = self.recently_failed((key, WHOLE_FILE)) {
-            return Err(err);
-        }
-        let shared = {
-            let mut map = self.whole.lock().unwrap();
-            if self.store.is_complete(&file.entry) {
-                return Ok(());
-            }
-            match map.get(&key) {
-                Some(s) => s.clone(),
-                None => {
-                    let this = self.clone();
-                    let file = file.clone();
-                    let task = self.rt.spawn(async move {
-                        let r = this.fetch_whole(&file).await;
-                        if let Err(e) = &r
-                            && !matches!(e, FetchError::Evicted)
-                        {
-                            this.remember_failure((key, WHOLE_FILE), e);
-                        }
-                        this.whole.lock().unwrap().remove(&key);
-                        r
-                    });
-                    let fut = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(FetchError::Store(format!("fetch task died: {e}")))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    map.insert(key, fut.clone());
-                    fut
-                }
-            }
+    /// Logs, readers and tests match on this text: the typed failures must say exactly what
+    /// the flattened strings said.
+    #[test]
+    fn exhausted_says_what_each_source_said() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let none = FetchError::Exhausted {
+            what: "m/f chunk 0".into(),
+            failures: vec![],
         };
-        shared.await
-    }
-
-    /// Fetches chunks `idx` of a whole-only file from `src` in parallel and writes them,
-    /// unverified, into its blob; returns the blob generation each write found.
-    async fn write_whole_parts(
-        &self,
-        src: &Arc<SourceHandle>,
-        f: &FileEntry,
-        chunks: Vec<u64>,
-        attempts: u32,
-    ) -> Result<Vec<u64>, SourceError> {
-        let layout = f.layout();
-        let parallel = (self.cfg.connections / 2).max(1);
-        futures::stream::iter(chunks)
-            .map(|idx| async move {
-                let r = layout.range(idx);
-                let _mem = self
-                    .memory
-                    .acquire_many(kib(r.end - r.start).min(self.memory_kib))
-                    .await
-                    .expect("open");
-                let hex = f.sha256.to_hex();
-                let bytes = self
-                    .fetch_range(
-                        src,
-                        src.locator(f, &hex),
-                        r.clone(),
-                        Priority::OnDemand,
-                        attempts,
-                    )
-                    .await?;
-                let store = self.store.clone();
-                let entry = f.clone();
-                tokio::task::spawn_blocking(move || store.write_unverified(&entry, r.start, &bytes))
-                    .await
-                    .map_err(|e| SourceError::Transport(e.to_string()))?
-                    .map_err(|e| SourceError::Transport(format!("cache write: {e}")))
-            })
-            .buffer_unordered(parallel)
-            .try_collect::<Vec<u64>>()
-            .await
-    }
-
-    async fn fetch_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
-        let f = &file.entry;
-        let what = format!("{}/{}", file.model, f.path);
-        self.started
-            .lock()
-            .unwrap()
-            .entry(f.sha256)
-            .or_insert_with(Instant::now);
-        let layout = f.layout();
-        let mut errors = Vec::new();
-        let peers = self.live_peers().into_iter().map(|p| (p, 1));
-        for (src, attempts) in peers.chain(self.source_order(&file.sources)) {
-            // Only chunks not present: the unverified bytes of a failed or lying fetch must
-            // never land on a chunk that readers are being served (a whole-only file is
-            // partial when a chunk was dropped as corrupt). The kept chunks are part of the
-            // whole-file hash, though: if it fails with some kept, the blob is evicted and the
-            // file fetched whole once more before the source is blamed.
-            let mut kept_any = true;
-            while kept_any {
-                let missing = self.store.missing(f, 0..layout.count());
-                kept_any = (missing.len() as u64) < layout.count();
-                let written = self.write_whole_parts(&src, f, missing, attempts).await;
-                let generation = match written {
-                    Ok(gens) if gens.windows(2).any(|w| w[0] != w[1]) => {
-                        // Evicted and created again while the parts were being written.
-                        return Err(FetchError::Evicted);
-                    }
-                    Ok(gens) => gens.first().copied(),
-                    Err(e) => {
-                        self.source_failed(&src, &e);
-                        tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
-                        errors.push(format!("{}: {e}", src.name));
-                        break;
-                    }
-                };
-                let store = self.store.clone();
-                let entry = f.clone();
-                let actual =
-                    tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?
-                        .map_err(|e| match e {
-                            crate::store::StoreError::Evicted(_) => FetchError::Evicted,
-                            e => FetchError::Store(e.to_string()),
-                        })?;
-                if actual == f.sha256 {
-                    src.record_success();
-                    self.completed(file);
-                    return Ok(());
-                }
-                if kept_any {
-                    tracing::warn!(file = %what, "whole-file check failed with chunks kept from the cache; fetching the file whole again");
-                    let store = self.store.clone();
-                    let d = f.sha256;
-                    tokio::task::spawn_blocking(move || store.evict(d))
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?
-                        .map_err(|e| FetchError::Store(e.to_string()))?;
-                    continue;
-                }
-                self.integrity_failure(&src);
-                tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
-                    "integrity failure: whole file does not match its sha256; discarded, trying the next source");
-                errors.push(format!("{}: wrong bytes (sha256 {actual})", src.name));
-            }
-        }
-        Err(exhausted(what, errors))
+        assert_eq!(
+            none.to_string(),
+            "no source could deliver m/f chunk 0: no sources"
+        );
+        let two = FetchError::Exhausted {
+            what: "m/f chunk 0".into(),
+            failures: vec![
+                failure("origin", FailureKind::Source(SourceError::Status(503))),
+                failure(
+                    "mirror",
+                    FailureKind::WrongChunk(Mismatch {
+                        expected: a,
+                        actual: b,
+                    }),
+                ),
+            ],
+        };
+        assert_eq!(
+            two.to_string(),
+            format!(
+                "no source could deliver m/f chunk 0: origin: HTTP 503; \
+                 mirror: wrong bytes (sha256 mismatch: expected {a}, got {b})"
+            )
+        );
+        let whole = failure(
+            "origin",
+            FailureKind::WrongFile(Mismatch {
+                expected: a,
+                actual: b,
+            }),
+        );
+        assert_eq!(
+            whole.to_string(),
+            format!("origin: wrong bytes (sha256 {b})")
+        );
+        let many = FetchError::Exhausted {
+            what: "x".into(),
+            failures: (0..6)
+                .map(|i| failure(&format!("s{i}"), FailureKind::Source(SourceError::Timeout)))
+                .collect(),
+        };
+        assert_eq!(
+            many.to_string(),
+            "no source could deliver x: 6 failures, the last: s3: timed out; s4: timed out; s5: timed out"
+        );
     }
 }

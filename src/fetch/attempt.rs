@@ -1,0 +1,290 @@
+//! One chunk from the sources: the order sources are asked in (live peers once, healthy
+//! sources with retries, cooling ones as a single probe), a range fetched as parallel parts,
+//! each part retried with backoff, rounds against flaky sources until the read deadline, and
+//! what a failure or wrong bytes do to a source's health. Single-flight and committing are the
+//! caller's (`fetch/mod.rs`); nothing here touches the store.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::chunk::VerifiedChunk;
+use crate::metrics::METRICS;
+use crate::source::{SourceError, SourceHandle};
+
+use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
+
+impl Fetcher {
+    /// The peers to ask now, in order: those cooling down are skipped outright (not probed,
+    /// as a cooling origin is), so a peer that is down costs one connect timeout per
+    /// cool-down, and the origin is always there behind them.
+    pub(super) fn live_peers(&self) -> Vec<Arc<SourceHandle>> {
+        let peers = self.peers.read().unwrap();
+        peers
+            .0
+            .iter()
+            .filter(|p| p.cooling_until().is_none())
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn cooldown_of(&self, src: &SourceHandle) -> Duration {
+        if src.peer {
+            self.peers.read().unwrap().1
+        } else {
+            self.cfg.cooldown()
+        }
+    }
+
+    /// Records a failed request to `src`. A peer that lacks the chunk (404) has not failed;
+    /// one that is down, erring or stalled cools down at once: it is an optimisation, and the
+    /// origin behind it is never more than one timeout away.
+    pub(super) fn source_failed(&self, src: &SourceHandle, e: &SourceError) {
+        let hard = if src.peer {
+            !matches!(e, SourceError::NotFound)
+        } else {
+            matches!(e, SourceError::Denied(_))
+        };
+        if src.peer && !hard {
+            return;
+        }
+        src.record_failure(hard, self.cooldown_of(src));
+    }
+
+    /// Counts wrong bytes from `src` and cools it down at once.
+    pub(super) fn integrity_failure(&self, src: &SourceHandle) {
+        METRICS.integrity_failures.inc();
+        METRICS.errors.with_label_values(&["integrity"]).inc();
+        src.record_failure(true, self.cooldown_of(src));
+    }
+
+    pub(super) async fn fetch_chunk(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+        prio: Priority,
+    ) -> Result<VerifiedChunk, FetchError> {
+        let f = &file.entry;
+        let range = f.layout().range(idx);
+        let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
+        self.started
+            .lock()
+            .unwrap()
+            .entry(f.sha256)
+            .or_insert_with(Instant::now);
+        let what = format!("{}/{} chunk {idx}", file.model, f.path);
+        let hex = f.sha256.to_hex();
+        let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
+        let mut errors = Vec::new();
+        let mut round = 0;
+        // Peers once, each with one attempt: a miss or a failure moves on to the next at once.
+        let peers = self.live_peers().into_iter().map(|p| (p, 1));
+        let mut order: Vec<_> = peers.collect();
+        loop {
+            let mut transient = !file.sources.is_empty();
+            order.extend(self.source_order(&file.sources));
+            for (src, attempts) in order.drain(..) {
+                let got = tokio::time::timeout_at(
+                    deadline,
+                    self.fetch_range(&src, src.locator(f, &hex), range.clone(), prio, attempts),
+                )
+                .await;
+                let bytes = match got {
+                    Err(_) => {
+                        // A source that cannot answer in time is failing, as much as one that errs.
+                        src.record_failure(src.peer, self.cooldown_of(&src));
+                        tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
+                        return Err(FetchError::Timeout(self.cfg.read_timeout()));
+                    }
+                    Ok(Err(e)) => {
+                        // A peer's miss or failure says nothing of whether the origin is flaky.
+                        if !src.peer {
+                            transient &= e.flaky();
+                        }
+                        self.source_failed(&src, &e);
+                        if src.peer && matches!(e, SourceError::NotFound) {
+                            tracing::debug!(source = %src.name, file = %what, "peer does not hold the chunk");
+                        } else {
+                            tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                        }
+                        errors.push(SourceFailure::new(&src, FailureKind::Source(e)));
+                        continue;
+                    }
+                    Ok(Ok(b)) => b,
+                };
+                let verified =
+                    tokio::task::spawn_blocking(move || VerifiedChunk::verify(expected, bytes))
+                        .await
+                        .map_err(|e| FetchError::Store(e.to_string()))?;
+                match verified {
+                    Ok(chunk) => {
+                        src.record_success();
+                        return Ok(chunk);
+                    }
+                    Err(mismatch) => {
+                        if !src.peer {
+                            transient = false;
+                        }
+                        self.integrity_failure(&src);
+                        tracing::error!(source = %src.name, file = %what, %mismatch,
+                            "integrity failure: source sent wrong bytes; discarded, trying the next source");
+                        errors.push(SourceFailure::new(&src, FailureKind::WrongChunk(mismatch)));
+                    }
+                }
+            }
+            if !(transient && self.pause_before_next_round(round, deadline).await) {
+                return Err(FetchError::Exhausted {
+                    what,
+                    failures: errors,
+                });
+            }
+            round += 1;
+        }
+    }
+
+    /// Every source failed, but only with errors that may pass (5xx, resets, timeouts): the
+    /// reader still has time, and a cooling source is still its best chance, so sources are
+    /// tried again after a backoff until the read deadline rather than failing a read that a
+    /// flaky mirror would serve a moment later. Wrong bytes, 404, denials and a source that
+    /// refuses connections (down, not flaky) end the read at once.
+    /// Returns false when the next round could not start before `deadline`.
+    pub(super) async fn pause_before_next_round(
+        &self,
+        round: u32,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        // At least 10 ms and at most 2 s, so a zero backoff does not spin and a long one still
+        // leaves rounds inside the read deadline.
+        let cap = self
+            .cfg
+            .backoff_ms
+            .max(10)
+            .saturating_mul(1 << round.min(8))
+            .min(2000);
+        let pause = Duration::from_millis(rand::random_range(cap / 2..=cap));
+        if tokio::time::Instant::now() + pause >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        true
+    }
+
+    /// Healthy sources in priority order with full retries, then cooling ones (one attempt
+    /// each, as a probe), so a recovered origin is noticed at once but a dead one costs little.
+    pub(super) fn source_order(
+        &self,
+        sources: &[Arc<SourceHandle>],
+    ) -> Vec<(Arc<SourceHandle>, u32)> {
+        let (healthy, cooling): (Vec<_>, Vec<_>) = sources
+            .iter()
+            .cloned()
+            .partition(|s| s.cooling_until().is_none());
+        healthy
+            .into_iter()
+            .map(|s| (s, self.cfg.retries))
+            .chain(cooling.into_iter().map(|s| (s, 1)))
+            .collect()
+    }
+
+    /// Fetches `range` from one source as parallel parts, each retried up to `attempts` times.
+    pub(super) async fn fetch_range(
+        &self,
+        src: &SourceHandle,
+        path: &str,
+        range: Range<u64>,
+        prio: Priority,
+        attempts: u32,
+    ) -> Result<Bytes, SourceError> {
+        let part = self.cfg.part_size() as usize;
+        // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
+        // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
+        // and the bytes are hashed before anyone sees them.
+        let mut buf = self.bufs.take((range.end - range.start) as usize);
+        // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
+        futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
+            |(i, slice)| {
+                let start = range.start + (i * part) as u64;
+                let r = start..start + slice.len() as u64;
+                self.fetch_part(src, path, r, prio, attempts, slice)
+            },
+        ))
+        .await?;
+        Ok(buf.freeze())
+    }
+
+    pub(super) async fn fetch_part(
+        &self,
+        src: &SourceHandle,
+        path: &str,
+        r: Range<u64>,
+        prio: Priority,
+        attempts: u32,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
+        let mut last = SourceError::Timeout;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                let cap = self
+                    .cfg
+                    .backoff_ms
+                    .saturating_mul(1 << (attempt - 1).min(10));
+                let ms = rand::random_range(0..=cap);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let _ra = match prio {
+                Priority::ReadAhead => {
+                    Some(self.readahead_connections.acquire().await.expect("open"))
+                }
+                Priority::OnDemand => None,
+            };
+            let _conn = self.connections.acquire().await.expect("open");
+            let res = tokio::time::timeout(
+                self.cfg.request_timeout(),
+                src.source.fetch_into(path, r.clone(), &mut *buf),
+            )
+            .await
+            .unwrap_or(Err(SourceError::Timeout));
+            match res {
+                Ok(()) => {
+                    METRICS
+                        .source_bytes
+                        .with_label_values(&[&src.name])
+                        .inc_by(buf.len() as u64);
+                    METRICS
+                        .source_kind_bytes
+                        .with_label_values(&[src.kind()])
+                        .inc_by(buf.len() as u64);
+                    METRICS
+                        .source_requests
+                        .with_label_values(&[&src.name, "ok"])
+                        .inc();
+                    return Ok(());
+                }
+                Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
+                    // A peer without the chunk: a miss, not an error.
+                    METRICS
+                        .source_requests
+                        .with_label_values(&[&src.name, "miss"])
+                        .inc();
+                    return Err(e);
+                }
+                Err(e) => {
+                    METRICS
+                        .source_requests
+                        .with_label_values(&[&src.name, "error"])
+                        .inc();
+                    METRICS.errors.with_label_values(&["source"]).inc();
+                    tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
+                    let retry = e.retryable();
+                    last = e;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+}
