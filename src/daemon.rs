@@ -241,11 +241,6 @@ pub fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let background = rt.spawn(control.clone().run_background(stopped(stop_rx.clone())));
-    let gc_waker = rt.spawn(gc_on_watermark(
-        control.clone(),
-        store.clone(),
-        stopped(stop_rx.clone()),
-    ));
     let server = http.map(|listener| {
         let addr = listener
             .local_addr()
@@ -290,7 +285,6 @@ pub fn serve(
     let _ = stop_tx.send(true);
     rt.block_on(async {
         let _ = background.await;
-        let _ = gc_waker.await;
         if let Some(s) = server {
             let _ = s.await;
         }
@@ -326,29 +320,6 @@ fn gc_threshold(cfg: &Config) -> u64 {
         return 0;
     }
     (cfg.gc.high_watermark * cfg.gc.max_bytes as f64) as u64
-}
-
-/// Runs auto GC as soon as a commit crosses the high watermark, between the ticks of
-/// `Control::run_background` (which still checks every `gc.interval_secs`, for the free-space
-/// floor too). GCs do not overlap: `Control::gc` runs one at a time.
-async fn gc_on_watermark(
-    control: Arc<Control>,
-    store: Arc<Store>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = store.gc_wake().notified() => {}
-        }
-        if control.gc_due() {
-            tracing::info!("cache usage crossed the high watermark: running auto GC");
-            if let Err(e) = control.gc(crate::control::GcMode::Auto, false).await {
-                tracing::error!(error = %e, "auto GC failed");
-            }
-        }
-    }
 }
 
 /// Gives glibc's free memory back to the system: building the catalog and the tree leaves

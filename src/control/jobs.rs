@@ -719,9 +719,13 @@ impl Control {
                     tracing::error!(error = %e, "auto GC failed");
                 }
             }
+            // Every `interval_secs`, or at once when a commit crosses the high watermark
+            // (the store's wake-up): a fast fill must not overrun the cache for a whole interval.
+            let wake = self.store().clone();
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(every) => {}
+                _ = wake.gc_wake().notified() => {}
             }
         }
         let _ = self.store().flush_access_times();
