@@ -514,3 +514,66 @@ fn first_read_fetches_only_the_small_head_chunk() {
         "every chunk of the shifted grid is stored"
     );
 }
+
+/// A file's small head chunk goes first: a read of chunk 1 that arrives while the head is in
+/// flight (the kernel sends the read-ahead of a header read together with it) starts its
+/// requests only once the head is answered, so they do not share the origin with the one
+/// request the reader is blocked on.
+#[test]
+fn a_later_chunk_waits_for_the_head_chunk_in_flight() {
+    let setup = GenSetup::new(&[("big.bin", 20 * MIB)], 8 * MIB as u64, 72);
+    assert!(
+        setup.entry.contains("head_size = 1048576"),
+        "{}",
+        setup.entry
+    );
+    let delay = std::time::Duration::from_millis(150);
+    // The first request (the head's) sends its body late.
+    setup
+        .origin
+        .add_fault(Fault::DelayBody(delay), Some("big.bin"), Some(1));
+    let config = WanConfig {
+        readahead_chunks: 0,
+        ..WanConfig::default()
+    };
+    let mount = Mount::start(setup.spec(config));
+    let path = setup.mounted(&mount, "big.bin");
+    let data = setup.data("big.bin").to_vec();
+    let head_reader = {
+        let (path, data) = (path.clone(), data.clone());
+        std::thread::spawn(move || {
+            assert_bytes_eq(&read_range(&path, 0, 4096).unwrap(), &data[..4096], "head");
+        })
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || setup
+            .origin
+            .request_count()
+            >= 1),
+        "the head was never requested"
+    );
+    let off = 2 * MIB;
+    assert_bytes_eq(
+        &read_range(&path, off as u64, 4096).unwrap(),
+        &data[off..off + 4096],
+        "chunk 1",
+    );
+    head_reader.join().unwrap();
+    let gets = setup.origin.gets("big.bin");
+    let head = gets
+        .iter()
+        .find(|r| r.range.is_some_and(|(a, _)| a == 0))
+        .expect("a head request");
+    let later: Vec<_> = gets
+        .iter()
+        .filter(|r| r.range.is_some_and(|(a, _)| a >= MIB as u64))
+        .collect();
+    assert!(!later.is_empty(), "chunk 1 was fetched");
+    for r in later {
+        let after = r.at.duration_since(head.at);
+        assert!(
+            after >= delay - std::time::Duration::from_millis(20),
+            "a part of chunk 1 was requested {after:?} after the head, before the head was answered"
+        );
+    }
+}

@@ -131,6 +131,10 @@ type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 /// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
 const BUF_IDLE: Duration = Duration::from_secs(10);
 
+/// How long a chunk waits for its file's small head chunk in flight (see `start_chunk`): a head
+/// is one 1 MiB request, tens of milliseconds even from a slow origin.
+const HEAD_FIRST_WAIT: Duration = Duration::from_millis(250);
+
 /// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).max(1) as u32
@@ -450,6 +454,12 @@ impl Fetcher {
         if let Some(f) = map.get(&key) {
             return Ok(Some(f.clone()));
         }
+        // A file's small head chunk goes first: the kernel sends the read-ahead of a header
+        // read (chunk 1, eight parts) together with it, and those parts would otherwise share
+        // the link and the origin with the one request the reader is blocked on.
+        let head_first = (idx > 0 && file.entry.head_size < file.entry.chunk_size)
+            .then(|| map.get(&(file.entry.sha256, 0)).map(|f| f.served.clone()))
+            .flatten();
         let this = self.clone();
         let file = file.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -464,6 +474,10 @@ impl Fetcher {
                 this.inflight.lock().unwrap().remove(&key);
                 let _ = stored_tx.send(r);
             };
+            if let Some(head) = head_first {
+                // Bounded: a slow head must not hold the rest of the file back for long.
+                let _ = tokio::time::timeout(HEAD_FIRST_WAIT, head).await;
+            }
             let _mem = match this.reserve_memory(&file, idx).await {
                 Ok(m) => m,
                 Err(e) => {
