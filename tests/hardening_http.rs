@@ -178,6 +178,9 @@ fn stalled_clients_neither_exhaust_the_daemon_nor_stay_open() {
         "POST /ensure HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"ids\":"
     )
     .unwrap();
+    // Give the daemon time to read that head: a connection whose head is not read yet is one
+    // the endpoint may shed when full, which is what the stalled clients below are for.
+    std::thread::sleep(Duration::from_millis(500));
     // Clients that send half a request line and stall, or connect and send nothing.
     let mut stalled: Vec<TcpStream> = (0..STALLED)
         .map(|i| {
