@@ -49,7 +49,13 @@ C=(-c "$D/ceph.conf")
 monmaptool --create --addv a "[v1:127.0.0.1:$MON_PORT]" --fsid "$FSID" "$D/monmap" >/dev/null
 ceph-mon "${C[@]}" --mkfs -i a --monmap "$D/monmap"
 ceph-mon "${C[@]}" -i a
-ceph "${C[@]}" osd create >/dev/null
+# The monitor answers before it is ready for commands (seen: "EPERM: problem getting command
+# descriptions", its log saying "fsid 0000… != …"): ask again until it takes one.
+for _ in $(seq 100); do
+  ceph "${C[@]}" osd create >/dev/null 2>&1 && break
+  sleep 0.2
+done
+ceph "${C[@]}" osd stat >/dev/null
 ceph-osd "${C[@]}" -i 0 --mkfs 2>/dev/null
 ceph "${C[@]}" osd crush add osd.0 1.0 host=localhost root=default >/dev/null 2>&1
 ceph-osd "${C[@]}" -i 0 2>/dev/null
