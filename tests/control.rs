@@ -2192,3 +2192,30 @@ fn require_token_applies_to_loopback_clients_too() {
         .expect(200);
     assert_eq!(local.get(&format!("/models/{I2V}")).json()["pinned"], true);
 }
+
+/// An ensure holds the blob it fills as an open file does: a GC while it runs (an aggressive
+/// one here; auto GC is woken by the ensure's own commits at the high watermark) spares it, and
+/// the ensure completes.
+#[test]
+fn gc_during_an_ensure_spares_the_blob_being_filled() {
+    let setup = GenSetup::new(&[("slow.bin", 6 << 20)], 1 << 20, 77);
+    // About 1 MiB/s: the ensure takes seconds, and the GC below lands in the middle of it.
+    setup.origin.add_fault(Fault::Trickle(1 << 20), None, None);
+    let d = Daemon::start(setup.work.path(), &setup.manifest, &Opts::default());
+    let api = d.api();
+    let cli = d.cli();
+    let ensure = std::thread::spawn(move || cli.run(&["ensure", "--only", GEN]));
+    assert!(
+        wait_until(Duration::from_secs(10), || api.used_bytes() >= 1 << 20),
+        "the ensure stored nothing"
+    );
+    let g = api.post("/gc?mode=aggressive", None, None).expect(200);
+    assert_eq!(
+        g["removed"].as_array().map(Vec::len),
+        Some(0),
+        "GC removed the blob an ensure is filling: {g:#}"
+    );
+    let ran = ensure.join().unwrap();
+    assert_eq!(ran.code, 0, "{}{}", ran.stdout, ran.stderr);
+    assert_eq!(api.model(GEN)["state"], "COMPLETE");
+}

@@ -135,6 +135,25 @@ const BUF_IDLE: Duration = Duration::from_secs(10);
 /// is one 1 MiB request, tens of milliseconds even from a slow origin.
 const HEAD_FIRST_WAIT: Duration = Duration::from_millis(250);
 
+/// A blob counted as open (spared by GC) for as long as this lives.
+struct Held<'a> {
+    store: &'a Store,
+    digest: Digest,
+}
+
+impl<'a> Held<'a> {
+    fn new(store: &'a Store, digest: Digest) -> Held<'a> {
+        store.opened(digest);
+        Held { store, digest }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.store.released(self.digest);
+    }
+}
+
 /// Memory permits are counted in KiB so a semaphore's u32 range covers terabytes.
 fn kib(bytes: u64) -> u32 {
     bytes.div_ceil(1024).max(1) as u32
@@ -347,6 +366,10 @@ impl Fetcher {
     ) -> Result<(), FetchError> {
         use std::sync::atomic::Ordering;
         let f = &file.entry;
+        // An ensure holds its blob as an open file does: GC, woken at the high watermark by
+        // this very ensure's commits, must not evict what it is filling (the ensure then
+        // failed with chunks "evicted before the file was complete").
+        let _held = Held::new(&self.store, f.sha256);
         if f.chunks.is_none() {
             self.ensure_whole(file).await?;
             progress.fetch_add(f.size, Ordering::Relaxed);
