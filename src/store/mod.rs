@@ -108,8 +108,8 @@ pub struct Store {
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
     unforgotten: Mutex<std::collections::HashSet<Digest>>,
-    /// What `used_bytes` sums, kept as a running total (changed with the bits, under
-    /// `blobs`), so a commit can tell at no cost that it crossed auto GC's threshold.
+    /// Present bytes of every blob, kept as a running total (changed with the bits, under
+    /// `blobs`): `used_bytes` at no cost, and a commit can tell it crossed auto GC's threshold.
     used: AtomicU64,
     /// Auto GC's threshold in bytes (`gc.high_watermark × gc.max_bytes`; 0 = none), set by
     /// the daemon. A commit that crosses it wakes `gc_wake` at once: with only the
@@ -455,8 +455,15 @@ impl Store {
             .collect()
     }
 
-    /// Bytes of verified data held.
+    /// Bytes of verified data held: the running total, so a metrics scrape or a health check
+    /// does not walk every blob's bitmap under `blobs`, the lock every cache hit takes.
     pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// What the running total must equal: every blob's present bytes, summed.
+    #[cfg(test)]
+    fn used_bytes_summed(&self) -> u64 {
         self.blobs
             .lock()
             .unwrap()
@@ -762,7 +769,7 @@ pub(super) mod tests {
             let s = Store::open(dir.path()).unwrap();
             s.set_gc_threshold(50);
             commit(&s, 0);
-            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes());
+            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes_summed());
             assert!(!woken(&s), "woken under the threshold");
             commit(&s, 1);
             assert_eq!(s.used.load(Ordering::Relaxed), 60);
@@ -770,7 +777,7 @@ pub(super) mod tests {
             commit(&s, 3);
             assert!(!woken(&s), "woken again without crossing");
             s.drop_chunk(&f, 1).unwrap();
-            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes());
+            assert_eq!(s.used.load(Ordering::Relaxed), s.used_bytes_summed());
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.used.load(Ordering::Relaxed), 40);
