@@ -58,10 +58,10 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
         .build()
         .context("starting the async runtime")?;
     let files = rt.block_on(async {
-        let cfg = FetchConfig::default();
-        let client = crate::source::http_client(&cfg)?;
+        // One client for the listing and the bytes: the daemon's sources, as `wan mount` builds them.
+        let registry = SourceRegistry::new(&FetchConfig::default())?;
         let listed = match &parsed {
-            SourceUrl::Hf { repo, rev } => list_hf(&client, repo, rev).await?,
+            SourceUrl::Hf { repo, rev } => list_hf(registry.client(), repo, rev).await?,
             SourceUrl::S3 { bucket, prefix } => crate::source::S3Source::new(bucket, prefix)
                 .list()
                 .await
@@ -78,19 +78,10 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
         if listed.is_empty() {
             bail!("{url} lists no files");
         }
-        let registry = SourceRegistry::new(&cfg)?;
         let handle = registry.get(&parsed);
         hash_all(&*handle.source, url, listed, &opts).await
     })?;
     render_entry(&opts.id, &opts.sources, files, base)
-}
-
-/// The Hub's endpoint (HF_ENDPOINT) and token (HF_TOKEN), as the `hf://` source reads them.
-fn hub() -> (String, Option<String>) {
-    let endpoint =
-        std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
-    (endpoint.trim_end_matches('/').to_string(), token)
 }
 
 #[derive(Deserialize)]
@@ -112,7 +103,7 @@ struct Lfs {
 /// `GET /api/models/{repo}/tree/{rev}?recursive=true`, following the `Link: <…>; rel="next"`
 /// pages the Hub sends for large repositories.
 async fn list_hf(client: &reqwest::Client, repo: &str, rev: &str) -> anyhow::Result<Vec<Listed>> {
-    let (endpoint, token) = hub();
+    let (endpoint, token) = crate::source::hub();
     let mut rev_seg = String::new();
     crate::source::http::encode_segment(rev, &mut rev_seg);
     let mut next = Some(format!(

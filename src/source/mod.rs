@@ -178,6 +178,15 @@ impl SourceHandle {
     }
 }
 
+/// The Hub's endpoint (HF_ENDPOINT, default huggingface.co, no trailing slash) and token
+/// (HF_TOKEN), as `hf://` sources and `wan manifest build hf://…` read them.
+pub fn hub() -> (String, Option<String>) {
+    let endpoint =
+        std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+    (endpoint.trim_end_matches('/').to_string(), token)
+}
+
 /// Hides credentials in a URL: userinfo and query strings (signed URLs).
 pub fn mask_url(url: &str) -> String {
     let mut out = url.to_string();
@@ -265,6 +274,11 @@ impl SourceRegistry {
         Ok(out)
     }
 
+    /// The HTTP client every `http(s)://` and `hf://` source shares.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// The handle for `url`, created on first use.
     pub fn get(&self, url: &SourceUrl) -> Arc<SourceHandle> {
         let mut map = self.by_url.lock().unwrap();
@@ -287,10 +301,8 @@ impl SourceRegistry {
                 Box::new(HttpSource::new(self.client.clone(), base.clone(), None))
             }
             SourceUrl::Hf { repo, rev } => {
-                let endpoint = std::env::var("HF_ENDPOINT")
-                    .unwrap_or_else(|_| "https://huggingface.co".to_string());
-                let base = format!("{}/{repo}/resolve/{rev}", endpoint.trim_end_matches('/'));
-                let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+                let (endpoint, token) = hub();
+                let base = format!("{endpoint}/{repo}/resolve/{rev}");
                 Box::new(HttpSource::new(self.client.clone(), base, token))
             }
             SourceUrl::S3 { bucket, prefix } => Box::new(s3::S3Source::new(bucket, prefix)),
