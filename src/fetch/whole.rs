@@ -73,6 +73,8 @@ impl Fetcher {
     ) -> Result<Vec<u64>, SourceError> {
         let layout = f.layout();
         let parallel = (self.cfg.connections / 2).max(1);
+        let hex = f.sha256.to_hex();
+        let at = src.locator(f, &hex);
         futures::stream::iter(chunks)
             .map(|idx| async move {
                 let r = layout.range(idx);
@@ -81,15 +83,8 @@ impl Fetcher {
                     .acquire_many(kib(r.end - r.start).min(self.memory_kib))
                     .await
                     .expect("open");
-                let hex = f.sha256.to_hex();
                 let bytes = self
-                    .fetch_range(
-                        src,
-                        src.locator(f, &hex),
-                        r.clone(),
-                        Priority::OnDemand,
-                        attempts,
-                    )
+                    .fetch_range(src, at, r.clone(), Priority::OnDemand, attempts)
                     .await?;
                 let store = self.store.clone();
                 let entry = f.clone();
