@@ -14,6 +14,20 @@ pub struct FileCtx {
     pub sources: Vec<Arc<SourceHandle>>,
 }
 
+/// The files of model `m`, each fetched from `sources` (in priority order).
+pub fn model_files(m: &crate::manifest::Model, sources: &[Arc<SourceHandle>]) -> Vec<Arc<FileCtx>> {
+    m.files
+        .iter()
+        .map(|f| {
+            Arc::new(FileCtx {
+                model: m.id.clone(),
+                entry: f.clone(),
+                sources: sources.to_vec(),
+            })
+        })
+        .collect()
+}
+
 /// Every file of every model, with its sources resolved, by model id.
 pub fn file_contexts(
     manifest: &crate::manifest::Manifest,
@@ -24,18 +38,7 @@ pub fn file_contexts(
         .values()
         .map(|m| {
             let handles: Vec<_> = m.sources.iter().map(|u| sources.get(u)).collect();
-            let files = m
-                .files
-                .iter()
-                .map(|f| {
-                    Arc::new(FileCtx {
-                        model: m.id.clone(),
-                        entry: f.clone(),
-                        sources: handles.clone(),
-                    })
-                })
-                .collect();
-            (m.id.clone(), files)
+            (m.id.clone(), model_files(m, &handles))
         })
         .collect()
 }

@@ -68,6 +68,7 @@ use wanfs::chunk::{Digest, Layout};
 use wanfs::config::{Config, FetchConfig};
 use wanfs::control::{Control, GcMode, JobState, Work};
 use wanfs::fetch::{Fetcher, FileCtx};
+use wanfs::file_ctx::model_files;
 use wanfs::fs::{ModelFs, ROOT, Tree};
 use wanfs::manifest::{FileEntry, Manifest, Model};
 use wanfs::source::mock::{Fault, MockSource, Outcome};
@@ -298,20 +299,7 @@ impl Daemon {
         let files: BTreeMap<String, Vec<Arc<FileCtx>>> = manifest
             .models
             .values()
-            .map(|m| {
-                let files = m
-                    .files
-                    .iter()
-                    .map(|f| {
-                        Arc::new(FileCtx {
-                            model: m.id.clone(),
-                            entry: f.clone(),
-                            sources: vec![source.clone()],
-                        })
-                    })
-                    .collect();
-                (m.id.clone(), files)
-            })
+            .map(|m| (m.id.clone(), model_files(m, std::slice::from_ref(&source))))
             .collect();
         let tree = Tree::build(&files, None);
         let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
