@@ -14,13 +14,17 @@ use reqwest::header::{AUTHORIZATION, RANGE};
 use super::{Source, SourceError};
 use crate::config::FetchConfig;
 
-/// The one HTTP client of the daemon: a pool of keep-alive connections shared by all sources.
-pub fn http_client(cfg: &FetchConfig) -> anyhow::Result<reqwest::Client> {
+/// The one HTTP client of the daemon: a pool of keep-alive connections shared by all sources
+/// (peers have their own, for its shorter `connect_timeout`).
+pub fn http_client(
+    cfg: &FetchConfig,
+    connect_timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.connections)
         .pool_idle_timeout(std::time::Duration::from_secs(300))
         .tcp_nodelay(true)
-        .connect_timeout(cfg.request_timeout())
+        .connect_timeout(connect_timeout)
         .user_agent(concat!("wanfs/", env!("CARGO_PKG_VERSION")))
         .build()?)
 }

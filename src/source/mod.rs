@@ -230,7 +230,7 @@ type PeerKey = (String, u64, Option<String>);
 impl SourceRegistry {
     pub fn new(cfg: &FetchConfig) -> anyhow::Result<SourceRegistry> {
         Ok(SourceRegistry {
-            client: http_client(cfg)?,
+            client: http_client(cfg, cfg.request_timeout())?,
             by_url: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             fetch: cfg.clone(),
@@ -257,9 +257,7 @@ impl SourceRegistry {
             if client.is_none() {
                 // The origin's client waits `request_timeout` to connect; a peer is asked
                 // first for every cold chunk, so one that is down must fail fast.
-                let mut fetch = self.fetch.clone();
-                fetch.request_timeout_secs = cfg.connect_timeout_secs;
-                client = Some(http_client(&fetch)?);
+                client = Some(http_client(&self.fetch, cfg.connect_timeout())?);
             }
             let base = format!("{}/blobs", url.trim_end_matches('/'));
             let source = HttpSource::new(client.clone().expect("built"), base, token.clone());
