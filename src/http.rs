@@ -38,6 +38,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::control::{Control, ControlError, GcMode, HealthStatus};
 use crate::logging::untrusted;
+use crate::store::PeerMiss;
 
 /// Connections served at once. Each holds a file descriptor, and the daemon's descriptors also
 /// hold the cache's blob files and the sources' sockets: unbounded, stalled clients took them
@@ -449,7 +450,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A `Range` header's one byte range, before the blob's size resolves it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum ByteRange {
     /// `bytes=a-b` (inclusive) or `bytes=a-`.
     From(u64, Option<u64>),
@@ -505,35 +506,42 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
             .inc();
         refuse(StatusCode::NOT_FOUND, why)
     };
-    let Some(size) = store.blob_size(digest) else {
-        return miss("this cache does not hold the blob");
-    };
-    let asked = match headers.get(header::RANGE) {
-        None => None,
-        Some(v) => match v.to_str().ok().and_then(parse_range) {
-            Some(r) => Some(r),
-            None => {
-                return refuse(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    "only one byte range (bytes=a-b, a- or -n) is served",
-                );
+    // The header is parsed before the blob is looked up, but a blob this cache lacks is a 404
+    // whatever the header says: the caller moves on either way.
+    let asked = headers
+        .get(header::RANGE)
+        .map(|v| v.to_str().ok().and_then(parse_range));
+    let resolve = |size: u64| match asked {
+        None => Ok(0..size),
+        Some(None) => Err(Box::new(refuse(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "only one byte range (bytes=a-b, a- or -n) is served",
+        ))),
+        Some(Some(r)) => {
+            let range = match r {
+                ByteRange::From(a, b) => a..b.map_or(size, |b| b.saturating_add(1).min(size)),
+                ByteRange::Suffix(n) => size.saturating_sub(n)..size,
+            };
+            if range.start < range.end {
+                Ok(range)
+            } else {
+                Err(Box::new(
+                    Response::builder()
+                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                        .body(Body::empty())
+                        .expect("valid response"),
+                ))
             }
-        },
+        }
     };
-    let range = match asked {
-        None => 0..size,
-        Some(ByteRange::From(a, b)) => a..b.map_or(size, |b| b.saturating_add(1).min(size)),
-        Some(ByteRange::Suffix(n)) => size.saturating_sub(n)..size,
-    };
-    if asked.is_some() && range.start >= range.end {
-        return Response::builder()
-            .status(StatusCode::RANGE_NOT_SATISFIABLE)
-            .header(header::CONTENT_RANGE, format!("bytes */{size}"))
-            .body(Body::empty())
-            .expect("valid response");
-    }
-    let Some((_, file)) = store.peer_reader(digest, range.clone()) else {
-        return miss("this cache does not hold every chunk of that range");
+    let (size, range, file) = match store.peer_reader(digest, resolve) {
+        Ok(held) => held,
+        Err(PeerMiss::Absent) => return miss("this cache does not hold the blob"),
+        Err(PeerMiss::Refused(answer)) => return *answer,
+        Err(PeerMiss::Incomplete) => {
+            return miss("this cache does not hold every chunk of that range");
+        }
     };
     crate::metrics::METRICS
         .peer_requests

@@ -16,6 +16,17 @@ use super::{Store, StoreError, io_err};
 /// Open blob files kept around; beyond this the least recently used is closed.
 pub(super) const OPEN_BLOBS: usize = 256;
 
+/// Why [`Store::peer_reader`] serves nothing.
+#[derive(Debug)]
+pub enum PeerMiss<E> {
+    /// The cache has no entry for the blob (or it is suspect).
+    Absent,
+    /// `resolve` refused the range.
+    Refused(E),
+    /// Some chunk the range touches is not held.
+    Incomplete,
+}
+
 impl Store {
     /// The blob's file, read-write. With `create`, it is created sparse at its full size;
     /// without, a missing file is an error (readers must never create an empty blob).
@@ -65,33 +76,35 @@ impl Store {
         self.fd(f.sha256, None).ok()
     }
 
-    /// The size of a blob the cache has an entry for (any chunk present or not).
-    pub fn blob_size(&self, d: Digest) -> Option<u64> {
-        self.blobs.lock().unwrap().get(&d).map(|s| s.layout.size)
-    }
-
-    /// For a peer's `/blobs` request: the blob's size and a handle on it, if the cache holds
-    /// every chunk that `range` (clamped to the blob) touches, checked with the same lock a
-    /// commit or eviction takes. The chunks were verified when they were committed; the peer
-    /// verifies them again, so a rotted disk costs it a fallback, never a wrong byte.
-    pub fn peer_reader(&self, d: Digest, range: std::ops::Range<u64>) -> Option<(u64, Arc<File>)> {
+    /// For a peer's `/blobs` request: the blob's size, the range `resolve` makes of it, and a
+    /// handle on the blob, if the cache holds every chunk that range touches; one look under
+    /// the lock a commit or eviction takes. The chunks were verified when they were committed;
+    /// the peer verifies them again, so a rotted disk costs it a fallback, never a wrong byte.
+    pub fn peer_reader<E>(
+        &self,
+        d: Digest,
+        resolve: impl FnOnce(u64) -> Result<std::ops::Range<u64>, E>,
+    ) -> Result<(u64, std::ops::Range<u64>, Arc<File>), PeerMiss<E>> {
         if self.is_suspect(d) {
-            return None;
+            return Err(PeerMiss::Absent);
         }
         let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs.get_mut(&d)?;
+        let st = blobs.get_mut(&d).ok_or(PeerMiss::Absent)?;
         let size = st.layout.size;
+        let range = resolve(size).map_err(PeerMiss::Refused)?;
         let end = range.end.min(size);
-        if range.start < end {
+        let held = if range.start < end {
             let chunks = st.layout.covering(range.start, end - range.start);
-            if !chunks.into_iter().all(|i| st.has(i)) {
-                return None;
-            }
-        } else if !st.complete() {
-            return None;
+            chunks.into_iter().all(|i| st.has(i))
+        } else {
+            st.complete()
+        };
+        if !held {
+            return Err(PeerMiss::Incomplete);
         }
         st.touch();
-        Some((size, self.fd(d, None).ok()?))
+        let file = self.fd(d, None).map_err(|_| PeerMiss::Incomplete)?;
+        Ok((size, range, file))
     }
 
     /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.

@@ -39,6 +39,7 @@ use lru::LruCache;
 use crate::chunk::{Digest, VerifiedChunk};
 use crate::manifest::FileEntry;
 use blob::OPEN_BLOBS;
+pub use blob::PeerMiss;
 use index::{Index, IndexError};
 use presence::BlobState;
 
