@@ -189,9 +189,8 @@ pub(super) fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Ve
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::entry;
+    use super::super::tests::{commit, entry};
     use super::super::*;
-    use bytes::Bytes;
 
     #[test]
     fn lost_index_is_rebuilt_from_blobs_without_fetching() {
@@ -201,13 +200,7 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             for idx in [0u64, 2] {
-                let r = f.layout().range(idx);
-                let c = VerifiedChunk::verify(
-                    f.chunks.as_ref().unwrap()[idx as usize],
-                    Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
-                )
-                .unwrap();
-                s.commit_chunk(&f, idx, &c).unwrap();
+                commit(&s, &f, &data, idx);
             }
         }
         std::fs::write(dir.path().join("v1/index.sqlite"), b"this is not sqlite").unwrap();

@@ -635,6 +635,17 @@ pub(super) mod tests {
     use crate::chunk::Layout;
     use bytes::Bytes;
 
+    /// Verifies chunk `idx` of `f` (whose bytes are `data`) and commits it to `s`.
+    pub(in crate::store) fn commit(s: &Store, f: &FileEntry, data: &[u8], idx: u64) {
+        let r = f.layout().range(idx);
+        let c = VerifiedChunk::verify(
+            f.chunks.as_ref().unwrap()[idx as usize],
+            Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
+        )
+        .unwrap();
+        s.commit_chunk(f, idx, &c).unwrap();
+    }
+
     pub(in crate::store) fn entry(data: &[u8], chunk_size: u64) -> FileEntry {
         let layout = Layout::new(data.len() as u64, chunk_size);
         FileEntry {
@@ -678,12 +689,7 @@ pub(super) mod tests {
                 Store::open(dir.path()),
                 Err(StoreError::Locked(_))
             ));
-            let c = VerifiedChunk::verify(
-                f.chunks.as_ref().unwrap()[1],
-                Bytes::copy_from_slice(&data[30..60]),
-            )
-            .unwrap();
-            s.commit_chunk(&f, 1, &c).unwrap();
+            commit(&s, &f, &data, 1);
             assert_eq!(s.state(&f), CacheState::Partial);
             assert_eq!(s.cached_bytes(&f), 30);
         }
@@ -707,12 +713,7 @@ pub(super) mod tests {
         let other: Vec<u8> = data.iter().map(|b| b ^ 1).collect();
         let (f, g) = (entry(&data, 1024), entry(&other, 1024));
         for (e, d) in [(&f, &data), (&g, &other)] {
-            let c = VerifiedChunk::verify(
-                e.chunks.as_ref().unwrap()[0],
-                Bytes::copy_from_slice(&d[..1024]),
-            )
-            .unwrap();
-            s.commit_chunk(e, 0, &c).unwrap();
+            commit(&s, e, d, 0);
         }
         let stalled = s.index().stall();
         let (s2, g2) = (s.clone(), g.clone());
@@ -752,15 +753,7 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..100u8).collect();
         let f = entry(&data, 30);
-        let commit = |s: &Store, idx: u64| {
-            let r = f.layout().range(idx);
-            let c = VerifiedChunk::verify(
-                f.chunks.as_ref().unwrap()[idx as usize],
-                Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
-            )
-            .unwrap();
-            s.commit_chunk(&f, idx, &c).unwrap();
-        };
+        let commit = |s: &Store, idx: u64| commit(s, &f, &data, idx);
         let woken = |s: &Store| {
             let n = s.gc_wake().notified();
             futures::pin_mut!(n);
