@@ -37,6 +37,7 @@ use crate::source::{SourceError, SourceHandle};
 use crate::store::Store;
 
 mod attempt;
+mod landed;
 mod whole;
 
 pub use crate::file_ctx::{FileCtx, file_contexts};
@@ -135,6 +136,10 @@ const BUF_IDLE: Duration = Duration::from_secs(10);
 /// is one 1 MiB request, tens of milliseconds even from a slow origin.
 const HEAD_FIRST_WAIT: Duration = Duration::from_millis(250);
 
+/// How long a landed chunk waits for its reader (see `landed`): a sequential reader gets
+/// there within milliseconds; one that went elsewhere should not pin the memory.
+const LANDED_TTL: Duration = Duration::from_secs(5);
+
 /// A blob counted as open (spared by GC) for as long as this lives.
 struct Held<'a> {
     store: &'a Store,
@@ -173,6 +178,8 @@ pub struct Fetcher {
     /// Chunk buffers, reused so a fetch does not fault in and zero fresh pages (see `bufpool`);
     /// keeps at most `max_inflight_mib` of free buffers.
     bufs: BufPool,
+    /// Verified chunks no reader has finished with yet, served from memory (see `landed`).
+    landed: Mutex<landed::Landed>,
     inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
     /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
     /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
@@ -202,6 +209,10 @@ impl Fetcher {
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
             bufs,
+            landed: Mutex::new(landed::Landed::new(
+                (cfg.max_inflight_mib as usize) << 20,
+                LANDED_TTL,
+            )),
             cfg,
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -236,18 +247,22 @@ impl Fetcher {
         }
     }
 
-    /// Serves a read from the cache alone, if every chunk it covers is present. Blocking (a
-    /// local `pread`), never touches the network.
+    /// Serves a read from memory or the cache alone: from a landed chunk (fetched, verified,
+    /// not yet read to its end), else from the blob file if every chunk it covers is present.
+    /// Blocking (a local `pread`), never touches the network.
     pub fn read_cached(
         &self,
         file: &FileCtx,
         offset: u64,
         size: u32,
-    ) -> Option<Result<Vec<u8>, FetchError>> {
+    ) -> Option<Result<Bytes, FetchError>> {
         let f = &file.entry;
         let end = (offset + size as u64).min(f.size);
         if offset >= end {
-            return Some(Ok(Vec::new()));
+            return Some(Ok(Bytes::new()));
+        }
+        if let Some(b) = self.landed_slice(f, offset, end) {
+            return Some(Ok(b));
         }
         let fd = self
             .store
@@ -255,8 +270,20 @@ impl Fetcher {
         let mut out = vec![0u8; (end - offset) as usize];
         Some(
             fd.read_exact_at(&mut out, offset)
-                .map(|_| out)
+                .map(|_| Bytes::from(out))
                 .map_err(|e| FetchError::Store(format!("reading blob {}: {e}", f.sha256))),
+        )
+    }
+
+    /// `offset..end` of the file from a landed chunk, if one holds it.
+    fn landed_slice(&self, f: &crate::manifest::FileEntry, offset: u64, end: u64) -> Option<Bytes> {
+        let chunks = f.chunks.as_ref()?;
+        self.landed.lock().unwrap().slice(
+            f.sha256,
+            &f.layout(),
+            &|i| chunks[i as usize],
+            offset,
+            end,
         )
     }
 
@@ -302,10 +329,13 @@ impl Fetcher {
             if covering.end - covering.start == 1
                 && let Some(c) = fetched.get(&covering.start)
             {
-                let base = layout.range(covering.start).start;
+                let r = layout.range(covering.start);
+                if end == r.end {
+                    self.landed.lock().unwrap().let_go(f.sha256, covering.start);
+                }
                 return Ok(c
                     .bytes()
-                    .slice((offset - base) as usize..(end - base) as usize));
+                    .slice((offset - r.start) as usize..(end - r.start) as usize));
             }
             let mut out = vec![0u8; (end - offset) as usize];
             let mut from_disk = Vec::new();
@@ -524,6 +554,10 @@ impl Fetcher {
                     return done(Err(e));
                 }
             };
+            this.landed
+                .lock()
+                .unwrap()
+                .insert(key.0, idx, chunk.clone());
             let _ = tx.send(Ok(chunk.clone()));
             let stored = this.commit(&file, idx, chunk).await;
             if let Err(e) = &stored {

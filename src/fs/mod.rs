@@ -334,14 +334,14 @@ impl ModelFs {
         fh: u64,
         offset: u64,
         size: u32,
-    ) -> Option<Result<Vec<u8>, FsError>> {
+    ) -> Option<Result<bytes::Bytes, FsError>> {
         if let Some(view) = self.views.lock().unwrap().get(&fh) {
             let start = (offset as usize).min(view.len());
             let end = (start + size as usize).min(view.len());
-            return Some(Ok(view[start..end].to_vec()));
+            return Some(Ok(bytes::Bytes::copy_from_slice(&view[start..end])));
         }
         if self.control_file(ino).is_some() {
-            return Some(Ok(Vec::new()));
+            return Some(Ok(bytes::Bytes::new()));
         }
         let f = match self.file(ino) {
             Ok(f) => f,
