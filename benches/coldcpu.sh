@@ -6,6 +6,11 @@
 #     sudo benches/coldcpu.sh                               # target/release/wan, ROUNDS=5
 #     sudo ROUNDS=5 benches/coldcpu.sh /var/tmp/wan-before target/release/wan
 #     sudo PROFILE=1 ROUNDS=1 benches/coldcpu.sh            # + perf record of the daemon
+#     sudo benches/coldcpu.sh target/release/wan,--chunk-hash=sha256 target/release/wan
+#
+# Each argument is a binary, optionally followed by comma-separated `wan manifest build`
+# arguments; each builds its own manifest with them (so one binary can run against both
+# chunk hashes, and an older binary gets a manifest it can read).
 #
 # Prints per-round core-s/GB (utime+stime from /proc/PID/stat, from the start of the read until
 # the cache is COMPLETE) and GB/s for each binary, their medians, and the sha256 floor measured
@@ -30,7 +35,11 @@ T=$WORK/coldcpu
 rm -rf "$T"; mkdir -p "$T/mnt"
 ARGS=("$@")
 BINS=()
-for b in "$@"; do n=${#BINS[@]}; cp "$b" "$T/wan$n"; BINS+=("$T/wan$n"); done
+BUILD=()
+for a in "$@"; do
+  n=${#BINS[@]}; IFS=, read -r -a parts <<<"$a"
+  cp "${parts[0]}" "$T/wan$n"; BINS+=("$T/wan$n"); BUILD+=("${parts[*]:1}")
+done
 export ORIGIN_STATE=$T/origin-state
 WAN_PID=
 cleanup() {
@@ -41,10 +50,17 @@ cleanup() {
 }
 trap cleanup EXIT
 "$BENCH/origin.sh" start "$PORT" "$DATA" >"$T/origin.log" 2>&1
-{ echo "schema_version = 1"; echo;
-  "${BINS[0]}" manifest build "$DATA" --id bench@1.0.0 --source "http://127.0.0.1:$PORT"; } > "$T/manifest.toml"
+for k in "${!BINS[@]}"; do
+  # shellcheck disable=SC2086
+  { echo "schema_version = 1"; echo;
+    "${BINS[$k]}" manifest build "$DATA" --id bench@1.0.0 --source "http://127.0.0.1:$PORT" ${BUILD[$k]}; } > "$T/manifest$k.toml"
+done
 printf '[http]\naddr = ""\n' > "$T/wan.toml"
 FLOOR=$(openssl speed -evp sha256 -bytes 8388608 -seconds 3 2>/dev/null | awk '/^sha256/{printf "%.3f", $2*1000/1e9}')
+# BLAKE3's floor from the crate the daemon uses (examples/hashspeed.rs), when it can be built.
+HS=$REPO/target/release/examples/hashspeed
+[ -x "$HS" ] || (cd "$REPO" && cargo build --release --example hashspeed >/dev/null 2>&1) || true
+B3=$([ -x "$HS" ] && "$HS" | awk '$1=="blake3"{print $2}' || echo "")
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 state() { python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.wan.state").decode())' "$1"; }
 declare -A CPG GBPS
@@ -52,7 +68,7 @@ for r in $(seq 1 "$ROUNDS"); do
   order=("${!BINS[@]}"); [ $((r % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
   for k in "${order[@]}"; do
     rm -rf "$T/cache"; drop_caches
-    NO_COLOR=1 "${BINS[$k]}" mount "$T/mnt" --manifest "$T/manifest.toml" --cache-dir "$T/cache" \
+    NO_COLOR=1 "${BINS[$k]}" mount "$T/mnt" --manifest "$T/manifest$k.toml" --cache-dir "$T/cache" \
       --config "$T/wan.toml" 2>"$T/wan$k-$r.log" &
     WAN_PID=$!
     for _ in $(seq 1 300); do grep -qs mounted "$T/wan$k-$r.log" && is_mounted "$T/mnt" && break; sleep 0.05; done
@@ -74,11 +90,13 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 floor=$(awk -v r="$FLOOR" 'BEGIN{printf "%.2f", 1/r}')
-echo "file $SIZE bytes, read() of $BS bytes; sha256 floor $FLOOR GB/s per core = $floor core-s/GB; load $(cut -d' ' -f1-3 /proc/loadavg)"
+b3floor=$([ -n "$B3" ] && awk -v r="$B3" 'BEGIN{printf "%.2f", 1/r}' || echo "?")
+echo "file $SIZE bytes, read() of $BS bytes; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "floors, one core: sha256 (openssl) $FLOOR GB/s = $floor core-s/GB; blake3 (examples/hashspeed) ${B3:-?} GB/s = $b3floor core-s/GB"
 for k in "${!BINS[@]}"; do
   # shellcheck disable=SC2086
   m=$(median ${CPG[$k]})
-  echo "bin $k (${ARGS[$k]}): core-s/GB${CPG[$k]} | median $m = $(awk -v m="$m" -v f="$floor" 'BEGIN{printf "%.2f", m/f}')x floor | GB/s${GBPS[$k]}"
+  echo "bin $k (${ARGS[$k]}): core-s/GB${CPG[$k]} | median $m = $(awk -v m="$m" -v f="$floor" 'BEGIN{printf "%.2f", m/f}')x the sha256 floor | GB/s${GBPS[$k]}"
 done
 [ "${PROFILE:-0}" = 1 ] && echo "perf data: $T/perf*.data (perf report -i FILE --no-children)"
 exit 0

@@ -226,7 +226,14 @@ mod tests {
         let want = vec![0xbbu8; MIB];
         let mut b = pool.take(MIB);
         b.as_mut_slice()[..MIB / 2].copy_from_slice(&want[..MIB / 2]);
-        assert!(VerifiedChunk::verify(Digest::of(&want), b.freeze()).is_err());
+        assert!(
+            VerifiedChunk::verify(
+                crate::chunk::ChunkHash::Sha256,
+                Digest::of(&want),
+                b.freeze()
+            )
+            .is_err()
+        );
     }
 
     #[test]

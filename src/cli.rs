@@ -230,6 +230,11 @@ pub enum ManifestCommand {
         /// download).
         #[arg(long, conflicts_with = "whole_only")]
         chunked: bool,
+        /// What chunk digests are taken with: blake3 (several times faster to verify where
+        /// the CPU has AVX-512 or AVX2, see docs/DESIGN-NOTES.md) or sha256. The whole-file
+        /// digest is sha256 either way.
+        #[arg(long, default_value = "blake3")]
+        chunk_hash: crate::chunk::ChunkHash,
     },
     /// Validate a manifest; exits non-zero listing every problem.
     Check { file: PathBuf },
@@ -440,6 +445,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             sources,
             whole_only,
             chunked,
+            chunk_hash,
         }) => {
             let remote = dir.to_str().filter(|d| crate::remote::is_remote(d));
             if chunked && remote.is_none() {
@@ -453,6 +459,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 head_size,
                 sources,
                 whole_only: whole_only || (remote.is_some() && !chunked),
+                chunk_hash,
             };
             let text = match remote {
                 Some(url) => crate::remote::build(url, &opts)?,

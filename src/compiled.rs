@@ -28,11 +28,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use sha2::{Digest as _, Sha256};
 
-use crate::chunk::{Digest, Layout};
+use crate::chunk::{ChunkHash, Digest, Layout};
 use crate::manifest::{ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, segments};
 
 /// Bumped whenever the layout below changes: a form of another version is compiled again.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"WANMFST\0";
 /// magic, version, reserved, manifest sha256, meta length, digest count.
 const HEADER_LEN: usize = 8 + 4 + 4 + 32 + 8 + 8;
@@ -410,7 +410,8 @@ const NO_CHUNKS: u64 = u64::MAX;
 /// (meta section, digest table, fingerprints). Meta: base dir, model count, then per model: id,
 /// fingerprint, text hash, description, pinned, sources (kind tag + fields, `local://` already resolved
 /// against the base dir), files (path, size, sha256,
-/// chunk_size, head_size, first digest index or `NO_CHUNKS`, digest count).
+/// chunk_size, head_size, chunk hash (0 sha256, 1 blake3; format 2), first digest index or
+/// `NO_CHUNKS`, digest count).
 fn encode(
     base: &Path,
     manifest: &Manifest,
@@ -456,6 +457,10 @@ fn encode(
             me.bytes(&f.sha256.0);
             me.u64(f.chunk_size);
             me.u64(f.head_size);
+            me.u8(match f.chunk_hash {
+                ChunkHash::Sha256 => 0,
+                ChunkHash::Blake3 => 1,
+            });
             match &f.chunks {
                 Some(c) => {
                     me.u64(digests.len() as u64);
@@ -699,6 +704,11 @@ fn decode(
             let sha256 = d.digest()?;
             let chunk_size = d.u64()?;
             let head_size = d.u64()?;
+            let chunk_hash = match d.u8()? {
+                0 => ChunkHash::Sha256,
+                1 => ChunkHash::Blake3,
+                _ => return Err(Malformed("a chunk hash")),
+            };
             let (first, n) = (d.u64()?, d.u64()?);
             if chunk_size == 0 || head_size == 0 || head_size > chunk_size {
                 return Err(Malformed("a chunk grid"));
@@ -722,6 +732,7 @@ fn decode(
                 sha256,
                 chunk_size,
                 head_size,
+                chunk_hash,
                 chunks,
             });
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{Digest, Layout};
+use crate::chunk::{ChunkHash, Digest, Layout};
 
 /// Default chunk size: 8 MiB. Large enough that a 60 GB model is ~7,000 chunks (index rows,
 /// digests in the manifest, requests) and per-request overhead is noise; small enough that one
@@ -48,6 +48,8 @@ pub struct FileEntry {
     pub chunk_size: u64,
     /// Size of the first chunk (`head_size` in the manifest; `chunk_size` when absent).
     pub head_size: u64,
+    /// What the chunk digests are taken with (`chunk_hash`; sha256 when absent).
+    pub chunk_hash: ChunkHash,
     /// Per-chunk digests when the manifest lists them (lazy reads); `None` = fetched whole.
     pub chunks: Option<ChunkList>,
 }
@@ -234,9 +236,22 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Where a content digest was first seen: (model, path, size, chunk_size, chunks).
-/// (model, path, size, (chunk_size, head_size), chunks) of the first file with a digest.
-type FirstSeen = (String, String, u64, (u64, u64), Option<ChunkList>);
+/// Where a content digest was first seen: (model, path, size, (chunk_size, head_size), its
+/// chunk digests and their hash).
+type FirstSeen = (
+    String,
+    String,
+    u64,
+    (u64, u64),
+    Option<(ChunkHash, ChunkList)>,
+);
+
+/// Whether two chunk lists of one blob contradict each other. Under different hashes they
+/// differ anyway and describe the same bytes (an old sha256 entry beside a new BLAKE3 one), so
+/// only lists under the same hash are compared.
+fn chunks_conflict(a: Option<(ChunkHash, &ChunkList)>, b: Option<(ChunkHash, &ChunkList)>) -> bool {
+    matches!((a, b), (Some((ha, a)), Some((hb, b))) if ha == hb && a != b)
+}
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +289,7 @@ struct RawFile {
     sha256: String,
     chunk_size: Option<u64>,
     head_size: Option<u64>,
+    chunk_hash: Option<String>,
     chunks: Option<Vec<HexDigest>>,
 }
 
@@ -534,6 +550,22 @@ impl Manifest {
                     );
                     continue;
                 }
+                let chunk_hash = match f.chunk_hash.as_deref().map(str::parse::<ChunkHash>) {
+                    None => ChunkHash::Sha256,
+                    Some(Ok(h)) => h,
+                    Some(Err(e)) => {
+                        bad(Some(&f.path), e);
+                        continue;
+                    }
+                };
+                if f.chunk_hash.is_some() && f.chunks.is_none() {
+                    bad(
+                        Some(&f.path),
+                        "chunk_hash names the hash of chunk digests, but the file lists no chunks"
+                            .into(),
+                    );
+                    continue;
+                }
                 let chunks = match f.chunks {
                     None => None,
                     Some(list) => {
@@ -567,11 +599,12 @@ impl Manifest {
                         Some(ChunkList::from(out))
                     }
                 };
+                let listed = chunks.as_ref().map(|c| (chunk_hash, c));
                 match by_digest.get(&sha256) {
                     Some((om, op, osize, ocs, ochunks))
                         if *osize != f.size
                             || *ocs != (chunk_size, head_size)
-                            || (ochunks.is_some() && chunks.is_some() && *ochunks != chunks) =>
+                            || chunks_conflict(ochunks.as_ref().map(|(h, c)| (*h, c)), listed) =>
                     {
                         bad(
                             Some(&f.path),
@@ -590,7 +623,7 @@ impl Manifest {
                                 f.path.clone(),
                                 f.size,
                                 (chunk_size, head_size),
-                                chunks.clone(),
+                                chunks.clone().map(|c| (chunk_hash, c)),
                             ),
                         );
                     }
@@ -601,6 +634,7 @@ impl Manifest {
                     sha256,
                     chunk_size,
                     head_size,
+                    chunk_hash,
                     chunks,
                 });
             }
@@ -657,7 +691,10 @@ impl Manifest {
                 Some(o)
                     if o.size != f.size
                         || (o.chunk_size, o.head_size) != (f.chunk_size, f.head_size)
-                        || (o.chunks.is_some() && f.chunks.is_some() && o.chunks != f.chunks) =>
+                        || chunks_conflict(
+                            o.chunks.as_ref().map(|c| (o.chunk_hash, c)),
+                            f.chunks.as_ref().map(|c| (f.chunk_hash, c)),
+                        ) =>
                 {
                     return false;
                 }
@@ -786,6 +823,8 @@ pub struct BuildOptions {
     pub sources: Vec<String>,
     /// Omit chunk digests: files are then fetched whole on first read.
     pub whole_only: bool,
+    /// What chunk digests are taken with.
+    pub chunk_hash: ChunkHash,
 }
 
 /// The entry `build` prints, serialized by the toml crate so that any name the rules accept
@@ -816,6 +855,9 @@ struct OutFile {
     chunk_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     head_size: Option<u64>,
+    /// Absent for sha256, so manifests without BLAKE3 read as they always did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_hash: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunks: Option<Vec<String>>,
 }
@@ -902,13 +944,13 @@ fn build_file(
         (false, None) => head_size_for(&full, opts.chunk_size)
             .with_context(|| format!("reading {}", full.display()))?,
     };
-    let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head)
+    let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head, opts.chunk_hash)
         .with_context(|| format!("hashing {}", full.display()))?;
     Ok(BuiltFile::new(
         path,
         size,
         whole,
-        (!opts.whole_only).then_some((opts.chunk_size, head, chunks)),
+        (!opts.whole_only).then_some((opts.chunk_size, head, opts.chunk_hash, chunks)),
     ))
 }
 
@@ -918,22 +960,23 @@ pub struct BuiltFile {
 }
 
 impl BuiltFile {
-    /// `chunked`: the chunk size, the first chunk's size and the chunk digests; `None` for a
-    /// whole-only file.
+    /// `chunked`: the chunk size, the first chunk's size, the chunk hash and the chunk
+    /// digests; `None` for a whole-only file.
     pub fn new(
         path: String,
         size: u64,
         sha256: Digest,
-        chunked: Option<(u64, u64, Vec<Digest>)>,
+        chunked: Option<(u64, u64, ChunkHash, Vec<Digest>)>,
     ) -> BuiltFile {
-        let (chunk_size, head_size, chunks) = match chunked {
+        let (chunk_size, head_size, chunk_hash, chunks) = match chunked {
             // A head only where it cuts something: a file within it is one chunk either way.
-            Some((cs, head, chunks)) => (
+            Some((cs, head, hash, chunks)) => (
                 Some(cs),
                 (head < cs && size > head).then_some(head),
+                (hash != ChunkHash::Sha256).then_some(hash.as_str()),
                 Some(chunks.iter().map(Digest::to_hex).collect()),
             ),
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
         BuiltFile {
             out: OutFile {
@@ -942,6 +985,7 @@ impl BuiltFile {
                 sha256: sha256.to_hex(),
                 chunk_size,
                 head_size,
+                chunk_hash,
                 chunks,
             },
         }
@@ -1017,12 +1061,13 @@ pub fn head_size_from(safetensors_len: Option<[u8; 8]>, chunk_size: u64) -> u64 
     if head < chunk_size { head } else { chunk_size }
 }
 
-/// Returns (size, whole-file digest, chunk digests) in one pass over the file, the first chunk
-/// `head` bytes long and the others `chunk_size`.
+/// Returns (size, whole-file sha256, chunk digests under `hash`) in one pass over the file, the
+/// first chunk `head` bytes long and the others `chunk_size`.
 pub fn hash_file(
     path: &Path,
     chunk_size: u64,
     head: u64,
+    hash: ChunkHash,
 ) -> std::io::Result<(u64, Digest, Vec<Digest>)> {
     use sha2::{Digest as _, Sha256};
     let mut f = File::open(path)?;
@@ -1033,7 +1078,7 @@ pub fn hash_file(
     loop {
         // Fill one chunk (or the buffer) completely: chunk digests need exact boundaries.
         let this_chunk = if chunks.is_empty() { head } else { chunk_size };
-        let mut chunk = Sha256::new();
+        let mut chunk = hash.hasher();
         let mut in_chunk = 0u64;
         while in_chunk < this_chunk {
             let want = (this_chunk - in_chunk).min(buf.len() as u64) as usize;
@@ -1049,7 +1094,7 @@ pub fn hash_file(
             break;
         }
         size += in_chunk;
-        chunks.push(Digest(chunk.finalize().into()));
+        chunks.push(chunk.finalize());
         if in_chunk < this_chunk {
             break;
         }
@@ -1180,6 +1225,7 @@ mod tests {
             head_size: None,
             sources: vec!["local://x".into()],
             whole_only: false,
+            chunk_hash: ChunkHash::Sha256,
         };
         let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
         let m = Manifest::parse(&text, "b", dir.path()).unwrap();
@@ -1209,6 +1255,7 @@ mod tests {
             head_size: None,
             sources: vec!["local://x".into()],
             whole_only: false,
+            chunk_hash: ChunkHash::Sha256,
         };
         let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
         let m = Manifest::parse(&text, "b", dir.path()).unwrap();

@@ -312,7 +312,7 @@ async fn hash_one(
         .buffered(PIECES_IN_FLIGHT);
     while let Some(bytes) = pieces.try_next().await? {
         whole.update(&bytes);
-        chunks.push(Digest::of(&bytes));
+        chunks.push(opts.chunk_hash.digest(&bytes));
         bar.inc(bytes.len() as u64);
     }
     let actual = Digest(whole.finalize().into());
@@ -329,7 +329,7 @@ async fn hash_one(
         f.path.clone(),
         f.size,
         actual,
-        (!opts.whole_only).then_some((opts.chunk_size, head, chunks)),
+        (!opts.whole_only).then_some((opts.chunk_size, head, opts.chunk_hash, chunks)),
     ))
 }
 

@@ -158,8 +158,19 @@ fn trickling_body_is_eio_within_read_timeout() {
 }
 
 /// The first source serves wrong bytes; the second is used, and only verified bytes are stored.
+/// Chunk digests as `wan manifest build` writes them by default: BLAKE3.
 #[test]
 fn wrong_bytes_fall_back_to_next_source() {
+    wrong_bytes_fall_back(&[]);
+}
+
+/// The same with sha256 chunk digests (manifests from before BLAKE3, or `--chunk-hash sha256`).
+#[test]
+fn wrong_bytes_fall_back_to_next_source_sha256_chunks() {
+    wrong_bytes_fall_back(&["--chunk-hash", "sha256"]);
+}
+
+fn wrong_bytes_fall_back(build_args: &[&str]) {
     let work = workdir();
     let src = work.path().join("src");
     let files = gen_files(&src, GEN, &[("f.bin", MIB + 3)], 26);
@@ -171,7 +182,9 @@ fn wrong_bytes_fall_back_to_next_source() {
         sources: vec![bad.base(GEN), good.base(GEN)],
         whole_only: false,
     };
-    let entry = manifest_build(&src.join(GEN), GEN, &opts);
+    let entry = manifest_build_with(&src.join(GEN), GEN, &opts, build_args);
+    let sha256_chunks = !entry.contains("chunk_hash");
+    assert_eq!(sha256_chunks, build_args.contains(&"sha256"), "{entry}");
     let manifest = work.path().join("models.toml");
     write_manifest(&manifest, std::slice::from_ref(&entry));
     let mount = Mount::start(MountSpec::new(work.path(), &manifest).config(fault_config()));

@@ -39,10 +39,14 @@ fn base_manifest(work: &Path) -> Table {
         assert_eq!(f.size, data.len() as u64, "{}: size", f.path);
         assert_eq!(f.sha256, sha256_hex(&data), "{}: sha256", f.path);
         assert_eq!(f.chunk_size, Some(CS), "{}: chunk_size", f.path);
-        let chunks: Vec<String> = data.chunks(CS as usize).map(sha256_hex).collect();
+        // Chunk digests are BLAKE3 by default (the whole-file digest stays sha256).
+        let chunks: Vec<String> = data.chunks(CS as usize).map(blake3_hex).collect();
         assert_eq!(f.chunks, chunks, "{}: chunk digests", f.path);
     }
     let doc: Table = toml::from_str(&entry).expect("entry parses");
+    for f in doc["models"][ID]["files"].as_array().expect("files") {
+        assert_eq!(f["chunk_hash"].as_str(), Some("blake3"), "{f}");
+    }
     assert!(
         doc["models"][ID]["sources"]["priority"]
             .as_array()
@@ -136,6 +140,24 @@ impl Expect {
 }
 
 type Breakage = (&'static str, fn(&mut Table), Expect);
+
+fn blake3_hex(data: &[u8]) -> String {
+    wanfs::chunk::ChunkHash::Blake3.digest(data).to_hex()
+}
+
+/// Turns `path`'s chunk digests into sha256 ones (no `chunk_hash`), as an older build wrote
+/// them: a manifest mixing both hashes.
+fn to_sha256(doc: &mut Table, work: &Path, path: &str) {
+    let data = fs::read(work.join("src").join(ID).join(path)).expect("generated file");
+    let f = file(doc, path);
+    f.remove("chunk_hash")
+        .expect("a built file names its chunk hash");
+    let chunks: Vec<Value> = data
+        .chunks(CS as usize)
+        .map(|c| sha256_hex(c).into())
+        .collect();
+    f.insert("chunks".into(), Value::Array(chunks));
+}
 
 fn breakages() -> Vec<Breakage> {
     vec![
@@ -234,6 +256,30 @@ fn breakages() -> Vec<Breakage> {
             Expect::new("short chunk digest", ID, Some(&["c.bin"]), "hex"),
         ),
         (
+            "unknown chunk hash",
+            |d| {
+                file(d, "a.bin").insert("chunk_hash".into(), "md5".into());
+            },
+            Expect::new(
+                "unknown chunk_hash",
+                ID,
+                Some(&["a.bin", "md5"]),
+                "chunk_hash",
+            ),
+        ),
+        (
+            "chunk hash without chunks",
+            |d| {
+                file(d, "a.bin").remove("chunks");
+            },
+            Expect::new(
+                "chunk_hash on a whole-only file",
+                ID,
+                Some(&["a.bin"]),
+                "chunk_hash",
+            ),
+        ),
+        (
             "scheme",
             |d| {
                 let sources = model(d)
@@ -259,6 +305,43 @@ fn manifest_check_accepts_built_manifest() {
         ok,
         "a manifest from `wan manifest build` was refused:\n{stderr}"
     );
+}
+
+/// One manifest, both chunk hashes: accepted as is, and a broken digest in a file of either
+/// hash is reported, each naming its file.
+#[test]
+fn manifest_check_takes_mixed_chunk_hashes_and_reports_errors_in_either() {
+    let work = workdir();
+    let mut doc = base_manifest(work.path());
+    to_sha256(&mut doc, work.path(), "sub/b.bin");
+    let (ok, stderr) = check(&write(work.path(), "mixed.toml", &doc));
+    assert!(
+        ok,
+        "a manifest mixing sha256 and blake3 chunks was refused:\n{stderr}"
+    );
+    for (path, i) in [("sub/b.bin", 0), ("c.bin", 1)] {
+        let chunks = file(&mut doc, path)
+            .get_mut("chunks")
+            .and_then(Value::as_array_mut)
+            .expect("chunks");
+        chunks[i] = "abc123".into();
+    }
+    let (ok, stderr) = check(&write(work.path(), "mixed-bad.toml", &doc));
+    assert!(!ok, "broken digests were accepted");
+    Expect::new(
+        "sha256 file's bad digest",
+        ID,
+        Some(&["sub/b.bin"]),
+        "chunks[0]",
+    )
+    .assert_in(&stderr);
+    Expect::new(
+        "blake3 file's bad digest",
+        ID,
+        Some(&["c.bin"]),
+        "chunks[1]",
+    )
+    .assert_in(&stderr);
 }
 
 #[test]

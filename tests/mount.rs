@@ -445,6 +445,55 @@ fn xattrs_walk_not_present_partial_complete() {
     assert_eq!(xattr_str(&path, "user.wan.sha256"), sha);
 }
 
+/// One manifest, both chunk hashes: t2v with BLAKE3 chunk digests (what `wan manifest build`
+/// writes now), i2v with sha256 ones (an entry built before). Every file reads back exactly,
+/// and the VAE the two ship byte-identical is still one blob, fetched once, whichever hash
+/// verified it.
+#[test]
+fn a_manifest_mixing_chunk_hashes_serves_both_and_shares_blobs() {
+    let work = workdir();
+    let origin = Origin::start(fixture_models());
+    let entry = |id: &str, args: &[&str]| {
+        let opts = BuildOpts {
+            chunk_size: Some(65536),
+            sources: vec![origin.base(id)],
+            whole_only: false,
+        };
+        manifest_build_with(&fixture_models().join(id), id, &opts, args)
+    };
+    let (t2v, i2v) = (entry(T2V, &[]), entry(I2V, &["--chunk-hash", "sha256"]));
+    assert!(t2v.contains("chunk_hash = \"blake3\"") && !i2v.contains("chunk_hash"));
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, &[t2v, i2v]);
+    let mount = Mount::start(MountSpec::new(work.path(), &manifest));
+
+    let vae = fs::read(fixture_models().join(T2V).join(VAE)).expect("fixture VAE");
+    assert_bytes_eq(
+        &fs::read(mount.path(&format!("{T2V}/{VAE}"))).expect("read t2v VAE"),
+        &vae,
+        "t2v VAE (blake3 chunks)",
+    );
+    let i2v_vae = mount.path(&format!("{I2V}/{VAE}"));
+    assert_eq!(wait_state(&i2v_vae, "COMPLETE"), "COMPLETE");
+    assert_bytes_eq(&fs::read(&i2v_vae).expect("read i2v VAE"), &vae, "i2v VAE");
+    assert!(
+        origin.gets(&format!("{I2V}/{VAE}")).is_empty(),
+        "the i2v VAE was fetched although the same content is cached under t2v's hash"
+    );
+    for id in [T2V, I2V] {
+        for (rel, size) in tree(&fixture_models().join(id)) {
+            if size.is_none() {
+                continue;
+            }
+            let want = fs::read(fixture_models().join(id).join(&rel)).expect("fixture");
+            let got = fs::read(mount.path(&format!("{id}/{rel}"))).expect("read through mount");
+            assert_bytes_eq(&got, &want, &format!("{id}/{rel}"));
+        }
+    }
+    let cache = CacheView::new(&mount.spec.cache_dir);
+    assert!(cache.check_consistent().expect("cache consistent") > 0);
+}
+
 /// A manifest in `dir` for fixture models `ids`, with 64 KiB chunks, served by `origin`.
 fn fixture_manifest_over(
     origin: &Origin,

@@ -64,7 +64,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use wanfs::chunk::{Digest, Layout};
+use wanfs::chunk::{ChunkHash, Digest, Layout};
 use wanfs::config::{Config, FetchConfig};
 use wanfs::control::{Control, GcMode, JobState, Work};
 use wanfs::fetch::{Fetcher, FileCtx};
@@ -105,11 +105,17 @@ impl Spec {
 
     fn entry(&self) -> FileEntry {
         let layout = self.layout();
+        // The shared blob's chunks are BLAKE3, the others sha256: one manifest, both hashes.
+        let chunk_hash = if self.blob == 1 && !self.whole_only {
+            ChunkHash::Blake3
+        } else {
+            ChunkHash::Sha256
+        };
         let chunks = (!self.whole_only).then(|| {
             (0..layout.count())
                 .map(|i| {
                     let r = layout.range(i);
-                    Digest::of(&self.data[r.start as usize..r.end as usize])
+                    chunk_hash.digest(&self.data[r.start as usize..r.end as usize])
                 })
                 .collect()
         });
@@ -119,6 +125,7 @@ impl Spec {
             sha256: Digest::of(&self.data),
             chunk_size: self.chunk_size,
             head_size: self.head,
+            chunk_hash,
             chunks,
         }
     }

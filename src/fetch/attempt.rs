@@ -114,10 +114,12 @@ impl Fetcher {
                     }
                     Ok(Ok(b)) => b,
                 };
-                let verified =
-                    tokio::task::spawn_blocking(move || VerifiedChunk::verify(expected, bytes))
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?;
+                let hash = f.chunk_hash;
+                let verified = tokio::task::spawn_blocking(move || {
+                    VerifiedChunk::verify(hash, expected, bytes)
+                })
+                .await
+                .map_err(|e| FetchError::Store(e.to_string()))?;
                 match verified {
                     Ok(chunk) => {
                         src.record_success();

@@ -108,7 +108,12 @@ mod tests {
     use super::*;
 
     fn chunk(data: &[u8]) -> VerifiedChunk {
-        VerifiedChunk::verify(Digest::of(data), Bytes::copy_from_slice(data)).unwrap()
+        VerifiedChunk::verify(
+            crate::chunk::ChunkHash::Sha256,
+            Digest::of(data),
+            Bytes::copy_from_slice(data),
+        )
+        .unwrap()
     }
 
     fn setup() -> (Digest, Layout, Vec<Vec<u8>>) {

@@ -460,7 +460,7 @@ impl Fetcher {
         prio: Priority,
         permit: Option<OwnedSemaphorePermit>,
     ) -> BoxFuture<'static, Result<Option<VerifiedChunk>, FetchError>> {
-        match self.start_chunk(file, idx, prio, permit) {
+        match self.start_chunk(file, idx, prio, permit, true) {
             Err(e) => futures::future::ready(Err(e)).boxed(),
             Ok(None) => futures::future::ready(Ok(None)).boxed(),
             Ok(Some(f)) => async move { f.served.await.map(Some) }.boxed(),
@@ -475,7 +475,7 @@ impl Fetcher {
         idx: u64,
         prio: Priority,
     ) -> BoxFuture<'static, Result<(), FetchError>> {
-        match self.start_chunk(file, idx, prio, None) {
+        match self.start_chunk(file, idx, prio, None, false) {
             Err(e) => futures::future::ready(Err(e)).boxed(),
             Ok(None) => futures::future::ready(Ok(())).boxed(),
             Ok(Some(f)) => f.stored.boxed(),
@@ -483,12 +483,16 @@ impl Fetcher {
     }
 
     /// Joins the fetch of chunk `idx` in flight, or starts one. `None`: present on disk.
+    /// `for_reader`: a reader will want the rest of the chunk soon (an on-demand read or its
+    /// read-ahead), so the verified chunk is kept in `landed`; an ensure or a repair, which
+    /// nobody reads, does not pin memory there.
     fn start_chunk(
         self: &Arc<Self>,
         file: &Arc<FileCtx>,
         idx: u64,
         prio: Priority,
         permit: Option<OwnedSemaphorePermit>,
+        for_reader: bool,
     ) -> Result<Option<InFlight>, FetchError> {
         let key = (file.entry.sha256, idx);
         if file.entry.chunks.is_none() {
@@ -554,10 +558,12 @@ impl Fetcher {
                     return done(Err(e));
                 }
             };
-            this.landed
-                .lock()
-                .unwrap()
-                .insert(key.0, idx, chunk.clone());
+            if for_reader {
+                this.landed
+                    .lock()
+                    .unwrap()
+                    .insert(key.0, idx, chunk.clone());
+            }
             let _ = tx.send(Ok(chunk.clone()));
             let stored = this.commit(&file, idx, chunk).await;
             if let Err(e) = &stored {
@@ -717,6 +723,7 @@ mod tests {
                 failure(
                     "mirror",
                     FailureKind::WrongChunk(Mismatch {
+                        hash: crate::chunk::ChunkHash::Sha256,
                         expected: a,
                         actual: b,
                     }),
@@ -733,6 +740,7 @@ mod tests {
         let whole = failure(
             "origin",
             FailureKind::WrongFile(Mismatch {
+                hash: crate::chunk::ChunkHash::Sha256,
                 expected: a,
                 actual: b,
             }),

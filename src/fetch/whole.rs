@@ -164,6 +164,7 @@ impl Fetcher {
                 errors.push(SourceFailure::new(
                     &src,
                     FailureKind::WrongFile(Mismatch {
+                        hash: crate::chunk::ChunkHash::Sha256,
                         expected: f.sha256,
                         actual,
                     }),

@@ -79,7 +79,7 @@ impl Store {
         }
         let mut buf = crate::chunk::AlignedBuf::zeroed((r.end - r.start) as usize);
         file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
-        let chunk = VerifiedChunk::verify(expected, buf.freeze()).ok()?;
+        let chunk = VerifiedChunk::verify(f.chunk_hash, expected, buf.freeze()).ok()?;
         match self.adopt_verified(f, &file, &[(idx, expected)]) {
             Ok(false) => None,
             Ok(true) => {
@@ -126,7 +126,7 @@ impl Store {
                         let mut buf = vec![0u8; (r.end - r.start) as usize];
                         file.read_exact_at(&mut buf, r.start)
                             .map_err(io_err(&path))?;
-                        if Digest::of(&buf) == digests[idx as usize] {
+                        if f.chunk_hash.digest(&buf) == digests[idx as usize] {
                             good.push((idx, digests[idx as usize]));
                         } else if buf.iter().any(|b| *b != 0) {
                             // All zeros is a never-written region sharing a block with data.
@@ -165,7 +165,7 @@ impl Store {
     }
 }
 
-/// (whole-file digest, chunk digests) of a blob file, in one pass.
+/// (whole-file sha256, chunk digests under the file's chunk hash) of a blob file, in one pass.
 pub(super) fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Vec<Digest>)> {
     let layout = f.layout();
     let mut whole = Sha256::new();
@@ -173,7 +173,7 @@ pub(super) fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Ve
     let mut buf = vec![0u8; (1 << 20).min(f.chunk_size) as usize];
     for idx in 0..layout.count() {
         let r = layout.range(idx);
-        let mut chunk = Sha256::new();
+        let mut chunk = f.chunk_hash.hasher();
         let mut off = r.start;
         while off < r.end {
             let n = (r.end - off).min(buf.len() as u64) as usize;
@@ -182,7 +182,7 @@ pub(super) fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Ve
             chunk.update(&buf[..n]);
             off += n as u64;
         }
-        chunks.push(Digest(chunk.finalize().into()));
+        chunks.push(chunk.finalize());
     }
     Ok((Digest(whole.finalize().into()), chunks))
 }

@@ -639,6 +639,7 @@ pub(super) mod tests {
     pub(in crate::store) fn commit(s: &Store, f: &FileEntry, data: &[u8], idx: u64) {
         let r = f.layout().range(idx);
         let c = VerifiedChunk::verify(
+            f.chunk_hash,
             f.chunks.as_ref().unwrap()[idx as usize],
             Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
         )
@@ -654,6 +655,7 @@ pub(super) mod tests {
             sha256: Digest::of(data),
             chunk_size,
             head_size: chunk_size,
+            chunk_hash: crate::chunk::ChunkHash::Sha256,
             chunks: Some(
                 (0..layout.count())
                     .map(|i| {
@@ -792,8 +794,12 @@ pub(super) mod tests {
         let path;
         {
             let s = Store::open(dir.path()).unwrap();
-            let c = VerifiedChunk::verify(f.chunks.as_ref().unwrap()[0], Bytes::from(data.clone()))
-                .unwrap();
+            let c = VerifiedChunk::verify(
+                f.chunk_hash,
+                f.chunks.as_ref().unwrap()[0],
+                Bytes::from(data.clone()),
+            )
+            .unwrap();
             s.commit_chunk(&f, 0, &c).unwrap();
             path = s.blob_path(f.sha256);
         }

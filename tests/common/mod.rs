@@ -159,6 +159,11 @@ pub struct BuildOpts {
 
 /// `wan manifest build DIR --id ID ...`: the TOML entry it prints (no `schema_version`).
 pub fn manifest_build(dir: &Path, id: &str, opts: &BuildOpts) -> String {
+    manifest_build_with(dir, id, opts, &[])
+}
+
+/// [`manifest_build`] with more arguments (e.g. `--chunk-hash sha256`).
+pub fn manifest_build_with(dir: &Path, id: &str, opts: &BuildOpts, extra: &[&str]) -> String {
     let mut args: Vec<String> = vec![
         "manifest".into(),
         "build".into(),
@@ -175,6 +180,7 @@ pub fn manifest_build(dir: &Path, id: &str, opts: &BuildOpts) -> String {
     if opts.whole_only {
         args.push("--whole-only".into());
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let out = run_wan(&args, Duration::from_secs(60));
     assert!(
         out.status.success(),
@@ -464,7 +470,12 @@ impl CacheView {
             let len = cs.min(size - off) as usize;
             let path = self.blob_path(&row.blob);
             match File::open(&path).and_then(|f| read_range_in(&f, off, len)) {
-                Ok(bytes) if bytes.len() == len && sha256_hex(&bytes) == row.digest => {}
+                // Rows hold digests under the file's chunk hash: sha256 or BLAKE3.
+                Ok(bytes)
+                    if bytes.len() == len
+                        && (sha256_hex(&bytes) == row.digest
+                            || wanfs::chunk::ChunkHash::Blake3.digest(&bytes).to_hex()
+                                == row.digest) => {}
                 Ok(bytes) => problems.push(format!(
                     "{row:?}: {} bytes on disk at {off} hash to {} (want {len} bytes)",
                     bytes.len(),
