@@ -1,4 +1,5 @@
-//! `http(s)://` and `hf://` sources: ranged GETs with reqwest.
+//! `http(s)://` and `hf://` sources: ranged GETs with reqwest, or for plain `http://`
+//! with `rawhttp` (straight into the caller's buffer).
 //!
 //! The bearer token (HF_TOKEN) is sent only to the configured host: reqwest drops the
 //! Authorization header when a redirect leaves the host (as the Hub's CDN redirects do).
@@ -11,6 +12,7 @@ use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, RANGE};
 
+use super::rawhttp::{Raw, RawHttp};
 use super::{Source, SourceError};
 use crate::config::FetchConfig;
 
@@ -31,6 +33,8 @@ pub fn http_client(
 
 pub struct HttpSource {
     client: reqwest::Client,
+    /// Plain `http://` without a proxy: bodies read straight into the caller's buffer.
+    raw: Option<RawHttp>,
     /// The base URL up to its query string.
     base: String,
     /// The base URL's query (`X-Amz-Signature=…` of a signed URL), sent with every request.
@@ -39,13 +43,22 @@ pub struct HttpSource {
 }
 
 impl HttpSource {
-    pub fn new(client: reqwest::Client, base: String, token: Option<String>) -> HttpSource {
+    /// `connect_timeout` and `max_idle` are for the plain-`http://` path (reqwest's client
+    /// has its own).
+    pub fn new(
+        client: reqwest::Client,
+        base: String,
+        token: Option<String>,
+        connect_timeout: std::time::Duration,
+        max_idle: usize,
+    ) -> HttpSource {
         let (base, query) = match base.split_once('?') {
             Some((b, q)) => (b.to_string(), Some(q.to_string())),
             None => (base, None),
         };
         HttpSource {
             client,
+            raw: RawHttp::for_base(&base, connect_timeout, max_idle),
             base: base.trim_end_matches('/').to_string(),
             query,
             token,
@@ -160,6 +173,17 @@ impl Source for HttpSource {
             if want == 0 {
                 return Ok(());
             }
+            if let Some(raw) = &self.raw {
+                let url = self.url(path);
+                match raw
+                    .fetch_into(&url[raw.path_at..], &range, self.token.as_deref(), buf)
+                    .await
+                {
+                    Raw::Done => return Ok(()),
+                    Raw::Failed(e) => return Err(e),
+                    Raw::Fallback => {}
+                }
+            }
             let resp = self.get(path, &range).await?;
             let mut got = 0usize;
             let mut body = resp.bytes_stream();
@@ -193,6 +217,8 @@ mod tests {
             reqwest::Client::new(),
             "http://h/base/?X-Amz-Signature=s3cr3t&x=1".into(),
             None,
+            std::time::Duration::from_secs(1),
+            1,
         );
         assert_eq!(
             s.url("vae/a b.pth"),

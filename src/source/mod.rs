@@ -8,6 +8,7 @@
 mod file;
 pub(crate) mod http;
 pub mod mock;
+mod rawhttp;
 mod s3;
 
 use std::collections::HashMap;
@@ -260,7 +261,13 @@ impl SourceRegistry {
                 client = Some(http_client(&self.fetch, cfg.connect_timeout())?);
             }
             let base = format!("{}/blobs", url.trim_end_matches('/'));
-            let source = HttpSource::new(client.clone().expect("built"), base, token.clone());
+            let source = HttpSource::new(
+                client.clone().expect("built"),
+                base,
+                token.clone(),
+                cfg.connect_timeout(),
+                self.fetch.connections,
+            );
             let mut h = SourceHandle::new(format!("peer {}", mask_url(url)), Box::new(source));
             h.peer = true;
             let h = Arc::new(h);
@@ -295,13 +302,23 @@ impl SourceRegistry {
         let name = mask_url(&url.to_string());
         let source: Box<dyn Source> = match url {
             SourceUrl::Dir(dir) => Box::new(DirSource::new(dir.clone())),
-            SourceUrl::Http(base) => {
-                Box::new(HttpSource::new(self.client.clone(), base.clone(), None))
-            }
+            SourceUrl::Http(base) => Box::new(HttpSource::new(
+                self.client.clone(),
+                base.clone(),
+                None,
+                self.fetch.request_timeout(),
+                self.fetch.connections,
+            )),
             SourceUrl::Hf { repo, rev } => {
                 let (endpoint, token) = hub();
                 let base = format!("{endpoint}/{repo}/resolve/{rev}");
-                Box::new(HttpSource::new(self.client.clone(), base, token))
+                Box::new(HttpSource::new(
+                    self.client.clone(),
+                    base,
+                    token,
+                    self.fetch.request_timeout(),
+                    self.fetch.connections,
+                ))
             }
             SourceUrl::S3 { bucket, prefix } => Box::new(s3::S3Source::new(bucket, prefix)),
         };

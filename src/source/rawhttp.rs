@@ -1,0 +1,456 @@
+//! Ranged GETs over plain `http://` that read each body straight into the caller's buffer.
+//!
+//! Why not reqwest here: hyper reads a body into its own buffers and hands out `Bytes`, so
+//! every byte of a cold read was copied once more in user space (`memmove`, ~10 % of the
+//! daemon's CPU on a cold read, and the connection task's hand-offs on top). A range
+//! response has a known length, so after the head is parsed the body is `read` directly into
+//! the chunk buffer's slice: socket → chunk buffer is the only copy.
+//!
+//! Only the plain case is taken here: `http://` without credentials in the URL and no proxy
+//! in the environment. Anything else a response may need (a redirect, a chunked body, a
+//! missing `Content-Length`) is answered [`Raw::Fallback`], and the request goes through
+//! reqwest as before, so behaviour never depends on this path understanding the server.
+//!
+//! Connections are kept alive in a small idle pool. One taken from the pool may have been
+//! closed by the server meanwhile; if it fails before any byte of the answer arrives, the
+//! request is sent once more on a fresh connection.
+
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::SourceError;
+
+/// The most a response head may take; a range answer's head is a few hundred bytes.
+const MAX_HEAD: usize = 16 * 1024;
+/// An idle connection older than this is not reused (servers close idle ones: nginx after 75 s).
+const IDLE: Duration = Duration::from_secs(50);
+
+pub(super) struct RawHttp {
+    /// `host:port`, as connected to and sent in `Host`.
+    authority: String,
+    /// Where the path starts in a URL on this base (`http://` and the authority as written).
+    pub(super) path_at: usize,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<(TcpStream, Instant)>>,
+}
+
+/// What a request came to.
+pub(super) enum Raw {
+    Done,
+    Failed(SourceError),
+    /// The answer needs what reqwest does (a redirect, a chunked body...): ask it instead.
+    Fallback,
+}
+
+/// How far an attempt got before it failed: a reused connection that failed before any byte
+/// of the answer was probably closed by the server while idle.
+enum Attempt {
+    Done { reuse: bool },
+    Failed { err: SourceError, answered: bool },
+    Fallback,
+}
+
+impl RawHttp {
+    /// For `base` (an `http://` URL without userinfo) when no proxy is configured; `None`
+    /// where reqwest must be used.
+    pub(super) fn for_base(
+        base: &str,
+        connect_timeout: Duration,
+        max_idle: usize,
+    ) -> Option<RawHttp> {
+        const PROXY_VARS: [&str; 4] = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"];
+        if PROXY_VARS
+            .iter()
+            .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+        {
+            return None;
+        }
+        let rest = base.strip_prefix("http://")?;
+        let authority = rest.split(['/', '?']).next()?;
+        if authority.is_empty() || authority.contains('@') {
+            return None;
+        }
+        let path_at = "http://".len() + authority.len();
+        let has_port = match authority.rfind(']') {
+            Some(close) => authority[close..].contains(':'),
+            None => authority.contains(':'),
+        };
+        let authority = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        Some(RawHttp {
+            authority,
+            path_at,
+            connect_timeout,
+            max_idle,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// GETs `range` of `target` (the URL's path and query) into `buf` (exactly its length).
+    pub(super) async fn fetch_into(
+        &self,
+        target: &str,
+        range: &Range<u64>,
+        token: Option<&str>,
+        buf: &mut [u8],
+    ) -> Raw {
+        let mut req = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\nUser-Agent: wanfs/{}\r\n",
+            self.authority,
+            range.start,
+            range.end - 1,
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        req.push_str("\r\n");
+        let pooled = self.take_idle();
+        let reused = pooled.is_some();
+        let stream = match pooled {
+            Some(s) => s,
+            None => match self.connect().await {
+                Ok(s) => s,
+                Err(e) => return Raw::Failed(e),
+            },
+        };
+        let mut stream = stream;
+        let mut outcome = exchange(&mut stream, req.as_bytes(), range, buf).await;
+        if reused
+            && matches!(
+                outcome,
+                Attempt::Failed {
+                    answered: false,
+                    ..
+                }
+            )
+        {
+            stream = match self.connect().await {
+                Ok(s) => s,
+                Err(e) => return Raw::Failed(e),
+            };
+            outcome = exchange(&mut stream, req.as_bytes(), range, buf).await;
+        }
+        match outcome {
+            Attempt::Done { reuse } => {
+                if reuse {
+                    self.put_idle(stream);
+                }
+                Raw::Done
+            }
+            Attempt::Failed { err, .. } => Raw::Failed(err),
+            Attempt::Fallback => Raw::Fallback,
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, SourceError> {
+        let s = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        {
+            Err(_) => return Err(SourceError::Timeout),
+            Ok(Err(e)) => return Err(SourceError::Unreachable(format!("connecting: {e}"))),
+            Ok(Ok(s)) => s,
+        };
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+
+    fn take_idle(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap();
+        idle.retain(|(_, t)| t.elapsed() < IDLE);
+        idle.pop().map(|(s, _)| s)
+    }
+
+    fn put_idle(&self, s: TcpStream) {
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() < self.max_idle {
+            idle.push((s, Instant::now()));
+        }
+    }
+}
+
+/// One request and its answer on `s`.
+async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [u8]) -> Attempt {
+    let failed = |err, answered| Attempt::Failed { err, answered };
+    if let Err(e) = s.write_all(req).await {
+        return failed(
+            SourceError::Transport(format!("sending the request: {e}")),
+            false,
+        );
+    }
+    let mut head = vec![0u8; 4096];
+    let mut filled = 0;
+    let (status, head_len, length, keep_alive) = loop {
+        if filled == head.len() {
+            if head.len() >= MAX_HEAD {
+                return failed(
+                    SourceError::Transport("response head too large".into()),
+                    true,
+                );
+            }
+            head.resize(head.len() * 2, 0);
+        }
+        match s.read(&mut head[filled..]).await {
+            Ok(0) => {
+                let msg = "connection closed before the response head";
+                return failed(SourceError::Transport(msg.into()), filled > 0);
+            }
+            Ok(n) => filled += n,
+            Err(e) => return failed(SourceError::Transport(format!("reading: {e}")), filled > 0),
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 48];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&head[..filled]) {
+            Ok(httparse::Status::Partial) => continue,
+            Err(e) => {
+                return failed(
+                    SourceError::Transport(format!("bad response head: {e}")),
+                    true,
+                );
+            }
+            Ok(httparse::Status::Complete(n)) => {
+                let status = resp.code.unwrap_or(0);
+                let mut length = None;
+                let mut chunked = false;
+                let mut close = resp.version == Some(0);
+                let mut content_range = None;
+                for h in resp.headers.iter() {
+                    let v = std::str::from_utf8(h.value).unwrap_or("").trim();
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        length = v.parse::<u64>().ok();
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        chunked = true;
+                    } else if h.name.eq_ignore_ascii_case("connection") {
+                        close |= v.eq_ignore_ascii_case("close");
+                    } else if h.name.eq_ignore_ascii_case("content-range") {
+                        content_range = Some(v.to_string());
+                    }
+                }
+                if (200..300).contains(&status) && (chunked || length.is_none()) {
+                    return Attempt::Fallback;
+                }
+                if status == 206
+                    && let Some(cr) = &content_range
+                    && !cr.starts_with(&format!("bytes {}-", range.start))
+                {
+                    let msg = format!("answered {cr:?} to a request for bytes {}-", range.start);
+                    return failed(SourceError::Transport(msg), true);
+                }
+                break (status, n, length, !close);
+            }
+        }
+    };
+    let want = range.end - range.start;
+    match status {
+        206 => {}
+        200 if range.start == 0 && length == Some(want) => {}
+        200 => {
+            let msg = "server ignored the Range header (answered 200 to a partial request)";
+            return failed(SourceError::Transport(msg.into()), true);
+        }
+        300..=399 => return Attempt::Fallback,
+        404 | 410 => return failed(SourceError::NotFound, true),
+        401 | 403 => return failed(SourceError::Denied(status), true),
+        s => return failed(SourceError::Status(s), true),
+    }
+    let length = length.expect("checked for a 2xx answer");
+    if length > want {
+        let msg = format!("body longer than the {want} bytes asked for");
+        return failed(SourceError::Transport(msg), true);
+    }
+    // Body bytes that came with the head: at most a few KiB.
+    let early = filled - head_len;
+    if early as u64 > length {
+        return failed(
+            SourceError::Transport("more bytes than Content-Length".into()),
+            true,
+        );
+    }
+    buf[..early].copy_from_slice(&head[head_len..filled]);
+    let mut got = early;
+    let end = length as usize;
+    while got < end {
+        match s.read(&mut buf[got..end]).await {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => {
+                return failed(
+                    SourceError::Transport(format!("reading the body: {e}")),
+                    true,
+                );
+            }
+        }
+    }
+    if (got as u64) < want {
+        return failed(
+            SourceError::Short {
+                want,
+                got: got as u64,
+            },
+            true,
+        );
+    }
+    Attempt::Done { reuse: keep_alive }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A server on 127.0.0.1 that answers each request with `answer(n)` (n counts requests
+    /// over all connections) and then, if `close_after` says so, closes the connection
+    /// without saying so. Returns its address and the number of connections accepted.
+    /// What the test server sends for its n-th request.
+    type Answer = fn(usize) -> Vec<u8>;
+
+    async fn server(answer: Answer, close_after: fn(usize) -> bool) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (c, requests) = (conns.clone(), Arc::new(AtomicUsize::new(0)));
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut have = Vec::new();
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        have.extend_from_slice(&buf[..n]);
+                        while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                            have.drain(..end + 4);
+                            let i = requests.fetch_add(1, Ordering::SeqCst);
+                            if s.write_all(&answer(i)).await.is_err() || close_after(i) {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    fn ok_206(_: usize) -> Vec<u8> {
+        b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-14/100\r\nContent-Length: 5\r\n\r\nhello"
+            .to_vec()
+    }
+
+    async fn get(raw: &RawHttp) -> (Raw, Vec<u8>) {
+        let mut buf = vec![0u8; 5];
+        let r = raw.fetch_into("/f", &(10..15), None, &mut buf).await;
+        (r, buf)
+    }
+
+    fn raw(addr: &str) -> RawHttp {
+        RawHttp::for_base(&format!("http://{addr}"), Duration::from_secs(2), 4).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_the_body_into_the_buffer_and_reuses_the_connection() {
+        let (addr, conns) = server(ok_206, |_| false).await;
+        let raw = raw(&addr);
+        for _ in 0..3 {
+            let (r, buf) = get(&raw).await;
+            assert!(matches!(r, Raw::Done));
+            assert_eq!(buf, b"hello");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "one keep-alive connection");
+    }
+
+    /// The server closes each connection after one answer without `Connection: close` (as an
+    /// idle timeout does): the next request fails on the pooled connection before any answer
+    /// and is sent again on a fresh one.
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_is_replaced() {
+        let (addr, conns) = server(ok_206, |_| true).await;
+        let raw = raw(&addr);
+        for _ in 0..3 {
+            let (r, buf) = get(&raw).await;
+            assert!(matches!(r, Raw::Done), "request failed");
+            assert_eq!(buf, b"hello");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn what_it_does_not_handle_falls_back_and_wrong_answers_fail() {
+        let chunked: Answer = |_| {
+            b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()
+        };
+        let redirect: Answer =
+            |_| b"HTTP/1.1 302 Found\r\nLocation: /g\r\nContent-Length: 0\r\n\r\n".to_vec();
+        for answer in [chunked, redirect] {
+            let (addr, _) = server(answer, |_| false).await;
+            assert!(matches!(get(&raw(&addr)).await.0, Raw::Fallback));
+        }
+        let cases: [(Answer, &str); 5] = [
+            (
+                |_| {
+                    b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-4/100\r\nContent-Length: 5\r\n\r\nhello".to_vec()
+                },
+                "transport: answered \"bytes 0-4/100\"",
+            ),
+            (
+                |_| b"HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n\r\nhel".to_vec(),
+                "short body: wanted 5 bytes, got 3",
+            ),
+            (
+                |_| b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".to_vec(),
+                "transport: server ignored the Range header",
+            ),
+            (
+                |_| b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                "not found",
+            ),
+            (
+                |_| b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                "HTTP 503",
+            ),
+        ];
+        for (answer, want) in cases {
+            let (addr, _) = server(answer, |_| true).await;
+            match get(&raw(&addr)).await.0 {
+                Raw::Failed(e) => assert!(e.to_string().starts_with(want), "{e} / {want}"),
+                _ => panic!("{want}: not a failure"),
+            }
+        }
+    }
+
+    #[test]
+    fn only_plain_http_without_credentials() {
+        let t = Duration::from_secs(1);
+        let a = |b: &str| RawHttp::for_base(b, t, 4).map(|r| r.authority);
+        assert_eq!(
+            a("http://127.0.0.1:8080/base").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            a("http://mirror.local/x").as_deref(),
+            Some("mirror.local:80")
+        );
+        assert_eq!(a("http://[::1]:9000").as_deref(), Some("[::1]:9000"));
+        assert_eq!(a("http://[::1]/m").as_deref(), Some("[::1]:80"));
+        assert_eq!(a("https://h/x"), None);
+        assert_eq!(a("http://user:pw@h/x"), None);
+    }
+}
