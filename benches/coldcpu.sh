@@ -63,7 +63,7 @@ HS=$REPO/target/release/examples/hashspeed
 B3=$([ -x "$HS" ] && "$HS" | awk '$1=="blake3"{print $2}' || echo "")
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 state() { python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.wan.state").decode())' "$1"; }
-declare -A CPG GBPS
+declare -A CPG GBPS HWM
 for r in $(seq 1 "$ROUNDS"); do
   order=("${!BINS[@]}"); [ $((r % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
   for k in "${order[@]}"; do
@@ -83,9 +83,10 @@ for r in $(seq 1 "$ROUNDS"); do
     w1=$(ticks "$WAN_PID")
     [ "${PROFILE:-0}" = 1 ] && { kill -INT "$PERF"; wait "$PERF" || true; }
     c=$(awk -v d=$((w1 - w0)) -v hz="$CLK_TCK" -v n="$SIZE" 'BEGIN{printf "%.2f", d/hz/(n/1e9)}')
+    h=$(awk '/^VmHWM:/{printf "%.0f", $2/1024}' "/proc/$WAN_PID/status")
     g=$(awk '{printf "%.3f", $2}' "$T/read.out")
-    CPG[$k]="${CPG[$k]:-} $c"; GBPS[$k]="${GBPS[$k]:-} $g"
-    echo "round $r, bin $k (${ARGS[$k]}): $c core-s/GB, $g GB/s" >&2
+    CPG[$k]="${CPG[$k]:-} $c"; GBPS[$k]="${GBPS[$k]:-} $g"; HWM[$k]="${HWM[$k]:-} $h"
+    echo "round $r, bin $k (${ARGS[$k]}): $c core-s/GB, $g GB/s, peak RSS $h MiB" >&2
     kill -TERM "$WAN_PID"; wait "$WAN_PID" || true; WAN_PID=
   done
 done
@@ -96,7 +97,7 @@ echo "floors, one core: sha256 (openssl) $FLOOR GB/s = $floor core-s/GB; blake3 
 for k in "${!BINS[@]}"; do
   # shellcheck disable=SC2086
   m=$(median ${CPG[$k]})
-  echo "bin $k (${ARGS[$k]}): core-s/GB${CPG[$k]} | median $m = $(awk -v m="$m" -v f="$floor" 'BEGIN{printf "%.2f", m/f}')x the sha256 floor | GB/s${GBPS[$k]}"
+  echo "bin $k (${ARGS[$k]}): core-s/GB${CPG[$k]} | median $m = $(awk -v m="$m" -v f="$floor" 'BEGIN{printf "%.2f", m/f}')x the sha256 floor | GB/s${GBPS[$k]} | peak RSS MiB${HWM[$k]}"
 done
 [ "${PROFILE:-0}" = 1 ] && echo "perf data: $T/perf*.data (perf report -i FILE --no-children)"
 exit 0

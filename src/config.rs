@@ -169,6 +169,23 @@ pub struct FetchConfig {
     pub readahead_chunks: u32,
     /// A chunk is fetched as parallel sub-ranges of this size, to cut time to first byte.
     pub part_size_kib: u64,
+    /// What a reader's chunk does when the cache disk is behind the network.
+    pub when_cache_behind: WhenCacheBehind,
+}
+
+/// When chunks arrive faster than the cache disk takes them (`fetch.when_cache_behind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenCacheBehind {
+    /// Every chunk read is cached; while commits are behind, fetch memory stays full and
+    /// readers go at the disk's speed.
+    #[default]
+    Wait,
+    /// A chunk fetched for a reader, while chunks holding more than half of
+    /// `max_inflight_mib` wait for the disk, is served and not cached (counted in
+    /// `wan_cache_skipped_bytes_total`): readers go at the network's speed, and what was
+    /// skipped is fetched again by a later read or `wan models ensure`.
+    Skip,
 }
 
 impl Default for FetchConfig {
@@ -183,6 +200,7 @@ impl Default for FetchConfig {
             cooldown_secs: 5.0,
             readahead_chunks: 4,
             part_size_kib: 1024,
+            when_cache_behind: WhenCacheBehind::Wait,
         }
     }
 }

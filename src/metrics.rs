@@ -80,6 +80,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub chunks_fetched: IntCounter,
+    /// Bytes of chunks served to readers but not cached (`fetch.when_cache_behind = "skip"`).
+    pub cache_skipped_bytes: IntCounter,
     pub source_bytes: IntCounterVec,
     pub source_requests: IntCounterVec,
     /// Bytes received by kind of source: `peer` (another daemon of the fleet) or `origin`
@@ -134,6 +136,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     chunks_fetched: counter(
         "wan_chunks_fetched_total",
         "Chunks fetched, verified and stored.",
+    ),
+    cache_skipped_bytes: counter(
+        "wan_cache_skipped_bytes_total",
+        "Bytes fetched and served to readers but not cached, because the cache disk was behind (fetch.when_cache_behind = \"skip\").",
     ),
     source_bytes: counter_vec(
         "wan_source_bytes_total",

@@ -246,6 +246,8 @@ fn fetch_config() -> FetchConfig {
         cooldown_secs: COOLDOWN.as_secs_f64(),
         readahead_chunks: 4,
         part_size_kib: PART_KIB,
+        // Every chunk read is cached: the model counts one fetch per chunk and generation.
+        when_cache_behind: wanfs::config::WhenCacheBehind::Wait,
     }
 }
 

@@ -180,6 +180,9 @@ pub struct Fetcher {
     bufs: BufPool,
     /// Verified chunks no reader has finished with yet, served from memory (see `landed`).
     landed: Mutex<landed::Landed>,
+    /// Bytes of verified chunks waiting for (or in) their commit: how far the cache disk is
+    /// behind (`fetch.when_cache_behind`).
+    committing: std::sync::atomic::AtomicU64,
     inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
     /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
     /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
@@ -209,6 +212,7 @@ impl Fetcher {
             memory: Arc::new(Semaphore::new((cfg.max_inflight_mib * 1024) as usize)),
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
             bufs,
+            committing: std::sync::atomic::AtomicU64::new(0),
             landed: Mutex::new(landed::Landed::new(
                 (cfg.max_inflight_mib as usize) << 20,
                 LANDED_TTL,
@@ -565,6 +569,15 @@ impl Fetcher {
                     .insert(key.0, idx, chunk.clone());
             }
             let _ = tx.send(Ok(chunk.clone()));
+            if for_reader && this.cache_is_behind(chunk.bytes().len() as u64) {
+                METRICS.cache_skipped_bytes.inc_by(chunk.bytes().len() as u64);
+                tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx,
+                    "served and not cached: the cache disk is behind");
+                return done(Err(FetchError::Store(
+                    "not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")"
+                        .into(),
+                )));
+            }
             let stored = this.commit(&file, idx, chunk).await;
             if let Err(e) = &stored {
                 METRICS.errors.with_label_values(&["store"]).inc();
@@ -630,18 +643,30 @@ impl Fetcher {
             .map_err(|e| FetchError::Store(e.to_string()))
     }
 
+    /// Whether a chunk of `len` bytes fetched for a reader should skip the cache: under
+    /// `when_cache_behind = "skip"`, when chunks holding more than half the fetch memory are
+    /// already waiting for the disk (so fetches would soon wait for memory, and readers for
+    /// the disk).
+    fn cache_is_behind(&self, len: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.cfg.when_cache_behind == crate::config::WhenCacheBehind::Skip
+            && self.committing.load(Ordering::Relaxed) + len > u64::from(self.memory_kib) * 1024 / 2
+    }
+
     async fn commit(
         &self,
         file: &FileCtx,
         idx: u64,
         chunk: VerifiedChunk,
     ) -> Result<(), FetchError> {
+        use std::sync::atomic::Ordering;
         let store = self.store.clone();
         let entry = file.entry.clone();
         let len = chunk.bytes().len() as u64;
-        tokio::task::spawn_blocking(move || store.commit_chunk(&entry, idx, &chunk))
-            .await
-            .map_err(|e| FetchError::Store(e.to_string()))?
+        self.committing.fetch_add(len, Ordering::Relaxed);
+        let r = tokio::task::spawn_blocking(move || store.commit_chunk(&entry, idx, &chunk)).await;
+        self.committing.fetch_sub(len, Ordering::Relaxed);
+        r.map_err(|e| FetchError::Store(e.to_string()))?
             .map_err(|e| FetchError::Store(e.to_string()))?;
         METRICS.chunks_fetched.inc();
         tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx, bytes = len, "chunk committed");

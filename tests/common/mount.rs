@@ -32,6 +32,8 @@ pub struct WanConfig {
     pub http_addr: String,
     /// Appended to the file as is: further sections (`[peers]`, `[http]` keys after `addr`).
     pub extra: String,
+    /// More `[fetch]` keys, as TOML lines (e.g. `when_cache_behind = "skip"`).
+    pub fetch_extra: String,
 }
 
 impl Default for WanConfig {
@@ -49,6 +51,7 @@ impl Default for WanConfig {
             passthrough: true,
             http_addr: String::new(),
             extra: String::new(),
+            fetch_extra: String::new(),
         }
     }
 }
@@ -58,7 +61,7 @@ impl WanConfig {
         format!(
             "[fetch]\nconnections = {}\nmax_inflight_mib = {}\nread_timeout_secs = {:?}\n\
              request_timeout_secs = {:?}\nretries = {}\nbackoff_ms = {}\ncooldown_secs = {:?}\n\
-             readahead_chunks = {}\npart_size_kib = {}\n\n[mount]\npassthrough = {}\n\n\
+             readahead_chunks = {}\npart_size_kib = {}\n{}\n[mount]\npassthrough = {}\n\n\
              [http]\naddr = {:?}\n{}",
             self.connections,
             self.max_inflight_mib,
@@ -69,6 +72,7 @@ impl WanConfig {
             self.cooldown_secs,
             self.readahead_chunks,
             self.part_size_kib,
+            self.fetch_extra,
             self.passthrough,
             self.http_addr,
             self.extra,
