@@ -10,7 +10,12 @@
 #
 # Each argument is a binary, optionally followed by comma-separated `wan manifest build`
 # arguments; each builds its own manifest with them (so one binary can run against both
-# chunk hashes, and an older binary gets a manifest it can read).
+# chunk hashes, and an older binary gets a manifest it can read). An item `cfg:KEY=VALUE` is a
+# `[fetch]` key of that binary's config instead:
+#     sudo THROTTLE_WBPS=200000000 benches/coldcpu.sh target/release/wan \
+#          'target/release/wan,cfg:when_cache_behind="skip"'
+# THROTTLE_WBPS: limit the daemon's writes to the cache's disk (bytes/s, cgroup v1 blkio), to
+# stand for a cache disk slower than the network.
 #
 # Prints per-round core-s/GB (utime+stime from /proc/PID/stat, from the start of the read until
 # the cache is COMPLETE) and GB/s for each binary, their medians, and the sha256 floor measured
@@ -38,8 +43,20 @@ BINS=()
 BUILD=()
 for a in "$@"; do
   n=${#BINS[@]}; IFS=, read -r -a parts <<<"$a"
-  cp "${parts[0]}" "$T/wan$n"; BINS+=("$T/wan$n"); BUILD+=("${parts[*]:1}")
+  cp "${parts[0]}" "$T/wan$n"; BINS+=("$T/wan$n")
+  b=(); c=()
+  for p in "${parts[@]:1}"; do
+    if [[ $p == cfg:* ]]; then c+=("${p#cfg:}"); else b+=("$p"); fi
+  done
+  BUILD+=("${b[*]}")
+  { echo "[fetch]"; printf '%s\n' "${c[@]}"; printf '[http]\naddr = ""\n'; } > "$T/wan$n.toml"
 done
+CG=
+if [ -n "${THROTTLE_WBPS:-}" ]; then
+  CG=/sys/fs/cgroup/blkio/wanfs-coldcpu
+  mkdir -p "$CG"
+  dev=$(stat -c %d "$WORK"); echo "$((dev >> 8)):$((dev & 255)) $THROTTLE_WBPS" > "$CG/blkio.throttle.write_bps_device"
+fi
 export ORIGIN_STATE=$T/origin-state
 WAN_PID=
 cleanup() {
@@ -47,6 +64,7 @@ cleanup() {
   [ -n "$WAN_PID" ] && kill -TERM "$WAN_PID" && wait "$WAN_PID"
   is_mounted "$T/mnt" && fusermount3 -u "$T/mnt"
   "$BENCH/origin.sh" stop "$PORT" >/dev/null 2>&1
+  [ -n "$CG" ] && rmdir "$CG" 2>/dev/null
 }
 trap cleanup EXIT
 "$BENCH/origin.sh" start "$PORT" "$DATA" >"$T/origin.log" 2>&1
@@ -55,13 +73,13 @@ for k in "${!BINS[@]}"; do
   { echo "schema_version = 1"; echo;
     "${BINS[$k]}" manifest build "$DATA" --id bench@1.0.0 --source "http://127.0.0.1:$PORT" ${BUILD[$k]}; } > "$T/manifest$k.toml"
 done
-printf '[http]\naddr = ""\n' > "$T/wan.toml"
 FLOOR=$(openssl speed -evp sha256 -bytes 8388608 -seconds 3 2>/dev/null | awk '/^sha256/{printf "%.3f", $2*1000/1e9}')
 # BLAKE3's floor from the crate the daemon uses (examples/hashspeed.rs), when it can be built.
 HS=$REPO/target/release/examples/hashspeed
 [ -x "$HS" ] || (cd "$REPO" && cargo build --release --example hashspeed >/dev/null 2>&1) || true
 B3=$([ -x "$HS" ] && "$HS" | awk '$1=="blake3"{print $2}' || echo "")
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+cached() { python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.wan.cached_bytes").decode())' "$1"; }
 state() { python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.wan.state").decode())' "$1"; }
 declare -A CPG GBPS HWM
 for r in $(seq 1 "$ROUNDS"); do
@@ -69,8 +87,9 @@ for r in $(seq 1 "$ROUNDS"); do
   for k in "${order[@]}"; do
     rm -rf "$T/cache"; drop_caches
     NO_COLOR=1 "${BINS[$k]}" mount "$T/mnt" --manifest "$T/manifest$k.toml" --cache-dir "$T/cache" \
-      --config "$T/wan.toml" 2>"$T/wan$k-$r.log" &
+      --config "$T/wan$k.toml" 2>"$T/wan$k-$r.log" &
     WAN_PID=$!
+    [ -n "$CG" ] && echo "$WAN_PID" > "$CG/cgroup.procs"
     for _ in $(seq 1 300); do grep -qs mounted "$T/wan$k-$r.log" && is_mounted "$T/mnt" && break; sleep 0.05; done
     f=$T/mnt/bench@1.0.0/model.bin
     if [ "${PROFILE:-0}" = 1 ]; then
@@ -79,14 +98,23 @@ for r in $(seq 1 "$ROUNDS"); do
     w0=$(ticks "$WAN_PID"); t0=$(date +%s.%N)
     python3 "$BENCH/readfile.py" seq "$f" "$BS" > "$T/read.out"
     t1=$(date +%s.%N)
-    for _ in $(seq 1 600); do [ "$(state "$f")" = COMPLETE ] && break; sleep 0.02; done
+    # Until the cache holds the file, or (chunks skipped under when_cache_behind = "skip")
+    # its cached bytes stop growing for a second.
+    last=-1; still=0
+    for _ in $(seq 1 1500); do
+      [ "$(state "$f")" = COMPLETE ] && break
+      now=$(cached "$f"); if [ "$now" = "$last" ]; then still=$((still + 1)); else still=0; last=$now; fi
+      [ $still -ge 50 ] && break
+      sleep 0.02
+    done
+    skipped=$(awk '$1=="wan_cache_skipped_bytes_total"{printf "%.0f", $2/1048576}' "$T/mnt/.wan/metrics" 2>/dev/null || echo "?")
     w1=$(ticks "$WAN_PID")
     [ "${PROFILE:-0}" = 1 ] && { kill -INT "$PERF"; wait "$PERF" || true; }
     c=$(awk -v d=$((w1 - w0)) -v hz="$CLK_TCK" -v n="$SIZE" 'BEGIN{printf "%.2f", d/hz/(n/1e9)}')
     h=$(awk '/^VmHWM:/{printf "%.0f", $2/1024}' "/proc/$WAN_PID/status")
     g=$(awk '{printf "%.3f", $2}' "$T/read.out")
     CPG[$k]="${CPG[$k]:-} $c"; GBPS[$k]="${GBPS[$k]:-} $g"; HWM[$k]="${HWM[$k]:-} $h"
-    echo "round $r, bin $k (${ARGS[$k]}): $c core-s/GB, $g GB/s, peak RSS $h MiB" >&2
+    echo "round $r, bin $k (${ARGS[$k]}): $c core-s/GB, $g GB/s, peak RSS $h MiB, $skipped MiB not cached" >&2
     kill -TERM "$WAN_PID"; wait "$WAN_PID" || true; WAN_PID=
   done
 done
