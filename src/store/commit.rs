@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::chunk::Digest;
 use crate::metrics::METRICS;
@@ -50,6 +50,9 @@ pub(super) struct GroupCommit {
     /// Set by a test: the next batches' sync fails.
     #[cfg(test)]
     pub(super) fail_sync: std::sync::atomic::AtomicBool,
+    /// Set by a test: the leader of this batch (counting from 1) panics.
+    #[cfg(test)]
+    pub(super) panic_batch: std::sync::atomic::AtomicUsize,
     /// Sizes of the batches committed, for tests.
     #[cfg(test)]
     pub(super) sizes: Mutex<Vec<usize>>,
@@ -64,15 +67,21 @@ struct Queue {
 }
 
 impl GroupCommit {
+    /// The queue, poisoned or not: a leader that panics poisons it on purpose (see
+    /// [`Leading`]), and the queue is consistent whenever its lock is free.
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Chunks queued and not taken by a leader yet (tests wait on it).
     #[cfg(test)]
     pub(super) fn queued(&self) -> usize {
-        self.queue.lock().unwrap().waiting.len()
+        self.lock().waiting.len()
     }
 }
 
 /// If the leader panics, gives every chunk of its batch an error and leadership back, so the
-/// followers do not wait forever.
+/// followers do not wait forever (the queue's lock, taken while panicking, is left poisoned).
 struct Leading<'a> {
     group: &'a GroupCommit,
     tickets: &'a [u64],
@@ -83,7 +92,7 @@ impl Drop for Leading<'_> {
         if !std::thread::panicking() {
             return;
         }
-        let mut q = self.group.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self.group.lock();
         q.leading = false;
         for t in self.tickets {
             q.results.insert(
@@ -103,7 +112,7 @@ impl Store {
     /// chunks are committing now. Blocking; returns when this chunk's batch is done.
     pub(super) fn group_commit(&self, p: Pending) -> Result<(), StoreError> {
         let group = &self.group;
-        let mut q = group.queue.lock().unwrap();
+        let mut q = group.lock();
         let ticket = q.next_ticket;
         q.next_ticket += 1;
         q.waiting.push((ticket, p));
@@ -112,7 +121,7 @@ impl Store {
                 return r;
             }
             if q.leading {
-                q = group.done.wait(q).unwrap();
+                q = group.done.wait(q).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
             q.leading = true;
@@ -125,7 +134,7 @@ impl Store {
             };
             let results = self.commit_batch(&batch);
             drop(leading);
-            q = group.queue.lock().unwrap();
+            q = group.lock();
             q.results.extend(tickets.into_iter().zip(results));
             q.leading = false;
             // Everyone: the followers find their results, and those queued meanwhile elect
@@ -138,8 +147,19 @@ impl Store {
     fn commit_batch(&self, batch: &[Pending]) -> Vec<Result<(), StoreError>> {
         #[cfg(test)]
         {
-            drop(self.group.pause.lock().unwrap());
-            self.group.sizes.lock().unwrap().push(batch.len());
+            drop(self.group.pause.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut sizes = self.group.sizes.lock().unwrap();
+            sizes.push(batch.len());
+            let n = sizes.len();
+            drop(sizes);
+            if self
+                .group
+                .panic_batch
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == n
+            {
+                panic!("injected panic of a group commit's leader");
+            }
         }
         METRICS.commit_batch_chunks.observe(batch.len() as f64);
         let fail_all = |e: StoreError| -> Vec<Result<(), StoreError>> {
@@ -276,7 +296,7 @@ mod tests {
     }
 
     fn leading(s: &Store) -> bool {
-        s.group.queue.lock().unwrap().leading
+        s.group.lock().leading
     }
 
     /// Commits `chunks` (file, chunk) of `files` on a thread each, while a leader is held
@@ -371,6 +391,81 @@ mod tests {
         for (f, _) in files.iter() {
             assert!(s.is_complete(f), "not complete after reopening");
         }
+    }
+
+    /// A chunk is written before it joins a batch: when a leader starts syncing, the bytes of
+    /// every chunk of its batch and of those queued behind it are in the blob file, and none
+    /// of them is marked present yet.
+    #[test]
+    fn chunks_are_on_disk_and_unmarked_when_their_batch_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(dir.path()).unwrap());
+        let files = Arc::new(files(2));
+        let chunks = [(0, 1), (1, 0), (0, 5), (1, 3)];
+        let results = commit_held(&s, &files, &chunks, || {
+            for (fi, idx) in chunks {
+                let (f, data) = &files[fi];
+                let r = f.layout().range(idx);
+                let mut got = vec![0u8; (r.end - r.start) as usize];
+                File::open(s.blob_path(f.sha256))
+                    .unwrap()
+                    .read_exact_at(&mut got, r.start)
+                    .unwrap();
+                assert!(
+                    got == data[r.start as usize..r.end as usize],
+                    "chunk {idx} of file {fi} queued for a group commit before it was written"
+                );
+                assert!(
+                    !s.has_chunk(f, idx),
+                    "chunk {idx} of file {fi} marked before its sync"
+                );
+            }
+            assert!(rows(&s, &files[0].0).is_empty() && rows(&s, &files[1].0).is_empty());
+        });
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    /// A leader that panics leaves its followers an error, not a wait without end, and the
+    /// next batch has a leader again.
+    #[test]
+    fn a_panicking_leader_fails_its_batch_and_hands_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(dir.path()).unwrap());
+        let files = Arc::new(files(1));
+        let pause = s.group.pause.lock().unwrap();
+        let spawn = |idx: u64| {
+            let (s, files) = (s.clone(), files.clone());
+            std::thread::spawn(move || {
+                let (f, data) = &files[0];
+                s.commit_chunk(f, idx, &verified(f, data, idx))
+            })
+        };
+        let first = spawn(0);
+        wait_for("a leader", || leading(&s));
+        let queued = [spawn(1), spawn(2)];
+        wait_for("two queued", || s.group.queued() == 2);
+        s.group.panic_batch.store(2, Ordering::Relaxed);
+        drop(pause);
+        first.join().unwrap().unwrap();
+        wait_for("the panicked batch's threads to end", || {
+            queued.iter().all(|t| t.is_finished())
+        });
+        let [a, b] = queued.map(|t| t.join());
+        let (leader, follower) = if a.is_err() { (a, b) } else { (b, a) };
+        assert!(leader.is_err(), "the second batch's leader did not panic");
+        let follower = follower.expect("the follower panicked too");
+        assert!(
+            matches!(&follower, Err(StoreError::Io { err, .. }) if err.to_string().contains("panicked")),
+            "{follower:?}"
+        );
+        assert!(!leading(&s) && s.group.queued() == 0);
+        let (f, data) = &files[0];
+        for idx in [1, 2] {
+            s.commit_chunk(f, idx, &verified(f, data, idx)).unwrap();
+        }
+        assert_eq!(rows(&s, f).len(), 3);
     }
 
     /// A blob evicted between its chunks' writes and their group commit: those chunks fail
