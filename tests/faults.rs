@@ -452,11 +452,11 @@ fn commit_batches(mount: &Mount) -> (u64, u64) {
 /// bytes and the file is complete.
 #[test]
 fn kill9_during_group_commits_keeps_cache_consistent() {
-    const SIZE: usize = 96 * MIB;
-    const SMALL: u64 = 64 * 1024;
+    const SIZE: usize = 192 * MIB;
+    const SMALL: u64 = 256 * 1024;
     let setup = GenSetup::new(&[("many.bin", SIZE)], SMALL, 47);
-    let data = setup.data("many.bin").to_vec();
-    let blob = sha256_hex(&data);
+    let data = setup.data("many.bin");
+    let blob = sha256_hex(data);
     let config = WanConfig {
         connections: 16,
         readahead_chunks: 16,
@@ -477,7 +477,7 @@ fn kill9_during_group_commits_keeps_cache_consistent() {
     let mut batched = (0, 0);
     // (origin requests before a restart, chunks indexed when the daemon before it died)
     let mut restarts = Vec::new();
-    for delay_ms in [40, 5, 120, 15, 200, 70, 30] {
+    for delay_ms in [40, 5, 120, 15, 60, 10, 90, 25, 150, 30] {
         ensure(&mount);
         std::thread::sleep(Duration::from_millis(delay_ms));
         let (sum, count) = commit_batches(&mount);
@@ -513,7 +513,7 @@ fn kill9_during_group_commits_keeps_cache_consistent() {
     let path = setup.mounted(&mount, "many.bin");
     assert_bytes_eq(
         &fs::read(&path).expect("read after the crashes"),
-        &data,
+        data,
         "many.bin after the crashes",
     );
     assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
