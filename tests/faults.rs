@@ -450,6 +450,13 @@ fn commit_batches(mount: &Mount) -> (u64, u64) {
 /// disk to its digest, and none may be lost by the next crash; after a restart no chunk
 /// the index listed is fetched again, and in the end the mount serves exactly the origin's
 /// bytes and the file is complete.
+///
+/// What a `kill -9` can show: a chunk indexed before its bytes were written (a commit that
+/// marks first and writes after was caught here in 6 runs of 6: the window is a chunk's
+/// `pwrite`, so 256 KiB chunks and ten kills). What it cannot: a chunk indexed before its
+/// `fdatasync`, since the page cache outlives the process; only a power loss would show that.
+/// `store::commit`'s unit tests check that order (an injected sync failure must leave nothing
+/// marked).
 #[test]
 fn kill9_during_group_commits_keeps_cache_consistent() {
     const SIZE: usize = 192 * MIB;
