@@ -6,6 +6,7 @@
 #     sudo benches/coldcpu.sh                               # target/release/wan, ROUNDS=5
 #     sudo ROUNDS=5 benches/coldcpu.sh /var/tmp/wan-before target/release/wan
 #     sudo PROFILE=1 ROUNDS=1 benches/coldcpu.sh            # + perf record of the daemon
+#     sudo BUILD_ARGS="--chunk-size 1048576" benches/coldcpu.sh A B   # another chunk grid
 #
 # Prints per-round core-s/GB (utime+stime from /proc/PID/stat, from the start of the read until
 # the cache is COMPLETE) and GB/s for each binary, their medians, and the sha256 floor measured
@@ -18,6 +19,7 @@ WORK=${WORK:-/var/tmp/wanfs-bench}
 ROUNDS=${ROUNDS:-5}
 PORT=${PORT:-18490}
 BS=${BS:-1048576}
+read -ra BUILD <<< "${BUILD_ARGS:-}"
 [ "$(id -u)" = 0 ] || { echo "coldcpu.sh: run as root" >&2; exit 1; }
 [ $# -gt 0 ] || set -- "$REPO/target/release/wan"
 # shellcheck source=/dev/null
@@ -42,7 +44,7 @@ cleanup() {
 trap cleanup EXIT
 "$BENCH/origin.sh" start "$PORT" "$DATA" >"$T/origin.log" 2>&1
 { echo "schema_version = 1"; echo;
-  "${BINS[0]}" manifest build "$DATA" --id bench@1.0.0 --source "http://127.0.0.1:$PORT"; } > "$T/manifest.toml"
+  "${BINS[0]}" manifest build "$DATA" --id bench@1.0.0 --source "http://127.0.0.1:$PORT" "${BUILD[@]}"; } > "$T/manifest.toml"
 printf '[http]\naddr = ""\n' > "$T/wan.toml"
 FLOOR=$(openssl speed -evp sha256 -bytes 8388608 -seconds 3 2>/dev/null | awk '/^sha256/{printf "%.3f", $2*1000/1e9}')
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
