@@ -8,7 +8,7 @@
 //! transaction, sets the in-memory bits, and hands each queued thread its own result. Threads
 //! that queue while a leader works wait; when it is done, one of them leads the next batch with
 //! all of them. So an idle cache commits a lone chunk at once (a batch of one), and a busy one
-//! batches as many chunks as arrived during the previous sync.
+//! batches as many chunks as were written during the previous batch's sync and transaction.
 //!
 //! The order per chunk stays `pwrite` → `fdatasync` → index row → in-memory bit: a chunk is
 //! queued only after its write returned, and nothing is indexed before its file is synced. A
