@@ -97,6 +97,9 @@ pub struct Metrics {
     pub integrity_failures: IntCounter,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
+    /// Chunks per group commit (one `fdatasync` per blob file and one index transaction for
+    /// all of them): how much batching the cache write gets under the current load.
+    pub commit_batch_chunks: Histogram,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -187,6 +190,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     evictions: counter("wan_evictions_total", "Blobs evicted from the cache."),
     evicted_bytes: counter("wan_evicted_bytes_total", "Bytes evicted from the cache."),
+    commit_batch_chunks: histogram(
+        "wan_commit_batch_chunks",
+        "Chunks made durable and indexed together per group commit.",
+        prometheus::exponential_buckets(1.0, 2.0, 8).expect("valid buckets"),
+    ),
 });
 
 /// Every `kind` of `model_errors_total` (docs/METRICS.md).

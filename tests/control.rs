@@ -1199,6 +1199,7 @@ fn promtool_accepts_the_metrics() {
             "wan_integrity_failures_total",
             "wan_evictions_total",
             "wan_evicted_bytes_total",
+            "wan_commit_batch_chunks",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),

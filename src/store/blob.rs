@@ -133,12 +133,16 @@ impl Store {
     }
 }
 
-/// Writes `data` at `offset` with `O_DIRECT` and makes it durable, when buffer, offset and
-/// length are page-aligned (every chunk but a file's last); returns false to ask for the
-/// buffered path. Why: on the machines we measured, buffered writes plus `fdatasync` sustain
-/// about 0.5 GB/s while direct writes sustain 2.8 GB/s, and the cache write is on the path of
-/// every cold read (a chunk's memory is held until it is committed). Readers already have the
-/// bytes in memory, so skipping the page cache costs them nothing; later reads come from disk.
+/// Writes `data` at `offset` with `O_DIRECT`, when buffer, offset and length are page-aligned
+/// (every chunk but a file's last); returns false to ask for the buffered path. Why: on the
+/// machines we measured, buffered writes plus `fdatasync` sustain about 0.5 GB/s while direct
+/// writes sustain 2.8 GB/s, and the cache write is on the path of every cold read (a chunk's
+/// memory is held until it is committed). Readers already have the bytes in memory, so
+/// skipping the page cache costs them nothing; later reads come from disk.
+///
+/// Not durable yet: the device may still hold the data in its volatile cache, and the block
+/// allocation of the sparse file is not journaled. The group commit's `fdatasync` of the blob
+/// file (any descriptor of the inode will do) makes both durable.
 pub(super) fn write_direct(path: &Path, data: &[u8], offset: u64) -> std::io::Result<bool> {
     use crate::chunk::BUF_ALIGN;
     let aligned = (data.as_ptr() as usize).is_multiple_of(BUF_ALIGN)
@@ -159,26 +163,19 @@ pub(super) fn write_direct(path: &Path, data: &[u8], offset: u64) -> std::io::Re
         Err(e) => return Err(e),
     };
     match file.write_all_at(data, offset) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-        Err(e) => return Err(e),
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
     }
-    // The data is on the device; this makes the block allocation of the sparse file durable.
-    file.sync_data()?;
-    Ok(true)
 }
 
-/// Writes a verified chunk at `offset` and makes it durable: direct I/O where it can, else
-/// through the page cache followed by `fdatasync`.
-pub(super) fn write_durable(
-    fd: &File,
-    path: &Path,
-    data: &[u8],
-    offset: u64,
-) -> std::io::Result<()> {
+/// Writes a verified chunk at `offset`: direct I/O where it can, else through the page cache
+/// of `fd`. Not durable until `fd` is `fdatasync`ed (the group commit does it, once for every
+/// chunk of the blob in its batch); a buffered write's late error is reported by that sync,
+/// since `fd` was open before the write.
+pub(super) fn write_chunk(fd: &File, path: &Path, data: &[u8], offset: u64) -> std::io::Result<()> {
     if !write_direct(path, data, offset)? {
         fd.write_all_at(data, offset)?;
-        fd.sync_data()?;
     }
     Ok(())
 }

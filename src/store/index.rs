@@ -286,24 +286,37 @@ impl Index {
 
     /// Marks chunks present. Call only after their bytes are verified and durable.
     pub fn mark_present(&self, blob: Digest, chunks: &[(u64, Digest)]) -> Result<(), IndexError> {
+        self.mark_present_many(&[(blob, chunks)])
+    }
+
+    /// Marks chunks of several blobs present in one transaction (a group commit): one
+    /// journal write for the lot, all or none. Call only after their bytes are verified and
+    /// durable.
+    pub fn mark_present_many(
+        &self,
+        blobs: &[(Digest, &[(u64, Digest)])],
+    ) -> Result<(), IndexError> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         {
-            let mut stmt = tx
+            let mut insert = tx
                 .prepare_cached(
                     "INSERT OR REPLACE INTO chunks (blob, idx, digest) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(|e| self.err(e))?;
-            let hex = blob.to_hex();
-            for (idx, d) in chunks {
-                stmt.execute(params![hex, *idx as i64, d.to_hex()])
-                    .map_err(|e| self.err(e))?;
+            let mut touch = tx
+                .prepare_cached("UPDATE blobs SET last_access = ?2 WHERE digest = ?1")
+                .map_err(|e| self.err(e))?;
+            let now = now();
+            for (blob, chunks) in blobs {
+                let hex = blob.to_hex();
+                for (idx, d) in *chunks {
+                    insert
+                        .execute(params![hex, *idx as i64, d.to_hex()])
+                        .map_err(|e| self.err(e))?;
+                }
+                touch.execute(params![hex, now]).map_err(|e| self.err(e))?;
             }
-            tx.execute(
-                "UPDATE blobs SET last_access = ?2 WHERE digest = ?1",
-                params![hex, now()],
-            )
-            .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }

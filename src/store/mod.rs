@@ -8,8 +8,12 @@
 //! ```
 //! A chunk commit is verify (by the caller: only a `VerifiedChunk` is accepted) → `pwrite` →
 //! `fdatasync` → index row → in-memory bit. Readers consult the in-memory bits only, so a chunk
-//! is visible exactly when it is durable and indexed. Identical files in several models share
-//! one blob because blobs are named by content.
+//! is visible exactly when it is durable and indexed. The last three steps are a group commit
+//! (`commit.rs`): the chunks written while one is in progress are synced (once per blob file)
+//! and indexed (one transaction) together, each still in that order, each with its own result.
+//! A crash at any point leaves at worst chunks written but not indexed, which are found and
+//! re-verified from the file (`adopt.rs`), never trusted blindly. Identical files in several
+//! models share one blob because blobs are named by content.
 //!
 //! Eviction never races a reader into wrong bytes: a reader checks presence and takes the
 //! blob's file handle in one step under the `blobs` lock, and eviction unlinks the file (never
@@ -17,11 +21,13 @@
 //! blob state carries a generation; a commit whose blob was evicted meanwhile is dropped.
 //!
 //! Submodules: `presence` (the per-blob bitmap readers consult), `blob` (blob file I/O),
-//! `adopt` (blob files the index does not list), `index` (SQLite, the only rusqlite user).
-//! This file holds `Store`, its two locks and the operations that change presence.
+//! `commit` (group commit: the queue of written chunks, sync, index, bits), `adopt` (blob
+//! files the index does not list), `index` (SQLite, the only rusqlite user).
+//! This file holds `Store`, its locks and the operations that change presence.
 
 mod adopt;
 mod blob;
+mod commit;
 pub mod gc;
 pub mod index;
 mod presence;
@@ -56,6 +62,9 @@ pub enum StoreError {
     Locked(String),
     #[error("blob {0} was evicted while being written; it will be fetched again")]
     Evicted(Digest),
+    /// The sync or the index write of a group commit failed: every chunk of the batch gets it.
+    #[error("{0} (group commit)")]
+    GroupCommit(Arc<StoreError>),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -83,6 +92,13 @@ impl CacheState {
     }
 }
 
+/// Chunks of one blob to mark present, written while the blob was of `generation`.
+struct Marks<'a> {
+    blob: Digest,
+    generation: u64,
+    chunks: &'a [(u64, Digest)],
+}
+
 /// One blob, for GC and reports.
 #[derive(Debug, Clone)]
 pub struct BlobInfo {
@@ -105,6 +121,8 @@ pub struct Store {
     /// (create, mark, drop, evict). SQLite writes and unlinks happen under this lock only,
     /// never under `blobs`, which cache hits take: a hit never waits on the disk or SQLite.
     writer: Mutex<()>,
+    /// Chunks written and waiting to be synced and indexed together (`commit.rs`).
+    group: commit::GroupCommit,
     /// Evicted blobs whose index rows could not be deleted (a full disk: SQLite needs space
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
@@ -162,6 +180,7 @@ impl Store {
             opens: Mutex::new(HashMap::new()),
             suspect: Mutex::new(std::collections::HashSet::new()),
             writer: Mutex::new(()),
+            group: commit::GroupCommit::default(),
             unforgotten: Mutex::new(std::collections::HashSet::new()),
             used: AtomicU64::new(0),
             gc_threshold: AtomicU64::new(0),
@@ -329,7 +348,9 @@ impl Store {
         }
         Ok(())
     }
-    /// Stores a verified chunk durably and marks it present. Blocking.
+    /// Stores a verified chunk durably and marks it present. Blocking. The chunk is written
+    /// here, then synced and indexed in a group commit with the chunks committing at the same
+    /// time (`commit.rs`); returns when that is done. A failed write fails only this chunk.
     pub fn commit_chunk(
         &self,
         f: &FileEntry,
@@ -342,8 +363,14 @@ impl Store {
         let (fd, generation) = self.prepare(f)?;
         let path = self.blob_path(f.sha256);
         let start = f.layout().range(idx).start;
-        blob::write_durable(&fd, &path, chunk.bytes(), start).map_err(io_err(&path))?;
-        self.mark(f, generation, &[(idx, chunk.digest())])?;
+        blob::write_chunk(&fd, &path, chunk.bytes(), start).map_err(io_err(&path))?;
+        self.group_commit(commit::Pending {
+            blob: f.sha256,
+            generation,
+            idx,
+            digest: chunk.digest(),
+            fd,
+        })?;
         Ok(self.is_complete(f))
     }
 
@@ -366,25 +393,56 @@ impl Store {
         generation: u64,
         chunks: &[(u64, Digest)],
     ) -> Result<(), StoreError> {
-        let current = |blobs: &HashMap<Digest, BlobState>| {
-            blobs
-                .get(&f.sha256)
-                .is_some_and(|s| s.generation == generation)
+        let marks = Marks {
+            blob: f.sha256,
+            generation,
+            chunks,
         };
-        if !current(&self.blobs.lock().unwrap()) {
-            return Err(StoreError::Evicted(f.sha256));
+        match self.mark_many_locked(&[marks])?[..] {
+            [true] => Ok(()),
+            _ => Err(StoreError::Evicted(f.sha256)),
         }
-        self.index.mark_present(f.sha256, chunks)?;
+    }
+
+    /// Marks chunks of several blobs present, each entry only if its blob is still of its
+    /// generation (not evicted since its chunks were written): their index rows in one
+    /// transaction, then the in-memory bits. Returns, per entry, whether it was marked.
+    /// `writer` held by the caller, so no eviction slips between the check and the bits.
+    fn mark_many_locked(&self, marks: &[Marks]) -> Result<Vec<bool>, StoreError> {
+        let live: Vec<bool> = {
+            let blobs = self.blobs.lock().unwrap();
+            marks
+                .iter()
+                .map(|m| {
+                    blobs
+                        .get(&m.blob)
+                        .is_some_and(|s| s.generation == m.generation)
+                })
+                .collect()
+        };
+        let rows: Vec<(Digest, &[(u64, Digest)])> = marks
+            .iter()
+            .zip(&live)
+            .filter(|(_, live)| **live)
+            .map(|(m, _)| (m.blob, m.chunks))
+            .collect();
+        if rows.is_empty() {
+            return Ok(live);
+        }
+        self.index.mark_present_many(&rows)?;
         let mut blobs = self.blobs.lock().unwrap();
-        let st = blobs.get_mut(&f.sha256).expect("checked under writer");
-        let added: u64 = chunks.iter().map(|(idx, _)| st.set(*idx)).sum();
-        st.touch();
-        if st.complete() {
-            self.suspect.lock().unwrap().remove(&f.sha256);
+        let mut added = 0;
+        for (d, chunks) in rows {
+            let st = blobs.get_mut(&d).expect("checked under writer");
+            added += chunks.iter().map(|(idx, _)| st.set(*idx)).sum::<u64>();
+            st.touch();
+            if st.complete() {
+                self.suspect.lock().unwrap().remove(&d);
+            }
         }
         drop(blobs);
         self.grew(added);
-        Ok(())
+        Ok(live)
     }
 
     /// Marks a blob's on-disk data as not to be trusted until it is complete again.
