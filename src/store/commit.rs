@@ -272,7 +272,12 @@ mod tests {
         let mut buf = AlignedBuf::zeroed((r.end - r.start) as usize);
         buf.as_mut_slice()
             .copy_from_slice(&data[r.start as usize..r.end as usize]);
-        VerifiedChunk::verify(f.chunks.as_ref().unwrap()[idx as usize], buf.freeze()).unwrap()
+        VerifiedChunk::verify(
+            f.chunk_hash,
+            f.chunks.as_ref().unwrap()[idx as usize],
+            buf.freeze(),
+        )
+        .unwrap()
     }
 
     /// `n` files of a few chunks each, the last one short.
