@@ -1192,6 +1192,7 @@ fn promtool_accepts_the_metrics() {
             "wan_cache_hits_total",
             "wan_cache_misses_total",
             "wan_chunks_fetched_total",
+            "wan_cache_skipped_bytes_total",
             "wan_source_bytes_total",
             "wan_source_requests_total",
             "wan_time_to_first_byte_seconds",

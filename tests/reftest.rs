@@ -730,6 +730,20 @@ impl Harness {
                 let want = &s.data[start as usize..end as usize];
                 if b[..] != *want {
                     let first = b.iter().zip(want).position(|(a, b)| a != b);
+                    if let Some(i) = first {
+                        let probe = &b[i..(i + 64).min(b.len())];
+                        let zeros = probe.iter().all(|x| *x == 0);
+                        let mut hits = Vec::new();
+                        for (k, sp) in specs().iter().enumerate() {
+                            if let Some(p) = sp.data.windows(probe.len()).position(|w| w == probe) {
+                                hits.push((k, p));
+                            }
+                        }
+                        let last_diff = b.iter().zip(want).rposition(|(a, b)| a != b);
+                        eprintln!(
+                            "DIAG: at {i}: zeros={zeros} found in specs {hits:?}; last difference {last_diff:?}"
+                        );
+                    }
                     panic!(
                         "WRONG BYTES from {} at {off}+{}: got {} bytes, want {}, first difference at {:?}",
                         s.path,

@@ -38,16 +38,23 @@ impl Store {
     /// blob file at its path. Checked under `writer`, so an eviction (which unlinks under
     /// it) cannot slip between the check and the marks: otherwise chunks verified in an
     /// evicted file would be marked present in a new, empty one, and zeros served.
+    /// `epoch` is [`Store::unverified_epoch`] from before the chunks were read: if an
+    /// unverified write (a whole-file fetch) was in progress then or has happened since, what
+    /// was verified may no longer be what is on disk, and nothing is marked.
     /// Returns whether they were marked.
     pub(super) fn adopt_verified(
         &self,
         f: &FileEntry,
         file: &File,
         chunks: &[(u64, Digest)],
+        epoch: u64,
     ) -> Result<bool, StoreError> {
         use std::os::unix::fs::MetadataExt;
         let path = self.blob_path(f.sha256);
         let _w = self.writer.lock().unwrap();
+        if epoch % 2 == 1 || self.unverified_epoch(f.sha256) != epoch {
+            return Ok(false);
+        }
         let same = match (file.metadata(), std::fs::metadata(&path)) {
             (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && a.nlink() > 0,
             _ => false,
@@ -69,6 +76,7 @@ impl Store {
     /// `None` when there is nothing usable on disk. Blocking.
     pub fn adopt_chunk(&self, f: &FileEntry, idx: u64, expected: Digest) -> Option<VerifiedChunk> {
         let path = self.blob_path(f.sha256);
+        let epoch = self.unverified_epoch(f.sha256);
         let file = File::open(&path).ok()?;
         if file.metadata().ok()?.len() != f.size {
             return None;
@@ -80,7 +88,7 @@ impl Store {
         let mut buf = crate::chunk::AlignedBuf::zeroed((r.end - r.start) as usize);
         file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
         let chunk = VerifiedChunk::verify(f.chunk_hash, expected, buf.freeze()).ok()?;
-        match self.adopt_verified(f, &file, &[(idx, expected)]) {
+        match self.adopt_verified(f, &file, &[(idx, expected)], epoch) {
             Ok(false) => None,
             Ok(true) => {
                 tracing::debug!(blob = %f.sha256, chunk = idx, "adopted a chunk found on disk");
@@ -108,6 +116,7 @@ impl Store {
                 continue;
             }
             let path = self.blob_path(f.sha256);
+            let epoch = self.unverified_epoch(f.sha256);
             let Ok(file) = File::open(&path) else {
                 continue;
             };
@@ -147,7 +156,7 @@ impl Store {
                     }
                 }
             }
-            if good.is_empty() || !self.adopt_verified(f, &file, &good)? {
+            if good.is_empty() || !self.adopt_verified(f, &file, &good, epoch)? {
                 continue;
             }
             report.chunks_verified += good.len() as u64;

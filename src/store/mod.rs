@@ -127,6 +127,11 @@ pub struct Store {
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
     unforgotten: Mutex<std::collections::HashSet<Digest>>,
+    /// Per blob, a count bumped before and after every unverified write (`write_unverified`):
+    /// odd while one is in progress. Adoption reads a blob's chunks back and marks them
+    /// present only if this did not move meanwhile, so unverified bytes written over what it
+    /// verified (a whole-file fetch racing an index rebuild) are never marked present.
+    unverified: Mutex<HashMap<Digest, u64>>,
     /// Present bytes of every blob, kept as a running total (changed with the bits, under
     /// `blobs`): `used_bytes` at no cost, and a commit can tell it crossed auto GC's threshold.
     used: AtomicU64,
@@ -182,6 +187,7 @@ impl Store {
             writer: Mutex::new(()),
             group: commit::GroupCommit::default(),
             unforgotten: Mutex::new(std::collections::HashSet::new()),
+            unverified: Mutex::new(HashMap::new()),
             used: AtomicU64::new(0),
             gc_threshold: AtomicU64::new(0),
             gc_wake: tokio::sync::Notify::new(),
@@ -596,16 +602,43 @@ impl Store {
 
     /// Writes not-yet-verified bytes of a file fetched whole. They stay invisible until
     /// `verify_whole` checks the whole file. Blocking; returns the generation to verify with.
+    ///
+    /// Never over a chunk that is present: a whole-file fetch picks the chunks it writes
+    /// before it writes them, and one may become present meanwhile (an index rebuild adopting
+    /// the blob from disk), with readers served from it. The check and the write happen under
+    /// `writer`, which every marking takes, so nothing is marked in between; such a chunk is
+    /// left as it is (its verified bytes are the same as the file's).
     pub fn write_unverified(
         &self,
         f: &FileEntry,
         offset: u64,
         data: &[u8],
     ) -> Result<u64, StoreError> {
-        let (fd, generation) = self.prepare(f)?;
-        fd.write_all_at(data, offset)
-            .map_err(io_err(&self.blob_path(f.sha256)))?;
+        let _w = self.writer.lock().unwrap();
+        let (fd, generation) = self.prepare_locked(f)?;
+        let covering = f.layout().covering(offset, data.len() as u64);
+        if self.missing(f, covering).is_empty() && !data.is_empty() {
+            return Ok(generation);
+        }
+        self.bump_unverified(f.sha256);
+        let r = fd.write_all_at(data, offset);
+        self.bump_unverified(f.sha256);
+        r.map_err(io_err(&self.blob_path(f.sha256)))?;
         Ok(generation)
+    }
+
+    fn bump_unverified(&self, d: Digest) {
+        *self.unverified.lock().unwrap().entry(d).or_insert(0) += 1;
+    }
+
+    /// The blob's unverified-write count (see `Store::unverified`).
+    pub(super) fn unverified_epoch(&self, d: Digest) -> u64 {
+        self.unverified
+            .lock()
+            .unwrap()
+            .get(&d)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Hashes a blob written by `write_unverified`; if it matches, makes it durable and marks
