@@ -87,6 +87,15 @@ fn a_slow_cache_disk_is_skipped_by_readers_and_filled_by_ensure() {
         "nothing was skipped although the disk was behind"
     );
     assert!(skipped < size as u64, "everything was skipped");
+    // A chunk served without being cached is still held for its reader: read-ahead does not
+    // fetch it again, so the origin sent each byte once.
+    let again: Vec<_> = setup
+        .origin
+        .range_counts("big.bin")
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(again.is_empty(), "ranges fetched more than once: {again:?}");
     assert_ne!(
         wait_state(&path, "COMPLETE"),
         "COMPLETE",

@@ -10,8 +10,8 @@
 //!
 //! Bounded: at most `cap` bytes, entries expire after `ttl` (a reader that went elsewhere), and
 //! when full a new chunk is not kept (the oldest entries are the ones a sequential reader
-//! reaches next, so they are the last to give up). A chunk is let go when a read reaches its
-//! last byte.
+//! reaches next, so they are the last to give up). A chunk is let go once reads have been
+//! served as many bytes as it holds.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -24,7 +24,11 @@ pub(super) struct Landed {
     cap: usize,
     ttl: Duration,
     used: usize,
-    chunks: HashMap<(Digest, u64), (Instant, VerifiedChunk)>,
+    /// (when it landed, the chunk, which of its pages have been served).
+    chunks: HashMap<(Digest, u64), (Instant, VerifiedChunk, Served)>,
+    /// Chunks let go after every page was served, and when: read-ahead, which a reader's
+    /// last reads of a chunk can still trigger, does not fetch them again for `ttl`.
+    done: HashMap<(Digest, u64), Instant>,
 }
 
 impl Landed {
@@ -34,15 +38,17 @@ impl Landed {
             ttl,
             used: 0,
             chunks: HashMap::new(),
+            done: HashMap::new(),
         }
     }
 
-    /// Keeps chunk `idx` of blob `blob`, if there is room once expired entries are gone.
-    pub(super) fn insert(&mut self, blob: Digest, idx: u64, chunk: VerifiedChunk) {
+    /// Keeps chunk `idx` of blob `blob`, if there is room once expired entries are gone;
+    /// returns whether it is kept.
+    pub(super) fn insert(&mut self, blob: Digest, idx: u64, chunk: VerifiedChunk) -> bool {
         let now = Instant::now();
         let ttl = self.ttl;
         let mut freed = 0;
-        self.chunks.retain(|_, (t, c)| {
+        self.chunks.retain(|_, (t, c, _)| {
             let keep = now.duration_since(*t) < ttl;
             if !keep {
                 freed += c.bytes().len();
@@ -50,17 +56,25 @@ impl Landed {
             keep
         });
         self.used -= freed;
+        self.done.retain(|_, t| now.duration_since(*t) < ttl);
         let len = chunk.bytes().len();
-        if self.used + len > self.cap || self.chunks.contains_key(&(blob, idx)) {
-            return;
+        if self.chunks.contains_key(&(blob, idx)) {
+            return true;
+        }
+        if self.used + len > self.cap {
+            return false;
         }
         self.used += len;
-        self.chunks.insert((blob, idx), (now, chunk));
+        let served = Served::new(len);
+        self.chunks.insert((blob, idx), (now, chunk, served));
+        true
     }
 
     /// `offset..end` of blob `blob` if one kept chunk covers it and is the chunk the file's
     /// manifest names there (`expected`: same digest, so the same bytes, whatever manifest
-    /// put it here). A read that reaches the chunk's end lets it go.
+    /// put it here). Once reads have been served as many bytes as the chunk holds, it is let
+    /// go: by bytes, not by a read reaching its end, since the kernel may send a chunk's
+    /// reads out of order.
     pub(super) fn slice(
         &mut self,
         blob: Digest,
@@ -75,26 +89,54 @@ impl Landed {
         }
         let idx = covering.start;
         let r = layout.range(idx);
-        let key = (blob, idx);
-        let (_, c) = self.chunks.get(&key)?;
+        let (_, c, _) = self.chunks.get(&(blob, idx))?;
         if c.digest() != expected(idx) || c.bytes().len() as u64 != r.end - r.start {
             return None;
         }
         let out = c
             .bytes()
             .slice((offset - r.start) as usize..(end - r.start) as usize);
-        if end == r.end {
-            let (_, c) = self.chunks.remove(&key).expect("just looked up");
-            self.used -= c.bytes().len();
-        }
+        self.served(blob, idx, offset - r.start, end - r.start);
         Some(out)
     }
 
-    /// Lets chunk `idx` of `blob` go (a reader was served its last byte another way).
-    pub(super) fn let_go(&mut self, blob: Digest, idx: u64) {
-        if let Some((_, c)) = self.chunks.remove(&(blob, idx)) {
+    /// Records `start..end` (offsets in chunk `idx` of `blob`) as served (also for a read
+    /// answered from the fetch itself); lets the chunk go once every page of it has been.
+    /// Pages, not a byte count: the kernel may ask for a range twice (a read racing its own
+    /// read-ahead), and a count would then let the chunk go before its last bytes were read.
+    pub(super) fn served(&mut self, blob: Digest, idx: u64, start: u64, end: u64) {
+        let Some((_, _, served)) = self.chunks.get_mut(&(blob, idx)) else {
+            return;
+        };
+        if served.mark(start, end) {
+            let (_, c, _) = self.chunks.remove(&(blob, idx)).expect("just looked up");
             self.used -= c.bytes().len();
+            self.done.insert((blob, idx), Instant::now());
         }
+    }
+
+    /// Chunk `idx` of `blob`, if kept and it is the one `expected` names with `len` bytes (for
+    /// a read across chunks; the caller records what it served with [`Landed::served`]).
+    pub(super) fn get(
+        &self,
+        blob: Digest,
+        idx: u64,
+        expected: Digest,
+        len: u64,
+    ) -> Option<VerifiedChunk> {
+        let (_, c, _) = self.chunks.get(&(blob, idx))?;
+        (c.digest() == expected && c.bytes().len() as u64 == len).then(|| c.clone())
+    }
+
+    /// Whether read-ahead should leave chunk `idx` of `blob` alone: it is kept (fetching it
+    /// again would be waste: it may be one a reader was served without caching it), or a
+    /// reader was just served all of it.
+    pub(super) fn holds(&self, blob: Digest, idx: u64) -> bool {
+        self.chunks.contains_key(&(blob, idx))
+            || self
+                .done
+                .get(&(blob, idx))
+                .is_some_and(|t| t.elapsed() < self.ttl)
     }
 
     #[cfg(test)]
@@ -103,9 +145,41 @@ impl Landed {
     }
 }
 
+/// Which 4 KiB pages of a chunk have been served.
+struct Served {
+    pages: Vec<u64>,
+    left: u64,
+}
+
+const PAGE: u64 = 4096;
+
+impl Served {
+    fn new(len: usize) -> Served {
+        let n = (len as u64).div_ceil(PAGE).max(1);
+        Served {
+            pages: vec![0; n.div_ceil(64) as usize],
+            left: n,
+        }
+    }
+
+    /// Marks the pages `start..end` touches; returns whether every page is now served.
+    fn mark(&mut self, start: u64, end: u64) -> bool {
+        for p in start / PAGE..end.div_ceil(PAGE) {
+            let (w, b) = ((p / 64) as usize, p % 64);
+            if w < self.pages.len() && self.pages[w] & (1 << b) == 0 {
+                self.pages[w] |= 1 << b;
+                self.left = self.left.saturating_sub(1);
+            }
+        }
+        self.left == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const K: u64 = 1024;
 
     fn chunk(data: &[u8]) -> VerifiedChunk {
         VerifiedChunk::verify(
@@ -116,32 +190,45 @@ mod tests {
         .unwrap()
     }
 
+    /// A blob of 4 chunks of 16 KiB (4 pages each).
     fn setup() -> (Digest, Layout, Vec<Vec<u8>>) {
-        let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 16]).collect();
-        (Digest::of(b"blob"), Layout::new(64, 16), data)
+        let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 16 * K as usize]).collect();
+        (Digest::of(b"blob"), Layout::new(64 * K, 16 * K), data)
     }
 
     #[test]
-    fn serves_slices_and_lets_go_at_the_chunk_end() {
+    fn serves_slices_and_lets_go_once_every_page_was_served() {
         let (blob, layout, data) = setup();
         let digests: Vec<Digest> = data.iter().map(|d| Digest::of(d)).collect();
         let expected = |i: u64| digests[i as usize];
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
-        l.insert(blob, 1, chunk(&data[1]));
-        assert_eq!(l.used(), 16);
-        assert_eq!(
-            l.slice(blob, &layout, &expected, 16, 20).unwrap(),
-            &data[1][..4]
-        );
+        let at = |a: u64, b: u64| (a * K) as usize..(b * K) as usize;
+        assert!(l.insert(blob, 1, chunk(&data[1])));
+        assert_eq!(l.used(), 16 * K as usize);
+        let got = l.slice(blob, &layout, &expected, 16 * K, 20 * K).unwrap();
+        assert_eq!(got, &data[1][at(0, 4)]);
         // Across two chunks, or a chunk not kept: not served from here.
-        assert!(l.slice(blob, &layout, &expected, 12, 20).is_none());
-        assert!(l.slice(blob, &layout, &expected, 0, 4).is_none());
-        assert_eq!(
-            l.slice(blob, &layout, &expected, 20, 32).unwrap(),
-            &data[1][4..]
-        );
-        assert_eq!(l.used(), 0, "reading to the chunk's end lets it go");
-        assert!(l.slice(blob, &layout, &expected, 16, 20).is_none());
+        assert!(l.slice(blob, &layout, &expected, 12 * K, 20 * K).is_none());
+        assert!(l.slice(blob, &layout, &expected, 0, 4 * K).is_none());
+        let got = l.slice(blob, &layout, &expected, 20 * K, 32 * K).unwrap();
+        assert_eq!(got, &data[1][at(4, 16)]);
+        assert_eq!(l.used(), 0, "serving all of its pages lets it go");
+        assert!(l.slice(blob, &layout, &expected, 16 * K, 20 * K).is_none());
+        // Out of order (the kernel's concurrent reads): the end first, then the start.
+        l.insert(blob, 1, chunk(&data[1]));
+        assert!(l.slice(blob, &layout, &expected, 24 * K, 32 * K).is_some());
+        assert_eq!(l.used(), 16 * K as usize, "half served: still kept");
+        assert!(l.slice(blob, &layout, &expected, 16 * K, 24 * K).is_some());
+        assert_eq!(l.used(), 0);
+        // The same pages twice (a read racing its read-ahead) do not count twice.
+        l.insert(blob, 2, chunk(&data[2]));
+        for _ in 0..4 {
+            assert!(l.slice(blob, &layout, &expected, 32 * K, 36 * K).is_some());
+        }
+        assert!(l.holds(blob, 2), "kept until every page is served");
+        assert!(l.slice(blob, &layout, &expected, 36 * K, 48 * K).is_some());
+        assert_eq!(l.used(), 0);
+        assert!(l.holds(blob, 2), "just served: read-ahead leaves it alone");
     }
 
     #[test]
@@ -150,29 +237,29 @@ mod tests {
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
         l.insert(blob, 2, chunk(&data[2]));
         let other = Digest::of(b"something else");
-        assert!(l.slice(blob, &layout, &|_| other, 32, 36).is_none());
+        assert!(l.slice(blob, &layout, &|_| other, 32 * K, 36 * K).is_none());
         // Another layout of the same blob (different chunk size): lengths differ, refused.
-        let wide = Layout::new(64, 32);
+        let wide = Layout::new(64 * K, 32 * K);
         let d2 = Digest::of(&data[2]);
-        assert!(l.slice(blob, &wide, &|_| d2, 64 - 32, 40).is_none());
+        assert!(l.slice(blob, &wide, &|_| d2, 32 * K, 40 * K).is_none());
     }
 
     #[test]
     fn bounded_and_expiring() {
         let (blob, _, data) = setup();
-        let mut l = Landed::new(32, Duration::from_millis(50));
-        l.insert(blob, 0, chunk(&data[0]));
-        l.insert(blob, 1, chunk(&data[1]));
-        l.insert(blob, 2, chunk(&data[2]));
-        assert_eq!(
-            l.used(),
-            32,
-            "full: the third is not kept, the first two stay"
+        let mut l = Landed::new(32 * K as usize, Duration::from_millis(50));
+        assert!(l.insert(blob, 0, chunk(&data[0])));
+        assert!(l.insert(blob, 1, chunk(&data[1])));
+        assert!(
+            !l.insert(blob, 2, chunk(&data[2])),
+            "full: the third is not kept"
         );
-        assert!(l.chunks.contains_key(&(blob, 0)) && !l.chunks.contains_key(&(blob, 2)));
+        assert!(l.holds(blob, 0) && !l.holds(blob, 2));
         std::thread::sleep(Duration::from_millis(60));
-        l.insert(blob, 3, chunk(&data[3]));
-        assert_eq!(l.used(), 16, "expired entries make room");
-        assert!(l.chunks.contains_key(&(blob, 3)));
+        assert!(
+            l.insert(blob, 3, chunk(&data[3])),
+            "expired entries make room"
+        );
+        assert_eq!(l.used(), 16 * K as usize);
     }
 }

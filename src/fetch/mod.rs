@@ -319,24 +319,40 @@ impl Fetcher {
                 // to fetch by, so it is made whole again.
                 continue;
             }
-            let fetched: Vec<(u64, Option<VerifiedChunk>)> =
-                futures::future::try_join_all(missing.into_iter().map(|idx| {
+            // A chunk still held in memory is used as is: it may be one served without being
+            // cached (`when_cache_behind = "skip"`), which a fetch would only bring again.
+            let mut fetched: HashMap<u64, VerifiedChunk> = HashMap::new();
+            let mut to_fetch = Vec::new();
+            if let Some(digests) = &f.chunks {
+                let landed = self.landed.lock().unwrap();
+                for idx in missing {
+                    let r = layout.range(idx);
+                    match landed.get(f.sha256, idx, digests[idx as usize], r.end - r.start) {
+                        Some(c) => {
+                            fetched.insert(idx, c);
+                        }
+                        None => to_fetch.push(idx),
+                    }
+                }
+            }
+            let got: Vec<(u64, Option<VerifiedChunk>)> =
+                futures::future::try_join_all(to_fetch.into_iter().map(|idx| {
                     let fut = self.chunk(file, idx, Priority::OnDemand, None);
                     async move { fut.await.map(|c| (idx, c)) }
                 }))
                 .await?;
-            let fetched: HashMap<u64, VerifiedChunk> = fetched
-                .into_iter()
-                .filter_map(|(i, c)| c.map(|c| (i, c)))
-                .collect();
+            fetched.extend(got.into_iter().filter_map(|(i, c)| c.map(|c| (i, c))));
             // The common case, a read inside one freshly fetched chunk, is a slice of it.
             if covering.end - covering.start == 1
                 && let Some(c) = fetched.get(&covering.start)
             {
                 let r = layout.range(covering.start);
-                if end == r.end {
-                    self.landed.lock().unwrap().let_go(f.sha256, covering.start);
-                }
+                self.landed.lock().unwrap().served(
+                    f.sha256,
+                    covering.start,
+                    offset - r.start,
+                    end - r.start,
+                );
                 return Ok(c
                     .bytes()
                     .slice((offset - r.start) as usize..(end - r.start) as usize));
@@ -348,9 +364,11 @@ impl Fetcher {
                 let (s, e) = (r.start.max(offset), r.end.min(end));
                 let dst = (s - offset) as usize..(e - offset) as usize;
                 match fetched.get(&idx) {
-                    Some(c) => out[dst].copy_from_slice(
-                        &c.bytes()[(s - r.start) as usize..(e - r.start) as usize],
-                    ),
+                    Some(c) => {
+                        let (a, b) = (s - r.start, e - r.start);
+                        out[dst].copy_from_slice(&c.bytes()[a as usize..b as usize]);
+                        self.landed.lock().unwrap().served(f.sha256, idx, a, b);
+                    }
                     None => from_disk.push((idx, s, dst)),
                 }
             }
@@ -381,7 +399,9 @@ impl Fetcher {
             return;
         }
         for idx in self.store.missing(f, chunks) {
-            if self.inflight.lock().unwrap().contains_key(&(f.sha256, idx)) {
+            if self.inflight.lock().unwrap().contains_key(&(f.sha256, idx))
+                || self.landed.lock().unwrap().holds(f.sha256, idx)
+            {
                 continue;
             }
             let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else {
@@ -562,14 +582,16 @@ impl Fetcher {
                     return done(Err(e));
                 }
             };
-            if for_reader {
-                this.landed
+            let kept = for_reader
+                && this
+                    .landed
                     .lock()
                     .unwrap()
                     .insert(key.0, idx, chunk.clone());
-            }
             let _ = tx.send(Ok(chunk.clone()));
-            if for_reader && this.cache_is_behind(chunk.bytes().len() as u64) {
+            // Only a chunk kept for its reader may skip the cache: one dropped now would be
+            // fetched again when the reader gets there.
+            if kept && this.cache_is_behind(chunk.bytes().len() as u64) {
                 METRICS.cache_skipped_bytes.inc_by(chunk.bytes().len() as u64);
                 tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx,
                     "served and not cached: the cache disk is behind");

@@ -75,6 +75,18 @@ impl Store {
     /// and marked present, so a read racing an index rebuild fetches nothing it already has.
     /// `None` when there is nothing usable on disk. Blocking.
     pub fn adopt_chunk(&self, f: &FileEntry, idx: u64, expected: Digest) -> Option<VerifiedChunk> {
+        // A file this process created holds only its own commits: nothing to adopt, and no
+        // need to ask the filesystem (`SEEK_DATA` waits for the inode lock that a slow
+        // `O_DIRECT` write of another chunk holds, which put every fetch behind the disk).
+        if self
+            .blobs
+            .lock()
+            .unwrap()
+            .get(&f.sha256)
+            .is_some_and(|s| s.fresh)
+        {
+            return None;
+        }
         let path = self.blob_path(f.sha256);
         let epoch = self.unverified_epoch(f.sha256);
         let file = File::open(&path).ok()?;

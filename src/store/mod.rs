@@ -335,8 +335,10 @@ impl Store {
         self.retry_forgets()?;
         // Index row first: a blob file is never on disk without a row naming it.
         self.index.upsert_blob(f.sha256, f.layout())?;
+        let existed = self.blob_path(f.sha256).exists();
         let fd = self.fd(f.sha256, Some(f.size))?;
-        let st = BlobState::new(f.layout(), now_secs());
+        let mut st = BlobState::new(f.layout(), now_secs());
+        st.fresh = !existed;
         let generation = st.generation;
         // A state of another layout (a manifest changed the chunk size) is replaced.
         if let Some(old) = self.blobs.lock().unwrap().insert(f.sha256, st) {

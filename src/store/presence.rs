@@ -24,6 +24,9 @@ pub(super) struct BlobState {
     pub(super) last_access: u64,
     /// `last_access` changed since the index was last told (`flush_access_times`).
     pub(super) access_dirty: bool,
+    /// The blob file was created by this process for this state: every byte in it was
+    /// written by a commit of this process, so there is nothing on disk to adopt.
+    pub(super) fresh: bool,
 }
 
 impl BlobState {
@@ -35,6 +38,7 @@ impl BlobState {
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             last_access,
             access_dirty: false,
+            fresh: false,
         }
     }
     pub(super) fn has(&self, idx: u64) -> bool {
