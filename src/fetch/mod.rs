@@ -4,8 +4,11 @@
 //!   task and parks a shared future in `inflight`; later readers await the same future. The
 //!   task runs to completion even if its readers give up, so the bytes still land in the cache.
 //! - A chunk is fetched as parallel parts (`part_size_kib`) to cut time to first byte, then
-//!   verified against its sha256 on a blocking thread before anything else sees it; only a
-//!   `VerifiedChunk` can be committed or served.
+//!   verified against its digest (the file's `chunk_hash`) on a blocking thread before anything
+//!   else sees it; only a `VerifiedChunk` can be committed or served.
+//! - A chunk fetched for a reader stays in memory (`landed.rs`) until the reads that follow
+//!   were served from it; with `when_cache_behind = "skip"` and the cache disk behind, such a
+//!   chunk is served and not cached.
 //! - Sources are tried in priority order; a part is retried with exponential backoff and full
 //!   jitter; a source that keeps failing, or sends wrong bytes, cools down and is tried last.
 //! - Budgets: `connections` bounds requests in flight; read-ahead may use all but a quarter of
@@ -16,7 +19,8 @@
 //!
 //! This file owns the `Fetcher`, single-flight, the read path and committing; `attempt.rs`
 //! asks the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
-//! whole-only files. `FileCtx` lives in `crate::file_ctx` and is re-exported here.
+//! whole-only files; `landed.rs` keeps verified chunks for their readers. `FileCtx` lives in
+//! `crate::file_ctx` and is re-exported here.
 
 use std::collections::HashMap;
 use std::ops::Range;
