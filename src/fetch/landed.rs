@@ -89,11 +89,8 @@ impl Landed {
         }
         let idx = covering.start;
         let r = layout.range(idx);
-        let (_, c, _) = self.chunks.get(&(blob, idx))?;
-        if c.digest() != expected(idx) || c.bytes().len() as u64 != r.end - r.start {
-            return None;
-        }
-        let out = c
+        let out = self
+            .get(blob, idx, expected(idx), r.end - r.start)?
             .bytes()
             .slice((offset - r.start) as usize..(end - r.start) as usize);
         self.served(blob, idx, offset - r.start, end - r.start);
