@@ -39,8 +39,9 @@ impl Store {
     /// it) cannot slip between the check and the marks: otherwise chunks verified in an
     /// evicted file would be marked present in a new, empty one, and zeros served.
     /// `epoch` is [`Store::unverified_epoch`] from before the chunks were read: if an
-    /// unverified write (a whole-file fetch) was in progress then or has happened since, what
-    /// was verified may no longer be what is on disk, and nothing is marked.
+    /// unverified write (a whole-file fetch) ended since (one in progress then ends, and
+    /// counts, under `writer`, so before this check), what was verified may no longer be what
+    /// is on disk, and nothing is marked.
     /// Returns whether they were marked.
     pub(super) fn adopt_verified(
         &self,
@@ -52,7 +53,7 @@ impl Store {
         use std::os::unix::fs::MetadataExt;
         let path = self.blob_path(f.sha256);
         let _w = self.writer.lock().unwrap();
-        if epoch % 2 == 1 || self.unverified_epoch(f.sha256) != epoch {
+        if self.unverified_epoch(f.sha256) != epoch {
             return Ok(false);
         }
         let same = match (file.metadata(), std::fs::metadata(&path)) {

@@ -127,10 +127,10 @@ pub struct Store {
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
     unforgotten: Mutex<std::collections::HashSet<Digest>>,
-    /// Per blob, a count bumped before and after every unverified write (`write_unverified`):
-    /// odd while one is in progress. Adoption reads a blob's chunks back and marks them
-    /// present only if this did not move meanwhile, so unverified bytes written over what it
-    /// verified (a whole-file fetch racing an index rebuild) are never marked present.
+    /// Per blob, a count bumped after every unverified write (`write_unverified`, under
+    /// `writer`). Adoption reads a blob's chunks back and marks them present (under `writer`)
+    /// only if this did not move meanwhile, so unverified bytes written over what it verified
+    /// (a whole-file fetch racing an index rebuild) are never marked present.
     unverified: Mutex<HashMap<Digest, u64>>,
     /// Present bytes of every blob, kept as a running total (changed with the bits, under
     /// `blobs`): `used_bytes` at no cost, and a commit can tell it crossed auto GC's threshold.
@@ -622,15 +622,12 @@ impl Store {
         if self.missing(f, covering).is_empty() && !data.is_empty() {
             return Ok(generation);
         }
-        self.bump_unverified(f.sha256);
-        let r = fd.write_all_at(data, offset);
-        self.bump_unverified(f.sha256);
-        r.map_err(io_err(&self.blob_path(f.sha256)))?;
+        let written = fd.write_all_at(data, offset);
+        // After the write (failed or not: bytes may have landed), still under `writer`: an
+        // adoption that read the file before or during it finds the count moved.
+        *self.unverified.lock().unwrap().entry(f.sha256).or_insert(0) += 1;
+        written.map_err(io_err(&self.blob_path(f.sha256)))?;
         Ok(generation)
-    }
-
-    fn bump_unverified(&self, d: Digest) {
-        *self.unverified.lock().unwrap().entry(d).or_insert(0) += 1;
     }
 
     /// The blob's unverified-write count (see `Store::unverified`).
