@@ -312,7 +312,10 @@ async fn hash_one(
         .buffered(PIECES_IN_FLIGHT);
     while let Some(bytes) = pieces.try_next().await? {
         whole.update(&bytes);
-        chunks.push(opts.chunk_hash.digest(&bytes));
+        // A whole-only entry lists no chunk digests: no second hash of every byte for it.
+        if !opts.whole_only {
+            chunks.push(opts.chunk_hash.digest(&bytes));
+        }
         bar.inc(bytes.len() as u64);
     }
     let actual = Digest(whole.finalize().into());
