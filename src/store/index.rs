@@ -284,11 +284,6 @@ impl Index {
         Ok(reset)
     }
 
-    /// Marks chunks present. Call only after their bytes are verified and durable.
-    pub fn mark_present(&self, blob: Digest, chunks: &[(u64, Digest)]) -> Result<(), IndexError> {
-        self.mark_present_many(&[(blob, chunks)])
-    }
-
     /// Marks chunks of several blobs present in one transaction (a group commit): one
     /// journal write for the lot, all or none. Call only after their bytes are verified and
     /// durable.
@@ -545,7 +540,8 @@ mod tests {
         {
             let ix = Index::open(&p).unwrap();
             assert!(!ix.upsert_blob(b, Layout::new(100, 10)).unwrap());
-            ix.mark_present(b, &[(3, Digest::of(b"c3"))]).unwrap();
+            ix.mark_present_many(&[(b, &[(3, Digest::of(b"c3"))])])
+                .unwrap();
         }
         let ix = Index::open(&p).unwrap();
         let rows = ix.load().unwrap();
