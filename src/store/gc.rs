@@ -235,17 +235,6 @@ mod tests {
     }
 
     #[test]
-    fn a_dry_run_plans_the_same() {
-        // The plan does not know about dry runs: the caller decides whether to carry it out,
-        // so a dry run and a real run with the same inputs remove the same blobs.
-        let blobs: Vec<GcBlob> = (0..5).map(|i| blob(i, 10, 5 - u64::from(i))).collect();
-        let a = plan_gc(&blobs, &limits(40, 0.0), usage(50), GcMode::Auto);
-        let b = plan_gc(&blobs, &limits(40, 0.0), usage(50), GcMode::Auto);
-        assert_eq!(a, b);
-        assert_eq!(evicted(&a), [1, 2]);
-    }
-
-    #[test]
     fn no_limits_means_auto_removes_nothing() {
         let blobs: Vec<GcBlob> = (0..5).map(|i| blob(i, 10, u64::from(i))).collect();
         let p = plan_gc(&blobs, &limits(0, 0.0), usage(1 << 40), GcMode::Auto);
