@@ -110,6 +110,17 @@ pub struct GcConfig {
     pub interval_secs: f64,
 }
 
+impl GcConfig {
+    /// Auto GC's byte threshold, `high_watermark × max_bytes` (0: no byte limit). Usage above
+    /// it is what the store's wake-up, `gc_due` and health's `disk_watermark` each look for.
+    pub fn high_bytes(&self) -> u64 {
+        if self.max_bytes == 0 {
+            return 0;
+        }
+        (self.high_watermark * self.max_bytes as f64) as u64
+    }
+}
+
 impl Default for GcConfig {
     fn default() -> Self {
         GcConfig {

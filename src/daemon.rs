@@ -149,7 +149,7 @@ pub fn serve(
     let manifest = compiled.manifest;
     let tree = Tree::build(&files, None);
     fetcher.set_peers(peer_handles(&sources, &cfg)?, cfg.peers.cooldown());
-    store.set_gc_threshold(gc_threshold(&cfg));
+    store.set_gc_threshold(cfg.gc.high_bytes());
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
     let fs = Arc::new(ModelFs::new(
         tree,
@@ -313,15 +313,6 @@ pub fn serve(
     Ok(())
 }
 
-/// Auto GC's byte threshold for the store (`high_watermark × max_bytes`; 0 without a byte
-/// limit).
-fn gc_threshold(cfg: &Config) -> u64 {
-    if cfg.gc.max_bytes == 0 {
-        return 0;
-    }
-    (cfg.gc.high_watermark * cfg.gc.max_bytes as f64) as u64
-}
-
 /// Gives glibc's free memory back to the system: building the catalog and the tree leaves
 /// freed temporaries in the heap that would otherwise count as resident for the daemon's life.
 fn trim_heap() {
@@ -439,7 +430,7 @@ impl Reloader {
                     );
                 }
                 in_force.gc = cfg.gc.clone();
-                self.store.set_gc_threshold(gc_threshold(&cfg));
+                self.store.set_gc_threshold(cfg.gc.high_bytes());
                 if in_force.peers != cfg.peers {
                     match peer_handles(&self.sources, &cfg) {
                         Ok(peers) => {

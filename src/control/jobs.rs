@@ -688,7 +688,7 @@ impl Control {
         let (used, _, free_pct) = self.usage();
         let cfg = self.cfg();
         let gc = &cfg.gc;
-        (gc.max_bytes > 0 && used as f64 > gc.high_watermark * gc.max_bytes as f64)
+        (gc.max_bytes > 0 && used > gc.high_bytes())
             || (gc.min_free_percent > 0.0 && free_pct < gc.min_free_percent)
     }
 
