@@ -868,6 +868,16 @@ struct OutFile {
 /// two names equal under Unicode normalization...) refuses the whole build, naming every such
 /// file before anything is hashed: a partial entry would silently leave files out.
 impl BuildOptions {
+    /// Each file's first-chunk size when the options fix it (whole-only or uniform: the
+    /// chunk size; `--head-size N`: N); `None`: taken from the file (a safetensors header).
+    pub fn fixed_head(&self) -> Option<u64> {
+        match (self.whole_only, self.head_size) {
+            (true, _) | (false, Some(0)) => Some(self.chunk_size),
+            (false, Some(h)) => Some(h),
+            (false, None) => None,
+        }
+    }
+
     /// Refuses options no build can use, naming the flag (relative `local://` sources resolve
     /// against `base`).
     pub fn check(&self, base: &Path) -> anyhow::Result<()> {
@@ -938,10 +948,9 @@ fn build_file(
 ) -> anyhow::Result<BuiltFile> {
     use anyhow::Context;
     let full = dir.join(rel);
-    let head = match (opts.whole_only, opts.head_size) {
-        (true, _) | (false, Some(0)) => opts.chunk_size,
-        (false, Some(h)) => h,
-        (false, None) => head_size_for(&full, opts.chunk_size)
+    let head = match opts.fixed_head() {
+        Some(h) => h,
+        None => head_size_for(&full, opts.chunk_size)
             .with_context(|| format!("reading {}", full.display()))?,
     };
     let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head, opts.chunk_hash)

@@ -287,21 +287,16 @@ async fn hash_one(
     opts: &BuildOptions,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<BuiltFile> {
-    let head = if opts.whole_only {
-        opts.chunk_size
-    } else {
-        match opts.head_size {
-            Some(0) => opts.chunk_size,
-            Some(h) => h,
-            None => {
-                let header = if f.path.ends_with(".safetensors") && f.size >= 8 {
-                    let b = fetch_piece(source, url, &f.path, 0..8).await?;
-                    b.as_ref().try_into().ok()
-                } else {
-                    None
-                };
-                head_size_from(header, opts.chunk_size)
-            }
+    let head = match opts.fixed_head() {
+        Some(h) => h,
+        None => {
+            let header = if f.path.ends_with(".safetensors") && f.size >= 8 {
+                let b = fetch_piece(source, url, &f.path, 0..8).await?;
+                b.as_ref().try_into().ok()
+            } else {
+                None
+            };
+            head_size_from(header, opts.chunk_size)
         }
     };
     let layout = Layout::with_head(f.size, opts.chunk_size, head);
