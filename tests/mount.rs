@@ -286,6 +286,80 @@ fn concurrent_readers_fetch_each_range_once() {
     );
 }
 
+/// Read-ahead parts follow the origin's measured speed per request: from an origin that
+/// trickles each connection, every request stays one `part_size_kib` part; from a fast one,
+/// read-ahead asks for runs of parts (whole chunks), so a sequential read takes far fewer
+/// requests than parts. Either way each request is a run of whole parts inside one chunk (what
+/// a `slice`d cache tier relies on), and the bytes are right.
+#[test]
+fn read_ahead_parts_follow_the_origins_speed() {
+    const CS: u64 = 2 * MIB as u64;
+    const PART: u64 = 128 * KIB as u64;
+    let setup = GenSetup::new(&[("slow.bin", 6 * MIB), ("fast.bin", 48 * MIB)], CS, 29);
+    let config = WanConfig {
+        readahead_chunks: 4,
+        part_size_kib: (PART / 1024) as u32,
+        ..WanConfig::default()
+    };
+    // 2 MiB/s per request: a 128 KiB part takes over 60 ms, far above the 10 ms that would
+    // make read-ahead join parts.
+    setup
+        .origin
+        .add_fault(Fault::Trickle(2 << 20), Some("slow.bin"), None);
+    let mount = Mount::start(setup.spec(config));
+
+    let requests = |rel: &str| -> Vec<(u64, u64)> {
+        let f = setup.file(rel);
+        let chunks = f.chunk_ranges();
+        let gets: Vec<(u64, u64)> = setup
+            .origin
+            .gets(&format!("/{rel}"))
+            .iter()
+            .map(|r| r.range.expect("a range request"))
+            .collect();
+        for &(a, b) in &gets {
+            let c = chunks
+                .iter()
+                .find(|c| c.contains(&a))
+                .unwrap_or_else(|| panic!("{rel}: request {a}-{b} starts in no chunk"));
+            assert!(
+                b < c.end
+                    && (a - c.start) % PART == 0
+                    && ((b + 1 - c.start) % PART == 0 || b + 1 == c.end),
+                "{rel}: request {a}-{b} is not a run of whole parts inside chunk {c:?}"
+            );
+        }
+        gets
+    };
+
+    let slow = setup.mounted(&mount, "slow.bin");
+    assert_bytes_eq(
+        &fs::read(&slow).expect("read slow.bin"),
+        setup.data("slow.bin"),
+        "slow.bin",
+    );
+    let gets = requests("slow.bin");
+    let long: Vec<_> = gets.iter().filter(|(a, b)| b + 1 - a > PART).collect();
+    assert!(
+        long.is_empty(),
+        "a trickling origin was asked for more than one part at a time: {long:?}"
+    );
+
+    let fast = setup.mounted(&mount, "fast.bin");
+    assert_bytes_eq(
+        &fs::read(&fast).expect("read fast.bin"),
+        setup.data("fast.bin"),
+        "fast.bin",
+    );
+    let gets = requests("fast.bin");
+    let parts = (48 * MIB as u64).div_ceil(PART) as usize;
+    assert!(
+        gets.len() * 2 < parts,
+        "a fast origin was asked {} times for a file of {parts} parts: read-ahead did not join parts",
+        gets.len()
+    );
+}
+
 /// A `--whole-only` file is fetched whole on its first read (in ranges), verified, then served.
 #[test]
 fn whole_only_file_is_fetched_whole_on_first_read() {

@@ -16,6 +16,26 @@ use crate::source::{SourceError, SourceHandle};
 
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
 
+/// About how long one read-ahead request should take (see [`Fetcher::part_len`]). Short
+/// enough that a per-connection limit still gets `part_size_kib` parts (1 MiB takes 20 ms at
+/// 50 MiB/s), long enough that a source delivering a few hundred MB/s per request gets a
+/// whole 8 MiB chunk in one. With `readahead_chunks` chunks in flight it also bounds what
+/// the middle ground can deliver: 4 × 8 MiB per 10 ms, over 3 GB/s.
+const PART_SECS: f64 = 0.010;
+
+/// [`Fetcher::part_len`] for a source whose requests deliver `rate` bytes/s (`None`: not
+/// measured yet): `base` on demand or before any measurement, else the multiple of `base`
+/// that takes about `PART_SECS`, between one `base` and the whole `len`.
+fn part_len(base: u64, rate: Option<f64>, prio: Priority, len: u64) -> usize {
+    let base = base.max(1);
+    let rate = match (prio, rate) {
+        (Priority::ReadAhead, Some(rate)) => rate,
+        _ => return base as usize,
+    };
+    let k = (rate * PART_SECS / base as f64) as u64;
+    (base * k.clamp(1, len.div_ceil(base).max(1))) as usize
+}
+
 impl Fetcher {
     /// The peers to ask now, in order: those cooling down are skipped outright (not probed,
     /// as a cooling origin is), so a peer that is down costs one connect timeout per
@@ -199,7 +219,7 @@ impl Fetcher {
         prio: Priority,
         attempts: u32,
     ) -> Result<Bytes, SourceError> {
-        let part = self.cfg.part_size() as usize;
+        let part = self.part_len(src, prio, range.end - range.start);
         // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
         // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
         // and the bytes are hashed before anyone sees them.
@@ -214,6 +234,18 @@ impl Fetcher {
         ))
         .await?;
         Ok(buf.freeze())
+    }
+
+    /// How large the parts of a `len`-byte fetch from `src` are. Parallel parts of
+    /// `part_size_kib` cut the time to a chunk where one connection is slow (an origin limited
+    /// per connection), but each costs a request, a response head and the wake-ups of a short
+    /// transfer, at both ends. So a read-ahead fetch, which nobody is blocked on yet, uses
+    /// parts as large as the source delivers in about `PART_SECS` per request (a multiple of
+    /// `part_size_kib`, at most the whole range): a fast origin gets one request per chunk, a
+    /// per-connection-limited one still gets parts of `part_size_kib`. On-demand fetches keep
+    /// the small parts: a reader is waiting.
+    pub(super) fn part_len(&self, src: &SourceHandle, prio: Priority, len: u64) -> usize {
+        part_len(self.cfg.part_size(), src.rate(), prio, len)
     }
 
     pub(super) async fn fetch_part(
@@ -242,6 +274,7 @@ impl Fetcher {
                 Priority::OnDemand => None,
             };
             let _conn = self.connections.acquire().await.expect("open");
+            let t0 = Instant::now();
             let res = tokio::time::timeout(
                 self.cfg.request_timeout(),
                 src.source.fetch_into(path, r.clone(), &mut *buf),
@@ -250,6 +283,7 @@ impl Fetcher {
             .unwrap_or(Err(SourceError::Timeout));
             match res {
                 Ok(()) => {
+                    src.record_rate(buf.len() as u64, t0.elapsed().as_secs_f64());
                     METRICS
                         .source_bytes
                         .with_label_values(&[&src.name])
@@ -288,5 +322,39 @@ impl Fetcher {
             }
         }
         Err(last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn on_demand_and_unmeasured_fetches_use_the_configured_part() {
+        assert_eq!(
+            part_len(MIB, Some(5e9), Priority::OnDemand, 8 * MIB),
+            MIB as usize
+        );
+        assert_eq!(
+            part_len(MIB, None, Priority::ReadAhead, 8 * MIB),
+            MIB as usize
+        );
+    }
+
+    #[test]
+    fn read_ahead_parts_grow_with_the_rate_up_to_the_whole_range() {
+        let ra = |rate: f64, len: u64| part_len(MIB, Some(rate), Priority::ReadAhead, len) as u64;
+        // 50 MiB/s per connection: a 1 MiB part already takes 20 ms.
+        assert_eq!(ra(50.0 * MIB as f64, 8 * MIB), MIB);
+        // 300 MiB/s: 3 MiB in 10 ms.
+        assert_eq!(ra(300.0 * MIB as f64, 8 * MIB), 3 * MIB);
+        // Fast: one request for the chunk, never more than the range (rounded up to a part).
+        assert_eq!(ra(5e9, 8 * MIB), 8 * MIB);
+        assert_eq!(ra(5e9, 8 * MIB - 5), 8 * MIB);
+        assert_eq!(ra(5e9, 100), MIB);
+        // A zero part size in a config never divides by zero.
+        assert_eq!(part_len(0, Some(5e9), Priority::ReadAhead, 10), 10);
     }
 }

@@ -109,6 +109,10 @@ pub struct SourceHandle {
     /// the file's path, and a chunk it lacks (404) is not a failure of it.
     pub peer: bool,
     health: Mutex<Health>,
+    /// What one request to this source delivers, in bytes per second (a moving average over
+    /// completed requests, latency included); `None` until one completes. Sizes read-ahead
+    /// parts (`Fetcher::part_len`).
+    rate: Mutex<Option<f64>>,
 }
 
 #[derive(Default)]
@@ -132,7 +136,27 @@ impl SourceHandle {
             source,
             peer: false,
             health: Mutex::new(Health::default()),
+            rate: Mutex::new(None),
         }
+    }
+
+    /// Folds one completed request of `bytes` that took `secs` into the source's rate.
+    pub fn record_rate(&self, bytes: u64, secs: f64) {
+        // Down fast, up slowly: a source that slows down gets small parts again after a
+        // request or two (a large part on a slow connection keeps a chunk waiting), while
+        // one fast request does not make the next parts large.
+        const DOWN: f64 = 0.5;
+        const UP: f64 = 0.125;
+        let now = bytes as f64 / secs.max(1e-6);
+        let mut r = self.rate.lock().unwrap();
+        *r = Some(r.map_or(now, |old| {
+            old + if now < old { DOWN } else { UP } * (now - old)
+        }));
+    }
+
+    /// Bytes per second one request to this source delivers, once one has completed.
+    pub fn rate(&self) -> Option<f64> {
+        *self.rate.lock().unwrap()
     }
 
     /// Where this source finds `entry`'s bytes: its path under the model's base URL, or for a
@@ -340,6 +364,29 @@ mod tests {
         ) -> BoxFuture<'a, Result<Bytes, SourceError>> {
             Box::pin(async move { Err(SourceError::Unsupported(self.0.clone())) })
         }
+    }
+
+    #[test]
+    fn the_request_rate_follows_the_source_without_jumping_on_one_outlier() {
+        let h = SourceHandle::new("x".into(), Box::new(Unsupported(String::new())));
+        assert_eq!(h.rate(), None);
+        h.record_rate(1_000_000, 0.001);
+        assert_eq!(h.rate(), Some(1e9));
+        // A slow request halves the distance to it; a fast one closes an eighth of it.
+        h.record_rate(1_000_000, 1.0);
+        let r = h.rate().unwrap();
+        assert!((r - (1e9 + 1e6) / 2.0).abs() < 1.0, "{r}");
+        h.record_rate(2_000_000_000, 1.0);
+        let up = h.rate().unwrap();
+        assert!((up - (r + (2e9 - r) / 8.0)).abs() < 1.0, "{up}");
+        // A source that stays slow is followed within a few requests.
+        for _ in 0..8 {
+            h.record_rate(1_000_000, 1.0);
+        }
+        assert!(h.rate().unwrap() < 1e7, "{:?}", h.rate());
+        // A zero duration does not divide by zero.
+        h.record_rate(1, 0.0);
+        assert!(h.rate().unwrap().is_finite());
     }
 
     #[test]

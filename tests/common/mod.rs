@@ -214,7 +214,26 @@ pub struct ManifestFile {
     pub size: u64,
     pub sha256: String,
     pub chunk_size: Option<u64>,
+    /// The first chunk's size where it differs from `chunk_size`.
+    pub head_size: Option<u64>,
     pub chunks: Vec<String>,
+}
+
+impl ManifestFile {
+    /// The byte range `start..end` of each chunk, the head first.
+    pub fn chunk_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let cs = self.chunk_size.expect("a chunked file");
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut len = self.head_size.unwrap_or(cs);
+        while start < self.size {
+            let end = (start + len).min(self.size);
+            out.push(start..end);
+            start = end;
+            len = cs;
+        }
+        out
+    }
 }
 
 /// The files of model `id` in a manifest entry (or whole manifest) text.
@@ -230,6 +249,10 @@ pub fn manifest_files(text: &str, id: &str) -> Vec<ManifestFile> {
             sha256: f["sha256"].as_str().expect("sha256").to_owned(),
             chunk_size: f
                 .get("chunk_size")
+                .and_then(|v| v.as_integer())
+                .map(|v| v as u64),
+            head_size: f
+                .get("head_size")
                 .and_then(|v| v.as_integer())
                 .map(|v| v as u64),
             chunks: f

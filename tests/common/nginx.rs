@@ -142,15 +142,28 @@ impl Nginx {
         fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
-    /// `$upstream_cache_status` of every request answered so far, in order; `-` for a request
-    /// that did not use the cache. nginx writes a request's line as it finishes it, which can be
-    /// just after the client has the last byte, so this waits until the log stops growing.
-    pub fn cache_statuses(&self) -> Vec<String> {
+    /// Every request answered so far, in order: its `$upstream_cache_status` (`-` for a
+    /// request that did not use the cache) and the bytes its `Range` asked for (0 without
+    /// one). nginx writes a request's line as it finishes it, which can be just after the
+    /// client has the last byte, so this waits until the log stops growing.
+    pub fn requests(&self) -> Vec<(String, u64)> {
         let read = || {
             fs::read_to_string(self.dir.join("access.log"))
                 .unwrap_or_default()
                 .lines()
-                .map(|l| l.split(' ').next().unwrap_or("").to_owned())
+                .map(|l| {
+                    let status = l.split(' ').next().unwrap_or("").to_owned();
+                    let asked = l
+                        .split('"')
+                        .nth(1)
+                        .and_then(|r| r.strip_prefix("bytes="))
+                        .and_then(|r| r.split_once('-'))
+                        .and_then(|(a, b)| {
+                            Some(b.parse::<u64>().ok()? + 1 - a.parse::<u64>().ok()?)
+                        })
+                        .unwrap_or(0);
+                    (status, asked)
+                })
                 .collect::<Vec<_>>()
         };
         let mut last = read();
