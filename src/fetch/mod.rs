@@ -140,6 +140,12 @@ const BUF_IDLE: Duration = Duration::from_secs(10);
 /// is one 1 MiB request, tens of milliseconds even from a slow origin.
 const HEAD_FIRST_WAIT: Duration = Duration::from_millis(250);
 
+/// How long the first chunk fetched of a file whose small head is missing waits for a fetch
+/// of the head to start (see `start_chunk`): the kernel hands a header read and its own
+/// read-ahead of the next chunk to two FUSE threads within microseconds, in either order. A
+/// reader that skips the header (an mmap touching one tensor) pays this once per cold file.
+const HEAD_RACE_WAIT: Duration = Duration::from_millis(5);
+
 /// How long a landed chunk waits for its reader (see `landed`): a sequential reader gets
 /// there within milliseconds; one that went elsewhere should not pin the memory.
 const LANDED_TTL: Duration = Duration::from_secs(5);
@@ -198,6 +204,18 @@ pub struct Fetcher {
     /// Other daemons (`[peers]`), asked for every chunk before the manifest's sources, and
     /// how long one that failed is skipped; replaced on reload.
     peers: std::sync::RwLock<(Vec<Arc<SourceHandle>>, Duration)>,
+    /// Woken whenever a fetch of some file's chunk 0 starts (see `HEAD_RACE_WAIT`).
+    head_started: tokio::sync::Notify,
+}
+
+/// What a chunk after a small head chunk waits for before its requests go out.
+enum HeadFirst {
+    Nothing,
+    /// The head's fetch, in flight.
+    InFlight(SharedFetch),
+    /// The head is missing and nothing of the file is in flight: a header read may be a
+    /// moment behind this read.
+    Maybe,
 }
 
 impl Fetcher {
@@ -228,6 +246,7 @@ impl Fetcher {
             whole: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
             peers: std::sync::RwLock::new((Vec::new(), Duration::ZERO)),
+            head_started: tokio::sync::Notify::new(),
         })
     }
 
@@ -541,10 +560,23 @@ impl Fetcher {
         }
         // A file's small head chunk goes first: the kernel sends the read-ahead of a header
         // read (chunk 1, eight parts) together with it, and those parts would otherwise share
-        // the link and the origin with the one request the reader is blocked on.
-        let head_first = (idx > 0 && file.entry.head_size < file.entry.chunk_size)
-            .then(|| map.get(&(file.entry.sha256, 0)).map(|f| f.served.clone()))
-            .flatten();
+        // the link and the origin with the one request the reader is blocked on. The two
+        // reads reach us on two FUSE threads in either order, so the first chunk of a file
+        // whose head is missing also waits a moment for a head fetch that may be about to
+        // start (1 run in 3 of compare.sh (e) lost this race: 18 ms instead of 5).
+        let sha = file.entry.sha256;
+        let head_first = if idx == 0 || file.entry.head_size >= file.entry.chunk_size {
+            HeadFirst::Nothing
+        } else if let Some(head) = map.get(&(sha, 0)) {
+            HeadFirst::InFlight(head.served.clone())
+        } else if !self.store.has_chunk(&file.entry, 0)
+            && !self.landed.lock().unwrap().holds(sha, 0)
+            && !map.keys().any(|(s, _)| *s == sha)
+        {
+            HeadFirst::Maybe
+        } else {
+            HeadFirst::Nothing
+        };
         let this = self.clone();
         let file = file.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -559,7 +591,7 @@ impl Fetcher {
                 this.inflight.lock().unwrap().remove(&key);
                 let _ = stored_tx.send(r);
             };
-            if let Some(head) = head_first {
+            if let Some(head) = this.head_to_wait_for(key.0, head_first).await {
                 // Bounded: a slow head must not hold the rest of the file back for long.
                 let _ = tokio::time::timeout(HEAD_FIRST_WAIT, head).await;
             }
@@ -622,7 +654,37 @@ impl Fetcher {
                 .shared(),
         };
         map.insert(key, f.clone());
+        if idx == 0 {
+            self.head_started.notify_waiters();
+        }
         Ok(Some(f))
+    }
+
+    /// The fetch of blob `sha`'s head chunk a later chunk should let go first, if any: the
+    /// one in flight, or (`Maybe`) one that starts within `HEAD_RACE_WAIT`.
+    async fn head_to_wait_for(&self, sha: Digest, first: HeadFirst) -> Option<SharedFetch> {
+        match first {
+            HeadFirst::Nothing => None,
+            HeadFirst::InFlight(head) => Some(head),
+            HeadFirst::Maybe => {
+                let started = self.head_started.notified();
+                tokio::pin!(started);
+                // Registered before the look, so a head that starts in between still wakes us.
+                started.as_mut().enable();
+                let head = |f: &Self| {
+                    f.inflight
+                        .lock()
+                        .unwrap()
+                        .get(&(sha, 0))
+                        .map(|h| h.served.clone())
+                };
+                if let Some(h) = head(self) {
+                    return Some(h);
+                }
+                let _ = tokio::time::timeout(HEAD_RACE_WAIT, started).await;
+                head(self)
+            }
+        }
     }
 
     /// The chunk from the blob file, verified, when the index does not list it but the file

@@ -52,6 +52,8 @@ struct Rule {
     fault: Fault,
     /// Applies only to request paths containing this string.
     path_contains: Option<String>,
+    /// Applies only to requests whose `Range` starts at this byte.
+    range_from: Option<u64>,
     /// `None`: every matching request; `Some(n)`: the next `n` matching requests.
     remaining: Option<u64>,
 }
@@ -97,10 +99,14 @@ struct Shared {
 
 impl Shared {
     /// Takes the first rule matching `path`, counting down its remaining uses.
-    fn take_fault(&self, path: &str) -> Option<Fault> {
+    fn take_fault(&self, path: &str, range_header: Option<&str>) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap();
         let pos = rules.iter().position(|r| {
-            r.remaining != Some(0) && r.path_contains.as_deref().is_none_or(|p| path.contains(p))
+            r.remaining != Some(0)
+                && r.path_contains.as_deref().is_none_or(|p| path.contains(p))
+                && r.range_from.is_none_or(|n| {
+                    range_header.is_some_and(|h| h.starts_with(&format!("bytes={n}-")))
+                })
         })?;
         let rule = &mut rules[pos];
         if let Some(n) = rule.remaining.as_mut() {
@@ -194,9 +200,21 @@ impl Origin {
     /// Applies `fault` to the next `times` requests (every request when `None`) whose path
     /// contains `path_contains` (any path when `None`). Rules are tried in the order added.
     pub fn add_fault(&self, fault: Fault, path_contains: Option<&str>, times: Option<u64>) {
+        self.add_fault_at(fault, path_contains, None, times);
+    }
+
+    /// Like [`Origin::add_fault`], only for requests whose `Range` starts at `range_from`.
+    pub fn add_fault_at(
+        &self,
+        fault: Fault,
+        path_contains: Option<&str>,
+        range_from: Option<u64>,
+        times: Option<u64>,
+    ) {
         self.shared.rules.lock().unwrap().push(Rule {
             fault,
             path_contains: path_contains.map(str::to_owned),
+            range_from,
             remaining: times,
         });
     }
@@ -369,7 +387,7 @@ async fn handle(
             )
         })
         .collect();
-    let fault = shared.take_fault(&path);
+    let fault = shared.take_fault(&path, range_header.as_deref());
     let file = shared.root.join(path.trim_start_matches('/'));
     let size = std::fs::metadata(&file)
         .ok()
