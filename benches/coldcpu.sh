@@ -32,7 +32,7 @@ BS=${BS:-1048576}
 [ $# -gt 0 ] || set -- "$REPO/target/release/wan"
 # shellcheck source=/dev/null
 . "$BENCH/lib.sh"
-DATA=$WORK/data
+DATA=${ORIGIN_DATA:-$WORK/data}   # ORIGIN_DATA: serve the test file from elsewhere (e.g. a tmpfs)
 [ -f "$DATA/model.bin" ] || { echo "coldcpu.sh: $DATA/model.bin missing: run compare.sh once" >&2; exit 1; }
 SIZE=$(stat -c %s "$DATA/model.bin")
 CLK_TCK=$(getconf CLK_TCK)

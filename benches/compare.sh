@@ -50,6 +50,13 @@
 #   HEAD_SIZE=N      `wan manifest build --head-size N` (0: uniform 8 MiB chunks, as before
 #                    head_size existed); default: what build picks (a 1 MiB first chunk)
 #   PROFILE=1        after the rounds, profile one extra cold read of the daemon with perf
+#   ORIGIN_MEM=0     1: the origins serve a copy of the test file kept in a tmpfs (/dev/shm),
+#                    as a remote origin serves from its own page cache (peers.sh means to keep
+#                    the origin warm, but on one machine its drop_caches empties the origin's
+#                    cache too). With 0 (the default, as every earlier table), the origins read
+#                    the file from WORK's disk, the disk the cache writes to: a cold read then
+#                    also waits for the origin's disk reads. See docs/BENCHMARKS.md for what
+#                    each setting does to which target.
 # Results: the table on stdout, also saved with per-run values and diagnostics under WORK/.
 set -Eeuo pipefail
 
@@ -142,7 +149,7 @@ cleanup() {
   wan_umount
   for p in "${ORIGINS[@]}"; do "$BENCH/origin.sh" stop "$p" >/dev/null 2>&1; done
   rmdir "$MNT" 2>/dev/null
-  if [ "$KEEP" != 1 ]; then rm -rf "$WORK"/cache-* "$WORK/peers"; fi
+  if [ "$KEEP" != 1 ]; then rm -rf "$WORK"/cache-* "$WORK/peers" /dev/shm/wanfs-bench-origin; fi
   [ $rc = 0 ] || echo "compare.sh: failed (exit $rc); logs in $LOGS" >&2
   exit $rc
 }
@@ -235,6 +242,20 @@ if [ ! -f "$FILE" ] || [ "$(stat -c %s "$FILE")" != "$SIZE" ] || [ "$(cat "$OK" 
 fi
 ls -A "$DATA" | grep -qvx model.bin && die "$DATA must contain only model.bin"
 
+# What the origins serve (ORIGIN_MEM): a tmpfs copy of the file, or the file on WORK's disk.
+ORIGIN_DIR=$DATA
+if [ "${ORIGIN_MEM:-0}" = 1 ]; then
+  SHM=/dev/shm/wanfs-bench-origin
+  if [ "$(df -k --output=avail /dev/shm 2>/dev/null | tail -1)" -gt $(( SIZE / 1024 + 1048576 )) ] 2>/dev/null; then
+    mkdir -p "$SHM"
+    [ "$(stat -c %s "$SHM/model.bin" 2>/dev/null)" = "$SIZE" ] && cmp -s "$SHM/model.bin" "$FILE" \
+      || cp "$FILE" "$SHM/model.bin"
+    ORIGIN_DIR=$SHM
+  else
+    warn "not enough room in /dev/shm for the test file: the origins read it from $DATA (ORIGIN_MEM=0)"
+  fi
+fi
+
 log "building manifests"
 MAN_U=$WORK/manifest-unlimited.toml
 MAN_L=$WORK/manifest-limited.toml
@@ -274,9 +295,9 @@ fi
 
 # ---------------------------------------------------------------- origins
 log "starting origins: unlimited on :$PORT, $RATE per connection on :$LPORT"
-ORIGINS+=("$PORT"); "$BENCH/origin.sh" start "$PORT" "$DATA" >"$LOGS/origin-$PORT.log" 2>&1 \
+ORIGINS+=("$PORT"); "$BENCH/origin.sh" start "$PORT" "$ORIGIN_DIR" >"$LOGS/origin-$PORT.log" 2>&1 \
   || die "origin.sh start $PORT failed: $(cat "$LOGS/origin-$PORT.log")"
-ORIGINS+=("$LPORT"); "$BENCH/origin.sh" start "$LPORT" "$DATA" "$RATE" >"$LOGS/origin-$LPORT.log" 2>&1 \
+ORIGINS+=("$LPORT"); "$BENCH/origin.sh" start "$LPORT" "$ORIGIN_DIR" "$RATE" >"$LOGS/origin-$LPORT.log" 2>&1 \
   || die "origin.sh start $LPORT failed: $(cat "$LOGS/origin-$LPORT.log")"
 URL_U=http://127.0.0.1:$PORT/
 URL_L=http://127.0.0.1:$LPORT/
@@ -489,6 +510,7 @@ row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
 {
   echo "wanfs compare.sh — $(date -Is) — $(hostname) — $(nproc) CPUs, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, kernel $(uname -r)"
   echo "file $SIZE bytes, RUNS=$RUNS (medians), rate-limited origin $RATE per connection, wan $WAN_REV"
+  echo "origins serve the file from $ORIGIN_DIR ($(df --output=fstype "$ORIGIN_DIR" | tail -1))"
   echo "wan config ${WAN_CONFIG:-(defaults)}: $(grep -v '^ *#' "$CFG" | grep . | xargs)"
   echo "load average at start $LOAD0, at end $LOAD1; wall time $((T_END - T_START)) s"
   echo "machine limits: dd oflag=direct write $L_WRITE GB/s; cold read of the test file (dd) $L_READ GB/s;" \
