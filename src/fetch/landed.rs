@@ -11,7 +11,7 @@
 //! Bounded: at most `cap` bytes, entries expire after `ttl` (a reader that went elsewhere), and
 //! when full a new chunk is not kept (the oldest entries are the ones a sequential reader
 //! reaches next, so they are the last to give up). A chunk is let go once reads have been
-//! served as many bytes as it holds.
+//! served every page of it, from here or from the blob file.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -45,6 +45,9 @@ impl Landed {
     /// Keeps chunk `idx` of blob `blob`, if there is room once expired entries are gone;
     /// returns whether it is kept.
     pub(super) fn insert(&mut self, blob: Digest, idx: u64, chunk: VerifiedChunk) -> bool {
+        if self.chunks.contains_key(&(blob, idx)) {
+            return true;
+        }
         let now = Instant::now();
         let ttl = self.ttl;
         let mut freed = 0;
@@ -58,9 +61,6 @@ impl Landed {
         self.used -= freed;
         self.done.retain(|_, t| now.duration_since(*t) < ttl);
         let len = chunk.bytes().len();
-        if self.chunks.contains_key(&(blob, idx)) {
-            return true;
-        }
         if self.used + len > self.cap {
             return false;
         }
@@ -71,15 +71,13 @@ impl Landed {
     }
 
     /// `offset..end` of blob `blob` if one kept chunk covers it and is the chunk the file's
-    /// manifest names there (`expected`: same digest, so the same bytes, whatever manifest
-    /// put it here). Once reads have been served as many bytes as the chunk holds, it is let
-    /// go: by bytes, not by a read reaching its end, since the kernel may send a chunk's
-    /// reads out of order.
+    /// manifest names there (`digests`, the file's chunk list: same digest, so the same bytes,
+    /// whatever manifest put it here); the pages it covers count as served.
     pub(super) fn slice(
         &mut self,
         blob: Digest,
         layout: &Layout,
-        expected: &dyn Fn(u64) -> Digest,
+        digests: &[Digest],
         offset: u64,
         end: u64,
     ) -> Option<Bytes> {
@@ -89,24 +87,41 @@ impl Landed {
         }
         let idx = covering.start;
         let r = layout.range(idx);
-        let out = self
-            .get(blob, idx, expected(idx), r.end - r.start)?
-            .bytes()
-            .slice((offset - r.start) as usize..(end - r.start) as usize);
-        self.served(blob, idx, offset - r.start, end - r.start);
+        let (_, c, served) = self.chunks.get_mut(&(blob, idx))?;
+        if c.digest() != digests[idx as usize] || c.bytes().len() as u64 != r.end - r.start {
+            return None;
+        }
+        let (a, b) = (offset - r.start, end - r.start);
+        let out = c.bytes().slice(a as usize..b as usize);
+        if served.mark(a, b) {
+            self.let_go(blob, idx);
+        }
         Some(out)
     }
 
-    /// Records `start..end` (offsets in chunk `idx` of `blob`) as served (also for a read
-    /// answered from the fetch itself); lets the chunk go once every page of it has been.
-    /// Pages, not a byte count: the kernel may ask for a range twice (a read racing its own
-    /// read-ahead), and a count would then let the chunk go before its last bytes were read.
-    pub(super) fn served(&mut self, blob: Digest, idx: u64, start: u64, end: u64) {
-        let Some((_, _, served)) = self.chunks.get_mut(&(blob, idx)) else {
+    /// Records `offset..end` of blob `blob` as served to a reader, however it was answered
+    /// (from a kept chunk, from the fetch itself, from the blob file); lets each chunk it
+    /// covers go once every page of it has been. Pages, not a byte count: the kernel may ask
+    /// for a range twice (a read racing its own read-ahead), and a count would then let a
+    /// chunk go before its last bytes were read; nor a read reaching a chunk's end, since the
+    /// kernel may send a chunk's reads out of order.
+    pub(super) fn served(&mut self, blob: Digest, layout: &Layout, offset: u64, end: u64) {
+        if self.chunks.is_empty() || offset >= end {
             return;
-        };
-        if served.mark(start, end) {
-            let (_, c, _) = self.chunks.remove(&(blob, idx)).expect("just looked up");
+        }
+        for idx in layout.covering(offset, end - offset) {
+            let r = layout.range(idx);
+            let Some((_, _, served)) = self.chunks.get_mut(&(blob, idx)) else {
+                continue;
+            };
+            if served.mark(offset.max(r.start) - r.start, end.min(r.end) - r.start) {
+                self.let_go(blob, idx);
+            }
+        }
+    }
+
+    fn let_go(&mut self, blob: Digest, idx: u64) {
+        if let Some((_, c, _)) = self.chunks.remove(&(blob, idx)) {
             self.used -= c.bytes().len();
             self.done.insert((blob, idx), Instant::now());
         }
@@ -197,35 +212,59 @@ mod tests {
     fn serves_slices_and_lets_go_once_every_page_was_served() {
         let (blob, layout, data) = setup();
         let digests: Vec<Digest> = data.iter().map(|d| Digest::of(d)).collect();
-        let expected = |i: u64| digests[i as usize];
+        let expected = &digests[..];
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
         let at = |a: u64, b: u64| (a * K) as usize..(b * K) as usize;
         assert!(l.insert(blob, 1, chunk(&data[1])));
         assert_eq!(l.used(), 16 * K as usize);
-        let got = l.slice(blob, &layout, &expected, 16 * K, 20 * K).unwrap();
+        let got = l.slice(blob, &layout, expected, 16 * K, 20 * K).unwrap();
         assert_eq!(got, &data[1][at(0, 4)]);
         // Across two chunks, or a chunk not kept: not served from here.
-        assert!(l.slice(blob, &layout, &expected, 12 * K, 20 * K).is_none());
-        assert!(l.slice(blob, &layout, &expected, 0, 4 * K).is_none());
-        let got = l.slice(blob, &layout, &expected, 20 * K, 32 * K).unwrap();
+        assert!(l.slice(blob, &layout, expected, 12 * K, 20 * K).is_none());
+        assert!(l.slice(blob, &layout, expected, 0, 4 * K).is_none());
+        let got = l.slice(blob, &layout, expected, 20 * K, 32 * K).unwrap();
         assert_eq!(got, &data[1][at(4, 16)]);
         assert_eq!(l.used(), 0, "serving all of its pages lets it go");
-        assert!(l.slice(blob, &layout, &expected, 16 * K, 20 * K).is_none());
+        assert!(l.slice(blob, &layout, expected, 16 * K, 20 * K).is_none());
         // Out of order (the kernel's concurrent reads): the end first, then the start.
         l.insert(blob, 1, chunk(&data[1]));
-        assert!(l.slice(blob, &layout, &expected, 24 * K, 32 * K).is_some());
+        assert!(l.slice(blob, &layout, expected, 24 * K, 32 * K).is_some());
         assert_eq!(l.used(), 16 * K as usize, "half served: still kept");
-        assert!(l.slice(blob, &layout, &expected, 16 * K, 24 * K).is_some());
+        assert!(l.slice(blob, &layout, expected, 16 * K, 24 * K).is_some());
         assert_eq!(l.used(), 0);
         // The same pages twice (a read racing its read-ahead) do not count twice.
         l.insert(blob, 2, chunk(&data[2]));
         for _ in 0..4 {
-            assert!(l.slice(blob, &layout, &expected, 32 * K, 36 * K).is_some());
+            assert!(l.slice(blob, &layout, expected, 32 * K, 36 * K).is_some());
         }
         assert!(l.holds(blob, 2), "kept until every page is served");
-        assert!(l.slice(blob, &layout, &expected, 36 * K, 48 * K).is_some());
+        assert!(l.slice(blob, &layout, expected, 36 * K, 48 * K).is_some());
         assert_eq!(l.used(), 0);
         assert!(l.holds(blob, 2), "just served: read-ahead leaves it alone");
+    }
+
+    /// Reads answered from the blob file (across two chunks) count as well: a kept chunk whose
+    /// first and last pages only such reads covered is still let go.
+    #[test]
+    fn reads_answered_elsewhere_count_as_served() {
+        let (blob, layout, data) = setup();
+        let mut l = Landed::new(1 << 20, Duration::from_secs(60));
+        l.insert(blob, 1, chunk(&data[1]));
+        l.insert(blob, 2, chunk(&data[2]));
+        // 12..20 KiB spans chunks 0 and 1; 28..36 KiB spans 1 and 2.
+        l.served(blob, &layout, 12 * K, 20 * K);
+        l.served(blob, &layout, 28 * K, 36 * K);
+        assert!(
+            l.slice(blob, &layout, &[Digest::of(&data[1]); 4], 20 * K, 28 * K)
+                .is_some()
+        );
+        assert_eq!(
+            l.used(),
+            16 * K as usize,
+            "chunk 1 is let go, chunk 2 is kept"
+        );
+        l.served(blob, &layout, 36 * K, 64 * K);
+        assert_eq!(l.used(), 0);
     }
 
     #[test]
@@ -234,11 +273,14 @@ mod tests {
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
         l.insert(blob, 2, chunk(&data[2]));
         let other = Digest::of(b"something else");
-        assert!(l.slice(blob, &layout, &|_| other, 32 * K, 36 * K).is_none());
+        assert!(
+            l.slice(blob, &layout, &[other; 4], 32 * K, 36 * K)
+                .is_none()
+        );
         // Another layout of the same blob (different chunk size): lengths differ, refused.
         let wide = Layout::new(64 * K, 32 * K);
         let d2 = Digest::of(&data[2]);
-        assert!(l.slice(blob, &wide, &|_| d2, 32 * K, 40 * K).is_none());
+        assert!(l.slice(blob, &wide, &[d2; 2], 32 * K, 40 * K).is_none());
     }
 
     #[test]

@@ -288,30 +288,27 @@ impl Fetcher {
         if offset >= end {
             return Some(Ok(Bytes::new()));
         }
-        if let Some(b) = self.landed_slice(f, offset, end) {
+        let layout = f.layout();
+        if let Some(digests) = &f.chunks
+            && let Some(b) =
+                (self.landed.lock().unwrap()).slice(f.sha256, &layout, digests, offset, end)
+        {
             return Some(Ok(b));
         }
         let fd = self
             .store
-            .reader(f, f.layout().covering(offset, end - offset))?;
+            .reader(f, layout.covering(offset, end - offset))?;
         let mut out = vec![0u8; (end - offset) as usize];
-        Some(
-            fd.read_exact_at(&mut out, offset)
-                .map(|_| Bytes::from(out))
-                .map_err(|e| FetchError::Store(format!("reading blob {}: {e}", f.sha256))),
-        )
-    }
-
-    /// `offset..end` of the file from a landed chunk, if one holds it.
-    fn landed_slice(&self, f: &crate::manifest::FileEntry, offset: u64, end: u64) -> Option<Bytes> {
-        let chunks = f.chunks.as_ref()?;
-        self.landed.lock().unwrap().slice(
-            f.sha256,
-            &f.layout(),
-            &|i| chunks[i as usize],
-            offset,
-            end,
-        )
+        if let Err(e) = fd.read_exact_at(&mut out, offset) {
+            return Some(Err(FetchError::Store(format!(
+                "reading blob {}: {e}",
+                f.sha256
+            ))));
+        }
+        // The chunks it covers may still be kept (a read across two of them is answered from
+        // the file): what it served counts, or they would stay until they expire.
+        (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+        Some(Ok(Bytes::from(out)))
     }
 
     async fn read_inner(
@@ -370,12 +367,7 @@ impl Fetcher {
                 && let Some(c) = fetched.get(&covering.start)
             {
                 let r = layout.range(covering.start);
-                self.landed.lock().unwrap().served(
-                    f.sha256,
-                    covering.start,
-                    offset - r.start,
-                    end - r.start,
-                );
+                (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
                 return Ok(c
                     .bytes()
                     .slice((offset - r.start) as usize..(end - r.start) as usize));
@@ -388,29 +380,30 @@ impl Fetcher {
                 let dst = (s - offset) as usize..(e - offset) as usize;
                 match fetched.get(&idx) {
                     Some(c) => {
-                        let (a, b) = (s - r.start, e - r.start);
-                        out[dst].copy_from_slice(&c.bytes()[a as usize..b as usize]);
-                        self.landed.lock().unwrap().served(f.sha256, idx, a, b);
+                        let (a, b) = ((s - r.start) as usize, (e - r.start) as usize);
+                        out[dst].copy_from_slice(&c.bytes()[a..b]);
                     }
                     None => from_disk.push((idx, s, dst)),
                 }
             }
-            if from_disk.is_empty() {
-                return Ok(Bytes::from(out));
+            if !from_disk.is_empty() {
+                let Some(fd) = self.store.reader(f, from_disk.iter().map(|(i, _, _)| *i)) else {
+                    continue;
+                };
+                let sha = f.sha256;
+                out = tokio::task::spawn_blocking(move || {
+                    for (_, s, dst) in from_disk {
+                        fd.read_exact_at(&mut out[dst], s)
+                            .map_err(|e| FetchError::Store(format!("reading blob {sha}: {e}")))?;
+                    }
+                    Ok::<_, FetchError>(out)
+                })
+                .await
+                .map_err(|e| FetchError::Store(e.to_string()))??;
             }
-            let Some(fd) = self.store.reader(f, from_disk.iter().map(|(i, _, _)| *i)) else {
-                continue;
-            };
-            let sha = f.sha256;
-            return tokio::task::spawn_blocking(move || {
-                for (_, s, dst) in from_disk {
-                    fd.read_exact_at(&mut out[dst], s)
-                        .map_err(|e| FetchError::Store(format!("reading blob {sha}: {e}")))?;
-                }
-                Ok(Bytes::from(out))
-            })
-            .await
-            .map_err(|e| FetchError::Store(e.to_string()))?;
+            // Every chunk it covers, from memory or the file: one record, under one lock.
+            (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+            return Ok(Bytes::from(out));
         }
     }
 
@@ -422,9 +415,8 @@ impl Fetcher {
             return;
         }
         for idx in self.store.missing(f, chunks) {
-            if self.inflight.lock().unwrap().contains_key(&(f.sha256, idx))
-                || self.landed.lock().unwrap().holds(f.sha256, idx)
-            {
+            let in_flight = self.inflight.lock().unwrap().contains_key(&(f.sha256, idx));
+            if in_flight || self.landed.lock().unwrap().holds(f.sha256, idx) {
                 continue;
             }
             let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else {
