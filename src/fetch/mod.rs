@@ -659,22 +659,26 @@ impl Fetcher {
             HeadFirst::Nothing => None,
             HeadFirst::InFlight(head) => Some(head),
             HeadFirst::Maybe => {
-                let started = self.head_started.notified();
-                tokio::pin!(started);
-                // Registered before the look, so a head that starts in between still wakes us.
-                started.as_mut().enable();
-                let head = |f: &Self| {
-                    f.inflight
+                let deadline = tokio::time::Instant::now() + HEAD_RACE_WAIT;
+                loop {
+                    let started = self.head_started.notified();
+                    tokio::pin!(started);
+                    // Registered before the look, so a head that starts in between still
+                    // wakes us. Any file's head wakes every waiter: each looks for its own.
+                    started.as_mut().enable();
+                    let head = self
+                        .inflight
                         .lock()
                         .unwrap()
                         .get(&(sha, 0))
-                        .map(|h| h.served.clone())
-                };
-                if let Some(h) = head(self) {
-                    return Some(h);
+                        .map(|h| h.served.clone());
+                    if head.is_some() {
+                        return head;
+                    }
+                    if tokio::time::timeout_at(deadline, started).await.is_err() {
+                        return None;
+                    }
                 }
-                let _ = tokio::time::timeout(HEAD_RACE_WAIT, started).await;
-                head(self)
             }
         }
     }
