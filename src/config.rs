@@ -119,6 +119,11 @@ impl GcConfig {
         }
         (self.high_watermark * self.max_bytes as f64) as u64
     }
+
+    /// Whether `used` bytes are past the high watermark (never, without a byte limit).
+    pub fn above_high(&self, used: u64) -> bool {
+        self.max_bytes > 0 && used > self.high_bytes()
+    }
 }
 
 impl Default for GcConfig {
@@ -185,12 +190,11 @@ pub struct FetchConfig {
 }
 
 /// When chunks arrive faster than the cache disk takes them (`fetch.when_cache_behind`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WhenCacheBehind {
     /// Every chunk read is cached; while commits are behind, fetch memory stays full and
-    /// readers go at the disk's speed.
-    #[default]
+    /// readers go at the disk's speed. The default (`FetchConfig::default`).
     Wait,
     /// A chunk fetched for a reader, while chunks holding more than half of
     /// `max_inflight_mib` wait for the disk, is served and not cached (counted in

@@ -97,7 +97,7 @@ impl Control {
             true,
             format!("{used} of {cap} bytes used, {free_pct:.1}% of the filesystem free"),
         );
-        let high = gc.max_bytes > 0 && used > gc.high_bytes();
+        let high = gc.above_high(used);
         add(
             "disk_watermark",
             !high,

@@ -688,8 +688,7 @@ impl Control {
         let (used, _, free_pct) = self.usage();
         let cfg = self.cfg();
         let gc = &cfg.gc;
-        (gc.max_bytes > 0 && used > gc.high_bytes())
-            || (gc.min_free_percent > 0.0 && free_pct < gc.min_free_percent)
+        gc.above_high(used) || (gc.min_free_percent > 0.0 && free_pct < gc.min_free_percent)
     }
 
     /// The background loop: saves access times, samples storage for reports, and runs auto GC

@@ -16,16 +16,22 @@ use crate::source::{SourceError, SourceHandle};
 
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
 
-/// About how long one read-ahead request should take (see [`Fetcher::part_len`]). Short
+/// About how long one read-ahead request should take (see [`part_len`]). Short
 /// enough that a per-connection limit still gets `part_size_kib` parts (1 MiB takes 20 ms at
 /// 50 MiB/s), long enough that a source delivering a few hundred MB/s per request gets a
 /// whole 8 MiB chunk in one. With `readahead_chunks` chunks in flight it also bounds what
 /// the middle ground can deliver: 4 × 8 MiB per 10 ms, over 3 GB/s.
 const PART_SECS: f64 = 0.010;
 
-/// [`Fetcher::part_len`] for a source whose requests deliver `rate` bytes/s (`None`: not
-/// measured yet): `base` on demand or before any measurement, else the multiple of `base`
-/// that takes about `PART_SECS`, between one `base` and the whole `len`.
+/// How large the parts of a `len`-byte fetch are, from a source whose requests deliver `rate`
+/// bytes/s (`None`: not measured yet). Parallel parts of `base` (`part_size_kib`) cut the time
+/// to a chunk where one connection is slow (an origin limited per connection), but each costs
+/// a request, a response head and the wake-ups of a short transfer, at both ends. So a
+/// read-ahead fetch, which nobody is blocked on yet, uses parts as large as the source
+/// delivers in about `PART_SECS` per request (a multiple of `base`, at most the whole `len`):
+/// a fast origin gets one request per chunk, a per-connection-limited one still gets parts of
+/// `base`. On-demand fetches, and any before a first measurement, keep `base`: a reader is
+/// waiting.
 fn part_len(base: u64, rate: Option<f64>, prio: Priority, len: u64) -> usize {
     let base = base.max(1);
     let rate = match (prio, rate) {
@@ -219,7 +225,12 @@ impl Fetcher {
         prio: Priority,
         attempts: u32,
     ) -> Result<Bytes, SourceError> {
-        let part = self.part_len(src, prio, range.end - range.start);
+        let part = part_len(
+            self.cfg.part_size(),
+            src.rate(),
+            prio,
+            range.end - range.start,
+        );
         // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
         // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
         // and the bytes are hashed before anyone sees them.
@@ -234,18 +245,6 @@ impl Fetcher {
         ))
         .await?;
         Ok(buf.freeze())
-    }
-
-    /// How large the parts of a `len`-byte fetch from `src` are. Parallel parts of
-    /// `part_size_kib` cut the time to a chunk where one connection is slow (an origin limited
-    /// per connection), but each costs a request, a response head and the wake-ups of a short
-    /// transfer, at both ends. So a read-ahead fetch, which nobody is blocked on yet, uses
-    /// parts as large as the source delivers in about `PART_SECS` per request (a multiple of
-    /// `part_size_kib`, at most the whole range): a fast origin gets one request per chunk, a
-    /// per-connection-limited one still gets parts of `part_size_kib`. On-demand fetches keep
-    /// the small parts: a reader is waiting.
-    pub(super) fn part_len(&self, src: &SourceHandle, prio: Priority, len: u64) -> usize {
-        part_len(self.cfg.part_size(), src.rate(), prio, len)
     }
 
     pub(super) async fn fetch_part(

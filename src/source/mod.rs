@@ -111,7 +111,7 @@ pub struct SourceHandle {
     health: Mutex<Health>,
     /// What one request to this source delivers, in bytes per second (a moving average over
     /// completed requests, latency included); `None` until one completes. Sizes read-ahead
-    /// parts (`Fetcher::part_len`).
+    /// parts (`fetch::attempt::part_len`).
     rate: Mutex<Option<f64>>,
 }
 
