@@ -605,7 +605,8 @@ impl Store {
     /// Writes not-yet-verified bytes of a file fetched whole. They stay invisible until
     /// `verify_whole` checks the whole file. Blocking; returns the generation to verify with.
     ///
-    /// Never over a chunk that is present: a whole-file fetch picks the chunks it writes
+    /// Never over chunks that are present (the caller, `fetch/whole.rs`, writes one chunk per
+    /// call, so that is all of them or none): a whole-file fetch picks the chunks it writes
     /// before it writes them, and one may become present meanwhile (an index rebuild adopting
     /// the blob from disk), with readers served from it. The check and the write happen under
     /// `writer`, which every marking takes, so nothing is marked in between; such a chunk is
@@ -619,7 +620,9 @@ impl Store {
         let _w = self.writer.lock().unwrap();
         let (fd, generation) = self.prepare_locked(f)?;
         let covering = f.layout().covering(offset, data.len() as u64);
-        if self.missing(f, covering).is_empty() && !data.is_empty() {
+        if data.is_empty()
+            || self.with_state(f, |s| s.is_some_and(|s| covering.clone().all(|i| s.has(i))))
+        {
             return Ok(generation);
         }
         let written = fd.write_all_at(data, offset);
