@@ -9,7 +9,6 @@ use std::ops::Range;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, RANGE};
 
 use super::rawhttp::{Raw, RawHttp};
@@ -56,6 +55,9 @@ impl HttpSource {
             Some((b, q)) => (b.to_string(), Some(q.to_string())),
             None => (base, None),
         };
+        // As reqwest would send it (a space in the path percent-encoded...), so that the
+        // plain-`http://` path, which sends the path as written here, sends the same.
+        let base = reqwest::Url::parse(&base).map(String::from).unwrap_or(base);
         HttpSource {
             client,
             raw: RawHttp::for_base(&base, connect_timeout, max_idle),
@@ -123,7 +125,6 @@ fn transport(e: reqwest::Error) -> SourceError {
 impl HttpSource {
     /// Sends the ranged GET and checks the answer's status.
     async fn get(&self, path: &str, range: &Range<u64>) -> Result<reqwest::Response, SourceError> {
-        let want = range.end - range.start;
         let mut req = self
             .client
             .get(self.url(path))
@@ -132,21 +133,34 @@ impl HttpSource {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
         let resp = req.send().await.map_err(transport)?;
-        let status = resp.status();
-        match status {
-            StatusCode::PARTIAL_CONTENT => Ok(resp),
-            // A server that ignores Range is fine only when we asked for everything.
-            StatusCode::OK if range.start == 0 && resp.content_length() == Some(want) => Ok(resp),
-            StatusCode::OK => Err(SourceError::Transport(
-                "server ignored the Range header (answered 200 to a partial request)".into(),
-            )),
-            StatusCode::NOT_FOUND | StatusCode::GONE => Err(SourceError::NotFound),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                Err(SourceError::Denied(status.as_u16()))
-            }
-            s => Err(SourceError::Status(s.as_u16())),
-        }
+        check_status(resp.status().as_u16(), range, resp.content_length())?;
+        Ok(resp)
     }
+}
+
+/// Whether an answer with `status` (and `Content-Length` `length`) to a GET of `range` is
+/// one to read the body of. Shared with `rawhttp`, which falls back on a redirect first.
+pub(super) fn check_status(
+    status: u16,
+    range: &Range<u64>,
+    length: Option<u64>,
+) -> Result<(), SourceError> {
+    match status {
+        206 => Ok(()),
+        // A server that ignores Range is fine only when we asked for everything.
+        200 if range.start == 0 && length == Some(range.end - range.start) => Ok(()),
+        200 => Err(SourceError::Transport(
+            "server ignored the Range header (answered 200 to a partial request)".into(),
+        )),
+        404 | 410 => Err(SourceError::NotFound),
+        401 | 403 => Err(SourceError::Denied(status)),
+        s => Err(SourceError::Status(s)),
+    }
+}
+
+/// A body with more than the `want` bytes asked for.
+pub(super) fn body_too_long(want: u64) -> SourceError {
+    SourceError::Transport(format!("body longer than the {want} bytes asked for"))
 }
 
 impl Source for HttpSource {
@@ -173,7 +187,8 @@ impl Source for HttpSource {
             if want == 0 {
                 return Ok(());
             }
-            if let Some(raw) = &self.raw {
+            // Skipped for good once the server answered what only reqwest reads.
+            if let Some(raw) = self.raw.as_ref().filter(|r| r.in_use()) {
                 let url = self.url(path);
                 match raw
                     .fetch_into(&url[raw.path_at..], &range, self.token.as_deref(), buf)
@@ -191,9 +206,7 @@ impl Source for HttpSource {
                 let piece = piece.map_err(transport)?;
                 let end = got + piece.len();
                 if end as u64 > want {
-                    return Err(SourceError::Transport(format!(
-                        "body longer than the {want} bytes asked for"
-                    )));
+                    return Err(body_too_long(want));
                 }
                 buf[got..end].copy_from_slice(&piece);
                 got = end;
@@ -224,6 +237,23 @@ mod tests {
             s.url("vae/a b.pth"),
             "http://h/base/vae/a%20b.pth?X-Amz-Signature=s3cr3t&x=1"
         );
+    }
+
+    /// The plain-`http://` path sends the base's path encoded as reqwest would.
+    #[test]
+    fn the_base_is_sent_as_reqwest_sends_it() {
+        let s = super::HttpSource::new(
+            reqwest::Client::new(),
+            "http://H:80/my models/".into(),
+            None,
+            std::time::Duration::from_secs(1),
+            1,
+        );
+        let url = s.url("f");
+        assert_eq!(url, "http://h/my%20models/f");
+        if let Some(raw) = &s.raw {
+            assert_eq!(&url[raw.path_at..], "/my%20models/f");
+        }
     }
 
     #[test]

@@ -10,19 +10,24 @@
 //! in the environment. Anything else a response may need (a redirect, a chunked body, a
 //! missing `Content-Length`) is answered [`Raw::Fallback`], and the request goes through
 //! reqwest as before, so behaviour never depends on this path understanding the server.
+//! After a fallback this path is left for good ([`RawHttp::in_use`]): a server that answers
+//! so once most likely always does, and each request would otherwise be sent twice.
 //!
 //! Connections are kept alive in a small idle pool. One taken from the pool may have been
 //! closed by the server meanwhile; if it fails before any byte of the answer arrives, the
 //! request is sent once more on a fresh connection.
 
+use std::fmt::Write;
 use std::ops::Range;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::SourceError;
+use super::http::{body_too_long, check_status};
 
 /// The most a response head may take; a range answer's head is a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
@@ -32,11 +37,14 @@ const IDLE: Duration = Duration::from_secs(50);
 pub(super) struct RawHttp {
     /// `host:port`, as connected to and sent in `Host`.
     authority: String,
-    /// Where the path starts in a URL on this base (`http://` and the authority as written).
+    /// Where the path starts in a URL on this base as `Url` serializes it (`http://` and the
+    /// authority, without a default port).
     pub(super) path_at: usize,
     connect_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<(TcpStream, Instant)>>,
+    /// Set by the first [`Raw::Fallback`]: from then on requests go to reqwest only.
+    fell_back: AtomicBool,
 }
 
 /// What a request came to.
@@ -57,7 +65,8 @@ enum Attempt {
 
 impl RawHttp {
     /// For `base` (an `http://` URL without userinfo) when no proxy is configured; `None`
-    /// where reqwest must be used.
+    /// where reqwest must be used. URLs on this base must start as `Url` serializes it
+    /// ([`RawHttp::path_at`]).
     pub(super) fn for_base(
         base: &str,
         connect_timeout: Duration,
@@ -70,28 +79,27 @@ impl RawHttp {
         {
             return None;
         }
-        let rest = base.strip_prefix("http://")?;
-        let authority = rest.split(['/', '?']).next()?;
-        if authority.is_empty() || authority.contains('@') {
+        let url = reqwest::Url::parse(base).ok()?;
+        if url.scheme() != "http" || !url.username().is_empty() || url.password().is_some() {
             return None;
         }
-        let path_at = "http://".len() + authority.len();
-        let has_port = match authority.rfind(']') {
-            Some(close) => authority[close..].contains(':'),
-            None => authority.contains(':'),
-        };
-        let authority = if has_port {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
+        let authority = format!("{}:{}", url.host_str()?, url.port_or_known_default()?);
+        // Serialized without userinfo, the authority ends at the path's leading `/`.
+        let after_scheme = "http://".len();
+        let path_at = after_scheme + url.as_str()[after_scheme..].find('/')?;
         Some(RawHttp {
             authority,
             path_at,
             connect_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
+            fell_back: AtomicBool::new(false),
         })
+    }
+
+    /// Whether to try this path at all: not once a response needed reqwest.
+    pub(super) fn in_use(&self) -> bool {
+        !self.fell_back.load(Ordering::Relaxed)
     }
 
     /// GETs `range` of `target` (the URL's path and query) into `buf` (exactly its length).
@@ -110,19 +118,18 @@ impl RawHttp {
             env!("CARGO_PKG_VERSION")
         );
         if let Some(t) = token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            let _ = write!(req, "Authorization: Bearer {t}\r\n");
         }
         req.push_str("\r\n");
         let pooled = self.take_idle();
         let reused = pooled.is_some();
-        let stream = match pooled {
+        let mut stream = match pooled {
             Some(s) => s,
             None => match self.connect().await {
                 Ok(s) => s,
                 Err(e) => return Raw::Failed(e),
             },
         };
-        let mut stream = stream;
         let mut outcome = exchange(&mut stream, req.as_bytes(), range, buf).await;
         if reused
             && matches!(
@@ -147,7 +154,10 @@ impl RawHttp {
                 Raw::Done
             }
             Attempt::Failed { err, .. } => Raw::Failed(err),
-            Attempt::Fallback => Raw::Fallback,
+            Attempt::Fallback => {
+                self.fell_back.store(true, Ordering::Relaxed);
+                Raw::Fallback
+            }
         }
     }
 
@@ -234,15 +244,15 @@ async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [
                     } else if h.name.eq_ignore_ascii_case("connection") {
                         close |= v.eq_ignore_ascii_case("close");
                     } else if h.name.eq_ignore_ascii_case("content-range") {
-                        content_range = Some(v.to_string());
+                        content_range = Some(v);
                     }
                 }
                 if (200..300).contains(&status) && (chunked || length.is_none()) {
                     return Attempt::Fallback;
                 }
                 if status == 206
-                    && let Some(cr) = &content_range
-                    && !cr.starts_with(&format!("bytes {}-", range.start))
+                    && let Some(cr) = content_range
+                    && range_start(cr) != Some(range.start)
                 {
                     let msg = format!("answered {cr:?} to a request for bytes {}-", range.start);
                     return failed(SourceError::Transport(msg), true);
@@ -251,23 +261,16 @@ async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [
             }
         }
     };
-    let want = range.end - range.start;
-    match status {
-        206 => {}
-        200 if range.start == 0 && length == Some(want) => {}
-        200 => {
-            let msg = "server ignored the Range header (answered 200 to a partial request)";
-            return failed(SourceError::Transport(msg.into()), true);
-        }
-        300..=399 => return Attempt::Fallback,
-        404 | 410 => return failed(SourceError::NotFound, true),
-        401 | 403 => return failed(SourceError::Denied(status), true),
-        s => return failed(SourceError::Status(s), true),
+    if (300..=399).contains(&status) {
+        return Attempt::Fallback;
     }
+    if let Err(e) = check_status(status, range, length) {
+        return failed(e, true);
+    }
+    let want = range.end - range.start;
     let length = length.expect("checked for a 2xx answer");
     if length > want {
-        let msg = format!("body longer than the {want} bytes asked for");
-        return failed(SourceError::Transport(msg), true);
+        return failed(body_too_long(want), true);
     }
     // Body bytes that came with the head: at most a few KiB.
     let early = filled - head_len;
@@ -304,6 +307,15 @@ async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [
     Attempt::Done { reuse: keep_alive }
 }
 
+/// The first byte's position in a `Content-Range` value (`bytes 10-14/100`).
+fn range_start(content_range: &str) -> Option<u64> {
+    let (start, _) = content_range.strip_prefix("bytes ")?.split_once('-')?;
+    if start.is_empty() || !start.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    start.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,17 +323,19 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
 
-    /// A server on 127.0.0.1 that answers each request with `answer(n)` (n counts requests
-    /// over all connections) and then, if `close_after` says so, closes the connection
-    /// without saying so. Returns its address and the number of connections accepted.
     /// What the test server sends for its n-th request.
     type Answer = fn(usize) -> Vec<u8>;
 
-    async fn server(answer: Answer, close_after: fn(usize) -> bool) -> (String, Arc<AtomicUsize>) {
+    /// A server on 127.0.0.1 that answers each request with `answer(n)` (n counts requests
+    /// over all connections) and then, if `close_after` says so, closes the connection
+    /// without saying so. Returns its address and the numbers of connections accepted and of
+    /// requests answered.
+    async fn server(answer: Answer, close_after: fn(usize) -> bool) -> Served {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let conns = Arc::new(AtomicUsize::new(0));
-        let (c, requests) = (conns.clone(), Arc::new(AtomicUsize::new(0)));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (c, served) = (conns.clone(), (addr, conns, requests.clone()));
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
@@ -347,8 +361,10 @@ mod tests {
                 });
             }
         });
-        (addr, conns)
+        served
     }
+
+    type Served = (String, Arc<AtomicUsize>, Arc<AtomicUsize>);
 
     fn ok_206(_: usize) -> Vec<u8> {
         b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-14/100\r\nContent-Length: 5\r\n\r\nhello"
@@ -367,7 +383,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_the_body_into_the_buffer_and_reuses_the_connection() {
-        let (addr, conns) = server(ok_206, |_| false).await;
+        let (addr, conns, _) = server(ok_206, |_| false).await;
         let raw = raw(&addr);
         for _ in 0..3 {
             let (r, buf) = get(&raw).await;
@@ -382,7 +398,7 @@ mod tests {
     /// and is sent again on a fresh one.
     #[tokio::test]
     async fn a_pooled_connection_the_server_closed_is_replaced() {
-        let (addr, conns) = server(ok_206, |_| true).await;
+        let (addr, conns, _) = server(ok_206, |_| true).await;
         let raw = raw(&addr);
         for _ in 0..3 {
             let (r, buf) = get(&raw).await;
@@ -400,7 +416,7 @@ mod tests {
         let redirect: Answer =
             |_| b"HTTP/1.1 302 Found\r\nLocation: /g\r\nContent-Length: 0\r\n\r\n".to_vec();
         for answer in [chunked, redirect] {
-            let (addr, _) = server(answer, |_| false).await;
+            let (addr, _, _) = server(answer, |_| false).await;
             assert!(matches!(get(&raw(&addr)).await.0, Raw::Fallback));
         }
         let cases: [(Answer, &str); 5] = [
@@ -428,11 +444,39 @@ mod tests {
             ),
         ];
         for (answer, want) in cases {
-            let (addr, _) = server(answer, |_| true).await;
+            let (addr, _, _) = server(answer, |_| true).await;
             match get(&raw(&addr)).await.0 {
                 Raw::Failed(e) => assert!(e.to_string().starts_with(want), "{e} / {want}"),
                 _ => panic!("{want}: not a failure"),
             }
+        }
+    }
+
+    /// A server whose answers always need reqwest (here a chunked body): the first fetch
+    /// asks both paths, every later one reqwest only.
+    #[tokio::test]
+    async fn after_a_fallback_requests_go_to_reqwest_only() {
+        use crate::source::Source;
+        let chunked: Answer = |_| {
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 10-14/100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec()
+        };
+        let (addr, _, requests) = server(chunked, |_| false).await;
+        let src = super::super::http::HttpSource::new(
+            reqwest::Client::new(),
+            format!("http://{addr}"),
+            None,
+            Duration::from_secs(2),
+            4,
+        );
+        for sent in [2, 3, 4] {
+            let mut buf = vec![0u8; 5];
+            src.fetch_into("f", 10..15, &mut buf).await.unwrap();
+            assert_eq!(buf, b"hello");
+            assert_eq!(
+                requests.load(Ordering::SeqCst),
+                sent,
+                "requests sent so far"
+            );
         }
     }
 
