@@ -55,7 +55,13 @@ CG=
 if [ -n "${THROTTLE_WBPS:-}" ]; then
   CG=/sys/fs/cgroup/blkio/wanfs-coldcpu
   mkdir -p "$CG"
-  dev=$(stat -c %d "$WORK"); echo "$((dev >> 8)):$((dev & 255)) $THROTTLE_WBPS" > "$CG/blkio.throttle.write_bps_device"
+  dev=$(stat -c '%Hd:%Ld' "$WORK")
+  if ! echo "$dev $THROTTLE_WBPS" > "$CG/blkio.throttle.write_bps_device"; then
+    rmdir "$CG" 2>/dev/null || true
+    echo "coldcpu.sh: cannot throttle device $dev (that of $WORK): blkio throttles whole disks," \
+      "not partitions; put WORK on a whole disk or unset THROTTLE_WBPS" >&2
+    exit 1
+  fi
 fi
 export ORIGIN_STATE=$T/origin-state
 WAN_PID=

@@ -444,16 +444,9 @@ fn kill9_mid_fetch_then_restart_keeps_cache_consistent() {
 /// `(sum, count)` of `wan_commit_batch_chunks` in the mount's `.wan/metrics`: chunks committed
 /// and group commits.
 fn commit_batches(mount: &Mount) -> (u64, u64) {
-    let text = fs::read_to_string(mount.path(".wan/metrics")).expect("read .wan/metrics");
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} missing from .wan/metrics:\n{text}")) as u64
-    };
     (
-        value("wan_commit_batch_chunks_sum"),
-        value("wan_commit_batch_chunks_count"),
+        mount.metric("wan_commit_batch_chunks_sum") as u64,
+        mount.metric("wan_commit_batch_chunks_count") as u64,
     )
 }
 
@@ -487,11 +480,7 @@ fn kill9_during_group_commits_keeps_cache_consistent() {
     let mut mount = Mount::start(setup.spec(config));
     let cache = CacheView::new(&mount.spec.cache_dir);
     let ensure = |m: &Mount| {
-        fs::OpenOptions::new()
-            .write(true)
-            .open(m.path(".wan/ensure"))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{GEN}\n").as_bytes()))
-            .expect("write .wan/ensure");
+        fs::write(m.path(".wan/ensure"), format!("{GEN}\n")).expect("write .wan/ensure")
     };
     let mut held = BTreeSet::new();
     let mut batched = (0, 0);

@@ -308,7 +308,14 @@ fn read_ahead_parts_follow_the_origins_speed() {
         .add_fault(Fault::Trickle(2 << 20), Some("slow.bin"), None);
     let mount = Mount::start(setup.spec(config));
 
-    let requests = |rel: &str| -> Vec<(u64, u64)> {
+    // Reads `rel` whole through the mount and checks its bytes; returns the origin's requests
+    // for it, each checked to be a run of whole parts inside one chunk.
+    let read = |rel: &str| -> Vec<(u64, u64)> {
+        assert_bytes_eq(
+            &fs::read(setup.mounted(&mount, rel)).unwrap_or_else(|e| panic!("read {rel}: {e}")),
+            setup.data(rel),
+            rel,
+        );
         let f = setup.file(rel);
         let chunks = f.chunk_ranges();
         let gets: Vec<(u64, u64)> = setup
@@ -332,26 +339,14 @@ fn read_ahead_parts_follow_the_origins_speed() {
         gets
     };
 
-    let slow = setup.mounted(&mount, "slow.bin");
-    assert_bytes_eq(
-        &fs::read(&slow).expect("read slow.bin"),
-        setup.data("slow.bin"),
-        "slow.bin",
-    );
-    let gets = requests("slow.bin");
+    let gets = read("slow.bin");
     let long: Vec<_> = gets.iter().filter(|(a, b)| b + 1 - a > PART).collect();
     assert!(
         long.is_empty(),
         "a trickling origin was asked for more than one part at a time: {long:?}"
     );
 
-    let fast = setup.mounted(&mount, "fast.bin");
-    assert_bytes_eq(
-        &fs::read(&fast).expect("read fast.bin"),
-        setup.data("fast.bin"),
-        "fast.bin",
-    );
-    let gets = requests("fast.bin");
+    let gets = read("fast.bin");
     let parts = (48 * MIB as u64).div_ceil(PART) as usize;
     assert!(
         gets.len() * 2 < parts,

@@ -730,22 +730,28 @@ impl Harness {
                 let want = &s.data[start as usize..end as usize];
                 if b[..] != *want {
                     let first = b.iter().zip(want).position(|(a, b)| a != b);
-                    if let Some(i) = first {
+                    // Where the wrong bytes came from: zeros (a hole), or the 64 bytes at the
+                    // first difference found in some spec's data (which spec, at which offset).
+                    let source = first.map_or_else(String::new, |i| {
                         let probe = &b[i..(i + 64).min(b.len())];
                         let zeros = probe.iter().all(|x| *x == 0);
-                        let mut hits = Vec::new();
-                        for (k, sp) in specs().iter().enumerate() {
-                            if let Some(p) = sp.data.windows(probe.len()).position(|w| w == probe) {
-                                hits.push((k, p));
-                            }
-                        }
-                        let last_diff = b.iter().zip(want).rposition(|(a, b)| a != b);
-                        eprintln!(
-                            "DIAG: at {i}: zeros={zeros} found in specs {hits:?}; last difference {last_diff:?}"
-                        );
-                    }
+                        let hits: Vec<_> = specs()
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(k, sp)| {
+                                let p = sp.data.windows(probe.len()).position(|w| w == probe)?;
+                                Some((k, p))
+                            })
+                            .collect();
+                        let last = b.iter().zip(want).rposition(|(a, b)| a != b);
+                        format!(
+                            "; there zeros={zeros}, found in specs (index, offset) {hits:?}; \
+                             last difference at {:?}",
+                            last.map(|i| off + i as u64)
+                        )
+                    });
                     panic!(
-                        "WRONG BYTES from {} at {off}+{}: got {} bytes, want {}, first difference at {:?}",
+                        "WRONG BYTES from {} at {off}+{}: got {} bytes, want {}, first difference at {:?}{source}",
                         s.path,
                         r.len,
                         b.len(),

@@ -50,13 +50,6 @@ impl Drop for Throttle {
     }
 }
 
-fn metric(mount: &Mount, name: &str) -> u64 {
-    let text = fs::read_to_string(mount.path(".wan/metrics")).expect("read .wan/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name} not in .wan/metrics:\n{text}")) as u64
-}
-
 #[test]
 fn a_slow_cache_disk_is_skipped_by_readers_and_filled_by_ensure() {
     let size = 48 * MIB;
@@ -80,7 +73,7 @@ fn a_slow_cache_disk_is_skipped_by_readers_and_filled_by_ensure() {
     let got = fs::read(&path).expect("read with the cache disk behind");
     let took = t0.elapsed();
     assert_bytes_eq(&got, setup.data("big.bin"), "big.bin");
-    let skipped = metric(&mount, "wan_cache_skipped_bytes_total");
+    let skipped = mount.metric("wan_cache_skipped_bytes_total") as u64;
     eprintln!("read {size} bytes in {took:?}; {skipped} bytes served and not cached");
     assert!(
         skipped > 0,
@@ -105,7 +98,10 @@ fn a_slow_cache_disk_is_skipped_by_readers_and_filled_by_ensure() {
     // What the cache holds is verified; ensure fills the rest, skipping nothing.
     fs::write(mount.path(".wan/ensure"), format!("{GEN}\n")).expect("write .wan/ensure");
     assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE", "{}", mount.log());
-    assert_eq!(metric(&mount, "wan_cache_skipped_bytes_total"), skipped);
+    assert_eq!(
+        mount.metric("wan_cache_skipped_bytes_total") as u64,
+        skipped
+    );
     drop_page_cache(&path);
     assert_bytes_eq(
         &fs::read(&path).expect("read from the cache"),

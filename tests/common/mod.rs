@@ -223,16 +223,8 @@ impl ManifestFile {
     /// The byte range `start..end` of each chunk, the head first.
     pub fn chunk_ranges(&self) -> Vec<std::ops::Range<u64>> {
         let cs = self.chunk_size.expect("a chunked file");
-        let mut out = Vec::new();
-        let mut start = 0;
-        let mut len = self.head_size.unwrap_or(cs);
-        while start < self.size {
-            let end = (start + len).min(self.size);
-            out.push(start..end);
-            start = end;
-            len = cs;
-        }
-        out
+        let layout = wanfs::chunk::Layout::with_head(self.size, cs, self.head_size.unwrap_or(cs));
+        (0..layout.count()).map(|i| layout.range(i)).collect()
     }
 }
 

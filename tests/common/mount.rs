@@ -216,6 +216,16 @@ impl Mount {
         self.child.as_ref().expect("daemon running").id()
     }
 
+    /// The value of the unlabelled sample `name` in the mount's `.wan/metrics`; panics if it is
+    /// missing.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = fs::read_to_string(self.path(".wan/metrics")).expect("read .wan/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from .wan/metrics:\n{text}"))
+    }
+
     /// The daemon's output so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("<no log: {e}>"))
