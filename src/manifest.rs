@@ -236,21 +236,17 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Where a content digest was first seen: (model, path, size, (chunk_size, head_size), its
-/// chunk digests and their hash).
-type FirstSeen = (
-    String,
-    String,
-    u64,
-    (u64, u64),
-    Option<(ChunkHash, ChunkList)>,
-);
-
-/// Whether two chunk lists of one blob contradict each other. Under different hashes they
-/// differ anyway and describe the same bytes (an old sha256 entry beside a new BLAKE3 one), so
-/// only lists under the same hash are compared.
-fn chunks_conflict(a: Option<(ChunkHash, &ChunkList)>, b: Option<(ChunkHash, &ChunkList)>) -> bool {
-    matches!((a, b), (Some((ha, a)), Some((hb, b))) if ha == hb && a != b)
+/// Whether two files with one sha256 describe its content alike: the same size, chunk grid
+/// (chunk_size, head_size) and, where both list chunks under the same hash, the same chunks.
+/// Lists under different hashes differ anyway and describe the same bytes (an old sha256 entry
+/// beside a new BLAKE3 one), so they are not compared.
+fn same_content(a: &FileEntry, b: &FileEntry) -> bool {
+    a.size == b.size
+        && (a.chunk_size, a.head_size) == (b.chunk_size, b.head_size)
+        && match (&a.chunks, &b.chunks) {
+            (Some(ac), Some(bc)) => a.chunk_hash != b.chunk_hash || ac == bc,
+            _ => true,
+        }
 }
 
 #[derive(Deserialize, Debug)]
@@ -495,8 +491,8 @@ impl Manifest {
         }
         let mut models = BTreeMap::new();
         // Identical content must be described identically everywhere it appears, since it is
-        // stored once.
-        let mut by_digest: HashMap<Digest, FirstSeen> = HashMap::new();
+        // stored once: each sha256's first file, and its model, to compare the others with.
+        let mut by_digest: HashMap<Digest, (String, FileEntry)> = HashMap::new();
         for (id, m) in raw.models {
             let mut bad = |path: Option<&str>, rule: String| {
                 problems.push(Problem {
@@ -599,36 +595,7 @@ impl Manifest {
                         Some(ChunkList::from(out))
                     }
                 };
-                let listed = chunks.as_ref().map(|c| (chunk_hash, c));
-                match by_digest.get(&sha256) {
-                    Some((om, op, osize, ocs, ochunks))
-                        if *osize != f.size
-                            || *ocs != (chunk_size, head_size)
-                            || chunks_conflict(ochunks.as_ref().map(|(h, c)| (*h, c)), listed) =>
-                    {
-                        bad(
-                            Some(&f.path),
-                            format!(
-                                "same sha256 as {om:?} file {op:?} but a different size, chunk_size, head_size or chunks"
-                            ),
-                        );
-                        continue;
-                    }
-                    Some(_) => {}
-                    None => {
-                        by_digest.insert(
-                            sha256,
-                            (
-                                id.clone(),
-                                f.path.clone(),
-                                f.size,
-                                (chunk_size, head_size),
-                                chunks.clone().map(|c| (chunk_hash, c)),
-                            ),
-                        );
-                    }
-                }
-                files.push(FileEntry {
+                let entry = FileEntry {
                     path: f.path,
                     size: f.size,
                     sha256,
@@ -636,7 +603,24 @@ impl Manifest {
                     head_size,
                     chunk_hash,
                     chunks,
-                });
+                };
+                match by_digest.get(&sha256) {
+                    Some((om, o)) if !same_content(o, &entry) => {
+                        bad(
+                            Some(&entry.path),
+                            format!(
+                                "same sha256 as {om:?} file {:?} but a different size, chunk_size, head_size or chunks",
+                                o.path
+                            ),
+                        );
+                        continue;
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_digest.insert(sha256, (id.clone(), entry.clone()));
+                    }
+                }
+                files.push(entry);
             }
             // A file path may not also be a directory of another file.
             for f in &files {
@@ -688,16 +672,7 @@ impl Manifest {
         let mut first: HashMap<Digest, &FileEntry> = HashMap::new();
         for f in self.models.values().flat_map(|m| &m.files) {
             match first.get(&f.sha256) {
-                Some(o)
-                    if o.size != f.size
-                        || (o.chunk_size, o.head_size) != (f.chunk_size, f.head_size)
-                        || chunks_conflict(
-                            o.chunks.as_ref().map(|c| (o.chunk_hash, c)),
-                            f.chunks.as_ref().map(|c| (f.chunk_hash, c)),
-                        ) =>
-                {
-                    return false;
-                }
+                Some(o) if !same_content(o, f) => return false,
                 Some(_) => {}
                 None => {
                     first.insert(f.sha256, f);
@@ -953,13 +928,15 @@ fn build_file(
         None => head_size_for(&full, opts.chunk_size)
             .with_context(|| format!("reading {}", full.display()))?,
     };
-    let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head, opts.chunk_hash)
+    // A whole-only entry lists no chunk digests: no chunk hash of every byte for it.
+    let hash = (!opts.whole_only).then_some(opts.chunk_hash);
+    let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head, hash)
         .with_context(|| format!("hashing {}", full.display()))?;
     Ok(BuiltFile::new(
         path,
         size,
         whole,
-        (!opts.whole_only).then_some((opts.chunk_size, head, opts.chunk_hash, chunks)),
+        chunks.map(|chunks| (opts.chunk_size, head, opts.chunk_hash, chunks)),
     ))
 }
 
@@ -1071,23 +1048,24 @@ pub fn head_size_from(safetensors_len: Option<[u8; 8]>, chunk_size: u64) -> u64 
 }
 
 /// Returns (size, whole-file sha256, chunk digests under `hash`) in one pass over the file, the
-/// first chunk `head` bytes long and the others `chunk_size`.
+/// first chunk `head` bytes long and the others `chunk_size`. `hash` `None` (a whole-only
+/// entry): no chunk digests, so no second hash of every byte.
 pub fn hash_file(
     path: &Path,
     chunk_size: u64,
     head: u64,
-    hash: ChunkHash,
-) -> std::io::Result<(u64, Digest, Vec<Digest>)> {
+    hash: Option<ChunkHash>,
+) -> std::io::Result<(u64, Digest, Option<Vec<Digest>>)> {
     use sha2::{Digest as _, Sha256};
     let mut f = File::open(path)?;
     let mut whole = Sha256::new();
-    let mut chunks = Vec::new();
+    let mut chunks = hash.map(|_| Vec::new());
     let mut buf = vec![0u8; chunk_size.min(64 << 20) as usize];
     let mut size = 0u64;
     loop {
         // Fill one chunk (or the buffer) completely: chunk digests need exact boundaries.
-        let this_chunk = if chunks.is_empty() { head } else { chunk_size };
-        let mut chunk = hash.hasher();
+        let this_chunk = if size == 0 { head } else { chunk_size };
+        let mut chunk = hash.map(ChunkHash::hasher);
         let mut in_chunk = 0u64;
         while in_chunk < this_chunk {
             let want = (this_chunk - in_chunk).min(buf.len() as u64) as usize;
@@ -1096,14 +1074,18 @@ pub fn hash_file(
                 break;
             }
             whole.update(&buf[..n]);
-            chunk.update(&buf[..n]);
+            if let Some(chunk) = &mut chunk {
+                chunk.update(&buf[..n]);
+            }
             in_chunk += n as u64;
         }
         if in_chunk == 0 {
             break;
         }
         size += in_chunk;
-        chunks.push(chunk.finalize());
+        if let (Some(chunks), Some(chunk)) = (&mut chunks, chunk) {
+            chunks.push(chunk.finalize());
+        }
         if in_chunk < this_chunk {
             break;
         }
