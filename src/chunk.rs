@@ -129,6 +129,106 @@ impl ChunkHasher {
     }
 }
 
+/// A chunk buffer filled front to back by a source, each piece hashed as it lands.
+///
+/// Why: hashing a chunk after the whole of it arrived reads 8 MiB back from memory that the
+/// socket copy wrote moments before and that has left the CPU's cache since; hashing each
+/// piece right after the `read` that wrote it finds it in cache. On this project's bench VM
+/// that pass was about a tenth of the daemon's CPU on a cold read (docs/DESIGN-NOTES.md).
+///
+/// Why the digest can be trusted to describe the buffer: a source writes only into
+/// [`unfilled`](Filler::unfilled), the tail not yet hashed, and [`advance`](Filler::advance)
+/// hashes those bytes and moves them behind the cursor, where nothing hands out a `&mut` to
+/// them again. [`Hashed`] keeps the buffer's address and length, and
+/// [`VerifiedChunk::verify_hashed`] refuses `Bytes` that are not that same memory.
+pub struct Filler<'a> {
+    buf: &'a mut [u8],
+    filled: usize,
+    hash: Option<(ChunkHash, ChunkHasher)>,
+}
+
+/// What a full [`Filler`] hashed: its digest, and which memory that digest is of.
+#[derive(Debug, Clone, Copy)]
+pub struct Hashed {
+    hash: ChunkHash,
+    digest: Digest,
+    at: usize,
+    len: usize,
+}
+
+impl Hashed {
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
+}
+
+impl<'a> Filler<'a> {
+    /// A filler that hashes with `hash`.
+    pub fn hashing(hash: ChunkHash, buf: &'a mut [u8]) -> Filler<'a> {
+        Filler {
+            buf,
+            filled: 0,
+            hash: Some((hash, hash.hasher())),
+        }
+    }
+
+    /// A filler that only fills (a caller that verifies otherwise, or not at all).
+    pub fn plain(buf: &'a mut [u8]) -> Filler<'a> {
+        Filler {
+            buf,
+            filled: 0,
+            hash: None,
+        }
+    }
+
+    /// Where the next bytes go.
+    pub fn unfilled(&mut self) -> &mut [u8] {
+        &mut self.buf[self.filled..]
+    }
+
+    /// The next `n` bytes of [`unfilled`](Filler::unfilled) are written: hash them and move on.
+    pub fn advance(&mut self, n: usize) {
+        let piece = &self.buf[self.filled..self.filled + n];
+        if let Some((_, h)) = &mut self.hash {
+            h.update(piece);
+        }
+        self.filled += n;
+    }
+
+    /// Bytes written so far.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Every byte written and hashed.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Starts over, for a new attempt at the same bytes.
+    pub fn reset(&mut self) {
+        self.filled = 0;
+        if let Some((hash, h)) = &mut self.hash {
+            *h = hash.hasher();
+        }
+    }
+
+    /// The digest of the whole buffer; `None` unless every byte was written and hashed.
+    pub fn finish(self) -> Option<Hashed> {
+        let (hash, h) = self.hash?;
+        (self.filled == self.buf.len()).then(|| Hashed {
+            hash,
+            digest: h.finalize(),
+            at: self.buf.as_ptr() as usize,
+            len: self.buf.len(),
+        })
+    }
+}
+
 /// Why a string is not a digest.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("not a digest (want 64 lowercase hex characters): {0:?}")]
@@ -321,7 +421,7 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Bytes whose sha256 was checked against the digest they were expected to have.
+/// Bytes whose chunk digest (sha256 or BLAKE3) was checked against the one the manifest gives.
 #[derive(Clone, Debug)]
 pub struct VerifiedChunk {
     digest: Digest,
@@ -350,6 +450,34 @@ impl VerifiedChunk {
                 hash,
                 expected,
                 actual,
+            });
+        }
+        Ok(VerifiedChunk {
+            digest: expected,
+            data,
+        })
+    }
+
+    /// The same check for bytes a [`Filler`] hashed as they landed: no second pass. `data`
+    /// must be the very memory that was filled; anything else is re-hashed, so a caller's
+    /// mix-up costs time, never a wrong byte.
+    pub fn verify_hashed(
+        expected: Digest,
+        data: Bytes,
+        hashed: Hashed,
+    ) -> Result<VerifiedChunk, Mismatch> {
+        if data.as_ptr() as usize != hashed.at || data.len() != hashed.len {
+            debug_assert!(
+                false,
+                "verify_hashed given bytes other than the ones hashed"
+            );
+            return VerifiedChunk::verify(hashed.hash, expected, data);
+        }
+        if hashed.digest != expected {
+            return Err(Mismatch {
+                hash: hashed.hash,
+                expected,
+                actual: hashed.digest,
             });
         }
         Ok(VerifiedChunk {
@@ -410,6 +538,44 @@ mod tests {
         h.update(b"ab");
         h.update(b"c");
         assert_eq!(h.finalize(), ChunkHash::Blake3.digest(b"abc"));
+    }
+
+    /// A chunk filled in pieces and hashed as it lands verifies as one hashed after: with
+    /// no second pass, with wrong bytes refused, with a restarted attempt hashed afresh, and
+    /// never for a buffer left short.
+    #[test]
+    fn a_filler_hashes_what_lands_and_only_that() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for hash in ChunkHash::ALL {
+            let mut buf = AlignedBuf::zeroed(data.len());
+            let mut into = Filler::hashing(hash, buf.as_mut_slice());
+            // A failed attempt wrote garbage, then the retry starts over.
+            into.unfilled()[..5000].fill(0xee);
+            into.advance(5000);
+            into.reset();
+            let mut at = 0;
+            for n in [1, 4095, 16384, 1, 60_000, 19_519] {
+                into.unfilled()[..n].copy_from_slice(&data[at..at + n]);
+                into.advance(n);
+                at += n;
+            }
+            assert_eq!(at, data.len());
+            let hashed = into.finish().expect("full");
+            let want = hash.digest(&data);
+            assert_eq!(hashed.digest(), want);
+            let bytes = buf.freeze();
+            let chunk = VerifiedChunk::verify_hashed(want, bytes.clone(), hashed).unwrap();
+            assert_eq!(chunk.bytes(), &data[..]);
+            let other = ChunkHash::ALL.into_iter().find(|h| *h != hash).unwrap();
+            let e = VerifiedChunk::verify_hashed(other.digest(&data), bytes, hashed).unwrap_err();
+            assert_eq!((e.hash, e.actual), (hash, want));
+
+            let mut short = vec![0u8; 10];
+            let mut into = Filler::hashing(hash, &mut short);
+            into.advance(9);
+            assert!(into.finish().is_none(), "a short buffer has no digest");
+            assert!(Filler::plain(&mut short).finish().is_none());
+        }
     }
 
     #[test]

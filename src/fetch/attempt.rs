@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::chunk::VerifiedChunk;
+use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk};
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
 
@@ -114,10 +114,17 @@ impl Fetcher {
             for (src, attempts) in order.drain(..) {
                 let got = tokio::time::timeout_at(
                     deadline,
-                    self.fetch_range(&src, src.locator(f, &hex), range.clone(), prio, attempts),
+                    self.fetch_range(
+                        &src,
+                        src.locator(f, &hex),
+                        range.clone(),
+                        prio,
+                        attempts,
+                        Some(f.chunk_hash),
+                    ),
                 )
                 .await;
-                let bytes = match got {
+                let (bytes, hashed) = match got {
                     Err(_) => {
                         // A source that cannot answer in time is failing, as much as one that errs.
                         src.record_failure(src.peer, self.cooldown_of(&src));
@@ -140,12 +147,18 @@ impl Fetcher {
                     }
                     Ok(Ok(b)) => b,
                 };
-                let hash = f.chunk_hash;
-                let verified = tokio::task::spawn_blocking(move || {
-                    VerifiedChunk::verify(hash, expected, bytes)
-                })
-                .await
-                .map_err(|e| FetchError::Store(e.to_string()))?;
+                let verified = match hashed {
+                    // Hashed as it landed: only the comparison is left.
+                    Some(hashed) => VerifiedChunk::verify_hashed(expected, bytes, hashed),
+                    None => {
+                        let hash = f.chunk_hash;
+                        tokio::task::spawn_blocking(move || {
+                            VerifiedChunk::verify(hash, expected, bytes)
+                        })
+                        .await
+                        .map_err(|e| FetchError::Store(e.to_string()))?
+                    }
+                };
                 match verified {
                     Ok(chunk) => {
                         src.record_success();
@@ -217,6 +230,9 @@ impl Fetcher {
     }
 
     /// Fetches `range` from one source as parallel parts, each retried up to `attempts` times.
+    /// With `hash`, a range fetched in one request is hashed as it lands, and its digest comes
+    /// back with the bytes; parts that land side by side in any order are left to be hashed
+    /// after (`None`).
     pub(super) async fn fetch_range(
         &self,
         src: &SourceHandle,
@@ -224,7 +240,8 @@ impl Fetcher {
         range: Range<u64>,
         prio: Priority,
         attempts: u32,
-    ) -> Result<Bytes, SourceError> {
+        hash: Option<ChunkHash>,
+    ) -> Result<(Bytes, Option<Hashed>), SourceError> {
         let part = part_len(
             self.cfg.part_size(),
             src.rate(),
@@ -234,19 +251,29 @@ impl Fetcher {
         // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
         // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
         // and the bytes are hashed before anyone sees them.
-        let mut buf = self.bufs.take((range.end - range.start) as usize);
+        let len = (range.end - range.start) as usize;
+        let mut buf = self.bufs.take(len);
+        if part >= len {
+            let hashed = self
+                .fetch_part(src, path, range, prio, attempts, hash, buf.as_mut_slice())
+                .await?;
+            return Ok((buf.freeze(), hashed));
+        }
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
         futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
             |(i, slice)| {
                 let start = range.start + (i * part) as u64;
                 let r = start..start + slice.len() as u64;
-                self.fetch_part(src, path, r, prio, attempts, slice)
+                self.fetch_part(src, path, r, prio, attempts, None, slice)
             },
         ))
         .await?;
-        Ok(buf.freeze())
+        Ok((buf.freeze(), None))
     }
 
+    /// One request's bytes into `buf`, hashed as they land with `hash` (each attempt starts
+    /// its digest over, as it starts its bytes over).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_part(
         &self,
         src: &SourceHandle,
@@ -254,8 +281,9 @@ impl Fetcher {
         r: Range<u64>,
         prio: Priority,
         attempts: u32,
+        hash: Option<ChunkHash>,
         buf: &mut [u8],
-    ) -> Result<(), SourceError> {
+    ) -> Result<Option<Hashed>, SourceError> {
         let mut last = SourceError::Timeout;
         for attempt in 0..attempts {
             if attempt > 0 {
@@ -274,12 +302,17 @@ impl Fetcher {
             };
             let _conn = self.connections.acquire().await.expect("open");
             let t0 = Instant::now();
+            let mut into = match hash {
+                Some(h) => Filler::hashing(h, &mut *buf),
+                None => Filler::plain(&mut *buf),
+            };
             let res = tokio::time::timeout(
                 self.cfg.request_timeout(),
-                src.source.fetch_into(path, r.clone(), &mut *buf),
+                src.source.fetch_filling(path, r.clone(), &mut into),
             )
             .await
             .unwrap_or(Err(SourceError::Timeout));
+            let hashed = into.finish();
             match res {
                 Ok(()) => {
                     src.record_rate(buf.len() as u64, t0.elapsed().as_secs_f64());
@@ -295,7 +328,7 @@ impl Fetcher {
                         .source_requests
                         .with_label_values(&[&src.name, "ok"])
                         .inc();
-                    return Ok(());
+                    return Ok(hashed);
                 }
                 Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
                     // A peer without the chunk: a miss, not an error.

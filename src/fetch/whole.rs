@@ -83,8 +83,9 @@ impl Fetcher {
                     .acquire_many(kib(r.end - r.start).min(self.memory_kib))
                     .await
                     .expect("open");
-                let bytes = self
-                    .fetch_range(src, at, r.clone(), Priority::OnDemand, attempts)
+                // Whole-only: verified by the file's sha256 once every part is in the blob.
+                let (bytes, _) = self
+                    .fetch_range(src, at, r.clone(), Priority::OnDemand, attempts, None)
                     .await?;
                 let store = self.store.clone();
                 let entry = f.clone();

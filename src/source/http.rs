@@ -13,6 +13,7 @@ use reqwest::header::{AUTHORIZATION, RANGE};
 
 use super::rawhttp::{Raw, RawHttp};
 use super::{Source, SourceError};
+use crate::chunk::Filler;
 use crate::config::FetchConfig;
 
 /// The one HTTP client of the daemon: a pool of keep-alive connections shared by all sources
@@ -183,6 +184,18 @@ impl Source for HttpSource {
         buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
+            self.fetch_filling(path, range, &mut Filler::plain(buf))
+                .await
+        })
+    }
+
+    fn fetch_filling<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        into: &'a mut Filler<'_>,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
             let want = range.end - range.start;
             if want == 0 {
                 return Ok(());
@@ -191,30 +204,28 @@ impl Source for HttpSource {
             if let Some(raw) = self.raw.as_ref().filter(|r| r.in_use()) {
                 let url = self.url(path);
                 match raw
-                    .fetch_into(&url[raw.path_at..], &range, self.token.as_deref(), buf)
+                    .fetch_into(&url[raw.path_at..], &range, self.token.as_deref(), into)
                     .await
                 {
                     Raw::Done => return Ok(()),
                     Raw::Failed(e) => return Err(e),
-                    Raw::Fallback => {}
+                    Raw::Fallback => into.reset(),
                 }
             }
             let resp = self.get(path, &range).await?;
-            let mut got = 0usize;
             let mut body = resp.bytes_stream();
             while let Some(piece) = body.next().await {
                 let piece = piece.map_err(transport)?;
-                let end = got + piece.len();
-                if end as u64 > want {
+                if piece.len() > into.unfilled().len() {
                     return Err(body_too_long(want));
                 }
-                buf[got..end].copy_from_slice(&piece);
-                got = end;
+                into.unfilled()[..piece.len()].copy_from_slice(&piece);
+                into.advance(piece.len());
             }
-            if (got as u64) < want {
+            if (into.filled() as u64) < want {
                 return Err(SourceError::Short {
                     want,
-                    got: got as u64,
+                    got: into.filled() as u64,
                 });
             }
             Ok(())

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+use crate::chunk::Filler;
 use crate::config::{FetchConfig, PeersConfig};
 use crate::manifest::SourceUrl;
 
@@ -95,6 +96,24 @@ pub trait Source: Send + Sync {
                 });
             }
             buf.copy_from_slice(&b);
+            Ok(())
+        })
+    }
+
+    /// The same bytes, landing in `into` (empty, exactly `range`'s length) front to back:
+    /// sources that read a stream override this and [`advance`](Filler::advance) after each
+    /// read, so every piece is hashed while still in cache. The default fills the buffer
+    /// first and hashes it in one pass after.
+    fn fetch_filling<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        into: &'a mut Filler<'_>,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let n = into.unfilled().len();
+            self.fetch_into(path, range, into.unfilled()).await?;
+            into.advance(n);
             Ok(())
         })
     }

@@ -4,7 +4,8 @@
 //! every byte of a cold read was copied once more in user space (`memmove`, ~10 % of the
 //! daemon's CPU on a cold read, and the connection task's hand-offs on top). A range
 //! response has a known length, so after the head is parsed the body is `read` directly into
-//! the chunk buffer's slice: socket → chunk buffer is the only copy.
+//! the chunk buffer's slice: socket → chunk buffer is the only copy. Each `read`'s bytes are
+//! handed to the [`Filler`] at once, which hashes them while they are still in cache.
 //!
 //! Only the plain case is taken here: `http://` without credentials in the URL and no proxy
 //! in the environment. Anything else a response may need (a redirect, a chunked body, a
@@ -28,6 +29,7 @@ use tokio::net::TcpStream;
 
 use super::SourceError;
 use super::http::{body_too_long, check_status};
+use crate::chunk::Filler;
 
 /// The most a response head may take; a range answer's head is a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
@@ -102,13 +104,13 @@ impl RawHttp {
         !self.fell_back.load(Ordering::Relaxed)
     }
 
-    /// GETs `range` of `target` (the URL's path and query) into `buf` (exactly its length).
+    /// GETs `range` of `target` (the URL's path and query) into `into` (exactly its length).
     pub(super) async fn fetch_into(
         &self,
         target: &str,
         range: &Range<u64>,
         token: Option<&str>,
-        buf: &mut [u8],
+        into: &mut Filler<'_>,
     ) -> Raw {
         let mut req = format!(
             "GET {target} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\nUser-Agent: wanfs/{}\r\n",
@@ -130,7 +132,7 @@ impl RawHttp {
                 Err(e) => return Raw::Failed(e),
             },
         };
-        let mut outcome = exchange(&mut stream, req.as_bytes(), range, buf).await;
+        let mut outcome = exchange(&mut stream, req.as_bytes(), range, into).await;
         if reused
             && matches!(
                 outcome,
@@ -144,7 +146,8 @@ impl RawHttp {
                 Ok(s) => s,
                 Err(e) => return Raw::Failed(e),
             };
-            outcome = exchange(&mut stream, req.as_bytes(), range, buf).await;
+            into.reset();
+            outcome = exchange(&mut stream, req.as_bytes(), range, into).await;
         }
         match outcome {
             Attempt::Done { reuse } => {
@@ -191,7 +194,12 @@ impl RawHttp {
 }
 
 /// One request and its answer on `s`.
-async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [u8]) -> Attempt {
+async fn exchange(
+    s: &mut TcpStream,
+    req: &[u8],
+    range: &Range<u64>,
+    into: &mut Filler<'_>,
+) -> Attempt {
     let failed = |err, answered| Attempt::Failed { err, answered };
     if let Err(e) = s.write_all(req).await {
         return failed(
@@ -280,13 +288,14 @@ async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [
             true,
         );
     }
-    buf[..early].copy_from_slice(&head[head_len..filled]);
-    let mut got = early;
+    into.unfilled()[..early].copy_from_slice(&head[head_len..filled]);
+    into.advance(early);
     let end = length as usize;
-    while got < end {
-        match s.read(&mut buf[got..end]).await {
+    while into.filled() < end {
+        let more = end - into.filled();
+        match s.read(&mut into.unfilled()[..more]).await {
             Ok(0) => break,
-            Ok(n) => got += n,
+            Ok(n) => into.advance(n),
             Err(e) => {
                 return failed(
                     SourceError::Transport(format!("reading the body: {e}")),
@@ -295,11 +304,11 @@ async fn exchange(s: &mut TcpStream, req: &[u8], range: &Range<u64>, buf: &mut [
             }
         }
     }
-    if (got as u64) < want {
+    if (into.filled() as u64) < want {
         return failed(
             SourceError::Short {
                 want,
-                got: got as u64,
+                got: into.filled() as u64,
             },
             true,
         );
@@ -319,6 +328,7 @@ fn range_start(content_range: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::ChunkHash;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::TcpListener;
@@ -371,9 +381,17 @@ mod tests {
             .to_vec()
     }
 
+    /// One GET of bytes 10-14 through a hashing `Filler`; a completed one must have hashed
+    /// exactly the bytes it left in the buffer, retries on a fresh connection included.
     async fn get(raw: &RawHttp) -> (Raw, Vec<u8>) {
         let mut buf = vec![0u8; 5];
-        let r = raw.fetch_into("/f", &(10..15), None, &mut buf).await;
+        let mut into = Filler::hashing(ChunkHash::Blake3, &mut buf);
+        let r = raw.fetch_into("/f", &(10..15), None, &mut into).await;
+        let hashed = into.finish();
+        if matches!(r, Raw::Done) {
+            let hashed = hashed.expect("a completed GET filled every byte");
+            assert_eq!(hashed.digest(), ChunkHash::Blake3.digest(&buf));
+        }
         (r, buf)
     }
 
