@@ -14,6 +14,8 @@
 # `[fetch]` key of that binary's config instead:
 #     sudo THROTTLE_WBPS=200000000 benches/coldcpu.sh target/release/wan \
 #          'target/release/wan,cfg:when_cache_behind="skip"'
+# RATE: limit the origin per connection (origin.sh syntax, e.g. 50m), as compare.sh's (b); there
+# read-ahead fetches chunks as parallel 1 MiB parts.
 # THROTTLE_WBPS: limit the daemon's writes to the cache's disk (bytes/s, cgroup v1 blkio), to
 # stand for a cache disk slower than the network.
 #
@@ -73,7 +75,8 @@ cleanup() {
   [ -n "$CG" ] && rmdir "$CG" 2>/dev/null
 }
 trap cleanup EXIT
-"$BENCH/origin.sh" start "$PORT" "$DATA" >"$T/origin.log" 2>&1
+# shellcheck disable=SC2086
+"$BENCH/origin.sh" start "$PORT" "$DATA" ${RATE:-} >"$T/origin.log" 2>&1
 for k in "${!BINS[@]}"; do
   # shellcheck disable=SC2086
   { echo "schema_version = 1"; echo;
@@ -126,7 +129,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 floor=$(awk -v r="$FLOOR" 'BEGIN{printf "%.2f", 1/r}')
 b3floor=$([ -n "$B3" ] && awk -v r="$B3" 'BEGIN{printf "%.2f", 1/r}' || echo "?")
-echo "file $SIZE bytes, read() of $BS bytes; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "file $SIZE bytes, read() of $BS bytes${RATE:+, origin limited to $RATE per connection}; load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "floors, one core: sha256 (openssl) $FLOOR GB/s = $floor core-s/GB; blake3 (examples/hashspeed) ${B3:-?} GB/s = $b3floor core-s/GB"
 for k in "${!BINS[@]}"; do
   # shellcheck disable=SC2086

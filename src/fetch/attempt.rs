@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk};
+use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk, blocks_fit};
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
 
@@ -22,6 +22,18 @@ use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
 /// whole 8 MiB chunk in one. With `readahead_chunks` chunks in flight it also bounds what
 /// the middle ground can deliver: 4 × 8 MiB per 10 ms, over 3 GB/s.
 const PART_SECS: f64 = 0.010;
+
+/// How one request's bytes are hashed as they land (see [`Filler`]).
+#[derive(Clone, Copy)]
+pub(super) enum Landing {
+    /// Not here: the caller hashes them, or the file is whole-only.
+    Plain,
+    /// The request is the whole chunk.
+    Whole(ChunkHash),
+    /// The request is the part of a BLAKE3 chunk `offset` bytes into it, hashed as subtrees
+    /// of `block` bytes.
+    Blocks { block: usize, offset: u64 },
+}
 
 /// How large the parts of a `len`-byte fetch are, from a source whose requests deliver `rate`
 /// bytes/s (`None`: not measured yet). Parallel parts of `base` (`part_size_kib`) cut the time
@@ -124,7 +136,7 @@ impl Fetcher {
                     ),
                 )
                 .await;
-                let (bytes, hashed) = match got {
+                let (bytes, landed) = match got {
                     Err(_) => {
                         // A source that cannot answer in time is failing, as much as one that errs.
                         src.record_failure(src.peer, self.cooldown_of(&src));
@@ -147,17 +159,16 @@ impl Fetcher {
                     }
                     Ok(Ok(b)) => b,
                 };
-                let verified = match hashed {
+                let hash = f.chunk_hash;
+                let verified = if landed.is_empty() {
+                    tokio::task::spawn_blocking(move || {
+                        VerifiedChunk::verify(hash, expected, bytes)
+                    })
+                    .await
+                    .map_err(|e| FetchError::Store(e.to_string()))?
+                } else {
                     // Hashed as it landed: only the comparison is left.
-                    Some(hashed) => VerifiedChunk::verify_hashed(expected, bytes, hashed),
-                    None => {
-                        let hash = f.chunk_hash;
-                        tokio::task::spawn_blocking(move || {
-                            VerifiedChunk::verify(hash, expected, bytes)
-                        })
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?
-                    }
+                    VerifiedChunk::verify_landed(hash, expected, bytes, &landed)
                 };
                 match verified {
                     Ok(chunk) => {
@@ -230,9 +241,10 @@ impl Fetcher {
     }
 
     /// Fetches `range` from one source as parallel parts, each retried up to `attempts` times.
-    /// With `hash`, a range fetched in one request is hashed as it lands, and its digest comes
-    /// back with the bytes; parts that land side by side in any order are left to be hashed
-    /// after (`None`).
+    /// With `hash` (the range is one chunk), the bytes are hashed as they land and what each
+    /// part hashed comes back with them, for [`VerifiedChunk::verify_landed`]; empty where
+    /// they could not be (parallel parts of a sha256 chunk, or of a `part_size_kib` that is
+    /// not a power of two), to be hashed after.
     pub(super) async fn fetch_range(
         &self,
         src: &SourceHandle,
@@ -241,7 +253,7 @@ impl Fetcher {
         prio: Priority,
         attempts: u32,
         hash: Option<ChunkHash>,
-    ) -> Result<(Bytes, Option<Hashed>), SourceError> {
+    ) -> Result<(Bytes, Vec<Hashed>), SourceError> {
         let part = part_len(
             self.cfg.part_size(),
             src.rate(),
@@ -254,25 +266,47 @@ impl Fetcher {
         let len = (range.end - range.start) as usize;
         let mut buf = self.bufs.take(len);
         if part >= len {
+            let landing = hash.map_or(Landing::Plain, Landing::Whole);
             let hashed = self
-                .fetch_part(src, path, range, prio, attempts, hash, buf.as_mut_slice())
+                .fetch_part(
+                    src,
+                    path,
+                    range,
+                    prio,
+                    attempts,
+                    landing,
+                    buf.as_mut_slice(),
+                )
                 .await?;
-            return Ok((buf.freeze(), hashed));
+            return Ok((buf.freeze(), hashed.into_iter().collect()));
         }
+        // Parts are runs of whole `base` blocks (see `part_len`), each block a BLAKE3 subtree.
+        let base = self.cfg.part_size() as usize;
+        let blocks = hash.is_some_and(|h| blocks_fit(h, base)) && part.is_multiple_of(base);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
-        futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
-            |(i, slice)| {
-                let start = range.start + (i * part) as u64;
-                let r = start..start + slice.len() as u64;
-                self.fetch_part(src, path, r, prio, attempts, None, slice)
-            },
-        ))
-        .await?;
-        Ok((buf.freeze(), None))
+        let landed =
+            futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
+                |(i, slice)| {
+                    let start = range.start + (i * part) as u64;
+                    let r = start..start + slice.len() as u64;
+                    let landing = match blocks {
+                        true => Landing::Blocks {
+                            block: base,
+                            offset: (i * part) as u64,
+                        },
+                        false => Landing::Plain,
+                    };
+                    self.fetch_part(src, path, r, prio, attempts, landing, slice)
+                },
+            ))
+            .await?;
+        // All or nothing: a part without its hashes leaves the whole chunk to be hashed after.
+        let landed = landed.into_iter().collect::<Option<Vec<_>>>();
+        Ok((buf.freeze(), landed.unwrap_or_default()))
     }
 
-    /// One request's bytes into `buf`, hashed as they land with `hash` (each attempt starts
-    /// its digest over, as it starts its bytes over).
+    /// One request's bytes into `buf`, hashed as they land as `landing` says (each attempt
+    /// starts its hashing over, as it starts its bytes over).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_part(
         &self,
@@ -281,7 +315,7 @@ impl Fetcher {
         r: Range<u64>,
         prio: Priority,
         attempts: u32,
-        hash: Option<ChunkHash>,
+        landing: Landing,
         buf: &mut [u8],
     ) -> Result<Option<Hashed>, SourceError> {
         let mut last = SourceError::Timeout;
@@ -302,9 +336,10 @@ impl Fetcher {
             };
             let _conn = self.connections.acquire().await.expect("open");
             let t0 = Instant::now();
-            let mut into = match hash {
-                Some(h) => Filler::hashing(h, &mut *buf),
-                None => Filler::plain(&mut *buf),
+            let mut into = match landing {
+                Landing::Plain => Filler::plain(&mut *buf),
+                Landing::Whole(h) => Filler::whole(h, &mut *buf),
+                Landing::Blocks { block, offset } => Filler::blocks(block, offset, &mut *buf),
             };
             let res = tokio::time::timeout(
                 self.cfg.request_timeout(),
