@@ -4,6 +4,9 @@
 //! own digest under the file's `ChunkHash` (sha256, or BLAKE3 where the manifest says so).
 //! `VerifiedChunk` can only be built by hashing the bytes and comparing with the expected
 //! digest, so the type system keeps unverified bytes away from readers and from the cache.
+//! A `Filler` does the hashing while a source's bytes land (so no second pass over the chunk
+//! is needed), and `VerifiedChunk::verify_landed` takes what it hashed only for the very
+//! memory it filled.
 
 use std::fmt;
 use std::ops::Range;
