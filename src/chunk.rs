@@ -179,7 +179,10 @@ struct Blocks {
     cvs: Vec<ChainingValue>,
 }
 
-/// What a full [`Filler`] hashed, and which memory that is of.
+/// What a full [`Filler`] hashed, and which memory that is of. It names the memory by
+/// address and length only, and the buffer pool hands the same memory to the next chunk: use
+/// it only with the `Bytes` frozen from the buffer it was filled into, right after (as
+/// `fetch_range` returns the two together), never kept across attempts or chunks.
 #[derive(Debug, Clone)]
 pub struct Hashed {
     at: usize,
@@ -651,14 +654,13 @@ impl VerifiedChunk {
     /// `data`, end to end; if they do not (none given, a gap, other memory), `data` is hashed
     /// here as [`verify`](VerifiedChunk::verify) does, so a caller's mix-up costs time, never
     /// a wrong byte.
-    pub fn verify_landed(
+    pub(crate) fn verify_landed(
         hash: ChunkHash,
         expected: Digest,
         data: Bytes,
         parts: &[Hashed],
     ) -> Result<VerifiedChunk, Mismatch> {
         let Some(actual) = landed_digest(hash, &data, parts) else {
-            debug_assert!(parts.is_empty(), "parts that do not describe the bytes");
             return VerifiedChunk::verify(hash, expected, data);
         };
         if actual != expected {

@@ -264,6 +264,7 @@ impl Fetcher {
         // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
         // and the bytes are hashed before anyone sees them.
         let len = (range.end - range.start) as usize;
+        let hash = hash.filter(|_| src.source.streams());
         let mut buf = self.bufs.take(len);
         if part >= len {
             let landing = hash.map_or(Landing::Plain, Landing::Whole);
@@ -395,8 +396,70 @@ impl Fetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FetchConfig;
+    use crate::source::mock::{Fault, MockSource, Outcome};
+    use crate::store::Store;
 
     const MIB: u64 = 1 << 20;
+
+    /// A BLAKE3 chunk fetched as parallel parts comes back with each part's subtrees, hashed
+    /// while the mock handed its pieces over; a part that failed half-way (after bytes that
+    /// are not the file's had landed) is retried and hashed afresh; the joined root verifies.
+    /// A sha256 chunk's parts come back unhashed, for one pass after.
+    #[tokio::test]
+    async fn parallel_parts_of_a_blake3_chunk_come_back_hashed_as_they_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let cfg = FetchConfig {
+            part_size_kib: 64,
+            backoff_ms: 1,
+            ..FetchConfig::default()
+        };
+        let fetcher = Fetcher::new(store, cfg);
+        let mock = MockSource::new();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i ^ (i >> 9)) as u8).collect();
+        mock.insert("f", data.clone());
+        mock.inject(Fault::Fail, 1);
+        let src = SourceHandle::new("mock".into(), Box::new(mock.clone()));
+        let all = 0..data.len() as u64;
+        let blake3 = Some(ChunkHash::Blake3);
+        let (bytes, landed) = fetcher
+            .fetch_range(&src, "f", all.clone(), Priority::OnDemand, 3, blake3)
+            .await
+            .unwrap();
+        assert_eq!(
+            landed.len(),
+            5,
+            "five 64 KiB parts, each hashed as it landed"
+        );
+        assert!(landed.iter().all(|h| h.digest().is_none()), "as subtrees");
+        let failed = mock
+            .log()
+            .iter()
+            .filter(|r| r.outcome == Outcome::Failed)
+            .count();
+        assert_eq!(
+            (failed, mock.log().len()),
+            (1, 6),
+            "one part failed half-way, then again"
+        );
+        let want = ChunkHash::Blake3.digest(&data);
+        let chunk = VerifiedChunk::verify_landed(ChunkHash::Blake3, want, bytes, &landed);
+        assert_eq!(chunk.expect("the joined root").bytes(), &data[..]);
+
+        let (_, landed) = fetcher
+            .fetch_range(
+                &src,
+                "f",
+                all,
+                Priority::OnDemand,
+                3,
+                Some(ChunkHash::Sha256),
+            )
+            .await
+            .unwrap();
+        assert!(landed.is_empty());
+    }
 
     #[test]
     fn on_demand_and_unmeasured_fetches_use_the_configured_part() {

@@ -189,6 +189,10 @@ impl Source for HttpSource {
         })
     }
 
+    fn streams(&self) -> bool {
+        true
+    }
+
     fn fetch_filling<'a>(
         &'a self,
         path: &'a str,

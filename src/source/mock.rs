@@ -5,7 +5,8 @@
 //! `Vec<u8>` model. It serves byte ranges of files held in memory, keyed by the path relative
 //! to the model root (what `Source::fetch` is given), and on request it fails the next N
 //! requests (a retryable error), sends wrong bytes (one byte flipped) for the next N, stalls the
-//! next N, or delays every request. It logs every request it answered, with the outcome, so a
+//! next N, or delays every request. Bytes land in the caller's `Filler` in small pieces, as from
+//! a socket, and a failing request first lands half its range with wrong bytes. It logs every request it answered, with the outcome, so a
 //! test can count origin fetches per chunk.
 //!
 //! A `MockSource` is a cheap handle: clones share files, faults and the log, so a test keeps
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 use super::{Source, SourceError};
+use crate::chunk::Filler;
 
 /// What the mock did with one request, as the fetcher saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +209,50 @@ impl Source for MockSource {
             Ok(bytes)
         })
     }
+
+    fn streams(&self) -> bool {
+        true
+    }
+
+    /// Hands the bytes over in pieces that do not line up with blocks, yielding between
+    /// them, as a socket does: parallel parts interleave, and each piece is hashed as it
+    /// lands. An injected failure first lands half the range with bytes that are not the
+    /// file's, as a reset mid-body does, so a retry must start its hashing over.
+    fn fetch_filling<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        into: &'a mut Filler<'_>,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let bytes = match self.fetch(path, range).await {
+                Ok(b) => b,
+                Err(e @ SourceError::Transport(_)) => {
+                    let n = into.unfilled().len() / 2;
+                    into.unfilled()[..n].fill(0xa5);
+                    into.advance(n);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if bytes.len() != into.unfilled().len() {
+                return Err(SourceError::Short {
+                    want: into.unfilled().len() as u64,
+                    got: bytes.len() as u64,
+                });
+            }
+            for piece in bytes.chunks(PIECE) {
+                into.unfilled()[..piece.len()].copy_from_slice(piece);
+                into.advance(piece.len());
+                tokio::task::yield_now().await;
+            }
+            Ok(())
+        })
+    }
 }
+
+/// What one step of [`MockSource::fetch_filling`] hands over: not a divisor of any block.
+const PIECE: usize = 3000;
 
 #[cfg(test)]
 mod tests {

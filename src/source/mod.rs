@@ -100,10 +100,18 @@ pub trait Source: Send + Sync {
         })
     }
 
+    /// Whether [`fetch_filling`](Source::fetch_filling) hands bytes over as they arrive, so
+    /// that hashing them as they land saves a pass over memory. Where it does not (the
+    /// default), the fetcher fills a plain buffer and hashes the chunk after, on a blocking
+    /// thread, rather than in one long step on an async worker.
+    fn streams(&self) -> bool {
+        false
+    }
+
     /// The same bytes, landing in `into` (empty, exactly `range`'s length) front to back:
     /// sources that read a stream override this and [`advance`](Filler::advance) after each
-    /// read, so every piece is hashed while still in cache. The default fills the buffer
-    /// first and hashes it in one pass after.
+    /// read, so every piece is hashed while still in cache (and say so in
+    /// [`streams`](Source::streams)). The default fills the buffer first and advances once.
     fn fetch_filling<'a>(
         &'a self,
         path: &'a str,

@@ -33,6 +33,8 @@ use crate::chunk::Filler;
 
 /// The most a response head may take; a range answer's head is a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
+/// The most one `read` of a body takes: 1 MiB hashes in 0.2 ms (BLAKE3) to 0.6 ms (sha256).
+const MAX_READ: usize = 1 << 20;
 /// An idle connection older than this is not reused (servers close idle ones: nginx after 75 s).
 const IDLE: Duration = Duration::from_secs(50);
 
@@ -292,7 +294,8 @@ async fn exchange(
     into.advance(early);
     let end = length as usize;
     while into.filled() < end {
-        let more = end - into.filled();
+        // Bounded, so one read's hash (on an async worker) stays well under a millisecond.
+        let more = (end - into.filled()).min(MAX_READ);
         match s.read(&mut into.unfilled()[..more]).await {
             Ok(0) => break,
             Ok(n) => into.advance(n),
