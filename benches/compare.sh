@@ -57,6 +57,7 @@
 #                    the file from WORK's disk, the disk the cache writes to: a cold read then
 #                    also waits for the origin's disk reads. See docs/BENCHMARKS.md for what
 #                    each setting does to which target.
+#   SETTLE=3         seconds to wait after drop_caches before (c) and (d) (see settle())
 # Results: the table on stdout, also saved with per-run values and diagnostics under WORK/.
 set -Eeuo pipefail
 
@@ -224,6 +225,15 @@ origin_pids() { # origin_pids PORT: nginx master+workers and the rate-limit prox
 hwm_mib() { awk '/^VmHWM:/{printf "%.1f\n", $2/1024}' "/proc/$1/status"; }
 wan_state() { python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.wan.state").decode())' "$WFILE"; }
 now() { date +%s.%N; }
+# settle: drop the page cache, then wait SETTLE seconds, before each side of (c) and (d): two
+# reads of 2 GiB through the page cache. On a VM that reports freed memory to its host
+# (virtio-balloon free page reporting, as on the machine of docs/BENCHMARKS.md), a read right
+# after drop_caches reuses pages not yet handed back and runs up to twice as fast as the same
+# read a few seconds later, so whichever side of the pair came second won. After the wait both
+# sides start from the same state. (e) does not wait: its two sides do not take turns with the
+# same memory, and after the wait a fresh daemon's own first pages would fault on the host
+# inside its timed read, where curl's timer starts after curl has started. 0 turns it off.
+settle() { drop_caches; sleep "${SETTLE:-3}"; }
 
 # ---------------------------------------------------------------- test data, manifests, config
 FILE=$DATA/model.bin
@@ -386,7 +396,7 @@ b_peer() {
 cd_wan() {
   local cache=$WORK/cache-u
   [ -f "$cache/v1/blobs/${SHA:0:2}/$SHA" ] || die "no complete blob in $cache for the warm read"
-  drop_caches
+  settle
   wan_mount "$MAN_U" "$cache" "$LOGS/wan-warm-$i.log"
   [ "$(wan_state)" = COMPLETE ] || die "cache not COMPLETE at the warm mount"
   local w h
@@ -399,7 +409,7 @@ cd_wan() {
 cd_local() {
   local blob=$WORK/cache-u/v1/blobs/${SHA:0:2}/$SHA c h
   [ -f "$blob" ] || die "blob $blob not found"
-  drop_caches
+  settle
   c=$(readval seq "$blob"); need "$c" "direct read of the blob file"
   h=$(readval seq "$blob"); need "$h" "page-cache read of the blob file"
   BLOB_COLD+=("$c"); BLOB_HOT+=("$h")
