@@ -36,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::bufpool::BufPool;
 use crate::chunk::{Digest, Mismatch, VerifiedChunk};
 use crate::config::FetchConfig;
+use crate::manifest::DEFAULT_HEAD_SIZE;
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
 use crate::store::Store;
@@ -135,6 +136,9 @@ type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 /// Free chunk buffers are let go after this long without a fetch: long enough that a reader
 /// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
 const BUF_IDLE: Duration = Duration::from_secs(10);
+/// Head-chunk buffers kept made and touched (`BufPool::with_reserve`): a file's first read
+/// waits for its head, and two let a header read and another file's run side by side.
+const HEAD_BUFS: usize = 2;
 
 /// How long a chunk waits for its file's small head chunk in flight (see `start_chunk`): a head
 /// is one 1 MiB request, tens of milliseconds even from a slow origin.
@@ -222,7 +226,11 @@ impl Fetcher {
     /// Must be called within a tokio runtime (fetches are spawned on it).
     pub fn new(store: Arc<Store>, cfg: FetchConfig) -> Arc<Fetcher> {
         let reserve = (cfg.connections / 4).max(1);
-        let bufs = BufPool::new((cfg.max_inflight_mib as usize) << 20);
+        let bufs = BufPool::with_reserve(
+            (cfg.max_inflight_mib as usize) << 20,
+            DEFAULT_HEAD_SIZE as usize,
+            HEAD_BUFS,
+        );
         bufs.spawn_trimmer(BUF_IDLE);
         Arc::new(Fetcher {
             store,
