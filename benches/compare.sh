@@ -318,7 +318,7 @@ done
 # ---------------------------------------------------------------- measurements
 declare -a W_COLD_U W_COLD_L W_WARM W_HOT W_TTFB HWM \
            RCF_COLD RCF_WARM RCO_COLD RCO_WARM ARIA BLOB_COLD BLOB_HOT CURL_TTFB \
-           CPU_U CPU_L ORG_U ORG_L BUSY_U BUSY_L CONN_U CONN_L LAG CPG_U CPG_L CURL_DL ARIA_U
+           CPU_U CPU_L ORG_U ORG_L BUSY_U BUSY_L CONN_U CONN_L LAG CPG_U CPG_L CURL_DL ARIA_U SRC
 i=0
 
 # wan_cold TAG MANIFEST PORT: cold sequential read of the whole file through a fresh mount.
@@ -354,6 +354,8 @@ wan_cold() {
   C_LAG=$(awk -v a="$lag0" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}')
   C_CPG=$(awk -v d=$(($(ticks "$WAN_PID") - w0)) -v hz="$CLK_TCK" -v n="$SIZE" 'BEGIN{printf "%.2f", d/hz/(n/1e9)}')
   C_HWM=$(hwm_mib "$WAN_PID")
+  # What the daemon asked its sources for, against what was read (the whole file).
+  C_SRC=$(awk '/^wan_source_bytes_total/{s+=$2} END{printf "%.0f", s}' "$MNT/.wan/metrics")
   wait "$SAMPLER_PID" 2>/dev/null || true; SAMPLER_PID=
   C_CONN=$(cat "$LOGS/conns-$tag-$r.txt" 2>/dev/null || echo 0)
   C_CPU=$(awk -v d=$((w1 - w0)) -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" 'BEGIN{printf "%.0f", 100*d/hz/(t1-t0)}')
@@ -368,7 +370,7 @@ wan_cold() {
 
 a_wan() {
   wan_cold u "$MAN_U" "$PORT"
-  W_COLD_U+=("$C_GBPS"); HWM+=("$C_HWM"); LAG+=("$C_LAG"); CPU_U+=("$C_CPU"); CPG_U+=("$C_CPG"); ORG_U+=("$C_ORG"); BUSY_U+=("$C_BUSY"); CONN_U+=("$C_CONN")
+  W_COLD_U+=("$C_GBPS"); HWM+=("$C_HWM"); SRC+=("$C_SRC"); LAG+=("$C_LAG"); CPU_U+=("$C_CPU"); CPG_U+=("$C_CPG"); ORG_U+=("$C_ORG"); BUSY_U+=("$C_BUSY"); CONN_U+=("$C_CONN")
 }
 a_peer() {
   local out=$LOGS/peers-rclone-$i.txt
@@ -384,7 +386,7 @@ a_peer() {
 }
 b_wan() {
   wan_cold l "$MAN_L" "$LPORT"
-  W_COLD_L+=("$C_GBPS"); HWM+=("$C_HWM"); LAG+=("$C_LAG"); CPU_L+=("$C_CPU"); CPG_L+=("$C_CPG"); ORG_L+=("$C_ORG"); BUSY_L+=("$C_BUSY"); CONN_L+=("$C_CONN")
+  W_COLD_L+=("$C_GBPS"); HWM+=("$C_HWM"); SRC+=("$C_SRC"); LAG+=("$C_LAG"); CPU_L+=("$C_CPU"); CPG_L+=("$C_CPG"); ORG_L+=("$C_ORG"); BUSY_L+=("$C_BUSY"); CONN_L+=("$C_CONN")
 }
 b_peer() {
   local out=$LOGS/peers-aria2-$i.txt v
@@ -509,6 +511,7 @@ if awk -v a="$rfw" -v b="$row" 'BEGIN{exit !(a>=b)}'; then rw=$rfw; rwn="rclone 
 ar=$(m "${ARIA[@]}"); ww=$(m "${W_WARM[@]}"); wh=$(m "${W_HOT[@]}")
 bc=$(m "${BLOB_COLD[@]}"); bh=$(m "${BLOB_HOT[@]}")
 wt=$(m "${W_TTFB[@]}"); ct=$(m "${CURL_TTFB[@]}"); hw=$(mx "${HWM[@]}")
+src=$(for b in "${SRC[@]}"; do awk -v b="$b" -v n="$SIZE" 'BEGIN{printf "%.3f\n", b/n}'; done | sort -g | tail -1)
 cpg=$(m "${CPG_U[@]}")
 cdl=$(m "${CURL_DL[@]}"); aru=$(m "${ARIA_U[@]}")
 if awk -v a="$cdl" -v b="$aru" 'BEGIN{exit !(a>=b)}'; then dl=$cdl; dln="curl -o"; else dl=$aru; dln="aria2c -x8 -s8"; fi
@@ -537,6 +540,8 @@ row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
   row "(e) time to first MiB, cold, $RATE/conn, vs curl 1 MiB range" "$(ms "$wt")" "$(ms "$ct")" "$(ratio "$wt" "$ct")" "<=" 2
   printf '| (f) daemon peak RSS (VmHWM), cold reads, worst run | %s MiB | — | — | <= 200 MiB | %s |\n' \
     "$hw" "$(awk -v h="$hw" 'BEGIN{print (h<=200) ? "PASS" : "FAIL"}')"
+  printf '| (f2) origin bytes / bytes read, cold reads of (a) and (b), worst run | %s | — | — | = 1.00 | %s |\n' \
+    "$src" "$(awk -v r="$src" 'BEGIN{print (r+0 == 1) ? "PASS" : "FAIL"}')"
   row "(g) daemon CPU per GB, cold read of (a) (core-s/GB) vs sha256 floor (openssl)" "$cpg" "$L_FLOOR" "$(ratio "$cpg" "$L_FLOOR")" "<=" 1.3
   [ -n "$L_B3FLOOR" ] && printf '| (g2) the same vs the floor of the chunk hash in use (blake3, one core) | %s | %s | %s× | (information) | — |\n' \
     "$cpg" "$L_B3FLOOR" "$(ratio "$cpg" "$L_B3FLOOR")"
@@ -553,6 +558,7 @@ row() { # row MEASURE WAN BASELINE RATIO OP TARGET UNIT
   echo "  wanfs first MiB s:         ${W_TTFB[*]}"
   echo "  curl 1 MiB range s:        ${CURL_TTFB[*]}"
   echo "  daemon VmHWM MiB (a,b):    ${HWM[*]}"
+  echo "  origin bytes per read (a,b): ${SRC[*]} (the file: $SIZE)"
   echo "  daemon core-s/GB (a / b):  ${CPG_U[*]} / ${CPG_L[*]}"
   echo "  cache COMPLETE after read: ${LAG[*]} s (a,b; commit lag behind the reader)"
   echo "diagnostics during cold reads (100% = one core; machine has $(nproc)):"
