@@ -635,17 +635,7 @@ impl VerifiedChunk {
         data: Bytes,
     ) -> Result<VerifiedChunk, Mismatch> {
         let actual = hash.digest(&data);
-        if actual != expected {
-            return Err(Mismatch {
-                hash,
-                expected,
-                actual,
-            });
-        }
-        Ok(VerifiedChunk {
-            digest: expected,
-            data,
-        })
+        VerifiedChunk::checked(hash, expected, actual, data)
     }
 
     /// The same check for bytes that [`Filler`]s hashed as they landed, in `parts` (in the
@@ -663,6 +653,16 @@ impl VerifiedChunk {
         let Some(actual) = landed_digest(hash, &data, parts) else {
             return VerifiedChunk::verify(hash, expected, data);
         };
+        VerifiedChunk::checked(hash, expected, actual, data)
+    }
+
+    /// `data` as a verified chunk if `actual`, its digest under `hash`, is `expected`.
+    fn checked(
+        hash: ChunkHash,
+        expected: Digest,
+        actual: Digest,
+        data: Bytes,
+    ) -> Result<VerifiedChunk, Mismatch> {
         if actual != expected {
             return Err(Mismatch {
                 hash,
