@@ -171,8 +171,8 @@ enum Hashing {
 
 struct Blocks {
     size: usize,
-    /// Offset in the chunk of the block being hashed.
-    offset: u64,
+    /// Index in the chunk of this part's first block (the one being hashed is
+    /// `first + cvs.len()`).
     first: u64,
     cur: blake3::Hasher,
     in_cur: usize,
@@ -265,6 +265,17 @@ impl<'a> Filler<'a> {
         self.filled += n;
     }
 
+    /// Copies `piece` in at the cursor and [`advance`](Filler::advance)s past it; false (and
+    /// nothing written) if it does not fit in what is left.
+    pub fn fill(&mut self, piece: &[u8]) -> bool {
+        let Some(to) = self.unfilled().get_mut(..piece.len()) else {
+            return false;
+        };
+        to.copy_from_slice(piece);
+        self.advance(piece.len());
+        true
+    }
+
     /// Bytes written so far.
     pub fn filled(&self) -> usize {
         self.filled
@@ -316,7 +327,6 @@ impl Blocks {
         cur.set_input_offset(offset);
         Blocks {
             size,
-            offset,
             first: offset / size as u64,
             cur,
             in_cur: 0,
@@ -332,9 +342,9 @@ impl Blocks {
             piece = &piece[take..];
             if self.in_cur == self.size {
                 self.cvs.push(self.cur.finalize_non_root());
-                self.offset += self.size as u64;
+                let next = (self.first + self.cvs.len() as u64) * self.size as u64;
                 self.cur = blake3::Hasher::new();
-                self.cur.set_input_offset(self.offset);
+                self.cur.set_input_offset(next);
                 self.in_cur = 0;
             }
         }

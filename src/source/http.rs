@@ -220,11 +220,9 @@ impl Source for HttpSource {
             let mut body = resp.bytes_stream();
             while let Some(piece) = body.next().await {
                 let piece = piece.map_err(transport)?;
-                if piece.len() > into.unfilled().len() {
+                if !into.fill(&piece) {
                     return Err(body_too_long(want));
                 }
-                into.unfilled()[..piece.len()].copy_from_slice(&piece);
-                into.advance(piece.len());
             }
             if (into.filled() as u64) < want {
                 return Err(SourceError::Short {

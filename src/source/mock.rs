@@ -242,8 +242,7 @@ impl Source for MockSource {
                 });
             }
             for piece in bytes.chunks(PIECE) {
-                into.unfilled()[..piece.len()].copy_from_slice(piece);
-                into.advance(piece.len());
+                into.fill(piece);
                 tokio::task::yield_now().await;
             }
             Ok(())

@@ -290,8 +290,7 @@ async fn exchange(
             true,
         );
     }
-    into.unfilled()[..early].copy_from_slice(&head[head_len..filled]);
-    into.advance(early);
+    into.fill(&head[head_len..filled]);
     let end = length as usize;
     while into.filled() < end {
         // Bounded, so one read's hash (on an async worker) stays well under a millisecond.
