@@ -260,44 +260,29 @@ impl Fetcher {
             prio,
             range.end - range.start,
         );
+        let len = (range.end - range.start) as usize;
+        let base = self.cfg.part_size() as usize;
+        // One request: its digest is the chunk's. Parallel parts, runs of whole `base` blocks
+        // (see `part_len`): each block a BLAKE3 subtree, or nothing here (hashed after).
+        let landing = |i: usize| match hash.filter(|_| src.source.streams()) {
+            Some(h) if part >= len => Landing::Whole(h),
+            Some(h) if blocks_fit(h, base) && part.is_multiple_of(base) => Landing::Blocks {
+                block: base,
+                offset: (i * part) as u64,
+            },
+            _ => Landing::Plain,
+        };
         // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
         // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
         // and the bytes are hashed before anyone sees them.
-        let len = (range.end - range.start) as usize;
-        let hash = hash.filter(|_| src.source.streams());
         let mut buf = self.bufs.take(len);
-        if part >= len {
-            let landing = hash.map_or(Landing::Plain, Landing::Whole);
-            let hashed = self
-                .fetch_part(
-                    src,
-                    path,
-                    range,
-                    prio,
-                    attempts,
-                    landing,
-                    buf.as_mut_slice(),
-                )
-                .await?;
-            return Ok((buf.freeze(), hashed.into_iter().collect()));
-        }
-        // Parts are runs of whole `base` blocks (see `part_len`), each block a BLAKE3 subtree.
-        let base = self.cfg.part_size() as usize;
-        let blocks = hash.is_some_and(|h| blocks_fit(h, base)) && part.is_multiple_of(base);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
         let landed =
             futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
                 |(i, slice)| {
                     let start = range.start + (i * part) as u64;
                     let r = start..start + slice.len() as u64;
-                    let landing = match blocks {
-                        true => Landing::Blocks {
-                            block: base,
-                            offset: (i * part) as u64,
-                        },
-                        false => Landing::Plain,
-                    };
-                    self.fetch_part(src, path, r, prio, attempts, landing, slice)
+                    self.fetch_part(src, path, r, prio, attempts, landing(i), slice)
                 },
             ))
             .await?;
