@@ -805,7 +805,7 @@ mod tests {
 
     proptest! {
         /// A BLAKE3 chunk fetched as parallel parts (runs of whole blocks, landing in pieces
-        /// of any size, in any order) verifies exactly when its bytes are right.
+        /// of any size) verifies exactly when its bytes are right.
         #[test]
         fn parts_hashed_as_subtrees_join_into_the_chunks_digest(
             len in 2049usize..200_000,

@@ -384,7 +384,7 @@ mod tests {
     }
 
     /// One GET of bytes 10-14 through a hashing `Filler`; a completed one must have hashed
-    /// exactly the bytes it left in the buffer, retries on a fresh connection included.
+    /// exactly the bytes it left in the buffer.
     async fn get(raw: &RawHttp) -> (Raw, Vec<u8>) {
         let mut buf = vec![0u8; 5];
         let mut into = Filler::whole(ChunkHash::Blake3, &mut buf);
