@@ -29,7 +29,9 @@ use anyhow::Context;
 use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{ChunkHash, Digest, Layout};
-use crate::manifest::{ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, segments};
+use crate::manifest::{
+    ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, bounds_rule, segments,
+};
 
 /// Bumped whenever the layout below changes: a form of another version is compiled again.
 pub const FORMAT_VERSION: u32 = 2;
@@ -710,8 +712,8 @@ fn decode(
                 _ => return Err(Malformed("a chunk hash")),
             };
             let (first, n) = (d.u64()?, d.u64()?);
-            if chunk_size == 0 || head_size == 0 || head_size > chunk_size {
-                return Err(Malformed("a chunk grid"));
+            if bounds_rule(&path, size, chunk_size, head_size).is_some() {
+                return Err(Malformed("a file the manifest rules refuse"));
             }
             let chunks = if first == NO_CHUNKS {
                 None
@@ -937,6 +939,37 @@ mod tests {
             .unwrap();
         assert_eq!(format!("{got:#}"), want);
         assert!(!dir(&cache).exists() || forms(&cache).is_empty());
+    }
+
+    /// A form written under looser rules (an older wanfs took a 64 GiB chunk grid, which
+    /// aborted the daemon) is not used: the manifest is compiled again, and refused as
+    /// `Manifest::load` words it.
+    #[test]
+    fn a_form_of_a_manifest_the_rules_now_refuse_is_not_used() {
+        let huge = 64u64 << 30;
+        let bad_text = text(10_000).replace(
+            "path = \"whole\"\nsize = 3\n",
+            &format!("path = \"whole\"\nsize = 3\nchunk_size = {huge}\n"),
+        );
+        let (_d, manifest, cache) = setup(&bad_text);
+        let want = Manifest::load(&manifest).unwrap_err().to_string();
+        assert!(want.contains(&format!("chunk_size {huge}")), "{want}");
+        // What an older wanfs compiled from this text.
+        let mut older =
+            Manifest::parse(&text(10_000), "t", &Manifest::base_dir(&manifest)).unwrap();
+        let whole = &mut older.models.get_mut("a@1.0.0").unwrap().files[1];
+        (whole.chunk_size, whole.head_size) = (huge, huge);
+        let sha = hash_file(&manifest).unwrap();
+        let base = Manifest::base_dir(&manifest);
+        write(&dir(&cache), &sha, &base, &older, &BTreeMap::new()).unwrap();
+        let why = open(&form_path(&dir(&cache), &sha), &sha, &base)
+            .err()
+            .unwrap();
+        assert!(why.to_string().contains("rules refuse"), "{why}");
+        let got = load(&manifest, &cache, CompileIn::Process, None)
+            .err()
+            .unwrap();
+        assert_eq!(format!("{got:#}"), want);
     }
 
     #[test]

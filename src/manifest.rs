@@ -230,7 +230,7 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "model {:?}", self.model)?;
         if let Some(p) = &self.path {
-            write!(f, ", file {p:?}")?;
+            write!(f, ", file {}", Shown(p, PATH_MAX))?;
         }
         write!(f, ": {}", self.rule)
     }
@@ -364,7 +364,109 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-fn path_rule(path: &str) -> Option<&'static str> {
+/// The longest name of one path component, in bytes: NAME_MAX. The kernel takes no longer
+/// name, and a directory listing that holds one fails whole (`ls` of the model gives EIO).
+pub const NAME_MAX: usize = 255;
+
+/// The longest path of a file within its model, in bytes: PATH_MAX (4096) counts the
+/// terminating NUL, so a path the kernel can take is at most 4095 bytes.
+pub const PATH_MAX: usize = 4095;
+
+/// The largest file size: `stat` reports a size as a signed 64-bit `off_t`.
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+
+/// The largest `chunk_size` (and so `head_size`): 64 MiB. A chunk is fetched, held in memory
+/// and verified whole before any of its bytes reach a reader, so its size is memory the
+/// daemon allocates at once and the wait of a reader's first byte. 64 MiB is the default
+/// `fetch.max_inflight_mib` (one chunk may take the whole fetch budget, no more) and 8x the
+/// default chunk; a manifest that said 64 GiB made the daemon abort allocating one chunk.
+/// Whole-only files (no `chunks`) of any size are fine: only their grid is bounded.
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// The rule a file's path breaks on its own, if any.
+pub fn path_rule(path: &str) -> Option<String> {
+    path_rule_static(path)
+        .map(str::to_string)
+        .or_else(|| length_rule(path))
+}
+
+/// The rule a path's length breaks, if any: each component at most [`NAME_MAX`] bytes, the
+/// whole at most [`PATH_MAX`].
+fn length_rule(path: &str) -> Option<String> {
+    if let Some(long) = path.split('/').find(|s| s.len() > NAME_MAX) {
+        return Some(format!(
+            "path component {} is {} bytes long; the longest is {NAME_MAX} (NAME_MAX)",
+            Shown(long, NAME_MAX),
+            long.len()
+        ));
+    }
+    (path.len() > PATH_MAX).then(|| {
+        format!(
+            "path is {} bytes long; the longest is {PATH_MAX} (PATH_MAX)",
+            path.len()
+        )
+    })
+}
+
+/// A name as errors show it: quoted and escaped, and cut short past the longest it may be
+/// (a 5,000-byte name in full would bury the rule it breaks).
+pub struct Shown<'a>(pub &'a str, pub usize);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const KEEP: usize = 48;
+        if self.0.len() <= self.1 {
+            return write!(f, "{:?}", self.0);
+        }
+        let mut cut = KEEP;
+        while !self.0.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        write!(f, "{:?}… ({} bytes)", &self.0[..cut], self.0.len())
+    }
+}
+
+/// The rule a file's size breaks, if any.
+pub fn size_rule(size: u64) -> Option<String> {
+    (size > MAX_FILE_SIZE).then(|| {
+        format!(
+            "size {size} is larger than {MAX_FILE_SIZE} (i64::MAX, the largest a stat can report)"
+        )
+    })
+}
+
+/// The rule a chunk grid (`chunk_size`, `head_size`) breaks, if any.
+fn grid_rule(chunk_size: u64, head_size: u64) -> Option<String> {
+    if chunk_size == 0 {
+        return Some("chunk_size must be positive".into());
+    }
+    if chunk_size > MAX_CHUNK_SIZE {
+        return Some(format!(
+            "chunk_size {chunk_size} is larger than {MAX_CHUNK_SIZE} (64 MiB: a chunk is held in memory whole)"
+        ));
+    }
+    if head_size == 0
+        || head_size > chunk_size
+        || (head_size != chunk_size && !head_size.is_multiple_of(HEAD_ALIGN))
+    {
+        return Some(format!(
+            "head_size {head_size} must be chunk_size ({chunk_size}) or a positive multiple of {HEAD_ALIGN} below it"
+        ));
+    }
+    None
+}
+
+/// The bounds [`Manifest::parse`] puts on every file (its path's length, its size, its chunk
+/// grid), for a compiled form to check as it opens: a form written by an older wanfs, whose
+/// rules had no bounds, is then compiled again and refused as its manifest is. Cheaper than
+/// every path rule, which forms of this format always passed.
+pub fn bounds_rule(path: &str, size: u64, chunk_size: u64, head_size: u64) -> Option<String> {
+    length_rule(path)
+        .or_else(|| size_rule(size))
+        .or_else(|| grid_rule(chunk_size, head_size))
+}
+
+fn path_rule_static(path: &str) -> Option<&'static str> {
     if path.is_empty() {
         return Some("path is empty");
     }
@@ -412,7 +514,7 @@ impl PathRules {
     fn check(&mut self, path: &str) -> Result<(), String> {
         use unicode_normalization::UnicodeNormalization;
         if let Some(rule) = path_rule(path) {
-            return Err(rule.into());
+            return Err(rule);
         }
         if self.seen.contains(path) {
             return Err("duplicate path".into());
@@ -432,6 +534,55 @@ impl PathRules {
         self.seen_lower.insert(lower, path.to_string());
         Ok(())
     }
+
+    /// The directories of `path` (`a`, `a/b` of `a/b/c`) that are remembered as files.
+    fn files_above<'p>(&self, path: &'p str) -> impl Iterator<Item = &'p str> {
+        path.match_indices('/')
+            .map(|(i, _)| &path[..i])
+            .filter(|dir| self.seen.contains(*dir))
+    }
+}
+
+/// Refuses a remote listing (each file's path and size, as the Hub or S3 gives them) that no
+/// manifest could hold, before any of its files is fetched: a name the path rules refuse
+/// (`../x`, `/etc/passwd`, a 5,000-byte name...), a size `stat` cannot report, a file that
+/// is also a directory. Every problem is named, one per file, under `what` (the URL).
+pub fn check_listing<'a>(
+    id: &str,
+    what: &str,
+    files: impl IntoIterator<Item = (&'a str, u64)>,
+) -> Result<(), ManifestError> {
+    let mut rules = PathRules::default();
+    let mut problems = Vec::new();
+    let mut bad = |path: &str, rule: String| {
+        problems.push(Problem {
+            model: id.to_string(),
+            path: Some(path.to_string()),
+            rule,
+        })
+    };
+    let mut kept = Vec::new();
+    for (path, size) in files {
+        match rules.check(path).err().or_else(|| size_rule(size)) {
+            Some(rule) => bad(path, rule),
+            None => kept.push(path),
+        }
+    }
+    for path in kept {
+        for dir in rules.files_above(path) {
+            bad(
+                dir,
+                format!("path is both a file and a directory of {path:?}"),
+            );
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(ManifestError::Invalid {
+        file: what.to_string(),
+        problems,
+    })
 }
 
 impl Manifest {
@@ -528,22 +679,14 @@ impl Manifest {
                         continue;
                     }
                 };
-                let chunk_size = f.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
-                if chunk_size == 0 {
-                    bad(Some(&f.path), "chunk_size must be positive".into());
+                if let Some(rule) = size_rule(f.size) {
+                    bad(Some(&f.path), rule);
                     continue;
                 }
+                let chunk_size = f.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
                 let head_size = f.head_size.unwrap_or(chunk_size);
-                if head_size == 0
-                    || head_size > chunk_size
-                    || (head_size != chunk_size && head_size % HEAD_ALIGN != 0)
-                {
-                    bad(
-                        Some(&f.path),
-                        format!(
-                            "head_size {head_size} must be chunk_size ({chunk_size}) or a positive multiple of {HEAD_ALIGN} below it"
-                        ),
-                    );
+                if let Some(rule) = grid_rule(chunk_size, head_size) {
+                    bad(Some(&f.path), rule);
                     continue;
                 }
                 let chunk_hash = match f.chunk_hash.as_deref().map(str::parse::<ChunkHash>) {
@@ -624,23 +767,11 @@ impl Manifest {
             }
             // A file path may not also be a directory of another file.
             for f in &files {
-                let mut prefix = String::new();
-                for seg in f
-                    .path
-                    .split('/')
-                    .collect::<Vec<_>>()
-                    .split_last()
-                    .unwrap()
-                    .1
-                {
-                    prefix.push_str(seg);
-                    if rules.seen.contains(&prefix) {
-                        bad(
-                            Some(&prefix),
-                            format!("path is both a file and a directory of {:?}", f.path),
-                        );
-                    }
-                    prefix.push('/');
+                for dir in rules.files_above(&f.path) {
+                    bad(
+                        Some(dir),
+                        format!("path is both a file and a directory of {:?}", f.path),
+                    );
                 }
             }
             if sources.is_empty() && m.sources.priority.is_empty() {
@@ -686,11 +817,13 @@ impl Manifest {
         self.models.values().map(|m| m.files.len()).sum()
     }
 
-    pub fn total_bytes(&self) -> u64 {
+    /// Every file's size added up: a u128, since sizes up to i64::MAX each overflow a u64
+    /// in three files (a wrapped total once printed `ok: … 8191 bytes`).
+    pub fn total_bytes(&self) -> u128 {
         self.models
             .values()
             .flat_map(|m| &m.files)
-            .map(|f| f.size)
+            .map(|f| u128::from(f.size))
             .sum()
     }
 }
@@ -860,8 +993,11 @@ impl BuildOptions {
         if !valid_id(&self.id) {
             bail!("bad model id {:?} (want NAME@X.Y.Z)", self.id);
         }
-        if self.chunk_size == 0 {
-            bail!("--chunk-size must be positive");
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            bail!(
+                "--chunk-size {} must be positive and at most {MAX_CHUNK_SIZE} (64 MiB: a chunk is held in memory whole)",
+                self.chunk_size
+            );
         }
         if let Some(h) = self.head_size.filter(|h| *h != 0)
             && (h > self.chunk_size || (h != self.chunk_size && h % HEAD_ALIGN != 0))
@@ -1196,6 +1332,80 @@ mod tests {
             e.contains("bad model id") && e.contains("\"bad id\""),
             "{e}"
         );
+    }
+
+    /// Names, sizes and chunk grids are bounded: what `check` accepts, the mount can serve.
+    #[test]
+    fn names_sizes_and_chunk_grids_are_bounded() {
+        let long = "n".repeat(NAME_MAX + 1);
+        let e = problems(&entry(&format!("dir/{long}"), ""));
+        assert!(
+            e.contains("256 bytes long") && e.contains("NAME_MAX"),
+            "{e}"
+        );
+        assert!(parse(&entry(&"n".repeat(NAME_MAX), "")).is_ok());
+        let deep = vec!["d".repeat(200); 21].join("/");
+        let e = problems(&entry(&deep, ""));
+        assert!(e.contains("PATH_MAX") && e.contains("4220 bytes"), "{e}");
+        let e = problems(&entry("a", "").replace("size = 3", "size = 9223372036854775808"));
+        assert!(
+            e.contains("size 9223372036854775808") && e.contains("i64::MAX"),
+            "{e}"
+        );
+        // A whole-only file of any size a stat can report is fine; its grid is bounded.
+        let max = entry("a", "").replace("size = 3", "size = 9223372036854775807");
+        assert!(parse(&max).is_ok());
+        let e = problems(&entry("a", "chunk_size = 68719476736"));
+        assert!(
+            e.contains("chunk_size 68719476736") && e.contains("64 MiB"),
+            "{e}"
+        );
+        assert!(parse(&entry("a", &format!("chunk_size = {MAX_CHUNK_SIZE}"))).is_ok());
+        let e = problems(&entry("a", "chunk_size = 68719476736\nhead_size = 4096"));
+        assert!(e.contains("chunk_size 68719476736"), "{e}");
+    }
+
+    /// Three files of i64::MAX bytes: the total is right, not wrapped around a u64.
+    #[test]
+    fn totals_do_not_overflow() {
+        let files: String = ["a", "b", "c"]
+            .iter()
+            .map(|p| entry(p, "").replace("size = 3", "size = 9223372036854775807"))
+            .collect();
+        // One sha256 with one size: the same content three times.
+        let m = parse(&files).unwrap();
+        assert_eq!(m.total_bytes(), 3 * u128::from(MAX_FILE_SIZE));
+    }
+
+    /// A remote listing is checked as a manifest's files would be, every problem named.
+    #[test]
+    fn listings_are_checked_before_anything_is_fetched() {
+        let ok = [("a/b", 1), ("c", 0)];
+        assert!(check_listing("m@1.0.0", "hf://o/r@main", ok).is_ok());
+        let long = "x".repeat(5000);
+        let bad = [
+            ("../x", 1),
+            ("/etc/passwd", 1),
+            (long.as_str(), 1),
+            ("big", u64::MAX),
+            ("d", 0),
+            ("d/e", 1),
+            ("", 0),
+        ];
+        let e = check_listing("m@1.0.0", "hf://o/r@main", bad)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "hf://o/r@main: model \"m@1.0.0\", file \"../x\": path must not contain '..'",
+            "file \"/etc/passwd\": path must be relative",
+            "file \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"… (5000 bytes): path component",
+            "file \"big\": size 18446744073709551615",
+            "file \"d\": path is both a file and a directory of \"d/e\"",
+            "file \"\": path is empty",
+        ] {
+            assert!(e.contains(want), "{want:?} not in:\n{e}");
+        }
+        assert_eq!(e.lines().count(), 6, "{e}");
     }
 
     #[test]

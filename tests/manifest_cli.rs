@@ -280,6 +280,38 @@ fn breakages() -> Vec<Breakage> {
             ),
         ),
         (
+            "long name",
+            |d| {
+                let name = format!("sub/{}.bin", "n".repeat(5000));
+                file(d, "a.bin").insert("path".into(), name.into());
+            },
+            Expect::new("a 5,000-byte name", ID, Some(&["nnnn"]), "NAME_MAX"),
+        ),
+        (
+            "long path",
+            |d| {
+                let name = vec!["d".repeat(250); 17].join("/");
+                file(d, "a.bin").insert("path".into(), name.into());
+            },
+            Expect::new("a 4,266-byte path", ID, Some(&["dddd"]), "PATH_MAX"),
+        ),
+        (
+            "huge chunk",
+            |d| {
+                // A whole-only file is not exempt: its grid is what a whole fetch commits by.
+                let f = file(d, "a.bin");
+                f.remove("chunks");
+                f.remove("chunk_hash");
+                f.insert("chunk_size".into(), Value::Integer(64 << 30));
+            },
+            Expect::new(
+                "a 64 GiB chunk",
+                ID,
+                Some(&["a.bin"]),
+                "chunk_size 68719476736",
+            ),
+        ),
+        (
             "scheme",
             |d| {
                 let sources = model(d)
@@ -386,14 +418,58 @@ fn manifest_check_reports_every_error_one_per_line() {
     }
 }
 
+/// A size above i64::MAX (what `stat` can report) is refused; whole-only files up to it are
+/// fine, and their total is right, not wrapped around a u64 (it once printed `8191 bytes`).
+#[test]
+fn manifest_check_bounds_sizes_and_adds_them_without_wrapping() {
+    let work = workdir();
+    let mut doc = base_manifest(work.path());
+    for f in files(&mut doc).iter_mut().filter_map(Value::as_table_mut) {
+        f.remove("chunks");
+        f.remove("chunk_hash");
+        f.insert("size".into(), Value::Integer(i64::MAX));
+    }
+    let path = write(work.path(), "max.toml", &doc);
+    let out = run_wan(
+        &[Path::new("manifest"), Path::new("check"), &path],
+        Duration::from_secs(30),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("3 files, {} bytes", 3 * i64::MAX as u128)),
+        "{stdout}"
+    );
+    // One past i64::MAX: not a TOML integer the toml crate writes, so edited as text.
+    let text = fs::read_to_string(&path).unwrap().replacen(
+        &i64::MAX.to_string(),
+        "9223372036854775808",
+        1,
+    );
+    fs::write(&path, text).unwrap();
+    let (ok, stderr) = check(&path);
+    assert!(!ok, "a size past i64::MAX was accepted");
+    Expect::new("size past i64::MAX", ID, None, "size 9223372036854775808").assert_in(&stderr);
+}
+
 #[test]
 fn mount_refuses_bad_manifest_naming_the_error() {
+    for name in ["dotdot", "huge chunk"] {
+        mount_refuses(name);
+    }
+}
+
+fn mount_refuses(name: &str) {
     let work = workdir();
     let mut doc = base_manifest(work.path());
     let (_, breakit, expect) = breakages()
         .into_iter()
-        .find(|(n, _, _)| *n == "dotdot")
-        .expect("dotdot");
+        .find(|(n, _, _)| *n == name)
+        .expect(name);
     breakit(&mut doc);
     let manifest = write(work.path(), "bad.toml", &doc);
     let spec = MountSpec::new(work.path(), &manifest);
