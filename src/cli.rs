@@ -219,7 +219,8 @@ pub enum ManifestCommand {
         /// read waits for one small chunk.
         #[arg(long)]
         head_size: Option<u64>,
-        /// A source URL, in priority order (repeatable).
+        /// A source URL, in priority order (repeatable). Default for a local directory:
+        /// file://<its absolute path>.
         #[arg(long = "source")]
         sources: Vec<String>,
         /// List only whole-file digests (files are then fetched whole on first read).
@@ -495,6 +496,20 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             }
         }
         Command::Manifest(ManifestCommand::Check { file }) => match Manifest::load(&file) {
+            // Nothing to serve is almost always a mistake (an entry appended to another
+            // file, a build that printed nothing): not `ok: 0 models`.
+            Ok(m) if m.models.is_empty() => {
+                let problem = format!(
+                    "{}: no models (a manifest lists at least one [models.\"NAME@X.Y.Z\"])",
+                    file.display()
+                );
+                if json {
+                    let v = serde_json::json!({"ok": false, "file": file, "problems": [problem]});
+                    println!("{v}");
+                }
+                eprintln!("{problem}");
+                Ok(Action::Done(ExitCode::from(1)))
+            }
             Ok(m) if json => {
                 let v = serde_json::json!({"ok": true, "file": file, "models": m.models.len(),
                     "files": m.file_count(), "bytes": m.total_bytes()});

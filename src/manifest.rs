@@ -1043,11 +1043,28 @@ pub fn build(dir: &Path, opts: &BuildOptions) -> anyhow::Result<String> {
         }
         .into());
     }
+    // No --source: the tree itself, by its absolute path, which means the same wherever the
+    // entry's manifest is kept (a `local://` path would depend on that).
+    let sources = match &opts.sources[..] {
+        [] => {
+            let abs = dir
+                .canonicalize()
+                .with_context(|| format!("resolving {}", dir.display()))?;
+            let Some(abs) = abs.to_str() else {
+                anyhow::bail!(
+                    "{}: not a UTF-8 path, so not a file:// source; name one with --source",
+                    abs.display()
+                );
+            };
+            vec![format!("file://{abs}")]
+        }
+        given => given.to_vec(),
+    };
     let mut files = Vec::with_capacity(paths.len());
     for (path, rel) in paths {
         files.push(build_file(dir, path, &rel, opts)?);
     }
-    render_entry(&opts.id, &opts.sources, files, dir)
+    render_entry(&opts.id, &sources, files, dir)
 }
 
 /// Hashes one file of a local build.

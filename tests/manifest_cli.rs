@@ -456,6 +456,20 @@ fn manifest_check_bounds_sizes_and_adds_them_without_wrapping() {
     Expect::new("size past i64::MAX", ID, None, "size 9223372036854775808").assert_in(&stderr);
 }
 
+/// A manifest with no models is a mistake (an entry appended to another file), not `ok`.
+#[test]
+fn manifest_check_refuses_an_empty_manifest() {
+    let work = workdir();
+    let path = work.path().join("empty.toml");
+    fs::write(&path, "schema_version = 1\n").unwrap();
+    let (ok, stderr) = check(&path);
+    assert!(!ok, "an empty manifest was accepted");
+    assert!(
+        stderr.contains("empty.toml") && stderr.contains("no models"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn mount_refuses_bad_manifest_naming_the_error() {
     for name in ["dotdot", "huge chunk"] {
@@ -501,4 +515,31 @@ fn mount_refuses(name: &str) {
         0,
         "a bad manifest was mounted"
     );
+}
+
+/// `wan manifest build DIR` with no `--source` (the synopsis says it is optional): the tree
+/// itself is the source, by its absolute path, so the entry checks and mounts from any
+/// directory the manifest is kept in.
+#[test]
+fn build_without_a_source_serves_the_tree_it_was_built_from() {
+    let work = workdir();
+    let src = work.path().join("src");
+    let files = gen_files(&src, ID, &[("a.bin", 10_000), ("sub/b.bin", 5_000)], 32);
+    let entry = manifest_build(&src.join(ID), ID, &BuildOpts::default());
+    let abs = src.join(ID).canonicalize().unwrap();
+    assert!(
+        entry.contains(&format!("\"file://{}\"", abs.display())),
+        "{entry}"
+    );
+    let elsewhere = work.path().join("etc");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let manifest = elsewhere.join("models.toml");
+    write_manifest(&manifest, &[entry]);
+    let (ok, stderr) = check(&manifest);
+    assert!(ok, "{stderr}");
+    let m = Mount::start(MountSpec::new(work.path(), &manifest));
+    for (rel, data) in &files {
+        let got = fs::read(m.path(&format!("{ID}/{rel}"))).unwrap();
+        assert_bytes_eq(&got, data, rel);
+    }
 }
