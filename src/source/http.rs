@@ -5,6 +5,7 @@
 //! Authorization header when a redirect leaves the host (as the Hub's CDN redirects do).
 
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -134,17 +135,29 @@ impl HttpSource {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
         let resp = req.send().await.map_err(transport)?;
-        check_status(resp.status().as_u16(), range, resp.content_length())?;
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry_after);
+        check_status(
+            resp.status().as_u16(),
+            range,
+            resp.content_length(),
+            retry_after,
+        )?;
         Ok(resp)
     }
 }
 
-/// Whether an answer with `status` (and `Content-Length` `length`) to a GET of `range` is
-/// one to read the body of. Shared with `rawhttp`, which falls back on a redirect first.
+/// Whether an answer with `status` (and `Content-Length` `length`, `Retry-After`
+/// `retry_after`) to a GET of `range` is one to read the body of. Shared with `rawhttp`,
+/// which falls back on a redirect first.
 pub(super) fn check_status(
     status: u16,
     range: &Range<u64>,
     length: Option<u64>,
+    retry_after: Option<Duration>,
 ) -> Result<(), SourceError> {
     match status {
         206 => Ok(()),
@@ -155,8 +168,27 @@ pub(super) fn check_status(
         )),
         404 | 410 => Err(SourceError::NotFound),
         401 | 403 => Err(SourceError::Denied(status)),
+        429 | 503 if let Some(after) = retry_after => {
+            Err(SourceError::RetryAfter { status, after })
+        }
         s => Err(SourceError::Status(s)),
     }
+}
+
+/// A `Retry-After` value: delay-seconds, or an HTTP-date (taken as the time from now until
+/// it, nothing if it is past). `None` if it is neither.
+pub(crate) fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // An IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is an RFC 2822 date.
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let at = u64::try_from(at.timestamp()).unwrap_or(0);
+    Some(Duration::from_secs(at.saturating_sub(now.as_secs())))
 }
 
 /// A body with more than the `want` bytes asked for.
@@ -267,6 +299,34 @@ mod tests {
         if let Some(raw) = &s.raw {
             assert_eq!(&url[raw.path_at..], "/my%20models/f");
         }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        use std::time::Duration;
+        assert_eq!(super::retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(
+            super::retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let later = chrono::DateTime::from_timestamp(now.as_secs() as i64 + 120, 0)
+            .unwrap()
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let got = super::retry_after(&later).unwrap();
+        assert!((118..=120).contains(&got.as_secs()), "{later}: {got:?}");
+        assert_eq!(super::retry_after("soon"), None);
+        let e = super::check_status(429, &(0..1), None, Some(Duration::from_secs(3)));
+        assert!(
+            matches!(e, Err(super::SourceError::RetryAfter { status: 429, after })
+                if after == Duration::from_secs(3)),
+            "{e:?}"
+        );
+        let e = super::check_status(429, &(0..1), None, None);
+        assert!(matches!(e, Err(super::SourceError::Status(429))), "{e:?}");
     }
 
     #[test]

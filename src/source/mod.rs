@@ -36,6 +36,9 @@ pub enum SourceError {
     Denied(u16),
     #[error("HTTP {0}")]
     Status(u16),
+    /// A 429 or 503 that says when to ask again (`Retry-After`).
+    #[error("HTTP {status}, retry after {} s", .after.as_secs())]
+    RetryAfter { status: u16, after: Duration },
     #[error("transport: {0}")]
     Transport(String),
     /// No connection could be made (refused, no route, no such host): nothing is serving.
@@ -55,7 +58,8 @@ impl SourceError {
         match self {
             SourceError::NotFound | SourceError::Denied(_) | SourceError::Unsupported(_) => false,
             SourceError::Status(s) => *s >= 500 || *s == 408 || *s == 429,
-            SourceError::Transport(_)
+            SourceError::RetryAfter { .. }
+            | SourceError::Transport(_)
             | SourceError::Unreachable(_)
             | SourceError::Timeout
             | SourceError::Short { .. } => true,

@@ -211,7 +211,7 @@ async fn exchange(
     }
     let mut head = vec![0u8; 4096];
     let mut filled = 0;
-    let (status, head_len, length, keep_alive) = loop {
+    let (status, head_len, length, keep_alive, retry_after) = loop {
         if filled == head.len() {
             if head.len() >= MAX_HEAD {
                 return failed(
@@ -245,6 +245,7 @@ async fn exchange(
                 let mut chunked = false;
                 let mut close = resp.version == Some(0);
                 let mut content_range = None;
+                let mut retry_after = None;
                 for h in resp.headers.iter() {
                     let v = std::str::from_utf8(h.value).unwrap_or("").trim();
                     if h.name.eq_ignore_ascii_case("content-length") {
@@ -255,6 +256,8 @@ async fn exchange(
                         close |= v.eq_ignore_ascii_case("close");
                     } else if h.name.eq_ignore_ascii_case("content-range") {
                         content_range = Some(v);
+                    } else if h.name.eq_ignore_ascii_case("retry-after") {
+                        retry_after = super::http::retry_after(v);
                     }
                 }
                 if (200..300).contains(&status) && (chunked || length.is_none()) {
@@ -267,14 +270,14 @@ async fn exchange(
                     let msg = format!("answered {cr:?} to a request for bytes {}-", range.start);
                     return failed(SourceError::Transport(msg), true);
                 }
-                break (status, n, length, !close);
+                break (status, n, length, !close, retry_after);
             }
         }
     };
     if (300..=399).contains(&status) {
         return Attempt::Fallback;
     }
-    if let Err(e) = check_status(status, range, length) {
+    if let Err(e) = check_status(status, range, length, retry_after) {
         return failed(e, true);
     }
     let want = range.end - range.start;
