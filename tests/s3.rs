@@ -41,6 +41,17 @@ fn moto_with(dir: &Path, bucket: &str, prefix: &str) -> (Moto, String, String) {
 /// ListObjectsV2 once it enforces authentication (boto3's own included), so a listing test
 /// runs it open.
 fn moto_enforcing(dir: &Path, bucket: &str, prefix: &str, auth: bool) -> (Moto, String, String) {
+    moto_with_keys(dir, bucket, prefix, auth, &[])
+}
+
+/// [`moto_enforcing`], with `empty_keys` put as zero-byte objects too.
+fn moto_with_keys(
+    dir: &Path,
+    bucket: &str,
+    prefix: &str,
+    auth: bool,
+    empty_keys: &[&str],
+) -> (Moto, String, String) {
     let port = free_port();
     let child = Command::new("python3")
         .args([
@@ -74,6 +85,7 @@ fn moto_enforcing(dir: &Path, bucket: &str, prefix: &str, auth: bool) -> (Moto, 
         .arg(setup)
         .args([&moto.endpoint, bucket, prefix])
         .arg(dir)
+        .args(empty_keys)
         .output()
         .expect("run s3_setup.py");
     assert!(
@@ -567,4 +579,63 @@ fn manifest_build_from_an_s3_prefix_matches_a_local_build() {
             "whole-file digests only without --chunked"
         );
     }
+}
+
+/// What consoles and odd names leave in a bucket, built from: the zero-byte folder markers
+/// (`prefix/`, `prefix/weights/`, and an empty folder's) are skipped, not listed as a file with
+/// an empty path or one that clashes with its directory; keys holding `%`, `~` or `#` are
+/// listed and fetched as themselves (`%` was "not found"); a key holding `\` is refused,
+/// naming it, before anything is fetched (a manifest path cannot hold a backslash).
+#[test]
+fn manifest_build_from_s3_skips_folder_markers_and_takes_odd_keys() {
+    let work = workdir();
+    let src = work.path().join("src");
+    let model = write_random(&src.join("weights/model.bin"), 100_000, 5);
+    std::fs::write(src.join("100%.json"), b"{}\n").unwrap();
+    std::fs::write(src.join("a~b#c.txt"), b"odd\n").unwrap();
+    let (moto, ak, sk) = moto_with_keys(
+        &src,
+        "models",
+        "wan22/odd",
+        false,
+        &[
+            "wan22/odd/",
+            "wan22/odd/weights/",
+            "wan22/odd/empty/",
+            "wan22/bad/sub/x\\y.bin",
+        ],
+    );
+    let build = |url: &str| {
+        let mut cmd = Command::new(wan_bin());
+        cmd.args(["manifest", "build", url, "--id", "odd@1.0.0"])
+            .env("AWS_ACCESS_KEY_ID", &ak)
+            .env("AWS_SECRET_ACCESS_KEY", &sk)
+            .env("AWS_ENDPOINT_URL", &moto.endpoint);
+        run_with_timeout(cmd, Duration::from_secs(60))
+    };
+    let out = build("s3://models/wan22/odd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let files = manifest_files(&String::from_utf8(out.stdout).unwrap(), "odd@1.0.0");
+    let got: Vec<(&str, u64, &str)> = files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size, f.sha256.as_str()))
+        .collect();
+    let want = [
+        ("100%.json", 3, sha256_hex(b"{}\n")),
+        ("a~b#c.txt", 4, sha256_hex(b"odd\n")),
+        ("weights/model.bin", 100_000, sha256_hex(&model)),
+    ];
+    let want: Vec<(&str, u64, &str)> = want.iter().map(|(p, n, s)| (*p, *n, s.as_str())).collect();
+    assert_eq!(got, want);
+
+    let out = build("s3://models/wan22/bad");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a key with a backslash was taken");
+    assert!(
+        stderr.contains("s3://models/wan22/bad")
+            && stderr.contains(r#""sub/x\\y.bin""#)
+            && stderr.contains("backslash"),
+        "{stderr}"
+    );
 }

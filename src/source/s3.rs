@@ -51,18 +51,39 @@ impl S3Source {
 
 impl S3Source {
     /// Every object under the prefix: (path relative to the prefix, size), by path.
-    /// `ListObjectsV2`, paged by the client.
+    /// `ListObjectsV2` with a `/` delimiter, one folder at a time (each paged by the client).
+    ///
+    /// A folder's own key (`prefix/`, `prefix/sub/`: the zero-byte markers S3 consoles create
+    /// for "folders") is skipped: it names no file, and it would come back as a file with an
+    /// empty path, or as a file `sub` that clashes with the directory `sub/`. The delimiter is
+    /// what tells them apart, since the client strips a key's trailing `/`: a marker is the
+    /// one object listed under its own folder's name. A marker that holds bytes is refused,
+    /// naming it: no manifest path can name it.
     pub async fn list(&self) -> Result<Vec<(String, u64)>, SourceError> {
-        use futures::TryStreamExt;
         let store = self
             .store
             .as_ref()
             .map_err(|e| SourceError::Unsupported(e.clone()))?;
-        let prefix =
-            (!self.prefix.is_empty()).then(|| object_store::path::Path::from(self.prefix.as_str()));
-        let mut out: Vec<(String, u64)> = store
-            .list(prefix.as_ref())
-            .map_ok(|m| {
+        let root = self.key_path(&self.prefix)?;
+        let mut folders = vec![root];
+        let mut out: Vec<(String, u64)> = Vec::new();
+        while let Some(folder) = folders.pop() {
+            let listed = store
+                .list_with_delimiter(Some(&folder).filter(|f| !f.as_ref().is_empty()))
+                .await
+                .map_err(classify)?;
+            folders.extend(listed.common_prefixes);
+            for m in listed.objects {
+                if m.location == folder {
+                    if m.size == 0 {
+                        continue;
+                    }
+                    return Err(SourceError::Unsupported(format!(
+                        "key {:?} ends in '/' but holds {} bytes: no file path can name it",
+                        format!("{folder}/"),
+                        m.size
+                    )));
+                }
                 let key = m.location.as_ref();
                 let rel = match self.prefix.is_empty() {
                     true => key,
@@ -70,13 +91,21 @@ impl S3Source {
                         .strip_prefix(self.prefix.as_str())
                         .map_or(key, |r| r.trim_start_matches('/')),
                 };
-                (rel.to_string(), m.size)
-            })
-            .try_collect()
-            .await
-            .map_err(classify)?;
+                out.push((rel.to_string(), m.size));
+            }
+        }
         out.sort();
         Ok(out)
+    }
+
+    /// The object key of `key` as written: `Path::from` would percent-encode characters
+    /// such as `%`, `~` or `#` into another key (a key holding `%` was "not found").
+    fn key_path(&self, key: &str) -> Result<object_store::path::Path, SourceError> {
+        object_store::path::Path::parse(key).map_err(|e| {
+            SourceError::Unsupported(format!(
+                "{key:?} is not an S3 key this client can ask for: {e}"
+            ))
+        })
     }
 }
 
@@ -87,18 +116,37 @@ fn classify(e: object_store::Error) -> SourceError {
         E::PermissionDenied { .. } => SourceError::Denied(403),
         E::Unauthenticated { .. } => SourceError::Denied(401),
         other => {
-            let msg = other.to_string();
+            let msg = error_chain(&other);
             // The S3 error codes for bad credentials arrive as generic errors with a status.
             if msg.contains("403")
                 || msg.contains("InvalidAccessKeyId")
                 || msg.contains("SignatureDoesNotMatch")
             {
                 SourceError::Denied(403)
+            } else if msg.contains("416 Range Not Satisfiable") || msg.contains("InvalidRange") {
+                // Asked past the object's end: what a build's size check looks for.
+                SourceError::Status(416)
             } else {
                 SourceError::Transport(msg)
             }
         }
     }
+}
+
+/// An error and its sources, each once: the cause (connection refused, DNS, timeout) is
+/// often only in the chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let part = s.to_string();
+        if !msg.contains(&part) {
+            msg.push_str(": ");
+            msg.push_str(&part);
+        }
+        src = s.source();
+    }
+    msg
 }
 
 impl Source for S3Source {
@@ -119,7 +167,7 @@ impl Source for S3Source {
             };
             let want = range.end - range.start;
             let bytes = store
-                .get_range(&object_store::path::Path::from(key), range)
+                .get_range(&self.key_path(&key)?, range)
                 .await
                 .map_err(classify)?;
             if bytes.len() as u64 != want {

@@ -3,7 +3,8 @@ files of a local directory uploaded under a prefix. Prints "ACCESS_KEY SECRET_KE
 
 moto enforces authentication after INITIAL_NO_AUTH_ACTION_COUNT unauthenticated calls, which
 is what lets the test check that wrong credentials are refused.
-Usage: s3_setup.py ENDPOINT BUCKET PREFIX DIR
+Usage: s3_setup.py ENDPOINT BUCKET PREFIX DIR [EMPTY_KEY...]
+Each EMPTY_KEY is put as a zero-byte object: the folder markers ("prefix/") S3 consoles make.
 """
 import os
 import sys
@@ -11,6 +12,7 @@ import sys
 import boto3
 
 endpoint, bucket, prefix, root = sys.argv[1:5]
+empty_keys = sys.argv[5:]
 anon = dict(endpoint_url=endpoint, region_name="us-east-1",
             aws_access_key_id="setup", aws_secret_access_key="setup")
 iam = boto3.client("iam", **anon)
@@ -28,4 +30,6 @@ for dirpath, _, names in os.walk(root):
         rel = os.path.relpath(full, root).replace(os.sep, "/")
         with open(full, "rb") as f:
             s3.put_object(Bucket=bucket, Key=f"{prefix}/{rel}", Body=f.read())
+for k in empty_keys:
+    s3.put_object(Bucket=bucket, Key=k, Body=b"")
 print(key["AccessKeyId"], key["SecretAccessKey"])
