@@ -8,22 +8,32 @@
 //! to compute its chunk digests (lazy reads then work), and a listed sha256 must match what
 //! the bytes hash to. Bytes are read through the same `Source` the daemon would use, so
 //! HF_ENDPOINT, HF_TOKEN and the AWS_* variables mean the same here as in `wan mount`.
+//!
+//! A listing is a description from the network, believed no more than a byte is: every
+//! request has a timeout and a bounded number of retries (429 and 5xx, honouring a bounded
+//! `Retry-After`); pages are bounded in number and size, never asked twice (a cycle) and never
+//! asked of a server other than HF_ENDPOINT's (HF_TOKEN goes with them); every listed name and
+//! size passes the manifest's rules before any file is fetched; and a fetched file must be
+//! exactly the size listed.
 
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use reqwest::StatusCode;
-use reqwest::header::{AUTHORIZATION, LINK};
+use reqwest::header::{AUTHORIZATION, HeaderValue, LINK, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{Digest, Layout};
-use crate::config::FetchConfig;
-use crate::manifest::{BuildOptions, BuiltFile, SourceUrl, head_size_from, render_entry};
+use crate::config::{Config, FetchConfig};
+use crate::manifest::{
+    BuildOptions, BuiltFile, SourceUrl, check_listing, head_size_from, render_entry,
+};
 use crate::source::{Source, SourceError, SourceRegistry};
 
 /// A file as a listing gives it.
@@ -51,7 +61,13 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
     };
     let base = Path::new(".");
     opts.check(base)?;
-    let parsed = SourceUrl::parse(url, base).map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let parsed = SourceUrl::parse(url, base).map_err(|e| anyhow!("{url}: {e}"))?;
+    // `[fetch]` as `wan mount` reads it from WAN_FETCH_* (there is no config file here): the
+    // timeouts of every request below.
+    let fetch = Config::default()
+        .with_env(std::env::vars())
+        .context("reading the WAN_* variables")?
+        .fetch;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,27 +75,24 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
         .context("starting the async runtime")?;
     let files = rt.block_on(async {
         // One client for the listing and the bytes: the daemon's sources, as `wan mount` builds them.
-        let registry = SourceRegistry::new(&FetchConfig::default())?;
+        let registry = SourceRegistry::new(&fetch)?;
         let listed = match &parsed {
-            SourceUrl::Hf { repo, rev } => list_hf(registry.client(), repo, rev).await?,
-            SourceUrl::S3 { bucket, prefix } => crate::source::S3Source::new(bucket, prefix)
-                .list()
-                .await
-                .map_err(|e| anyhow::anyhow!("listing {url}: {e}"))?
-                .into_iter()
-                .map(|(path, size)| Listed {
-                    path,
-                    size,
-                    sha256: None,
-                })
-                .collect(),
+            SourceUrl::Hf { repo, rev } => list_hf(registry.client(), repo, rev, &fetch).await?,
+            SourceUrl::S3 { bucket, prefix } => list_s3(bucket, prefix, url).await?,
             _ => bail!("{url}: only hf:// and s3:// models can be built remotely"),
         };
         if listed.is_empty() {
             bail!("{url} lists no files");
         }
+        // Before any file is asked for: a listing naming `../x` gets no request for it (nor
+        // the token with one), and one that could never mount fails here, not after hours.
+        check_listing(
+            &opts.id,
+            url,
+            listed.iter().map(|f| (f.path.as_str(), f.size)),
+        )?;
         let handle = registry.get(&parsed);
-        hash_all(&*handle.source, url, listed, &opts).await
+        hash_all(&*handle.source, url, listed, &opts, &fetch).await
     })?;
     render_entry(&opts.id, &opts.sources, files, base)
 }
@@ -100,52 +113,83 @@ struct Lfs {
     size: u64,
 }
 
+/// Pages one listing may have. The Hub pages a recursive tree at most 1,000 entries at a
+/// time; 10,000 pages (ten million files) is far past any model repository, and ends, in
+/// bounded time and memory, a listing whose server never stops linking to new pages.
+const MAX_PAGES: usize = 10_000;
+
+/// The largest page body read: a Hub page of 1,000 entries is about 300 KB.
+const MAX_PAGE_BYTES: usize = 16 << 20;
+
+/// Attempts of one listing request: a Hub that throttles (429) or fails (5xx) for a moment
+/// must not end a build, nor be asked forever.
+const LIST_ATTEMPTS: u32 = 5;
+
+/// The longest `Retry-After` a build waits; asked to wait longer, it fails, saying so.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The wait before attempt `attempt` (1 = the first retry) when the server names none:
+/// 0.5 s, doubling, at most 8 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500u64 << attempt.saturating_sub(1).min(4))
+}
+
+/// HF_ENDPOINT as a URL, and HF_TOKEN: refused here, naming the variable, rather than as a
+/// `builder error` at the first request.
+fn hub_endpoint() -> anyhow::Result<(Url, Option<String>)> {
+    let (endpoint, token) = crate::source::hub();
+    let url = Url::parse(&endpoint)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        .ok_or_else(|| {
+            anyhow!(
+                "HF_ENDPOINT {endpoint:?} is not an http(s) URL with a host (such as https://huggingface.co)"
+            )
+        })?;
+    if let Some(t) = &token
+        && HeaderValue::from_str(&format!("Bearer {t}")).is_err()
+    {
+        bail!("HF_TOKEN holds characters an HTTP header cannot carry (a newline?)");
+    }
+    Ok((url, token))
+}
+
 /// `GET /api/models/{repo}/tree/{rev}?recursive=true`, following the `Link: <…>; rel="next"`
 /// pages the Hub sends for large repositories.
-async fn list_hf(client: &reqwest::Client, repo: &str, rev: &str) -> anyhow::Result<Vec<Listed>> {
-    let (endpoint, token) = crate::source::hub();
-    let mut rev_seg = String::new();
-    crate::source::http::encode_segment(rev, &mut rev_seg);
-    let mut next = Some(format!(
-        "{endpoint}/api/models/{repo}/tree/{rev_seg}?recursive=true"
-    ));
+async fn list_hf(
+    client: &reqwest::Client,
+    repo: &str,
+    rev: &str,
+    fetch: &FetchConfig,
+) -> anyhow::Result<Vec<Listed>> {
     let what = format!("hf://{repo}@{rev}");
+    let (endpoint, token) = hub_endpoint()?;
+    let mut first = endpoint.clone();
+    first
+        .path_segments_mut()
+        .map_err(|()| anyhow!("HF_ENDPOINT {endpoint} cannot have a path"))?
+        .pop_if_empty()
+        .extend(["api", "models"])
+        .extend(repo.split('/'))
+        .extend(["tree", rev]);
+    first.set_query(Some("recursive=true"));
+    let mut pages = Pages::new(endpoint);
+    let mut next = Some(first);
     let mut out = Vec::new();
     while let Some(url) = next.take() {
-        let mut req = client.get(&url);
-        if let Some(t) = &token {
-            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        let page = get_page(client, &url, token.as_deref(), fetch, &what).await?;
+        if let Some(link) = &page.next {
+            next = Some(
+                pages
+                    .next(&url, link)
+                    .map_err(|e| anyhow!("listing {what}: {e}"))?,
+            );
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("listing {what}: {}", e.without_url()))?;
-        match resp.status() {
-            StatusCode::OK => {}
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => bail!(
-                "listing {what}: access denied (HTTP {}): set HF_TOKEN to a token that can read it",
-                s.as_u16()
-            ),
-            StatusCode::NOT_FOUND => {
-                bail!("listing {what}: no such repository or revision (HTTP 404 from {endpoint})")
-            }
-            s => bail!("listing {what}: HTTP {} from {endpoint}", s.as_u16()),
-        }
-        next = resp
-            .headers()
-            .get_all(LINK)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(next_link);
-        let page: Vec<TreeEntry> = resp
-            .json()
-            .await
-            .map_err(|e| anyhow::anyhow!("listing {what}: not a tree listing: {e}"))?;
-        for e in page.into_iter().filter(|e| e.kind == "file") {
+        for e in page.entries.into_iter().filter(|e| e.kind == "file") {
             let listed = match e.lfs {
                 Some(lfs) => Listed {
                     sha256: Some(lfs.oid.parse().map_err(|_| {
-                        anyhow::anyhow!(
+                        anyhow!(
                             "listing {what}: {}: lfs.oid {:?} is not a sha256",
                             e.path,
                             lfs.oid
@@ -165,6 +209,222 @@ async fn list_hf(client: &reqwest::Client, repo: &str, rev: &str) -> anyhow::Res
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// The pages a listing has asked for. A next page must be new (a page linking to itself, or
+/// two linking to each other, once ran 685 pages in 30 s and never ended), one of at most
+/// [`MAX_PAGES`], and on HF_ENDPOINT's origin (scheme, host, port): HF_TOKEN goes with every
+/// page, and a listing is not taken from, nor the token given to, a server it names.
+struct Pages {
+    endpoint: Url,
+    seen: HashSet<String>,
+}
+
+impl Pages {
+    fn new(endpoint: Url) -> Pages {
+        Pages {
+            endpoint,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The page `link` (a `Link` target, relative to the page `from`) names, if it may be
+    /// asked for.
+    fn next(&mut self, from: &Url, link: &str) -> Result<Url, String> {
+        self.seen.insert(from.to_string());
+        let next = from
+            .join(link)
+            .map_err(|e| format!("page {} links to {link:?}: {e}", shown(from)))?;
+        if next.origin() != self.endpoint.origin() {
+            return Err(format!(
+                "page {} links to a next page on another server, {}; a listing is followed only \
+                 on HF_ENDPOINT's ({}), where HF_TOKEN may go",
+                shown(from),
+                next.origin().ascii_serialization(),
+                self.endpoint.origin().ascii_serialization()
+            ));
+        }
+        if self.seen.contains(next.as_str()) {
+            return Err(format!(
+                "page {} links back to {}, already listed: the server's pages form a cycle",
+                shown(from),
+                shown(&next)
+            ));
+        }
+        if self.seen.len() >= MAX_PAGES {
+            return Err(format!(
+                "more than {MAX_PAGES} pages (each of up to 1,000 files): not a model repository"
+            ));
+        }
+        Ok(next)
+    }
+}
+
+/// A listing URL as errors show it: without userinfo (HF_ENDPOINT may carry a password), with
+/// its query, whose cursor says which page (no credential travels in it).
+fn shown(url: &Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.to_string()
+}
+
+/// One page of a tree listing, and the `rel="next"` target its `Link` header names.
+struct Page {
+    entries: Vec<TreeEntry>,
+    next: Option<String>,
+}
+
+/// Why a page could not be had: for good, or for now (with the wait the server asked for).
+enum PageError {
+    Fatal(String),
+    Again(String, Option<Duration>),
+}
+
+/// One page, retried while the server throttles or fails for a moment; errors name the URL
+/// and the cause.
+async fn get_page(
+    client: &reqwest::Client,
+    url: &Url,
+    token: Option<&str>,
+    fetch: &FetchConfig,
+    what: &str,
+) -> anyhow::Result<Page> {
+    let shown = shown(url);
+    for attempt in 1.. {
+        let (why, asked) = match try_page(client, url, token, fetch).await {
+            Ok(page) => return Ok(page),
+            Err(PageError::Fatal(why)) => bail!("listing {what}: GET {shown}: {why}"),
+            Err(PageError::Again(why, asked)) => (why, asked),
+        };
+        if attempt >= LIST_ATTEMPTS {
+            bail!("listing {what}: GET {shown}: {why} (tried {attempt} times)");
+        }
+        let wait = match asked {
+            Some(w) if w > MAX_RETRY_AFTER => bail!(
+                "listing {what}: GET {shown}: {why}, and asked to retry after {} s, longer than \
+                 the {} s a build waits",
+                w.as_secs(),
+                MAX_RETRY_AFTER.as_secs()
+            ),
+            Some(w) => w,
+            None => backoff(attempt),
+        };
+        eprintln!(
+            "listing {what}: GET {shown}: {why}; retrying in {:.1} s",
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
+    }
+    unreachable!("the loop returns")
+}
+
+async fn try_page(
+    client: &reqwest::Client,
+    url: &Url,
+    token: Option<&str>,
+    fetch: &FetchConfig,
+) -> Result<Page, PageError> {
+    // The client connects within fetch.request_timeout; the whole answer, body included,
+    // must come within read_timeout: a server that stalls cannot hang a build.
+    let mut req = client.get(url.clone()).timeout(fetch.read_timeout());
+    if let Some(t) = token {
+        req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let mut resp = req.send().await.map_err(|e| request_error(e, fetch))?;
+    let status = resp.status();
+    match status {
+        StatusCode::OK => {}
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            return Err(PageError::Fatal(format!(
+                "access denied (HTTP {}): set HF_TOKEN to a token that can read it",
+                status.as_u16()
+            )));
+        }
+        StatusCode::NOT_FOUND => {
+            return Err(PageError::Fatal(
+                "no such repository or revision (HTTP 404)".into(),
+            ));
+        }
+        s if s == StatusCode::TOO_MANY_REQUESTS
+            || s == StatusCode::REQUEST_TIMEOUT
+            || s.is_server_error() =>
+        {
+            let asked = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::source::http::retry_after);
+            return Err(PageError::Again(format!("HTTP {}", s.as_u16()), asked));
+        }
+        s => return Err(PageError::Fatal(format!("HTTP {}", s.as_u16()))),
+    }
+    let next = resp
+        .headers()
+        .get_all(LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(next_link);
+    let mut body = Vec::new();
+    while let Some(piece) = resp.chunk().await.map_err(|e| request_error(e, fetch))? {
+        if body.len() + piece.len() > MAX_PAGE_BYTES {
+            return Err(PageError::Fatal(format!(
+                "a page larger than {} MiB: not a tree listing",
+                MAX_PAGE_BYTES >> 20
+            )));
+        }
+        body.extend_from_slice(&piece);
+    }
+    let entries = serde_json::from_slice(&body)
+        .map_err(|e| PageError::Fatal(format!("not a tree listing: {e}")))?;
+    Ok(Page { entries, next })
+}
+
+/// What went wrong with a request, cause included ("error sending request" alone says
+/// nothing): a stall or a reset may pass; a host that refuses connections or has no address
+/// will not within a build.
+fn request_error(e: reqwest::Error, fetch: &FetchConfig) -> PageError {
+    let e = e.without_url();
+    if e.is_timeout() && e.is_connect() {
+        return PageError::Again(
+            format!(
+                "could not connect within {} s (fetch.request_timeout_secs)",
+                fetch.request_timeout_secs
+            ),
+            None,
+        );
+    }
+    if e.is_timeout() {
+        return PageError::Again(
+            format!(
+                "no whole answer within {} s (fetch.read_timeout_secs)",
+                fetch.read_timeout_secs
+            ),
+            None,
+        );
+    }
+    let why = error_chain(&e);
+    if e.is_connect() || e.is_builder() {
+        PageError::Fatal(why)
+    } else {
+        PageError::Again(why, None)
+    }
+}
+
+/// An error and its sources, each once: the cause (connection refused, DNS, TLS) is often
+/// only in the chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let part = s.to_string();
+        if !msg.contains(&part) {
+            msg.push_str(": ");
+            msg.push_str(&part);
+        }
+        src = s.source();
+    }
+    msg
 }
 
 /// The `rel="next"` target of one `Link` header value.
@@ -187,6 +447,36 @@ fn next_link(header: &str) -> Option<String> {
     })
 }
 
+/// `s3://bucket/prefix` by ListObjectsV2 (the client's own timeouts: 5 s to connect, 30 s an
+/// answer), retried while the server throttles or fails for a moment.
+async fn list_s3(bucket: &str, prefix: &str, url: &str) -> anyhow::Result<Vec<Listed>> {
+    let source = crate::source::S3Source::new(bucket, prefix);
+    for attempt in 1.. {
+        match source.list().await {
+            Ok(objects) => {
+                return Ok(objects
+                    .into_iter()
+                    .map(|(path, size)| Listed {
+                        path,
+                        size,
+                        sha256: None,
+                    })
+                    .collect());
+            }
+            Err(e) if e.retryable() && attempt < LIST_ATTEMPTS => {
+                let wait = backoff(attempt);
+                eprintln!(
+                    "listing {url}: {e}; retrying in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => bail!("listing {url}: {e}"),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// Fetches what must be fetched and returns every file's entry, showing progress on stderr:
 /// a bar on a terminal, a plain line per fetched file otherwise.
 async fn hash_all(
@@ -194,12 +484,12 @@ async fn hash_all(
     url: &str,
     listed: Vec<Listed>,
     opts: &BuildOptions,
+    fetch: &FetchConfig,
 ) -> anyhow::Result<Vec<BuiltFile>> {
     let to_fetch: u64 = listed
         .iter()
         .filter(|f| !opts.whole_only || f.sha256.is_none())
-        .map(|f| f.size)
-        .sum();
+        .fold(0u64, |sum, f| sum.saturating_add(f.size));
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(to_fetch);
         bar.set_style(
@@ -214,6 +504,7 @@ async fn hash_all(
         indicatif::ProgressBar::hidden()
     };
     let plain = bar.is_hidden();
+    let fetcher = Fetcher { source, url, fetch };
     let mut out = Vec::with_capacity(listed.len());
     for f in listed {
         let whole_known = opts.whole_only && f.sha256.is_some();
@@ -228,7 +519,7 @@ async fn hash_all(
         }
         bar.set_message(f.path.clone());
         let t0 = std::time::Instant::now();
-        let built = hash_one(source, url, &f, opts, &bar).await?;
+        let built = hash_one(&fetcher, &f, opts, &bar).await?;
         if plain {
             eprintln!(
                 "hashed {}: {} bytes in {:.1} s",
@@ -249,49 +540,91 @@ const PIECES_IN_FLIGHT: usize = 4;
 /// Attempts per piece: a transient error must not end a build of many gigabytes.
 const ATTEMPTS: u32 = 4;
 
-async fn fetch_piece(
-    source: &dyn Source,
-    url: &str,
-    path: &str,
-    r: Range<u64>,
-) -> anyhow::Result<bytes::Bytes> {
-    let mut last: Option<SourceError> = None;
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-        }
-        match source.fetch(path, r.clone()).await {
-            Ok(b) => return Ok(b),
-            Err(e) => {
-                let retry = e.retryable();
-                last = Some(e);
-                if !retry {
-                    break;
-                }
-            }
+/// How a build asks a source for bytes: bounded in time, retried, and honest about sizes.
+struct Fetcher<'a> {
+    source: &'a dyn Source,
+    url: &'a str,
+    fetch: &'a FetchConfig,
+}
+
+impl Fetcher<'_> {
+    /// Bytes `r` of the file `f`, retried while the error may pass (a 429 or 5xx after the
+    /// wait its `Retry-After` asks, up to [`MAX_RETRY_AFTER`]).
+    async fn piece(&self, f: &Listed, r: Range<u64>) -> anyhow::Result<bytes::Bytes> {
+        let (url, path) = (self.url, &f.path);
+        match self.attempts(path, r.clone()).await {
+            Ok(b) => Ok(b),
+            // Asked for bytes the file does not have, again and again: it is shorter than
+            // listed.
+            Err(e @ (SourceError::Status(416) | SourceError::Short { .. })) => bail!(
+                "{url} {path}: the listing gives {} bytes, but the file is shorter (bytes {}..{}: \
+                 {e})",
+                f.size,
+                r.start,
+                r.end
+            ),
+            Err(e) => bail!("fetching {url} {path} bytes {}..{}: {e}", r.start, r.end),
         }
     }
-    bail!(
-        "fetching {url} {path} bytes {}..{}: {}",
-        r.start,
-        r.end,
-        last.expect("an attempt failed")
-    )
+
+    async fn attempts(&self, path: &str, r: Range<u64>) -> Result<bytes::Bytes, SourceError> {
+        // The whole piece within read_timeout, plus a second per MiB (a 64 MiB chunk over a
+        // slow link): a source that stalls cannot hang a build.
+        let limit = self.fetch.read_timeout() + Duration::from_secs((r.end - r.start) >> 20);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let e = match tokio::time::timeout(limit, self.source.fetch(path, r.clone())).await {
+                Ok(Ok(b)) => return Ok(b),
+                Ok(Err(e)) => e,
+                Err(_) => SourceError::Timeout,
+            };
+            if !e.retryable() || attempt >= ATTEMPTS {
+                return Err(e);
+            }
+            let wait = match &e {
+                SourceError::RetryAfter { after, .. } if *after > MAX_RETRY_AFTER => {
+                    return Err(e);
+                }
+                SourceError::RetryAfter { after, .. } => *after,
+                _ => Duration::from_millis(200 << attempt),
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Checks that `path` ends at `size`, as listed: a byte asked for at `size` must be
+    /// refused as past the end (416). A file longer than listed (a git-stored file listed
+    /// at 10 bytes, really 4096) would otherwise become a silently truncated entry.
+    async fn ends_at(&self, path: &str, size: u64) -> anyhow::Result<()> {
+        match self.attempts(path, size..size + 1).await {
+            Err(SourceError::Status(416)) => Ok(()),
+            Ok(_) => bail!(
+                "{} {path}: the listing gives {size} bytes, but the file is longer; no entry \
+                 is written, since it would leave bytes out",
+                self.url
+            ),
+            Err(e) => bail!(
+                "fetching {} {path} past its listed end ({size} bytes): {e}",
+                self.url
+            ),
+        }
+    }
 }
 
 /// One file: fetched once, in chunk-sized pieces, hashing the whole file and each chunk.
 async fn hash_one(
-    source: &dyn Source,
-    url: &str,
+    fetcher: &Fetcher<'_>,
     f: &Listed,
     opts: &BuildOptions,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<BuiltFile> {
+    let url = fetcher.url;
     let head = match opts.fixed_head() {
         Some(h) => h,
         None => {
             let header = if f.path.ends_with(".safetensors") && f.size >= 8 {
-                let b = fetch_piece(source, url, &f.path, 0..8).await?;
+                let b = fetcher.piece(f, 0..8).await?;
                 b.as_ref().try_into().ok()
             } else {
                 None
@@ -303,7 +636,7 @@ async fn hash_one(
     let mut whole = Sha256::new();
     let mut chunks = Vec::with_capacity(layout.count() as usize);
     let mut pieces = futures::stream::iter(0..layout.count())
-        .map(|i| fetch_piece(source, url, &f.path, layout.range(i)))
+        .map(|i| fetcher.piece(f, layout.range(i)))
         .buffered(PIECES_IN_FLIGHT);
     while let Some(bytes) = pieces.try_next().await? {
         whole.update(&bytes);
@@ -313,6 +646,7 @@ async fn hash_one(
         }
         bar.inc(bytes.len() as u64);
     }
+    fetcher.ends_at(&f.path, f.size).await?;
     let actual = Digest(whole.finalize().into());
     if let Some(listed) = f.sha256
         && listed != actual
@@ -333,7 +667,62 @@ async fn hash_one(
 
 #[cfg(test)]
 mod tests {
-    use super::next_link;
+    use super::{MAX_PAGES, Pages, Url, backoff, next_link};
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    /// Next pages stay on HF_ENDPOINT's origin, are never asked twice, and are bounded.
+    #[test]
+    fn pages_are_new_same_origin_and_bounded() {
+        let mut p = Pages::new(url("http://127.0.0.1:8000"));
+        let a = url("http://127.0.0.1:8000/api/models/o/r/tree/main?recursive=true");
+        let b = p.next(&a, "?recursive=true&cursor=2").unwrap();
+        assert_eq!(
+            b.as_str(),
+            "http://127.0.0.1:8000/api/models/o/r/tree/main?recursive=true&cursor=2"
+        );
+        // Back to the first page, or to itself: a cycle.
+        let e = p.next(&b, a.as_str()).unwrap_err();
+        assert!(
+            e.contains("cycle") && e.contains("main?recursive=true&cursor=2 links back"),
+            "{e}"
+        );
+        let e = p.next(&b, b.as_str()).unwrap_err();
+        assert!(e.contains("cycle"), "{e}");
+        // Another port, scheme or host is another server.
+        for other in [
+            "http://127.0.0.1:8001/x",
+            "https://127.0.0.1:8000/x",
+            "http://evil.example:8000/x",
+        ] {
+            let e = p.next(&b, other).unwrap_err();
+            assert!(
+                e.contains("another server") && e.contains("http://127.0.0.1:8000"),
+                "{other}: {e}"
+            );
+        }
+        // Distinct pages forever: ended at the cap.
+        let mut p = Pages::new(url("http://h"));
+        let mut page = url("http://h/p?cursor=0");
+        let mut n = 1;
+        let e = loop {
+            match p.next(&page, &format!("/p?cursor={n}")) {
+                Ok(next) => page = next,
+                Err(e) => break e,
+            }
+            n += 1;
+        };
+        assert_eq!(n, MAX_PAGES);
+        assert!(e.contains("more than 10000 pages"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_8_s() {
+        let waits: Vec<u64> = (1..=7).map(|a| backoff(a).as_millis() as u64).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 8000, 8000]);
+    }
 
     #[test]
     fn link_header_next_page() {
