@@ -511,8 +511,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 Ok(Action::Done(ExitCode::from(1)))
             }
             Ok(m) if json => {
-                let v = serde_json::json!({"ok": true, "file": file, "models": m.models.len(),
-                    "files": m.file_count(), "bytes": m.total_bytes()});
+                // A JSON number is a double to most readers anyway: past u64 (sizes of up to
+                // i64::MAX each add up to more) the total goes as one.
+                let bytes = m.total_bytes();
+                let bytes: serde_json::Value =
+                    u64::try_from(bytes).map_or_else(|_| (bytes as f64).into(), Into::into);
+                let v = serde_json::json!({"ok": true, "file": file,
+                    "models": m.models.len(), "files": m.file_count(), "bytes": bytes});
                 println!("{v}");
                 Ok(Action::Done(ExitCode::SUCCESS))
             }

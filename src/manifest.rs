@@ -1504,6 +1504,13 @@ mod tests {
             build(dir.path(), &opts).is_err(),
             "a head not a multiple of 4096"
         );
+        opts.head_size = None;
+        opts.chunk_size = MAX_CHUNK_SIZE + 4096;
+        let e = build(dir.path(), &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("--chunk-size 67112960") && e.contains("64 MiB"),
+            "{e}"
+        );
     }
 
     #[test]

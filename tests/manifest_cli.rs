@@ -444,6 +444,22 @@ fn manifest_check_bounds_sizes_and_adds_them_without_wrapping() {
         stdout.contains(&format!("3 files, {} bytes", 3 * i64::MAX as u128)),
         "{stdout}"
     );
+    let out = run_wan(
+        &[
+            Path::new("--json"),
+            Path::new("manifest"),
+            Path::new("check"),
+            &path,
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bytes"].as_f64(), Some(3.0 * i64::MAX as f64), "{v}");
     // One past i64::MAX: not a TOML integer the toml crate writes, so edited as text.
     let text = fs::read_to_string(&path).unwrap().replacen(
         &i64::MAX.to_string(),
@@ -472,7 +488,7 @@ fn manifest_check_refuses_an_empty_manifest() {
 
 #[test]
 fn mount_refuses_bad_manifest_naming_the_error() {
-    for name in ["dotdot", "huge chunk"] {
+    for name in ["dotdot", "long name", "huge chunk"] {
         mount_refuses(name);
     }
 }
