@@ -410,7 +410,7 @@ fn length_rule(path: &str) -> Option<String> {
 
 /// A name as errors show it: quoted and escaped, and cut short past the longest it may be
 /// (a 5,000-byte name in full would bury the rule it breaks).
-pub struct Shown<'a>(pub &'a str, pub usize);
+struct Shown<'a>(&'a str, usize);
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

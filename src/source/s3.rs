@@ -1,7 +1,8 @@
 //! `s3://bucket/prefix` sources: ranged GETs through the `object_store` crate (Apache Arrow's
 //! maintained S3 client: SigV4, credentials from AWS_* variables, `AWS_ENDPOINT_URL` for
-//! MinIO/Ceph). Its own retries are off: retry, backoff and failover are the fetcher's, the
-//! same for every source.
+//! MinIO/Ceph), and the listing `wan manifest build s3://…` starts from. Its own retries are
+//! off: retry, backoff and failover are the fetcher's (a build's, for a listing), the same for
+//! every source. Keys are used exactly as written, never re-encoded.
 
 use std::ops::Range;
 use std::sync::Arc;
