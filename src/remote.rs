@@ -463,7 +463,9 @@ async fn list_s3(bucket: &str, prefix: &str, url: &str) -> anyhow::Result<Vec<Li
                     })
                     .collect());
             }
-            Err(e) if e.retryable() && attempt < LIST_ATTEMPTS => {
+            // A server that answered badly may answer well; one that refuses connections or
+            // has no address will not within a build.
+            Err(e) if e.flaky() && attempt < LIST_ATTEMPTS => {
                 let wait = backoff(attempt);
                 eprintln!(
                     "listing {url}: {e}; retrying in {:.1} s",

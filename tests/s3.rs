@@ -639,3 +639,39 @@ fn manifest_build_from_s3_skips_folder_markers_and_takes_odd_keys() {
         "{stderr}"
     );
 }
+
+/// S3 errors name the endpoint and the cause (it once said `error sending request` and no
+/// more), a server that refuses connections fails the build at once, and an endpoint that is
+/// no URL is refused naming the variable (the S3 client panicked on it). Needs no server.
+#[test]
+fn s3_network_errors_name_the_endpoint_and_the_cause() {
+    let port = free_port();
+    let build = |endpoint: &str| {
+        let mut cmd = Command::new(wan_bin());
+        cmd.args(["manifest", "build", "s3://models/m", "--id", "m@1.0.0"])
+            .env("AWS_ACCESS_KEY_ID", "k")
+            .env("AWS_SECRET_ACCESS_KEY", "s")
+            .env("AWS_ENDPOINT_URL", endpoint)
+            .env("RUST_BACKTRACE", "0");
+        timed(|| run_with_timeout(cmd, Duration::from_secs(30)))
+    };
+    let (out, took) = build(&format!("http://127.0.0.1:{port}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("http://127.0.0.1:{port}/models"))
+            && stderr.to_lowercase().contains("connection refused"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+    let (out, _) = build(&format!("127.0.0.1:{port}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(&format!(
+                "AWS_ENDPOINT_URL \"127.0.0.1:{port}\" is not an http(s) URL"
+            ))
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

@@ -40,11 +40,23 @@ impl S3Source {
                 .with_allow_http(ep.starts_with("http://"))
                 .with_virtual_hosted_style_request(false);
         }
-        S3Source {
-            store: b
+        // The client takes any text and panics signing its first request when the text is
+        // no URL (`127.0.0.1:9000` without a scheme): refused here, naming the variable.
+        let bad_endpoint = endpoint.as_ref().filter(|ep| {
+            !reqwest::Url::parse(ep)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        });
+        let store = match bad_endpoint {
+            Some(ep) => Err(format!(
+                "AWS_ENDPOINT_URL {ep:?} is not an http(s) URL with a host (such as http://minio:9000)"
+            )),
+            None => b
                 .build()
                 .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
                 .map_err(|e| format!("s3://{bucket}: {e}")),
+        };
+        S3Source {
+            store,
             prefix: prefix.trim_matches('/').to_string(),
         }
     }
@@ -127,6 +139,10 @@ fn classify(e: object_store::Error) -> SourceError {
             } else if msg.contains("416 Range Not Satisfiable") || msg.contains("InvalidRange") {
                 // Asked past the object's end: what a build's size check looks for.
                 SourceError::Status(416)
+            } else if msg.contains("client error (Connect)") {
+                // hyper's word for a connection never made (refused, no address): nothing is
+                // serving, as an HTTP source says it.
+                SourceError::Unreachable(msg)
             } else {
                 SourceError::Transport(msg)
             }
