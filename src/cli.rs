@@ -196,6 +196,10 @@ pub enum ModelsCommand {
 pub struct MountArgs {
     /// Where to mount (default: config `mountpoint`, else /data/models).
     pub mountpoint: Option<PathBuf>,
+    /// Mount even if the mountpoint holds files, hiding them while mounted (config:
+    /// mount.allow_non_empty). Without it such a mountpoint is refused.
+    #[arg(long)]
+    pub allow_non_empty: bool,
     #[command(flatten)]
     pub paths: Paths,
 }
@@ -284,10 +288,13 @@ impl Paths {
 
 impl MountArgs {
     fn plan(self) -> anyhow::Result<MountPlan> {
-        let (config, manifest, cache_dir) = self.paths.load()?;
+        let (mut config, manifest, cache_dir) = self.paths.load()?;
+        let allow_non_empty = self.allow_non_empty;
+        config.mount.allow_non_empty |= allow_non_empty;
         let paths = self.paths.clone();
         let reread = Box::new(move || {
-            let (config, manifest, _) = paths.load()?;
+            let (mut config, manifest, _) = paths.load()?;
+            config.mount.allow_non_empty |= allow_non_empty;
             Ok((config, manifest))
         });
         Ok(MountPlan {

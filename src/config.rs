@@ -248,6 +248,10 @@ pub struct MountConfig {
     pub read_ahead_kb: u32,
     /// FUSE dispatch threads.
     pub threads: usize,
+    /// Mount over a directory that holds files, hiding them while mounted (`wan mount
+    /// --allow-non-empty`). Off: such a mountpoint is refused, since it is most often a wrong
+    /// path or a copy someone meant to keep.
+    pub allow_non_empty: bool,
 }
 
 impl Default for MountConfig {
@@ -257,6 +261,7 @@ impl Default for MountConfig {
             allow_other: None,
             read_ahead_kb: 4096,
             threads: 2,
+            allow_non_empty: false,
         }
     }
 }
