@@ -422,12 +422,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
         }
         Command::Config(ConfigCommand::Check { file }) => {
             let checked = Config::load(&file).and_then(|c| c.with_env(std::env::vars()));
+            // What the daemon would warn about at start: it starts, so these do not fail the
+            // check.
+            let token_env = checked.as_ref().map_or_else(
+                |_| crate::config::HttpConfig::default().token_env,
+                |c| c.http.token_env.clone(),
+            );
+            let mut warnings = crate::config::unknown_env(std::env::vars(), &token_env);
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            // Already on stderr: logging's set-up reported it.
+            warnings.extend(crate::logging::wan_log_problem());
             if json {
                 let v = match &checked {
-                    Ok(_) => serde_json::json!({"ok": true, "file": file}),
-                    Err(e) => {
-                        serde_json::json!({"ok": false, "file": file, "error": e.to_string()})
-                    }
+                    Ok(_) => serde_json::json!({"ok": true, "file": file, "warnings": warnings}),
+                    Err(e) => serde_json::json!({"ok": false, "file": file,
+                        "error": e.to_string(), "warnings": warnings}),
                 };
                 println!("{v}");
             }

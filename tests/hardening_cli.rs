@@ -688,3 +688,74 @@ fn an_unmount_from_outside_logs_no_warning() {
     );
     assert!(mount.stop().success());
 }
+
+#[test]
+fn a_mistyped_log_level_is_refused_and_a_bad_wan_log_never_silences_the_daemon() {
+    let setup = GenSetup::new(&[("m.bin", 3 * CS as usize)], CS, 81);
+    let spec = setup.spec(WanConfig::default());
+    for level in ["inf", "verbose!!", "wanfs=debug,inf", "wanfs=loud"] {
+        let bad = config_file(&spec, "bad.toml", &format!("\n[log]\nlevel = {level:?}\n"));
+        let out = run_wan(
+            &["config".as_ref(), "check".as_ref(), bad.as_os_str()],
+            Duration::from_secs(30),
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{level}: {stderr}");
+        assert!(
+            stderr.contains("log.level") && stderr.contains("neither a level"),
+            "{level}: {stderr}"
+        );
+        // The daemon refuses it too, before mounting anything.
+        let mnt = spec.work.join("mnt-bad-level");
+        fs::create_dir_all(&mnt).unwrap();
+        let _guard = Unmount(mnt.clone());
+        let out = mount_once(&spec, &mnt, &bad);
+        assert!(!out.status.success(), "{level}: the daemon started");
+        assert!(text(&out.stderr).contains("log.level"), "{level}");
+        assert_eq!(mount_count(&mnt), 0, "{level}: a mount was left behind");
+    }
+
+    // A bare word in WAN_LOG (a target name to EnvFilter) and a misspelt override: the daemon
+    // says so on stderr, ignores both, and still logs what goes wrong.
+    let warned = run_wan_env(
+        &["config", "check"],
+        &config_file(&spec, "good.toml", ""),
+        &[("WAN_LOG", "inf"), ("WAN_FETCH_CONECTIONS", "3")],
+    );
+    let stderr = text(&warned.stderr);
+    assert!(warned.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WAN_FETCH_CONECTIONS")
+            && stderr.contains("did you mean WAN_FETCH_CONNECTIONS?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("WAN_LOG \"inf\""), "{stderr}");
+    let mount = Mount::start(
+        spec.clone()
+            .env("WAN_LOG", "inf")
+            .env("WAN_FETCH_CONECTIONS", "3"),
+    );
+    setup.origin.add_fault(Fault::Status(500), None, None);
+    let err = read_range(&setup.mounted(&mount, "m.bin"), 0, 10).expect_err("a read passed");
+    assert_eq!(errno(&err), libc::EIO, "{err}");
+    let log = mount.log();
+    assert!(log.contains("WAN_LOG \"inf\""), "{log}");
+    assert!(
+        log.contains("did you mean WAN_FETCH_CONNECTIONS?"),
+        "no warning about the misspelt variable:\n{log}"
+    );
+    assert!(
+        log.contains("read failed: EIO"),
+        "the daemon did not log the failed read:\n{log}"
+    );
+}
+
+/// `wan ARGS FILE` with `env` added.
+fn run_wan_env(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(wan_bin());
+    cmd.args(args).arg(file).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
