@@ -298,6 +298,9 @@ pub fn serve(
             }
         }
     });
+    // Reads the unmount cuts short fail from here on, which is no error of theirs or ours.
+    fs.stop();
+    crate::logging::stopping();
     sd_notify("STOPPING=1");
     let _ = stop_tx.send(true);
     rt.block_on(async {

@@ -287,6 +287,8 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.read(ino.0, fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
+                // Cut short by the unmount (the kernel's read-ahead, mostly): not an error.
+                Err(e) if fs.stopping() => reply.error(Errno::from_i32(e.errno())),
                 Err(e) => reply.error(fail("read", ino.0, &e)),
             }
             drop(timer);

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::prelude::*;
 
 /// `[log]` in the config file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -169,7 +171,11 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
         let b = builder
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal());
-        if json { b.json().init() } else { b.init() }
+        if json {
+            b.json().finish().with(CutShort).init()
+        } else {
+            b.finish().with(CutShort).init()
+        }
     } else {
         let path = PathBuf::from(&cfg.file);
         let file = open(&path).map_err(|e| anyhow::anyhow!("log.file {}: {e}", path.display()))?;
@@ -180,12 +186,55 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
             })
         });
         let b = builder.with_writer(FileWriter(r.clone())).with_ansi(false);
-        if json { b.json().init() } else { b.init() }
+        if json {
+            b.json().finish().with(CutShort).init()
+        } else {
+            b.finish().with(CutShort).init()
+        }
     }
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
     Ok(())
+}
+
+/// Set once the daemon stops (see [`stopping`]).
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The daemon is stopping: from now on fuser's complaints about replies are not logged. The
+/// unmount ends the kernel connection under reads still waiting for a fetch (the kernel's
+/// read-ahead, mostly), so their replies can no longer be sent, and fuser logs each one
+/// (`Reply not sent …`, `Failed to send FUSE reply …`) as if something had gone wrong.
+pub fn stopping() {
+    STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Drops `fuser::reply` events once [`stopping`] was called.
+struct CutShort;
+
+impl CutShort {
+    fn concerns(target: &str) -> bool {
+        // fuser logs through the `log` crate: its records reach us under the callsite `log`.
+        target.starts_with("fuser::reply") || target == "log"
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for CutShort {
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if Self::concerns(meta.target()) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
+        !(STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+            && meta.target().starts_with("fuser::reply"))
+    }
 }
 
 /// Reopens the log file (after logrotate moved it); no-op when logging to stderr.

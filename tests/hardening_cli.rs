@@ -759,3 +759,55 @@ fn run_wan_env(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Output {
     }
     run_with_timeout(cmd, Duration::from_secs(30))
 }
+
+/// A stop while reads wait for the network (the kernel's read-ahead, here from `fadvise`):
+/// the unmount cuts them short, which is no error: nothing at warning or error level.
+#[test]
+fn reads_cut_short_by_a_stop_are_not_errors() {
+    let size = 32 * CS as usize;
+    let setup = GenSetup::new(&[("m.bin", size)], CS, 89);
+    let mount = Mount::start(setup.spec(WanConfig::default()));
+    // Every fetch waits: the stop comes while the read-ahead waits for it.
+    setup
+        .origin
+        .add_fault(Fault::Delay(Duration::from_secs(3)), None, None);
+    let f = fs::File::open(setup.mounted(&mount, "m.bin")).expect("open");
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an advisory call on a descriptor we own.
+        let r = unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, size as i64, libc::POSIX_FADV_WILLNEED)
+        };
+        assert_eq!(r, 0, "posix_fadvise");
+    }
+    drop(f);
+    assert!(
+        wait_until(Duration::from_secs(5), || setup.origin.request_count() > 0),
+        "the read-ahead fetched nothing: the test proves nothing"
+    );
+    let work = mount.spec.work.clone();
+    let status = mount.stop();
+    assert!(status.success(), "{status}");
+    // The one daemon's log (numbered by the harness, across the tests of this binary).
+    let log_path = fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("daemon-")
+        })
+        .expect("a daemon log");
+    let log = fs::read_to_string(&log_path).expect("daemon log");
+    assert!(log.contains("SIGTERM: unmounting"), "{log}");
+    let noise: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        noise.is_empty(),
+        "a stop during reads logged warnings or errors:\n{}",
+        noise.join("\n")
+    );
+}
