@@ -410,6 +410,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
         }
         Command::Cache(CacheCommand::RebuildIndex { paths }) => {
             let (_, manifest, cache_dir) = paths.load()?;
+            // Opening the store would make an empty cache at a mistyped path and "rebuild" it.
+            if !cache_dir.join("v1").is_dir() {
+                anyhow::bail!(
+                    "{} holds no wan cache (no v1/ directory): check --cache-dir or the \
+                     config's cache_dir; there is nothing to rebuild",
+                    cache_dir.display()
+                );
+            }
             let manifest = Manifest::load(&manifest)?;
             let store = crate::store::Store::open_rebuilding(&cache_dir)?;
             let report = store.adopt(manifest.models.values().flat_map(|m| &m.files))?;

@@ -811,3 +811,27 @@ fn reads_cut_short_by_a_stop_are_not_errors() {
         noise.join("\n")
     );
 }
+
+#[test]
+fn rebuild_index_refuses_a_directory_that_holds_no_cache() {
+    let work = workdir();
+    let typo = work.path().join("var/cache/wan2");
+    let out = run_wan(
+        &[
+            "cache".as_ref(),
+            "rebuild-index".as_ref(),
+            "--cache-dir".as_ref(),
+            typo.as_os_str(),
+            "--manifest".as_ref(),
+            fixtures().join("models.toml").as_os_str(),
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no wan cache") && stderr.contains(&*typo.to_string_lossy()),
+        "{stderr}"
+    );
+    assert!(!typo.exists(), "a cache was made at the mistyped path");
+}
