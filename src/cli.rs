@@ -196,6 +196,10 @@ pub enum ModelsCommand {
 pub struct MountArgs {
     /// Where to mount (default: config `mountpoint`, else /data/models).
     pub mountpoint: Option<PathBuf>,
+    /// Mount even if the mountpoint holds files, hiding them while mounted (config:
+    /// mount.allow_non_empty). Without it such a mountpoint is refused.
+    #[arg(long)]
+    pub allow_non_empty: bool,
     #[command(flatten)]
     pub paths: Paths,
 }
@@ -285,10 +289,13 @@ impl Paths {
 
 impl MountArgs {
     fn plan(self) -> anyhow::Result<MountPlan> {
-        let (config, manifest, cache_dir) = self.paths.load()?;
+        let (mut config, manifest, cache_dir) = self.paths.load()?;
+        let allow_non_empty = self.allow_non_empty;
+        config.mount.allow_non_empty |= allow_non_empty;
         let paths = self.paths.clone();
         let reread = Box::new(move || {
-            let (config, manifest, _) = paths.load()?;
+            let (mut config, manifest, _) = paths.load()?;
+            config.mount.allow_non_empty |= allow_non_empty;
             Ok((config, manifest))
         });
         Ok(MountPlan {
@@ -303,6 +310,73 @@ impl MountArgs {
         })
     }
 }
+
+/// `wan.1`: clap's sections, then FILES, ENVIRONMENT and EXIT STATUS, which clap cannot
+/// derive (docs/CONFIGURATION.md and docs/CONTROL.md say the same at length).
+fn man_page(cmd: clap::Command, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(cmd).render(w)?;
+    let overrides: Vec<String> = crate::config::override_vars()
+        .iter()
+        .map(|v| format!("\\fB{v}\\fR"))
+        .collect();
+    let extra = MAN_EXTRA.replace("@OVERRIDES@", &overrides.join(", "));
+    w.write_all(extra.as_bytes())
+}
+
+/// Roff for the sections of `wan.1` that clap does not make.
+const MAN_EXTRA: &str = r#".SH FILES
+.TP
+\fB/etc/wan22/wan.toml\fR
+The configuration (\fB\-\-config\fR); checked by \fBwan config check\fR.
+.TP
+\fB/etc/wan22/models.toml\fR
+The manifest: the models served, their files, digests and sources (\fB\-\-manifest\fR, config \fBmanifest\fR); checked by \fBwan manifest check\fR.
+.TP
+\fB/var/cache/wan22/v1/\fR
+The cache (\fB\-\-cache\-dir\fR, config \fBcache_dir\fR): blobs/, index.sqlite, lock, and the compiled manifests.
+.TP
+\fB/data/models\fR
+The default mountpoint (config \fBmountpoint\fR); its control files are in \fB.wan/\fR.
+.TP
+\fB/etc/wan22/wan.env\fR
+Secrets for the systemd unit (\fBEnvironmentFile=\fR), mode 0600.
+.SH ENVIRONMENT
+.\" Long variable names: ragged right and unhyphenated.
+.ad l
+.nh
+.TP
+\fBWAN_\fIKEY\fR, \fBWAN_\fISECTION\fB_\fIKEY\fR
+Override a key of the configuration, top-level or of [\fISECTION\fR], with a TOML value (\fBWAN_FETCH_CONNECTIONS=32\fR): @OVERRIDES@. Any other \fBWAN_*\fR name is warned about, with the one probably meant.
+.TP
+\fBWAN_LOG\fR
+A log filter (\fBdebug\fR, \fBwanfs=debug,info\fR) that overrides \fBlog.level\fR; an invalid one is warned about and ignored.
+.TP
+\fBWAN_HTTP_TOKEN\fR
+The bearer token for remote POSTs and peers: the variable \fBhttp.token_env\fR names.
+.TP
+\fBHF_TOKEN\fR, \fBHF_ENDPOINT\fR
+The token and base URL for \fBhf://\fR sources and builds.
+.TP
+\fBAWS_ACCESS_KEY_ID\fR, \fBAWS_SECRET_ACCESS_KEY\fR, \fBAWS_SESSION_TOKEN\fR, \fBAWS_REGION\fR, \fBAWS_DEFAULT_REGION\fR, \fBAWS_ENDPOINT_URL\fR
+Credentials, region and endpoint for \fBs3://\fR sources and builds.
+.TP
+\fBNOTIFY_SOCKET\fR
+Set by systemd (Type=notify): READY once the mount answers.
+.ad b
+.hy
+.SH "EXIT STATUS"
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+A failure: a refused config or manifest, a model corrupt or failed, a job that failed, an unknown model id, an error from the daemon.
+.TP
+\fB2\fR
+A usage error: an unknown option or command, or options that conflict.
+.SH "SEE ALSO"
+docs/CONFIGURATION.md, docs/CONTROL.md, docs/OPERATIONS.md
+"#;
 
 fn models(args: ModelsArgs, json: bool) -> anyhow::Result<ExitCode> {
     use crate::cmd::{ModelsOp, Target};
@@ -393,17 +467,28 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             match out {
                 Some(dir) => {
                     std::fs::create_dir_all(&dir)?;
-                    clap_mangen::generate_to(cmd, &dir)?;
+                    clap_mangen::generate_to(cmd.clone(), &dir)?;
+                    // wan.1 again, with the sections clap does not know about.
+                    let mut page = std::fs::File::create(dir.join("wan.1"))?;
+                    man_page(cmd, &mut page)?;
                     if !json {
                         println!("wrote man pages to {}", dir.display());
                     }
                 }
-                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+                None => man_page(cmd, &mut std::io::stdout())?,
             }
             Ok(Action::Done(ExitCode::SUCCESS))
         }
         Command::Cache(CacheCommand::RebuildIndex { paths }) => {
             let (_, manifest, cache_dir) = paths.load()?;
+            // Opening the store would make an empty cache at a mistyped path and "rebuild" it.
+            if !cache_dir.join("v1").is_dir() {
+                anyhow::bail!(
+                    "{} holds no wan cache (no v1/ directory): check --cache-dir or the \
+                     config's cache_dir; there is nothing to rebuild",
+                    cache_dir.display()
+                );
+            }
             let manifest = Manifest::load(&manifest)?;
             let store = crate::store::Store::open_rebuilding(&cache_dir)?;
             let report = store.adopt(manifest.models.values().flat_map(|m| &m.files))?;
@@ -416,12 +501,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
         }
         Command::Config(ConfigCommand::Check { file }) => {
             let checked = Config::load(&file).and_then(|c| c.with_env(std::env::vars()));
+            // What the daemon would warn about at start: it starts, so these do not fail the
+            // check.
+            let token_env = checked.as_ref().map_or_else(
+                |_| crate::config::HttpConfig::default().token_env,
+                |c| c.http.token_env.clone(),
+            );
+            let mut warnings = crate::config::unknown_env(std::env::vars(), &token_env);
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            // Already on stderr: logging's set-up reported it.
+            warnings.extend(crate::logging::wan_log_problem());
             if json {
                 let v = match &checked {
-                    Ok(_) => serde_json::json!({"ok": true, "file": file}),
-                    Err(e) => {
-                        serde_json::json!({"ok": false, "file": file, "error": e.to_string()})
-                    }
+                    Ok(_) => serde_json::json!({"ok": true, "file": file, "warnings": warnings}),
+                    Err(e) => serde_json::json!({"ok": false, "file": file,
+                        "error": e.to_string(), "warnings": warnings}),
                 };
                 println!("{v}");
             }

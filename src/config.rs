@@ -248,6 +248,10 @@ pub struct MountConfig {
     pub read_ahead_kb: u32,
     /// FUSE dispatch threads.
     pub threads: usize,
+    /// Mount over a directory that holds files, hiding them while mounted (`wan mount
+    /// --allow-non-empty`). Off: such a mountpoint is refused, since it is most often a wrong
+    /// path or a copy someone meant to keep.
+    pub allow_non_empty: bool,
 }
 
 impl Default for MountConfig {
@@ -257,6 +261,7 @@ impl Default for MountConfig {
             allow_other: None,
             read_ahead_kb: 4096,
             threads: 2,
+            allow_non_empty: false,
         }
     }
 }
@@ -290,7 +295,7 @@ impl Config {
     /// Applies `WAN_<KEY>` / `WAN_<SECTION>_<KEY>` environment variables (e.g.
     /// `WAN_CACHE_DIR`, `WAN_FETCH_CONNECTIONS=32`, `WAN_GC_MAX_BYTES`), then validates.
     /// Values are TOML literals (a bare word is taken as a string). Variables that name no
-    /// key (`WAN_LOG`, `WAN_HTTP_TOKEN`, …) are left alone.
+    /// key are left alone here; [`unknown_env`] says which of them look like mistakes.
     pub fn with_env(
         self,
         vars: impl IntoIterator<Item = (String, String)>,
@@ -465,9 +470,127 @@ impl Config {
     }
 }
 
+/// The `WAN_*` variables that override a config key, one per key (`WAN_FETCH_CONNECTIONS`):
+/// `WAN_<KEY>` for a top-level key, `WAN_<SECTION>_<KEY>` for a section's.
+pub fn override_vars() -> Vec<String> {
+    let mut names: Vec<String> = ["mountpoint", "manifest", "cache_dir"]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    // Every section's keys, from the defaults (`mount.allow_other` is unset by default).
+    if let Ok(toml::Value::Table(t)) = toml::Value::try_from(Config::default()) {
+        for (section, keys) in t {
+            if let toml::Value::Table(keys) = keys {
+                names.extend(keys.keys().map(|k| format!("{section}_{k}")));
+                if section == "mount" {
+                    names.push("mount_allow_other".into());
+                }
+            }
+        }
+    }
+    names
+        .iter()
+        .map(|n| format!("WAN_{}", n.to_ascii_uppercase()))
+        .collect()
+}
+
+/// The `WAN_*` variables that mean something: the overrides, `WAN_LOG`, the default token
+/// variable and the one `http.token_env` names.
+fn known_env(token_env: &str) -> Vec<String> {
+    let mut names = override_vars();
+    names.push("WAN_LOG".into());
+    names.push(HttpConfig::default().token_env);
+    names.push(token_env.to_string());
+    names
+}
+
+/// The known name `name` was probably meant to be: the only one within an edit per four
+/// characters after `WAN_` (so `WAN_FOO` is not taken for `WAN_LOG`), at most two.
+fn meant<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
+    let most = (name.len().saturating_sub(4) / 4).min(2);
+    let near: Vec<&str> = known
+        .iter()
+        .filter(|k| crate::manifest::edit_distance(k, name) <= most)
+        .map(String::as_str)
+        .collect();
+    match near[..] {
+        [one] => Some(one),
+        _ => None,
+    }
+}
+
+/// One warning per `WAN_*` variable that names nothing wanfs reads (`WAN_FETCH_CONECTIONS`),
+/// with the variable it was probably meant to be: a misspelt override is otherwise ignored
+/// without a word. `token_env` is the configured `http.token_env`.
+pub fn unknown_env(
+    vars: impl IntoIterator<Item = (String, String)>,
+    token_env: &str,
+) -> Vec<String> {
+    let known = known_env(token_env);
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("WAN_") && !known.contains(k))
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|name| {
+            let shown = crate::logging::untrusted(&name);
+            match meant(&name, &known) {
+                Some(meant) => format!(
+                    "unknown environment variable {shown} is ignored: did you mean {meant}?"
+                ),
+                None => format!(
+                    "unknown environment variable {shown} is ignored: it names no config key \
+                     (WAN_<SECTION>_<KEY>, docs/CONFIGURATION.md)"
+                ),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_wan_variables_are_named_with_the_one_meant() {
+        let vars = [
+            ("WAN_FETCH_CONECTIONS", "3"),
+            ("WAN_FETCH_CONNECTIONS", "3"),
+            ("WAN_LOG", "debug"),
+            ("WAN_HTTP_TOKEN", "t"),
+            ("WAN_FLEET_TOKEN", "t"),
+            ("WAN_MOUNT_ALLOW_OTHER", "true"),
+            ("WAN_MOUNT_ALLOW_NON_EMPTY", "true"),
+            ("WAN_CACHE_DIR", "/c"),
+            ("WAN_LOG_LEVEL", "info"),
+            ("WAN_FOO", "1"),
+            ("PATH", "/bin"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let w = unknown_env(vars, "WAN_FLEET_TOKEN");
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(
+            w[0].contains("WAN_FETCH_CONECTIONS")
+                && w[0].contains("did you mean WAN_FETCH_CONNECTIONS?"),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[1].contains("WAN_FOO") && !w[1].contains("did you mean"),
+            "{}",
+            w[1]
+        );
+        // Every documented override is known, so none of them is warned about.
+        let all: Vec<(String, String)> = known_env("WAN_HTTP_TOKEN")
+            .into_iter()
+            .map(|k| (k, String::new()))
+            .collect();
+        assert!(all.iter().any(|(k, _)| k == "WAN_PEERS_URLS"));
+        assert!(unknown_env(all, "WAN_HTTP_TOKEN").is_empty());
+    }
 
     #[test]
     fn unknown_key_is_named() {

@@ -16,7 +16,7 @@ use crate::control::Control;
 use crate::fetch::Fetcher;
 use crate::file_ctx::{FileCtx, file_contexts};
 use crate::fs::{ModelFs, Tree};
-use crate::fuse::{FuseAdapter, manifest_mtime};
+use crate::fuse::{FuseAdapter, Unmounter, manifest_mtime};
 use crate::manifest::Manifest;
 use crate::source::SourceRegistry;
 use crate::store::Store;
@@ -86,6 +86,10 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+    // The mountpoint and the FUSE device first: a wrong path is refused before the manifest is
+    // compiled or the cache touched.
+    let mountpoint = std::path::absolute(&plan.mountpoint)?;
+    check_mountpoint(&mountpoint, plan.config.mount.allow_non_empty)?;
     // From its compiled form in the cache dir (a restart parses no TOML), else compiled now.
     let compiled = crate::compiled::load(
         &plan.manifest,
@@ -110,7 +114,6 @@ pub fn run(plan: MountPlan) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: unmounting"),
         }
     };
-    let mountpoint = std::path::absolute(&plan.mountpoint)?;
     let services = Services::build(
         &compiled.manifest,
         &plan.manifest,
@@ -170,7 +173,6 @@ pub fn serve(
         Some(listener)
     };
 
-    clear_stale_mount(&mountpoint)?;
     let is_root = nix::unistd::geteuid().is_root();
     let allow_other = cfg.mount.allow_other.unwrap_or(is_root);
     let mut fuse_cfg = fuser::Config::default();
@@ -188,12 +190,19 @@ pub fn serve(
         fuser::SessionACL::Owner
     };
     fuse_cfg.n_threads = Some(cfg.mount.threads);
-    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone(), cfg.mount.passthrough);
+    let unmounter = Unmounter::default();
+    let adapter = FuseAdapter::new(
+        fs.clone(),
+        rt.handle().clone(),
+        cfg.mount.passthrough,
+        unmounter.clone(),
+    );
     let mut session = fuser::Session::new(adapter, &mountpoint, &fuse_cfg)
-        .with_context(|| format!("mounting {}", mountpoint.display()))?;
-    let mut unmounter = session.unmount_callable();
+        .map_err(|e| mount_error(e, &mountpoint))?;
+    unmounter.set(session.unmount_callable());
     let notifier = session.notifier();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    // A spawn that fails drops the session, which unmounts.
     let session_thread = std::thread::Builder::new()
         .name("wan-fuse".into())
         .spawn(move || {
@@ -202,7 +211,15 @@ pub fn serve(
             r
         })?;
     raise_read_ahead(&mountpoint, cfg.mount.read_ahead_kb);
-    wait_until_answering(&mountpoint)?;
+    if let Err(e) = wait_until_answering(&mountpoint) {
+        // Exiting with the mount in place would leave it dead ("Transport endpoint is not
+        // connected") for the next start or a human to clear.
+        if let Err(u) = unmounter.unmount() {
+            tracing::debug!(error = %u, "unmount after a failed start failed; detaching");
+            let _ = detach(&mountpoint);
+        }
+        return Err(e);
+    }
     tracing::info!(
         mountpoint = %mountpoint.display(),
         models = manifest.models.len(),
@@ -281,6 +298,9 @@ pub fn serve(
             }
         }
     });
+    // Reads the unmount cuts short fail from here on, which is no error of theirs or ours.
+    fs.stop();
+    crate::logging::stopping();
     sd_notify("STOPPING=1");
     let _ = stop_tx.send(true);
     rt.block_on(async {
@@ -651,6 +671,107 @@ fn clear_stale_mount(path: &Path) -> anyhow::Result<()> {
             entry.fstype
         ),
     }
+}
+
+/// Refuses a mountpoint that cannot be served as the operator expects, and a FUSE device that
+/// cannot be opened, before anything is mounted, compiled or cached: a dead mount left by a
+/// killed daemon is cleared first (it is not "non-empty"), then the path must be a directory,
+/// empty unless `allow_non_empty` (mounting over files hides them), and `/dev/fuse` usable.
+fn check_mountpoint(mountpoint: &Path, allow_non_empty: bool) -> anyhow::Result<()> {
+    clear_stale_mount(mountpoint)?;
+    let mp = mountpoint.display();
+    let meta = match std::fs::metadata(mountpoint) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mountpoint {mp} does not exist: create it (`install -d {mp}`) or name another")
+        }
+        Err(e) => bail!("mountpoint {mp}: {e}"),
+    };
+    if !meta.is_dir() {
+        bail!("mountpoint {mp} is not a directory: mount on an empty directory");
+    }
+    if !allow_non_empty {
+        let mut entries =
+            std::fs::read_dir(mountpoint).with_context(|| format!("reading mountpoint {mp}"))?;
+        if let Some(first) = entries.next() {
+            let first = first.map_or_else(
+                |e| e.to_string(),
+                |e| e.file_name().to_string_lossy().into_owned(),
+            );
+            bail!(
+                "mountpoint {mp} is not empty (it holds {:?}{}): mounting over it would hide its \
+                 files. Mount on an empty directory, or pass --allow-non-empty (config: \
+                 mount.allow_non_empty = true) to hide them while mounted",
+                crate::logging::untrusted(&first),
+                if entries.next().is_some() {
+                    ", …"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    check_fuse_device()
+}
+
+/// The FUSE device every mount opens, root or not (a non-root mount opens it before handing
+/// it to fusermount3).
+const FUSE_DEVICE: &str = "/dev/fuse";
+
+/// Opens the FUSE device as the mount will: fuser's own error on failure ("Permission denied
+/// (os error 13)") names neither the device nor what to do.
+fn check_fuse_device() -> anyhow::Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(FUSE_DEVICE)
+    {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("{}", fuse_device_problem(&e)),
+    }
+}
+
+/// What an unusable `/dev/fuse` means, and the fixes for the case at hand.
+fn fuse_device_problem(e: &std::io::Error) -> String {
+    let fix = match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "the FUSE module is not loaded or the device was not made: `modprobe fuse` and \
+             install fuse3; in a container, pass the device in (`--device /dev/fuse`)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "run wan as root, or let this user read and write the device (it is normally mode \
+             0666; non-root mounts also need fuse3's setuid fusermount3); in a container, pass \
+             the device in (`--device /dev/fuse`) and allow it in the device cgroup"
+        }
+        _ => "check the device (`ls -l /dev/fuse`, a character device 10:229) and dmesg",
+    };
+    format!("cannot open {FUSE_DEVICE} to mount: {e}. To fix: {fix}")
+}
+
+/// `fuser::Session::new`'s error, with the cause and fix where it is a known one: a non-root
+/// mount without fusermount3, or one the kernel refuses.
+fn mount_error(e: std::io::Error, mountpoint: &Path) -> anyhow::Error {
+    let mp = mountpoint.display();
+    let is_root = nix::unistd::geteuid().is_root();
+    let on_path = |bin: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    };
+    if !is_root && !on_path("fusermount3") && !on_path("fusermount") {
+        return anyhow::anyhow!(
+            "mounting {mp}: {e}. A non-root mount needs fusermount3 (setuid root, from the \
+             fuse3 package): install fuse3, or run wan as root"
+        );
+    }
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        return anyhow::anyhow!(
+            "mounting {mp}: {e}. Run wan as root; a non-root mount needs fuse3's setuid \
+             fusermount3, write access to {mp}, and for allow_other `user_allow_other` in \
+             /etc/fuse.conf; in a container, CAP_SYS_ADMIN (or fusermount3) and the device \
+             (`--device /dev/fuse`)"
+        );
+    }
+    anyhow::anyhow!("mounting {mp}: {e}")
 }
 
 /// FUSE asks the kernel for 128 KiB requests by default; a larger bdi read-ahead makes the

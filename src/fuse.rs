@@ -5,6 +5,9 @@
 //! that need a fetch are answered from a tokio task, so the dispatch thread never waits on the
 //! network. fuser replies are `Send`, and dropping one unanswered sends EIO.
 //!
+//! The mount is unmounted once, by the daemon's stop or by the session's end, whichever comes
+//! first ([`Unmounter`]).
+//!
 //! Passthrough: the kernel (fs/fuse/iomode.c) refuses, with EIO at open, to mix cached and
 //! passthrough opens of one inode, and all passthrough opens of an inode must share one
 //! backing id. So we track per inode: the shared `BackingId` and its open count, or the count
@@ -40,6 +43,28 @@ enum HandleMode {
     Passthrough,
 }
 
+/// The mount's unmounter, shared by the daemon (which unmounts at shutdown or after a failed
+/// start) and the session's end (`destroy`): whichever comes first takes it, so the mount is
+/// unmounted once. Unmounted from outside (`umount`, a mount unit's stop), the session ends
+/// first and `destroy` takes it quietly; otherwise fuser would try again as the session drops
+/// and log `Failed to umount filesystem: Invalid argument` at every such stop.
+#[derive(Clone, Default)]
+pub struct Unmounter(Arc<Mutex<Option<fuser::SessionUnmounter>>>);
+
+impl Unmounter {
+    pub fn set(&self, u: fuser::SessionUnmounter) {
+        *self.0.lock().unwrap() = Some(u);
+    }
+
+    /// Unmounts, unless that was done already.
+    pub fn unmount(&self) -> std::io::Result<()> {
+        match self.0.lock().unwrap().take() {
+            Some(mut u) => u.unmount(),
+            None => Ok(()),
+        }
+    }
+}
+
 pub struct FuseAdapter {
     fs: Arc<ModelFs>,
     rt: tokio::runtime::Handle,
@@ -48,10 +73,16 @@ pub struct FuseAdapter {
     handles: Mutex<HashMap<u64, (u64, HandleMode)>>,
     /// The read latency histogram, resolved once: reads are the hot path.
     read_seconds: prometheus::Histogram,
+    unmounter: Unmounter,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<ModelFs>, rt: tokio::runtime::Handle, passthrough: bool) -> FuseAdapter {
+    pub fn new(
+        fs: Arc<ModelFs>,
+        rt: tokio::runtime::Handle,
+        passthrough: bool,
+        unmounter: Unmounter,
+    ) -> FuseAdapter {
         FuseAdapter {
             fs,
             rt,
@@ -59,6 +90,7 @@ impl FuseAdapter {
             io: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             read_seconds: METRICS.fuse_seconds.with_label_values(&["read"]),
+            unmounter,
         }
     }
 }
@@ -138,6 +170,15 @@ impl Filesystem for FuseAdapter {
             }
         }
         Ok(())
+    }
+
+    /// The session is over: every dispatch thread saw the connection end. Called by fuser
+    /// before it drops the session's own unmount handle.
+    fn destroy(&mut self) {
+        if let Err(e) = self.unmounter.unmount() {
+            // EINVAL: unmounted from outside already, which is what ended the session.
+            tracing::debug!(error = %e, "session ended; the mount was already gone");
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -246,6 +287,8 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.read(ino.0, fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
+                // Cut short by the unmount (the kernel's read-ahead, mostly): not an error.
+                Err(e) if fs.stopping() => reply.error(Errno::from_i32(e.errno())),
                 Err(e) => reply.error(fail("read", ino.0, &e)),
             }
             drop(timer);

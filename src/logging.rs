@@ -7,6 +7,9 @@
 //!
 //! Text a client supplied (a `.wan/` write, an HTTP path or header) goes through [`untrusted`]
 //! before it reaches a log line, so it can neither forge lines nor flood the log.
+//!
+//! A filter (`[log] level`, `WAN_LOG`) is a list of levels and `TARGET=LEVEL` directives,
+//! checked here ([`check_filter`]): nothing an operator writes may leave the daemon silent.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,6 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::prelude::*;
 
 /// `[log]` in the config file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -47,9 +52,75 @@ impl LogConfig {
                 self.format
             ));
         }
-        EnvFilter::try_new(&self.level).map_err(|e| format!("log.level {:?}: {e}", self.level))?;
-        Ok(())
+        check_filter(&self.level).map_err(|e| format!("log.level {:?}: {e}", self.level))
     }
+}
+
+/// The level names a filter directive may use.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a log filter the way an operator means it: each comma-separated directive is a level
+/// (`info`) or `target=level` (`wanfs=debug`). `EnvFilter` itself takes a bare word as a target
+/// name that enables that target alone, so a typo (`inf`) would silence every line.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    let filter = normalized(filter);
+    if filter.is_empty() {
+        return Err(format!("is empty; use a level: {}", LEVELS.join(", ")));
+    }
+    for directive in filter.split(',') {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            _ => directive,
+        };
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level.trim())) {
+            return Err(format!(
+                "directive {directive:?} is neither a level ({}) nor TARGET=LEVEL",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    // The targets' own syntax (`target[span{field}]=level`) is EnvFilter's to judge.
+    EnvFilter::try_new(&filter).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// `filter` without blanks around its directives or empty ones (`info, wanfs=debug,`), which
+/// EnvFilter would otherwise take as part of a target's name.
+fn normalized(filter: &str) -> String {
+    let parts: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    parts.join(",")
+}
+
+/// The filter in force: `WAN_LOG` when it is set and valid, else `level`. An invalid `WAN_LOG`
+/// must not leave the daemon silent: it is reported (as the returned warning) and ignored.
+fn filter(level: &str, wan_log: Option<String>) -> (EnvFilter, Option<String>) {
+    let fallback =
+        || EnvFilter::try_new(normalized(level)).unwrap_or_else(|_| EnvFilter::new("info"));
+    match wan_log {
+        None => (fallback(), None),
+        Some(v) => match check_filter(&v) {
+            Ok(()) => (EnvFilter::new(normalized(&v)), None),
+            Err(e) => (
+                fallback(),
+                Some(format!(
+                    "WAN_LOG \"{}\": {e}; ignored, logging at level {level:?}",
+                    untrusted(&v)
+                )),
+            ),
+        },
+    }
+}
+
+/// What is wrong with `WAN_LOG`, if it is set and not a valid filter (`wan config check`).
+pub fn wan_log_problem() -> Option<String> {
+    let v = std::env::var("WAN_LOG").ok()?;
+    check_filter(&v)
+        .err()
+        .map(|e| format!("WAN_LOG \"{}\": {e}; ignored", untrusted(&v)))
 }
 
 struct Reopenable {
@@ -82,9 +153,17 @@ impl<'a> MakeWriter<'a> for FileWriter {
     }
 }
 
-/// Installs the global subscriber. `WAN_LOG`, if set, overrides `cfg.level`.
+/// Installs the global subscriber. `WAN_LOG`, if set and valid, overrides `cfg.level`; an
+/// invalid one is warned about on stderr (and in the log) and ignored.
 pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("WAN_LOG").unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let wan_log = std::env::var_os("WAN_LOG").map(|v| v.to_string_lossy().into_owned());
+    let (filter, warning) = filter(&cfg.level, wan_log);
+    if let Some(w) = &warning
+        && !cfg.file.is_empty()
+    {
+        // The log line below goes to the file; the one starting the daemon sees this.
+        eprintln!("warning: {w}");
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let json = cfg.format == "json";
     if cfg.file.is_empty() {
@@ -92,7 +171,11 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
         let b = builder
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal());
-        if json { b.json().init() } else { b.init() }
+        if json {
+            b.json().finish().with(CutShort).init()
+        } else {
+            b.finish().with(CutShort).init()
+        }
     } else {
         let path = PathBuf::from(&cfg.file);
         let file = open(&path).map_err(|e| anyhow::anyhow!("log.file {}: {e}", path.display()))?;
@@ -103,9 +186,55 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
             })
         });
         let b = builder.with_writer(FileWriter(r.clone())).with_ansi(false);
-        if json { b.json().init() } else { b.init() }
+        if json {
+            b.json().finish().with(CutShort).init()
+        } else {
+            b.finish().with(CutShort).init()
+        }
+    }
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
     }
     Ok(())
+}
+
+/// Set once the daemon stops (see [`stopping`]).
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The daemon is stopping: from now on fuser's complaints about replies are not logged. The
+/// unmount ends the kernel connection under reads still waiting for a fetch (the kernel's
+/// read-ahead, mostly), so their replies can no longer be sent, and fuser logs each one
+/// (`Reply not sent …`, `Failed to send FUSE reply …`) as if something had gone wrong.
+pub fn stopping() {
+    STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Drops `fuser::reply` events once [`stopping`] was called.
+struct CutShort;
+
+impl CutShort {
+    fn concerns(target: &str) -> bool {
+        // fuser logs through the `log` crate: its records reach us under the callsite `log`.
+        target.starts_with("fuser::reply") || target == "log"
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for CutShort {
+    fn register_callsite(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if Self::concerns(meta.target()) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
+        !(STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+            && meta.target().starts_with("fuser::reply"))
+    }
 }
 
 /// Reopens the log file (after logrotate moved it); no-op when logging to stderr.
@@ -138,7 +267,48 @@ pub fn untrusted(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::untrusted;
+    use super::{check_filter, filter, untrusted};
+
+    #[test]
+    fn filters_are_levels_or_target_levels() {
+        for ok in [
+            "info",
+            "DEBUG",
+            "warn",
+            "off",
+            "wanfs=debug,info",
+            "info, fuser=warn",
+            "wanfs::fetch=trace",
+        ] {
+            assert_eq!(check_filter(ok), Ok(()), "{ok}");
+        }
+        for (bad, named) in [
+            ("inf", "\"inf\""),
+            ("verbose!!", "\"verbose!!\""),
+            ("wanfs=debug,inf", "\"inf\""),
+            ("wanfs=verbose", "\"wanfs=verbose\""),
+            ("=info", "\"=info\""),
+            ("wanfs", "\"wanfs\""),
+        ] {
+            let e = check_filter(bad).unwrap_err();
+            assert!(e.contains(named) && e.contains("info"), "{bad}: {e}");
+        }
+        assert!(check_filter("").unwrap_err().contains("empty"));
+        assert!(check_filter(" ").is_err());
+    }
+
+    #[test]
+    fn an_invalid_wan_log_falls_back_to_the_config_level() {
+        let (f, w) = filter("info", Some("verbose!!".into()));
+        assert_eq!(f.to_string(), "info");
+        let w = w.expect("a warning");
+        assert!(w.contains("WAN_LOG") && w.contains("verbose!!"), "{w}");
+        let (f, w) = filter("info", Some("wanfs=debug,warn".into()));
+        assert!(w.is_none());
+        assert!(f.to_string().contains("wanfs=debug"), "{f}");
+        let (f, w) = filter("warn", None);
+        assert_eq!((f.to_string().as_str(), w), ("warn", None));
+    }
 
     #[test]
     fn untrusted_text_stays_on_one_short_line() {

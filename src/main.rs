@@ -38,6 +38,9 @@ fn main() -> ExitCode {
     let result = dispatch(cli).and_then(|action| match action {
         Action::Mount(plan) => {
             wanfs::logging::init(&plan.config.log)?;
+            for w in wanfs::config::unknown_env(std::env::vars(), &plan.config.http.token_env) {
+                tracing::warn!("{w}");
+            }
             wanfs::daemon::run(*plan).map(|_| ExitCode::SUCCESS)
         }
         Action::Done(code) => Ok(code),

@@ -347,7 +347,7 @@ pub fn suggest_id<'a>(id: &str, known: impl IntoIterator<Item = &'a str>) -> Opt
 }
 
 /// Levenshtein distance over chars (ids are short).
-fn edit_distance(a: &str, b: &str) -> usize {
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

@@ -3,7 +3,8 @@
 //! returns once the mount answers, as mount(8) expects.
 //!
 //! Called as `mount.fuse.wan SOURCE MOUNTPOINT [-o OPTIONS]`; options understood: `config=`,
-//! `manifest=`, `cache_dir=`; the generic ones (`rw`, `_netdev`, `nofail`, …) are ignored.
+//! `manifest=`, `cache_dir=`, and `nonempty` (FUSE's name for `--allow-non-empty`); the generic
+//! ones (`rw`, `_netdev`, `nofail`, …) are ignored.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -43,7 +44,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let mut cmd = Command::new(std::env::current_exe().context("finding the wan binary")?);
     cmd.arg("mount").arg(mountpoint);
     for o in &options {
-        if let Some((k, v)) = o.split_once('=') {
+        if o == "nonempty" {
+            cmd.arg("--allow-non-empty");
+        } else if let Some((k, v)) = o.split_once('=') {
             match k {
                 "config" | "manifest" => {
                     cmd.arg(format!("--{k}")).arg(v);

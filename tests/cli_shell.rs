@@ -55,9 +55,57 @@ fn man_pages_render_for_the_command_and_each_subcommand() {
     let page = stdout(&wan(&["man"]));
     assert!(page.contains(".TH wan"), "{}", &page[..page.len().min(300)]);
     assert!(page.contains("models"));
+    // What clap cannot derive: where things are, what the environment changes, what exits mean.
+    let sections = |page: &str, what: &str| {
+        for want in [
+            ".SH FILES",
+            "/etc/wan22/wan.toml",
+            "/var/cache/wan22",
+            ".SH ENVIRONMENT",
+            "WAN_LOG",
+            "HF_TOKEN",
+            "HF_ENDPOINT",
+            "AWS_ACCESS_KEY_ID",
+            "WAN_HTTP_TOKEN",
+            ".SH \"EXIT STATUS\"",
+        ] {
+            assert!(page.contains(want), "{what} lacks {want}");
+        }
+        let exit = &page[page.find("EXIT STATUS").unwrap()..];
+        for code in ["\\fB0\\fR", "\\fB1\\fR", "\\fB2\\fR"] {
+            assert!(
+                exit.contains(code),
+                "{what}: exit status {code} missing:\n{exit}"
+            );
+        }
+    };
+    sections(&page, "wan man");
+    // The page renders as man(1) reads it, if man is here.
+    if let Ok(out) = Command::new("sh")
+        .args([
+            "-c",
+            "command -v groff >/dev/null && groff -k -man -Tutf8 -ww -z 2>&1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(page.as_bytes())?;
+            c.wait_with_output()
+        })
+    {
+        let warnings = String::from_utf8_lossy(&out.stdout);
+        assert!(warnings.trim().is_empty(), "groff: {warnings}");
+    }
     let dir = workdir();
     let out = stdout(&wan(&["man", "--out", &dir.path().to_string_lossy()]));
     assert!(out.contains("wrote man pages"));
+    sections(
+        &fs::read_to_string(dir.path().join("wan.1")).unwrap(),
+        "wan.1",
+    );
     for name in [
         "wan.1",
         "wan-models.1",

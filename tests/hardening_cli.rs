@@ -472,3 +472,366 @@ fn a_refused_model_id_suggests_the_one_meant() {
     assert!(!out.status.success());
     hints("no daemon", &text(&out.stderr), MIXED);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Starting and stopping where an operator meets it: the mountpoint and the FUSE device, what
+// an unmount logs, the log level and `WAN_*` variables, a mistyped cache dir.
+
+/// A config file for `spec` in its work dir; its path.
+fn config_file(spec: &MountSpec, name: &str, extra: &str) -> PathBuf {
+    let path = spec.work.join(name);
+    fs::write(&path, format!("{}{extra}", spec.config.to_toml())).expect("write config");
+    path
+}
+
+/// `wan mount MOUNTPOINT` for `spec` with `config`, expected to give up at once (whether it
+/// left a mount behind is the caller's to check).
+fn mount_once(spec: &MountSpec, mountpoint: &Path, config: &Path) -> Output {
+    let mut cmd = Command::new(wan_bin());
+    cmd.arg("mount")
+        .arg(mountpoint)
+        .arg("--manifest")
+        .arg(&spec.manifest)
+        .arg("--cache-dir")
+        .arg(&spec.cache_dir)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null());
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+/// Unmounts whatever a test left at `path`, however it ends.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        force_unmount(&self.0);
+    }
+}
+
+#[test]
+fn a_mountpoint_that_is_not_an_empty_directory_is_refused_and_nothing_is_left_mounted() {
+    let setup = GenSetup::new(&[("m.bin", 1000)], CS, 83);
+    let spec = setup.spec(WanConfig::default());
+    let config = config_file(&spec, "wan.toml", "");
+
+    let file = spec.work.join("a-file");
+    fs::write(&file, b"not a directory").unwrap();
+    let _guard = Unmount(file.clone());
+    let out = mount_once(&spec, &file, &config);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not a directory"), "{stderr}");
+    assert_eq!(
+        mount_count(&file),
+        0,
+        "a failed mount on a regular file left a mount behind"
+    );
+    let gone = spec.work.join("no-such-dir");
+    let out = mount_once(&spec, &gone, &config);
+    assert!(
+        text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A directory holding files: refused by default, naming the way to allow it.
+    let full = spec.work.join("full");
+    fs::create_dir_all(&full).unwrap();
+    fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let _guard = Unmount(full.clone());
+    let out = mount_once(&spec, &full, &config);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "mounted over a non-empty directory");
+    assert!(
+        stderr.contains("not empty")
+            && stderr.contains("keep.txt")
+            && stderr.contains("--allow-non-empty")
+            && stderr.contains("mount.allow_non_empty"),
+        "{stderr}"
+    );
+    assert_eq!(mount_count(&full), 0);
+    assert_eq!(fs::read(full.join("keep.txt")).unwrap(), b"mine");
+
+    // Allowed by the config key (here as its WAN_* override): mounted over, hidden, back after.
+    let mut allowed = spec.clone().env("WAN_MOUNT_ALLOW_NON_EMPTY", "true");
+    allowed.mountpoint = full.clone();
+    let mount = Mount::start(allowed);
+    assert!(!mount.path("keep.txt").exists());
+    assert!(setup.mounted(&mount, "m.bin").exists());
+    assert!(mount.stop().success());
+    assert_eq!(fs::read(full.join("keep.txt")).unwrap(), b"mine");
+}
+
+/// Through `mount.fuse.wan` (mount units, fstab): a non-empty mountpoint is refused, and
+/// `-o nonempty` (FUSE's name for it) passes `--allow-non-empty`.
+#[test]
+fn the_mount_helper_refuses_a_non_empty_mountpoint_unless_nonempty() {
+    let setup = GenSetup::new(&[("m.bin", 1000)], CS, 84);
+    let spec = setup.spec(WanConfig::default());
+    let config = config_file(&spec, "wan.toml", "");
+    let helper = spec.work.join("mount.fuse.wan");
+    std::os::unix::fs::symlink(wan_bin(), &helper).unwrap();
+    let full = spec.work.join("full");
+    fs::create_dir_all(&full).unwrap();
+    fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let _guard = Unmount(full.clone());
+    let helper_with = |options: &str| {
+        let mut cmd = Command::new(&helper);
+        cmd.arg("wanfs").arg(&full).arg("-o").arg(format!(
+            "rw,config={},manifest={},cache_dir={}{options}",
+            config.display(),
+            spec.manifest.display(),
+            spec.cache_dir.display()
+        ));
+        // mount(8) waits for the helper, not for the daemon's stderr to close: so do we.
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.status().expect("run mount.fuse.wan")
+    };
+    let refused = helper_with("");
+    assert!(
+        !refused.success(),
+        "the helper mounted over a non-empty directory"
+    );
+    assert_eq!(mount_count(&full), 0);
+    let mounted = helper_with(",nonempty");
+    assert!(mounted.success(), "{mounted}");
+    assert!(full.join(format!("{GEN}/m.bin")).exists());
+    assert!(!full.join("keep.txt").exists(), "the files are not hidden");
+    force_unmount(&full);
+    assert_eq!(fs::read(full.join("keep.txt")).unwrap(), b"mine");
+}
+
+#[test]
+fn an_unusable_dev_fuse_is_named_with_what_to_do() {
+    let tools = ["unshare", "setpriv", "mount"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !nix::unistd::geteuid().is_root() || !tools {
+        eprintln!("SKIP: needs root, unshare, setpriv and mount");
+        return;
+    }
+    let setup = GenSetup::new(&[("m.bin", 1000)], CS, 85);
+    let spec = setup.spec(WanConfig::default());
+    let config = config_file(&spec, "wan.toml", "");
+    // Everything the unprivileged daemon needs to get as far as mounting is open to it.
+    fs::create_dir_all(&spec.mountpoint).unwrap();
+    fs::create_dir_all(&spec.cache_dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [spec.work.as_path(), &spec.mountpoint, &spec.cache_dir] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    // A /dev/fuse that only root may open, in a mount namespace of its own: the real device
+    // is shared with every other test, so it is never touched.
+    let fake = spec.work.join("fuse-0600");
+    fs::write(&fake, b"").unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o600)).unwrap();
+    let _guard = Unmount(spec.mountpoint.clone());
+    let script = r#"mount --bind "$1" /dev/fuse && shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@""#;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ])
+    .arg(&fake)
+    .arg(wan_bin())
+    .arg("mount")
+    .arg(&spec.mountpoint)
+    .arg("--manifest")
+    .arg(&spec.manifest)
+    .arg("--cache-dir")
+    .arg(&spec.cache_dir)
+    .arg("--config")
+    .arg(&config)
+    .stdin(Stdio::null());
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "mounted without access to /dev/fuse");
+    assert!(
+        stderr.contains("/dev/fuse") && stderr.contains("Permission denied"),
+        "the error does not name the device:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("run wan as root") && stderr.contains("fusermount3"),
+        "the error does not say what to do:\n{stderr}"
+    );
+    assert_eq!(mount_count(&spec.mountpoint), 0);
+}
+
+#[test]
+fn an_unmount_from_outside_logs_no_warning() {
+    let setup = GenSetup::new(&[("m.bin", 2 * CS as usize)], CS, 87);
+    let mount = Mount::start(setup.spec(WanConfig::default()));
+    let got = fs::read(setup.mounted(&mount, "m.bin")).expect("read");
+    assert_bytes_eq(&got, setup.data("m.bin"), "m.bin");
+    let umount = Command::new("umount")
+        .arg(&mount.spec.mountpoint)
+        .status()
+        .expect("umount");
+    assert!(umount.success());
+    let log_has = |s: &str| mount.log().contains(s);
+    assert!(wait_until(Duration::from_secs(10), || log_has("stopped")));
+    let log = mount.log();
+    assert!(log.contains("unmounted from outside"), "{log}");
+    assert!(
+        !log.contains(" WARN ") && !log.contains(" ERROR "),
+        "an unmount logged a warning:\n{log}"
+    );
+    assert!(mount.stop().success());
+}
+
+#[test]
+fn a_mistyped_log_level_is_refused_and_a_bad_wan_log_never_silences_the_daemon() {
+    let setup = GenSetup::new(&[("m.bin", 3 * CS as usize)], CS, 81);
+    let spec = setup.spec(WanConfig::default());
+    for level in ["inf", "verbose!!", "wanfs=debug,inf", "wanfs=loud"] {
+        let bad = config_file(&spec, "bad.toml", &format!("\n[log]\nlevel = {level:?}\n"));
+        let out = run_wan(
+            &["config".as_ref(), "check".as_ref(), bad.as_os_str()],
+            Duration::from_secs(30),
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{level}: {stderr}");
+        assert!(
+            stderr.contains("log.level") && stderr.contains("neither a level"),
+            "{level}: {stderr}"
+        );
+        // The daemon refuses it too, before mounting anything.
+        let mnt = spec.work.join("mnt-bad-level");
+        fs::create_dir_all(&mnt).unwrap();
+        let _guard = Unmount(mnt.clone());
+        let out = mount_once(&spec, &mnt, &bad);
+        assert!(!out.status.success(), "{level}: the daemon started");
+        assert!(text(&out.stderr).contains("log.level"), "{level}");
+        assert_eq!(mount_count(&mnt), 0, "{level}: a mount was left behind");
+    }
+
+    // A bare word in WAN_LOG (a target name to EnvFilter) and a misspelt override: the daemon
+    // says so on stderr, ignores both, and still logs what goes wrong.
+    let warned = run_wan_env(
+        &["config", "check"],
+        &config_file(&spec, "good.toml", ""),
+        &[("WAN_LOG", "inf"), ("WAN_FETCH_CONECTIONS", "3")],
+    );
+    let stderr = text(&warned.stderr);
+    assert!(warned.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("WAN_FETCH_CONECTIONS")
+            && stderr.contains("did you mean WAN_FETCH_CONNECTIONS?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("WAN_LOG \"inf\""), "{stderr}");
+    let mount = Mount::start(
+        spec.clone()
+            .env("WAN_LOG", "inf")
+            .env("WAN_FETCH_CONECTIONS", "3"),
+    );
+    setup.origin.add_fault(Fault::Status(500), None, None);
+    let err = read_range(&setup.mounted(&mount, "m.bin"), 0, 10).expect_err("a read passed");
+    assert_eq!(errno(&err), libc::EIO, "{err}");
+    let log = mount.log();
+    assert!(log.contains("WAN_LOG \"inf\""), "{log}");
+    assert!(
+        log.contains("did you mean WAN_FETCH_CONNECTIONS?"),
+        "no warning about the misspelt variable:\n{log}"
+    );
+    assert!(
+        log.contains("read failed: EIO"),
+        "the daemon did not log the failed read:\n{log}"
+    );
+}
+
+/// `wan ARGS FILE` with `env` added.
+fn run_wan_env(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(wan_bin());
+    cmd.args(args).arg(file).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+/// A stop while reads wait for the network (the kernel's read-ahead, here from `fadvise`):
+/// the unmount cuts them short, which is no error: nothing at warning or error level.
+#[test]
+fn reads_cut_short_by_a_stop_are_not_errors() {
+    let size = 32 * CS as usize;
+    let setup = GenSetup::new(&[("m.bin", size)], CS, 89);
+    let mount = Mount::start(setup.spec(WanConfig::default()));
+    // Every fetch waits: the stop comes while the read-ahead waits for it.
+    setup
+        .origin
+        .add_fault(Fault::Delay(Duration::from_secs(3)), None, None);
+    let f = fs::File::open(setup.mounted(&mount, "m.bin")).expect("open");
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an advisory call on a descriptor we own.
+        let r = unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, size as i64, libc::POSIX_FADV_WILLNEED)
+        };
+        assert_eq!(r, 0, "posix_fadvise");
+    }
+    drop(f);
+    assert!(
+        wait_until(Duration::from_secs(5), || setup.origin.request_count() > 0),
+        "the read-ahead fetched nothing: the test proves nothing"
+    );
+    let work = mount.spec.work.clone();
+    let status = mount.stop();
+    assert!(status.success(), "{status}");
+    // The one daemon's log (numbered by the harness, across the tests of this binary).
+    let log_path = fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("daemon-")
+        })
+        .expect("a daemon log");
+    let log = fs::read_to_string(&log_path).expect("daemon log");
+    assert!(log.contains("SIGTERM: unmounting"), "{log}");
+    let noise: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        noise.is_empty(),
+        "a stop during reads logged warnings or errors:\n{}",
+        noise.join("\n")
+    );
+}
+
+#[test]
+fn rebuild_index_refuses_a_directory_that_holds_no_cache() {
+    let work = workdir();
+    let typo = work.path().join("var/cache/wan2");
+    let out = run_wan(
+        &[
+            "cache".as_ref(),
+            "rebuild-index".as_ref(),
+            "--cache-dir".as_ref(),
+            typo.as_os_str(),
+            "--manifest".as_ref(),
+            fixtures().join("models.toml").as_os_str(),
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no wan cache") && stderr.contains(&*typo.to_string_lossy()),
+        "{stderr}"
+    );
+    assert!(!typo.exists(), "a cache was made at the mistyped path");
+}

@@ -116,6 +116,9 @@ pub struct ModelFs {
     rt: tokio::runtime::Handle,
     /// Rendered contents of open control files, by handle.
     views: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    /// Set once the daemon starts to stop: reads that fail from then on were cut short by the
+    /// unmount, not by a source or the cache.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl ModelFs {
@@ -145,7 +148,18 @@ impl ModelFs {
             control,
             rt,
             views: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The daemon is stopping: reads failing from now on are logged at debug and not counted.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn tree(&self) -> Arc<Tree> {
@@ -371,6 +385,11 @@ impl ModelFs {
                     .first_byte_seconds
                     .observe(t0.elapsed().as_secs_f64());
                 Ok(v)
+            }
+            Err(e) if self.stopping() => {
+                tracing::debug!(model = %f.model, file = %f.entry.path, offset, size, error = %e,
+                    "read cut short: the daemon is stopping");
+                Err(e.into())
             }
             Err(e) => {
                 let counter = match e {

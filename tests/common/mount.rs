@@ -146,6 +146,9 @@ impl MountSpec {
             )
             .env_remove("HF_TOKEN")
             .env_remove("HF_ENDPOINT")
+            // The suite's own variables: the daemon would warn about them as unknown.
+            .env_remove("WAN_TEST_LOG")
+            .env_remove("WAN_TEST_BIN")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log);
