@@ -15,13 +15,19 @@
 //! no `Origin` (curl, the `wan` CLI, Prometheus) are not affected.
 //!
 //! At most [`MAX_CONNECTIONS`] connections are open at once, one request each, and a client
-//! has [`READ_TIMEOUT`] to send its request head and body: slow or stalled clients cannot take
-//! the daemon's file descriptors, which its cold reads need.
+//! has [`READ_TIMEOUT`] to send its request head and body, and [`WRITE_STALL_TIMEOUT`] to take
+//! each next byte of its answer: slow or stalled clients cannot take the daemon's file
+//! descriptors, which its cold reads need. `/blobs` bodies, the only long answers, have at most
+//! [`MAX_BLOB_STREAMS`] of those places and [`BLOB_PIECE`] of memory each, so the control routes
+//! always keep room.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -34,7 +40,7 @@ use axum::routing::{get, post};
 use hyper::service::Service as _;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::control::{Control, ControlError, GcMode, HealthStatus};
 use crate::logging::untrusted;
@@ -50,6 +56,22 @@ const MAX_CONNECTIONS: usize = 128;
 /// client we serve sends both at once; 10 s absorbs a congested link, not a stalled client.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an answer may wait for the client to take its next byte. A client that asks for a
+/// blob and never reads held its connection (and the piece in flight) for good: 140 of them
+/// took every connection, and `/health` failed as long as they stayed. A peer reading at any
+/// rate takes bytes every few milliseconds; 10 s without one is a client that is gone.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `/blobs` bodies being sent at once: half of [`MAX_CONNECTIONS`], so however many peers (or
+/// stalled clients) fetch blobs, the other half stays for `/health`, the CLI and scrapers. A
+/// peer refused with 503 asks its next source.
+const MAX_BLOB_STREAMS: usize = MAX_CONNECTIONS / 2;
+
+/// hyper's per-connection buffer, for the request head and for an answer's bytes not yet
+/// taken by the socket. hyper's default (~400 KiB) is memory a stalled client keeps; heads
+/// here are a few hundred bytes (64 KiB still takes a path of 20,000 characters).
+const CONN_BUF_BYTES: usize = 64 << 10;
+
 /// The largest request body read (bulk id lists are a few KiB).
 const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -63,6 +85,8 @@ struct AppState {
     require_token: bool,
     /// This machine's host name (lower case): a `Host` a remote scraper may rightly send.
     hostname: Option<String>,
+    /// A place for each `/blobs` body being sent ([`MAX_BLOB_STREAMS`]).
+    blob_streams: Arc<Semaphore>,
 }
 
 /// Serves until `shutdown` resolves, then gives requests in progress [`SHUTDOWN_GRACE`].
@@ -144,13 +168,17 @@ async fn serve_connection(
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(CONN_BUF_BYTES)
         .keep_alive(false);
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let io = hyper_util::rt::TokioIo::new(StallGuard::new(stream, WRITE_STALL_TIMEOUT));
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                // hyper's error names the step; its source says why (a stalled client).
+                let why = std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default();
+                tracing::debug!(%peer, error = %e, %why, "HTTP connection ended with an error");
             }
         }
         _ = slot.shed.notified() => {
@@ -160,6 +188,94 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
+    }
+}
+
+/// A connection's socket whose writes fail once one has waited `limit` without the client
+/// taking a byte: hyper has no write timeout, and a body a client does not read would wait on
+/// the socket for ever. Progress of any size restarts the clock, so a slow reader is served.
+struct StallGuard<T> {
+    inner: T,
+    limit: Duration,
+    /// Running while a write waits; `None` after a write that made progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> StallGuard<T> {
+    fn new(inner: T, limit: Duration) -> StallGuard<T> {
+        StallGuard {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write answered `poll`: restarts the clock on progress, and on a wait
+    /// polls the clock (so the task wakes when it runs out) and fails the write if it has.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let clock = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match clock.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took no byte of its answer for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
     }
 }
 
@@ -233,6 +349,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         token_env: http.token_env.clone(),
         require_token: http.require_token,
         hostname: hostname(),
+        blob_streams: Arc::new(Semaphore::new(MAX_BLOB_STREAMS)),
     };
     let mutating = Router::new()
         .route("/models/{id}/ensure", post(ensure_one))
@@ -477,8 +594,10 @@ fn parse_range(v: &str) -> Option<ByteRange> {
     Some(ByteRange::From(a, b))
 }
 
-/// Bytes a blob body is read and sent in: a peer asks for one fetch part (1 MiB by default).
-const BLOB_PIECE: u64 = 1 << 20;
+/// Bytes a blob body is read and sent in, and so what a client that stops reading holds: the
+/// piece hyper is writing (plus [`CONN_BUF_BYTES`]). At 1 MiB, 140 stalled clients grew the
+/// daemon by 130 MB; a peer's 1 MiB part is four reads.
+const BLOB_PIECE: u64 = 256 << 10;
 
 /// `GET`/`HEAD /blobs/<sha256>` (with `Range`): bytes of a blob for another daemon, answered
 /// only from chunks this cache holds verified: 206 with the bytes, or 404 at once if any chunk
@@ -543,6 +662,22 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
             return miss("this cache does not hold every chunk of that range");
         }
     };
+    // Held by the body until it is sent or its connection ends.
+    let Ok(place) = st.blob_streams.clone().try_acquire_owned() else {
+        crate::metrics::METRICS
+            .peer_requests
+            .with_label_values(&["busy"])
+            .inc();
+        let mut busy = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "{MAX_BLOB_STREAMS} /blobs answers are being sent: ask another source, or again later"
+            ),
+        );
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return busy;
+    };
     crate::metrics::METRICS
         .peer_requests
         .with_label_values(&["hit"])
@@ -580,6 +715,10 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
     } else {
         resp.status(StatusCode::OK)
     };
+    let pieces = futures::StreamExt::map(pieces, move |piece| {
+        let _held = &place;
+        piece
+    });
     resp.body(Body::from_stream(pieces))
         .expect("valid response")
 }
