@@ -576,9 +576,25 @@ enum ByteRange {
 }
 
 /// Parses a single-range `Range` header; multiple ranges are not served (peers never ask).
+/// The unit is matched without case, and the whitespace and empty list elements RFC 9110
+/// (§5.6.1, §14.2) lets a range set carry are skipped: `bytes= 0-10` and `bytes=0-10, ` are
+/// one range. Within a range no space is allowed.
 fn parse_range(v: &str) -> Option<ByteRange> {
-    let spec = v.trim().strip_prefix("bytes=")?;
+    let (unit, set) = v.trim().split_once('=')?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    let mut ranges = set
+        .split(',')
+        .map(|r| r.trim_matches([' ', '\t']))
+        .filter(|r| !r.is_empty());
+    let (Some(spec), None) = (ranges.next(), ranges.next()) else {
+        return None;
+    };
     let (a, b) = spec.split_once('-')?;
+    if !(a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())) {
+        return None;
+    }
     if a.is_empty() {
         return Some(ByteRange::Suffix(b.parse().ok()?));
     }
@@ -883,6 +899,28 @@ mod tests {
         assert_eq!(parse_range("bytes=9-3"), None);
         assert_eq!(parse_range("bytes=0-1,5-6"), None);
         assert_eq!(parse_range("items=0-1"), None);
+        // RFC 9110's optional whitespace and empty list elements; the unit without case.
+        for spaced in [
+            "bytes= 0-10",
+            "bytes=0-10 ",
+            "bytes=\t0-10",
+            "bytes=0-10,",
+            "bytes= ,0-10",
+            "BYTES=0-10",
+        ] {
+            assert_eq!(parse_range(spaced), Some(From(0, Some(10))), "{spaced:?}");
+        }
+        assert_eq!(parse_range("bytes= -10"), Some(Suffix(10)));
+        for bad in [
+            "bytes=0 - 10",
+            "bytes=0-1, 5-6",
+            "bytes=",
+            "bytes= , ",
+            "bytes=+1-2",
+            "bytes=-",
+        ] {
+            assert_eq!(parse_range(bad), None, "{bad:?}");
+        }
     }
 
     use super::*;
