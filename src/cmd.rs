@@ -30,12 +30,12 @@ pub enum ModelsOp {
         failed_only: bool,
     },
     Ensure {
-        ids: Vec<String>,
+        sel: Selected,
         force: bool,
         benchmark: bool,
     },
     Verify {
-        ids: Vec<String>,
+        sel: Selected,
         report_only: bool,
     },
     Gc {
@@ -54,6 +54,13 @@ pub enum ModelsOp {
         pinned: bool,
     },
     List,
+}
+
+/// The models a job command names: every model, said outright, or these ids (never none:
+/// the command line refuses an empty selection before anything is sent).
+pub enum Selected {
+    All,
+    Ids(Vec<String>),
 }
 
 /// Where the daemon and the cache are.
@@ -243,12 +250,12 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::Ensure {
-            ids,
+            sel,
             force,
             benchmark,
-        } => run_jobs(b, JobKind::Ensure, ids, force, false, benchmark, json_out).await,
-        ModelsOp::Verify { ids, report_only } => {
-            run_jobs(b, JobKind::Verify, ids, false, report_only, false, json_out).await
+        } => run_jobs(b, JobKind::Ensure, sel, force, false, benchmark, json_out).await,
+        ModelsOp::Verify { sel, report_only } => {
+            run_jobs(b, JobKind::Verify, sel, false, report_only, false, json_out).await
         }
         ModelsOp::Gc { mode, dry_run } => {
             let report: GcReport = match b {
@@ -311,9 +318,6 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::MarkCorrupted { ids } => {
-            if ids.is_empty() {
-                bail!("mark-corrupted needs --only IDS or --model-list FILE");
-            }
             let v: Value = match b {
                 Backend::Daemon { .. } => b.post("/mark-corrupted", json!({"ids": ids})).await?,
                 Backend::Direct(c) => json!({"marked": c.mark_corrupted(&ids)?}),
@@ -350,7 +354,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
 async fn run_jobs(
     b: &Backend,
     kind: JobKind,
-    ids: Vec<String>,
+    sel: Selected,
     force: bool,
     report_only: bool,
     benchmark: bool,
@@ -364,16 +368,23 @@ async fn run_jobs(
             struct Started {
                 started: Vec<String>,
             }
-            let v: Started = b
-                .post(
-                    &format!("/{kind}"),
-                    json!({"ids": ids, "force": force, "report_only": report_only}),
-                )
-                .await?;
+            // Each route takes its own flag and nothing else.
+            let mut body = match sel {
+                Selected::All => json!({"all": true}),
+                Selected::Ids(ids) => json!({"ids": ids}),
+            };
+            match kind {
+                JobKind::Ensure => body["force"] = json!(force),
+                JobKind::Verify => body["report_only"] = json!(report_only),
+            }
+            let v: Started = b.post(&format!("/{kind}"), body).await?;
             v.started
         }
         Backend::Direct(c) => {
-            let ids = c.resolve(&ids)?;
+            let ids = match sel {
+                Selected::All => c.model_ids(),
+                Selected::Ids(ids) => c.resolve(&ids)?,
+            };
             let c2 = c.clone();
             let ids2 = ids.clone();
             // Run the jobs one after another in the background while we poll like a client.
