@@ -20,6 +20,10 @@
 //! descriptors, which its cold reads need. `/blobs` bodies, the only long answers, have at most
 //! [`MAX_BLOB_STREAMS`] of those places and [`BLOB_PIECE`] of memory each, so the control routes
 //! always keep room.
+//!
+//! Every request is held to what it may say: bodies and query strings with a field a route
+//! does not take are refused (a typo is never read as "no selection", which would have meant
+//! every model), and every refusal, axum's own included, is `{"error": "…"}`.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,13 +36,14 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::service::Service as _;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -363,7 +368,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .route("/mark-corrupted", post(mark_many))
         .route("/gc", post(gc))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/health/models", get(health_models))
         .route("/config", get(config))
@@ -377,7 +382,12 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .merge(mutating)
         .layer(middleware::from_fn(read_body))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
-        .with_state(state)
+        .with_state(state);
+    // `Router::layer` wraps each route's handlers, inside the step that adds `Allow` to a 405:
+    // the JSON rewrite wraps the whole router instead, as the fallback of an empty one.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn(json_errors))
 }
 
 struct ApiError(ControlError);
@@ -405,6 +415,102 @@ fn ok(v: impl serde::Serialize) -> ApiResult {
 fn refuse(status: StatusCode, error: &str) -> Response {
     (status, axum::Json(json!({ "error": error }))).into_response()
 }
+
+/// Whether a message's `Content-Type` is JSON (`application/json`, or a `+json` type).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(mime) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+    else {
+        return false;
+    };
+    let mime = mime.trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// The largest error body of axum's own that is turned into JSON (its texts are one line).
+const MAX_ERROR_TEXT: usize = 16 << 10;
+
+/// Every error as `{"error": "…"}`, the shape of [`refuse`] and [`ApiError`]: axum answers
+/// an unknown route (404) and a wrong method (405) with an empty body, and a query string or
+/// path it cannot parse with plain text; those are rewritten here, so a client that reads
+/// `.error` never meets another shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let path = untrusted(&path);
+    let error = match status {
+        StatusCode::NOT_FOUND if text.is_empty() => {
+            format!("no route {method} {path} (the routes are in docs/CONTROL.md)")
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allow = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("another method");
+            format!("{method} is not allowed on {path}: use {allow}")
+        }
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase(),
+        _ => text,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(json!({ "error": error }).to_string()))
+}
+
+/// A route's JSON body as `T`, whose fields are all the route takes (`deny_unknown_fields`):
+/// an empty body reads as `{}`; any other needs `Content-Type: application/json` (415) and
+/// must parse (400, naming the field and the fields accepted).
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let json = is_json(req.headers());
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else if json {
+            &bytes
+        } else {
+            return Err(refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "a request body must be JSON, sent with Content-Type: application/json",
+            ));
+        };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, &format!("request body: {e}")))
+    }
+}
+
+/// The body, or the query string, of a route that takes none: only `{}` or nothing, so a
+/// flag sent where it is not read (`{"force": true}` to `/models/{id}/pin`) is refused
+/// rather than dropped.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "nothing, or an empty JSON object")]
+struct Nothing {}
 
 /// A header's value for a log line (it is the client's text).
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
@@ -620,7 +726,12 @@ const BLOB_PIECE: u64 = 256 << 10;
 /// the range touches is absent, so the caller moves on to its next peer or the origin. The
 /// caller verifies every chunk against its own manifest: nothing here is trusted by it.
 /// Under `http.require_token` the bearer token is required, from loopback clients too.
-async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: HeaderMap) -> Response {
+async fn blob(
+    State(st): State<AppState>,
+    Path(hex): Path<String>,
+    _: NoQuery,
+    headers: HeaderMap,
+) -> Response {
     if st.require_token && !token_ok(&st, &headers) {
         return refuse(
             StatusCode::UNAUTHORIZED,
@@ -660,13 +771,15 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
             if range.start < range.end {
                 Ok(range)
             } else {
-                Err(Box::new(
-                    Response::builder()
-                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                        .header(header::CONTENT_RANGE, format!("bytes */{size}"))
-                        .body(Body::empty())
-                        .expect("valid response"),
-                ))
+                let mut answer = refuse(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    &format!("the range is past the end of the blob ({size} bytes)"),
+                );
+                answer.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    format!("bytes */{size}").parse().expect("valid header"),
+                );
+                Err(Box::new(answer))
             }
         }
     };
@@ -739,7 +852,10 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
         .expect("valid response")
 }
 
-async fn health(State(st): State<AppState>) -> Response {
+/// The query string of a route that takes none (see [`Nothing`]).
+type NoQuery = Query<Nothing>;
+
+async fn health(State(st): State<AppState>, _: NoQuery) -> Response {
     let h = st.control.health(true).await;
     let code = if h.status == HealthStatus::Unhealthy {
         StatusCode::SERVICE_UNAVAILABLE
@@ -749,7 +865,7 @@ async fn health(State(st): State<AppState>) -> Response {
     (code, axum::Json(h)).into_response()
 }
 
-async fn health_models(State(st): State<AppState>) -> ApiResult {
+async fn health_models(State(st): State<AppState>, _: NoQuery) -> ApiResult {
     let models = st.control.status(&[])?;
     ok(json!({
         "summary": st.control.summary(&models),
@@ -757,11 +873,11 @@ async fn health_models(State(st): State<AppState>) -> ApiResult {
     }))
 }
 
-async fn config(State(st): State<AppState>) -> ApiResult {
+async fn config(State(st): State<AppState>, _: NoQuery) -> ApiResult {
     ok(st.control.config_view())
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
+async fn metrics(State(st): State<AppState>, _: NoQuery) -> Response {
     st.control.usage();
     (
         [(
@@ -773,15 +889,16 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn models(State(st): State<AppState>) -> ApiResult {
+async fn models(State(st): State<AppState>, _: NoQuery) -> ApiResult {
     ok(st.control.status(&[])?)
 }
 
-async fn model(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn model(State(st): State<AppState>, Path(id): Path<String>, _: NoQuery) -> ApiResult {
     ok(st.control.model_status(&st.control.resolve(&[id])?[0])?)
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Limit {
     limit: Option<usize>,
 }
@@ -791,6 +908,7 @@ async fn events(State(st): State<AppState>, Query(q): Query<Limit>) -> ApiResult
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Days {
     days: Option<u64>,
 }
@@ -803,22 +921,78 @@ async fn report_storage(State(st): State<AppState>, Query(q): Query<Days>) -> Ap
     ok(st.control.report_storage(q.days.unwrap_or(30))?)
 }
 
-#[derive(Deserialize, Default)]
-struct Flags {
+/// `?force=true` of `POST /models/{id}/ensure`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Force {
     #[serde(default)]
     force: bool,
+}
+
+/// `?report_only=true` of `POST /models/{id}/verify`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportOnly {
     #[serde(default)]
     report_only: bool,
 }
 
-#[derive(Deserialize, Default)]
-struct Bulk {
+/// `POST /ensure`'s body.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a JSON object with ids or all, and force"
+)]
+struct EnsureBody {
+    ids: Option<Vec<String>>,
     #[serde(default)]
-    ids: Vec<String>,
+    all: bool,
     #[serde(default)]
     force: bool,
+}
+
+/// `POST /verify`'s body.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a JSON object with ids or all, and report_only"
+)]
+struct VerifyBody {
+    ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
     #[serde(default)]
     report_only: bool,
+}
+
+/// `POST /mark-corrupted`'s body: ids only, since marking every model at once drops the
+/// whole cache (`POST /gc?mode=aggressive` is the way to that).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object with ids")]
+struct MarkBody {
+    #[serde(default)]
+    ids: Vec<String>,
+}
+
+/// The models a bulk body names: its `ids`, or every model when it says `"all": true`. A body
+/// that names none is refused: an empty or mistyped body must not start work on every model.
+fn selection(
+    st: &AppState,
+    ids: Option<Vec<String>>,
+    all: bool,
+    fields: &str,
+) -> Result<Vec<String>, ControlError> {
+    match (ids, all) {
+        (Some(_), true) => Err(ControlError::BadRequest(
+            "give either \"ids\" or \"all\": true, not both".into(),
+        )),
+        (None, true) => Ok(st.control.model_ids()),
+        (Some(ids), false) if !ids.is_empty() => Ok(ids),
+        (_, false) => Err(ControlError::BadRequest(format!(
+            "the body names no model: send {{\"ids\": [\"ID\", ...]}} or {{\"all\": true}} \
+             (fields: {fields})"
+        ))),
+    }
 }
 
 fn accepted(v: serde_json::Value) -> ApiResult {
@@ -828,62 +1002,103 @@ fn accepted(v: serde_json::Value) -> ApiResult {
 async fn ensure_one(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(f): Query<Flags>,
+    Query(q): Query<Force>,
+    _: JsonBody<Nothing>,
 ) -> ApiResult {
-    accepted(json!({"started": st.control.ensure(&[id], f.force)?}))
+    accepted(json!({"started": st.control.ensure(&[id], q.force)?}))
 }
 
 async fn verify_one(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(f): Query<Flags>,
+    Query(q): Query<ReportOnly>,
+    _: JsonBody<Nothing>,
 ) -> ApiResult {
-    accepted(json!({"started": st.control.verify(&[id], f.report_only)?}))
+    accepted(json!({"started": st.control.verify(&[id], q.report_only)?}))
 }
 
-async fn ensure_many(State(st): State<AppState>, body: Option<axum::Json<Bulk>>) -> ApiResult {
-    let b = body.map(|b| b.0).unwrap_or_default();
-    accepted(json!({"started": st.control.ensure(&b.ids, b.force)?}))
+async fn ensure_many(
+    State(st): State<AppState>,
+    _: NoQuery,
+    JsonBody(b): JsonBody<EnsureBody>,
+) -> ApiResult {
+    let ids = selection(&st, b.ids, b.all, "ids, all, force")?;
+    accepted(json!({"started": st.control.ensure(&ids, b.force)?}))
 }
 
-async fn verify_many(State(st): State<AppState>, body: Option<axum::Json<Bulk>>) -> ApiResult {
-    let b = body.map(|b| b.0).unwrap_or_default();
-    accepted(json!({"started": st.control.verify(&b.ids, b.report_only)?}))
+async fn verify_many(
+    State(st): State<AppState>,
+    _: NoQuery,
+    JsonBody(b): JsonBody<VerifyBody>,
+) -> ApiResult {
+    let ids = selection(&st, b.ids, b.all, "ids, all, report_only")?;
+    accepted(json!({"started": st.control.verify(&ids, b.report_only)?}))
 }
 
-async fn pin(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn pin(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     ok(st.control.set_pinned(&id, true)?)
 }
 
-async fn unpin(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn unpin(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     ok(st.control.set_pinned(&id, false)?)
 }
 
-async fn evict(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn evict(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     let freed = st.control.evict(&id, false)?;
     ok(json!({"evicted": id, "freed_bytes": freed}))
 }
 
-async fn mark_one(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn mark_one(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     ok(json!({"marked": st.control.mark_corrupted(&[id])?}))
 }
 
-async fn mark_many(State(st): State<AppState>, body: Option<axum::Json<Bulk>>) -> ApiResult {
-    let b = body.map(|b| b.0).unwrap_or_default();
+async fn mark_many(
+    State(st): State<AppState>,
+    _: NoQuery,
+    JsonBody(b): JsonBody<MarkBody>,
+) -> ApiResult {
     if b.ids.is_empty() {
-        return Err(ControlError::BadRequest("mark-corrupted needs ids".into()).into());
+        return Err(ControlError::BadRequest(
+            "the body names no model: send {\"ids\": [\"ID\", ...]} (fields: ids)".into(),
+        )
+        .into());
     }
     ok(json!({"marked": st.control.mark_corrupted(&b.ids)?}))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GcQuery {
     mode: Option<String>,
     #[serde(default)]
     dry_run: bool,
 }
 
-async fn gc(State(st): State<AppState>, Query(q): Query<GcQuery>) -> ApiResult {
+async fn gc(
+    State(st): State<AppState>,
+    Query(q): Query<GcQuery>,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     let mode: GcMode = q.mode.as_deref().unwrap_or("auto").parse()?;
     ok(st.control.gc(mode, q.dry_run).await?)
 }

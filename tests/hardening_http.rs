@@ -1,7 +1,8 @@
 //! The HTTP endpoint and the control files against hostile or careless clients, through a real
 //! `wan mount` and its real HTTP endpoint: cross-site requests and DNS rebinding, stalled
-//! connections and stalled blob downloads, IPv4 clients of a dual-stack endpoint, forged log
-//! lines, and the metric series alerts need from the first scrape.
+//! connections and stalled blob downloads, bodies and query strings with fields a route does
+//! not take, every refusal as a JSON error, range headers, IPv4 clients of a dual-stack
+//! endpoint, forged log lines, and the metric series alerts need from the first scrape.
 //!
 //! Clients here are raw `TcpStream`s on 127.0.0.1, so each test controls every header byte.
 
@@ -393,6 +394,207 @@ fn metrics_show_alert_series_at_zero_from_the_start() {
 #[track_caller]
 fn json_of(what: &str, body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body:?}"))
+}
+
+#[test]
+fn bulk_calls_name_their_models_and_no_route_drops_a_field() {
+    let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6007);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let here = addr.to_string();
+    let file = setup.mounted(&d, "a.bin");
+    fs::read(&file).expect("read");
+    assert_eq!(wait_state(&file, "COMPLETE"), "COMPLETE");
+    let post = |path: &str, body: &str| {
+        exchange(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\nHost: {here}\r\nContent-Type: application/json"),
+            body,
+        )
+    };
+    let model = || {
+        let (code, body) = get(addr, &format!("/models/{GEN}"), &here);
+        assert_eq!(code, 200, "{body}");
+        json_of("GET /models/ID", &body)
+    };
+
+    // Each is refused with 400, saying what was wrong, and nothing starts: a typo'd field, no
+    // body, an empty selection, a flag the route does not take, a query key it does not take.
+    let ensure_one = format!("/models/{GEN}/ensure?forse=true");
+    let pin = format!("/models/{GEN}/pin");
+    let refused: &[(&str, &str, &[&str])] = &[
+        ("/ensure", r#"{"idz": []}"#, &["idz", "ids", "all", "force"]),
+        ("/ensure", "", &["ids", "all"]),
+        ("/ensure", "{}", &["ids", "all"]),
+        ("/ensure", r#"{"ids": []}"#, &["ids", "all"]),
+        ("/ensure", r#"{"all": false}"#, &["ids", "all"]),
+        (
+            "/ensure",
+            r#"{"ids": ["gen@1.0.0"], "all": true}"#,
+            &["not both"],
+        ),
+        (
+            "/verify",
+            r#"{"all": true, "force": true}"#,
+            &["force", "report_only"],
+        ),
+        ("/mark-corrupted", r#"{"all": true}"#, &["all", "ids"]),
+        ("/mark-corrupted", "", &["ids"]),
+        (&ensure_one, "", &["forse", "force"]),
+        (&pin, r#"{"force": true}"#, &["force"]),
+        // A typo'd dry_run must not be an aggressive GC for real.
+        (
+            "/gc?mode=aggressive&dryrun=true",
+            "",
+            &["dryrun", "dry_run"],
+        ),
+    ];
+    for (path, body, says) in refused {
+        let (code, text) = post(path, body);
+        assert_eq!(code, 400, "POST {path} {body:?}: {text}");
+        let error = json_of(path, &text)["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("POST {path}: no error text: {text}"))
+            .to_owned();
+        for word in *says {
+            assert!(
+                error.contains(word),
+                "POST {path} {body:?}: {error:?} does not say {word:?}"
+            );
+        }
+    }
+    for path in [
+        "/models?state=CORRUPT",
+        "/events?limitt=5",
+        "/health?verbose=1",
+    ] {
+        let (code, text) = get(addr, path, &here);
+        assert_eq!(code, 400, "GET {path}: {text}");
+        assert!(json_of(path, &text)["error"].is_string(), "{text}");
+    }
+    let m = model();
+    assert_eq!(
+        m["job"],
+        serde_json::Value::Null,
+        "a refused call started a job: {m:#}"
+    );
+    assert_eq!(m["state"], "COMPLETE", "a refused call dropped data: {m:#}");
+    assert_eq!(m["pinned"], false);
+
+    // Said outright, every model; ids, those.
+    let (code, text) = post("/ensure", r#"{"all": true}"#);
+    assert_eq!(code, 202, "{text}");
+    assert_eq!(
+        json_of("/ensure", &text)["started"],
+        serde_json::json!([GEN])
+    );
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || model()["job"]["state"] == "done"
+    ));
+    let (code, text) = post(
+        "/verify",
+        &format!(r#"{{"ids": ["{GEN}"], "report_only": true}}"#),
+    );
+    assert_eq!(code, 202, "{text}");
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = model();
+        m["job"]["kind"] == "verify" && m["job"]["state"] == "done"
+    }));
+    let (code, text) = post(&pin, "{}");
+    assert_eq!(code, 200, "an empty object is no field: {text}");
+    assert_eq!(model()["pinned"], true);
+}
+
+#[test]
+fn every_refusal_is_a_json_error_and_ranges_may_carry_spaces() {
+    let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6008);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let here = addr.to_string();
+    let file = setup.mounted(&d, "a.bin");
+    fs::read(&file).expect("read");
+    assert_eq!(wait_state(&file, "COMPLETE"), "COMPLETE");
+    let blob = format!("/blobs/{}", setup.file("a.bin").sha256);
+    let json = "\r\nContent-Type: application/json";
+    let too_large = "x".repeat((1 << 20) + 1);
+    let cases: Vec<(String, &str, u16)> = vec![
+        (format!("POST /ensure HTTP/1.1{json}"), r#"{"ids": "#, 400),
+        (
+            "POST /ensure HTTP/1.1".into(),
+            r#"{"ids": ["gen@1.0.0"]}"#,
+            415,
+        ),
+        (format!("POST /ensure HTTP/1.1{json}"), &too_large, 413),
+        ("GET /nowhere HTTP/1.1".into(), "", 404),
+        ("POST /nowhere HTTP/1.1".into(), "", 404),
+        ("GET /ensure HTTP/1.1".into(), "", 405),
+        (format!("POST /models/{GEN} HTTP/1.1"), "", 405),
+        (format!("DELETE /models/{GEN}/pin HTTP/1.1"), "", 405),
+        ("GET /events?limit=many HTTP/1.1".into(), "", 400),
+        ("GET /models/%FF HTTP/1.1".into(), "", 400),
+        ("GET /models/nope@1.0.0 HTTP/1.1".into(), "", 404),
+        ("GET /blobs/xyz HTTP/1.1".into(), "", 400),
+        (
+            format!("GET {blob} HTTP/1.1\r\nRange: bytes=999999999-"),
+            "",
+            416,
+        ),
+        (
+            format!("GET {blob} HTTP/1.1\r\nRange: bytes=0-1, 5-6"),
+            "",
+            416,
+        ),
+    ];
+    for (head, body, want) in &cases {
+        let line = head.lines().next().unwrap_or_default();
+        let head = head.replacen("\r\n", &format!("\r\nHost: {here}\r\n"), 1);
+        let head = if head.contains("Host:") {
+            head
+        } else {
+            format!("{head}\r\nHost: {here}")
+        };
+        let (code, resp_head, text) = exchange_bytes(addr, &head, body.as_bytes());
+        let text = String::from_utf8_lossy(&text);
+        assert_eq!(code, *want, "{line}: {resp_head}\n{text}");
+        let kind = header_of(&resp_head, "content-type").unwrap_or_default();
+        assert!(
+            kind.starts_with("application/json"),
+            "{line}: {code} as {kind:?}: {text:?}"
+        );
+        let error = json_of(line, &text)["error"].as_str().map(str::to_owned);
+        assert!(
+            error.as_deref().is_some_and(|e| !e.is_empty()),
+            "{line}: {code} without an error text: {text}"
+        );
+        if *want == 405 {
+            let allow = header_of(&resp_head, "allow").expect("405 with Allow");
+            assert!(
+                error.unwrap().contains(&format!("use {allow}")),
+                "{line}: does not say which method ({allow}): {text}"
+            );
+        }
+    }
+
+    // RFC 9110 lets a range set carry spaces and empty elements: still one range.
+    let data = setup.data("a.bin");
+    for range in [
+        "bytes= 0-10",
+        "bytes=0-10 ",
+        "bytes=\t0-10,",
+        "Bytes=0-10",
+        "bytes= , 0-10",
+    ] {
+        let (code, resp_head, body) = exchange_bytes(
+            addr,
+            &format!("GET {blob} HTTP/1.1\r\nHost: {here}\r\nRange: {range}"),
+            b"",
+        );
+        assert_eq!(code, 206, "Range: {range:?}: {resp_head}");
+        assert_eq!(
+            header_of(&resp_head, "content-range"),
+            Some(&*format!("bytes 0-10/{}", data.len()))
+        );
+        assert_bytes_eq(&body, &data[..11], range);
+    }
 }
 
 /// The daemon's resident memory, in bytes.
