@@ -658,11 +658,24 @@ async fn authorize(
     if (is_loopback_peer(peer.ip()) && !st.require_token) || token_ok(&st, &headers) {
         return next.run(req).await;
     }
-    tracing::warn!(%peer, path = %untrusted(req.uri().path()), "refused a mutating HTTP call: not loopback and no valid token");
-    refuse(
-        StatusCode::FORBIDDEN,
-        "mutating calls need a loopback client or a valid bearer token",
-    )
+    tracing::warn!(%peer, path = %untrusted(req.uri().path()), require_token = st.require_token, "refused a mutating HTTP call: no valid token");
+    refuse(StatusCode::FORBIDDEN, &token_needed(&st, "mutating calls"))
+}
+
+/// Why a call without a valid token is refused, and how to send one: the header, and the
+/// environment variable that holds the token (never the token). Under `http.require_token`
+/// loopback is no way in, so it is not offered.
+fn token_needed(st: &AppState, what: &str) -> String {
+    let how = format!(
+        "`Authorization: Bearer TOKEN`, TOKEN being the value of the environment variable {} \
+         (http.token_env; `wan models` sends it when it is set)",
+        st.token_env
+    );
+    if st.require_token {
+        format!("{what} need a valid bearer token (http.require_token is on): send {how}")
+    } else {
+        format!("{what} need a loopback client (127.0.0.1 or ::1) or a valid bearer token: {how}")
+    }
 }
 
 /// A token compare whose time does not depend on where the bytes differ (`subtle`); the
@@ -733,10 +746,7 @@ async fn blob(
     headers: HeaderMap,
 ) -> Response {
     if st.require_token && !token_ok(&st, &headers) {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "/blobs needs the bearer token (http.require_token)",
-        );
+        return refuse(StatusCode::UNAUTHORIZED, &token_needed(&st, "/blobs calls"));
     }
     let Ok(digest) = hex.parse::<crate::chunk::Digest>() else {
         return refuse(
