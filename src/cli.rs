@@ -96,8 +96,10 @@ pub struct ModelsArgs {
     pub command: ModelsCommand,
 }
 
-/// Which models: `--only a,b`, `--all`, or `--model-list FILE`.
+/// Which models: `--only a,b`, `--all`, or `--model-list FILE`; one of them is required, so
+/// a command never reads "no selection" as "every model".
 #[derive(clap::Args, Debug, Default)]
+#[group(required = true, multiple = true)]
 pub struct Selection {
     /// Model ids, comma separated (repeatable).
     #[arg(long)]
@@ -110,14 +112,79 @@ pub struct Selection {
     pub model_list: Option<PathBuf>,
 }
 
+/// Which models, by name only: `--only a,b` or `--model-list FILE` (for `mark-corrupted`,
+/// where every model at once would drop the whole cache).
+#[derive(clap::Args, Debug, Default)]
+#[group(required = true, multiple = true)]
+pub struct Named {
+    /// Model ids, comma separated (repeatable).
+    #[arg(long)]
+    pub only: Vec<String>,
+    /// A file with one model id per line.
+    #[arg(long)]
+    pub model_list: Option<PathBuf>,
+}
+
 impl Selection {
-    fn ids(&self) -> anyhow::Result<Vec<String>> {
-        let mut ids = crate::cmd::split_ids(&self.only);
-        if let Some(f) = &self.model_list {
-            ids.extend(crate::cmd::read_model_list(f)?);
+    /// The selection, refused as a usage error of `wan models <command>` if it names no model
+    /// (`--only ""`, an empty list file).
+    fn selected(&self, command: &str) -> anyhow::Result<crate::cmd::Selected> {
+        if self.all {
+            return Ok(crate::cmd::Selected::All);
         }
-        Ok(ids)
+        named_ids(&self.only, self.model_list.as_deref(), command).map(crate::cmd::Selected::Ids)
     }
+}
+
+impl Named {
+    fn ids(&self, command: &str) -> anyhow::Result<Vec<String>> {
+        named_ids(&self.only, self.model_list.as_deref(), command)
+    }
+}
+
+/// The ids of `--only` and `--model-list`; none is a usage error.
+fn named_ids(
+    only: &[String],
+    model_list: Option<&std::path::Path>,
+    command: &str,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = crate::cmd::split_ids(only);
+    if let Some(f) = model_list {
+        ids.extend(crate::cmd::read_model_list(f)?);
+    }
+    if ids.is_empty() {
+        let mut why = Vec::new();
+        if !only.is_empty() {
+            why.push("--only names none".to_string());
+        }
+        if let Some(f) = model_list {
+            why.push(format!("{} lists none", f.display()));
+        }
+        let all = if command == "mark-corrupted" {
+            ""
+        } else {
+            "; --all means every model"
+        };
+        return Err(usage_error(
+            &["models", command],
+            format!("the selection names no model ({}){all}", why.join(", ")),
+        ));
+    }
+    Ok(ids)
+}
+
+/// A usage error of `wan <path…>` found after parsing, in clap's form (message, usage line).
+/// `main` prints it and exits 2, as for any usage error clap finds itself.
+pub fn usage_error(path: &[&str], message: impl std::fmt::Display) -> anyhow::Error {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut sub = &mut cmd;
+    for name in path {
+        sub = sub.find_subcommand_mut(name).expect("a subcommand of wan");
+    }
+    sub.error(clap::error::ErrorKind::ValueValidation, message)
+        .into()
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,7 +249,7 @@ pub enum ModelsCommand {
     /// Mark models corrupt and drop their cached data (fetched and verified again on use).
     MarkCorrupted {
         #[command(flatten)]
-        sel: Selection,
+        sel: Named,
     },
     /// Never evict this model.
     Pin { id: String },
@@ -397,18 +464,13 @@ fn models(args: ModelsArgs, json: bool) -> anyhow::Result<ExitCode> {
             sel,
             force_redownload,
             benchmark,
-        } => {
-            if !sel.all && sel.ids()?.is_empty() {
-                anyhow::bail!("say which models: --only IDS, --all or --model-list FILE");
-            }
-            ModelsOp::Ensure {
-                ids: sel.ids()?,
-                force: force_redownload,
-                benchmark,
-            }
-        }
+        } => ModelsOp::Ensure {
+            sel: sel.selected("ensure")?,
+            force: force_redownload,
+            benchmark,
+        },
         ModelsCommand::Verify { sel, report_only } => ModelsOp::Verify {
-            ids: sel.ids()?,
+            sel: sel.selected("verify")?,
             report_only,
         },
         ModelsCommand::Gc {
@@ -433,7 +495,9 @@ fn models(args: ModelsArgs, json: bool) -> anyhow::Result<ExitCode> {
                 ModelsOp::ReportDaily
             }
         }
-        ModelsCommand::MarkCorrupted { sel } => ModelsOp::MarkCorrupted { ids: sel.ids()? },
+        ModelsCommand::MarkCorrupted { sel } => ModelsOp::MarkCorrupted {
+            ids: sel.ids("mark-corrupted")?,
+        },
         ModelsCommand::Pin { id } => ModelsOp::Pin { id, pinned: true },
         ModelsCommand::Unpin { id } => ModelsOp::Pin { id, pinned: false },
         ModelsCommand::List => ModelsOp::List,
@@ -546,9 +610,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
         }) => {
             let remote = dir.to_str().filter(|d| crate::remote::is_remote(d));
             if chunked && remote.is_none() {
-                anyhow::bail!(
-                    "--chunked is for hf:// and s3:// models; a local build lists chunk digests unless --whole-only"
-                );
+                return Err(usage_error(
+                    &["manifest", "build"],
+                    "--chunked is for hf:// and s3:// models; a local build lists chunk digests unless --whole-only",
+                ));
             }
             let opts = BuildOptions {
                 id,

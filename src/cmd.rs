@@ -1,6 +1,7 @@
-//! The `wan models` commands. Each talks to the running daemon over its HTTP endpoint; when
-//! no daemon answers, it opens the cache itself (under the cache lock) and runs the same
-//! `Control` functions directly, so the logic exists once.
+//! The `wan models` commands. Each talks to the running daemon over its HTTP endpoint (with
+//! the bearer token of `http.token_env`, when set); when no daemon answers, it opens the cache
+//! itself (under the cache lock) and runs the same `Control` functions directly, so the logic
+//! exists once. A failure says which address was tried and why the cache could not be opened.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -30,12 +31,12 @@ pub enum ModelsOp {
         failed_only: bool,
     },
     Ensure {
-        ids: Vec<String>,
+        sel: Selected,
         force: bool,
         benchmark: bool,
     },
     Verify {
-        ids: Vec<String>,
+        sel: Selected,
         report_only: bool,
     },
     Gc {
@@ -56,6 +57,13 @@ pub enum ModelsOp {
     List,
 }
 
+/// The models a job command names: every model, said outright, or these ids (never none:
+/// the command line refuses an empty selection before anything is sent).
+pub enum Selected {
+    All,
+    Ids(Vec<String>),
+}
+
 /// Where the daemon and the cache are.
 pub struct Target {
     pub http: String,
@@ -69,79 +77,155 @@ enum Backend {
     Daemon {
         base: String,
         client: reqwest::Client,
+        /// Added to a refusal for want of a token when the CLI sent none: which variable it
+        /// read the token from.
+        no_token: Option<String>,
     },
     Direct(Arc<Control>),
 }
 
+/// How long the CLI waits for the daemon's first answer before it calls it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Backend {
     async fn connect(t: &Target) -> anyhow::Result<Backend> {
-        if !t.http.is_empty() {
+        let no_daemon = if t.http.is_empty() {
+            "no daemon address is set (http.addr is empty and no --http)".to_string()
+        } else {
             let base = format!("http://{}", t.http);
+            // The token of `http.token_env`, as the daemon reads it: under `require_token`
+            // the daemon takes no mutation without it, from this host either.
+            let env = &t.config.http.token_env;
+            let token = std::env::var(env).ok().filter(|v| !v.is_empty());
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Some(token) = &token {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .with_context(|| format!("the token in ${env} is not a valid header value"))?;
+                value.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, value);
+            }
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(3600))
+                .default_headers(headers)
                 .build()?;
             match client
                 .get(format!("{base}/health/models"))
-                .timeout(Duration::from_secs(5))
+                .timeout(CONNECT_TIMEOUT)
                 .send()
                 .await
             {
-                Ok(_) => return Ok(Backend::Daemon { base, client }),
-                Err(e) if e.is_connect() => {}
-                Err(e) => bail!("the daemon at {} did not answer: {e}", t.http),
+                // Any answer is a daemon: what it refuses, the command's own call will say.
+                Ok(_) => {
+                    return Ok(Backend::Daemon {
+                        base,
+                        client,
+                        no_token: token.is_none().then(|| env.clone()),
+                    });
+                }
+                Err(e) if e.is_connect() => {
+                    format!("no daemon answered at {} ({})", t.http, root_cause(&e))
+                }
+                Err(e) => bail!(
+                    "the daemon at {} did not answer: {}",
+                    t.http,
+                    root_cause(&e)
+                ),
             }
-        }
-        let manifest = Manifest::load(&t.manifest)?;
-        let services = match Services::build(&manifest, &t.manifest, &t.cache_dir, &t.config, None)
-        {
-            Ok(s) => s,
+        };
+        let direct = Manifest::load(&t.manifest)
+            .map_err(anyhow::Error::from)
+            .and_then(|manifest| {
+                Services::build(&manifest, &t.manifest, &t.cache_dir, &t.config, None)
+            });
+        match direct {
+            Ok(services) => Ok(Backend::Direct(services.control)),
             Err(e) => match e.downcast_ref::<StoreError>() {
                 Some(StoreError::Locked(dir)) => bail!(
-                    "cache {dir} is locked by a running wan daemon, but its HTTP endpoint {} does not answer (check --http / http.addr)",
-                    t.http
+                    "{no_daemon}, but cache {dir} is locked by a running wan daemon: its HTTP \
+                     endpoint is not there (check --http / http.addr)"
                 ),
-                _ => return Err(e),
+                _ => Err(e.context(format!(
+                    "{no_daemon}, and the cache could not be opened directly instead"
+                ))),
             },
+        }
+    }
+
+    fn daemon(&self) -> (&str, &reqwest::Client, Option<&str>) {
+        let Backend::Daemon {
+            base,
+            client,
+            no_token,
+        } = self
+        else {
+            unreachable!("only called with a daemon")
         };
-        Ok(Backend::Direct(services.control))
+        (base, client, no_token.as_deref())
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let Backend::Daemon { base, client } = self else {
-            unreachable!()
-        };
-        answer(client.get(format!("{base}{path}")).send().await?).await
+        let (base, client, no_token) = self.daemon();
+        answer(client.get(format!("{base}{path}")).send().await?, no_token).await
     }
 
-    async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> anyhow::Result<T> {
-        let Backend::Daemon { base, client } = self else {
-            unreachable!()
-        };
-        answer(
-            client
-                .post(format!("{base}{path}"))
-                .json(&body)
-                .send()
-                .await?,
-        )
-        .await
+    /// POSTs `body` as JSON, or nothing to a route that takes no body.
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<T> {
+        let (base, client, no_token) = self.daemon();
+        let mut req = client.post(format!("{base}{path}"));
+        if let Some(body) = &body {
+            req = req.json(body);
+        }
+        answer(req.send().await?, no_token).await
     }
 }
 
-/// The daemon's answer as `T` (the control structs the daemon serialized), or its error.
-async fn answer<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<T> {
-    let status = resp.status();
-    let v: Value = resp.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!(
-            "{}",
-            v["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("HTTP {status}"))
-        );
+/// What lies under a reqwest error: for a connection, the OS's reason ("Connection refused"),
+/// not "error sending request for url".
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
     }
-    serde_json::from_value(v).context("the daemon's answer")
+    cause.to_string()
+}
+
+/// An error answer's `error` text, or what the body was, for a server that is not wanfs.
+async fn error_text(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    match serde_json::from_str::<Value>(&body) {
+        Ok(v) if v["error"].is_string() => v["error"].as_str().unwrap_or_default().to_string(),
+        _ if body.trim().is_empty() => format!("HTTP {status}"),
+        _ => format!("HTTP {status}: {}", crate::logging::untrusted(body.trim())),
+    }
+}
+
+/// The daemon's answer as `T` (the control structs the daemon serialized), or its error. A
+/// refusal for want of a token says where the CLI looks for one, when it had none to send.
+async fn answer<T: DeserializeOwned>(
+    resp: reqwest::Response,
+    no_token: Option<&str>,
+) -> anyhow::Result<T> {
+    let status = resp.status();
+    if !status.is_success() {
+        let why = error_text(resp).await;
+        match no_token {
+            Some(env)
+                if matches!(
+                    status,
+                    reqwest::StatusCode::FORBIDDEN | reqwest::StatusCode::UNAUTHORIZED
+                ) =>
+            {
+                bail!("{why} (no token was sent: ${env} is not set in this environment)")
+            }
+            _ => bail!("{why}"),
+        }
+    }
+    resp.json().await.context("the daemon's answer")
 }
 
 /// Runs one `wan models` command; prints JSON with `json`, else a human summary.
@@ -243,19 +327,19 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::Ensure {
-            ids,
+            sel,
             force,
             benchmark,
-        } => run_jobs(b, JobKind::Ensure, ids, force, false, benchmark, json_out).await,
-        ModelsOp::Verify { ids, report_only } => {
-            run_jobs(b, JobKind::Verify, ids, false, report_only, false, json_out).await
+        } => run_jobs(b, JobKind::Ensure, sel, force, false, benchmark, json_out).await,
+        ModelsOp::Verify { sel, report_only } => {
+            run_jobs(b, JobKind::Verify, sel, false, report_only, false, json_out).await
         }
         ModelsOp::Gc { mode, dry_run } => {
             let report: GcReport = match b {
                 Backend::Daemon { .. } => {
                     b.post(
                         &format!("/gc?mode={}&dry_run={dry_run}", mode.as_str()),
-                        json!({}),
+                        None,
                     )
                     .await?
                 }
@@ -311,11 +395,10 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::MarkCorrupted { ids } => {
-            if ids.is_empty() {
-                bail!("mark-corrupted needs --only IDS or --model-list FILE");
-            }
             let v: Value = match b {
-                Backend::Daemon { .. } => b.post("/mark-corrupted", json!({"ids": ids})).await?,
+                Backend::Daemon { .. } => {
+                    b.post("/mark-corrupted", Some(json!({"ids": ids}))).await?
+                }
                 Backend::Direct(c) => json!({"marked": c.mark_corrupted(&ids)?}),
             };
             if json_out {
@@ -328,11 +411,9 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
         ModelsOp::Pin { id, pinned } => {
             let v: ModelStatus = match b {
                 Backend::Daemon { .. } => {
-                    b.post(
-                        &format!("/models/{id}/{}", if pinned { "pin" } else { "unpin" }),
-                        json!({}),
-                    )
-                    .await?
+                    let verb = if pinned { "pin" } else { "unpin" };
+                    b.post(&format!("/models/{}/{verb}", path_segment(&id)), None)
+                        .await?
                 }
                 Backend::Direct(c) => c.set_pinned(&id, pinned)?,
             };
@@ -350,7 +431,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
 async fn run_jobs(
     b: &Backend,
     kind: JobKind,
-    ids: Vec<String>,
+    sel: Selected,
     force: bool,
     report_only: bool,
     benchmark: bool,
@@ -364,16 +445,23 @@ async fn run_jobs(
             struct Started {
                 started: Vec<String>,
             }
-            let v: Started = b
-                .post(
-                    &format!("/{kind}"),
-                    json!({"ids": ids, "force": force, "report_only": report_only}),
-                )
-                .await?;
+            // Each route takes its own flag and nothing else.
+            let mut body = match sel {
+                Selected::All => json!({"all": true}),
+                Selected::Ids(ids) => json!({"ids": ids}),
+            };
+            match kind {
+                JobKind::Ensure => body["force"] = json!(force),
+                JobKind::Verify => body["report_only"] = json!(report_only),
+            }
+            let v: Started = b.post(&format!("/{kind}"), Some(body)).await?;
             v.started
         }
         Backend::Direct(c) => {
-            let ids = c.resolve(&ids)?;
+            let ids = match sel {
+                Selected::All => c.model_ids(),
+                Selected::Ids(ids) => c.resolve(&ids)?,
+            };
             let c2 = c.clone();
             let ids2 = ids.clone();
             // Run the jobs one after another in the background while we poll like a client.
@@ -650,6 +738,18 @@ fn human(b: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// A model id as one path segment of a URL: an id is the manifest's text, and a `/`, `?` or
+/// `#` in it must not change the route.
+fn path_segment(id: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b'@');
+    percent_encoding::utf8_percent_encode(id, SEGMENT).to_string()
 }
 
 /// Reads a model list file: one id per line, `#` comments and blank lines ignored.

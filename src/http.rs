@@ -15,26 +15,37 @@
 //! no `Origin` (curl, the `wan` CLI, Prometheus) are not affected.
 //!
 //! At most [`MAX_CONNECTIONS`] connections are open at once, one request each, and a client
-//! has [`READ_TIMEOUT`] to send its request head and body: slow or stalled clients cannot take
-//! the daemon's file descriptors, which its cold reads need.
+//! has [`READ_TIMEOUT`] to send its request head and body, and [`WRITE_STALL_TIMEOUT`] to take
+//! each next byte of its answer: slow or stalled clients cannot take the daemon's file
+//! descriptors, which its cold reads need. `/blobs` bodies, the only long answers, have at most
+//! [`MAX_BLOB_STREAMS`] of those places and [`BLOB_PIECE`] of memory each, so the control routes
+//! always keep room.
+//!
+//! Every request is held to what it may say: bodies and query strings with a field a route
+//! does not take are refused (a typo is never read as "no selection", which would have meant
+//! every model), and every refusal, axum's own included, is `{"error": "…"}`.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::service::Service as _;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::control::{Control, ControlError, GcMode, HealthStatus};
 use crate::logging::untrusted;
@@ -50,6 +61,22 @@ const MAX_CONNECTIONS: usize = 128;
 /// client we serve sends both at once; 10 s absorbs a congested link, not a stalled client.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an answer may wait for the client to take its next byte. A client that asks for a
+/// blob and never reads held its connection (and the piece in flight) for good: 140 of them
+/// took every connection, and `/health` failed as long as they stayed. A peer reading at any
+/// rate takes bytes every few milliseconds; 10 s without one is a client that is gone.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `/blobs` bodies being sent at once: half of [`MAX_CONNECTIONS`], so however many peers (or
+/// stalled clients) fetch blobs, the other half stays for `/health`, the CLI and scrapers. A
+/// peer refused with 503 asks its next source.
+const MAX_BLOB_STREAMS: usize = MAX_CONNECTIONS / 2;
+
+/// hyper's per-connection buffer, for the request head and for an answer's bytes not yet
+/// taken by the socket. hyper's default (~400 KiB) is memory a stalled client keeps; heads
+/// here are a few hundred bytes (64 KiB still takes a path of 20,000 characters).
+const CONN_BUF_BYTES: usize = 64 << 10;
+
 /// The largest request body read (bulk id lists are a few KiB).
 const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -63,6 +90,8 @@ struct AppState {
     require_token: bool,
     /// This machine's host name (lower case): a `Host` a remote scraper may rightly send.
     hostname: Option<String>,
+    /// A place for each `/blobs` body being sent ([`MAX_BLOB_STREAMS`]).
+    blob_streams: Arc<Semaphore>,
 }
 
 /// Serves until `shutdown` resolves, then gives requests in progress [`SHUTDOWN_GRACE`].
@@ -144,13 +173,17 @@ async fn serve_connection(
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(CONN_BUF_BYTES)
         .keep_alive(false);
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let io = hyper_util::rt::TokioIo::new(StallGuard::new(stream, WRITE_STALL_TIMEOUT));
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
-                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                // hyper's error names the step; its source says why (a stalled client).
+                let why = std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default();
+                tracing::debug!(%peer, error = %e, %why, "HTTP connection ended with an error");
             }
         }
         _ = slot.shed.notified() => {
@@ -160,6 +193,94 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
+    }
+}
+
+/// A connection's socket whose writes fail once one has waited `limit` without the client
+/// taking a byte: hyper has no write timeout, and a body a client does not read would wait on
+/// the socket for ever. Progress of any size restarts the clock, so a slow reader is served.
+struct StallGuard<T> {
+    inner: T,
+    limit: Duration,
+    /// Running while a write waits; `None` after a write that made progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> StallGuard<T> {
+    fn new(inner: T, limit: Duration) -> StallGuard<T> {
+        StallGuard {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write answered `poll`: restarts the clock on progress, and on a wait
+    /// polls the clock (so the task wakes when it runs out) and fails the write if it has.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let clock = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match clock.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took no byte of its answer for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallGuard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
     }
 }
 
@@ -233,6 +354,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         token_env: http.token_env.clone(),
         require_token: http.require_token,
         hostname: hostname(),
+        blob_streams: Arc::new(Semaphore::new(MAX_BLOB_STREAMS)),
     };
     let mutating = Router::new()
         .route("/models/{id}/ensure", post(ensure_one))
@@ -246,7 +368,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .route("/mark-corrupted", post(mark_many))
         .route("/gc", post(gc))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/health/models", get(health_models))
         .route("/config", get(config))
@@ -260,7 +382,12 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .merge(mutating)
         .layer(middleware::from_fn(read_body))
         .layer(middleware::from_fn_with_state(state.clone(), check_host))
-        .with_state(state)
+        .with_state(state);
+    // `Router::layer` wraps each route's handlers, inside the step that adds `Allow` to a 405:
+    // the JSON rewrite wraps the whole router instead, as the fallback of an empty one.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn(json_errors))
 }
 
 struct ApiError(ControlError);
@@ -288,6 +415,102 @@ fn ok(v: impl serde::Serialize) -> ApiResult {
 fn refuse(status: StatusCode, error: &str) -> Response {
     (status, axum::Json(json!({ "error": error }))).into_response()
 }
+
+/// Whether a message's `Content-Type` is JSON (`application/json`, or a `+json` type).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(mime) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+    else {
+        return false;
+    };
+    let mime = mime.trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// The largest error body of axum's own that is turned into JSON (its texts are one line).
+const MAX_ERROR_TEXT: usize = 16 << 10;
+
+/// Every error as `{"error": "…"}`, the shape of [`refuse`] and [`ApiError`]: axum answers
+/// an unknown route (404) and a wrong method (405) with an empty body, and a query string or
+/// path it cannot parse with plain text; those are rewritten here, so a client that reads
+/// `.error` never meets another shape.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let path = untrusted(&path);
+    let error = match status {
+        StatusCode::NOT_FOUND if text.is_empty() => {
+            format!("no route {method} {path} (the routes are in docs/CONTROL.md)")
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allow = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("another method");
+            format!("{method} is not allowed on {path}: use {allow}")
+        }
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase(),
+        _ => text,
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(json!({ "error": error }).to_string()))
+}
+
+/// A route's JSON body as `T`, whose fields are all the route takes (`deny_unknown_fields`):
+/// an empty body reads as `{}`; any other needs `Content-Type: application/json` (415) and
+/// must parse (400, naming the field and the fields accepted).
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let json = is_json(req.headers());
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else if json {
+            &bytes
+        } else {
+            return Err(refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "a request body must be JSON, sent with Content-Type: application/json",
+            ));
+        };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, &format!("request body: {e}")))
+    }
+}
+
+/// The body, or the query string, of a route that takes none: only `{}` or nothing, so a
+/// flag sent where it is not read (`{"force": true}` to `/models/{id}/pin`) is refused
+/// rather than dropped.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "nothing, or an empty JSON object")]
+struct Nothing {}
 
 /// A header's value for a log line (it is the client's text).
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
@@ -435,11 +658,24 @@ async fn authorize(
     if (is_loopback_peer(peer.ip()) && !st.require_token) || token_ok(&st, &headers) {
         return next.run(req).await;
     }
-    tracing::warn!(%peer, path = %untrusted(req.uri().path()), "refused a mutating HTTP call: not loopback and no valid token");
-    refuse(
-        StatusCode::FORBIDDEN,
-        "mutating calls need a loopback client or a valid bearer token",
-    )
+    tracing::warn!(%peer, path = %untrusted(req.uri().path()), require_token = st.require_token, "refused a mutating HTTP call: no valid token");
+    refuse(StatusCode::FORBIDDEN, &token_needed(&st, "mutating calls"))
+}
+
+/// Why a call without a valid token is refused, and how to send one: the header, and the
+/// environment variable that holds the token (never the token). Under `http.require_token`
+/// loopback is no way in, so it is not offered.
+fn token_needed(st: &AppState, what: &str) -> String {
+    let how = format!(
+        "`Authorization: Bearer TOKEN`, TOKEN being the value of the environment variable {} \
+         (http.token_env; `wan models` sends it when it is set)",
+        st.token_env
+    );
+    if st.require_token {
+        format!("{what} need a valid bearer token (http.require_token is on): send {how}")
+    } else {
+        format!("{what} need a loopback client (127.0.0.1 or ::1) or a valid bearer token: {how}")
+    }
 }
 
 /// A token compare whose time does not depend on where the bytes differ (`subtle`); the
@@ -459,9 +695,25 @@ enum ByteRange {
 }
 
 /// Parses a single-range `Range` header; multiple ranges are not served (peers never ask).
+/// The unit is matched without case, and the whitespace and empty list elements RFC 9110
+/// (§5.6.1, §14.2) lets a range set carry are skipped: `bytes= 0-10` and `bytes=0-10, ` are
+/// one range. Within a range no space is allowed.
 fn parse_range(v: &str) -> Option<ByteRange> {
-    let spec = v.trim().strip_prefix("bytes=")?;
+    let (unit, set) = v.trim().split_once('=')?;
+    if !unit.eq_ignore_ascii_case("bytes") {
+        return None;
+    }
+    let mut ranges = set
+        .split(',')
+        .map(|r| r.trim_matches([' ', '\t']))
+        .filter(|r| !r.is_empty());
+    let (Some(spec), None) = (ranges.next(), ranges.next()) else {
+        return None;
+    };
     let (a, b) = spec.split_once('-')?;
+    if !(a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())) {
+        return None;
+    }
     if a.is_empty() {
         return Some(ByteRange::Suffix(b.parse().ok()?));
     }
@@ -477,20 +729,24 @@ fn parse_range(v: &str) -> Option<ByteRange> {
     Some(ByteRange::From(a, b))
 }
 
-/// Bytes a blob body is read and sent in: a peer asks for one fetch part (1 MiB by default).
-const BLOB_PIECE: u64 = 1 << 20;
+/// Bytes a blob body is read and sent in, and so what a client that stops reading holds: the
+/// piece hyper is writing (plus [`CONN_BUF_BYTES`]). At 1 MiB, 140 stalled clients grew the
+/// daemon by 130 MB; a peer's 1 MiB part is four reads.
+const BLOB_PIECE: u64 = 256 << 10;
 
 /// `GET`/`HEAD /blobs/<sha256>` (with `Range`): bytes of a blob for another daemon, answered
 /// only from chunks this cache holds verified: 206 with the bytes, or 404 at once if any chunk
 /// the range touches is absent, so the caller moves on to its next peer or the origin. The
 /// caller verifies every chunk against its own manifest: nothing here is trusted by it.
 /// Under `http.require_token` the bearer token is required, from loopback clients too.
-async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: HeaderMap) -> Response {
+async fn blob(
+    State(st): State<AppState>,
+    Path(hex): Path<String>,
+    _: NoQuery,
+    headers: HeaderMap,
+) -> Response {
     if st.require_token && !token_ok(&st, &headers) {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "/blobs needs the bearer token (http.require_token)",
-        );
+        return refuse(StatusCode::UNAUTHORIZED, &token_needed(&st, "/blobs calls"));
     }
     let Ok(digest) = hex.parse::<crate::chunk::Digest>() else {
         return refuse(
@@ -525,13 +781,15 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
             if range.start < range.end {
                 Ok(range)
             } else {
-                Err(Box::new(
-                    Response::builder()
-                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                        .header(header::CONTENT_RANGE, format!("bytes */{size}"))
-                        .body(Body::empty())
-                        .expect("valid response"),
-                ))
+                let mut answer = refuse(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    &format!("the range is past the end of the blob ({size} bytes)"),
+                );
+                answer.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    format!("bytes */{size}").parse().expect("valid header"),
+                );
+                Err(Box::new(answer))
             }
         }
     };
@@ -542,6 +800,22 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
         Err(PeerMiss::Incomplete) => {
             return miss("this cache does not hold every chunk of that range");
         }
+    };
+    // Held by the body until it is sent or its connection ends.
+    let Ok(place) = st.blob_streams.clone().try_acquire_owned() else {
+        crate::metrics::METRICS
+            .peer_requests
+            .with_label_values(&["busy"])
+            .inc();
+        let mut busy = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "{MAX_BLOB_STREAMS} /blobs answers are being sent: ask another source, or again later"
+            ),
+        );
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return busy;
     };
     crate::metrics::METRICS
         .peer_requests
@@ -580,11 +854,18 @@ async fn blob(State(st): State<AppState>, Path(hex): Path<String>, headers: Head
     } else {
         resp.status(StatusCode::OK)
     };
+    let pieces = futures::StreamExt::map(pieces, move |piece| {
+        let _held = &place;
+        piece
+    });
     resp.body(Body::from_stream(pieces))
         .expect("valid response")
 }
 
-async fn health(State(st): State<AppState>) -> Response {
+/// The query string of a route that takes none (see [`Nothing`]).
+type NoQuery = Query<Nothing>;
+
+async fn health(State(st): State<AppState>, _: NoQuery) -> Response {
     let h = st.control.health(true).await;
     let code = if h.status == HealthStatus::Unhealthy {
         StatusCode::SERVICE_UNAVAILABLE
@@ -594,7 +875,7 @@ async fn health(State(st): State<AppState>) -> Response {
     (code, axum::Json(h)).into_response()
 }
 
-async fn health_models(State(st): State<AppState>) -> ApiResult {
+async fn health_models(State(st): State<AppState>, _: NoQuery) -> ApiResult {
     let models = st.control.status(&[])?;
     ok(json!({
         "summary": st.control.summary(&models),
@@ -602,11 +883,11 @@ async fn health_models(State(st): State<AppState>) -> ApiResult {
     }))
 }
 
-async fn config(State(st): State<AppState>) -> ApiResult {
+async fn config(State(st): State<AppState>, _: NoQuery) -> ApiResult {
     ok(st.control.config_view())
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
+async fn metrics(State(st): State<AppState>, _: NoQuery) -> Response {
     st.control.usage();
     (
         [(
@@ -618,15 +899,16 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn models(State(st): State<AppState>) -> ApiResult {
+async fn models(State(st): State<AppState>, _: NoQuery) -> ApiResult {
     ok(st.control.status(&[])?)
 }
 
-async fn model(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn model(State(st): State<AppState>, Path(id): Path<String>, _: NoQuery) -> ApiResult {
     ok(st.control.model_status(&st.control.resolve(&[id])?[0])?)
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Limit {
     limit: Option<usize>,
 }
@@ -636,6 +918,7 @@ async fn events(State(st): State<AppState>, Query(q): Query<Limit>) -> ApiResult
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Days {
     days: Option<u64>,
 }
@@ -648,22 +931,78 @@ async fn report_storage(State(st): State<AppState>, Query(q): Query<Days>) -> Ap
     ok(st.control.report_storage(q.days.unwrap_or(30))?)
 }
 
-#[derive(Deserialize, Default)]
-struct Flags {
+/// `?force=true` of `POST /models/{id}/ensure`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Force {
     #[serde(default)]
     force: bool,
+}
+
+/// `?report_only=true` of `POST /models/{id}/verify`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportOnly {
     #[serde(default)]
     report_only: bool,
 }
 
-#[derive(Deserialize, Default)]
-struct Bulk {
+/// `POST /ensure`'s body.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a JSON object with ids or all, and force"
+)]
+struct EnsureBody {
+    ids: Option<Vec<String>>,
     #[serde(default)]
-    ids: Vec<String>,
+    all: bool,
     #[serde(default)]
     force: bool,
+}
+
+/// `POST /verify`'s body.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a JSON object with ids or all, and report_only"
+)]
+struct VerifyBody {
+    ids: Option<Vec<String>>,
+    #[serde(default)]
+    all: bool,
     #[serde(default)]
     report_only: bool,
+}
+
+/// `POST /mark-corrupted`'s body: ids only, since marking every model at once drops the
+/// whole cache (`POST /gc?mode=aggressive` is the way to that).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a JSON object with ids")]
+struct MarkBody {
+    #[serde(default)]
+    ids: Vec<String>,
+}
+
+/// The models a bulk body names: its `ids`, or every model when it says `"all": true`. A body
+/// that names none is refused: an empty or mistyped body must not start work on every model.
+fn selection(
+    st: &AppState,
+    ids: Option<Vec<String>>,
+    all: bool,
+    fields: &str,
+) -> Result<Vec<String>, ControlError> {
+    match (ids, all) {
+        (Some(_), true) => Err(ControlError::BadRequest(
+            "give either \"ids\" or \"all\": true, not both".into(),
+        )),
+        (None, true) => Ok(st.control.model_ids()),
+        (Some(ids), false) if !ids.is_empty() => Ok(ids),
+        (_, false) => Err(ControlError::BadRequest(format!(
+            "the body names no model: send {{\"ids\": [\"ID\", ...]}} or {{\"all\": true}} \
+             (fields: {fields})"
+        ))),
+    }
 }
 
 fn accepted(v: serde_json::Value) -> ApiResult {
@@ -673,62 +1012,103 @@ fn accepted(v: serde_json::Value) -> ApiResult {
 async fn ensure_one(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(f): Query<Flags>,
+    Query(q): Query<Force>,
+    _: JsonBody<Nothing>,
 ) -> ApiResult {
-    accepted(json!({"started": st.control.ensure(&[id], f.force)?}))
+    accepted(json!({"started": st.control.ensure(&[id], q.force)?}))
 }
 
 async fn verify_one(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Query(f): Query<Flags>,
+    Query(q): Query<ReportOnly>,
+    _: JsonBody<Nothing>,
 ) -> ApiResult {
-    accepted(json!({"started": st.control.verify(&[id], f.report_only)?}))
+    accepted(json!({"started": st.control.verify(&[id], q.report_only)?}))
 }
 
-async fn ensure_many(State(st): State<AppState>, body: Option<axum::Json<Bulk>>) -> ApiResult {
-    let b = body.map(|b| b.0).unwrap_or_default();
-    accepted(json!({"started": st.control.ensure(&b.ids, b.force)?}))
+async fn ensure_many(
+    State(st): State<AppState>,
+    _: NoQuery,
+    JsonBody(b): JsonBody<EnsureBody>,
+) -> ApiResult {
+    let ids = selection(&st, b.ids, b.all, "ids, all, force")?;
+    accepted(json!({"started": st.control.ensure(&ids, b.force)?}))
 }
 
-async fn verify_many(State(st): State<AppState>, body: Option<axum::Json<Bulk>>) -> ApiResult {
-    let b = body.map(|b| b.0).unwrap_or_default();
-    accepted(json!({"started": st.control.verify(&b.ids, b.report_only)?}))
+async fn verify_many(
+    State(st): State<AppState>,
+    _: NoQuery,
+    JsonBody(b): JsonBody<VerifyBody>,
+) -> ApiResult {
+    let ids = selection(&st, b.ids, b.all, "ids, all, report_only")?;
+    accepted(json!({"started": st.control.verify(&ids, b.report_only)?}))
 }
 
-async fn pin(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn pin(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     ok(st.control.set_pinned(&id, true)?)
 }
 
-async fn unpin(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn unpin(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     ok(st.control.set_pinned(&id, false)?)
 }
 
-async fn evict(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn evict(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     let freed = st.control.evict(&id, false)?;
     ok(json!({"evicted": id, "freed_bytes": freed}))
 }
 
-async fn mark_one(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult {
+async fn mark_one(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     ok(json!({"marked": st.control.mark_corrupted(&[id])?}))
 }
 
-async fn mark_many(State(st): State<AppState>, body: Option<axum::Json<Bulk>>) -> ApiResult {
-    let b = body.map(|b| b.0).unwrap_or_default();
+async fn mark_many(
+    State(st): State<AppState>,
+    _: NoQuery,
+    JsonBody(b): JsonBody<MarkBody>,
+) -> ApiResult {
     if b.ids.is_empty() {
-        return Err(ControlError::BadRequest("mark-corrupted needs ids".into()).into());
+        return Err(ControlError::BadRequest(
+            "the body names no model: send {\"ids\": [\"ID\", ...]} (fields: ids)".into(),
+        )
+        .into());
     }
     ok(json!({"marked": st.control.mark_corrupted(&b.ids)?}))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GcQuery {
     mode: Option<String>,
     #[serde(default)]
     dry_run: bool,
 }
 
-async fn gc(State(st): State<AppState>, Query(q): Query<GcQuery>) -> ApiResult {
+async fn gc(
+    State(st): State<AppState>,
+    Query(q): Query<GcQuery>,
+    _: JsonBody<Nothing>,
+) -> ApiResult {
     let mode: GcMode = q.mode.as_deref().unwrap_or("auto").parse()?;
     ok(st.control.gc(mode, q.dry_run).await?)
 }
@@ -744,6 +1124,28 @@ mod tests {
         assert_eq!(parse_range("bytes=9-3"), None);
         assert_eq!(parse_range("bytes=0-1,5-6"), None);
         assert_eq!(parse_range("items=0-1"), None);
+        // RFC 9110's optional whitespace and empty list elements; the unit without case.
+        for spaced in [
+            "bytes= 0-10",
+            "bytes=0-10 ",
+            "bytes=\t0-10",
+            "bytes=0-10,",
+            "bytes= ,0-10",
+            "BYTES=0-10",
+        ] {
+            assert_eq!(parse_range(spaced), Some(From(0, Some(10))), "{spaced:?}");
+        }
+        assert_eq!(parse_range("bytes= -10"), Some(Suffix(10)));
+        for bad in [
+            "bytes=0 - 10",
+            "bytes=0-1, 5-6",
+            "bytes=",
+            "bytes= , ",
+            "bytes=+1-2",
+            "bytes=-",
+        ] {
+            assert_eq!(parse_range(bad), None, "{bad:?}");
+        }
     }
 
     use super::*;

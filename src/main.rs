@@ -47,6 +47,12 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => code,
+        // A usage error found after parsing: clap's form and exit code, as for those it finds.
+        Err(e) if e.is::<clap::Error>() => {
+            let usage = e.downcast::<clap::Error>().expect("checked");
+            let _ = usage.print();
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

@@ -161,7 +161,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     peer_requests: counter_vec(
         "wan_peer_requests_total",
-        "Requests to /blobs from peers by result (hit|miss).",
+        "Requests to /blobs from peers by result (hit|miss|busy).",
         &["result"],
     ),
     peer_served_bytes: counter(
@@ -222,7 +222,7 @@ pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     for kind in ["peer", "origin"] {
         METRICS.source_kind_bytes.with_label_values(&[kind]);
     }
-    for result in ["hit", "miss"] {
+    for result in ["hit", "miss", "busy"] {
         METRICS.peer_requests.with_label_values(&[result]);
     }
     for model in models {

@@ -318,6 +318,19 @@ impl Ran {
         self
     }
 
+    /// Panics unless it exited 2, with clap's usage line (docs/CONTROL.md: usage errors).
+    #[track_caller]
+    fn usage_error(self) -> Ran {
+        assert!(
+            self.code == 2 && self.stderr.contains("Usage:"),
+            "wan models {:?} exited {}, not as a usage error\nstderr:\n{}",
+            self.args,
+            self.code,
+            self.stderr
+        );
+        self
+    }
+
     /// Panics unless it exited non-zero.
     #[track_caller]
     fn fails(self) -> Ran {
@@ -1288,7 +1301,7 @@ fn cli_against_a_live_daemon() {
     assert!(r.stderr.contains("nope@1.0.0"), "{}", r.stderr);
 
     // ensure: --only, --model-list, --all, --benchmark, --force-redownload
-    cli.run(&["ensure"]).fails();
+    cli.run(&["ensure"]).usage_error();
     let r = cli.run(&["ensure", "--only", "nope@1.0.0"]).fails();
     assert!(r.stderr.contains("nope@1.0.0"), "{}", r.stderr);
     let out = cli.run(&["ensure", "--only", TI2V]).ok().stdout;
@@ -1352,7 +1365,7 @@ fn cli_against_a_live_daemon() {
     assert_eq!(v["mode"], "deep-clean");
     assert!(v["reverified_bytes"].as_u64().unwrap() > 0, "{v:#}");
     cli.run(&["gc", "--auto"]).ok();
-    cli.run(&["gc", "--auto", "--aggressive"]).fails();
+    cli.run(&["gc", "--auto", "--aggressive"]).usage_error();
 
     // report
     let rep = cli.run(&["report", "--daily", "--json"]).ok().json();
@@ -1383,7 +1396,7 @@ fn cli_against_a_live_daemon() {
     cli.run(&["unpin", "nope@1.0.0"]).fails();
 
     // mark-corrupted: status then exits 1 and --failed-only shows the model.
-    cli.run(&["mark-corrupted"]).fails();
+    cli.run(&["mark-corrupted"]).usage_error();
     cli.run(&["mark-corrupted", "--only", "nope@1.0.0"]).fails();
     cli.run(&["mark-corrupted", "--only", TI2V]).ok();
     let r = cli.run(&["status"]).fails();

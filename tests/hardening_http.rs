@@ -1,7 +1,8 @@
 //! The HTTP endpoint and the control files against hostile or careless clients, through a real
 //! `wan mount` and its real HTTP endpoint: cross-site requests and DNS rebinding, stalled
-//! connections, IPv4 clients of a dual-stack endpoint, forged log lines, and the metric series
-//! alerts need from the first scrape.
+//! connections and stalled blob downloads, bodies and query strings with fields a route does
+//! not take, every refusal as a JSON error, range headers, IPv4 clients of a dual-stack
+//! endpoint, forged log lines, and the metric series alerts need from the first scrape.
 //!
 //! Clients here are raw `TcpStream`s on 127.0.0.1, so each test controls every header byte.
 
@@ -41,6 +42,12 @@ fn start(setup: &GenSetup, addr: &str) -> (Mount, SocketAddr) {
 /// One HTTP/1.1 exchange: `head` is the request line and headers (without the blank line).
 /// Returns the status and the body.
 fn exchange(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = exchange_bytes(addr, head, body.as_bytes());
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// [`exchange`] with the response's head (status line and headers) and its body as bytes.
+fn exchange_bytes(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let len = if body.is_empty() && head.starts_with("GET") {
@@ -48,17 +55,31 @@ fn exchange(addr: SocketAddr, head: &str, body: &str) -> (u16, String) {
     } else {
         format!("Content-Length: {}\r\n", body.len())
     };
-    write!(s, "{head}\r\n{len}Connection: close\r\n\r\n{body}").expect("send request");
+    write!(s, "{head}\r\n{len}Connection: close\r\n\r\n").expect("send request head");
+    // A body the daemon refuses part way (too large) is cut short by its close: what it
+    // answered is still read below.
+    let _ = s.write_all(body);
     let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read response");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
+    let _ = s.read_to_end(&mut out);
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&out)));
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
+        .unwrap_or_else(|| panic!("no HTTP status in {head:?}"));
+    (status, head, out[end + 4..].to_vec())
+}
+
+/// The value of header `name` in a response head.
+fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+    })
 }
 
 fn get(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
@@ -367,4 +388,311 @@ fn metrics_show_alert_series_at_zero_from_the_start() {
         "series of {added} missing after reload:\n{last}\n{}",
         d.log()
     );
+}
+
+/// The JSON of a daemon answer; panics naming what answered otherwise.
+#[track_caller]
+fn json_of(what: &str, body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body:?}"))
+}
+
+#[test]
+fn bulk_calls_name_their_models_and_no_route_drops_a_field() {
+    let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6007);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let here = addr.to_string();
+    let file = setup.mounted(&d, "a.bin");
+    fs::read(&file).expect("read");
+    assert_eq!(wait_state(&file, "COMPLETE"), "COMPLETE");
+    let post = |path: &str, body: &str| {
+        exchange(
+            addr,
+            &format!("POST {path} HTTP/1.1\r\nHost: {here}\r\nContent-Type: application/json"),
+            body,
+        )
+    };
+    let model = || {
+        let (code, body) = get(addr, &format!("/models/{GEN}"), &here);
+        assert_eq!(code, 200, "{body}");
+        json_of("GET /models/ID", &body)
+    };
+
+    // Each is refused with 400, saying what was wrong, and nothing starts: a typo'd field, no
+    // body, an empty selection, a flag the route does not take, a query key it does not take.
+    let ensure_one = format!("/models/{GEN}/ensure?forse=true");
+    let pin = format!("/models/{GEN}/pin");
+    let refused: &[(&str, &str, &[&str])] = &[
+        ("/ensure", r#"{"idz": []}"#, &["idz", "ids", "all", "force"]),
+        ("/ensure", "", &["ids", "all"]),
+        ("/ensure", "{}", &["ids", "all"]),
+        ("/ensure", r#"{"ids": []}"#, &["ids", "all"]),
+        ("/ensure", r#"{"all": false}"#, &["ids", "all"]),
+        (
+            "/ensure",
+            r#"{"ids": ["gen@1.0.0"], "all": true}"#,
+            &["not both"],
+        ),
+        (
+            "/verify",
+            r#"{"all": true, "force": true}"#,
+            &["force", "report_only"],
+        ),
+        ("/mark-corrupted", r#"{"all": true}"#, &["all", "ids"]),
+        ("/mark-corrupted", "", &["ids"]),
+        (&ensure_one, "", &["forse", "force"]),
+        (&pin, r#"{"force": true}"#, &["force"]),
+        // A typo'd dry_run must not be an aggressive GC for real.
+        (
+            "/gc?mode=aggressive&dryrun=true",
+            "",
+            &["dryrun", "dry_run"],
+        ),
+    ];
+    for (path, body, says) in refused {
+        let (code, text) = post(path, body);
+        assert_eq!(code, 400, "POST {path} {body:?}: {text}");
+        let error = json_of(path, &text)["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("POST {path}: no error text: {text}"))
+            .to_owned();
+        for word in *says {
+            assert!(
+                error.contains(word),
+                "POST {path} {body:?}: {error:?} does not say {word:?}"
+            );
+        }
+    }
+    for path in [
+        "/models?state=CORRUPT",
+        "/events?limitt=5",
+        "/health?verbose=1",
+    ] {
+        let (code, text) = get(addr, path, &here);
+        assert_eq!(code, 400, "GET {path}: {text}");
+        assert!(json_of(path, &text)["error"].is_string(), "{text}");
+    }
+    let m = model();
+    assert_eq!(
+        m["job"],
+        serde_json::Value::Null,
+        "a refused call started a job: {m:#}"
+    );
+    assert_eq!(m["state"], "COMPLETE", "a refused call dropped data: {m:#}");
+    assert_eq!(m["pinned"], false);
+
+    // Said outright, every model; ids, those.
+    let (code, text) = post("/ensure", r#"{"all": true}"#);
+    assert_eq!(code, 202, "{text}");
+    assert_eq!(
+        json_of("/ensure", &text)["started"],
+        serde_json::json!([GEN])
+    );
+    assert!(wait_until(
+        Duration::from_secs(10),
+        || model()["job"]["state"] == "done"
+    ));
+    let (code, text) = post(
+        "/verify",
+        &format!(r#"{{"ids": ["{GEN}"], "report_only": true}}"#),
+    );
+    assert_eq!(code, 202, "{text}");
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = model();
+        m["job"]["kind"] == "verify" && m["job"]["state"] == "done"
+    }));
+    let (code, text) = post(&pin, "{}");
+    assert_eq!(code, 200, "an empty object is no field: {text}");
+    assert_eq!(model()["pinned"], true);
+}
+
+#[test]
+fn every_refusal_is_a_json_error_and_ranges_may_carry_spaces() {
+    let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6008);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let here = addr.to_string();
+    let file = setup.mounted(&d, "a.bin");
+    fs::read(&file).expect("read");
+    assert_eq!(wait_state(&file, "COMPLETE"), "COMPLETE");
+    let blob = format!("/blobs/{}", setup.file("a.bin").sha256);
+    let json = "\r\nContent-Type: application/json";
+    let too_large = "x".repeat((1 << 20) + 1);
+    let cases: Vec<(String, &str, u16)> = vec![
+        (format!("POST /ensure HTTP/1.1{json}"), r#"{"ids": "#, 400),
+        (
+            "POST /ensure HTTP/1.1".into(),
+            r#"{"ids": ["gen@1.0.0"]}"#,
+            415,
+        ),
+        (format!("POST /ensure HTTP/1.1{json}"), &too_large, 413),
+        ("GET /nowhere HTTP/1.1".into(), "", 404),
+        ("POST /nowhere HTTP/1.1".into(), "", 404),
+        ("GET /ensure HTTP/1.1".into(), "", 405),
+        (format!("POST /models/{GEN} HTTP/1.1"), "", 405),
+        (format!("DELETE /models/{GEN}/pin HTTP/1.1"), "", 405),
+        ("GET /events?limit=many HTTP/1.1".into(), "", 400),
+        ("GET /models/%FF HTTP/1.1".into(), "", 400),
+        ("GET /models/nope@1.0.0 HTTP/1.1".into(), "", 404),
+        ("GET /blobs/xyz HTTP/1.1".into(), "", 400),
+        (
+            format!("GET {blob} HTTP/1.1\r\nRange: bytes=999999999-"),
+            "",
+            416,
+        ),
+        (
+            format!("GET {blob} HTTP/1.1\r\nRange: bytes=0-1, 5-6"),
+            "",
+            416,
+        ),
+    ];
+    for (head, body, want) in &cases {
+        let line = head.lines().next().unwrap_or_default();
+        let head = head.replacen("\r\n", &format!("\r\nHost: {here}\r\n"), 1);
+        let head = if head.contains("Host:") {
+            head
+        } else {
+            format!("{head}\r\nHost: {here}")
+        };
+        let (code, resp_head, text) = exchange_bytes(addr, &head, body.as_bytes());
+        let text = String::from_utf8_lossy(&text);
+        assert_eq!(code, *want, "{line}: {resp_head}\n{text}");
+        let kind = header_of(&resp_head, "content-type").unwrap_or_default();
+        assert!(
+            kind.starts_with("application/json"),
+            "{line}: {code} as {kind:?}: {text:?}"
+        );
+        let error = json_of(line, &text)["error"].as_str().map(str::to_owned);
+        assert!(
+            error.as_deref().is_some_and(|e| !e.is_empty()),
+            "{line}: {code} without an error text: {text}"
+        );
+        if *want == 405 {
+            let allow = header_of(&resp_head, "allow").expect("405 with Allow");
+            assert!(
+                error.unwrap().contains(&format!("use {allow}")),
+                "{line}: does not say which method ({allow}): {text}"
+            );
+        }
+    }
+
+    // RFC 9110 lets a range set carry spaces and empty elements: still one range.
+    let data = setup.data("a.bin");
+    for range in [
+        "bytes= 0-10",
+        "bytes=0-10 ",
+        "bytes=\t0-10,",
+        "Bytes=0-10",
+        "bytes= , 0-10",
+    ] {
+        let (code, resp_head, body) = exchange_bytes(
+            addr,
+            &format!("GET {blob} HTTP/1.1\r\nHost: {here}\r\nRange: {range}"),
+            b"",
+        );
+        assert_eq!(code, 206, "Range: {range:?}: {resp_head}");
+        assert_eq!(
+            header_of(&resp_head, "content-range"),
+            Some(&*format!("bytes 0-10/{}", data.len()))
+        );
+        assert_bytes_eq(&body, &data[..11], range);
+    }
+}
+
+/// The daemon's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+#[test]
+fn stalled_blob_downloads_leave_room_for_control_calls() {
+    const STALLED: usize = 140;
+    const MIB: u64 = 1 << 20;
+    // Larger than what the socket buffers of a client that never reads take.
+    let size = 16 << 20;
+    let setup = GenSetup::new(&[("big.bin", size)], 4 * MIB, 6009);
+    let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    let here = addr.to_string();
+    let file = setup.mounted(&d, "big.bin");
+    assert_bytes_eq(
+        &fs::read(&file).expect("read"),
+        setup.data("big.bin"),
+        "big.bin",
+    );
+    assert_eq!(wait_state(&file, "COMPLETE"), "COMPLETE");
+    let blob = format!("/blobs/{}", setup.file("big.bin").sha256);
+    let fetch_blob = || exchange_bytes(addr, &format!("GET {blob} HTTP/1.1\r\nHost: {here}"), b"");
+    // One whole blob first, so what its serving allocates once is in the baseline.
+    let (code, _, body) = fetch_blob();
+    assert_eq!(code, 200);
+    assert_bytes_eq(&body, setup.data("big.bin"), "blob before the stall");
+    let fds = |pid: u32| fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |r| r.count());
+    let (fds_before, rss_before) = (fds(d.pid()), rss(d.pid()));
+
+    // Clients that ask for the blob and never read a byte of it.
+    let stalled: Vec<TcpStream> = (0..STALLED)
+        .map(|_| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            write!(s, "GET {blob} HTTP/1.1\r\nHost: {here}\r\n\r\n").expect("send request");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = Instant::now();
+
+    // Control calls are answered at once, a read and a mutation.
+    let (code, body) = get(addr, "/health", &here);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = exchange(
+        addr,
+        &format!("POST /gc?dry_run=true HTTP/1.1\r\nHost: {here}"),
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "control calls took {waited:?}"
+    );
+    // Another blob is refused at once while every blob place is taken, and says so.
+    let (code, head, body) = fetch_blob();
+    assert_eq!(code, 503, "{head}");
+    assert!(header_of(&head, "retry-after").is_some(), "{head}");
+    assert!(json_of("503", &String::from_utf8_lossy(&body))["error"].is_string());
+    let grown = rss(d.pid()).saturating_sub(rss_before);
+    assert!(
+        grown < 48 * MIB,
+        "{STALLED} stalled blob downloads grew the daemon by {} MiB",
+        grown / MIB
+    );
+    let (_, metrics) = get(addr, "/metrics", &here);
+    let busy = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wan_peer_requests_total{result=\"busy\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no busy count:\n{metrics}"));
+    assert!(busy >= 1.0, "refusals for want of a place are not counted");
+
+    // The stalled answers are given up within the stall timeout (10 s) and a margin: their
+    // connections and places come back, and a blob is served whole again.
+    let recovered = wait_until(Duration::from_secs(25), || fds(d.pid()) <= fds_before + 5);
+    assert!(
+        recovered,
+        "the daemon still holds {} descriptors after {:?} ({fds_before} before the stall)",
+        fds(d.pid()),
+        t0.elapsed()
+    );
+    let (code, _, body) = fetch_blob();
+    assert_eq!(code, 200);
+    assert_bytes_eq(&body, setup.data("big.bin"), "blob after the stall");
+    assert!(
+        !log_lines(&d, "took no byte of its answer").is_empty(),
+        "the give-ups are not logged:\n{}",
+        d.log()
+    );
+    drop(stalled);
 }
