@@ -18,8 +18,8 @@ use blake3::hazmat::{
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-/// A sha256 digest. `repr(transparent)`: a compiled manifest's digest table is 32-byte records
-/// mapped from disk and viewed as `[Digest]` (`crate::compiled`).
+/// A 32-byte digest (sha256, or a BLAKE3 chunk digest): a compiled manifest's digest table is
+/// 32-byte records of these (`crate::compiled`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(transparent)]
 pub struct Digest(pub [u8; 32]);
