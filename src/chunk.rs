@@ -181,8 +181,8 @@ struct Blocks {
 
 /// What a full [`Filler`] hashed, and which memory that is of. It names the memory by
 /// address and length only, and the buffer pool hands the same memory to the next chunk: use
-/// it only with the `Bytes` frozen from the buffer it was filled into, right after (as
-/// `fetch_range` returns the two together), never kept across attempts or chunks.
+/// it only with the `Bytes` frozen from the buffer it was filled into (as `fetch_range`
+/// returns the two together, or keeps them together between rounds), never apart from it.
 #[derive(Debug, Clone)]
 pub struct Hashed {
     at: usize,

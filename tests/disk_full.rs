@@ -139,3 +139,47 @@ fn fs2_free(path: &Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     s.f_bavail as u64 * s.f_frsize as u64
 }
+
+/// Whole-only files on a full cache disk: they cannot be written, even unverified, but one no
+/// larger than `max_inflight_mib` is fetched into memory, verified whole and served (a 17-byte
+/// config file failed with `database or disk is full`); a larger one fails with EIO and a log
+/// line that says why. Nothing of them is marked present.
+#[test]
+fn full_cache_disk_serves_small_whole_only_files_from_memory() {
+    let setup = GenSetup::whole_only(
+        &[
+            ("config.json", 17),
+            ("w.bin", 3 * MIB),
+            ("big.bin", 6 * MIB),
+        ],
+        62,
+    );
+    let cache_fs = setup.work.path().join("cachefs");
+    let Some(_tmpfs) = SmallFs::mount(&cache_fs, 8) else {
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let mut spec = setup.spec(WanConfig {
+        max_inflight_mib: 4,
+        ..WanConfig::default()
+    });
+    spec.cache_dir = cache_fs.join("cache");
+    let mount = Mount::start(spec);
+    fill(&cache_fs.join("filler"));
+    for f in ["config.json", "w.bin"] {
+        let got = fs::read(setup.mounted(&mount, f)).expect("a whole-only file on a full disk");
+        assert_bytes_eq(&got, setup.data(f), f);
+        assert_eq!(state(&setup.mounted(&mount, f)), "NOT_PRESENT", "{f}");
+    }
+    assert_eio(fs::read(setup.mounted(&mount, "big.bin")), "big.bin");
+    let log = mount.log();
+    assert!(
+        log.contains("serving it from memory")
+            && log.contains("larger than fetch.max_inflight_mib"),
+        "{log}"
+    );
+    drop(mount);
+    CacheView::new(&cache_fs.join("cache"))
+        .check_consistent()
+        .expect("cache consistent");
+}
