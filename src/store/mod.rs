@@ -80,6 +80,19 @@ pub enum StoreError {
     },
 }
 
+/// `Some(why)` when the filesystem that holds (or would hold) `cache_dir` is mounted
+/// read-only.
+fn read_only_fs(cache_dir: &Path) -> Option<String> {
+    let mut at = cache_dir;
+    while !at.exists() {
+        at = at.parent()?;
+    }
+    let st = nix::sys::statvfs::statvfs(at).ok()?;
+    st.flags()
+        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
+        .then(|| format!("{} is on a read-only filesystem", at.display()))
+}
+
 /// Refuses `f` when the cache holds its blob at another size (a chunk layout that differs
 /// at the same size is only another grid over the same bytes: the state is replaced).
 fn conflict(st: Option<&BlobState>, f: &FileEntry) -> Result<(), StoreError> {
@@ -166,12 +179,21 @@ pub struct Store {
     /// `gc.interval_secs` tick, a burst of reads could fill the disk before GC looked.
     gc_threshold: AtomicU64,
     gc_wake: tokio::sync::Notify,
-    _lock: File,
+    /// Why nothing can be stored, when the cache's filesystem is mounted read-only: the
+    /// index is then a copy in memory and every write fails, so reads are served from the
+    /// sources and from memory, and health says so.
+    read_only: Option<String>,
+    /// The flock on `v1/lock` (none on a read-only filesystem without one: nothing can
+    /// write that cache anyway).
+    _lock: Option<File>,
 }
 
 impl Store {
     /// Opens (creating if needed) the cache under `cache_dir` and reconciles index and blobs.
     pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
+        if let Some(why) = read_only_fs(cache_dir) {
+            return Store::open_read_only(cache_dir, why);
+        }
         let root = cache_dir.join("v1");
         std::fs::create_dir_all(root.join("blobs")).map_err(io_err(&root))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
@@ -203,6 +225,35 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
+        Store::assemble(root, index, Some(lock), None)
+    }
+
+    /// A cache on a read-only filesystem (see [`Store::read_only`]): its blobs are served as
+    /// the index copied into memory says, and nothing is ever stored.
+    fn open_read_only(cache_dir: &Path, why: String) -> Result<Store, StoreError> {
+        let root = cache_dir.join("v1");
+        let lock_path = root.join("lock");
+        let lock = match File::open(&lock_path) {
+            Ok(lock) => {
+                if lock.try_lock().is_err() {
+                    return Err(StoreError::Locked(cache_dir.display().to_string()));
+                }
+                Some(lock)
+            }
+            Err(_) => None,
+        };
+        let index = Index::open_copy_in_memory(&root.join("index.sqlite"))?;
+        tracing::warn!(cache = %cache_dir.display(), reason = %why,
+            "the cache is read-only: nothing will be stored; reads are served from the sources");
+        Store::assemble(root, index, lock, Some(why))
+    }
+
+    fn assemble(
+        root: PathBuf,
+        index: Index,
+        lock: Option<File>,
+        read_only: Option<String>,
+    ) -> Result<Store, StoreError> {
         let store = Store {
             root,
             index,
@@ -217,6 +268,7 @@ impl Store {
             used: AtomicU64::new(0),
             gc_threshold: AtomicU64::new(0),
             gc_wake: tokio::sync::Notify::new(),
+            read_only,
             _lock: lock,
         };
         store.reconcile()?;
@@ -275,6 +327,11 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Why nothing can be stored, if the cache's filesystem is mounted read-only.
+    pub fn read_only(&self) -> Option<&str> {
+        self.read_only.as_deref()
     }
 
     pub fn index(&self) -> &Index {
