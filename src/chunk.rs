@@ -18,8 +18,8 @@ use blake3::hazmat::{
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-/// A sha256 digest. `repr(transparent)`: a compiled manifest's digest table is 32-byte records
-/// mapped from disk and viewed as `[Digest]` (`crate::compiled`).
+/// A 32-byte digest (sha256, or a BLAKE3 chunk digest): a compiled manifest's digest table is
+/// 32-byte records of these (`crate::compiled`).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(transparent)]
 pub struct Digest(pub [u8; 32]);
@@ -181,8 +181,8 @@ struct Blocks {
 
 /// What a full [`Filler`] hashed, and which memory that is of. It names the memory by
 /// address and length only, and the buffer pool hands the same memory to the next chunk: use
-/// it only with the `Bytes` frozen from the buffer it was filled into, right after (as
-/// `fetch_range` returns the two together), never kept across attempts or chunks.
+/// it only with the `Bytes` frozen from the buffer it was filled into (as `fetch_range`
+/// returns the two together, or keeps them together between rounds), never apart from it.
 #[derive(Debug, Clone)]
 pub struct Hashed {
     at: usize,

@@ -7,16 +7,16 @@
 //! written from a manifest that passed it, and a manifest it refuses is reported by the child
 //! exactly as `Manifest::load` words it.
 //!
-//! The chunk digests (most of a fleet manifest) are a table of 32-byte records mapped
-//! read-only from the file: a file's `ChunkList` is a window on it, so only the pages of files
-//! actually read are ever resident. The rest (models, sources, paths, sizes) is decoded at
-//! open. A form is trusted only if its magic, format version, manifest hash, base directory and
-//! trailing checksum all match; anything else is compiled again. Files are written to a temp
-//! name and renamed into place, so a reader never sees half of one (not synced: a form torn
-//! by a crash fails its checksum). A cache where no form can be written still mounts, with the
-//! manifest kept in memory. Nothing else
-//! touches this directory: GC and eviction work on `blobs/` only, and an open form stays
-//! mapped even if pruned (unlinked) meanwhile.
+//! The chunk digests (most of a fleet manifest) are a table of 32-byte records, read into
+//! memory at open together with the rest (models, sources, paths, sizes), and checked against
+//! the trailing checksum as they are read: what the daemon uses is exactly what was checked,
+//! and nothing done to the file afterwards (a truncation, a rewrite, a read error) can reach
+//! it. A form is trusted only if it is a regular file and its magic, format version, manifest
+//! hash, base directory and trailing checksum all match; anything else is compiled again.
+//! Files are written to a temp name and renamed into place, so a reader never sees half of one
+//! (not synced: a form torn by a crash fails its checksum). A cache where no form can be
+//! written still mounts, with the manifest kept in memory. Nothing else touches this
+//! directory: GC and eviction work on `blobs/` only.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -495,69 +495,21 @@ fn encode(
     (e.0, digests, fingerprints)
 }
 
-/// The digest table of an open compiled form, mapped read-only from its file.
-struct Mapped {
-    ptr: *mut libc::c_void,
-    map_len: usize,
-    offset: usize,
-    count: usize,
-}
-
-// SAFETY: the mapping is read-only and never changes while mapped (forms are never written in
-// place: a new one is renamed over, which leaves this inode as it is).
-unsafe impl Send for Mapped {}
-// SAFETY: as above: shared readers only ever read the mapping.
-unsafe impl Sync for Mapped {}
-
-impl AsRef<[Digest]> for Mapped {
-    fn as_ref(&self) -> &[Digest] {
-        if self.count == 0 {
-            return &[];
-        }
-        // SAFETY: `offset + 32 * count <= map_len` was checked at open; `Digest` is
-        // `repr(transparent)` over `[u8; 32]`, so any 32 bytes are a valid one (alignment 1).
-        unsafe {
-            std::slice::from_raw_parts(
-                (self.ptr as *const u8).add(self.offset) as *const Digest,
-                self.count,
-            )
-        }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `mmap` returned; no slice outlives `self` (each
-        // `ChunkList` holds an `Arc` to it).
-        unsafe { libc::munmap(self.ptr, self.map_len) };
-    }
-}
-
-fn map(file: &File, len: usize) -> std::io::Result<*mut libc::c_void> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a fresh read-only private mapping of a file we hold open.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(ptr)
-}
-
 /// Opens the compiled form at `path`, checking that it is the form of the manifest hashing
 /// to `sha` with `local://` resolved against `base`, and that it is intact.
 pub fn open(path: &Path, sha: &Digest, base: &Path) -> Result<Compiled, CompiledError> {
     use CompiledError::Malformed;
-    let file = File::open(path)?;
-    let len = file.metadata()?.len() as usize;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: a FIFO at this name must fail the check below, not hang the start.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    let stat = file.metadata()?;
+    if !stat.file_type().is_file() {
+        return Err(Malformed("not a regular file"));
+    }
+    let len = stat.len() as usize;
     if len < HEADER_LEN + 32 {
         return Err(Malformed("shorter than a header"));
     }
@@ -584,18 +536,29 @@ pub fn open(path: &Path, sha: &Digest, base: &Path) -> Result<Compiled, Compiled
         .checked_mul(32)
         .and_then(|n| n.checked_add(digests_at))
         .ok_or(Malformed("digest count"))?;
-    if end + 32 != len {
+    if end.checked_add(32) != Some(len) {
         return Err(Malformed("length does not match the header"));
     }
-    // The checksum is read through the page cache, not the mapping, so the digest table's
-    // pages do not become part of the daemon's resident memory here.
+    // Everything is read into memory once, and the checksum is over exactly those bytes: a
+    // form truncated or rewritten after this point (by another hand, or a failing disk)
+    // cannot reach a digest the daemon uses, nor fault it (a mapping would: SIGBUS).
     let mut sum = Sha256::new();
+    sum.update(header);
+    let mut meta = vec![0u8; meta_len];
+    file.read_exact_at(&mut meta, HEADER_LEN as u64)?;
+    sum.update(&meta);
+    let mut digests: Vec<Digest> = Vec::with_capacity(count);
     let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0;
+    let mut at = digests_at;
     while at < end {
         let n = buf.len().min(end - at);
         file.read_exact_at(&mut buf[..n], at as u64)?;
         sum.update(&buf[..n]);
+        digests.extend(
+            buf[..n]
+                .chunks_exact(32)
+                .map(|d| Digest(d.try_into().expect("32 bytes"))),
+        );
         at += n;
     }
     let mut trailer = [0u8; 32];
@@ -603,15 +566,7 @@ pub fn open(path: &Path, sha: &Digest, base: &Path) -> Result<Compiled, Compiled
     if sum.finalize()[..] != trailer {
         return Err(CompiledError::Checksum);
     }
-    let mut meta = vec![0u8; meta_len];
-    file.read_exact_at(&mut meta, HEADER_LEN as u64)?;
-    let ptr = map(&file, len)?;
-    let table: Arc<dyn AsRef<[Digest]> + Send + Sync> = Arc::new(Mapped {
-        ptr,
-        map_len: len,
-        offset: digests_at,
-        count,
-    });
+    let table: Arc<dyn AsRef<[Digest]> + Send + Sync> = Arc::new(digests);
     let (manifest, fingerprints, texts) = decode(&meta, base, &table, count)?;
     Ok(Compiled {
         manifest,
@@ -884,6 +839,51 @@ mod tests {
         let mut old = good.clone();
         old[8..12].copy_from_slice(&(FORMAT_VERSION - 1).to_le_bytes());
         assert!(reason(&old).contains("format version"));
+    }
+
+    /// What was checked at open is what is used: a form truncated afterwards (by another hand
+    /// or a failing disk) changes nothing the daemon reads, where a mapping of it faulted
+    /// (SIGBUS) at the next cold read. A FIFO at the form's name is refused at once, not read
+    /// (opening it blocked the start forever).
+    #[test]
+    fn an_open_form_is_immune_to_its_file_and_a_fifo_is_refused() {
+        let (_d, manifest, cache) = setup(&text(10_000));
+        let sha = load_here(&manifest, &cache).sha256;
+        let form = form_path(&dir(&cache), &sha);
+        let c = open(&form, &sha, &Manifest::base_dir(&manifest)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&form)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let digests = |m: &Manifest| -> Vec<Digest> {
+            m.models
+                .values()
+                .flat_map(|m| &m.files)
+                .flat_map(|f| f.chunks.iter().flat_map(|c| c.iter().copied()))
+                .collect()
+        };
+        let parsed = Manifest::load(&manifest).unwrap();
+        assert!(!digests(&c.manifest).is_empty());
+        assert_eq!(digests(&c.manifest), digests(&parsed));
+        assert_eq!(format!("{:?}", c.manifest), format!("{parsed:?}"));
+
+        std::fs::remove_file(&form).unwrap();
+        nix::unistd::mkfifo(&form, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let t0 = std::time::Instant::now();
+        let why = open(&form, &sha, &Manifest::base_dir(&manifest)).err();
+        assert!(
+            why.as_ref()
+                .is_some_and(|e| e.to_string().contains("regular")),
+            "{why:?}"
+        );
+        let c = load_here(&manifest, &cache);
+        assert!(!c.reused && t0.elapsed() < std::time::Duration::from_secs(5));
+        assert!(
+            std::fs::metadata(&form).unwrap().is_file(),
+            "compiled again"
+        );
     }
 
     #[test]

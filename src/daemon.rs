@@ -54,6 +54,7 @@ impl Services {
         mountpoint: Option<PathBuf>,
     ) -> anyhow::Result<Services> {
         let store = Arc::new(Store::open(cache_dir)?);
+        drop_stale_sizes(&store, manifest)?;
         let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
         let files = file_contexts(manifest, &sources);
         let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
@@ -74,6 +75,84 @@ impl Services {
             control,
         })
     }
+}
+
+/// A file of a manifest whose blob the cache holds at another size (see
+/// [`crate::store::StoreError::SizeConflict`]).
+struct SizeConflict {
+    model: String,
+    path: String,
+    sha256: crate::chunk::Digest,
+    cached: u64,
+    listed: u64,
+}
+
+fn size_conflicts(store: &Store, manifest: &Manifest) -> Vec<SizeConflict> {
+    manifest
+        .models
+        .values()
+        .flat_map(|m| m.files.iter().map(move |f| (m, f)))
+        .filter_map(|(m, f)| {
+            Some(SizeConflict {
+                cached: store.size_conflict(f)?,
+                model: m.id.clone(),
+                path: f.path.clone(),
+                sha256: f.sha256,
+                listed: f.size,
+            })
+        })
+        .collect()
+}
+
+/// At start (nothing is open yet), the manifest in force wins over the cache: a blob held at
+/// a size the manifest does not list is dropped and fetched again as listed. Each is logged.
+fn drop_stale_sizes(store: &Store, manifest: &Manifest) -> anyhow::Result<()> {
+    for c in size_conflicts(store, manifest) {
+        tracing::warn!(
+            model = %crate::logging::untrusted(&c.model),
+            file = %crate::logging::untrusted(&c.path),
+            blob = %c.sha256,
+            cached = c.cached,
+            listed = c.listed,
+            "the cache holds this sha256 at another size than the manifest lists; the cached blob is dropped"
+        );
+        store
+            .evict(c.sha256)
+            .with_context(|| format!("dropping blob {} (cached at another size)", c.sha256))?;
+    }
+    Ok(())
+}
+
+/// Refuses a reload whose manifest lists a sha256 the cache holds at another size: an open
+/// file may be reading that blob, and a sha256 names one content of one size. Names every
+/// such file.
+fn refuse_size_conflicts(store: &Store, manifest: &Manifest, path: &Path) -> anyhow::Result<()> {
+    let conflicts = size_conflicts(store, manifest);
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = conflicts
+        .iter()
+        .take(10)
+        .map(|c| {
+            format!(
+                "model {} file {}: size {}, but the cache holds sha256 {} with {} bytes",
+                crate::logging::untrusted(&c.model),
+                crate::logging::untrusted(&c.path),
+                c.listed,
+                c.sha256,
+                c.cached
+            )
+        })
+        .collect();
+    bail!(
+        "{}: {} file(s) disagree with the cache on a sha256's size (a sha256 names one content \
+         of one size): {}{}",
+        path.display(),
+        conflicts.len(),
+        lines.join("; "),
+        if conflicts.len() > 10 { "; …" } else { "" }
+    )
 }
 
 /// Mounts and serves until SIGTERM/SIGINT or an external unmount.
@@ -376,6 +455,7 @@ impl Reloader {
                 crate::compiled::CompileIn::Child,
                 Some(&prev_sha),
             )?;
+            refuse_size_conflicts(&self.store, &compiled.manifest, &manifest_path)?;
             Ok((cfg, manifest_path, compiled))
         });
         match attempt {

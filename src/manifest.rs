@@ -56,9 +56,9 @@ pub struct FileEntry {
 
 /// A file's chunk digests, in order: a shared, read-only slice. Cloning is a reference count.
 ///
-/// From a compiled manifest (`crate::compiled`) it is a window on the digest table mapped from
-/// the cache dir, so a daemon listing 500k digests holds in memory only the pages of files
-/// actually read; from TOML it owns its digests.
+/// From a compiled manifest (`crate::compiled`) it is a window on the one digest table read
+/// from the cache dir at open, so 500k digests are one allocation, not 100k; from TOML it owns
+/// its digests.
 #[derive(Clone)]
 pub struct ChunkList {
     table: Arc<dyn AsRef<[Digest]> + Send + Sync>,

@@ -139,3 +139,103 @@ fn fs2_free(path: &Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     s.f_bavail as u64 * s.f_frsize as u64
 }
+
+/// Whole-only files on a full cache disk: they cannot be written, even unverified, but one no
+/// larger than `max_inflight_mib` is fetched into memory, verified whole and served (a 17-byte
+/// config file failed with `database or disk is full`); a larger one fails with EIO and a log
+/// line that says why. Nothing of them is marked present.
+#[test]
+fn full_cache_disk_serves_small_whole_only_files_from_memory() {
+    let setup = GenSetup::whole_only(
+        &[
+            ("config.json", 17),
+            ("w.bin", 3 * MIB),
+            ("big.bin", 6 * MIB),
+        ],
+        62,
+    );
+    let cache_fs = setup.work.path().join("cachefs");
+    let Some(_tmpfs) = SmallFs::mount(&cache_fs, 8) else {
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let mut spec = setup.spec(WanConfig {
+        max_inflight_mib: 4,
+        ..WanConfig::default()
+    });
+    spec.cache_dir = cache_fs.join("cache");
+    let mount = Mount::start(spec);
+    fill(&cache_fs.join("filler"));
+    for f in ["config.json", "w.bin"] {
+        let got = fs::read(setup.mounted(&mount, f)).expect("a whole-only file on a full disk");
+        assert_bytes_eq(&got, setup.data(f), f);
+        assert_eq!(state(&setup.mounted(&mount, f)), "NOT_PRESENT", "{f}");
+    }
+    assert_eio(fs::read(setup.mounted(&mount, "big.bin")), "big.bin");
+    let log = mount.log();
+    assert!(
+        log.contains("serving it from memory")
+            && log.contains("larger than fetch.max_inflight_mib"),
+        "{log}"
+    );
+    drop(mount);
+    CacheView::new(&cache_fs.join("cache"))
+        .check_consistent()
+        .expect("cache consistent");
+}
+
+/// A cache on a filesystem mounted read-only (a remount after disk errors, a read-only image):
+/// the daemon still mounts, serves what the cache holds, serves the rest from the origin
+/// without storing it (whole-only files from memory), and health names the cause. An empty
+/// read-only cache directory mounts too.
+#[test]
+fn read_only_cache_keeps_serving_and_says_so() {
+    let setup = GenSetup::new(&[("a.bin", 2 * MIB), ("b.bin", 2 * MIB)], CS, 63);
+    let cache_fs = setup.work.path().join("cachefs");
+    let Some(_tmpfs) = SmallFs::mount(&cache_fs, 24) else {
+        eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let mut spec = setup.spec(WanConfig::default());
+    spec.cache_dir = cache_fs.join("cache");
+    fs::create_dir_all(cache_fs.join("empty")).unwrap();
+    let mount = Mount::start(spec.clone());
+    let got = fs::read(setup.mounted(&mount, "a.bin")).unwrap();
+    assert_bytes_eq(&got, setup.data("a.bin"), "a.bin");
+    wait_state(&setup.mounted(&mount, "a.bin"), "COMPLETE");
+    assert!(mount.stop().success());
+
+    let remount = |opt: &str| {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{opt}")])
+            .arg(&cache_fs)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {opt}");
+    };
+    remount("ro");
+    let mount = Mount::start(spec.clone());
+    let served = setup.origin.request_count();
+    let got = fs::read(setup.mounted(&mount, "a.bin")).expect("a cached file");
+    assert_bytes_eq(&got, setup.data("a.bin"), "a.bin from the read-only cache");
+    assert_eq!(
+        setup.origin.request_count(),
+        served,
+        "a.bin came from the cache"
+    );
+    let b = setup.mounted(&mount, "b.bin");
+    let got = fs::read(&b).expect("a cold file on a read-only cache");
+    assert_bytes_eq(&got, setup.data("b.bin"), "b.bin from the origin");
+    assert_eq!(state(&b), "NOT_PRESENT");
+    let health = fs::read_to_string(mount.path(".wan/health")).unwrap();
+    assert!(health.contains("read-only"), "{health}");
+    drop(mount);
+
+    let mut empty = spec.clone();
+    empty.cache_dir = cache_fs.join("empty");
+    let mount = Mount::start(empty);
+    let got = fs::read(setup.mounted(&mount, "b.bin")).expect("an empty read-only cache");
+    assert_bytes_eq(&got, setup.data("b.bin"), "b.bin, empty read-only cache");
+    drop(mount);
+    remount("rw");
+}

@@ -72,9 +72,13 @@ impl Control {
             "cache_writable",
             writable.is_ok(),
             true,
-            match writable {
-                Ok(()) => format!("{} is writable", self.store().root().display()),
-                Err(e) => format!("{}: {e}", self.store().root().display()),
+            match (writable, self.store().read_only()) {
+                (Ok(()), _) => format!("{} is writable", self.store().root().display()),
+                (Err(e), Some(why)) => format!(
+                    "{}: {e}: {why}; nothing is stored, reads are served from the sources",
+                    self.store().root().display()
+                ),
+                (Err(e), None) => format!("{}: {e}", self.store().root().display()),
             },
         );
         let index = self.store().index().model("-");

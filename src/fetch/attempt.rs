@@ -35,6 +35,19 @@ pub(super) enum Landing {
     Blocks { block: usize, offset: u64 },
 }
 
+/// The parts of a range that landed from one source while others failed, in the buffer they
+/// landed in (see [`Fetcher::fetch_range`]). Their [`Hashed`] name memory of `buf`, which is
+/// why the two are kept together and never apart.
+pub(super) struct Kept {
+    /// The source's address: parts are kept for the source they came from only.
+    source: usize,
+    start: u64,
+    buf: crate::bufpool::PooledBuf,
+    part: usize,
+    /// Per part: landed (with what it hashed, if anything), or not yet.
+    landed: Vec<Option<Option<Hashed>>>,
+}
+
 /// How large the parts of a `len`-byte fetch are, from a source whose requests deliver `rate`
 /// bytes/s (`None`: not measured yet). Parallel parts of `base` (`part_size_kib`) cut the time
 /// to a chunk where one connection is slow (an origin limited per connection), but each costs
@@ -105,14 +118,36 @@ impl Fetcher {
         prio: Priority,
     ) -> Result<VerifiedChunk, FetchError> {
         let f = &file.entry;
-        let range = f.layout().range(idx);
         let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
+        let what = format!("{}/{} chunk {idx}", file.model, f.path);
+        self.fetch_verified(
+            file,
+            f.layout().range(idx),
+            expected,
+            f.chunk_hash,
+            prio,
+            what,
+        )
+        .await
+    }
+
+    /// Bytes `range` of a file whose digest under `hash` is `expected` (a chunk, or a small
+    /// whole-only file held in memory), from the sources in order, in rounds; verified.
+    pub(super) async fn fetch_verified(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        range: Range<u64>,
+        expected: crate::chunk::Digest,
+        hash: ChunkHash,
+        prio: Priority,
+        what: String,
+    ) -> Result<VerifiedChunk, FetchError> {
+        let f = &file.entry;
         self.started
             .lock()
             .unwrap()
             .entry(f.sha256)
             .or_insert_with(Instant::now);
-        let what = format!("{}/{} chunk {idx}", file.model, f.path);
         let hex = f.sha256.to_hex();
         let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
         let mut errors = Vec::new();
@@ -120,6 +155,7 @@ impl Fetcher {
         // Peers once, each with one attempt: a miss or a failure moves on to the next at once.
         let peers = self.live_peers().into_iter().map(|p| (p, 1));
         let mut order: Vec<_> = peers.collect();
+        let mut kept = None;
         loop {
             let mut transient = !file.sources.is_empty();
             order.extend(self.source_order(&file.sources));
@@ -132,7 +168,8 @@ impl Fetcher {
                         range.clone(),
                         prio,
                         attempts,
-                        Some(f.chunk_hash),
+                        Some(hash),
+                        &mut kept,
                     ),
                 )
                 .await;
@@ -159,7 +196,6 @@ impl Fetcher {
                     }
                     Ok(Ok(b)) => b,
                 };
-                let hash = f.chunk_hash;
                 let verified = if landed.is_empty() {
                     tokio::task::spawn_blocking(move || {
                         VerifiedChunk::verify(hash, expected, bytes)
@@ -245,6 +281,14 @@ impl Fetcher {
     /// part hashed comes back with them, for [`VerifiedChunk::verify_landed`]; empty where
     /// they could not be (parallel parts of a sha256 chunk, or of a `part_size_kib` that is
     /// not a power of two), to be hashed after.
+    ///
+    /// Every part runs to its end even when another fails, and when some fail, the parts that
+    /// landed are left in `kept` with their buffer: the next call for the same range from the
+    /// same source (the next round against a flaky mirror) fetches only the missing ones. A
+    /// mirror failing half its requests thus converges in a few rounds, where asking for all
+    /// parts again needed every one of them to succeed at once. `kept` from another source is
+    /// dropped: a chunk's bytes come from one source, so wrong bytes have one culprit.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_range(
         &self,
         src: &SourceHandle,
@@ -253,14 +297,40 @@ impl Fetcher {
         prio: Priority,
         attempts: u32,
         hash: Option<ChunkHash>,
+        kept: &mut Option<Kept>,
     ) -> Result<(Bytes, Vec<Hashed>), SourceError> {
-        let part = part_len(
-            self.cfg.part_size(),
-            src.rate(),
-            prio,
-            range.end - range.start,
-        );
         let len = (range.end - range.start) as usize;
+        let me = src as *const SourceHandle as usize;
+        let Kept {
+            mut buf,
+            part,
+            mut landed,
+            ..
+        } = match kept
+            .take()
+            .filter(|k| k.source == me && k.start == range.start)
+        {
+            Some(k) if k.buf.as_ref().len() == len => k,
+            _ => {
+                let part = part_len(
+                    self.cfg.part_size(),
+                    src.rate(),
+                    prio,
+                    range.end - range.start,
+                );
+                Kept {
+                    source: me,
+                    start: range.start,
+                    // Page-aligned, so the commit can write it with O_DIRECT (see
+                    // store::commit_chunk). From the pool, not zeroed: the parts below
+                    // overwrite every byte or the fetch fails, and the bytes are hashed before
+                    // anyone sees them.
+                    buf: self.bufs.take(len),
+                    part,
+                    landed: vec![None; len.div_ceil(part.max(1)).max(1)],
+                }
+            }
+        };
         let base = self.cfg.part_size() as usize;
         // One request: its digest is the chunk's. Parallel parts, runs of whole `base` blocks
         // (see `part_len`): each block a BLAKE3 subtree, or nothing here (hashed after).
@@ -272,23 +342,52 @@ impl Fetcher {
             },
             _ => Landing::Plain,
         };
-        // Page-aligned, so the commit can write it with O_DIRECT (see store::commit_chunk).
-        // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
-        // and the bytes are hashed before anyone sees them.
-        let mut buf = self.bufs.take(len);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
-        let landed =
-            futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
-                |(i, slice)| {
+        let results = futures::future::join_all(
+            buf.as_mut_slice()
+                .chunks_mut(part)
+                .enumerate()
+                .filter(|(i, _)| landed[*i].is_none())
+                .map(|(i, slice)| {
                     let start = range.start + (i * part) as u64;
                     let r = start..start + slice.len() as u64;
-                    self.fetch_part(src, path, r, prio, attempts, landing(i), slice)
-                },
-            ))
-            .await?;
+                    let fut = self.fetch_part(src, path, r, prio, attempts, landing(i), slice);
+                    async move { (i, fut.await) }
+                }),
+        )
+        .await;
+        let mut failed: Option<SourceError> = None;
+        for (i, r) in results {
+            match r {
+                Ok(h) => landed[i] = Some(h),
+                // The error that says most: one that no retry mends (a denial, a 404) over
+                // one that may pass, so a caller deciding on another round sees it.
+                Err(e) => {
+                    if failed
+                        .as_ref()
+                        .is_none_or(|f| f.retryable() && !e.retryable())
+                    {
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            *kept = Some(Kept {
+                source: me,
+                start: range.start,
+                buf,
+                part,
+                landed,
+            });
+            return Err(e);
+        }
         // All or nothing: a part without its hashes leaves the whole chunk to be hashed after.
-        let landed = landed.into_iter().collect::<Option<Vec<_>>>();
-        Ok((buf.freeze(), landed.unwrap_or_default()))
+        let hashed = landed
+            .into_iter()
+            .map(|l| l.expect("every part landed"))
+            .collect::<Option<Vec<_>>>();
+        Ok((buf.freeze(), hashed.unwrap_or_default()))
     }
 
     /// One request's bytes into `buf`, hashed as they land as `landing` says (each attempt
@@ -409,7 +508,15 @@ mod tests {
         let all = 0..data.len() as u64;
         let blake3 = Some(ChunkHash::Blake3);
         let (bytes, landed) = fetcher
-            .fetch_range(&src, "f", all.clone(), Priority::OnDemand, 3, blake3)
+            .fetch_range(
+                &src,
+                "f",
+                all.clone(),
+                Priority::OnDemand,
+                3,
+                blake3,
+                &mut None,
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -440,6 +547,7 @@ mod tests {
                 Priority::OnDemand,
                 3,
                 Some(ChunkHash::Sha256),
+                &mut None,
             )
             .await
             .unwrap();

@@ -154,6 +154,11 @@ const HEAD_RACE_WAIT: Duration = Duration::from_millis(5);
 /// there within milliseconds; one that went elsewhere should not pin the memory.
 const LANDED_TTL: Duration = Duration::from_secs(5);
 
+/// How long a whole-only file served from memory (the cache could not store it) stays there
+/// after its last read: its readers read it within seconds; one that comes back later pays
+/// one more fetch of a file no larger than `max_inflight_mib`.
+const WHOLE_IN_MEMORY_TTL: Duration = Duration::from_secs(60);
+
 /// A blob counted as open (spared by GC) for as long as this lives.
 struct Held<'a> {
     store: &'a Store,
@@ -204,6 +209,8 @@ pub struct Fetcher {
     failed: Mutex<HashMap<(Digest, u64), (Instant, FetchError)>>,
     rt: tokio::runtime::Handle,
     whole: Mutex<HashMap<Digest, SharedWhole>>,
+    /// Whole-only files the cache could not store, served from memory (see `whole`).
+    whole_in_memory: Mutex<whole::WholeInMemory>,
     started: Mutex<HashMap<Digest, Instant>>,
     /// Other daemons (`[peers]`), asked for every chunk before the manifest's sources, and
     /// how long one that failed is skipped; replaced on reload.
@@ -246,6 +253,10 @@ impl Fetcher {
             landed: Mutex::new(landed::Landed::new(
                 (cfg.max_inflight_mib as usize) << 20,
                 LANDED_TTL,
+            )),
+            whole_in_memory: Mutex::new(whole::WholeInMemory::new(
+                (cfg.max_inflight_mib as usize) << 20,
+                WHOLE_IN_MEMORY_TTL,
             )),
             cfg,
             inflight: Mutex::new(HashMap::new()),
@@ -303,6 +314,11 @@ impl Fetcher {
         {
             return Some(Ok(b));
         }
+        if f.chunks.is_none()
+            && let Some(b) = (self.whole_in_memory.lock().unwrap()).slice(f.sha256, offset, end)
+        {
+            return Some(Ok(b));
+        }
         let fd = self
             .store
             .reader(f, layout.covering(offset, end - offset))?;
@@ -339,6 +355,10 @@ impl Fetcher {
                 match self.ensure_whole(file).await {
                     Err(FetchError::Evicted) => continue,
                     r => r?,
+                }
+                if let Some(b) = (self.whole_in_memory.lock().unwrap()).slice(f.sha256, offset, end)
+                {
+                    return Ok(b);
                 }
             }
             let missing = self.store.missing(f, covering.clone());
@@ -449,6 +469,13 @@ impl Fetcher {
         let _held = Held::new(&self.store, f.sha256);
         if f.chunks.is_none() {
             self.ensure_whole(file).await?;
+            if !self.store.is_complete(f) {
+                // Served from memory: the cache could not store it (see `whole`).
+                return Err(FetchError::Store(format!(
+                    "{}: fetched and verified, but the cache could not store it",
+                    f.path
+                )));
+            }
             progress.fetch_add(f.size, Ordering::Relaxed);
             return Ok(());
         }

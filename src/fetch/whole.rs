@@ -1,14 +1,21 @@
 //! Files listed with only a whole-file sha256: fetched whole from one source at a time
 //! (chunk-sized parts in parallel, written unverified and invisible), hashed, then made
 //! visible at once; single-flight per blob, and a failure remembered like a chunk's.
+//!
+//! Where the cache cannot take such a file (a full or read-only disk), one no larger than
+//! `fetch.max_inflight_mib` is fetched into memory instead, verified whole, and served from
+//! there ([`WholeInMemory`]), as chunks are served from memory when they cannot be stored.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
+use futures::StreamExt;
 use futures::future::FutureExt;
-use futures::{StreamExt, TryStreamExt};
 
-use crate::chunk::Mismatch;
+use crate::chunk::{ChunkHash, Digest, Mismatch, VerifiedChunk};
 use crate::manifest::FileEntry;
 use crate::source::{SourceError, SourceHandle};
 
@@ -17,6 +24,86 @@ use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, 
 /// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
 /// (no chunk has this index).
 const WHOLE_FILE: u64 = u64::MAX;
+
+/// Whole-only files the cache could not store, held verified in memory for their readers:
+/// at most `cap` bytes, each let go `ttl` after its last read (or sooner, oldest first, to
+/// make room for another).
+pub(super) struct WholeInMemory {
+    cap: usize,
+    ttl: Duration,
+    used: usize,
+    files: HashMap<Digest, (Instant, VerifiedChunk)>,
+}
+
+impl WholeInMemory {
+    pub(super) fn new(cap: usize, ttl: Duration) -> WholeInMemory {
+        WholeInMemory {
+            cap,
+            ttl,
+            used: 0,
+            files: HashMap::new(),
+        }
+    }
+
+    /// Whether a file this large can be held at all.
+    pub(super) fn fits(&self, size: u64) -> bool {
+        size <= self.cap as u64
+    }
+
+    pub(super) fn holds(&self, d: Digest) -> bool {
+        self.files.contains_key(&d)
+    }
+
+    /// Keeps `file` (its digest is the file's sha256), making room by letting go of expired
+    /// files, then the least recently read.
+    pub(super) fn insert(&mut self, file: VerifiedChunk) {
+        let len = file.bytes().len();
+        let now = Instant::now();
+        let ttl = self.ttl;
+        let mut freed = 0;
+        self.files.retain(|_, (t, c)| {
+            let keep = now.duration_since(*t) < ttl;
+            if !keep {
+                freed += c.bytes().len();
+            }
+            keep
+        });
+        self.used -= freed;
+        while self.used + len > self.cap {
+            let Some(oldest) = self
+                .files
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(d, _)| *d)
+            else {
+                break;
+            };
+            let (_, c) = self.files.remove(&oldest).expect("present");
+            self.used -= c.bytes().len();
+        }
+        if let Some((_, old)) = self.files.insert(file.digest(), (now, file)) {
+            self.used -= old.bytes().len();
+        }
+        self.used += len;
+    }
+
+    /// Bytes `offset..end` of the file with sha256 `d`, if held; counts as a read.
+    pub(super) fn slice(&mut self, d: Digest, offset: u64, end: u64) -> Option<Bytes> {
+        let (t, c) = self.files.get_mut(&d)?;
+        *t = Instant::now();
+        let b = c.bytes();
+        let end = (end as usize).min(b.len());
+        Some(b.slice((offset as usize).min(end)..end))
+    }
+}
+
+/// Why a part of a whole-only file was not written.
+enum PartError {
+    /// The source did not deliver it.
+    Source(SourceError),
+    /// The cache could not take it (a full or read-only disk): no source is to blame.
+    Store(String),
+}
 
 impl Fetcher {
     /// Makes a file listed with only a whole-file sha256 complete (single-flight per blob).
@@ -29,7 +116,9 @@ impl Fetcher {
         }
         let shared = {
             let mut map = self.whole.lock().unwrap();
-            if self.store.is_complete(&file.entry) {
+            if self.store.is_complete(&file.entry)
+                || self.whole_in_memory.lock().unwrap().holds(key)
+            {
                 return Ok(());
             }
             match map.get(&key) {
@@ -63,19 +152,20 @@ impl Fetcher {
     }
 
     /// Fetches chunks `idx` of a whole-only file from `src` in parallel and writes them,
-    /// unverified, into its blob; returns the blob generation each write found.
+    /// unverified, into its blob. Every part runs to its end: returns the parts written (each
+    /// with the blob generation its write found) and the error of those that failed, if any.
     async fn write_whole_parts(
         &self,
         src: &Arc<SourceHandle>,
         f: &FileEntry,
         chunks: Vec<u64>,
         attempts: u32,
-    ) -> Result<Vec<u64>, SourceError> {
+    ) -> (Vec<(u64, u64)>, Option<PartError>) {
         let layout = f.layout();
         let parallel = (self.cfg.connections / 2).max(1);
         let hex = f.sha256.to_hex();
         let at = src.locator(f, &hex);
-        futures::stream::iter(chunks)
+        let results: Vec<Result<(u64, u64), PartError>> = futures::stream::iter(chunks)
             .map(|idx| async move {
                 let r = layout.range(idx);
                 let _mem = self
@@ -85,20 +175,96 @@ impl Fetcher {
                     .expect("open");
                 // Whole-only: verified by the file's sha256 once every part is in the blob.
                 let (bytes, _) = self
-                    .fetch_range(src, at, r.clone(), Priority::OnDemand, attempts, None)
-                    .await?;
+                    .fetch_range(
+                        src,
+                        at,
+                        r.clone(),
+                        Priority::OnDemand,
+                        attempts,
+                        None,
+                        &mut None,
+                    )
+                    .await
+                    .map_err(PartError::Source)?;
                 let store = self.store.clone();
                 let entry = f.clone();
-                tokio::task::spawn_blocking(move || store.write_unverified(&entry, r.start, &bytes))
-                    .await
-                    .map_err(|e| SourceError::Transport(e.to_string()))?
-                    .map_err(|e| SourceError::Transport(format!("cache write: {e}")))
+                let generation = tokio::task::spawn_blocking(move || {
+                    store.write_unverified(&entry, r.start, &bytes)
+                })
+                .await
+                .map_err(|e| PartError::Store(format!("cache write: {e}")))?
+                .map_err(|e| PartError::Store(format!("cache write: {e}")))?;
+                Ok((idx, generation))
             })
             .buffer_unordered(parallel)
-            .try_collect::<Vec<u64>>()
-            .await
+            .collect()
+            .await;
+        let mut written = Vec::new();
+        let mut failed: Option<PartError> = None;
+        for r in results {
+            match r {
+                Ok(w) => written.push(w),
+                // The cache's failure over a source's (it is no source's fault, and no round
+                // mends it), then the one that says most (see `fetch_range`).
+                Err(e) => {
+                    let worse = match (&failed, &e) {
+                        (None, _) | (Some(PartError::Source(_)), PartError::Store(_)) => true,
+                        (Some(PartError::Source(f)), PartError::Source(e)) => {
+                            f.retryable() && !e.retryable()
+                        }
+                        (Some(PartError::Store(_)), _) => false,
+                    };
+                    if worse {
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+        (written, failed)
     }
 
+    /// The cache could not take the file (`why`): fetched and verified whole in memory, and
+    /// served from there, if it fits in `fetch.max_inflight_mib`.
+    async fn whole_to_memory(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        why: String,
+    ) -> Result<(), FetchError> {
+        let f = &file.entry;
+        if !self.whole_in_memory.lock().unwrap().fits(f.size) {
+            return Err(FetchError::Store(format!(
+                "{why}; at {} bytes the file is larger than fetch.max_inflight_mib, so it is \
+                 not served from memory either",
+                f.size
+            )));
+        }
+        tracing::warn!(model = %file.model, file = %crate::logging::untrusted(&f.path),
+            error = %why, "the cache cannot store this whole-only file; serving it from memory");
+        let _mem = self
+            .memory
+            .acquire_many(kib(f.size).min(self.memory_kib))
+            .await
+            .expect("open");
+        let what = format!("{}/{}", file.model, f.path);
+        let whole = self
+            .fetch_verified(
+                file,
+                0..f.size,
+                f.sha256,
+                ChunkHash::Sha256,
+                Priority::OnDemand,
+                what,
+            )
+            .await?;
+        self.whole_in_memory.lock().unwrap().insert(whole);
+        Ok(())
+    }
+
+    /// Sources in order, as for a chunk: live peers once, then the manifest's sources in
+    /// rounds while they fail only in ways that may pass (5xx, resets, stalls). Parts written
+    /// from a source are kept for its next round, so a mirror failing half its requests
+    /// converges; the rounds go on while parts keep landing, and end `read_timeout` after the
+    /// last one did (a whole file may take far longer than one read's deadline).
     async fn fetch_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
         let f = &file.entry;
         let what = format!("{}/{}", file.model, f.path);
@@ -109,72 +275,108 @@ impl Fetcher {
             .or_insert_with(Instant::now);
         let layout = f.layout();
         let mut errors = Vec::new();
-        let peers = self.live_peers().into_iter().map(|p| (p, 1));
-        for (src, attempts) in peers.chain(self.source_order(&file.sources)) {
-            // Only chunks not present: the unverified bytes of a failed or lying fetch must
-            // never land on a chunk that readers are being served (a whole-only file is
-            // partial when a chunk was dropped as corrupt). The kept chunks are part of the
-            // whole-file hash, though: if it fails with some kept, the blob is evicted and the
-            // file fetched whole once more before the source is blamed.
-            let mut kept_any = true;
-            while kept_any {
-                let missing = self.store.missing(f, 0..layout.count());
-                kept_any = (missing.len() as u64) < layout.count();
-                let written = self.write_whole_parts(&src, f, missing, attempts).await;
-                let generation = match written {
-                    Ok(gens) if gens.windows(2).any(|w| w[0] != w[1]) => {
-                        // Evicted and created again while the parts were being written.
-                        return Err(FetchError::Evicted);
+        // Parts written unverified by one source (its address), with their blob generation.
+        let mut written: Option<(usize, HashMap<u64, u64>)> = None;
+        let mut order: Vec<_> = self.live_peers().into_iter().map(|p| (p, 1)).collect();
+        let mut round = 0;
+        let mut last_progress = tokio::time::Instant::now();
+        loop {
+            let mut transient = !file.sources.is_empty();
+            order.extend(self.source_order(&file.sources));
+            for (src, attempts) in order.drain(..) {
+                let me = Arc::as_ptr(&src) as usize;
+                if written.as_ref().is_some_and(|(s, _)| *s != me) {
+                    // A file's bytes come from one source, so wrong bytes have one culprit.
+                    written = None;
+                }
+                let parts = &mut written.get_or_insert_with(|| (me, HashMap::new())).1;
+                // Only chunks not present: the unverified bytes of a failed or lying fetch
+                // must never land on a chunk that readers are being served (a whole-only file
+                // is partial when a chunk was dropped as corrupt). The kept chunks are part
+                // of the whole-file hash, though: if it fails with some kept, the blob is
+                // evicted and the file fetched whole once more before the source is blamed.
+                let mut kept_any = true;
+                while kept_any {
+                    let missing = self.store.missing(f, 0..layout.count());
+                    kept_any = (missing.len() as u64) < layout.count();
+                    let todo = missing
+                        .into_iter()
+                        .filter(|i| !parts.contains_key(i))
+                        .collect();
+                    let (landed, failed) = self.write_whole_parts(&src, f, todo, attempts).await;
+                    if !landed.is_empty() {
+                        last_progress = tokio::time::Instant::now();
                     }
-                    Ok(gens) => gens.first().copied(),
-                    Err(e) => {
+                    parts.extend(landed);
+                    if let Some(PartError::Store(e)) = failed {
+                        return self.whole_to_memory(file, e).await;
+                    }
+                    if let Some(PartError::Source(e)) = failed {
+                        if !src.peer {
+                            transient &= e.flaky();
+                        }
                         self.source_failed(&src, &e);
-                        tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
+                        tracing::warn!(source = %src.name, file = %what, error = %e,
+                            kept = parts.len(), "source failed");
                         errors.push(SourceFailure::new(&src, FailureKind::Source(e)));
                         break;
                     }
-                };
-                let store = self.store.clone();
-                let entry = f.clone();
-                let actual =
-                    tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?
-                        .map_err(|e| match e {
-                            crate::store::StoreError::Evicted(_) => FetchError::Evicted,
-                            e => FetchError::Store(e.to_string()),
-                        })?;
-                if actual == f.sha256 {
-                    src.record_success();
-                    self.completed(file);
-                    return Ok(());
-                }
-                if kept_any {
-                    tracing::warn!(file = %what, "whole-file check failed with chunks kept from the cache; fetching the file whole again");
+                    let mut gens = parts.values().copied();
+                    let generation = gens.next();
+                    if gens.any(|g| Some(g) != generation) {
+                        // Evicted and created again while the parts were being written.
+                        return Err(FetchError::Evicted);
+                    }
+                    parts.clear();
                     let store = self.store.clone();
-                    let d = f.sha256;
-                    tokio::task::spawn_blocking(move || store.evict(d))
-                        .await
-                        .map_err(|e| FetchError::Store(e.to_string()))?
-                        .map_err(|e| FetchError::Store(e.to_string()))?;
-                    continue;
+                    let entry = f.clone();
+                    let actual =
+                        tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
+                            .await
+                            .map_err(|e| FetchError::Store(e.to_string()))?
+                            .map_err(|e| match e {
+                                crate::store::StoreError::Evicted(_) => FetchError::Evicted,
+                                e => FetchError::Store(e.to_string()),
+                            })?;
+                    if actual == f.sha256 {
+                        src.record_success();
+                        self.completed(file);
+                        return Ok(());
+                    }
+                    if kept_any {
+                        tracing::warn!(file = %what, "whole-file check failed with chunks kept from the cache; fetching the file whole again");
+                        let store = self.store.clone();
+                        let d = f.sha256;
+                        tokio::task::spawn_blocking(move || store.evict(d))
+                            .await
+                            .map_err(|e| FetchError::Store(e.to_string()))?
+                            .map_err(|e| FetchError::Store(e.to_string()))?;
+                        continue;
+                    }
+                    if !src.peer {
+                        transient = false;
+                    }
+                    self.integrity_failure(&src);
+                    tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
+                        "integrity failure: whole file does not match its sha256; discarded, trying the next source");
+                    errors.push(SourceFailure::new(
+                        &src,
+                        FailureKind::WrongFile(Mismatch {
+                            hash: ChunkHash::Sha256,
+                            expected: f.sha256,
+                            actual,
+                        }),
+                    ));
                 }
-                self.integrity_failure(&src);
-                tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
-                    "integrity failure: whole file does not match its sha256; discarded, trying the next source");
-                errors.push(SourceFailure::new(
-                    &src,
-                    FailureKind::WrongFile(Mismatch {
-                        hash: crate::chunk::ChunkHash::Sha256,
-                        expected: f.sha256,
-                        actual,
-                    }),
-                ));
             }
+            let deadline = last_progress + self.cfg.read_timeout();
+            if !(transient && self.pause_before_next_round(round, deadline).await) {
+                return Err(FetchError::Exhausted {
+                    what,
+                    failures: errors,
+                });
+            }
+            round += 1;
         }
-        Err(FetchError::Exhausted {
-            what,
-            failures: errors,
-        })
     }
 }

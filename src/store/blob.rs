@@ -40,18 +40,29 @@ impl Store {
         if create.is_some() {
             std::fs::create_dir_all(path.parent().unwrap()).map_err(io_err(&path))?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create.is_some())
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        if let Some(size) = create
-            && file.metadata().map_err(io_err(&path))?.len() != size
-        {
-            file.set_len(size).map_err(io_err(&path))?;
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create.is_some())
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_err(&path))
+        };
+        let mut file = open()?;
+        if let Some(size) = create {
+            let len = file.metadata().map_err(io_err(&path))?.len();
+            if len != 0 && len != size {
+                // A file of another size with no state naming it (an eviction whose unlink
+                // failed): never resized in place, since a passthrough reader may still hold
+                // it; a new inode takes the name and the old one lives on for that reader.
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                file = open()?;
+            }
+            if file.metadata().map_err(io_err(&path))?.len() != size {
+                file.set_len(size).map_err(io_err(&path))?;
+            }
         }
         let file = Arc::new(file);
         self.fds.lock().unwrap().put(d, file.clone());

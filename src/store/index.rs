@@ -138,6 +138,50 @@ impl Index {
             .map_err(wrap)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(wrap)?;
+        Index::init(conn, p)
+    }
+
+    /// For a cache on a read-only filesystem: an index in memory, starting as a copy of the
+    /// one at `path` (read as an immutable file: rows a crash left in its write-ahead log are
+    /// not seen, and their chunks are simply not present), or empty where there is none. It
+    /// takes the writes of a running daemon (model states, events) and forgets them at exit.
+    pub fn open_copy_in_memory(path: &Path) -> Result<Index, IndexError> {
+        let p = format!("{} (in memory: read-only cache)", path.display());
+        let wrap = |err| IndexError {
+            path: p.clone(),
+            err,
+        };
+        let mut conn = Connection::open_in_memory().map_err(wrap)?;
+        if path.exists() {
+            use rusqlite::OpenFlags;
+            let mut uri = String::from("file:");
+            uri.push_str(
+                &percent_encoding::utf8_percent_encode(
+                    &path.to_string_lossy(),
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .to_string()
+                .replace("%2F", "/"),
+            );
+            uri.push_str("?immutable=1");
+            let disk = Connection::open_with_flags(
+                &uri,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .map_err(wrap)?;
+            rusqlite::backup::Backup::new(&disk, &mut conn)
+                .and_then(|b| b.run_to_completion(1024, std::time::Duration::ZERO, None))
+                .map_err(wrap)?;
+        }
+        Index::init(conn, p)
+    }
+
+    /// Creates or migrates the schema on `conn`.
+    fn init(conn: Connection, p: String) -> Result<Index, IndexError> {
+        let wrap = |err| IndexError {
+            path: p.clone(),
+            err,
+        };
         conn.execute_batch(SCHEMA).map_err(wrap)?;
         let version: Option<String> = conn
             .query_row(

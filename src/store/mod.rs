@@ -65,6 +65,45 @@ pub enum StoreError {
     /// The sync or the index write of a group commit failed: every chunk of the batch gets it.
     #[error("{0} (group commit)")]
     GroupCommit(Arc<StoreError>),
+    /// A manifest entry names a blob the cache holds at another size. A sha256 names one
+    /// content of one size, so one of the two descriptions lies; the blob is left as it is
+    /// (shrinking or growing it in place would cut short a reader of the other), and the
+    /// entry is refused until the blob is evicted.
+    #[error(
+        "blob {digest} is cached with {cached} bytes, but the manifest lists it with {listed}: \
+         one of the two descriptions is wrong; the entry is refused and the blob left as it is"
+    )]
+    SizeConflict {
+        digest: Digest,
+        cached: u64,
+        listed: u64,
+    },
+}
+
+/// `Some(why)` when the filesystem that holds (or would hold) `cache_dir` is mounted
+/// read-only.
+fn read_only_fs(cache_dir: &Path) -> Option<String> {
+    let mut at = cache_dir;
+    while !at.exists() {
+        at = at.parent()?;
+    }
+    let st = nix::sys::statvfs::statvfs(at).ok()?;
+    st.flags()
+        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
+        .then(|| format!("{} is on a read-only filesystem", at.display()))
+}
+
+/// Refuses `f` when the cache holds its blob at another size (a chunk layout that differs
+/// at the same size is only another grid over the same bytes: the state is replaced).
+fn conflict(st: Option<&BlobState>, f: &FileEntry) -> Result<(), StoreError> {
+    match st {
+        Some(st) if st.layout.size != f.size => Err(StoreError::SizeConflict {
+            digest: f.sha256,
+            cached: st.layout.size,
+            listed: f.size,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -140,12 +179,21 @@ pub struct Store {
     /// `gc.interval_secs` tick, a burst of reads could fill the disk before GC looked.
     gc_threshold: AtomicU64,
     gc_wake: tokio::sync::Notify,
-    _lock: File,
+    /// Why nothing can be stored, when the cache's filesystem is mounted read-only: the
+    /// index is then a copy in memory and every write fails, so reads are served from the
+    /// sources and from memory, and health says so.
+    read_only: Option<String>,
+    /// The flock on `v1/lock` (none on a read-only filesystem without one: nothing can
+    /// write that cache anyway).
+    _lock: Option<File>,
 }
 
 impl Store {
     /// Opens (creating if needed) the cache under `cache_dir` and reconciles index and blobs.
     pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
+        if let Some(why) = read_only_fs(cache_dir) {
+            return Store::open_read_only(cache_dir, why);
+        }
         let root = cache_dir.join("v1");
         std::fs::create_dir_all(root.join("blobs")).map_err(io_err(&root))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
@@ -177,6 +225,35 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
+        Store::assemble(root, index, Some(lock), None)
+    }
+
+    /// A cache on a read-only filesystem (see [`Store::read_only`]): its blobs are served as
+    /// the index copied into memory says, and nothing is ever stored.
+    fn open_read_only(cache_dir: &Path, why: String) -> Result<Store, StoreError> {
+        let root = cache_dir.join("v1");
+        let lock_path = root.join("lock");
+        let lock = match File::open(&lock_path) {
+            Ok(lock) => {
+                if lock.try_lock().is_err() {
+                    return Err(StoreError::Locked(cache_dir.display().to_string()));
+                }
+                Some(lock)
+            }
+            Err(_) => None,
+        };
+        let index = Index::open_copy_in_memory(&root.join("index.sqlite"))?;
+        tracing::warn!(cache = %cache_dir.display(), reason = %why,
+            "the cache is read-only: nothing will be stored; reads are served from the sources");
+        Store::assemble(root, index, lock, Some(why))
+    }
+
+    fn assemble(
+        root: PathBuf,
+        index: Index,
+        lock: Option<File>,
+        read_only: Option<String>,
+    ) -> Result<Store, StoreError> {
         let store = Store {
             root,
             index,
@@ -191,6 +268,7 @@ impl Store {
             used: AtomicU64::new(0),
             gc_threshold: AtomicU64::new(0),
             gc_wake: tokio::sync::Notify::new(),
+            read_only,
             _lock: lock,
         };
         store.reconcile()?;
@@ -251,6 +329,11 @@ impl Store {
         &self.root
     }
 
+    /// Why nothing can be stored, if the cache's filesystem is mounted read-only.
+    pub fn read_only(&self) -> Option<&str> {
+        self.read_only.as_deref()
+    }
+
     pub fn index(&self) -> &Index {
         &self.index
     }
@@ -304,13 +387,12 @@ impl Store {
     /// Creates the blob's index row and sparse file if needed (idempotent); returns its file
     /// and the generation a later commit must still find.
     fn prepare(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
-        let existing = self
-            .blobs
-            .lock()
-            .unwrap()
-            .get(&f.sha256)
-            .filter(|s| s.layout == f.layout())
-            .map(|s| s.generation);
+        let existing = {
+            let blobs = self.blobs.lock().unwrap();
+            let st = blobs.get(&f.sha256);
+            conflict(st, f)?;
+            st.filter(|s| s.layout == f.layout()).map(|s| s.generation)
+        };
         if let Some(generation) = existing {
             return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
@@ -320,14 +402,13 @@ impl Store {
 
     /// [`Store::prepare`] with `writer` held by the caller.
     fn prepare_locked(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
-        if let Some(st) = self
-            .blobs
-            .lock()
-            .unwrap()
-            .get(&f.sha256)
-            .filter(|s| s.layout == f.layout())
-        {
-            let generation = st.generation;
+        let existing = {
+            let blobs = self.blobs.lock().unwrap();
+            let st = blobs.get(&f.sha256);
+            conflict(st, f)?;
+            st.filter(|s| s.layout == f.layout()).map(|s| s.generation)
+        };
+        if let Some(generation) = existing {
             return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
         // Rows an eviction could not delete must go first: they would name chunks of the new
@@ -345,6 +426,16 @@ impl Store {
             self.used.fetch_sub(old.bytes(), Ordering::Relaxed);
         }
         Ok((fd, generation))
+    }
+
+    /// The cached size of `f`'s blob where it is not `f.size` (see
+    /// [`StoreError::SizeConflict`]); `None` when the cache does not hold the blob or agrees.
+    pub fn size_conflict(&self, f: &FileEntry) -> Option<u64> {
+        let blobs = self.blobs.lock().unwrap();
+        match conflict(blobs.get(&f.sha256), f) {
+            Err(StoreError::SizeConflict { cached, .. }) => Some(cached),
+            _ => None,
+        }
     }
 
     /// Deletes the index rows of evicted blobs that a full disk kept. Under `writer`.
@@ -771,6 +862,48 @@ pub(super) mod tests {
             dir.path().join("v1/blobs").join(&hex[..2]).join(&hex)
         );
         assert!(dir.path().join("v1/index.sqlite").exists());
+    }
+
+    /// A blob is named by its sha256 once and keeps its size: an entry that lists the same
+    /// sha256 at another size is refused and never resizes the file (a reader of the blob,
+    /// e.g. a passthrough open, would be cut short or see zeros).
+    #[test]
+    fn an_entry_of_another_size_never_touches_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        let f = entry(&data, 30);
+        let s = Store::open(dir.path()).unwrap();
+        commit(&s, &f, &data, 0);
+        commit(&s, &f, &data, 3);
+        let mut liar = entry(&data[..50], 30);
+        liar.sha256 = f.sha256;
+        assert_eq!(s.size_conflict(&liar), Some(100));
+        assert_eq!(s.size_conflict(&f), None);
+        let c = VerifiedChunk::verify(
+            liar.chunk_hash,
+            liar.chunks.as_ref().unwrap()[1],
+            Bytes::copy_from_slice(&data[30..50]),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.commit_chunk(&liar, 1, &c),
+            Err(StoreError::SizeConflict {
+                cached: 100,
+                listed: 50,
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.write_unverified(&liar, 0, &data[..50]),
+            Err(StoreError::SizeConflict { .. })
+        ));
+        assert_eq!(std::fs::metadata(s.blob_path(f.sha256)).unwrap().len(), 100);
+        assert!(s.has_chunk(&f, 0) && s.has_chunk(&f, 3));
+        // Once the blob is gone, the other size may take the name.
+        s.evict(f.sha256).unwrap();
+        assert_eq!(s.size_conflict(&liar), None);
+        s.commit_chunk(&liar, 1, &c).unwrap();
+        assert_eq!(std::fs::metadata(s.blob_path(f.sha256)).unwrap().len(), 50);
     }
 
     #[test]
