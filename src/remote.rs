@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, HeaderValue, LINK, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, LINK, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -134,24 +134,9 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500u64 << attempt.saturating_sub(1).min(4))
 }
 
-/// HF_ENDPOINT as a URL, and HF_TOKEN: refused here, naming the variable, rather than as a
-/// `builder error` at the first request.
+/// HF_ENDPOINT as a URL, and HF_TOKEN (see [`crate::source::hub_checked`]).
 fn hub_endpoint() -> anyhow::Result<(Url, Option<String>)> {
-    let (endpoint, token) = crate::source::hub();
-    let url = Url::parse(&endpoint)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
-        .ok_or_else(|| {
-            anyhow!(
-                "HF_ENDPOINT {endpoint:?} is not an http(s) URL with a host (such as https://huggingface.co)"
-            )
-        })?;
-    if let Some(t) = &token
-        && HeaderValue::from_str(&format!("Bearer {t}")).is_err()
-    {
-        bail!("HF_TOKEN holds characters an HTTP header cannot carry (a newline?)");
-    }
-    Ok((url, token))
+    crate::source::hub_checked()
 }
 
 /// `GET /api/models/{repo}/tree/{rev}?recursive=true`, following the `Link: <…>; rel="next"`

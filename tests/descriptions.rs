@@ -104,3 +104,34 @@ fn a_compiled_form_truncated_while_mounted_or_replaced_by_a_fifo_changes_nothing
         "compiled again"
     );
 }
+
+/// An `HF_ENDPOINT` without a scheme is refused at start, naming the variable, instead of a
+/// `builder error` at the first read of an `hf://` source.
+#[test]
+fn a_malformed_hf_endpoint_is_refused_at_start_naming_it() {
+    let work = workdir();
+    let spec = MountSpec::new(work.path(), &fixtures().join("models.toml"))
+        .env("HF_ENDPOINT", "localhost:9");
+    let (mut child, log) = spec.spawn();
+    let status = run_until_exit(&mut child, Duration::from_secs(20));
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("HF_ENDPOINT")
+            && text.contains("localhost:9")
+            && !text.contains("builder error"),
+        "{text}"
+    );
+    assert_eq!(mount_count(&spec.mountpoint), 0, "nothing left mounted");
+}
+
+fn run_until_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

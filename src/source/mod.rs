@@ -243,6 +243,26 @@ pub fn hub() -> (String, Option<String>) {
     (endpoint.trim_end_matches('/').to_string(), token)
 }
 
+/// HF_ENDPOINT as a URL, and HF_TOKEN: refused here, naming the variable, rather than as a
+/// `builder error` at the first request (of a build, or of the daemon's `hf://` sources).
+pub fn hub_checked() -> anyhow::Result<(reqwest::Url, Option<String>)> {
+    let (endpoint, token) = hub();
+    let url = reqwest::Url::parse(&endpoint)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "HF_ENDPOINT {endpoint:?} is not an http(s) URL with a host (such as https://huggingface.co)"
+            )
+        })?;
+    if let Some(t) = &token
+        && reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).is_err()
+    {
+        anyhow::bail!("HF_TOKEN holds characters an HTTP header cannot carry (a newline?)");
+    }
+    Ok((url, token))
+}
+
 /// Hides credentials in a URL: userinfo and query strings (signed URLs).
 pub fn mask_url(url: &str) -> String {
     let mut out = url.to_string();
@@ -285,6 +305,9 @@ type PeerKey = (String, u64, Option<String>);
 
 impl SourceRegistry {
     pub fn new(cfg: &FetchConfig) -> anyhow::Result<SourceRegistry> {
+        // `hf://` sources read the Hub's variables when they are first used: a malformed one
+        // is refused at start, not answered `builder error` at a first read.
+        hub_checked()?;
         Ok(SourceRegistry {
             client: http_client(cfg, cfg.request_timeout())?,
             by_url: Mutex::new(HashMap::new()),
