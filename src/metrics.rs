@@ -70,11 +70,11 @@ pub struct Metrics {
     /// Errors by `kind`: source, integrity, read_timeout, read, store, verify.
     pub errors: IntCounterVec,
     pub storage_used: IntGauge,
-    /// Cache capacity. A gauge: it is set, and goes down when a reload lowers `gc.max_bytes`
-    /// (as a counter, Prometheus and every type-aware consumer would read that as a reset).
-    /// The runbook's name is kept although it ends in `_total`, which costs one
-    /// `promtool check metrics` lint warning (docs/METRICS.md).
-    pub storage_total: IntGauge,
+    /// Cache capacity. A gauge: it is set, and goes down when a reload lowers `gc.max_bytes`.
+    /// Exported as `model_storage_capacity_bytes`: the runbook's `model_storage_bytes_total`
+    /// is a counter's name (promtool refuses it on a gauge), and lives on as a recording rule
+    /// (ops/prometheus/wan-recording.yml) for the dashboards and queries that use it.
+    pub storage_capacity: IntGauge,
     /// Chunk fetches in flight.
     pub downloads_active: IntGauge,
     pub cache_hits: IntCounter,
@@ -123,8 +123,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "model_storage_bytes_used",
         "Verified bytes held in the cache.",
     ),
-    storage_total: gauge(
-        "model_storage_bytes_total",
+    storage_capacity: gauge(
+        "model_storage_capacity_bytes",
         "Cache capacity in bytes: gc.max_bytes if set, else the size of the cache's filesystem (set, not accumulated).",
     ),
     downloads_active: gauge("model_downloads_active", "Chunk fetches in flight."),
@@ -256,7 +256,7 @@ mod tests {
             "model_downloads_total",
             "model_errors_total",
             "model_storage_bytes_used",
-            "model_storage_bytes_total",
+            "model_storage_capacity_bytes",
             "model_downloads_active",
             "wan_cache_hits_total",
         ] {
@@ -282,14 +282,23 @@ mod tests {
     }
 
     #[test]
-    fn storage_capacity_is_a_gauge() {
-        super::METRICS.storage_total.set(10);
-        super::METRICS.storage_total.set(4);
+    fn storage_capacity_is_a_gauge_under_a_gauge_name() {
+        super::METRICS.storage_capacity.set(10);
+        super::METRICS.storage_capacity.set(4);
         let text = super::render();
         assert!(
-            text.contains("# TYPE model_storage_bytes_total gauge"),
+            text.contains("# TYPE model_storage_capacity_bytes gauge"),
             "{text}"
         );
-        assert!(text.contains("model_storage_bytes_total 4"), "{text}");
+        assert!(text.contains("model_storage_capacity_bytes 4"), "{text}");
+        // promtool: "non-counter metrics should not have \"_total\" suffix".
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut words = line.split(' ').skip(2);
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            assert!(
+                kind == "counter" || !name.ends_with("_total"),
+                "{kind} {name} ends in _total"
+            );
+        }
     }
 }

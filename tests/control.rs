@@ -1187,7 +1187,7 @@ fn promtool_accepts_the_metrics() {
             "model_download_duration_seconds",
             "model_errors_total",
             "model_storage_bytes_used",
-            "model_storage_bytes_total",
+            "model_storage_capacity_bytes",
             "model_downloads_active",
             "wan_cache_hits_total",
             "wan_cache_misses_total",
@@ -1225,14 +1225,9 @@ fn promtool_accepts_the_metrics() {
             .write_all(text.as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
-        // The one accepted lint (exit 3): the runbook's `model_storage_bytes_total` is a gauge
-        // despite its `_total` suffix (docs/METRICS.md). Anything else fails.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let only_known_lint = out.status.code() == Some(3) && stderr.lines().all(|l| {
-            l == "model_storage_bytes_total non-counter metrics should not have \"_total\" suffix"
-        });
+        // No lint accepted: a warning (exit 3) fails as an error does.
         assert!(
-            out.status.success() || only_known_lint,
+            out.status.success() && out.stderr.is_empty(),
             "promtool check metrics refused {what} ({}):\n{}{}",
             out.status,
             String::from_utf8_lossy(&out.stdout),

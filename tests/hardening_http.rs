@@ -335,7 +335,7 @@ fn metrics_show_alert_series_at_zero_from_the_start() {
         assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
     }
     assert!(
-        text.contains("# TYPE model_storage_bytes_total gauge"),
+        text.contains("# TYPE model_storage_capacity_bytes gauge"),
         "capacity is not a gauge:\n{text}"
     );
 

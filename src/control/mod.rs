@@ -351,7 +351,7 @@ impl Control {
             100.0
         };
         METRICS.storage_used.set(used as i64);
-        METRICS.storage_total.set(cap as i64);
+        METRICS.storage_capacity.set(cap as i64);
         (used, cap, free_pct)
     }
 
