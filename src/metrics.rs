@@ -151,7 +151,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     source_requests: counter_vec(
         "wan_source_requests_total",
-        "Requests to each source by result (ok|error|miss: a peer without the chunk).",
+        "Requests to each source by result (ok|error|wrong_bytes: delivered bytes that failed verification|miss: a peer without the chunk).",
         &["source", "result"],
     ),
     source_kind_bytes: counter_vec(
@@ -209,6 +209,18 @@ pub const ERROR_KINDS: [&str; 6] = [
 
 /// Every `status` of `model_downloads_total`.
 pub const DOWNLOAD_STATUSES: [&str; 2] = ["success", "failed"];
+
+/// The `result` of a request in `wan_source_requests_total`.
+pub mod source_result {
+    /// Delivered bytes that verified, or that no check judged (a sibling part failed first).
+    pub const OK: &str = "ok";
+    /// Failed: an error status, a reset, a timeout.
+    pub const ERROR: &str = "error";
+    /// Delivered bytes of a chunk (or whole file) that did not match its digest.
+    pub const WRONG_BYTES: &str = "wrong_bytes";
+    /// A peer that does not hold the chunk (404): not an error.
+    pub const MISS: &str = "miss";
+}
 
 /// Creates every documented label set of the alerting counters at 0: the error kinds, and both
 /// download statuses of each of `models`. A series that first appears at its first increment

@@ -6,12 +6,13 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk, blocks_fit};
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, source_result};
 use crate::source::{SourceError, SourceHandle};
 
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
@@ -52,6 +53,52 @@ fn part_len(base: u64, rate: Option<f64>, prio: Priority, len: u64) -> usize {
     };
     let k = (rate * PART_SECS / base as f64) as u64;
     (base * k.clamp(1, len.div_ceil(base).max(1))) as usize
+}
+
+/// Requests to one source that delivered their bytes, not judged yet: a request is counted in
+/// `wan_source_requests_total` only once the chunk (or whole file) it was part of is checked,
+/// so a source that sends wrong bytes is not counted `ok`. Dropped, they count `ok` (verified,
+/// or thrown away unjudged because another part failed); [`Delivered::wrong_bytes`] counts them
+/// `wrong_bytes` instead.
+#[must_use = "counted as ok when dropped: call wrong_bytes for a digest mismatch"]
+pub(super) struct Delivered {
+    source: String,
+    requests: u64,
+}
+
+impl Delivered {
+    pub(super) fn new(src: &SourceHandle, requests: u64) -> Delivered {
+        Delivered {
+            source: src.name.clone(),
+            requests,
+        }
+    }
+
+    /// Adds `other`'s requests (of the same source) to these.
+    pub(super) fn merge(&mut self, mut other: Delivered) {
+        self.requests += std::mem::take(&mut other.requests);
+    }
+
+    /// What these requests delivered did not match its digest.
+    pub(super) fn wrong_bytes(mut self) {
+        self.count(source_result::WRONG_BYTES);
+    }
+
+    fn count(&mut self, result: &str) {
+        let n = std::mem::take(&mut self.requests);
+        if n > 0 {
+            METRICS
+                .source_requests
+                .with_label_values(&[&self.source, result])
+                .inc_by(n);
+        }
+    }
+}
+
+impl Drop for Delivered {
+    fn drop(&mut self) {
+        self.count(source_result::OK);
+    }
 }
 
 impl Fetcher {
@@ -136,7 +183,7 @@ impl Fetcher {
                     ),
                 )
                 .await;
-                let (bytes, landed) = match got {
+                let (bytes, landed, delivered) = match got {
                     Err(_) => {
                         // A source that cannot answer in time is failing, as much as one that errs.
                         src.record_failure(src.peer, self.cooldown_of(&src));
@@ -172,6 +219,7 @@ impl Fetcher {
                 };
                 match verified {
                     Ok(chunk) => {
+                        drop(delivered);
                         src.record_success();
                         return Ok(chunk);
                     }
@@ -179,6 +227,7 @@ impl Fetcher {
                         if !src.peer {
                             transient = false;
                         }
+                        delivered.wrong_bytes();
                         self.integrity_failure(&src);
                         tracing::error!(source = %src.name, file = %what, %mismatch,
                             "integrity failure: source sent wrong bytes; discarded, trying the next source");
@@ -244,7 +293,8 @@ impl Fetcher {
     /// With `hash` (the range is one chunk), the bytes are hashed as they land and what each
     /// part hashed comes back with them, for [`VerifiedChunk::verify_landed`]; empty where
     /// they could not be (parallel parts of a sha256 chunk, or of a `part_size_kib` that is
-    /// not a power of two), to be hashed after.
+    /// not a power of two), to be hashed after. The requests that delivered the parts come
+    /// back as [`Delivered`], for the caller to count once it has checked the bytes.
     pub(super) async fn fetch_range(
         &self,
         src: &SourceHandle,
@@ -253,7 +303,7 @@ impl Fetcher {
         prio: Priority,
         attempts: u32,
         hash: Option<ChunkHash>,
-    ) -> Result<(Bytes, Vec<Hashed>), SourceError> {
+    ) -> Result<(Bytes, Vec<Hashed>, Delivered), SourceError> {
         let part = part_len(
             self.cfg.part_size(),
             src.rate(),
@@ -276,23 +326,34 @@ impl Fetcher {
         // From the pool, not zeroed: the parts below overwrite every byte or the fetch fails,
         // and the bytes are hashed before anyone sees them.
         let mut buf = self.bufs.take(len);
+        // Parts that delivered: if another fails, theirs are dropped unjudged (counted `ok`).
+        let delivered = AtomicU64::new(0);
         // Each part lands directly in its own slice of the chunk buffer: no reassembly copy.
         let landed =
             futures::future::try_join_all(buf.as_mut_slice().chunks_mut(part).enumerate().map(
                 |(i, slice)| {
                     let start = range.start + (i * part) as u64;
                     let r = start..start + slice.len() as u64;
-                    self.fetch_part(src, path, r, prio, attempts, landing(i), slice)
+                    let delivered = &delivered;
+                    async move {
+                        let hashed = self
+                            .fetch_part(src, path, r, prio, attempts, landing(i), slice)
+                            .await?;
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        Ok(hashed)
+                    }
                 },
             ))
-            .await?;
+            .await;
+        let delivered = Delivered::new(src, delivered.into_inner());
         // All or nothing: a part without its hashes leaves the whole chunk to be hashed after.
-        let landed = landed.into_iter().collect::<Option<Vec<_>>>();
-        Ok((buf.freeze(), landed.unwrap_or_default()))
+        let landed = landed?.into_iter().collect::<Option<Vec<_>>>();
+        Ok((buf.freeze(), landed.unwrap_or_default(), delivered))
     }
 
     /// One request's bytes into `buf`, hashed as they land as `landing` says (each attempt
-    /// starts its hashing over, as it starts its bytes over).
+    /// starts its hashing over, as it starts its bytes over). A request that delivered is
+    /// counted by the caller, once the bytes are checked ([`Delivered`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_part(
         &self,
@@ -345,24 +406,20 @@ impl Fetcher {
                         .source_kind_bytes
                         .with_label_values(&[src.kind()])
                         .inc_by(buf.len() as u64);
-                    METRICS
-                        .source_requests
-                        .with_label_values(&[&src.name, "ok"])
-                        .inc();
                     return Ok(hashed);
                 }
                 Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
                     // A peer without the chunk: a miss, not an error.
                     METRICS
                         .source_requests
-                        .with_label_values(&[&src.name, "miss"])
+                        .with_label_values(&[&src.name, source_result::MISS])
                         .inc();
                     return Err(e);
                 }
                 Err(e) => {
                     METRICS
                         .source_requests
-                        .with_label_values(&[&src.name, "error"])
+                        .with_label_values(&[&src.name, source_result::ERROR])
                         .inc();
                     METRICS.errors.with_label_values(&["source"]).inc();
                     tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
@@ -408,7 +465,7 @@ mod tests {
         let src = SourceHandle::new("mock".into(), Box::new(mock.clone()));
         let all = 0..data.len() as u64;
         let blake3 = Some(ChunkHash::Blake3);
-        let (bytes, landed) = fetcher
+        let (bytes, landed, _) = fetcher
             .fetch_range(&src, "f", all.clone(), Priority::OnDemand, 3, blake3)
             .await
             .unwrap();
@@ -432,7 +489,7 @@ mod tests {
         let chunk = VerifiedChunk::verify_landed(ChunkHash::Blake3, want, bytes, &landed);
         assert_eq!(chunk.expect("the joined root").bytes(), &data[..]);
 
-        let (_, landed) = fetcher
+        let (_, landed, _) = fetcher
             .fetch_range(
                 &src,
                 "f",

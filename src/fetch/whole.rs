@@ -12,6 +12,7 @@ use crate::chunk::Mismatch;
 use crate::manifest::FileEntry;
 use crate::source::{SourceError, SourceHandle};
 
+use super::attempt::Delivered;
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, kib};
 
 /// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
@@ -63,14 +64,15 @@ impl Fetcher {
     }
 
     /// Fetches chunks `idx` of a whole-only file from `src` in parallel and writes them,
-    /// unverified, into its blob; returns the blob generation each write found.
+    /// unverified, into its blob; returns the blob generation each write found, and the
+    /// requests that delivered them (counted once the whole file is checked).
     async fn write_whole_parts(
         &self,
         src: &Arc<SourceHandle>,
         f: &FileEntry,
         chunks: Vec<u64>,
         attempts: u32,
-    ) -> Result<Vec<u64>, SourceError> {
+    ) -> Result<(Vec<u64>, Delivered), SourceError> {
         let layout = f.layout();
         let parallel = (self.cfg.connections / 2).max(1);
         let hex = f.sha256.to_hex();
@@ -84,18 +86,28 @@ impl Fetcher {
                     .await
                     .expect("open");
                 // Whole-only: verified by the file's sha256 once every part is in the blob.
-                let (bytes, _) = self
+                let (bytes, _, delivered) = self
                     .fetch_range(src, at, r.clone(), Priority::OnDemand, attempts, None)
                     .await?;
                 let store = self.store.clone();
                 let entry = f.clone();
-                tokio::task::spawn_blocking(move || store.write_unverified(&entry, r.start, &bytes))
-                    .await
-                    .map_err(|e| SourceError::Transport(e.to_string()))?
-                    .map_err(|e| SourceError::Transport(format!("cache write: {e}")))
+                let generation = tokio::task::spawn_blocking(move || {
+                    store.write_unverified(&entry, r.start, &bytes)
+                })
+                .await
+                .map_err(|e| SourceError::Transport(e.to_string()))?
+                .map_err(|e| SourceError::Transport(format!("cache write: {e}")))?;
+                Ok((generation, delivered))
             })
             .buffer_unordered(parallel)
-            .try_collect::<Vec<u64>>()
+            .try_fold(
+                (Vec::new(), Delivered::new(src, 0)),
+                |(mut gens, mut all), (generation, delivered)| async move {
+                    gens.push(generation);
+                    all.merge(delivered);
+                    Ok((gens, all))
+                },
+            )
             .await
     }
 
@@ -121,12 +133,12 @@ impl Fetcher {
                 let missing = self.store.missing(f, 0..layout.count());
                 kept_any = (missing.len() as u64) < layout.count();
                 let written = self.write_whole_parts(&src, f, missing, attempts).await;
-                let generation = match written {
-                    Ok(gens) if gens.windows(2).any(|w| w[0] != w[1]) => {
+                let (generation, delivered) = match written {
+                    Ok((gens, _)) if gens.windows(2).any(|w| w[0] != w[1]) => {
                         // Evicted and created again while the parts were being written.
                         return Err(FetchError::Evicted);
                     }
-                    Ok(gens) => gens.first().copied(),
+                    Ok((gens, delivered)) => (gens.first().copied(), delivered),
                     Err(e) => {
                         self.source_failed(&src, &e);
                         tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
@@ -145,6 +157,7 @@ impl Fetcher {
                             e => FetchError::Store(e.to_string()),
                         })?;
                 if actual == f.sha256 {
+                    drop(delivered);
                     src.record_success();
                     self.completed(file);
                     return Ok(());
@@ -159,6 +172,7 @@ impl Fetcher {
                         .map_err(|e| FetchError::Store(e.to_string()))?;
                     continue;
                 }
+                delivered.wrong_bytes();
                 self.integrity_failure(&src);
                 tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
                     "integrity failure: whole file does not match its sha256; discarded, trying the next source");
