@@ -2,9 +2,10 @@
 //!
 //! The runbook's names are kept as they were (`model_downloads_total`, …); everything else is
 //! `wan_*`. Handles are process-wide statics so any module can count without plumbing; the
-//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`. The series the documented
-//! alerts watch are created at 0 for every model ([`register_models`]), so alerts see a first
-//! failure.
+//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`. Every labelled series whose
+//! labels are known in advance is created at 0 before its first event: per model
+//! ([`register_models`]), per source ([`register_source`]) and per FUSE operation, so an
+//! `increase()` sees the first event too. Every name passes `promtool check metrics`.
 
 use std::sync::LazyLock;
 
@@ -222,11 +223,25 @@ pub mod source_result {
     pub const MISS: &str = "miss";
 }
 
-/// Creates every documented label set of the alerting counters at 0: the error kinds, and both
-/// download statuses of each of `models`. A series that first appears at its first increment
-/// has no earlier sample, so `increase()` over it stays 0 and the documented alerts would never
-/// fire for a first failure. Called at start and for the models a reload adds (a model a reload
-/// removes keeps its series: counters count since the daemon started).
+/// Every `op` of `wan_fuse_request_seconds` and `wan_fuse_errors_total`.
+pub const FUSE_OPS: [&str; 9] = [
+    "lookup",
+    "getattr",
+    "open",
+    "read",
+    "release",
+    "readdir",
+    "statfs",
+    "getxattr",
+    "listxattr",
+];
+
+/// Creates every documented label set known at start at 0: the error kinds, the source kinds,
+/// the peer results, the FUSE operations, and for each of `models` both download statuses and
+/// its download-duration histogram. A series that first appears at its first event has no
+/// earlier sample, so `increase()` over it stays 0 and an alert would miss that first event.
+/// Called at start and for the models a reload adds (a model a reload removes keeps its
+/// series: counters count since the daemon started).
 pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     for kind in ERROR_KINDS {
         METRICS.errors.with_label_values(&[kind]);
@@ -237,10 +252,31 @@ pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     for result in ["hit", "miss"] {
         METRICS.peer_requests.with_label_values(&[result]);
     }
+    for op in FUSE_OPS {
+        METRICS.fuse_seconds.with_label_values(&[op]);
+        METRICS.fuse_errors.with_label_values(&[op]);
+    }
     for model in models {
         for status in DOWNLOAD_STATUSES {
             METRICS.downloads.with_label_values(&[model, status]);
         }
+        METRICS.download_seconds.with_label_values(&[model]);
+    }
+}
+
+/// Creates the series of one source at 0: its bytes and each `result` its requests can have
+/// (`miss` only for a peer). Called where a source's handle is built: at start and at the
+/// reload that adds it.
+pub fn register_source(name: &str, peer: bool) {
+    use source_result::*;
+    METRICS.source_bytes.with_label_values(&[name]);
+    let results: &[&str] = if peer {
+        &[OK, ERROR, WRONG_BYTES, MISS]
+    } else {
+        &[OK, ERROR, WRONG_BYTES]
+    };
+    for result in results {
+        METRICS.source_requests.with_label_values(&[name, result]);
     }
 }
 
@@ -279,12 +315,23 @@ mod tests {
     #[test]
     fn registered_models_show_every_documented_series_at_zero() {
         super::register_models(["zero@1.0.0"]);
+        super::register_source("https://zero.example/m", false);
+        super::register_source("peer http://10.9.9.9:8000", true);
         let text = super::render();
         for line in [
             "model_downloads_total{model=\"zero@1.0.0\",status=\"success\"} 0",
             "model_downloads_total{model=\"zero@1.0.0\",status=\"failed\"} 0",
+            "model_download_duration_seconds_bucket{model=\"zero@1.0.0\",le=\"104.8576\"} 0",
+            "model_download_duration_seconds_count{model=\"zero@1.0.0\"} 0",
             "model_errors_total{kind=\"read_timeout\"}",
             "model_errors_total{kind=\"store\"}",
+            "wan_source_bytes_total{source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"error\",source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"ok\",source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"wrong_bytes\",source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"miss\",source=\"peer http://10.9.9.9:8000\"} 0",
+            "wan_fuse_errors_total{op=\"listxattr\"}",
+            "wan_fuse_request_seconds_count{op=\"statfs\"}",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(line)),
@@ -312,5 +359,12 @@ mod tests {
                 "{kind} {name} ends in _total"
             );
         }
+    }
+
+    #[test]
+    fn a_source_that_is_not_a_peer_has_no_miss_series() {
+        super::register_source("https://nomiss.example/m", false);
+        let text = super::render();
+        assert!(!text.contains("result=\"miss\",source=\"https://nomiss.example/m\""));
     }
 }
