@@ -468,3 +468,27 @@ fn gc_runs_soon_after_reads_cross_the_high_watermark() {
         );
     }
 }
+
+/// A file name from the manifest (a Hub listing can carry any Unicode) with a line separator
+/// and a right-to-left override: the log line that names it stays one line, reads in order,
+/// and names it escaped, in full.
+#[test]
+fn names_from_the_manifest_reach_the_log_escaped() {
+    let name = "odd\u{2028}name\u{202e}.bin";
+    let setup = GenSetup::new(&[(name, 4096)], 1 << 20, 31);
+    let m = Mount::start(setup.spec(WanConfig::default()));
+    let got = std::fs::read(setup.mounted(&m, name)).unwrap();
+    assert_bytes_eq(&got, setup.data(name), "odd name");
+    wait_log(&m, "download completed");
+    let log = m.log();
+    assert!(
+        !log.contains(['\u{2028}', '\u{202e}']),
+        "a raw separator or override in the log:\n{log:?}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("download completed")
+                && l.contains(r"file=odd\u{2028}name\u{202e}.bin")),
+        "{log}"
+    );
+}
