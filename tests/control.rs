@@ -1660,6 +1660,56 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// What `wan models` prints is what is so: `status --critical-only` with nothing pinned fails
+/// rather than passing vacuously; a verify of a COMPLETE model ends at 100 % (t2v holds two
+/// identical configs, checked once); today's storage row includes what was fetched since the
+/// daemon's first hourly sample (taken at start, of an empty cache).
+#[test]
+fn cli_output_tells_the_truth() {
+    let work = workdir();
+    let manifest = fixture_manifest(work.path());
+    let unpinned = fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("pinned = true\n", "");
+    fs::write(&manifest, unpinned).unwrap();
+    let d = Daemon::start(work.path(), &manifest, &Opts::default());
+    let cli = d.cli();
+
+    let r = cli.run(&["status", "--critical-only"]).fails();
+    assert!(r.stderr.contains("no model is pinned"), "{}", r.stderr);
+    let r = cli.run(&["--json", "status", "--critical-only"]).fails();
+    assert_eq!(r.json(), json!([]));
+    cli.run(&["pin", T2V]).ok();
+    cli.run(&["status", "--critical-only"]).ok();
+
+    cli.run(&["ensure", "--only", T2V]).ok();
+    let r = cli.run(&["verify", "--only", T2V]).ok();
+    let last = r
+        .stderr
+        .lines()
+        .rfind(|l| l.starts_with(&format!("verify {T2V}:")))
+        .unwrap_or_else(|| panic!("no progress line:\n{}", r.stderr));
+    assert!(
+        last.contains(": 100% ") && last.ends_with("(done)"),
+        "a finished verify of a COMPLETE model: {last}"
+    );
+
+    let st = cli.run(&["--json", "report", "--storage"]).ok().json();
+    let used = st["current"]["used_bytes"].as_u64().unwrap();
+    assert_eq!(used, T2V_BYTES, "{st:#}");
+    let (day, today) = st["days"]
+        .as_object()
+        .and_then(|d| d.iter().next_back())
+        .unwrap_or_else(|| panic!("no day rows: {st:#}"));
+    assert_eq!(today["max_used"].as_u64(), Some(used), "{day}: {st:#}");
+    let table = cli.run(&["report", "--storage"]).ok().stdout;
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(day.as_str()))
+        .unwrap_or_else(|| panic!("no row for {day}:\n{table}"));
+    assert!(row.contains("2.5 MiB"), "today's max: {row}");
+}
+
 #[test]
 fn daily_report_shows_real_downloads() {
     let sizes = [
