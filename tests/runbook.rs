@@ -1,7 +1,9 @@
 //! The docs as written, against the code: every command line of docs/OPERATIONS.md's `sh`
 //! blocks, in the runbook's order, with the real `wan` binary, curl and jq against a real
 //! mounted daemon (a line either runs and must exit 0, or is skipped by a rule below that says
-//! why).
+//! why); CONFIGURATION.md's examples of what `wan config check` reports; and its tables of
+//! environment variables, against every `WAN_*` override the configuration accepts and every
+//! variable the code reads.
 //!
 //! The runbook names host paths; here they live under the test's work dir `W` (see
 //! [`Runbook::substitutions`]): `/etc/wan22/` is `W/etc/`, `/data/models` the test's mount,
@@ -453,4 +455,153 @@ fn every_command_line_of_the_runbook_runs_as_written() {
     }
     eprintln!("{ran} lines run, {skipped} skipped");
     assert!(ran >= 80, "only {ran} runbook lines ran");
+}
+
+/// The example errors CONFIGURATION.md shows for `wan config check` are what it prints: each
+/// line of the "More examples" block, with the input that makes it (`…` stands for text the
+/// doc leaves out, `bad.toml` for the file's path).
+#[test]
+fn the_config_check_examples_are_what_it_prints() {
+    let text = doc("CONFIGURATION.md");
+    let examples = blocks(&text, "")
+        .into_iter()
+        .find(|b| b.iter().any(|(_, l)| l.starts_with("bad.toml: ")))
+        .expect("CONFIGURATION.md's block of config check examples");
+    let dir = tempfile::tempdir().unwrap();
+    // Each example: the file's text (None: a file that does not exist) and the environment.
+    let input = |line: &str| -> (Option<&str>, Vec<(&str, &str)>) {
+        match line {
+            l if l.contains("invalid type: string \"lots\", expected u64") => {
+                (Some("[gc]\nmax_bytes = \"lots\"\n"), vec![])
+            }
+            l if l.contains("fetch.read_timeout_secs") => {
+                (Some("[fetch]\nread_timeout_secs = 0\n"), vec![])
+            }
+            l if l.contains("gc.min_free_percent") => {
+                (Some("[gc]\nmin_free_percent = 100\n"), vec![])
+            }
+            l if l.contains("unknown field `token`") => (Some("[http]\ntoken = \"x\"\n"), vec![]),
+            l if l.contains("watermarks") => (Some(""), vec![("WAN_GC_HIGH_WATERMARK", "0.7")]),
+            l if l.contains("http.addr") => (Some(""), vec![("WAN_HTTP_ADDR", "localhost:8000")]),
+            l if l.contains("cannot read") => (None, vec![]),
+            l => panic!("CONFIGURATION.md shows {l:?}: add the input that makes it to this test"),
+        }
+    };
+    for (n, line) in &examples {
+        let (file, env) = input(line);
+        let path = match file {
+            Some(text) => {
+                let p = dir.path().join("bad.toml");
+                fs::write(&p, text).unwrap();
+                p
+            }
+            None => dir.path().join("missing.toml"),
+        };
+        let mut cmd = Command::new(wan_bin());
+        cmd.args(["config", "check"]).arg(&path);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("WAN_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = run_with_timeout(cmd, Duration::from_secs(10));
+        let err = String::from_utf8_lossy(&out.stderr).replace('\n', " ");
+        let want = line
+            .replace("bad.toml", &path.display().to_string())
+            .replace("/etc/wan22/missing.toml", &path.display().to_string());
+        let parts: Vec<&str> = want.split(" … ").collect();
+        let mut at = 0;
+        for part in &parts {
+            match err[at..].find(part) {
+                Some(i) => at += i + part.len(),
+                None => panic!(
+                    "CONFIGURATION.md:{n} shows {line:?}\nwan config check printed: {err}\n(missing {part:?})"
+                ),
+            }
+        }
+        assert_eq!(out.status.code(), Some(1), "CONFIGURATION.md:{n}: {err}");
+    }
+}
+
+/// Every `WAN_*` override the configuration accepts (one per key of every section, as
+/// `Config::with_env` reads them) is in CONFIGURATION.md's table, and so is every other
+/// variable the code reads by name.
+#[test]
+fn every_environment_variable_is_documented() {
+    let text = doc("CONFIGURATION.md");
+    let env = &text[text.find("## Environment").expect("an Environment section")..];
+    let env = &env[..env[3..].find("\n## ").map_or(env.len(), |i| i + 3)];
+    let tree = toml::Value::try_from(wanfs::config::Config::default()).unwrap();
+    let mut names = vec![
+        "WAN_MOUNTPOINT".to_owned(),
+        "WAN_MANIFEST".to_owned(),
+        "WAN_CACHE_DIR".to_owned(),
+        // An Option the defaults leave unset, so absent from the tree.
+        "WAN_MOUNT_ALLOW_OTHER".to_owned(),
+    ];
+    for (section, keys) in tree.as_table().unwrap() {
+        let Some(keys) = keys.as_table() else {
+            continue;
+        };
+        for key in keys.keys() {
+            names.push(format!("WAN_{}_{}", section, key).to_ascii_uppercase());
+        }
+    }
+    // Each is an override the code accepts: a value of the wrong type is refused by name.
+    for name in &names {
+        let key = name.trim_start_matches("WAN_").to_ascii_lowercase();
+        let accepted = wanfs::config::Config::default()
+            .with_env([(name.clone(), "[1, 2]".to_owned())])
+            .map(|c| toml::Value::try_from(c).unwrap() != tree);
+        assert!(
+            matches!(accepted, Ok(true) | Err(_)),
+            "{name} ({key}) is not an override the configuration takes"
+        );
+    }
+    // Every variable the code reads by name.
+    let mut read = Vec::new();
+    let mut stack = vec![repo().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let src = fs::read_to_string(&p).unwrap();
+            for call in ["var(\"", "var_os(\"", "try_from_env(\""] {
+                for piece in src.split(call).skip(1) {
+                    let name: String = piece
+                        .chars()
+                        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && piece[name.len()..].starts_with('"') {
+                        read.push(name);
+                    }
+                }
+            }
+        }
+    }
+    assert!(read.iter().any(|n| n == "HF_TOKEN"), "found {read:?}");
+    // The token variable's default name and the S3 credentials, read by the S3 client.
+    names.extend(
+        [
+            "WAN_HTTP_TOKEN",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ]
+        .map(String::from),
+    );
+    names.extend(read);
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !env.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "CONFIGURATION.md's Environment section leaves out {missing:?}"
+    );
 }
