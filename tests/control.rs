@@ -616,6 +616,45 @@ fn report_sum(report: &Value, key: &str, field: &str) -> u64 {
 // .wan/ control files
 // ---------------------------------------------------------------------------------------------
 
+/// Reading a write file tells how to use it, as a shell line: filled in (the first of each
+/// `a|b` choice, a model for `MODEL_ID...`, no optional flags), it is accepted. `gc` takes a
+/// mode, not a model.
+#[test]
+fn write_files_say_what_they_take() {
+    let work = workdir();
+    let manifest = fixture_manifest(work.path());
+    let d = Daemon::start(work.path(), &manifest, &Opts::default());
+    for name in [
+        "ensure",
+        "verify",
+        "gc",
+        "pin",
+        "unpin",
+        "evict",
+        "mark-corrupted",
+    ] {
+        let usage = ctl_read(&d.ctl(name));
+        let arg = usage
+            .strip_prefix("write to act: echo \"")
+            .and_then(|r| r.split_once(&format!("\" > .wan/{name}\n")))
+            .map(|(arg, _)| arg)
+            .unwrap_or_else(|| panic!(".wan/{name} says {usage:?}"));
+        let filled: Vec<String> = arg
+            .split(' ')
+            .filter(|w| !w.starts_with('['))
+            .map(|w| match w {
+                "MODEL_ID..." => TI2V.to_owned(),
+                w => w.split('|').next().unwrap().to_owned(),
+            })
+            .collect();
+        assert_eq!(name == "gc", !arg.contains("MODEL_ID"), "{name}: {usage}");
+        ctl_write(&d.ctl(name), &filled.join(" "))
+            .unwrap_or_else(|e| panic!(".wan/{name} said {usage:?}; {filled:?} was refused: {e}"));
+        d.api()
+            .wait_model(TI2V, "its job to end", |m| m["job"]["state"] != "running");
+    }
+}
+
 #[test]
 fn control_files_read_and_write() {
     let work = workdir();
