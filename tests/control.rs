@@ -655,6 +655,36 @@ fn write_files_say_what_they_take() {
     }
 }
 
+/// EBUSY means a job of any kind already runs for the model, a second verify included; only a
+/// second ensure of a model that is ensuring is accepted (and left to the one running).
+#[test]
+fn a_write_for_a_model_with_a_job_running_is_busy_but_a_second_ensure() {
+    let setup = GenSetup::new(&[("a.bin", 2 * CS as usize)], CS, 4502);
+    let d = Daemon::start(setup.work.path(), &setup.manifest, &Opts::default());
+    let api = d.api();
+    let busy = |name: &str| match ctl_write(&d.ctl(name), GEN) {
+        Ok(()) => panic!(".wan/{name} accepted {GEN} while a job runs"),
+        Err(e) => assert_eq!(errno(&e), libc::EBUSY, ".wan/{name}: {e}"),
+    };
+    let idle = || api.wait_model(GEN, "idle", |m| m["job"]["state"] != "running");
+    // Every request takes 2 s, so each job below runs at least that long.
+    setup
+        .origin
+        .add_fault(Fault::Delay(Duration::from_secs(2)), None, None);
+    ctl_write(&d.ctl("ensure"), GEN).expect("an ensure");
+    ctl_write(&d.ctl("ensure"), GEN).expect("a second ensure is left to the first");
+    busy("verify");
+    busy("evict");
+    assert_eq!(idle()["job"]["state"], "done");
+    // A repairing verify fetches the chunk it finds corrupt: slowly.
+    let blob = CacheView::new(&d.cache).blob_path(&setup.file("a.bin").sha256);
+    flip_byte(&blob, 10);
+    ctl_write(&d.ctl("verify"), GEN).expect("a verify");
+    busy("verify");
+    busy("ensure");
+    assert_eq!(idle()["job"]["state"], "done");
+}
+
 #[test]
 fn control_files_read_and_write() {
     let work = workdir();
