@@ -605,3 +605,73 @@ fn every_environment_variable_is_documented() {
         "CONFIGURATION.md's Environment section leaves out {missing:?}"
     );
 }
+
+/// OPERATIONS.md §9's examples of what `wan cache rebuild-index` prints, as text and with
+/// `--json`, are its output (digits stand for any number).
+#[test]
+fn rebuild_index_prints_what_the_runbook_shows() {
+    let text = doc("OPERATIONS.md");
+    let at = text
+        .find("`rebuild-index` prints what it adopted")
+        .expect("§9's rebuild-index paragraph");
+    let para = &text[at..at + text[at..].find("\n\n").unwrap()];
+    let examples: Vec<&str> = para.split('`').skip(1).step_by(2).collect();
+    let shown_text = examples
+        .iter()
+        .find(|e| e.starts_with("index rebuilt:"))
+        .unwrap_or_else(|| panic!("no text example in {para:?}"));
+    let shown_json = examples
+        .iter()
+        .find(|e| e.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON example in {para:?}"));
+
+    let setup = GenSetup::new(&[("a.bin", 3 << 20)], 1 << 20, 33);
+    let m = Mount::start(setup.spec(WanConfig::default()));
+    std::fs::read(setup.mounted(&m, "a.bin")).unwrap();
+    let spec = m.spec.clone();
+    assert!(m.stop().success());
+    let rebuild = |json: bool| {
+        let mut args = vec!["cache".to_owned(), "rebuild-index".to_owned()];
+        args.extend(["--manifest".to_owned(), spec.manifest.display().to_string()]);
+        args.extend([
+            "--cache-dir".to_owned(),
+            spec.cache_dir.display().to_string(),
+        ]);
+        if json {
+            args.push("--json".to_owned());
+        }
+        let out = run_wan(&args, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let digits = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_digit() { '0' } else { c })
+            .collect::<String>()
+            .split('0')
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("N")
+    };
+    let printed = rebuild(false);
+    assert_eq!(
+        digits(printed.trim()),
+        digits(shown_text),
+        "prints {printed:?}; OPERATIONS.md shows {shown_text:?}"
+    );
+    let printed: serde_json::Value = serde_json::from_str(&rebuild(true)).expect("JSON");
+    let shown: serde_json::Value = serde_json::from_str(shown_json).expect("the doc's JSON");
+    let keys = |v: &serde_json::Value| {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(keys(&printed), keys(&shown), "{printed}");
+    assert_eq!(printed["blobs_adopted"], 1, "{printed}");
+}
