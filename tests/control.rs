@@ -1933,6 +1933,31 @@ fn health_is_degraded_while_a_source_fails() {
     );
 }
 
+/// A source that accepts requests and never answers (a hung proxy): the read fails with EIO at
+/// `read_timeout_secs`, and the source counts as failing, so health turns `degraded` (the
+/// runbook's "stuck fetches" once said health could stay `healthy`).
+#[test]
+fn health_is_degraded_while_a_source_hangs() {
+    let setup = GenSetup::new(&[("a.bin", 2 * CS as usize)], CS, 4503);
+    let opts = Opts {
+        read_timeout_secs: 1.0,
+        readahead_chunks: 0,
+        ..Opts::default()
+    };
+    let d = Daemon::start(setup.work.path(), &setup.manifest, &opts);
+    let api = d.api();
+    assert_eq!(api.get("/health").expect(200)["status"], "healthy");
+    setup
+        .origin
+        .add_fault(Fault::Delay(Duration::from_secs(30)), None, None);
+    let a = d.path(&format!("{GEN}/a.bin"));
+    let err = read_chunk_start(&a, 0).expect_err("the source hangs");
+    assert_eq!(errno(&err), libc::EIO, "{err}");
+    let h = api.get("/health").expect(200);
+    assert_eq!(h["status"], "degraded", "{h:#}");
+    assert_eq!(h["checks"]["sources"]["ok"], false, "{h:#}");
+}
+
 #[test]
 fn health_is_degraded_when_every_read_of_a_small_model_fails() {
     // The only source of a one-chunk model is down: every read fails with EIO. Health must not
