@@ -675,3 +675,64 @@ fn rebuild_index_prints_what_the_runbook_shows() {
     assert_eq!(keys(&printed), keys(&shown), "{printed}");
     assert_eq!(printed["blobs_adopted"], 1, "{printed}");
 }
+
+/// Every file under /etc/wan22 the docs name is one the runbook's table of paths lists (config,
+/// manifest, secrets: the one the unit reads as its `EnvironmentFile`), or one a procedure
+/// makes itself (listed here). §11 once sent the fleet token to `/etc/wan22/env`, a file the
+/// unit does not read.
+#[test]
+fn the_docs_name_only_the_files_of_etc_wan22_that_exist() {
+    let unit = fs::read_to_string(repo().join("systemd/wan22.service")).unwrap();
+    let env_file = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("EnvironmentFile="))
+        .map(|p| p.trim_start_matches('-').to_owned())
+        .expect("the unit's EnvironmentFile");
+    let ops = doc("OPERATIONS.md");
+    let paths = |text: &str| -> Vec<String> {
+        text.match_indices("/etc/wan22/")
+            .map(|(at, _)| {
+                text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || "/._-".contains(*c))
+                    .collect::<String>()
+                    .trim_end_matches('.')
+                    .to_owned()
+            })
+            .filter(|p| p.len() > "/etc/wan22/".len())
+            .collect()
+    };
+    // The table "Paths used throughout", at the top.
+    let table: Vec<String> = ops
+        .lines()
+        .skip_while(|l| !l.starts_with("| what | where |"))
+        .take_while(|l| l.starts_with('|'))
+        .flat_map(paths)
+        .collect();
+    assert!(
+        table.contains(&env_file),
+        "the runbook's table of paths does not name the unit's {env_file}: {table:?}"
+    );
+    let made = [
+        // §4.1 and §6: the models a host must hold, written by the operator.
+        "/etc/wan22/host-models.txt",
+        // §8: the manifest before a deployment, kept for a rollback.
+        "/etc/wan22/models.toml.prev",
+        // CONFIGURATION.md: what `wan config check` says of a file that is not there.
+        "/etc/wan22/missing.toml",
+    ];
+    for name in [
+        "OPERATIONS.md",
+        "CONFIGURATION.md",
+        "CONTROL.md",
+        "METRICS.md",
+        "SEMANTICS.md",
+    ] {
+        for p in paths(&doc(name)) {
+            assert!(
+                table.contains(&p) || made.contains(&p.as_str()),
+                "{name} names {p}, which is neither in the runbook's table of paths ({table:?}) nor made by a procedure"
+            );
+        }
+    }
+}
