@@ -736,3 +736,58 @@ fn the_docs_name_only_the_files_of_etc_wan22_that_exist() {
         }
     }
 }
+
+/// Every file of the repository that the docs, the fixtures and CI cite (`docs/…`,
+/// `fixtures/…`, `tests/…`, `ops/…`, `systemd/…`, `benches/…`, `src/…`) exists:
+/// fixtures/models.toml once sent its readers to a fixtures/README.md that was not there.
+#[test]
+fn every_repository_path_the_docs_cite_exists() {
+    let mut citing = vec![
+        repo().join("README.md"),
+        repo().join("fixtures/models.toml"),
+        repo().join("fixtures/make_fixtures.py"),
+        repo().join(".ci/run"),
+    ];
+    for dir in ["docs", "fixtures"] {
+        for e in fs::read_dir(repo().join(dir)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "md") {
+                citing.push(e.path());
+            }
+        }
+    }
+    let roots = [
+        "docs/",
+        "fixtures/",
+        "tests/",
+        "ops/",
+        "systemd/",
+        "benches/",
+        "src/",
+    ];
+    let mut missing = Vec::new();
+    for file in &citing {
+        let text = fs::read_to_string(file).unwrap();
+        for root in roots {
+            for (at, _) in text.match_indices(root) {
+                // A path of its own, not the tail of one (`/etc/systemd/system/…`).
+                let before = text[..at].chars().next_back();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || "/._-".contains(c)) {
+                    continue;
+                }
+                let path: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || "/._@-".contains(*c))
+                    .collect();
+                let path = path.trim_end_matches(['.', '/']);
+                // `fixtures/models/ID`: a placeholder, not a path.
+                let placeholder = path
+                    .split('/')
+                    .any(|c| c.len() > 1 && c.chars().all(|ch| ch.is_ascii_uppercase()));
+                if path.len() > root.len() && !placeholder && !repo().join(path).exists() {
+                    missing.push(format!("{} cites {path}", file.display()));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
+}
