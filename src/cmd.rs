@@ -281,13 +281,25 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                     return Err(ControlError::unknown_model(id, known).into());
                 }
             }
-            let shown: Vec<ModelStatus> = all
+            let selected = all
                 .into_iter()
-                .filter(|m| only.is_empty() || only.contains(&m.id))
-                .filter(|m| !critical_only || m.pinned)
-                .filter(|m| !failed_only || failed(m))
-                .collect();
-            let ok = !shown.iter().any(failed);
+                .filter(|m| only.is_empty() || only.contains(&m.id));
+            let (mut pinned_any, mut shown) = (false, Vec::new());
+            for m in selected {
+                pinned_any |= m.pinned;
+                if (!critical_only || m.pinned) && (!failed_only || failed(&m)) {
+                    shown.push(m);
+                }
+            }
+            // "Every critical model is fine" must not pass because nothing is critical.
+            let none_pinned = critical_only && !pinned_any;
+            if none_pinned {
+                eprintln!(
+                    "no model is pinned{}: --critical-only has nothing to check (pin the critical models: pinned = true in the manifest, or `wan models pin ID`)",
+                    if only.is_empty() { "" } else { " among --only" }
+                );
+            }
+            let ok = !shown.iter().any(failed) && !none_pinned;
             if json_out {
                 print_json(&shown);
             } else {
@@ -659,8 +671,9 @@ impl Progress {
                 for m in models {
                     let Some(bar) = bars.get(&m.id) else { continue };
                     let j = m.job.as_ref();
-                    bar.set_length(j.map_or(0, |j| j.bytes_total));
-                    bar.set_position(j.map_or(0, |j| j.bytes_done));
+                    let (done, total) = progress(j);
+                    bar.set_length(total);
+                    bar.set_position(done);
                     if let Some(j) = j.filter(|j| j.state != JobState::Running) {
                         bar.finish_with_message(j.state.as_str());
                     }
@@ -683,11 +696,22 @@ impl Progress {
     }
 }
 
+/// (bytes done, bytes in all) of a job, as its progress shows them. A job that is done is all
+/// done: a verify checks only what is cached, and a file identical to one it checked once, so
+/// its `bytes_done` can end short of `bytes_total` (a COMPLETE model with two identical
+/// configs read 99 % done).
+fn progress(j: Option<&JobStatus>) -> (u64, u64) {
+    let total = j.map_or(0, |j| j.bytes_total);
+    match j {
+        Some(j) if j.state == JobState::Done => (total, total),
+        _ => (j.map_or(0, |j| j.bytes_done), total),
+    }
+}
+
 /// `ensure t2v-A14B@2.2.0: 45% 1.2 GiB / 2.7 GiB, 118.0 MiB/s, ETA 13 s (running)`
 fn plain_line(kind: JobKind, m: &ModelStatus) -> String {
     let j: Option<&JobStatus> = m.job.as_ref();
-    let done = j.map_or(0, |j| j.bytes_done);
-    let total = j.map_or(0, |j| j.bytes_total);
+    let (done, total) = progress(j);
     let pct = (done * 100).checked_div(total).unwrap_or(100);
     let mut line = format!("{kind} {}: {pct}% {} / {}", m.id, human(done), human(total));
     if let Some(rate) = j.and_then(|j| j.rate_bytes_per_s).filter(|r| *r > 0.0) {

@@ -548,6 +548,8 @@ impl Reloader {
                 self.control
                     .reload(manifest, files.clone(), in_force.clone());
                 drop(in_force);
+                let later = later.into_iter().map(String::from).collect();
+                self.control.set_loaded(manifest_path.clone(), later);
                 let (removed, stale) = if unchanged_manifest {
                     (Vec::new(), Vec::new())
                 } else {

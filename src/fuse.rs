@@ -106,19 +106,29 @@ impl FuseAdapter {
 }
 
 /// The one place a filesystem error becomes a reply code: counted by operation in
-/// `wan_fuse_errors_total` and logged at debug. A lookup's ENOENT is neither: a miss is how
-/// `stat` and shells ask whether a name exists. The read path also logs an EIO at error level
-/// with the file and its cause, and a refused control write its input, bounded: only they know
-/// those.
+/// `wan_fuse_errors_total` and logged at debug, unless it is a normal negative answer
+/// ([`is_answer`]). The read path also logs an EIO at error level with the file and its
+/// cause, and a refused control write its input, bounded: only they know those.
 fn fail(op: &'static str, ino: u64, e: &FsError) -> Errno {
     let code = e.errno();
-    if !(op == "lookup" && code == libc::ENOENT) {
+    if !is_answer(op, code) {
         METRICS.fuse_errors.with_label_values(&[op]).inc();
         // Not the error's text: it may carry a client's input (a control-file write), which
         // the code that knows its context logs, bounded.
         tracing::debug!(op, ino, errno = code, "FUSE request failed");
     }
     Errno::from_i32(code)
+}
+
+/// Whether `code` from `op` answers a question rather than reports a failure: a lookup's
+/// ENOENT is how `stat` and shells ask whether a name exists, and a getxattr's ENODATA
+/// (ENOATTR) how `ls`, `getfattr` and `cp` ask whether an attribute exists (one `ls -l` asks
+/// for a handful per file: security.selinux, system.posix_acl_access, …).
+fn is_answer(op: &str, code: i32) -> bool {
+    matches!(
+        (op, code),
+        ("lookup", libc::ENOENT) | ("getxattr", libc::ENODATA)
+    )
 }
 
 fn file_attr(a: &Attr) -> FileAttr {

@@ -6,19 +6,26 @@
 //! the source is built).
 //!
 //! Text a client supplied (a `.wan/` write, an HTTP path or header) goes through [`untrusted`]
-//! before it reaches a log line, so it can neither forge lines nor flood the log.
+//! before it reaches a log line, so it can neither forge lines nor flood the log. Every other
+//! field is escaped on its way out ([`Escaped`]): names from a manifest or a Hub listing (a
+//! file called `a\u{1b}[2J` or `x\u{2028}y`), and the errors that quote them, cannot start a
+//! line of their own or send escape codes to a terminal, in text or JSON.
 //!
 //! A filter (`[log] level`, `WAN_LOG`) is a list of levels and `TARGET=LEVEL` directives,
 //! checked here ([`check_filter`]): nothing an operator writes may leave the daemon silent.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
+use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::{FormatFields, Writer};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
 
@@ -155,6 +162,8 @@ impl<'a> MakeWriter<'a> for FileWriter {
 
 /// Installs the global subscriber. `WAN_LOG`, if set and valid, overrides `cfg.level`; an
 /// invalid one is warned about on stderr (and in the log) and ignored.
+/// Text lines have their fields escaped ([`EscapedFields`]); JSON escapes control characters
+/// itself, and [`SafeLines`] the line breaks and direction overrides JSON leaves raw.
 pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
     let wan_log = std::env::var_os("WAN_LOG").map(|v| v.to_string_lossy().into_owned());
     let (filter, warning) = filter(&cfg.level, wan_log);
@@ -169,12 +178,12 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
     if cfg.file.is_empty() {
         use std::io::IsTerminal;
         let b = builder
-            .with_writer(std::io::stderr)
+            .with_writer(|| SafeLines(std::io::stderr()))
             .with_ansi(std::io::stderr().is_terminal());
         if json {
             b.json().finish().with(CutShort).init()
         } else {
-            b.finish().with(CutShort).init()
+            b.fmt_fields(EscapedFields).finish().with(CutShort).init()
         }
     } else {
         let path = PathBuf::from(&cfg.file);
@@ -185,17 +194,131 @@ pub fn init(cfg: &LogConfig) -> anyhow::Result<()> {
                 file: Mutex::new(file),
             })
         });
-        let b = builder.with_writer(FileWriter(r.clone())).with_ansi(false);
+        let r = r.clone();
+        let b = builder
+            .with_writer(move || SafeLines(FileWriter(r.clone())))
+            .with_ansi(false);
         if json {
             b.json().finish().with(CutShort).init()
         } else {
-            b.finish().with(CutShort).init()
+            b.fmt_fields(EscapedFields).finish().with(CutShort).init()
         }
     }
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
     Ok(())
+}
+
+/// Whether `c` must not reach a log line raw: control characters (a newline starts a forged
+/// line, ESC drives the terminal), the Unicode line and paragraph separators (line breaks to
+/// editors, browsers and some log viewers), and the bidirectional controls (which reorder what
+/// a reader sees).
+fn must_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `text` with every character [`must_escape`] names written as an escape (`\n`, `\u{1b}`,
+/// `\u{2028}`), and nothing cut: for names from a manifest or a listing, which are bounded
+/// already. Client text, which is not, goes through [`untrusted`].
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(must_escape) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().expect("found a char");
+            write!(f, "{}", c.escape_debug())?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+/// The text format's fields, as tracing-subscriber's default writes them (the message, then
+/// `name=value` separated by spaces), each value [`Escaped`].
+pub struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut v = EscapingVisitor {
+            writer: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct EscapingVisitor<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for EscapingVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        // What the `log` crate bridge adds; the default format leaves it out too.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let sep = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        let text = format!("{value:?}");
+        self.result = if name == "message" {
+            write!(self.writer, "{sep}{}", Escaped(&text))
+        } else {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            write!(self.writer, "{sep}{name}={}", Escaped(&text))
+        };
+    }
+}
+
+/// A log writer that escapes, as JSON does (`\u2028`), what [`must_escape`] names beyond
+/// ASCII: JSON leaves the line separators, C1 controls and direction overrides raw, and the
+/// text format's [`Escaped`] fields never reach here with any. One event is one `write`.
+pub struct SafeLines<W>(pub W);
+
+impl<W: Write> Write for SafeLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        if !text.chars().any(|c| !c.is_ascii() && must_escape(c)) {
+            self.0.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = String::with_capacity(text.len() + 16);
+        for c in text.chars() {
+            if !c.is_ascii() && must_escape(c) {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            } else {
+                out.push(c);
+            }
+        }
+        self.0.write_all(out.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Set once the daemon stops (see [`stopping`]).
@@ -267,7 +390,9 @@ pub fn untrusted(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_filter, filter, untrusted};
+    use super::{Escaped, EscapedFields, SafeLines, check_filter, filter, untrusted};
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
 
     #[test]
     fn filters_are_levels_or_target_levels() {
@@ -320,5 +445,78 @@ mod tests {
         let line = untrusted(&big);
         assert!(line.len() < 300, "{} bytes", line.len());
         assert!(line.ends_with("… (1048576 bytes)"), "{line}");
+    }
+
+    #[test]
+    fn escaped_names_keep_their_length_and_lose_their_control() {
+        assert_eq!(
+            Escaped("t2v-A14B@2.2.0/ä ö.bin").to_string(),
+            "t2v-A14B@2.2.0/ä ö.bin"
+        );
+        let name = "a\u{1b}[2Jb\nc\u{2028}d\u{202e}e\u{7f}f";
+        assert_eq!(
+            Escaped(name).to_string(),
+            "a\\u{1b}[2Jb\\nc\\u{2028}d\\u{202e}e\\u{7f}f"
+        );
+        let long = "x\n".repeat(1000);
+        assert_eq!(Escaped(&long).to_string().len(), 3000, "not cut");
+    }
+
+    /// What a subscriber with the daemon's text and JSON formats writes for one event.
+    fn logged(json: bool, emit: impl Fn()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let b = tracing_subscriber::fmt()
+            .with_writer(move || SafeLines(buf.clone()))
+            .with_ansi(false);
+        if json {
+            tracing::subscriber::with_default(b.json().finish(), emit);
+        } else {
+            tracing::subscriber::with_default(b.fmt_fields(EscapedFields).finish(), emit);
+        }
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_name_from_a_manifest_cannot_break_a_log_line_in_either_format() {
+        let file = "evil\n2026-01-01T00:00:00Z  INFO forged\u{1b}[31m\u{2028}\u{202e}.bin";
+        let emit = || {
+            tracing::info!(model = %"m@1.0.0", file = %file, bytes = 3, "download completed");
+            tracing::warn!(error = %format!("reading {file}: gone"), "source failed");
+        };
+        let text = logged(false, emit);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(
+            !text.contains(['\u{1b}', '\u{2028}', '\u{202e}']),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(r"download completed model=m@1.0.0 file=evil\n2026-01-01T00:00:00Z  INFO forged\u{1b}[31m\u{2028}\u{202e}.bin bytes=3"),
+            "{text}"
+        );
+        let json = logged(true, emit);
+        assert_eq!(json.lines().count(), 2, "{json}");
+        assert!(
+            !json.contains(['\u{1b}', '\u{2028}', '\u{202e}']),
+            "{json:?}"
+        );
+        for line in json.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("still JSON");
+            let back = v["fields"]["file"]
+                .as_str()
+                .or(v["fields"]["error"].as_str());
+            assert!(back.unwrap().contains(file), "{line}");
+        }
     }
 }

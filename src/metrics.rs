@@ -2,9 +2,10 @@
 //!
 //! The runbook's names are kept as they were (`model_downloads_total`, …); everything else is
 //! `wan_*`. Handles are process-wide statics so any module can count without plumbing; the
-//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`. The series the documented
-//! alerts watch are created at 0 for every model ([`register_models`]), so alerts see a first
-//! failure.
+//! exporter (`.wan/metrics`, `GET /metrics`) renders `REGISTRY`. Every labelled series whose
+//! labels are known in advance is created at 0 before its first event: per model
+//! ([`register_models`]), per source ([`register_source`]) and per FUSE operation, so an
+//! `increase()` sees the first event too. Every name passes `promtool check metrics`.
 
 use std::sync::LazyLock;
 
@@ -70,11 +71,11 @@ pub struct Metrics {
     /// Errors by `kind`: source, integrity, read_timeout, read, store, verify.
     pub errors: IntCounterVec,
     pub storage_used: IntGauge,
-    /// Cache capacity. A gauge: it is set, and goes down when a reload lowers `gc.max_bytes`
-    /// (as a counter, Prometheus and every type-aware consumer would read that as a reset).
-    /// The runbook's name is kept although it ends in `_total`, which costs one
-    /// `promtool check metrics` lint warning (docs/METRICS.md).
-    pub storage_total: IntGauge,
+    /// Cache capacity. A gauge: it is set, and goes down when a reload lowers `gc.max_bytes`.
+    /// Exported as `model_storage_capacity_bytes`: the runbook's `model_storage_bytes_total`
+    /// is a counter's name (promtool refuses it on a gauge), and lives on as a recording rule
+    /// (ops/prometheus/wan-recording.yml) for the dashboards and queries that use it.
+    pub storage_capacity: IntGauge,
     /// Chunk fetches in flight.
     pub downloads_active: IntGauge,
     pub cache_hits: IntCounter,
@@ -123,8 +124,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "model_storage_bytes_used",
         "Verified bytes held in the cache.",
     ),
-    storage_total: gauge(
-        "model_storage_bytes_total",
+    storage_capacity: gauge(
+        "model_storage_capacity_bytes",
         "Cache capacity in bytes: gc.max_bytes if set, else the size of the cache's filesystem (set, not accumulated).",
     ),
     downloads_active: gauge("model_downloads_active", "Chunk fetches in flight."),
@@ -151,7 +152,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     source_requests: counter_vec(
         "wan_source_requests_total",
-        "Requests to each source by result (ok|error|miss: a peer without the chunk).",
+        "Requests to each source by result (ok|error|wrong_bytes: delivered bytes that failed verification|miss: a peer without the chunk).",
         &["source", "result"],
     ),
     source_kind_bytes: counter_vec(
@@ -210,11 +211,37 @@ pub const ERROR_KINDS: [&str; 6] = [
 /// Every `status` of `model_downloads_total`.
 pub const DOWNLOAD_STATUSES: [&str; 2] = ["success", "failed"];
 
-/// Creates every documented label set of the alerting counters at 0: the error kinds, and both
-/// download statuses of each of `models`. A series that first appears at its first increment
-/// has no earlier sample, so `increase()` over it stays 0 and the documented alerts would never
-/// fire for a first failure. Called at start and for the models a reload adds (a model a reload
-/// removes keeps its series: counters count since the daemon started).
+/// The `result` of a request in `wan_source_requests_total`.
+pub mod source_result {
+    /// Delivered bytes that verified, or that no check judged (a sibling part failed first).
+    pub const OK: &str = "ok";
+    /// Failed: an error status, a reset, a timeout.
+    pub const ERROR: &str = "error";
+    /// Delivered bytes of a chunk (or whole file) that did not match its digest.
+    pub const WRONG_BYTES: &str = "wrong_bytes";
+    /// A peer that does not hold the chunk (404): not an error.
+    pub const MISS: &str = "miss";
+}
+
+/// Every `op` of `wan_fuse_request_seconds` and `wan_fuse_errors_total`.
+pub const FUSE_OPS: [&str; 9] = [
+    "lookup",
+    "getattr",
+    "open",
+    "read",
+    "release",
+    "readdir",
+    "statfs",
+    "getxattr",
+    "listxattr",
+];
+
+/// Creates every documented label set known at start at 0: the error kinds, the source kinds,
+/// the peer results, the FUSE operations, and for each of `models` both download statuses and
+/// its download-duration histogram. A series that first appears at its first event has no
+/// earlier sample, so `increase()` over it stays 0 and an alert would miss that first event.
+/// Called at start and for the models a reload adds (a model a reload removes keeps its
+/// series: counters count since the daemon started).
 pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     for kind in ERROR_KINDS {
         METRICS.errors.with_label_values(&[kind]);
@@ -225,10 +252,31 @@ pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     for result in ["hit", "miss", "busy"] {
         METRICS.peer_requests.with_label_values(&[result]);
     }
+    for op in FUSE_OPS {
+        METRICS.fuse_seconds.with_label_values(&[op]);
+        METRICS.fuse_errors.with_label_values(&[op]);
+    }
     for model in models {
         for status in DOWNLOAD_STATUSES {
             METRICS.downloads.with_label_values(&[model, status]);
         }
+        METRICS.download_seconds.with_label_values(&[model]);
+    }
+}
+
+/// Creates the series of one source at 0: its bytes and each `result` its requests can have
+/// (`miss` only for a peer). Called where a source's handle is built: at start and at the
+/// reload that adds it.
+pub fn register_source(name: &str, peer: bool) {
+    use source_result::*;
+    METRICS.source_bytes.with_label_values(&[name]);
+    let results: &[&str] = if peer {
+        &[OK, ERROR, WRONG_BYTES, MISS]
+    } else {
+        &[OK, ERROR, WRONG_BYTES]
+    };
+    for result in results {
+        METRICS.source_requests.with_label_values(&[name, result]);
     }
 }
 
@@ -256,7 +304,7 @@ mod tests {
             "model_downloads_total",
             "model_errors_total",
             "model_storage_bytes_used",
-            "model_storage_bytes_total",
+            "model_storage_capacity_bytes",
             "model_downloads_active",
             "wan_cache_hits_total",
         ] {
@@ -267,12 +315,23 @@ mod tests {
     #[test]
     fn registered_models_show_every_documented_series_at_zero() {
         super::register_models(["zero@1.0.0"]);
+        super::register_source("https://zero.example/m", false);
+        super::register_source("peer http://10.9.9.9:8000", true);
         let text = super::render();
         for line in [
             "model_downloads_total{model=\"zero@1.0.0\",status=\"success\"} 0",
             "model_downloads_total{model=\"zero@1.0.0\",status=\"failed\"} 0",
+            "model_download_duration_seconds_bucket{model=\"zero@1.0.0\",le=\"104.8576\"} 0",
+            "model_download_duration_seconds_count{model=\"zero@1.0.0\"} 0",
             "model_errors_total{kind=\"read_timeout\"}",
             "model_errors_total{kind=\"store\"}",
+            "wan_source_bytes_total{source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"error\",source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"ok\",source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"wrong_bytes\",source=\"https://zero.example/m\"} 0",
+            "wan_source_requests_total{result=\"miss\",source=\"peer http://10.9.9.9:8000\"} 0",
+            "wan_fuse_errors_total{op=\"listxattr\"}",
+            "wan_fuse_request_seconds_count{op=\"statfs\"}",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(line)),
@@ -282,14 +341,30 @@ mod tests {
     }
 
     #[test]
-    fn storage_capacity_is_a_gauge() {
-        super::METRICS.storage_total.set(10);
-        super::METRICS.storage_total.set(4);
+    fn storage_capacity_is_a_gauge_under_a_gauge_name() {
+        super::METRICS.storage_capacity.set(10);
+        super::METRICS.storage_capacity.set(4);
         let text = super::render();
         assert!(
-            text.contains("# TYPE model_storage_bytes_total gauge"),
+            text.contains("# TYPE model_storage_capacity_bytes gauge"),
             "{text}"
         );
-        assert!(text.contains("model_storage_bytes_total 4"), "{text}");
+        assert!(text.contains("model_storage_capacity_bytes 4"), "{text}");
+        // promtool: "non-counter metrics should not have \"_total\" suffix".
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut words = line.split(' ').skip(2);
+            let (name, kind) = (words.next().unwrap(), words.next().unwrap());
+            assert!(
+                kind == "counter" || !name.ends_with("_total"),
+                "{kind} {name} ends in _total"
+            );
+        }
+    }
+
+    #[test]
+    fn a_source_that_is_not_a_peer_has_no_miss_series() {
+        super::register_source("https://nomiss.example/m", false);
+        let text = super::render();
+        assert!(!text.contains("result=\"miss\",source=\"https://nomiss.example/m\""));
     }
 }

@@ -208,6 +208,20 @@ fn wrong_bytes_fall_back(build_args: &[&str]) {
         bad_ranges.is_subset(&good_ranges),
         "ranges that failed verification at the first source {bad_ranges:?} were not fetched from the second {good_ranges:?}"
     );
+    // Requests that delivered wrong bytes are not `ok`: they are counted as what they were.
+    let requests = |source: &str, result: &str| {
+        mount.metric(&format!(
+            "wan_source_requests_total{{result=\"{result}\",source=\"{source}\"}}"
+        ))
+    };
+    assert_eq!(
+        requests(&bad.base(GEN), "wrong_bytes"),
+        bad.gets("/f.bin").len() as f64,
+        "every request to the corrupting source"
+    );
+    assert_eq!(requests(&bad.base(GEN), "ok"), 0.0);
+    assert!(requests(&good.base(GEN), "ok") > 0.0);
+    assert_eq!(requests(&good.base(GEN), "wrong_bytes"), 0.0);
 
     // Readers are served as soon as a chunk is verified; its commit follows.
     assert_eq!(wait_state(&path, "COMPLETE"), "COMPLETE");
@@ -702,6 +716,14 @@ fn corrupt_whole_only_file_is_not_downloaded_again_for_every_read() {
         .sum();
     eprintln!("{reads} failed reads cost {fetched} origin bytes");
     assert!(reads >= 10, "only {reads} reads in 3 s");
+    let source = setup.origin.base(GEN);
+    let requests = |result: &str| {
+        mount.metric(&format!(
+            "wan_source_requests_total{{result=\"{result}\",source=\"{source}\"}}"
+        ))
+    };
+    assert!(requests("wrong_bytes") > 0.0, "a wrong whole file counted");
+    assert_eq!(requests("ok"), 0.0, "a wrong whole file counted ok");
     assert!(
         fetched <= 2 * 2 * MIB as u64,
         "{reads} failed reads downloaded {fetched} bytes of a 2 MiB file in 3 s"

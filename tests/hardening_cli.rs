@@ -7,7 +7,7 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -117,10 +117,7 @@ fn build_refuses_backslash_newline_and_normalization_twins_by_rule() {
 // A daemon with its HTTP endpoint, and `wan models` against it.
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 struct Live {

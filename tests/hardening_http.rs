@@ -10,7 +10,7 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,14 +18,6 @@ use common::*;
 
 const KIB: usize = 1024;
 const CS: u64 = 256 * 1024;
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 /// A daemon over a generated model with its HTTP endpoint at `addr` (`{port}` is replaced by a
 /// free port); returns it and the address to connect to on 127.0.0.1.
@@ -333,11 +325,28 @@ fn control_writes_are_logged_on_one_bounded_line() {
 fn metrics_show_alert_series_at_zero_from_the_start() {
     let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6005);
     let (d, addr) = start(&setup, "127.0.0.1:{port}");
+    // Per model: its downloads and their durations; per source (the model's only one): its
+    // bytes and each result of its requests; per FUSE operation: latency and errors.
     let series = |model: &str| {
+        let source = setup.origin.base(model);
         let mut want = vec![
             format!("model_downloads_total{{model=\"{model}\",status=\"failed\"}} 0"),
             format!("model_downloads_total{{model=\"{model}\",status=\"success\"}} 0"),
+            format!("model_download_duration_seconds_bucket{{model=\"{model}\",le=\"+Inf\"}} 0"),
+            format!("model_download_duration_seconds_count{{model=\"{model}\"}} 0"),
+            format!("wan_source_bytes_total{{source=\"{source}\"}} 0"),
         ];
+        for result in ["ok", "error", "wrong_bytes"] {
+            want.push(format!(
+                "wan_source_requests_total{{result=\"{result}\",source=\"{source}\"}} 0"
+            ));
+        }
+        for op in ["lookup", "open", "read", "getxattr", "readdir", "statfs"] {
+            want.push(format!("wan_fuse_errors_total{{op=\"{op}\"}} 0"));
+            want.push(format!(
+                "wan_fuse_request_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}}"
+            ));
+        }
         for kind in [
             "source",
             "integrity",
@@ -350,13 +359,18 @@ fn metrics_show_alert_series_at_zero_from_the_start() {
         }
         want
     };
+    // A line, or (a latency bucket, whose count the scrape itself may have raised) its start.
+    let has = |text: &str, want: &str| {
+        text.lines()
+            .any(|l| l == want || (want.ends_with('}') && l.starts_with(want)))
+    };
     let (code, text) = get(addr, "/metrics", "localhost");
     assert_eq!(code, 200);
     for line in series(GEN) {
-        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        assert!(has(&text, &line), "{line} missing:\n{text}");
     }
     assert!(
-        text.contains("# TYPE model_storage_bytes_total gauge"),
+        text.contains("# TYPE model_storage_capacity_bytes gauge"),
         "capacity is not a gauge:\n{text}"
     );
 
@@ -379,9 +393,7 @@ fn metrics_show_alert_series_at_zero_from_the_start() {
     let mut last = String::new();
     let reloaded = wait_until(Duration::from_secs(10), || {
         last = get(addr, "/metrics", "localhost").1;
-        series(added)
-            .iter()
-            .all(|want| last.lines().any(|l| l == want))
+        series(added).iter().all(|want| has(&last, want))
     });
     assert!(
         reloaded,

@@ -91,7 +91,34 @@ fn listing_and_stat_work_with_origin_stopped() {
     }
     let missing = fs::metadata(mount.path(&format!("{T2V}/no-such-file")));
     assert_eq!(missing.map_err(|e| errno(&e)).err(), Some(libc::ENOENT));
-    // Refused opens for writing are counted by operation; a lookup's miss is not an error.
+    // What `ls -l`, `getfattr` and `cp -a` ask of every file and directory: attributes it
+    // does not have are answered ENODATA.
+    let ls = std::process::Command::new("ls")
+        .arg("-laR")
+        .arg(mount.path(T2V))
+        .output()
+        .expect("run ls");
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    for path in [
+        mount.path(T2V),
+        mount.path(&format!("{T2V}/configuration.json")),
+    ] {
+        for name in ["security.selinux", "system.posix_acl_access", "user.other"] {
+            let got = xattr(&path, name).map_err(|e| errno(&e));
+            assert_eq!(
+                got.err(),
+                Some(libc::ENODATA),
+                "{name} of {}",
+                path.display()
+            );
+        }
+    }
+    // Refused opens for writing are counted by operation; a lookup's miss and an attribute
+    // that is not there are answers, not errors.
     let metrics = fs::read_to_string(mount.path(".wan/metrics")).expect("read .wan/metrics");
     let count = |series: &str| -> f64 {
         metrics
@@ -104,6 +131,11 @@ fn listing_and_stat_work_with_origin_stopped() {
         "{metrics}"
     );
     assert_eq!(count("wan_fuse_errors_total{op=\"lookup\"}"), 0.0);
+    assert_eq!(
+        count("wan_fuse_errors_total{op=\"getxattr\"}"),
+        0.0,
+        "{metrics}"
+    );
     assert!(
         origin.requests().is_empty(),
         "requests reached a stopped origin: {:?}",

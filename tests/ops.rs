@@ -468,3 +468,174 @@ fn gc_runs_soon_after_reads_cross_the_high_watermark() {
         );
     }
 }
+
+/// A file name from the manifest (a Hub listing can carry any Unicode) with a line separator
+/// and a right-to-left override: the log line that names it stays one line, reads in order,
+/// and names it escaped, in full.
+#[test]
+fn names_from_the_manifest_reach_the_log_escaped() {
+    let name = "odd\u{2028}name\u{202e}.bin";
+    let setup = GenSetup::new(&[(name, 4096)], 1 << 20, 31);
+    let m = Mount::start(setup.spec(WanConfig::default()));
+    let got = std::fs::read(setup.mounted(&m, name)).unwrap();
+    assert_bytes_eq(&got, setup.data(name), "odd name");
+    wait_log(&m, "download completed");
+    let log = m.log();
+    assert!(
+        !log.contains(['\u{2028}', '\u{202e}']),
+        "a raw separator or override in the log:\n{log:?}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("download completed")
+                && l.contains(r"file=odd\u{2028}name\u{202e}.bin")),
+        "{log}"
+    );
+}
+
+/// A `wan mount MNT --config FILE` whose manifest and cache come from the file (no flags), so
+/// a reload can change the manifest path. Dropping it stops the daemon and unmounts.
+struct ConfigOnlyDaemon {
+    child: std::process::Child,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl ConfigOnlyDaemon {
+    fn start(work: &Path, config: &Path) -> ConfigOnlyDaemon {
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let log = work.join("daemon.log");
+        let child = Command::new(wan_bin())
+            .arg("mount")
+            .arg(&mnt)
+            .arg("--config")
+            .arg(config)
+            .env("WAN_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = ConfigOnlyDaemon { child, mnt, log };
+        assert!(
+            wait_until(Duration::from_secs(20), || mount_count(&d.mnt) >= 1
+                && std::fs::read_dir(&d.mnt).is_ok()),
+            "not mounted:\n{}",
+            d.log()
+        );
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.mnt.join(".wan/config")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+impl Drop for ConfigOnlyDaemon {
+    fn drop(&mut self) {
+        // SAFETY: our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if !wait_until(Duration::from_secs(15), || {
+            self.child.try_wait().ok().flatten().is_some()
+        }) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        force_unmount(&self.mnt);
+        if std::thread::panicking() {
+            eprintln!("---- daemon log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A reload that changes keys only a restart applies (`[fetch]`, `[http]`, `[log]`,
+/// `mountpoint`) warns naming each, and `/config` (`.wan/config`) keeps showing the values in
+/// force, the waiting sections listed under `pending_restart`; a new `manifest` path applies
+/// at once, and `/config` shows it.
+#[test]
+fn config_view_shows_the_values_in_force_after_a_reload() {
+    let work = workdir();
+    let manifest = |name: &str| {
+        let text = std::fs::read_to_string(fixtures().join("models.toml")).unwrap();
+        let abs = text.replace(
+            "local://models/",
+            &format!("file://{}/", fixture_models().display()),
+        );
+        let path = work.path().join(name);
+        std::fs::write(&path, abs).unwrap();
+        path
+    };
+    let (first, second) = (manifest("models.toml"), manifest("models-2.toml"));
+    let cfg = work.path().join("wan.toml");
+    let head = |manifest: &Path| {
+        format!(
+            "manifest = {:?}\ncache_dir = {:?}\n",
+            manifest,
+            work.path().join("cache")
+        )
+    };
+    let body = "[fetch]\nconnections = 8\n[http]\naddr = \"\"\n[gc]\nmax_bytes = 1000000000\n";
+    std::fs::write(&cfg, format!("{}{body}", head(&first))).unwrap();
+    let d = ConfigOnlyDaemon::start(work.path(), &cfg);
+    let before = d.config();
+    assert_eq!(
+        before["pending_restart"],
+        serde_json::json!([]),
+        "{before:#}"
+    );
+    assert_eq!(before["manifest"], first.display().to_string());
+
+    let changed = body
+        .replace("connections = 8", "connections = 9")
+        .replace("addr = \"\"", "addr = \"127.0.0.1:1\"")
+        .replace("max_bytes = 1000000000", "max_bytes = 2000000000");
+    std::fs::write(
+        &cfg,
+        format!(
+            "mountpoint = \"/elsewhere\"\n{}{changed}[log]\nformat = \"json\"\n",
+            head(&second)
+        ),
+    )
+    .unwrap();
+    hup(d.child.id());
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("reloaded configuration and manifest")),
+        "no reload:\n{}",
+        d.log()
+    );
+    let warned = d
+        .log()
+        .lines()
+        .find(|l| l.contains("apply at the next restart"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no warning:\n{}", d.log()));
+    for section in ["[fetch]", "[http]", "[log]", "mountpoint"] {
+        assert!(warned.contains(section), "{section} not named: {warned}");
+    }
+    let after = d.config();
+    assert_eq!(after["fetch"]["connections"], 8, "{after:#}");
+    assert_eq!(after["http"]["addr"], "", "{after:#}");
+    assert_eq!(after["log"]["format"], "text", "{after:#}");
+    assert_eq!(after["mountpoint"], d.mnt.display().to_string());
+    assert_eq!(
+        after["gc"]["max_bytes"], 2_000_000_000u64,
+        "applied at once"
+    );
+    assert_eq!(
+        after["manifest"],
+        second.display().to_string(),
+        "applied at once"
+    );
+    assert_eq!(
+        after["pending_restart"],
+        serde_json::json!(["[fetch]", "[http]", "[log]", "mountpoint"]),
+        "{after:#}"
+    );
+}

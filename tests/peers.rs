@@ -20,14 +20,6 @@ const FILE: &str = "model.safetensors";
 const SIZE: usize = 40 * MIB;
 const CHUNK: u64 = 4 << 20;
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }

@@ -23,14 +23,6 @@ impl Drop for Moto {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts moto with authentication enforced after the setup calls, uploads `dir`, and returns
 /// the server and the credentials of its S3 user.
 fn moto_with(dir: &Path, bucket: &str, prefix: &str) -> (Moto, String, String) {

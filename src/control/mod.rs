@@ -167,7 +167,9 @@ pub struct Control {
     fetcher: Arc<Fetcher>,
     sources: Arc<SourceRegistry>,
     config: std::sync::RwLock<Arc<Config>>,
-    manifest_path: PathBuf,
+    /// The manifest file in force, and the config sections a reload read but could not apply
+    /// (they wait for a restart): what `/config` shows beside the configuration in force.
+    loaded: std::sync::RwLock<(PathBuf, Vec<String>)>,
     mountpoint: Option<PathBuf>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     gc_running: tokio::sync::Mutex<()>,
@@ -195,7 +197,7 @@ impl Control {
             fetcher,
             sources,
             config: std::sync::RwLock::new(Arc::new(config)),
-            manifest_path,
+            loaded: std::sync::RwLock::new((manifest_path, Vec::new())),
             mountpoint,
             jobs: Mutex::new(HashMap::new()),
             gc_running: tokio::sync::Mutex::new(()),
@@ -216,6 +218,12 @@ impl Control {
             files,
         });
         *self.config.write().unwrap() = Arc::new(config);
+    }
+
+    /// After a reload: the manifest file now in force, and the config sections whose new
+    /// values wait for a restart (`[fetch]`, `mountpoint`, …; empty when none do).
+    pub fn set_loaded(&self, manifest_path: PathBuf, pending_restart: Vec<String>) {
+        *self.loaded.write().unwrap() = (manifest_path, pending_restart);
     }
 
     fn cat(&self) -> Arc<Catalog> {
@@ -351,15 +359,18 @@ impl Control {
             100.0
         };
         METRICS.storage_used.set(used as i64);
-        METRICS.storage_total.set(cap as i64);
+        METRICS.storage_capacity.set(cap as i64);
         (used, cap, free_pct)
     }
 
-    /// The configuration in force, secrets masked (only env var names are ever stored).
+    /// The configuration in force, secrets masked (only env var names are ever stored), and
+    /// under `pending_restart` the sections a reload read but could not apply.
     pub fn config_view(&self) -> serde_json::Value {
         let cfg = self.cfg();
         let mut v = serde_json::to_value(&*cfg).unwrap_or_default();
-        v["manifest"] = serde_json::json!(self.manifest_path.display().to_string());
+        let (manifest, pending) = self.loaded.read().unwrap().clone();
+        v["manifest"] = serde_json::json!(manifest.display().to_string());
+        v["pending_restart"] = serde_json::json!(pending);
         v["cache_dir"] = serde_json::json!(
             self.store()
                 .root()

@@ -63,9 +63,11 @@ impl Control {
         })
     }
 
-    /// Storage use over the last `days`, from hourly samples, plus the current figure.
+    /// Storage use over the last `days`, from hourly samples, plus the current figure, which
+    /// today's row includes too.
     pub fn report_storage(&self, days: u64) -> Result<StorageReport, ControlError> {
-        let since = now_secs().saturating_sub(days * 86400);
+        let now = now_secs();
+        let since = now.saturating_sub(days * 86400);
         let samples = self
             .store()
             .index()
@@ -73,16 +75,12 @@ impl Control {
             .map_err(failed)?;
         let mut by_day: BTreeMap<String, StorageDay> = BTreeMap::new();
         for (ts, used, cap) in samples {
-            let d = by_day.entry(day_of(ts)).or_insert(StorageDay {
-                capacity: cap,
-                max_used: 0,
-                min_used: u64::MAX,
-            });
-            d.min_used = d.min_used.min(used);
-            d.max_used = d.max_used.max(used);
-            d.capacity = cap;
+            fold(&mut by_day, ts, used, cap);
         }
         let (used, cap, free_pct) = self.usage();
+        // Samples are hourly, the first taken at start: a fresh cache's only sample today was
+        // 0 B, whatever was fetched since. Today's row is the day so far, now included.
+        fold(&mut by_day, now, used, cap);
         let per_model: BTreeMap<String, u64> = self
             .model_ids()
             .into_iter()
@@ -148,6 +146,18 @@ pub struct StorageDay {
     pub min_used: u64,
 }
 
+/// Folds a storage figure taken at `ts` into its day's row.
+fn fold(by_day: &mut BTreeMap<String, StorageDay>, ts: u64, used: u64, cap: u64) {
+    let d = by_day.entry(day_of(ts)).or_insert(StorageDay {
+        capacity: cap,
+        max_used: used,
+        min_used: used,
+    });
+    d.min_used = d.min_used.min(used);
+    d.max_used = d.max_used.max(used);
+    d.capacity = cap;
+}
+
 /// `YYYY-MM-DD` (UTC) of a unix time.
 pub fn day_of(ts: u64) -> String {
     chrono::DateTime::from_timestamp(ts.min(i64::MAX as u64) as i64, 0)
@@ -169,6 +179,25 @@ mod tests {
             "https://***@host/x?sig=***"
         );
         assert_eq!(mask_url("hf://org/repo@main"), "hf://org/repo@main");
+    }
+
+    #[test]
+    fn a_day_folds_its_figures_into_min_max_and_the_last_capacity() {
+        let mut by_day = BTreeMap::new();
+        let day = 1_795_000_000 - 1_795_000_000 % 86400;
+        fold(&mut by_day, day + 10, 0, 100);
+        fold(&mut by_day, day + 3600, 70, 100);
+        fold(&mut by_day, day + 7200, 40, 90);
+        fold(&mut by_day, day + 86400, 5, 90);
+        assert_eq!(
+            by_day[&day_of(day)],
+            StorageDay {
+                capacity: 90,
+                max_used: 70,
+                min_used: 0
+            }
+        );
+        assert_eq!(by_day[&day_of(day + 86400)].max_used, 5);
     }
 
     #[test]

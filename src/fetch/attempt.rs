@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk, blocks_fit};
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, source_result};
 use crate::source::{SourceError, SourceHandle};
 
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
@@ -35,6 +35,52 @@ pub(super) enum Landing {
     Blocks { block: usize, offset: u64 },
 }
 
+/// Requests to one source that delivered their bytes, not judged yet: a request is counted in
+/// `wan_source_requests_total` only once the chunk (or whole file) it was part of is checked,
+/// so a source that sends wrong bytes is not counted `ok`. Dropped, they count `ok` (verified,
+/// or thrown away unjudged because another part failed); [`Delivered::wrong_bytes`] counts them
+/// `wrong_bytes` instead.
+#[must_use = "counted as ok when dropped: call wrong_bytes for a digest mismatch"]
+pub(super) struct Delivered {
+    source: String,
+    requests: u64,
+}
+
+impl Delivered {
+    pub(super) fn new(src: &SourceHandle, requests: u64) -> Delivered {
+        Delivered {
+            source: src.name.clone(),
+            requests,
+        }
+    }
+
+    /// Adds `other`'s requests (of the same source) to these.
+    pub(super) fn merge(&mut self, mut other: Delivered) {
+        self.requests += std::mem::take(&mut other.requests);
+    }
+
+    /// What these requests delivered did not match its digest.
+    pub(super) fn wrong_bytes(mut self) {
+        self.count(source_result::WRONG_BYTES);
+    }
+
+    fn count(&mut self, result: &str) {
+        let n = std::mem::take(&mut self.requests);
+        if n > 0 {
+            METRICS
+                .source_requests
+                .with_label_values(&[&self.source, result])
+                .inc_by(n);
+        }
+    }
+}
+
+impl Drop for Delivered {
+    fn drop(&mut self) {
+        self.count(source_result::OK);
+    }
+}
+
 /// The parts of a range that landed from one source while others failed, in the buffer they
 /// landed in (see [`Fetcher::fetch_range`]). Their [`Hashed`] name memory of `buf`, which is
 /// why the two are kept together and never apart.
@@ -46,6 +92,8 @@ pub(super) struct Kept {
     part: usize,
     /// Per part: landed (with what it hashed, if anything), or not yet.
     landed: Vec<Option<Option<Hashed>>>,
+    /// The requests that delivered the landed parts.
+    delivered: Delivered,
 }
 
 /// How large the parts of a `len`-byte fetch are, from a source whose requests deliver `rate`
@@ -173,7 +221,7 @@ impl Fetcher {
                     ),
                 )
                 .await;
-                let (bytes, landed) = match got {
+                let (bytes, landed, delivered) = match got {
                     Err(_) => {
                         // A source that cannot answer in time is failing, as much as one that errs.
                         src.record_failure(src.peer, self.cooldown_of(&src));
@@ -208,6 +256,7 @@ impl Fetcher {
                 };
                 match verified {
                     Ok(chunk) => {
+                        drop(delivered);
                         src.record_success();
                         return Ok(chunk);
                     }
@@ -215,6 +264,7 @@ impl Fetcher {
                         if !src.peer {
                             transient = false;
                         }
+                        delivered.wrong_bytes();
                         self.integrity_failure(&src);
                         tracing::error!(source = %src.name, file = %what, %mismatch,
                             "integrity failure: source sent wrong bytes; discarded, trying the next source");
@@ -287,7 +337,9 @@ impl Fetcher {
     /// same source (the next round against a flaky mirror) fetches only the missing ones. A
     /// mirror failing half its requests thus converges in a few rounds, where asking for all
     /// parts again needed every one of them to succeed at once. `kept` from another source is
-    /// dropped: a chunk's bytes come from one source, so wrong bytes have one culprit.
+    /// dropped: a chunk's bytes come from one source, so wrong bytes have one culprit. The
+    /// requests that delivered the parts come back as [`Delivered`], for the caller to count
+    /// once it has checked the bytes.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_range(
         &self,
@@ -298,13 +350,14 @@ impl Fetcher {
         attempts: u32,
         hash: Option<ChunkHash>,
         kept: &mut Option<Kept>,
-    ) -> Result<(Bytes, Vec<Hashed>), SourceError> {
+    ) -> Result<(Bytes, Vec<Hashed>, Delivered), SourceError> {
         let len = (range.end - range.start) as usize;
         let me = src as *const SourceHandle as usize;
         let Kept {
             mut buf,
             part,
             mut landed,
+            mut delivered,
             ..
         } = match kept
             .take()
@@ -328,6 +381,7 @@ impl Fetcher {
                     buf: self.bufs.take(len),
                     part,
                     landed: vec![None; len.div_ceil(part.max(1)).max(1)],
+                    delivered: Delivered::new(src, 0),
                 }
             }
         };
@@ -359,7 +413,10 @@ impl Fetcher {
         let mut failed: Option<SourceError> = None;
         for (i, r) in results {
             match r {
-                Ok(h) => landed[i] = Some(h),
+                Ok(h) => {
+                    landed[i] = Some(h);
+                    delivered.merge(Delivered::new(src, 1));
+                }
                 // The error that says most: one that no retry mends (a denial, a 404) over
                 // one that may pass, so a caller deciding on another round sees it.
                 Err(e) => {
@@ -379,6 +436,7 @@ impl Fetcher {
                 buf,
                 part,
                 landed,
+                delivered,
             });
             return Err(e);
         }
@@ -387,11 +445,12 @@ impl Fetcher {
             .into_iter()
             .map(|l| l.expect("every part landed"))
             .collect::<Option<Vec<_>>>();
-        Ok((buf.freeze(), hashed.unwrap_or_default()))
+        Ok((buf.freeze(), hashed.unwrap_or_default(), delivered))
     }
 
     /// One request's bytes into `buf`, hashed as they land as `landing` says (each attempt
-    /// starts its hashing over, as it starts its bytes over).
+    /// starts its hashing over, as it starts its bytes over). A request that delivered is
+    /// counted by the caller, once the bytes are checked ([`Delivered`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_part(
         &self,
@@ -444,24 +503,20 @@ impl Fetcher {
                         .source_kind_bytes
                         .with_label_values(&[src.kind()])
                         .inc_by(buf.len() as u64);
-                    METRICS
-                        .source_requests
-                        .with_label_values(&[&src.name, "ok"])
-                        .inc();
                     return Ok(hashed);
                 }
                 Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
                     // A peer without the chunk: a miss, not an error.
                     METRICS
                         .source_requests
-                        .with_label_values(&[&src.name, "miss"])
+                        .with_label_values(&[&src.name, source_result::MISS])
                         .inc();
                     return Err(e);
                 }
                 Err(e) => {
                     METRICS
                         .source_requests
-                        .with_label_values(&[&src.name, "error"])
+                        .with_label_values(&[&src.name, source_result::ERROR])
                         .inc();
                     METRICS.errors.with_label_values(&["source"]).inc();
                     tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
@@ -507,7 +562,7 @@ mod tests {
         let src = SourceHandle::new("mock".into(), Box::new(mock.clone()));
         let all = 0..data.len() as u64;
         let blake3 = Some(ChunkHash::Blake3);
-        let (bytes, landed) = fetcher
+        let (bytes, landed, _) = fetcher
             .fetch_range(
                 &src,
                 "f",
@@ -539,7 +594,7 @@ mod tests {
         let chunk = VerifiedChunk::verify_landed(ChunkHash::Blake3, want, bytes, &landed);
         assert_eq!(chunk.expect("the joined root").bytes(), &data[..]);
 
-        let (_, landed) = fetcher
+        let (_, landed, _) = fetcher
             .fetch_range(
                 &src,
                 "f",

@@ -19,6 +19,7 @@ use crate::chunk::{ChunkHash, Digest, Mismatch, VerifiedChunk};
 use crate::manifest::FileEntry;
 use crate::source::{SourceError, SourceHandle};
 
+use super::attempt::Delivered;
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, kib};
 
 /// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
@@ -160,12 +161,12 @@ impl Fetcher {
         f: &FileEntry,
         chunks: Vec<u64>,
         attempts: u32,
-    ) -> (Vec<(u64, u64)>, Option<PartError>) {
+    ) -> (Vec<(u64, u64)>, Delivered, Option<PartError>) {
         let layout = f.layout();
         let parallel = (self.cfg.connections / 2).max(1);
         let hex = f.sha256.to_hex();
         let at = src.locator(f, &hex);
-        let results: Vec<Result<(u64, u64), PartError>> = futures::stream::iter(chunks)
+        let results: Vec<Result<(u64, u64, Delivered), PartError>> = futures::stream::iter(chunks)
             .map(|idx| async move {
                 let r = layout.range(idx);
                 let _mem = self
@@ -174,7 +175,7 @@ impl Fetcher {
                     .await
                     .expect("open");
                 // Whole-only: verified by the file's sha256 once every part is in the blob.
-                let (bytes, _) = self
+                let (bytes, _, delivered) = self
                     .fetch_range(
                         src,
                         at,
@@ -194,16 +195,20 @@ impl Fetcher {
                 .await
                 .map_err(|e| PartError::Store(format!("cache write: {e}")))?
                 .map_err(|e| PartError::Store(format!("cache write: {e}")))?;
-                Ok((idx, generation))
+                Ok((idx, generation, delivered))
             })
             .buffer_unordered(parallel)
             .collect()
             .await;
         let mut written = Vec::new();
+        let mut all = Delivered::new(src, 0);
         let mut failed: Option<PartError> = None;
         for r in results {
             match r {
-                Ok(w) => written.push(w),
+                Ok((idx, generation, delivered)) => {
+                    written.push((idx, generation));
+                    all.merge(delivered);
+                }
                 // The cache's failure over a source's (it is no source's fault, and no round
                 // mends it), then the one that says most (see `fetch_range`).
                 Err(e) => {
@@ -220,7 +225,7 @@ impl Fetcher {
                 }
             }
         }
-        (written, failed)
+        (written, all, failed)
     }
 
     /// The cache could not take the file (`why`): fetched and verified whole in memory, and
@@ -275,8 +280,9 @@ impl Fetcher {
             .or_insert_with(Instant::now);
         let layout = f.layout();
         let mut errors = Vec::new();
-        // Parts written unverified by one source (its address), with their blob generation.
-        let mut written: Option<(usize, HashMap<u64, u64>)> = None;
+        // Parts written unverified by one source (its address), with their blob generation, and
+        // the requests that delivered them (judged when the whole file is checked).
+        let mut written: Option<(usize, HashMap<u64, u64>, Delivered)> = None;
         let mut order: Vec<_> = self.live_peers().into_iter().map(|p| (p, 1)).collect();
         let mut round = 0;
         let mut last_progress = tokio::time::Instant::now();
@@ -285,11 +291,12 @@ impl Fetcher {
             order.extend(self.source_order(&file.sources));
             for (src, attempts) in order.drain(..) {
                 let me = Arc::as_ptr(&src) as usize;
-                if written.as_ref().is_some_and(|(s, _)| *s != me) {
+                if written.as_ref().is_some_and(|(s, _, _)| *s != me) {
                     // A file's bytes come from one source, so wrong bytes have one culprit.
                     written = None;
                 }
-                let parts = &mut written.get_or_insert_with(|| (me, HashMap::new())).1;
+                let (_, parts, delivered) =
+                    written.get_or_insert_with(|| (me, HashMap::new(), Delivered::new(&src, 0)));
                 // Only chunks not present: the unverified bytes of a failed or lying fetch
                 // must never land on a chunk that readers are being served (a whole-only file
                 // is partial when a chunk was dropped as corrupt). The kept chunks are part
@@ -303,7 +310,9 @@ impl Fetcher {
                         .into_iter()
                         .filter(|i| !parts.contains_key(i))
                         .collect();
-                    let (landed, failed) = self.write_whole_parts(&src, f, todo, attempts).await;
+                    let (landed, by, failed) =
+                        self.write_whole_parts(&src, f, todo, attempts).await;
+                    delivered.merge(by);
                     if !landed.is_empty() {
                         last_progress = tokio::time::Instant::now();
                     }
@@ -328,6 +337,7 @@ impl Fetcher {
                         return Err(FetchError::Evicted);
                     }
                     parts.clear();
+                    let judged = std::mem::replace(delivered, Delivered::new(&src, 0));
                     let store = self.store.clone();
                     let entry = f.clone();
                     let actual =
@@ -339,6 +349,7 @@ impl Fetcher {
                                 e => FetchError::Store(e.to_string()),
                             })?;
                     if actual == f.sha256 {
+                        drop(judged);
                         src.record_success();
                         self.completed(file);
                         return Ok(());
@@ -356,6 +367,7 @@ impl Fetcher {
                     if !src.peer {
                         transient = false;
                     }
+                    judged.wrong_bytes();
                     self.integrity_failure(&src);
                     tracing::error!(source = %src.name, file = %what, expected = %f.sha256, actual = %actual,
                         "integrity failure: whole file does not match its sha256; discarded, trying the next source");

@@ -47,15 +47,16 @@ pub fn render(control: &Arc<Control>, rt: &tokio::runtime::Handle, cf: ControlFi
             }
             out.into_bytes()
         }
+        // What to write, as a shell line that works once the placeholder is filled in.
         w => format!(
-            "write to act: echo MODEL_ID > .wan/{} {}\n",
-            w.name(),
+            "write to act: echo \"{}\" > .wan/{}\n",
             match w {
-                ControlFile::Gc => "(or: auto | aggressive | deep-clean [--dry-run])",
-                ControlFile::Ensure => "[--force-redownload]",
-                ControlFile::Verify => "[--report-only]",
-                _ => "",
-            }
+                ControlFile::Gc => "auto|aggressive|deep-clean [--dry-run]",
+                ControlFile::Ensure => "MODEL_ID... [--force-redownload]",
+                ControlFile::Verify => "MODEL_ID... [--report-only]",
+                _ => "MODEL_ID...",
+            },
+            w.name(),
         )
         .into_bytes(),
     }

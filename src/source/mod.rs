@@ -348,6 +348,7 @@ impl SourceRegistry {
             );
             let mut h = SourceHandle::new(format!("peer {}", mask_url(url)), Box::new(source));
             h.peer = true;
+            crate::metrics::register_source(&h.name, true);
             let h = Arc::new(h);
             map.insert(key, h.clone());
             out.push(h);
@@ -400,6 +401,7 @@ impl SourceRegistry {
             }
             SourceUrl::S3 { bucket, prefix } => Box::new(s3::S3Source::new(bucket, prefix)),
         };
+        crate::metrics::register_source(&name, false);
         SourceHandle::new(name, source)
     }
 }

@@ -628,3 +628,25 @@ pub fn wait_state(path: &Path, want: &str) -> String {
     });
     last
 }
+
+/// A TCP port nobody listens on now, for a server a test starts next (a daemon's endpoint,
+/// nginx, moto). Drawn below the kernel's ephemeral range (`ip_local_port_range`: 32768 and up
+/// by default), where no outgoing connection is given a port: a port from `bind(0)` lies in
+/// that range, and a test opening many client sockets at the same time (stalled clients, a
+/// load) could take it between the draw and the server's own bind (`Address already in use`).
+pub fn free_port() -> u16 {
+    use std::net::TcpListener;
+    for _ in 0..1000 {
+        let port: u16 = rand::random_range(20_000..32_000);
+        let v4 = TcpListener::bind(("0.0.0.0", port)).is_ok();
+        let v6 = match TcpListener::bind(("::", port)) {
+            Ok(_) => true,
+            // A host without IPv6 cannot clash there.
+            Err(e) => e.kind() != io::ErrorKind::AddrInUse,
+        };
+        if v4 && v6 {
+            return port;
+        }
+    }
+    panic!("no free TCP port between 20000 and 32000");
+}
