@@ -332,3 +332,58 @@ fn peers_are_checked_and_a_reload_applies_them() {
     );
     assert!(metric(pd, "wan_source_kind_bytes_total{kind=\"peer\"}") >= (12 * MIB) as f64);
 }
+
+/// Bytes of the blob a peer (a test origin serving `blobs/<sha256>`) sent.
+fn peer_bytes(peer: &Origin, setup: &GenSetup) -> u64 {
+    origin_bytes(peer, &sha256_hex(setup.data(FILE)))
+}
+
+/// A peer that answers every request with a redirect (to a host that does hold the blob): the
+/// redirect is not followed, the peer cools down, the origin serves. Redirects were followed
+/// anywhere, 75 requests for one file, and the peer never cooled down.
+#[test]
+fn a_redirecting_peer_is_not_followed_and_cools_down() {
+    let setup = GenSetup::new(&[(FILE, SIZE)], CHUNK, 95);
+    let target = Origin::start(blob_dir(&setup));
+    let empty = setup.work.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let peer = Origin::start(&empty);
+    peer.redirect_to(Some(target.url()));
+    let d = daemon(&setup, "d", free_port(), &[peer.url()], "");
+    let path = setup.mounted(&d, FILE);
+    assert_bytes_eq(
+        &read_all(&path),
+        setup.data(FILE),
+        "past a redirecting peer",
+    );
+    assert_eq!(target.request_count(), 0, "the redirect was followed");
+    let asked = peer.request_count();
+    assert!(
+        (1..=24).contains(&asked),
+        "the redirecting peer was asked {asked} times"
+    );
+    assert!(origin_bytes(&setup.origin, FILE) >= SIZE as u64);
+}
+
+/// A peer that is correct but slow (2 MB/s a request, the origin here hundreds): once measured,
+/// the origin is measured too, and the peer is skipped while it stays that slow; it was asked
+/// for every chunk, which made a cold read 15 times slower than with no peer.
+#[test]
+fn a_slow_peer_is_skipped_for_a_faster_origin() {
+    let chunk = 1 << 20;
+    let setup = GenSetup::new(&[(FILE, SIZE)], chunk, 96);
+    let slow = Origin::start(blob_dir(&setup));
+    slow.add_fault(Fault::Trickle(2_000_000), None, None);
+    let d = daemon(&setup, "d", free_port(), &[slow.url()], "");
+    let path = setup.mounted(&d, FILE);
+    assert_bytes_eq(&read_all(&path), setup.data(FILE), "past a slow peer");
+    let from_peer = peer_bytes(&slow, &setup);
+    eprintln!("the slow peer sent {from_peer} of {SIZE} bytes");
+    // The chunks asked of it before its first answer measured it (the kernel's read-ahead and
+    // ours: about ten), then none.
+    assert!(
+        from_peer <= SIZE as u64 / 2,
+        "the slow peer sent {from_peer} of {SIZE} bytes"
+    );
+    assert_eq!(d.metric("wan_integrity_failures_total"), 0.0);
+}

@@ -23,6 +23,23 @@ use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
 /// the middle ground can deliver: 4 × 8 MiB per 10 ms, over 3 GB/s.
 const PART_SECS: f64 = 0.010;
 
+/// A peer whose requests deliver less than this share of the origin's rate is skipped (see
+/// [`Fetcher::live_peers`]). A peer is there to save the origin's egress, which is worth some
+/// speed: peers on one host measured 3-4 times slower per request than a local origin, and
+/// saving egress is still what they are for. Not reads an order of magnitude slower, though (a
+/// slow peer measured 15 times slower than the origin).
+const SLOW_PEER: f64 = 0.125;
+
+/// Below this many bytes a second per request, a peer is slow enough to be worth comparing
+/// with the origin (see [`Fetcher::live_peers`]), at the price of one fetch from it. A peer on
+/// the same network delivers several times this (peers of one test host: 60-100 MB/s per
+/// request, debug builds); the slow peer of the adversarial pass, 4.8 MB/s.
+const SUSPECT_PEER_RATE: f64 = 16.0 * 1024.0 * 1024.0;
+
+/// How long a peer's measured rate decides whether it is skipped: a peer that was slow (busy,
+/// on a congested link) is measured again after this, with one chunk.
+const PEER_RATE_FRESH: Duration = Duration::from_secs(30);
+
 /// How one request's bytes are hashed as they land (see [`Filler`]).
 #[derive(Clone, Copy)]
 pub(super) enum Landing {
@@ -119,13 +136,56 @@ impl Fetcher {
     /// The peers to ask now, in order: those cooling down are skipped outright (not probed,
     /// as a cooling origin is), so a peer that is down costs one connect timeout per
     /// cool-down, and the origin is always there behind them.
-    pub(super) fn live_peers(&self) -> Vec<Arc<SourceHandle>> {
+    ///
+    /// A peer is there to be faster or cheaper than the origin, not slower: one whose requests
+    /// deliver less than [`SLOW_PEER`] of what the file's fastest healthy origin delivers is
+    /// skipped (a slow but correct peer made a cold read 15 times slower: only failures cooled
+    /// a peer down). Its rate counts for [`PEER_RATE_FRESH`]; after that it is asked again, and
+    /// measured again. Where no origin of the file was ever measured, a peer delivering less
+    /// than [`SUSPECT_PEER_RATE`] has the next fetch go to the origin instead, once per origin
+    /// and daemon, so there is a rate to compare with; a peer above it costs the origin
+    /// nothing. An origin that is cooling down is no reason to skip anything.
+    pub(super) fn live_peers(&self, origins: &[Arc<SourceHandle>]) -> Vec<Arc<SourceHandle>> {
         let peers = self.peers.read().unwrap();
-        peers
+        if peers.0.is_empty() {
+            return Vec::new();
+        }
+        let healthy: Vec<&Arc<SourceHandle>> = origins
+            .iter()
+            .filter(|s| s.cooling_until().is_none())
+            .collect();
+        let origin = healthy
+            .iter()
+            .filter_map(|s| s.rate())
+            .fold(None, |best: Option<f64>, r| {
+                Some(best.map_or(r, |b| b.max(r)))
+            });
+        let live: Vec<(&Arc<SourceHandle>, Option<f64>)> = peers
             .0
             .iter()
             .filter(|p| p.cooling_until().is_none())
-            .cloned()
+            .map(|p| (p, p.rate_within(PEER_RATE_FRESH)))
+            .collect();
+        let Some(origin) = origin else {
+            let suspect = live
+                .iter()
+                .any(|(_, r)| r.is_some_and(|r| r < SUSPECT_PEER_RATE));
+            if suspect && healthy.iter().any(|s| s.probe_once()) {
+                tracing::debug!("a peer is slow: this fetch measures the origin");
+                return Vec::new();
+            }
+            return live.into_iter().map(|(p, _)| p.clone()).collect();
+        };
+        live.into_iter()
+            .filter(|(p, rate)| match rate {
+                Some(peer) if *peer < SLOW_PEER * origin => {
+                    tracing::debug!(peer = %p.name, peer_rate = peer, origin_rate = origin,
+                        "peer skipped: slower than the origin");
+                    false
+                }
+                _ => true,
+            })
+            .map(|(p, _)| p.clone())
             .collect()
     }
 
@@ -201,7 +261,7 @@ impl Fetcher {
         let mut errors = Vec::new();
         let mut round = 0;
         // Peers once, each with one attempt: a miss or a failure moves on to the next at once.
-        let peers = self.live_peers().into_iter().map(|p| (p, 1));
+        let peers = self.live_peers(&file.sources).into_iter().map(|p| (p, 1));
         let mut order: Vec<_> = peers.collect();
         let mut kept = None;
         loop {

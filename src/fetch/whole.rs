@@ -283,7 +283,11 @@ impl Fetcher {
         // Parts written unverified by one source (its address), with their blob generation, and
         // the requests that delivered them (judged when the whole file is checked).
         let mut written: Option<(usize, HashMap<u64, u64>, Delivered)> = None;
-        let mut order: Vec<_> = self.live_peers().into_iter().map(|p| (p, 1)).collect();
+        let mut order: Vec<_> = self
+            .live_peers(&file.sources)
+            .into_iter()
+            .map(|p| (p, 1))
+            .collect();
         let mut round = 0;
         let mut last_progress = tokio::time::Instant::now();
         loop {

@@ -23,13 +23,29 @@ pub fn http_client(
     cfg: &FetchConfig,
     connect_timeout: std::time::Duration,
 ) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+    Ok(client_builder(cfg, connect_timeout).build()?)
+}
+
+/// The client peers are asked through: like [`http_client`], but a redirect is an answer, not
+/// followed. A peer serves the chunks of its own cache; one that sends its callers elsewhere
+/// (misconfigured, or hostile: every daemon of the fleet would follow it, token stripped or
+/// not) is failing, and cools down like any failing peer.
+pub fn peer_client(
+    cfg: &FetchConfig,
+    connect_timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::Client> {
+    Ok(client_builder(cfg, connect_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?)
+}
+
+fn client_builder(cfg: &FetchConfig, connect_timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.connections)
         .pool_idle_timeout(std::time::Duration::from_secs(300))
         .tcp_nodelay(true)
         .connect_timeout(connect_timeout)
         .user_agent(concat!("wanfs/", env!("CARGO_PKG_VERSION")))
-        .build()?)
 }
 
 pub struct HttpSource {
@@ -168,6 +184,10 @@ pub(super) fn check_status(
         )),
         404 | 410 => Err(SourceError::NotFound),
         401 | 403 => Err(SourceError::Denied(status)),
+        // Only a client that follows no redirects (a peer's) sees one here.
+        300..=399 => Err(SourceError::Transport(format!(
+            "answered {status}, a redirect, which is not followed: a peer must serve its chunks itself"
+        ))),
         429 | 503 if let Some(after) = retry_after => {
             Err(SourceError::RetryAfter { status, after })
         }

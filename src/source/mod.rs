@@ -141,9 +141,12 @@ pub struct SourceHandle {
     pub peer: bool,
     health: Mutex<Health>,
     /// What one request to this source delivers, in bytes per second (a moving average over
-    /// completed requests, latency included); `None` until one completes. Sizes read-ahead
-    /// parts (`fetch::attempt::part_len`).
-    rate: Mutex<Option<f64>>,
+    /// completed requests, latency included), and when a request last completed; `None` until
+    /// one does. Sizes read-ahead parts (`fetch::attempt::part_len`), and ranks a peer against
+    /// the origin (`fetch::attempt::live_peers`).
+    rate: Mutex<Option<(f64, Instant)>>,
+    /// Set once a fetch skipped the peers to measure this origin (see `probe_once`).
+    probed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -168,6 +171,7 @@ impl SourceHandle {
             peer: false,
             health: Mutex::new(Health::default()),
             rate: Mutex::new(None),
+            probed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -180,14 +184,30 @@ impl SourceHandle {
         const UP: f64 = 0.125;
         let now = bytes as f64 / secs.max(1e-6);
         let mut r = self.rate.lock().unwrap();
-        *r = Some(r.map_or(now, |old| {
+        let rate = r.map_or(now, |(old, _)| {
             old + if now < old { DOWN } else { UP } * (now - old)
-        }));
+        });
+        *r = Some((rate, Instant::now()));
     }
 
     /// Bytes per second one request to this source delivers, once one has completed.
     pub fn rate(&self) -> Option<f64> {
-        *self.rate.lock().unwrap()
+        self.rate.lock().unwrap().map(|(r, _)| r)
+    }
+
+    /// [`SourceHandle::rate`], if a request completed within `fresh`.
+    pub fn rate_within(&self, fresh: Duration) -> Option<f64> {
+        self.rate
+            .lock()
+            .unwrap()
+            .filter(|(_, at)| at.elapsed() < fresh)
+            .map(|(r, _)| r)
+    }
+
+    /// True the first time only: the one fetch that goes to this origin before the peers, so
+    /// its rate is known and a slow peer can be told from a fast one.
+    pub fn probe_once(&self) -> bool {
+        !self.probed.swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Where this source finds `entry`'s bytes: its path under the model's base URL, or for a
@@ -336,7 +356,7 @@ impl SourceRegistry {
             if client.is_none() {
                 // The origin's client waits `request_timeout` to connect; a peer is asked
                 // first for every cold chunk, so one that is down must fail fast.
-                client = Some(http_client(&self.fetch, cfg.connect_timeout())?);
+                client = Some(http::peer_client(&self.fetch, cfg.connect_timeout())?);
             }
             let base = format!("{}/blobs", url.trim_end_matches('/'));
             let source = HttpSource::new(
