@@ -388,28 +388,12 @@ fn request_error(e: reqwest::Error, fetch: &FetchConfig) -> PageError {
             None,
         );
     }
-    let why = error_chain(&e);
+    let why = crate::source::error_chain(&e);
     if e.is_connect() || e.is_builder() {
         PageError::Fatal(why)
     } else {
         PageError::Again(why, None)
     }
-}
-
-/// An error and its sources, each once: the cause (connection refused, DNS, TLS) is often
-/// only in the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let part = s.to_string();
-        if !msg.contains(&part) {
-            msg.push_str(": ");
-            msg.push_str(&part);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 /// The `rel="next"` target of one `Link` header value.

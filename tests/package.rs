@@ -25,9 +25,9 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -52,54 +52,9 @@ fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: package test: {why}");
 }
 
-fn script() -> PathBuf {
-    std::env::var_os("WAN_SYSTEMD_CT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/systemd-ct/systemd-ct.sh"))
-}
-
-/// Runs `cmd`; `None` if it did not exit within `timeout` (it is killed then).
-fn run_for(mut cmd: Command, timeout: Duration) -> Option<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().ok()? {
-            break s;
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Some(Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    })
-}
-
 fn ct(args: &[&str]) -> Command {
     let mut c = Command::new("bash");
-    c.arg(script()).args(args);
+    c.arg(systemd_ct_script()).args(args);
     c
 }
 
@@ -287,7 +242,7 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
     if unsafe { libc::geteuid() } != 0 {
         return skip("needs root (systemd-nspawn)");
     }
-    let script = script();
+    let script = systemd_ct_script();
     if !script.exists() {
         return skip(&format!("no {}", script.display()));
     }

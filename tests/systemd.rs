@@ -17,9 +17,9 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -32,53 +32,6 @@ const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 /// Printed past libtest's capture, so a skip shows in a plain `cargo test`.
 fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: systemd container test: {why}");
-}
-
-fn script() -> PathBuf {
-    std::env::var_os("WAN_SYSTEMD_CT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/systemd-ct/systemd-ct.sh")
-        })
-}
-
-/// Runs `cmd`; `None` if it did not exit within `timeout` (it is killed then).
-fn run_for(mut cmd: Command, timeout: Duration) -> Option<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ok()?;
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().ok()? {
-            break s;
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Some(Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    })
 }
 
 /// The booted container; powered off when dropped (also when a check panics).
@@ -270,7 +223,7 @@ fn units_under_a_real_systemd() {
     if unsafe { libc::geteuid() } != 0 {
         return skip("needs root (systemd-nspawn)");
     }
-    let script = script();
+    let script = systemd_ct_script();
     if !script.exists() {
         return skip(&format!("no {}", script.display()));
     }

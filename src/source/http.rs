@@ -125,13 +125,7 @@ fn transport(e: reqwest::Error) -> SourceError {
         SourceError::Timeout
     } else {
         // The chain carries the useful part ("connection refused", "reset by peer").
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
+        let msg = super::error_chain(&e);
         if connect {
             SourceError::Unreachable(msg)
         } else {

@@ -283,6 +283,22 @@ pub fn hub_checked() -> anyhow::Result<(reqwest::Url, Option<String>)> {
     Ok((url, token))
 }
 
+/// An error and its sources, each once: the cause (connection refused, DNS, TLS, a timeout) is
+/// often only in the chain, under a top line like `error sending request`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let part = s.to_string();
+        if !msg.contains(&part) {
+            msg.push_str(": ");
+            msg.push_str(&part);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 /// Hides credentials in a URL: userinfo and query strings (signed URLs).
 pub fn mask_url(url: &str) -> String {
     let mut out = url.to_string();

@@ -129,7 +129,7 @@ fn classify(e: object_store::Error) -> SourceError {
         E::PermissionDenied { .. } => SourceError::Denied(403),
         E::Unauthenticated { .. } => SourceError::Denied(401),
         other => {
-            let msg = error_chain(&other);
+            let msg = crate::source::error_chain(&other);
             // The S3 error codes for bad credentials arrive as generic errors with a status.
             if msg.contains("403")
                 || msg.contains("InvalidAccessKeyId")
@@ -148,22 +148,6 @@ fn classify(e: object_store::Error) -> SourceError {
             }
         }
     }
-}
-
-/// An error and its sources, each once: the cause (connection refused, DNS, timeout) is
-/// often only in the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let part = s.to_string();
-        if !msg.contains(&part) {
-            msg.push_str(": ");
-            msg.push_str(&part);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 impl Source for S3Source {

@@ -387,28 +387,25 @@ impl Store {
     /// Creates the blob's index row and sparse file if needed (idempotent); returns its file
     /// and the generation a later commit must still find.
     fn prepare(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
-        let existing = {
-            let blobs = self.blobs.lock().unwrap();
-            let st = blobs.get(&f.sha256);
-            conflict(st, f)?;
-            st.filter(|s| s.layout == f.layout()).map(|s| s.generation)
-        };
-        if let Some(generation) = existing {
+        if let Some(generation) = self.prepared(f)? {
             return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
         let _w = self.writer.lock().unwrap();
         self.prepare_locked(f)
     }
 
+    /// The generation of `f`'s blob state if there is one of its layout; an error if the
+    /// cache holds the blob at another size.
+    fn prepared(&self, f: &FileEntry) -> Result<Option<u64>, StoreError> {
+        let blobs = self.blobs.lock().unwrap();
+        let st = blobs.get(&f.sha256);
+        conflict(st, f)?;
+        Ok(st.filter(|s| s.layout == f.layout()).map(|s| s.generation))
+    }
+
     /// [`Store::prepare`] with `writer` held by the caller.
     fn prepare_locked(&self, f: &FileEntry) -> Result<(Arc<File>, u64), StoreError> {
-        let existing = {
-            let blobs = self.blobs.lock().unwrap();
-            let st = blobs.get(&f.sha256);
-            conflict(st, f)?;
-            st.filter(|s| s.layout == f.layout()).map(|s| s.generation)
-        };
-        if let Some(generation) = existing {
+        if let Some(generation) = self.prepared(f)? {
             return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
         // Rows an eviction could not delete must go first: they would name chunks of the new

@@ -111,12 +111,21 @@ pub fn run_wan<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Output {
 }
 
 /// Runs `cmd` with captured output; panics if it does not exit within `timeout`.
-pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
+pub fn run_with_timeout(cmd: Command, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    run_for(cmd, timeout)
+        .unwrap_or_else(|| panic!("{what} did not start or exit within {timeout:?}"))
+}
+
+/// Runs `cmd` with captured output (stdin closed); `None` if it could not start or did not exit
+/// within `timeout` (it is killed then).
+pub fn run_for(mut cmd: Command, timeout: Duration) -> Option<Output> {
     let mut child = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn");
+        .ok()?;
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let out_t = std::thread::spawn(move || {
@@ -131,22 +140,31 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
+        if let Some(status) = child.try_wait().ok()? {
             break status;
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-            panic!("{cmd:?} did not exit within {timeout:?}; stderr:\n{stderr}");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output {
+    Some(Output {
         status,
         stdout: out_t.join().unwrap_or_default(),
         stderr: err_t.join().unwrap_or_default(),
-    }
+    })
+}
+
+/// `../shared/systemd-ct/systemd-ct.sh` (or `$WAN_SYSTEMD_CT`): boots a Debian container whose
+/// PID 1 is a real systemd, for tests/systemd.rs and tests/package.rs.
+pub fn systemd_ct_script() -> PathBuf {
+    std::env::var_os("WAN_SYSTEMD_CT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/systemd-ct/systemd-ct.sh")
+        })
 }
 
 /// Options of `wan manifest build`.
