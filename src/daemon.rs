@@ -1,8 +1,9 @@
 //! Wiring for `wan mount`: config, manifest, store, sources, fetcher, filesystem, FUSE session,
 //! signals and shutdown. Owns the process lifecycle, no filesystem logic.
 //!
-//! `Services::build` makes the parts a cache is worked with (the CLI's no-daemon backend uses
-//! it too); `serve` mounts them and runs the endpoint, reload and background loops until a
+//! `Services::builder` is the one place the parts a cache is worked with are wired (the CLI's
+//! no-daemon backend uses it through `Services::build`, tests/reftest.rs with an in-memory
+//! origin); `serve` mounts them and runs the endpoint, reload and background loops until a
 //! shutdown future resolves; `run` is `wan mount`: both, with SIGTERM/SIGINT as shutdown.
 
 use std::collections::BTreeMap;
@@ -53,19 +54,108 @@ impl Services {
         cfg: &Config,
         mountpoint: Option<PathBuf>,
     ) -> anyhow::Result<Services> {
-        let store = Arc::new(Store::open(cache_dir)?);
-        drop_stale_sizes(&store, manifest)?;
-        let sources = Arc::new(SourceRegistry::new(&cfg.fetch)?);
-        let files = file_contexts(manifest, &sources);
+        Services::builder(manifest, cache_dir)
+            .manifest_path(manifest_path)
+            .config(cfg)
+            .mountpoint(mountpoint)
+            .build()
+    }
+
+    /// The one place the parts are wired: the daemon and the CLI through [`Services::build`],
+    /// tests (tests/reftest.rs) with their own sources, so a test runs the daemon's wiring
+    /// and cannot drift from it.
+    pub fn builder<'a>(manifest: &'a Manifest, cache_dir: &Path) -> ServicesBuilder<'a> {
+        ServicesBuilder {
+            manifest,
+            cache_dir: cache_dir.to_path_buf(),
+            manifest_path: PathBuf::new(),
+            config: Config::default(),
+            mountpoint: None,
+            sources: None,
+        }
+    }
+
+    /// The filesystem over these services, as [`serve`] mounts it: the inode tree of every
+    /// model, read-ahead and passthrough as `cfg` says, `mtime` for the directories.
+    pub fn filesystem(
+        &self,
+        rt: tokio::runtime::Handle,
+        cfg: &Config,
+        mtime: std::time::SystemTime,
+    ) -> Arc<ModelFs> {
+        Arc::new(ModelFs::new(
+            Tree::build(&self.files, None),
+            self.fetcher.clone(),
+            self.control.clone(),
+            rt,
+            cfg.fetch.readahead_chunks,
+            mtime,
+            cfg.mount.passthrough,
+        ))
+    }
+}
+
+/// What [`Services`] are built from; [`Services::builder`] makes one with the defaults: an
+/// empty manifest path, the default configuration, no mountpoint, and each model's sources
+/// as its manifest lists them.
+pub struct ServicesBuilder<'a> {
+    manifest: &'a Manifest,
+    cache_dir: PathBuf,
+    manifest_path: PathBuf,
+    config: Config,
+    mountpoint: Option<PathBuf>,
+    sources: Option<Vec<Arc<crate::source::SourceHandle>>>,
+}
+
+impl ServicesBuilder<'_> {
+    /// The manifest file `manifest` was read from (status shows it; a reload re-reads it).
+    pub fn manifest_path(mut self, path: &Path) -> Self {
+        self.manifest_path = path.to_path_buf();
+        self
+    }
+
+    pub fn config(mut self, cfg: &Config) -> Self {
+        self.config = cfg.clone();
+        self
+    }
+
+    /// Where the daemon mounts (None for the CLI and tests).
+    pub fn mountpoint(mut self, mountpoint: Option<PathBuf>) -> Self {
+        self.mountpoint = mountpoint;
+        self
+    }
+
+    /// Every model is fetched from `sources`, in this order, whatever its manifest lists:
+    /// the seam through which a test puts an in-memory origin (`source::mock`) under the
+    /// daemon's wiring, as mountpoint-s3 builds its filesystem over a mock client.
+    pub fn sources(mut self, sources: Vec<Arc<crate::source::SourceHandle>>) -> Self {
+        self.sources = Some(sources);
+        self
+    }
+
+    /// Opens the cache (a [`crate::store::StoreError`] when it cannot, `Locked` included)
+    /// and builds everything over it. At start the manifest wins over the cache: a blob held
+    /// at a size it does not list is dropped. Must be called within a tokio runtime: the
+    /// fetcher spawns on it.
+    pub fn build(self) -> anyhow::Result<Services> {
+        let cfg = &self.config;
+        let store = Arc::new(Store::open(&self.cache_dir)?);
+        drop_stale_sizes(&store, self.manifest)?;
+        let mut sources = SourceRegistry::new(&cfg.fetch)?;
+        if let Some(fixed) = self.sources {
+            sources = sources.with_sources(fixed);
+        }
+        let sources = Arc::new(sources);
+        let files = file_contexts(self.manifest, &sources);
         let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
         let control = Control::new(
-            manifest,
-            manifest_path.to_path_buf(),
+            self.manifest,
+            self.manifest_path,
             files.clone(),
             fetcher.clone(),
             sources.clone(),
-            cfg.clone(),
-            mountpoint,
+            self.config.clone(),
+            self.mountpoint,
         );
         Ok(Services {
             store,
@@ -218,6 +308,11 @@ pub fn serve(
     compiled: crate::compiled::Compiled,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let cfg = plan.config;
+    // Before READY, like the shutdown signals: a SIGHUP must never meet the default disposition.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let manifest = compiled.manifest;
+    let fs = services.filesystem(rt.handle().clone(), &cfg, manifest_mtime(&plan.manifest));
     let Services {
         store,
         sources,
@@ -225,23 +320,9 @@ pub fn serve(
         files,
         control,
     } = services;
-    let cfg = plan.config;
-    // Before READY, like the shutdown signals: a SIGHUP must never meet the default disposition.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let manifest = compiled.manifest;
-    let tree = Tree::build(&files, None);
     fetcher.set_peers(peer_handles(&sources, &cfg)?, cfg.peers.cooldown());
     store.set_gc_threshold(cfg.gc.high_bytes());
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
-    let fs = Arc::new(ModelFs::new(
-        tree,
-        fetcher.clone(),
-        control.clone(),
-        rt.handle().clone(),
-        cfg.fetch.readahead_chunks,
-        manifest_mtime(&plan.manifest),
-        cfg.mount.passthrough,
-    ));
     let http = if cfg.http.addr.is_empty() {
         None
     } else {

@@ -36,9 +36,6 @@ pub fn file_contexts(
     manifest
         .models
         .values()
-        .map(|m| {
-            let handles: Vec<_> = m.sources.iter().map(|u| sources.get(u)).collect();
-            (m.id.clone(), model_files(m, &handles))
-        })
+        .map(|m| (m.id.clone(), model_files(m, &sources.for_model(m))))
         .collect()
 }

@@ -4,8 +4,9 @@
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
 //! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and
 //! `metrics` are leaves used throughout; `remote` (manifest entries from the Hub or S3) sits
-//! beside `cli`, over `source`. `daemon::Services` is what `cmd` builds too when no daemon
-//! runs; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
+//! beside `cli`, over `source`. `daemon::Services::builder` wires store, sources, fetcher and
+//! control in one place: the daemon, `cmd` when no daemon runs, and tests/reftest.rs (with
+//! its own sources) all build through it; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
 //! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]

@@ -1,8 +1,9 @@
 //! Reference-model test of the read path, in process: no root, no `/dev/fuse`, no network.
 //!
 //! As mountpoint-s3's reftests do, a proptest drives the real `Store` (in a tempdir), `Fetcher`,
-//! `Control` and `ModelFs` through random sequences of operations, with a `MockSource` as the
-//! origin, and compares every byte served with a plain `Vec<u8>` per file. Reads go the way
+//! `Control` and `ModelFs`, built by the daemon's own `Services::builder`, through random
+//! sequences of operations, with a `MockSource` as the origin (given to the builder as every
+//! model's source), and compares every byte served with a plain `Vec<u8>` per file. Reads go the way
 //! `fuse.rs` sends them: `read_cached` first, then the async `read`.
 //!
 //! The manifest holds two models: chunked files with 4, 16 and 64 KiB chunks (1, 2 and 8
@@ -67,13 +68,13 @@ use proptest::prelude::*;
 use wanfs::chunk::{ChunkHash, Digest, Layout};
 use wanfs::config::{Config, FetchConfig};
 use wanfs::control::{Control, GcMode, JobState, Work};
-use wanfs::fetch::{Fetcher, FileCtx};
-use wanfs::file_ctx::model_files;
-use wanfs::fs::{ModelFs, ROOT, Tree};
+use wanfs::daemon::Services;
+use wanfs::fetch::Fetcher;
+use wanfs::fs::{ModelFs, ROOT};
 use wanfs::manifest::{FileEntry, Manifest, Model};
+use wanfs::source::SourceHandle;
 use wanfs::source::mock::{Fault, MockSource, Outcome};
-use wanfs::source::{SourceHandle, SourceRegistry};
-use wanfs::store::Store;
+use wanfs::store::{Store, StoreError};
 
 const KIB: u64 = 1024;
 /// Request part size: 4 KiB chunks take one request, 16 KiB two, 64 KiB eight.
@@ -254,7 +255,8 @@ fn fetch_config() -> FetchConfig {
 /// A stalled request waits this long: past the request timeout, so it is a timeout.
 const STALL: Duration = Duration::from_millis(150);
 
-/// One run of the daemon: what `daemon.rs` wires together, minus FUSE and HTTP.
+/// One run of the daemon: what `daemon.rs` wires together (`Services::builder`, and the
+/// filesystem `serve` mounts), minus FUSE and HTTP.
 struct Daemon {
     store: Arc<Store>,
     fetcher: Arc<Fetcher>,
@@ -270,7 +272,7 @@ struct Daemon {
     /// References to the fetcher when no fetch task is running (each task holds one).
     idle_refs: usize,
     /// The adoption of blob files running in the background, if any.
-    adopting: Option<tokio::task::JoinHandle<Result<(), wanfs::store::StoreError>>>,
+    adopting: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
     /// Declared last: dropped after everything that spawns on it.
     rt: tokio::runtime::Runtime,
 }
@@ -285,53 +287,36 @@ impl Daemon {
             .build()
             .unwrap();
         let _enter = rt.enter();
-        let store = open_store(dir);
         let manifest = manifest();
+        let cfg = Config {
+            fetch: fetch_config(),
+            ..Config::default()
+        };
+        // The daemon's own wiring, with a fresh handle on the mock per run, as a restarted
+        // daemon builds fresh sources (fresh health).
+        let services = build_services(dir, &manifest, &cfg, mock);
         let entries: Vec<_> = manifest
             .models
             .values()
             .flat_map(|m| m.files.clone())
             .collect();
         let adopting = if adopt_in_background {
-            let store = store.clone();
+            let store = services.store.clone();
             Some(rt.spawn_blocking(move || store.adopt(&entries).map(drop)))
         } else {
-            store.adopt(&entries).unwrap();
+            services.store.adopt(&entries).unwrap();
             None
         };
-        let cfg = Config {
-            fetch: fetch_config(),
-            ..Config::default()
-        };
-        // A fresh handle per run, as a restarted daemon builds fresh sources (fresh health).
-        let source = Arc::new(SourceHandle::new("mock".into(), Box::new(mock.clone())));
-        let files: BTreeMap<String, Vec<Arc<FileCtx>>> = manifest
-            .models
-            .values()
-            .map(|m| (m.id.clone(), model_files(m, std::slice::from_ref(&source))))
-            .collect();
-        let tree = Tree::build(&files, None);
-        let fetcher = Fetcher::new(store.clone(), cfg.fetch.clone());
-        let control = Control::new(
-            &manifest,
-            dir.join("models.toml"),
-            files,
-            fetcher.clone(),
-            Arc::new(SourceRegistry::new(&cfg.fetch).unwrap()),
-            cfg.clone(),
-            None,
-        );
-        let fs = Arc::new(ModelFs::new(
-            tree,
-            fetcher.clone(),
-            control.clone(),
-            rt.handle().clone(),
-            cfg.fetch.readahead_chunks,
-            SystemTime::UNIX_EPOCH,
-            // Passthrough on, as mounted by default: `open` hands out the blob file of a
-            // complete blob, which `Op::Passthrough` reads as the kernel would.
-            true,
-        ));
+        // Passthrough on, as mounted by default: `open` hands out the blob file of a complete
+        // blob, which `Op::Passthrough` reads as the kernel would.
+        assert!(cfg.mount.passthrough);
+        let fs = services.filesystem(rt.handle().clone(), &cfg, SystemTime::UNIX_EPOCH);
+        let Services {
+            store,
+            fetcher,
+            control,
+            ..
+        } = services;
         let inos: Vec<u64> = specs().iter().map(|s| lookup(&fs, s)).collect();
         let idle_refs = Arc::strong_count(&fetcher);
         let mut d = Daemon {
@@ -458,17 +443,27 @@ async fn fuse_read(
         .map_err(|e| e.to_string())
 }
 
-/// Opens the store, waiting for the previous run's lock: its last blocking commits may still
-/// hold a reference for a moment after its runtime is gone.
-fn open_store(dir: &Path) -> Arc<Store> {
+/// `Services::builder` over the cache in `dir` with `mock` as every model's origin, waiting for
+/// the previous run's lock: its last blocking commits may still hold a reference to its store
+/// for a moment after its runtime is gone.
+fn build_services(dir: &Path, manifest: &Manifest, cfg: &Config, mock: &MockSource) -> Services {
     let t0 = Instant::now();
     loop {
-        match Store::open(dir) {
-            Ok(s) => return Arc::new(s),
-            Err(wanfs::store::StoreError::Locked(_)) if t0.elapsed() < Duration::from_secs(10) => {
+        let source = Arc::new(SourceHandle::new("mock".into(), Box::new(mock.clone())));
+        let built = Services::builder(manifest, dir)
+            .manifest_path(&dir.join("models.toml"))
+            .config(cfg)
+            .sources(vec![source])
+            .build();
+        match built {
+            Ok(services) => return services,
+            Err(e)
+                if matches!(e.downcast_ref(), Some(StoreError::Locked(_)))
+                    && t0.elapsed() < Duration::from_secs(10) =>
+            {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            Err(e) => panic!("reopening the store: {e}"),
+            Err(e) => panic!("reopening the store: {e:#}"),
         }
     }
 }

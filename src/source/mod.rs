@@ -334,6 +334,8 @@ pub struct SourceRegistry {
     /// Peer handles by what defines them, so a reload that keeps a peer keeps its health.
     peers: Mutex<HashMap<PeerKey, Arc<SourceHandle>>>,
     fetch: FetchConfig,
+    /// Set by [`SourceRegistry::with_sources`]: every model's sources, whatever it lists.
+    fixed: Option<Vec<Arc<SourceHandle>>>,
 }
 
 /// A peer's URL, connect timeout (in µs) and token: a change to any needs a new handle.
@@ -349,7 +351,26 @@ impl SourceRegistry {
             by_url: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
             fetch: cfg.clone(),
+            fixed: None,
         })
+    }
+
+    /// A registry that gives every model `sources` (in this order) instead of the ones its
+    /// manifest lists: how a test puts an in-memory origin under the daemon's wiring
+    /// (`daemon::Services::builder`). Peers are still built by URL.
+    pub fn with_sources(self, sources: Vec<Arc<SourceHandle>>) -> SourceRegistry {
+        SourceRegistry {
+            fixed: Some(sources),
+            ..self
+        }
+    }
+
+    /// The handles model `m` is fetched from, in priority order.
+    pub fn for_model(&self, m: &crate::manifest::Model) -> Vec<Arc<SourceHandle>> {
+        match &self.fixed {
+            Some(fixed) => fixed.clone(),
+            None => m.sources.iter().map(|u| self.get(u)).collect(),
+        }
     }
 
     /// The handles of `cfg`'s peers, in its order. Each sends `token` (the fleet's bearer
@@ -407,9 +428,12 @@ impl SourceRegistry {
             .clone()
     }
 
-    /// Every source handle built so far (for health).
+    /// Every source handle built so far, and those given by [`SourceRegistry::with_sources`]
+    /// (for health).
     pub fn all(&self) -> Vec<Arc<SourceHandle>> {
-        self.by_url.lock().unwrap().values().cloned().collect()
+        let mut all: Vec<_> = self.by_url.lock().unwrap().values().cloned().collect();
+        all.extend(self.fixed.iter().flatten().cloned());
+        all
     }
 
     fn build(&self, url: &SourceUrl) -> SourceHandle {
@@ -494,6 +518,38 @@ mod tests {
         assert!(h.cooling_until().is_none());
         h.record_failure(true, cd);
         assert!(h.cooling_until().is_some());
+    }
+
+    #[test]
+    fn sources_given_to_the_registry_replace_every_models_own() {
+        let model = |sources| crate::manifest::Model {
+            id: "m@1".into(),
+            description: String::new(),
+            pinned: false,
+            sources,
+            files: Vec::new(),
+        };
+        let dir = SourceUrl::Dir("/nonexistent".into());
+        let by_url = SourceRegistry::new(&FetchConfig::default()).unwrap();
+        let own = by_url.for_model(&model(vec![dir.clone()]));
+        assert_eq!(own.len(), 1);
+        assert!(Arc::ptr_eq(&own[0], &by_url.get(&dir)));
+        assert_eq!(by_url.for_model(&model(Vec::new())).len(), 0);
+
+        let given = Arc::new(SourceHandle::new(
+            "given".into(),
+            Box::new(Unsupported(String::new())),
+        ));
+        let fixed = SourceRegistry::new(&FetchConfig::default())
+            .unwrap()
+            .with_sources(vec![given.clone()]);
+        for m in [model(vec![dir]), model(Vec::new())] {
+            let got = fixed.for_model(&m);
+            assert_eq!(got.len(), 1);
+            assert!(Arc::ptr_eq(&got[0], &given));
+        }
+        // Health sees them too.
+        assert!(fixed.all().iter().any(|h| Arc::ptr_eq(h, &given)));
     }
 
     #[test]
