@@ -10,7 +10,11 @@
 //! test can count origin fetches per chunk.
 //!
 //! A `MockSource` is a cheap handle: clones share files, faults and the log, so a test keeps
-//! one clone while the fetcher owns another (boxed in a `SourceHandle`).
+//! one clone while the fetcher owns another (boxed in a `SourceHandle`, given to
+//! `daemon::Services::builder().sources(…)`).
+//!
+//! Test code only: compiled under `cfg(any(test, feature = "mock"))`; the integration tests get
+//! the `mock` feature through the crate's dev-dependency on itself (Cargo.toml).
 
 use std::collections::HashMap;
 use std::ops::Range;

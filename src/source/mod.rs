@@ -7,6 +7,7 @@
 
 mod file;
 pub(crate) mod http;
+#[cfg(any(test, feature = "mock"))]
 pub mod mock;
 mod rawhttp;
 mod s3;
