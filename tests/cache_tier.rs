@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use common::nginx::Nginx;
 use common::*;
+use wanfs::config::Config;
 
 const MIB: u64 = 1 << 20;
 /// nginx's `slice`, equal to the daemons' `part_size_kib`: the rule of docs/OPERATIONS.md.
@@ -42,13 +43,12 @@ fn slice_grid(size: u64, slice: u64) -> Vec<(u64, u64)> {
 
 /// Daemon settings for this test: parts of one slice each; generous timeouts, since nginx and
 /// several daemons share a small machine.
-fn tier_config() -> WanConfig {
-    WanConfig {
-        part_size_kib: (SLICE / 1024) as u32,
-        request_timeout_secs: 10.0,
-        read_timeout_secs: 30.0,
-        ..WanConfig::default()
-    }
+fn tier_config() -> Config {
+    let mut config = test_config();
+    config.fetch.part_size_kib = SLICE / 1024;
+    config.fetch.request_timeout_secs = 10.0;
+    config.fetch.read_timeout_secs = 30.0;
+    config
 }
 
 /// The entry of `gen@1.0.0` under `src` with `sources`; asserts the layout the test relies on
@@ -197,10 +197,8 @@ fn wrong_bytes_in_the_cache_tier_never_reach_a_reader() {
     );
     let dir = work.path().join("y");
     fs::create_dir_all(&dir).expect("daemon dir");
-    let config = WanConfig {
-        readahead_chunks: 0,
-        ..tier_config()
-    };
+    let mut config = tier_config();
+    config.fetch.readahead_chunks = 0;
     let y = Mount::start(MountSpec::new(&dir, &with_origin).config(config.clone()));
     let f = y.path(&format!("{GEN}/weights/model.bin"));
     let file = fs::File::open(&f).expect("open");
@@ -226,7 +224,7 @@ fn wrong_bytes_in_the_cache_tier_never_reach_a_reader() {
             "only chunk 1 should come from the origin directly, got {a}-{b}"
         );
     }
-    std::thread::sleep(Duration::from_secs_f64(config.cooldown_secs + 0.5));
+    std::thread::sleep(Duration::from_secs_f64(config.fetch.cooldown_secs + 0.5));
     let mark = direct.request_count();
     assert_bytes_eq(&fs::read(&f).expect("read"), data, "whole file");
     assert_eq!(

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use wanfs::config::Config;
 
 fn wan(args: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(wan_bin());
@@ -168,11 +169,11 @@ fn ensure_piped_prints_plain_progress_lines_and_tables_are_human() {
     let work = setup.work.path();
     let cfg = work.join("wan.toml");
     // No daemon: the CLI opens the cache itself (the same job code as the daemon's).
-    fs::write(
-        &cfg,
-        "[http]\naddr = \"\"\n[fetch]\nconnections = 2\npart_size_kib = 1024\n",
-    )
-    .unwrap();
+    let mut config = Config::default();
+    config.http.addr = String::new();
+    config.fetch.connections = 2;
+    config.fetch.part_size_kib = 1024;
+    write_config(&cfg, &config);
     let base = [
         "models".to_string(),
         "--config".into(),

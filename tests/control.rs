@@ -5,7 +5,8 @@
 //! real downloads, and a model walking NOT_PRESENT → PARTIAL → COMPLETE → CORRUPT → COMPLETE.
 //!
 //! The daemons are spawned by [`Daemon`] below rather than `common::Mount`, because these tests
-//! set `[gc]` and `[http]`; everything else (origin, manifests, cache view) comes from `common`.
+//! pick a free HTTP port per start (retrying when another test took it) and wait for the
+//! endpoint; their config is serialized from a `Config` as `common::Mount`'s is; everything else (origin, manifests, cache view) comes from `common`.
 //! Each test has its own temp dir, mountpoint, cache and HTTP port, so they run in parallel.
 
 mod common;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
+use wanfs::config::Config;
 
 const KIB: usize = 1024;
 const CS: u64 = 256 * 1024;
@@ -44,56 +46,38 @@ const ALL_BYTES: u64 = T2V_BYTES + I2V_OWN_BYTES + TI2V_BYTES;
 struct Opts {
     /// The loopback address the HTTP endpoint binds to.
     http_ip: &'static str,
-    /// Lines of the `[gc]` table (empty: defaults, no quota).
-    gc: String,
-    passthrough: bool,
-    readahead_chunks: u32,
-    read_ahead_kb: u32,
-    read_timeout_secs: f64,
-    cooldown_secs: f64,
+    /// The daemon's configuration but for `http.addr`, which [`Daemon::start`] picks.
+    config: Config,
     /// Extra environment of the daemon (e.g. `WAN_HTTP_TOKEN`).
     env: Vec<(String, String)>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
+        let mut config = Config::default();
+        let f = &mut config.fetch;
+        f.connections = 8;
+        f.read_timeout_secs = 20.0;
+        f.request_timeout_secs = 5.0;
+        f.retries = 2;
+        f.backoff_ms = 10;
+        f.cooldown_secs = 1.0;
+        f.readahead_chunks = 4;
+        config.mount.passthrough = true;
+        config.mount.read_ahead_kb = 1024;
+        config.http.token_env = "WAN_HTTP_TOKEN".into();
         Opts {
             http_ip: "127.0.0.1",
-            gc: String::new(),
-            passthrough: true,
-            readahead_chunks: 4,
-            read_ahead_kb: 1024,
-            read_timeout_secs: 20.0,
-            cooldown_secs: 1.0,
+            config,
             env: Vec::new(),
         }
     }
 }
 
 impl Opts {
-    fn gc(mut self, lines: &str) -> Opts {
-        self.gc = lines.to_owned();
-        self
-    }
-
     fn env(mut self, key: &str, value: &str) -> Opts {
         self.env.push((key.to_owned(), value.to_owned()));
         self
-    }
-
-    fn config_toml(&self, http_addr: &str) -> String {
-        format!(
-            "[fetch]\nconnections = 8\nread_timeout_secs = {:?}\nrequest_timeout_secs = 5.0\n\
-             retries = 2\nbackoff_ms = 10\ncooldown_secs = {:?}\nreadahead_chunks = {}\n\n\
-             [mount]\npassthrough = {}\nread_ahead_kb = {}\n\n\
-             [http]\naddr = {http_addr:?}\ntoken_env = \"WAN_HTTP_TOKEN\"\n\n[gc]\n{}\n",
-            self.read_timeout_secs,
-            self.cooldown_secs,
-            self.readahead_chunks,
-            self.passthrough,
-            self.read_ahead_kb,
-            self.gc,
-        )
     }
 }
 
@@ -103,9 +87,11 @@ fn free_port(_ip: &str) -> u16 {
 }
 
 /// Writes a config file for `opts` with the HTTP endpoint at `addr`; returns its path.
-fn write_config(work: &Path, name: &str, opts: &Opts, addr: &str) -> PathBuf {
+fn config_file(work: &Path, name: &str, opts: &Opts, addr: &str) -> PathBuf {
     let path = work.join(name);
-    fs::write(&path, opts.config_toml(addr)).expect("write config");
+    let mut config = opts.config.clone();
+    config.http.addr = addr.to_owned();
+    write_config(&path, &config);
     path
 }
 
@@ -136,7 +122,7 @@ impl Daemon {
             let http: SocketAddr = format!("{}:{}", opts.http_ip, free_port(opts.http_ip))
                 .parse()
                 .unwrap();
-            let config = write_config(work, &format!("wan-{n}.toml"), opts, &http.to_string());
+            let config = config_file(work, &format!("wan-{n}.toml"), opts, &http.to_string());
             let log_path = work.join(format!("daemon-{n}.log"));
             let log = File::create(&log_path).expect("daemon log");
             let mut cmd = Command::new(wan_bin());
@@ -1139,11 +1125,8 @@ fn http_mutations_need_loopback_or_token() {
     let work = workdir();
     let manifest = fixture_manifest(work.path());
     let token = "tok-2b9e-SECRET";
-    let opts = Opts {
-        http_ip: "127.0.0.2",
-        ..Opts::default()
-    }
-    .env("WAN_HTTP_TOKEN", token);
+    let mut opts = Opts::default().env("WAN_HTTP_TOKEN", token);
+    opts.http_ip = "127.0.0.2";
     let d = Daemon::start(work.path(), &manifest, &opts);
     // A client whose address is 127.0.0.2: loopback, but not 127.0.0.1, so it counts as remote.
     let remote = Api::new(d.http, Some("127.0.0.2".parse().unwrap()));
@@ -1498,7 +1481,7 @@ fn cli_without_a_daemon_works_on_the_cache() {
     let cache = work.path().join("cache");
     // Nobody listens at the configured address: the CLI opens the cache itself.
     let dead = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let config = write_config(work.path(), "direct.toml", &Opts::default(), &dead);
+    let config = config_file(work.path(), "direct.toml", &Opts::default(), &dead);
     let cli = Cli {
         config,
         manifest: manifest.clone(),
@@ -1588,11 +1571,9 @@ fn states_walk_from_not_present_to_corrupt_and_back() {
         CS,
         4201,
     );
-    let opts = Opts {
-        readahead_chunks: 0,
-        read_ahead_kb: 128,
-        ..Opts::default()
-    };
+    let mut opts = Opts::default();
+    opts.config.fetch.readahead_chunks = 0;
+    opts.config.mount.read_ahead_kb = 128;
     let d = Daemon::start(setup.work.path(), &setup.manifest, &opts);
     let cli = d.cli();
     let api = d.api();
@@ -1702,10 +1683,8 @@ fn a_chunk_found_corrupt_by_report_only_is_not_served() {
     let mut bad = Vec::new();
     for passthrough in [true, false] {
         let setup = GenSetup::new(&[("m.bin", 3 * CS as usize)], CS, 4211);
-        let opts = Opts {
-            passthrough,
-            ..Opts::default()
-        };
+        let mut opts = Opts::default();
+        opts.config.mount.passthrough = passthrough;
         let work = setup.work.path().join(format!("pt-{passthrough}"));
         fs::create_dir_all(&work).unwrap();
         let d = Daemon::start(&work, &setup.manifest, &opts);
@@ -1867,7 +1846,9 @@ fn daily_report_counts_verified_bytes() {
 fn health_is_unhealthy_over_the_quota_and_recovers_after_gc() {
     let work = workdir();
     let manifest = fixture_manifest(work.path());
-    let opts = Opts::default().gc("max_bytes = 1000000\ninterval_secs = 3600.0");
+    let mut opts = Opts::default();
+    opts.config.gc.max_bytes = 1_000_000;
+    opts.config.gc.interval_secs = 3600.0;
     let d = Daemon::start(work.path(), &manifest, &opts);
     let api = d.api();
     let cli = d.cli();
@@ -1910,12 +1891,10 @@ fn health_is_degraded_while_a_source_fails() {
         CS,
         4501,
     );
-    let opts = Opts {
-        cooldown_secs: 60.0,
-        read_timeout_secs: 5.0,
-        readahead_chunks: 0,
-        ..Opts::default()
-    };
+    let mut opts = Opts::default();
+    opts.config.fetch.cooldown_secs = 60.0;
+    opts.config.fetch.read_timeout_secs = 5.0;
+    opts.config.fetch.readahead_chunks = 0;
     let d = Daemon::start(setup.work.path(), &setup.manifest, &opts);
     let api = d.api();
     let a = d.path(&format!("{GEN}/a.bin"));
@@ -1948,11 +1927,9 @@ fn health_is_degraded_while_a_source_fails() {
 #[test]
 fn health_is_degraded_while_a_source_hangs() {
     let setup = GenSetup::new(&[("a.bin", 2 * CS as usize)], CS, 4503);
-    let opts = Opts {
-        read_timeout_secs: 1.0,
-        readahead_chunks: 0,
-        ..Opts::default()
-    };
+    let mut opts = Opts::default();
+    opts.config.fetch.read_timeout_secs = 1.0;
+    opts.config.fetch.readahead_chunks = 0;
     let d = Daemon::start(setup.work.path(), &setup.manifest, &opts);
     let api = d.api();
     assert_eq!(api.get("/health").expect(200)["status"], "healthy");
@@ -1972,11 +1949,9 @@ fn health_is_degraded_when_every_read_of_a_small_model_fails() {
     // The only source of a one-chunk model is down: every read fails with EIO. Health must not
     // say "healthy, no source is failing" however few distinct chunks were tried.
     let setup = GenSetup::new(&[("tiny.json", 2000)], CS, 4502);
-    let opts = Opts {
-        cooldown_secs: 60.0,
-        read_timeout_secs: 5.0,
-        ..Opts::default()
-    };
+    let mut opts = Opts::default();
+    opts.config.fetch.cooldown_secs = 60.0;
+    opts.config.fetch.read_timeout_secs = 5.0;
     let d = Daemon::start(setup.work.path(), &setup.manifest, &opts);
     let api = d.api();
     setup.origin.stop();
@@ -2014,15 +1989,10 @@ fn credentials_in_source_urls_are_never_shown() {
     let entry = manifest_build(&src.join(GEN), GEN, &opts);
     let manifest = work.path().join("models.toml");
     write_manifest(&manifest, &[entry]);
-    let d = Daemon::start(
-        work.path(),
-        &manifest,
-        &Opts {
-            cooldown_secs: 60.0,
-            readahead_chunks: 0,
-            ..Opts::default()
-        },
-    );
+    let mut opts = Opts::default();
+    opts.config.fetch.cooldown_secs = 60.0;
+    opts.config.fetch.readahead_chunks = 0;
+    let d = Daemon::start(work.path(), &manifest, &opts);
     let api = d.api();
     let got = read_fresh(&d.path(&format!("{GEN}/a.bin"))).expect("read through the mirror");
     assert_bytes_eq(&got, data_of(&files, "a.bin"), "a.bin");
@@ -2069,9 +2039,11 @@ fn gc_under_a_quota_keeps_the_pinned_model() {
     // Above the high watermark (4.05 MB) with everything, under the limit itself.
     const MAX: u64 = 4_500_000;
     let low = (MAX as f64 * 0.8) as u64;
-    let opts = Opts::default().gc(&format!(
-        "max_bytes = {MAX}\nhigh_watermark = 0.9\nlow_watermark = 0.8\ninterval_secs = 3600.0"
-    ));
+    let mut opts = Opts::default();
+    opts.config.gc.max_bytes = MAX;
+    opts.config.gc.high_watermark = 0.9;
+    opts.config.gc.low_watermark = 0.8;
+    opts.config.gc.interval_secs = 3600.0;
     let d = Daemon::start(work.path(), &manifest, &opts);
     let api = d.api();
     let cli = d.cli();
@@ -2157,7 +2129,9 @@ fn gc_runs_by_itself_above_the_high_watermark() {
     let work = workdir();
     let manifest = fixture_manifest(work.path());
     const MAX: u64 = 4_000_000;
-    let opts = Opts::default().gc(&format!("max_bytes = {MAX}\ninterval_secs = 0.2"));
+    let mut opts = Opts::default();
+    opts.config.gc.max_bytes = MAX;
+    opts.config.gc.interval_secs = 0.2;
     let d = Daemon::start(work.path(), &manifest, &opts);
     let api = d.api();
     let cli = d.cli();
@@ -2196,10 +2170,8 @@ fn gc_while_readers_stream(passthrough: bool, seed: u64) {
         .map(|(i, n)| (n.as_str(), 3 * CS as usize - 100 * i))
         .collect();
     let setup = GenSetup::new(&specs, CS, seed);
-    let opts = Opts {
-        passthrough,
-        ..Opts::default()
-    };
+    let mut opts = Opts::default();
+    opts.config.mount.passthrough = passthrough;
     let d = Daemon::start(setup.work.path(), &setup.manifest, &opts);
     let api = d.api();
 

@@ -22,7 +22,7 @@ fn hup(pid: u32) {
 #[test]
 fn a_reload_that_lists_a_cached_sha256_at_another_size_is_refused() {
     let setup = GenSetup::whole_only(&[("w.bin", 10 * MIB)], 71);
-    let m = Mount::start(setup.spec(WanConfig::default()));
+    let m = Mount::start(setup.spec(test_config()));
     let w = setup.mounted(&m, "w.bin");
     let data = setup.data("w.bin").to_vec();
     assert_bytes_eq(&std::fs::read(&w).unwrap(), &data, "w.bin, first read");
@@ -72,7 +72,7 @@ fn a_reload_that_lists_a_cached_sha256_at_another_size_is_refused() {
 #[test]
 fn a_compiled_form_truncated_while_mounted_or_replaced_by_a_fifo_changes_nothing() {
     let setup = GenSetup::new(&[("a.bin", 3 * MIB)], 256 * 1024, 72);
-    let m = Mount::start(setup.spec(WanConfig::default()));
+    let m = Mount::start(setup.spec(test_config()));
     let forms: Vec<_> = std::fs::read_dir(m.spec.cache_dir.join("v1/manifests"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -71,7 +71,7 @@ fn full_cache_disk_keeps_serving_and_gc_frees_it() {
         eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
         return;
     };
-    let mut spec = setup.spec(WanConfig::default());
+    let mut spec = setup.spec(test_config());
     spec.cache_dir = cache_fs.join("cache");
     let mount = Mount::start(spec);
     for f in ["a.bin", "b.bin"] {
@@ -159,10 +159,9 @@ fn full_cache_disk_serves_small_whole_only_files_from_memory() {
         eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
         return;
     };
-    let mut spec = setup.spec(WanConfig {
-        max_inflight_mib: 4,
-        ..WanConfig::default()
-    });
+    let mut config = test_config();
+    config.fetch.max_inflight_mib = 4;
+    let mut spec = setup.spec(config);
     spec.cache_dir = cache_fs.join("cache");
     let mount = Mount::start(spec);
     fill(&cache_fs.join("filler"));
@@ -196,7 +195,7 @@ fn read_only_cache_keeps_serving_and_says_so() {
         eprintln!("SKIP: cannot mount a tmpfs here (not root?)");
         return;
     };
-    let mut spec = setup.spec(WanConfig::default());
+    let mut spec = setup.spec(test_config());
     spec.cache_dir = cache_fs.join("cache");
     fs::create_dir_all(cache_fs.join("empty")).unwrap();
     let mount = Mount::start(spec.clone());

@@ -9,6 +9,7 @@ use std::fs;
 use std::time::Duration;
 
 use common::*;
+use wanfs::config::Config;
 
 const MIB: usize = 1024 * 1024;
 const CS: u64 = 256 * 1024;
@@ -17,21 +18,20 @@ const EIO_SLACK: Duration = Duration::from_millis(2500);
 
 /// Short timeouts and one request per chunk (no read-ahead, parts as large as a chunk), so
 /// every attempt of the daemon is one line of the origin's log.
-fn fault_config() -> WanConfig {
-    WanConfig {
-        read_timeout_secs: 3.0,
-        request_timeout_secs: 1.0,
-        retries: 3,
-        backoff_ms: 10,
-        cooldown_secs: 1.0,
-        readahead_chunks: 0,
-        part_size_kib: 1024,
-        ..WanConfig::default()
-    }
+fn fault_config() -> Config {
+    let mut config = test_config();
+    config.fetch.read_timeout_secs = 3.0;
+    config.fetch.request_timeout_secs = 1.0;
+    config.fetch.retries = 3;
+    config.fetch.backoff_ms = 10;
+    config.fetch.cooldown_secs = 1.0;
+    config.fetch.readahead_chunks = 0;
+    config.fetch.part_size_kib = 1024;
+    config
 }
 
-fn read_timeout(config: &WanConfig) -> Duration {
-    Duration::from_secs_f64(config.read_timeout_secs)
+fn read_timeout(config: &Config) -> Duration {
+    Duration::from_secs_f64(config.fetch.read_timeout_secs)
 }
 
 /// Three 1 MiB files (four chunks each) behind one origin, mounted with [`fault_config`].
@@ -89,9 +89,9 @@ fn persistent_is_eio(setup: &GenSetup, mount: &Mount, fault: Fault, rel: &str) {
     );
     let attempts = setup.origin.gets(&format!("/{rel}")).len();
     assert!(
-        attempts >= config.retries as usize,
+        attempts >= config.fetch.retries as usize,
         "{fault:?} on {rel}: {attempts} attempt(s), expected at least retries = {}",
-        config.retries
+        config.fetch.retries
     );
     assert_ne!(state(&path), "COMPLETE");
     let blob = sha256_hex(setup.data(rel));
@@ -271,10 +271,8 @@ fn one_wrong_part_of_a_chunk_fetched_in_parallel_parts_is_caught() {
     assert!(entry.contains("blake3"), "{entry}");
     let manifest = work.path().join("models.toml");
     write_manifest(&manifest, std::slice::from_ref(&entry));
-    let config = WanConfig {
-        part_size_kib: 64,
-        ..fault_config()
-    };
+    let mut config = fault_config();
+    config.fetch.part_size_kib = 64;
     let mount = Mount::start(MountSpec::new(work.path(), &manifest).config(config));
     let data = data_of(&files, "f.bin");
     let path = mount.path(&format!("{GEN}/f.bin"));
@@ -355,12 +353,10 @@ fn wrong_bytes_from_only_source_are_eio_and_not_stored() {
 #[test]
 fn origin_down_cached_reads_work_uncached_fail_fast() {
     let setup = GenSetup::new(&[("cached.bin", MIB + 17), ("uncached.bin", MIB)], CS, 28);
-    let config = WanConfig {
-        read_timeout_secs: 20.0,
-        request_timeout_secs: 1.0,
-        retries: 2,
-        ..fault_config()
-    };
+    let mut config = fault_config();
+    config.fetch.read_timeout_secs = 20.0;
+    config.fetch.request_timeout_secs = 1.0;
+    config.fetch.retries = 2;
     let mount = Mount::start(setup.spec(config));
     let cached = setup.mounted(&mount, "cached.bin");
     assert_bytes_eq(
@@ -392,13 +388,11 @@ fn origin_down_cached_reads_work_uncached_fail_fast() {
 fn kill9_mid_fetch_then_restart_keeps_cache_consistent() {
     const SIZE: usize = 4 * MIB;
     let setup = GenSetup::new(&[("big.bin", SIZE)], CS, 29);
-    let config = WanConfig {
-        read_timeout_secs: 60.0,
-        request_timeout_secs: 60.0,
-        readahead_chunks: 0,
-        part_size_kib: 1024,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.read_timeout_secs = 60.0;
+    config.fetch.request_timeout_secs = 60.0;
+    config.fetch.readahead_chunks = 0;
+    config.fetch.part_size_kib = 1024;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "big.bin");
     let data = setup.data("big.bin").to_vec();
@@ -557,13 +551,11 @@ fn kill9_during_group_commits_keeps_cache_consistent() {
     let setup = GenSetup::new(&[("many.bin", SIZE)], SMALL, 47);
     let data = setup.data("many.bin");
     let blob = sha256_hex(data);
-    let config = WanConfig {
-        connections: 16,
-        readahead_chunks: 16,
-        read_timeout_secs: 30.0,
-        request_timeout_secs: 10.0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.connections = 16;
+    config.fetch.readahead_chunks = 16;
+    config.fetch.read_timeout_secs = 30.0;
+    config.fetch.request_timeout_secs = 10.0;
     let mut mount = Mount::start(setup.spec(config));
     let cache = CacheView::new(&mount.spec.cache_dir);
     let ensure = |m: &Mount| {
@@ -673,10 +665,8 @@ fn restart_at_once_after_kill9_with_root_attributes_cached() {
 #[test]
 fn chunk_larger_than_memory_budget_is_fetched() {
     let setup = GenSetup::new(&[("big.bin", 4 * MIB)], 2 * MIB as u64, 43);
-    let config = WanConfig {
-        max_inflight_mib: 1,
-        ..fault_config()
-    };
+    let mut config = fault_config();
+    config.fetch.max_inflight_mib = 1;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "big.bin");
     let got = read_range(&path, 0, 4 * MIB).expect("read of chunks larger than the budget");
@@ -689,10 +679,8 @@ fn chunk_larger_than_memory_budget_is_fetched() {
 #[test]
 fn corrupt_whole_only_file_is_not_downloaded_again_for_every_read() {
     let setup = GenSetup::whole_only(&[("w.bin", 2 * MIB)], 47);
-    let config = WanConfig {
-        cooldown_secs: 5.0,
-        ..fault_config()
-    };
+    let mut config = fault_config();
+    config.fetch.cooldown_secs = 5.0;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "w.bin");
     setup.origin.add_fault(Fault::Corrupt, Some("w.bin"), None);
@@ -737,11 +725,9 @@ fn corrupt_whole_only_file_is_not_downloaded_again_for_every_read() {
 fn flaky_only_source_serves_every_read_within_read_timeout() {
     const N: u64 = 40;
     let setup = GenSetup::new(&[("f.bin", N as usize * CS as usize)], CS, 53);
-    let config = WanConfig {
-        cooldown_secs: 5.0,
-        read_timeout_secs: 10.0,
-        ..fault_config()
-    };
+    let mut config = fault_config();
+    config.fetch.cooldown_secs = 5.0;
+    config.fetch.read_timeout_secs = 10.0;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "f.bin");
     setup.origin.add_fault(

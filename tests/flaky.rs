@@ -7,21 +7,21 @@
 mod common;
 
 use common::*;
+use wanfs::config::Config;
 
 const MIB: usize = 1 << 20;
 
 /// The default `[fetch]` settings, but for the source's cool-down, which the harness keeps
 /// short elsewhere and which is what leaves a cooling source one attempt per part.
-fn default_fetch() -> WanConfig {
-    WanConfig {
-        connections: 16,
-        read_timeout_secs: 30.0,
-        request_timeout_secs: 10.0,
-        retries: 3,
-        backoff_ms: 100,
-        cooldown_secs: 30.0,
-        ..WanConfig::default()
-    }
+fn default_fetch() -> Config {
+    let mut config = test_config();
+    config.fetch.connections = 16;
+    config.fetch.read_timeout_secs = 30.0;
+    config.fetch.request_timeout_secs = 10.0;
+    config.fetch.retries = 3;
+    config.fetch.backoff_ms = 100;
+    config.fetch.cooldown_secs = 30.0;
+    config
 }
 
 fn flaky(setup: &GenSetup) {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+use wanfs::config::Config;
 
 const CS: u64 = 64 * 1024;
 
@@ -128,10 +129,8 @@ struct Live {
 impl Live {
     fn start(setup_work: &Path, manifest: &Path) -> Live {
         let http = free_addr();
-        let config = WanConfig {
-            http_addr: http.to_string(),
-            ..WanConfig::default()
-        };
+        let mut config = test_config();
+        config.http.addr = http.to_string();
         let mount = Mount::start(MountSpec::new(setup_work, manifest).config(config));
         assert!(
             wait_until(Duration::from_secs(10), || TcpStream::connect(http).is_ok()),
@@ -474,10 +473,10 @@ fn a_refused_model_id_suggests_the_one_meant() {
 // Starting and stopping where an operator meets it: the mountpoint and the FUSE device, what
 // an unmount logs, the log level and `WAN_*` variables, a mistyped cache dir.
 
-/// A config file for `spec` in its work dir; its path.
-fn config_file(spec: &MountSpec, name: &str, extra: &str) -> PathBuf {
+/// `config` as a config file named `name` in `spec`'s work dir; its path.
+fn config_file(spec: &MountSpec, name: &str, config: &Config) -> PathBuf {
     let path = spec.work.join(name);
-    fs::write(&path, format!("{}{extra}", spec.config.to_toml())).expect("write config");
+    write_config(&path, config);
     path
 }
 
@@ -509,8 +508,8 @@ impl Drop for Unmount {
 #[test]
 fn a_mountpoint_that_is_not_an_empty_directory_is_refused_and_nothing_is_left_mounted() {
     let setup = GenSetup::new(&[("m.bin", 1000)], CS, 83);
-    let spec = setup.spec(WanConfig::default());
-    let config = config_file(&spec, "wan.toml", "");
+    let spec = setup.spec(test_config());
+    let config = config_file(&spec, "wan.toml", &spec.config);
 
     let file = spec.work.join("a-file");
     fs::write(&file, b"not a directory").unwrap();
@@ -565,8 +564,8 @@ fn a_mountpoint_that_is_not_an_empty_directory_is_refused_and_nothing_is_left_mo
 #[test]
 fn the_mount_helper_refuses_a_non_empty_mountpoint_unless_nonempty() {
     let setup = GenSetup::new(&[("m.bin", 1000)], CS, 84);
-    let spec = setup.spec(WanConfig::default());
-    let config = config_file(&spec, "wan.toml", "");
+    let spec = setup.spec(test_config());
+    let config = config_file(&spec, "wan.toml", &spec.config);
     let helper = spec.work.join("mount.fuse.wan");
     std::os::unix::fs::symlink(wan_bin(), &helper).unwrap();
     let full = spec.work.join("full");
@@ -613,8 +612,8 @@ fn an_unusable_dev_fuse_is_named_with_what_to_do() {
         return;
     }
     let setup = GenSetup::new(&[("m.bin", 1000)], CS, 85);
-    let spec = setup.spec(WanConfig::default());
-    let config = config_file(&spec, "wan.toml", "");
+    let spec = setup.spec(test_config());
+    let config = config_file(&spec, "wan.toml", &spec.config);
     // Everything the unprivileged daemon needs to get as far as mounting is open to it.
     fs::create_dir_all(&spec.mountpoint).unwrap();
     fs::create_dir_all(&spec.cache_dir).unwrap();
@@ -667,7 +666,7 @@ fn an_unusable_dev_fuse_is_named_with_what_to_do() {
 #[test]
 fn an_unmount_from_outside_logs_no_warning() {
     let setup = GenSetup::new(&[("m.bin", 2 * CS as usize)], CS, 87);
-    let mount = Mount::start(setup.spec(WanConfig::default()));
+    let mount = Mount::start(setup.spec(test_config()));
     let got = fs::read(setup.mounted(&mount, "m.bin")).expect("read");
     assert_bytes_eq(&got, setup.data("m.bin"), "m.bin");
     let umount = Command::new("umount")
@@ -689,9 +688,11 @@ fn an_unmount_from_outside_logs_no_warning() {
 #[test]
 fn a_mistyped_log_level_is_refused_and_a_bad_wan_log_never_silences_the_daemon() {
     let setup = GenSetup::new(&[("m.bin", 3 * CS as usize)], CS, 81);
-    let spec = setup.spec(WanConfig::default());
+    let spec = setup.spec(test_config());
     for level in ["inf", "verbose!!", "wanfs=debug,inf", "wanfs=loud"] {
-        let bad = config_file(&spec, "bad.toml", &format!("\n[log]\nlevel = {level:?}\n"));
+        let mut config = spec.config.clone();
+        config.log.level = level.into();
+        let bad = config_file(&spec, "bad.toml", &config);
         let out = run_wan(
             &["config".as_ref(), "check".as_ref(), bad.as_os_str()],
             Duration::from_secs(30),
@@ -716,7 +717,7 @@ fn a_mistyped_log_level_is_refused_and_a_bad_wan_log_never_silences_the_daemon()
     // says so on stderr, ignores both, and still logs what goes wrong.
     let warned = run_wan_env(
         &["config", "check"],
-        &config_file(&spec, "good.toml", ""),
+        &config_file(&spec, "good.toml", &spec.config),
         &[("WAN_LOG", "inf"), ("WAN_FETCH_CONECTIONS", "3")],
     );
     let stderr = text(&warned.stderr);
@@ -763,7 +764,7 @@ fn run_wan_env(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Output {
 fn reads_cut_short_by_a_stop_are_not_errors() {
     let size = 32 * CS as usize;
     let setup = GenSetup::new(&[("m.bin", size)], CS, 89);
-    let mount = Mount::start(setup.spec(WanConfig::default()));
+    let mount = Mount::start(setup.spec(test_config()));
     // Every fetch waits: the stop comes while the read-ahead waits for it.
     setup
         .origin

@@ -23,10 +23,8 @@ const CS: u64 = 256 * 1024;
 /// free port); returns it and the address to connect to on 127.0.0.1.
 fn start(setup: &GenSetup, addr: &str) -> (Mount, SocketAddr) {
     let port = free_port();
-    let config = WanConfig {
-        http_addr: addr.replace("{port}", &port.to_string()),
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.http.addr = addr.replace("{port}", &port.to_string());
     let mount = Mount::start(setup.spec(config));
     (mount, SocketAddr::from(([127, 0, 0, 1], port)))
 }
@@ -283,7 +281,7 @@ fn ipv4_clients_of_a_dual_stack_endpoint_are_loopback() {
 #[test]
 fn control_writes_are_logged_on_one_bounded_line() {
     let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6004);
-    let d = Mount::start(setup.spec(WanConfig::default()));
+    let d = Mount::start(setup.spec(test_config()));
     let write = |name: &str, data: &[u8]| {
         let mut f = fs::OpenOptions::new()
             .write(true)

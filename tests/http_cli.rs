@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
+use wanfs::config::{Config, HttpConfig};
 
 const KIB: usize = 1024;
 const CS: u64 = 256 * 1024;
@@ -43,9 +44,22 @@ fn models(config: &Path, spec: &MountSpec, env: &[(&str, &str)], args: &[&str]) 
     run_with_timeout(cmd, Duration::from_secs(60))
 }
 
-/// The `[http]` section a daemon and its CLI share.
-fn http_section(addr: &str) -> String {
-    format!("[http]\naddr = {addr:?}\nrequire_token = true\ntoken_env = \"WAN_TEST_CLI_TOKEN\"\n")
+/// The `[http]` section a daemon and its CLI share, at `addr`.
+fn http_config(addr: &str) -> HttpConfig {
+    HttpConfig {
+        addr: addr.to_owned(),
+        require_token: true,
+        token_env: "WAN_TEST_CLI_TOKEN".into(),
+    }
+}
+
+/// A config file of the CLI at `path` with only `http` set.
+fn cli_config(path: &Path, http: HttpConfig) {
+    let config = Config {
+        http,
+        ..Config::default()
+    };
+    write_config(path, &config);
 }
 
 /// `GET /models/ID` through the CLI's own view: `wan models --json status --only ID`.
@@ -61,11 +75,8 @@ fn under_require_token_the_cli_sends_the_token_its_config_names() {
     let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 7001);
     let addr = format!("127.0.0.1:{}", free_port());
     let secret = "tok-cli-5e1d-SECRET";
-    let config = WanConfig {
-        http_addr: addr.clone(),
-        extra: "require_token = true\ntoken_env = \"WAN_TEST_CLI_TOKEN\"\n".into(),
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.http = http_config(&addr);
     let d = Mount::start(setup.spec(config).env("WAN_TEST_CLI_TOKEN", secret));
     assert!(
         wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
@@ -76,7 +87,7 @@ fn under_require_token_the_cli_sends_the_token_its_config_names() {
         d.log()
     );
     let cli_config = setup.work.path().join("cli.toml");
-    fs::write(&cli_config, http_section(&addr)).unwrap();
+    self::cli_config(&cli_config, http_config(&addr));
     let spec = &d.spec;
     let with_token = [("WAN_TEST_CLI_TOKEN", secret)];
 
@@ -131,7 +142,13 @@ fn without_a_daemon_the_cli_says_where_it_looked_and_why_the_cache_failed() {
     let spec = MountSpec::new(work.path(), &work.path().join("missing-models.toml"));
     let port = free_port();
     let config = work.path().join("cli.toml");
-    fs::write(&config, format!("[http]\naddr = \"127.0.0.1:{port}\"\n")).unwrap();
+    cli_config(
+        &config,
+        HttpConfig {
+            addr: format!("127.0.0.1:{port}"),
+            ..HttpConfig::default()
+        },
+    );
     let out = models(&config, &spec, &[], &["status"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -158,11 +175,13 @@ fn usage_errors_exit_2() {
     let work = workdir();
     let spec = MountSpec::new(work.path(), &work.path().join("models.toml"));
     let config = work.path().join("cli.toml");
-    fs::write(
+    cli_config(
         &config,
-        format!("[http]\naddr = \"127.0.0.1:{}\"\n", free_port()),
-    )
-    .unwrap();
+        HttpConfig {
+            addr: format!("127.0.0.1:{}", free_port()),
+            ..HttpConfig::default()
+        },
+    );
     let empty: PathBuf = work.path().join("empty.txt");
     fs::write(&empty, "# nobody\n\n").unwrap();
     let empty = empty.to_str().unwrap();

@@ -165,7 +165,7 @@ fn random_reads_equal_source() {
         CS,
         11,
     );
-    let mount = Mount::start(setup.spec(WanConfig::default()));
+    let mount = Mount::start(setup.spec(test_config()));
     let files: Vec<(File, &[u8], String)> = ["big.bin", "dir/odd.bin"]
         .iter()
         .map(|rel| {
@@ -232,7 +232,7 @@ fn mmap_reads_equal_source() {
         CS,
         12,
     );
-    let mount = Mount::start(setup.spec(WanConfig::default()));
+    let mount = Mount::start(setup.spec(test_config()));
 
     // Cold: page faults drive the reads, last chunk first.
     let cold = File::open(setup.mounted(&mount, "cold.bin")).expect("open cold");
@@ -275,12 +275,10 @@ fn concurrent_readers_fetch_each_range_once() {
     const CS: u64 = MIB as u64;
     const READERS: usize = 16;
     let setup = GenSetup::new(&[("shared.bin", 8 * MIB)], CS, 13);
-    let config = WanConfig {
-        readahead_chunks: 0,
-        part_size_kib: 1024,
-        connections: 16,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.readahead_chunks = 0;
+    config.fetch.part_size_kib = 1024;
+    config.fetch.connections = 16;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "shared.bin");
     let data = Arc::new(setup.data("shared.bin").to_vec());
@@ -328,11 +326,9 @@ fn read_ahead_parts_follow_the_origins_speed() {
     const CS: u64 = 2 * MIB as u64;
     const PART: u64 = 128 * KIB as u64;
     let setup = GenSetup::new(&[("slow.bin", 6 * MIB), ("fast.bin", 48 * MIB)], CS, 29);
-    let config = WanConfig {
-        readahead_chunks: 4,
-        part_size_kib: (PART / 1024) as u32,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.readahead_chunks = 4;
+    config.fetch.part_size_kib = PART / 1024;
     // 2 MiB/s per request: a 128 KiB part takes over 60 ms, far above the 10 ms that would
     // make read-ahead join parts.
     setup
@@ -415,10 +411,8 @@ fn a_header_read_just_behind_a_read_of_chunk_1_still_goes_first() {
     setup
         .origin
         .add_fault_at(Fault::Delay(HOLD), None, Some(0), None);
-    let config = WanConfig {
-        readahead_chunks: 0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.readahead_chunks = 0;
     let mount = Mount::start(setup.spec(config));
     let mut gaps = Vec::new();
     for name in names {
@@ -461,10 +455,8 @@ fn whole_only_file_is_fetched_whole_on_first_read() {
         record.chunk_size.is_none() && record.chunks.is_empty(),
         "--whole-only wrote chunks: {record:?}"
     );
-    let config = WanConfig {
-        part_size_kib: 256,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.part_size_kib = 256;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "w.bin");
     let data = setup.data("w.bin");
@@ -573,10 +565,8 @@ fn identical_files_in_two_models_are_one_blob() {
 fn xattrs_walk_not_present_partial_complete() {
     const CS: u64 = 256 * 1024;
     let setup = GenSetup::new(&[("x.bin", MIB + 1000)], CS, 15);
-    let config = WanConfig {
-        readahead_chunks: 0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.readahead_chunks = 0;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "x.bin");
     let data = setup.data("x.bin");
@@ -700,10 +690,8 @@ fn first_read_fetches_only_the_small_head_chunk() {
         "{}",
         setup.entry
     );
-    let config = WanConfig {
-        readahead_chunks: 0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.readahead_chunks = 0;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "big.bin");
     let data = setup.data("big.bin");
@@ -747,10 +735,8 @@ fn a_later_chunk_waits_for_the_head_chunk_in_flight() {
     setup
         .origin
         .add_fault(Fault::DelayBody(delay), Some("big.bin"), Some(1));
-    let config = WanConfig {
-        readahead_chunks: 0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.readahead_chunks = 0;
     let mount = Mount::start(setup.spec(config));
     let path = setup.mounted(&mount, "big.bin");
     let data = setup.data("big.bin").to_vec();

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use wanfs::config::Config;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -217,15 +218,13 @@ fn mount_helper_mounts_in_the_background() {
     let mnt = work.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let cfg = work.path().join("wan.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "manifest = {:?}\ncache_dir = {:?}\n[http]\naddr = \"\"\n",
-            fixtures().join("models.toml"),
-            work.path().join("cache")
-        ),
-    )
-    .unwrap();
+    let mut config = Config {
+        manifest: Some(fixtures().join("models.toml")),
+        cache_dir: Some(work.path().join("cache")),
+        ..Config::default()
+    };
+    config.http.addr = String::new();
+    write_config(&cfg, &config);
     let out = Command::new(&helper)
         .arg("wanfs")
         .arg(&mnt)
@@ -281,7 +280,7 @@ fn config_check_names_bad_keys_and_env_overrides() {
 #[test]
 fn lost_index_is_rebuilt_without_fetching_again() {
     let setup = GenSetup::new(&[("w.bin", 3 << 20)], 1 << 20, 9);
-    let m = Mount::start(setup.spec(WanConfig::default()));
+    let m = Mount::start(setup.spec(test_config()));
     let f = setup.mounted(&m, "w.bin");
     assert_bytes_eq(
         &std::fs::read(&f).unwrap(),
@@ -379,7 +378,7 @@ fn reads_racing_a_lost_index_rebuild_fetch_nothing() {
         ("d.bin", 24 << 20),
     ];
     let setup = GenSetup::new(&files, 256 << 10, 11);
-    let m = Mount::start(setup.spec(WanConfig::default()));
+    let m = Mount::start(setup.spec(test_config()));
     for (name, _) in files {
         let got = std::fs::read(setup.mounted(&m, name)).unwrap();
         assert_bytes_eq(&got, setup.data(name), name);
@@ -414,12 +413,11 @@ fn gc_runs_soon_after_reads_cross_the_high_watermark() {
     // High watermark 2.7 MiB, low 1.5 MiB: the third file read crosses it.
     let max = 3 * MIB as u64;
     let low = max / 2;
-    let cfg = WanConfig {
-        extra: format!(
-            "\n[gc]\nmax_bytes = {max}\nhigh_watermark = 0.9\nlow_watermark = 0.5\ninterval_secs = 3600.0\n"
-        ),
-        ..WanConfig::default()
-    };
+    let mut cfg = test_config();
+    cfg.gc.max_bytes = max;
+    cfg.gc.high_watermark = 0.9;
+    cfg.gc.low_watermark = 0.5;
+    cfg.gc.interval_secs = 3600.0;
     let m = Mount::start(setup.spec(cfg));
     let used = || -> u64 {
         names
@@ -476,7 +474,7 @@ fn gc_runs_soon_after_reads_cross_the_high_watermark() {
 fn names_from_the_manifest_reach_the_log_escaped() {
     let name = "odd\u{2028}name\u{202e}.bin";
     let setup = GenSetup::new(&[(name, 4096)], 1 << 20, 31);
-    let m = Mount::start(setup.spec(WanConfig::default()));
+    let m = Mount::start(setup.spec(test_config()));
     let got = std::fs::read(setup.mounted(&m, name)).unwrap();
     assert_bytes_eq(&got, setup.data(name), "odd name");
     wait_log(&m, "download completed");
@@ -572,15 +570,15 @@ fn config_view_shows_the_values_in_force_after_a_reload() {
     };
     let (first, second) = (manifest("models.toml"), manifest("models-2.toml"));
     let cfg = work.path().join("wan.toml");
-    let head = |manifest: &Path| {
-        format!(
-            "manifest = {:?}\ncache_dir = {:?}\n",
-            manifest,
-            work.path().join("cache")
-        )
+    let mut config = Config {
+        manifest: Some(first.clone()),
+        cache_dir: Some(work.path().join("cache")),
+        ..Config::default()
     };
-    let body = "[fetch]\nconnections = 8\n[http]\naddr = \"\"\n[gc]\nmax_bytes = 1000000000\n";
-    std::fs::write(&cfg, format!("{}{body}", head(&first))).unwrap();
+    config.fetch.connections = 8;
+    config.http.addr = String::new();
+    config.gc.max_bytes = 1_000_000_000;
+    write_config(&cfg, &config);
     let d = ConfigOnlyDaemon::start(work.path(), &cfg);
     let before = d.config();
     assert_eq!(
@@ -590,18 +588,13 @@ fn config_view_shows_the_values_in_force_after_a_reload() {
     );
     assert_eq!(before["manifest"], first.display().to_string());
 
-    let changed = body
-        .replace("connections = 8", "connections = 9")
-        .replace("addr = \"\"", "addr = \"127.0.0.1:1\"")
-        .replace("max_bytes = 1000000000", "max_bytes = 2000000000");
-    std::fs::write(
-        &cfg,
-        format!(
-            "mountpoint = \"/elsewhere\"\n{}{changed}[log]\nformat = \"json\"\n",
-            head(&second)
-        ),
-    )
-    .unwrap();
+    config.mountpoint = Some("/elsewhere".into());
+    config.manifest = Some(second.clone());
+    config.fetch.connections = 9;
+    config.http.addr = "127.0.0.1:1".into();
+    config.gc.max_bytes = 2_000_000_000;
+    config.log.format = "json".into();
+    write_config(&cfg, &config);
     hup(d.child.id());
     assert!(
         wait_until(Duration::from_secs(20), || d

@@ -25,19 +25,25 @@ fn url(port: u16) -> String {
 }
 
 /// A daemon named `name` (its own work dir, mount and cache under the setup's work dir) with
-/// its endpoint on `port`, `[peers] urls = peers`, and `extra` config lines after `[http] addr`.
-fn daemon(setup: &GenSetup, name: &str, port: u16, peers: &[String], extra: &str) -> Mount {
-    Mount::start(spec(setup, name, port, peers, extra))
+/// its endpoint on `port` and `[peers] urls = peers`.
+fn daemon(setup: &GenSetup, name: &str, port: u16, peers: &[String]) -> Mount {
+    Mount::start(spec(setup, name, port, peers, false))
 }
 
-fn spec(setup: &GenSetup, name: &str, port: u16, peers: &[String], extra: &str) -> MountSpec {
+/// [`daemon`]'s spec; `require_token`: `[http] require_token`.
+fn spec(
+    setup: &GenSetup,
+    name: &str,
+    port: u16,
+    peers: &[String],
+    require_token: bool,
+) -> MountSpec {
     let work = setup.work.path().join(name);
     fs::create_dir_all(&work).unwrap();
-    let config = WanConfig {
-        http_addr: format!("127.0.0.1:{port}"),
-        extra: format!("{extra}\n[peers]\nurls = {peers:?}\n"),
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.http.addr = format!("127.0.0.1:{port}");
+    config.http.require_token = require_token;
+    config.peers.urls = peers.to_vec();
     MountSpec::new(&work, &setup.manifest).config(config)
 }
 
@@ -92,9 +98,9 @@ fn three_daemons_cost_the_origin_one_copy() {
     let want = setup.data(FILE);
     let [pa, pb, pc] = [free_port(), free_port(), free_port()];
     // B asks C first: every one of its chunks misses there (404) before A answers.
-    let a = daemon(&setup, "a", pa, &[url(pb), url(pc)], "");
-    let b = daemon(&setup, "b", pb, &[url(pc), url(pa)], "");
-    let c = daemon(&setup, "c", pc, &[url(pa), url(pb)], "");
+    let a = daemon(&setup, "a", pa, &[url(pb), url(pc)]);
+    let b = daemon(&setup, "b", pb, &[url(pc), url(pa)]);
+    let c = daemon(&setup, "c", pc, &[url(pa), url(pb)]);
 
     for (name, m) in [("a", &a), ("b", &b), ("c", &c)] {
         let path = setup.mounted(m, FILE);
@@ -154,7 +160,7 @@ fn a_lying_peer_costs_a_fallback_never_a_wrong_byte() {
     let liar = Origin::start(blob_dir(&setup));
     liar.add_fault(Fault::Corrupt, None, None);
     let port = free_port();
-    let d = daemon(&setup, "d", port, &[liar.url()], "");
+    let d = daemon(&setup, "d", port, &[liar.url()]);
     let path = setup.mounted(&d, FILE);
     assert_bytes_eq(&read_all(&path), setup.data(FILE), "through a lying peer");
     assert!(
@@ -182,7 +188,7 @@ fn a_dead_or_stalled_peer_costs_one_timeout_not_one_per_chunk() {
     let port = free_port();
     // request_timeout 2 s: the stalled peer costs that once, then cools down for 30 s. Asked
     // for each of the 10 chunks it would cost 20 s, past the 10 s read timeout.
-    let d = daemon(&setup, "d", port, &[dead, stalled_url], "");
+    let d = daemon(&setup, "d", port, &[dead, stalled_url]);
     let path = setup.mounted(&d, FILE);
     let t0 = Instant::now();
     assert_bytes_eq(&read_all(&path), setup.data(FILE), "past dead peers");
@@ -203,9 +209,7 @@ fn blobs_answer_only_from_verified_chunks_and_ask_the_token_when_required() {
     let hex = sha256_hex(data);
     let token = "fleet-s3cr3t";
     let pa = free_port();
-    let a = Mount::start(
-        spec(&setup, "a", pa, &[], "require_token = true").env("WAN_HTTP_TOKEN", token),
-    );
+    let a = Mount::start(spec(&setup, "a", pa, &[], true).env("WAN_HTTP_TOKEN", token));
     let addr = SocketAddr::from(([127, 0, 0, 1], pa));
     let auth = format!("Authorization: Bearer {token}\r\n");
     let blob = format!("/blobs/{hex}");
@@ -265,7 +269,7 @@ fn blobs_answer_only_from_verified_chunks_and_ask_the_token_when_required() {
 
     // A peer that sends the token reads the whole file; A served what it had.
     let pb = free_port();
-    let b = Mount::start(spec(&setup, "b", pb, &[url(pa)], "").env("WAN_HTTP_TOKEN", token));
+    let b = Mount::start(spec(&setup, "b", pb, &[url(pa)], false).env("WAN_HTTP_TOKEN", token));
     assert_bytes_eq(&read_all(&setup.mounted(&b, FILE)), data, "through B");
     assert!(metric(pb, "wan_source_kind_bytes_total{kind=\"peer\"}") >= MIB as f64);
     drop(a);
@@ -296,13 +300,13 @@ fn peers_are_checked_and_a_reload_applies_them() {
     );
 
     let pa = free_port();
-    let a = daemon(&setup, "a", pa, &[], "");
+    let a = daemon(&setup, "a", pa, &[]);
     let path = setup.mounted(&a, FILE);
     assert_bytes_eq(&read_all(&path), setup.data(FILE), "through A");
     wait_state(&path, "COMPLETE");
     // D starts with no peers, then is told of A by a reload.
     let pd = free_port();
-    let d = daemon(&setup, "d", pd, &[], "");
+    let d = daemon(&setup, "d", pd, &[]);
     let dir = setup.work.path().join("d");
     let config = fs::read_dir(&dir)
         .unwrap()
@@ -310,12 +314,9 @@ fn peers_are_checked_and_a_reload_applies_them() {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "toml"))
         .expect("the harness writes a config file");
-    let text = fs::read_to_string(&config).unwrap();
-    fs::write(
-        &config,
-        text.replace("urls = []", &format!("urls = [{:?}]", url(pa))),
-    )
-    .unwrap();
+    let mut reloaded = d.spec.config.clone();
+    reloaded.peers.urls = vec![url(pa)];
+    write_config(&config, &reloaded);
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
     wait_log(&d, "reload: peers replaced");
@@ -349,7 +350,7 @@ fn a_redirecting_peer_is_not_followed_and_cools_down() {
     fs::create_dir_all(&empty).unwrap();
     let peer = Origin::start(&empty);
     peer.redirect_to(Some(target.url()));
-    let d = daemon(&setup, "d", free_port(), &[peer.url()], "");
+    let d = daemon(&setup, "d", free_port(), &[peer.url()]);
     let path = setup.mounted(&d, FILE);
     assert_bytes_eq(
         &read_all(&path),
@@ -374,7 +375,7 @@ fn a_slow_peer_is_skipped_for_a_faster_origin() {
     let setup = GenSetup::new(&[(FILE, SIZE)], chunk, 96);
     let slow = Origin::start(blob_dir(&setup));
     slow.add_fault(Fault::Trickle(2_000_000), None, None);
-    let d = daemon(&setup, "d", free_port(), &[slow.url()], "");
+    let d = daemon(&setup, "d", free_port(), &[slow.url()]);
     let path = setup.mounted(&d, FILE);
     assert_bytes_eq(&read_all(&path), setup.data(FILE), "past a slow peer");
     let from_peer = peer_bytes(&slow, &setup);

@@ -240,11 +240,10 @@ impl Runbook {
             fs::create_dir_all(w.join(dir)).unwrap();
         }
         std::os::unix::fs::symlink(wan_bin(), w.join("bin/wan")).unwrap();
+        let mut config = test_config();
+        config.http.addr = http.clone();
         let mut rb = Runbook {
-            spec: MountSpec::new(&w, &w.join("etc/models.toml")).config(WanConfig {
-                http_addr: http.clone(),
-                ..WanConfig::default()
-            }),
+            spec: MountSpec::new(&w, &w.join("etc/models.toml")).config(config),
             mount: None,
             http,
             subs: Vec::new(),
@@ -636,7 +635,7 @@ fn rebuild_index_prints_what_the_runbook_shows() {
         .unwrap_or_else(|| panic!("no JSON example in {para:?}"));
 
     let setup = GenSetup::new(&[("a.bin", 3 << 20)], 1 << 20, 33);
-    let m = Mount::start(setup.spec(WanConfig::default()));
+    let m = Mount::start(setup.spec(test_config()));
     std::fs::read(setup.mounted(&m, "a.bin")).unwrap();
     let spec = m.spec.clone();
     assert!(m.stop().success());

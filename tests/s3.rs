@@ -115,11 +115,10 @@ fn s3_source_serves_verified_bytes_and_refuses_bad_credentials_and_missing_objec
     write_manifest(&manifest, &[entry]);
 
     let spec = |w: &Path, key: &str, secret: &str| {
+        let mut config = test_config();
+        config.fetch.read_timeout_secs = 5.0;
         MountSpec::new(w, &manifest)
-            .config(WanConfig {
-                read_timeout_secs: 5.0,
-                ..WanConfig::default()
-            })
+            .config(config)
             .env("AWS_ACCESS_KEY_ID", key)
             .env("AWS_SECRET_ACCESS_KEY", secret)
             .env("AWS_ENDPOINT_URL", &moto.endpoint)
@@ -230,15 +229,13 @@ fn concurrent_readers(work: &Path, src: &Path, data: &[u8], endpoint: &str, ak: 
     let chunks = manifest_files(&entry, "load@1.0.0")[0].chunks.len();
     let manifest = work.join("models.toml");
     write_manifest(&manifest, &[entry]);
-    let config = WanConfig {
-        connections: 16,
-        part_size_kib: PART_KIB,
-        readahead_chunks: 8,
-        // One S3 server on a small machine: let a slow answer be slow, not failed.
-        request_timeout_secs: 10.0,
-        read_timeout_secs: 30.0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.connections = 16;
+    config.fetch.part_size_kib = PART_KIB.into();
+    config.fetch.readahead_chunks = 8;
+    // One S3 server on a small machine: let a slow answer be slow, not failed.
+    config.fetch.request_timeout_secs = 10.0;
+    config.fetch.read_timeout_secs = 30.0;
     let m = Mount::start(
         MountSpec::new(work, &manifest)
             .config(config)
@@ -467,11 +464,9 @@ fn bench_cold_read_origin_tier_and_s3() {
                 .success()
         );
     }
-    let config = WanConfig {
-        request_timeout_secs: 30.0,
-        read_timeout_secs: 60.0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.request_timeout_secs = 30.0;
+    config.fetch.read_timeout_secs = 60.0;
     let run = |name: &str, source: String, endpoint: &str| {
         let opts = BuildOpts {
             chunk_size: None,

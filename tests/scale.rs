@@ -36,7 +36,7 @@ fn restart_uses_the_compiled_form_and_reads_still_verify() {
         64 * 1024,
         91,
     );
-    let spec = g.spec(WanConfig::default());
+    let spec = g.spec(test_config());
     let cache = spec.cache_dir.clone();
 
     let m = Mount::start(spec.clone());
@@ -82,7 +82,7 @@ fn restart_uses_the_compiled_form_and_reads_still_verify() {
 #[test]
 fn an_edited_manifest_is_compiled_again_at_restart_and_reload() {
     let g = GenSetup::new(&[("a.bin", 100 * KIB), ("c.bin", 50 * KIB)], 64 * 1024, 92);
-    let spec = g.spec(WanConfig::default());
+    let spec = g.spec(test_config());
     let cache = spec.cache_dir.clone();
     let full = fs::read_to_string(&g.manifest).unwrap();
     // The same model without c.bin: its [[files]] table is cut out.
@@ -153,7 +153,7 @@ fn mount_refuses_a_bad_manifest_in_the_words_of_manifest_check() {
         );
         assert!(!check.status.success());
         let want = format!("error: {}", String::from_utf8_lossy(&check.stderr));
-        let spec = g.spec(WanConfig::default());
+        let spec = g.spec(test_config());
         let (mut child, log) = spec.spawn();
         let status = child.wait().unwrap();
         assert!(!status.success());
@@ -169,7 +169,7 @@ fn mount_refuses_a_bad_manifest_in_the_words_of_manifest_check() {
 #[test]
 fn a_cache_where_no_form_can_be_written_still_mounts() {
     let g = GenSetup::new(&[("a.bin", 100 * KIB)], 64 * 1024, 94);
-    let spec = g.spec(WanConfig::default());
+    let spec = g.spec(test_config());
     // Where the forms would go, a file: nothing can be written there (as a full disk would).
     fs::create_dir_all(spec.cache_dir.join("v1")).unwrap();
     fs::write(spec.cache_dir.join("v1/manifests"), b"not a directory").unwrap();

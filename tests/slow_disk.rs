@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use wanfs::config::WhenCacheBehind;
 
 const MIB: usize = 1024 * 1024;
 
@@ -59,12 +60,10 @@ fn a_slow_cache_disk_is_skipped_by_readers_and_filled_by_ensure() {
         eprintln!("SKIP: no cgroup v1 blkio throttling here (not root, or cgroup v2 only)");
         return;
     };
-    let config = WanConfig {
-        max_inflight_mib: 16,
-        readahead_chunks: 8,
-        fetch_extra: "when_cache_behind = \"skip\"\n".into(),
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.max_inflight_mib = 16;
+    config.fetch.readahead_chunks = 8;
+    config.fetch.when_cache_behind = WhenCacheBehind::Skip;
     let mount = Mount::start(setup.spec(config));
     throttle.add(mount.pid());
     let path = setup.mounted(&mount, "big.bin");

@@ -120,11 +120,9 @@ fn signed_url_source_works_and_its_secret_never_shows() {
     let entry = manifest_build(&src.join("gen@1.0.0"), "gen@1.0.0", &opts);
     let manifest = work.path().join("models.toml");
     write_manifest(&manifest, std::slice::from_ref(&entry));
-    let config = WanConfig {
-        retries: 1,
-        read_timeout_secs: 2.0,
-        ..WanConfig::default()
-    };
+    let mut config = test_config();
+    config.fetch.retries = 1;
+    config.fetch.read_timeout_secs = 2.0;
     let mount = Mount::start(MountSpec::new(work.path(), &manifest).config(config));
     let a = mount.path("gen@1.0.0/a.bin");
     assert_bytes_eq(

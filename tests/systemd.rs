@@ -23,6 +23,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
+use wanfs::config::Config;
 
 /// One name for every checkout on the host: the image in /var/lib/machines is built once.
 const NAME: &str = "wanfs-systemd-test";
@@ -181,15 +182,15 @@ fn stage(dir: &Path) {
     std::fs::write(dir.join("models-without-ti2v.toml"), &full[..cut]).unwrap();
     // No HTTP endpoint: the container shares the host's network, where 127.0.0.1:8000 may be
     // taken.
-    std::fs::write(
-        dir.join("wan.toml"),
-        format!(
-            "mountpoint = \"{MNT}\"\nmanifest = \"/etc/wan22/models.toml\"\n\
-             cache_dir = \"/var/cache/wan22\"\n\n[gc]\nmax_bytes = 1_000_000_000\n\n\
-             [http]\naddr = \"\"\n"
-        ),
-    )
-    .unwrap();
+    let mut config = Config {
+        mountpoint: Some(MNT.into()),
+        manifest: Some("/etc/wan22/models.toml".into()),
+        cache_dir: Some("/var/cache/wan22".into()),
+        ..Config::default()
+    };
+    config.gc.max_bytes = 1_000_000_000;
+    config.http.addr = String::new();
+    write_config(&dir.join("wan.toml"), &config);
 }
 
 fn copy_tree(from: &Path, to: &Path) {

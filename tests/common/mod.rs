@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 #[allow(unused_imports)]
-pub use mount::{DeadMount, Mount, MountSpec, WanConfig, errno, force_unmount, mount_count};
+pub use mount::{
+    DeadMount, Mount, MountSpec, config_toml, errno, force_unmount, mount_count, test_config,
+    write_config,
+};
 #[allow(unused_imports)]
 pub use origin::{Fault, Origin, Request, wait_until};
 
@@ -618,7 +621,7 @@ impl GenSetup {
     }
 
     /// A mount spec over this setup's manifest with `config`.
-    pub fn spec(&self, config: WanConfig) -> MountSpec {
+    pub fn spec(&self, config: wanfs::config::Config) -> MountSpec {
         MountSpec::new(self.work.path(), &self.manifest).config(config)
     }
 

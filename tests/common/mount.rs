@@ -8,37 +8,20 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use wanfs::config::{Config, FetchConfig, HttpConfig, MountConfig};
+
 use super::origin::wait_until;
 
 /// How long a daemon gets to mount, and to exit after SIGTERM.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The `--config` file: the documented keys, with values that keep tests fast.
-#[derive(Clone, Debug)]
-pub struct WanConfig {
-    pub connections: u32,
-    pub max_inflight_mib: u32,
-    pub read_timeout_secs: f64,
-    pub request_timeout_secs: f64,
-    pub retries: u32,
-    pub backoff_ms: u64,
-    pub cooldown_secs: f64,
-    pub readahead_chunks: u32,
-    pub part_size_kib: u32,
-    pub passthrough: bool,
-    /// `[http] addr`: the daemon's HTTP endpoint. Empty disables it, so parallel daemons do
-    /// not fight over the default 127.0.0.1:8000.
-    pub http_addr: String,
-    /// Appended to the file as is: further sections (`[peers]`, `[http]` keys after `addr`).
-    pub extra: String,
-    /// More `[fetch]` keys, as TOML lines (e.g. `when_cache_behind = "skip"`).
-    pub fetch_extra: String,
-}
-
-impl Default for WanConfig {
-    fn default() -> Self {
-        WanConfig {
+/// The `--config` of a test daemon: the daemon's own [`Config`] with values that keep tests
+/// fast. A test sets the fields it needs; [`MountSpec::spawn`] writes it with
+/// [`config_toml`], so a renamed or retyped key fails to compile here, not at the daemon.
+pub fn test_config() -> Config {
+    Config {
+        fetch: FetchConfig {
             connections: 8,
             max_inflight_mib: 64,
             read_timeout_secs: 10.0,
@@ -48,36 +31,30 @@ impl Default for WanConfig {
             cooldown_secs: 1.0,
             readahead_chunks: 4,
             part_size_kib: 1024,
+            ..FetchConfig::default()
+        },
+        mount: MountConfig {
             passthrough: true,
-            http_addr: String::new(),
-            extra: String::new(),
-            fetch_extra: String::new(),
-        }
+            ..MountConfig::default()
+        },
+        // No HTTP endpoint, so parallel daemons do not fight over the default 127.0.0.1:8000.
+        http: HttpConfig {
+            addr: String::new(),
+            ..HttpConfig::default()
+        },
+        ..Config::default()
     }
 }
 
-impl WanConfig {
-    pub fn to_toml(&self) -> String {
-        format!(
-            "[fetch]\nconnections = {}\nmax_inflight_mib = {}\nread_timeout_secs = {:?}\n\
-             request_timeout_secs = {:?}\nretries = {}\nbackoff_ms = {}\ncooldown_secs = {:?}\n\
-             readahead_chunks = {}\npart_size_kib = {}\n{}\n[mount]\npassthrough = {}\n\n\
-             [http]\naddr = {:?}\n{}",
-            self.connections,
-            self.max_inflight_mib,
-            self.read_timeout_secs,
-            self.request_timeout_secs,
-            self.retries,
-            self.backoff_ms,
-            self.cooldown_secs,
-            self.readahead_chunks,
-            self.part_size_kib,
-            self.fetch_extra,
-            self.passthrough,
-            self.http_addr,
-            self.extra,
-        )
-    }
+/// `config` as the text of a config file.
+pub fn config_toml(config: &Config) -> String {
+    toml::to_string(config).expect("a Config serializes")
+}
+
+/// Writes `config` to `path` as a config file.
+pub fn write_config(path: &Path, config: &Config) {
+    fs::write(path, config_toml(config))
+        .unwrap_or_else(|e| panic!("write config {}: {e}", path.display()));
 }
 
 /// Everything needed to (re)start a daemon on the same mountpoint and cache.
@@ -86,7 +63,7 @@ pub struct MountSpec {
     pub mountpoint: PathBuf,
     pub manifest: PathBuf,
     pub cache_dir: PathBuf,
-    pub config: WanConfig,
+    pub config: Config,
     /// Extra environment (e.g. `HF_ENDPOINT`, `HF_TOKEN`).
     pub env: Vec<(String, String)>,
     /// Where config files and daemon logs go.
@@ -100,13 +77,13 @@ impl MountSpec {
             mountpoint: work.join("mnt"),
             manifest: manifest.to_path_buf(),
             cache_dir: work.join("cache"),
-            config: WanConfig::default(),
+            config: test_config(),
             env: Vec::new(),
             work: work.to_path_buf(),
         }
     }
 
-    pub fn config(mut self, config: WanConfig) -> MountSpec {
+    pub fn config(mut self, config: Config) -> MountSpec {
         self.config = config;
         self
     }
@@ -128,7 +105,7 @@ impl MountSpec {
         }
         fs::create_dir_all(&self.cache_dir).expect("create cache dir");
         let config = self.work.join(format!("wan-{n}.toml"));
-        fs::write(&config, self.config.to_toml()).expect("write config");
+        write_config(&config, &self.config);
         let log_path = self.work.join(format!("daemon-{n}.log"));
         let log = File::create(&log_path).expect("create daemon log");
         let mut cmd = Command::new(super::wan_bin());
