@@ -69,6 +69,9 @@ fn entry_for(src: &Path, sources: Vec<String>) -> String {
 
 #[test]
 fn daemons_behind_an_nginx_slice_cache_fetch_each_slice_from_the_origin_once() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let src = work.path().join("src");
     // Not a multiple of the slice: the last slice is short, as real files' are.
@@ -145,6 +148,9 @@ fn daemons_behind_an_nginx_slice_cache_fetch_each_slice_from_the_origin_once() {
 
 #[test]
 fn wrong_bytes_in_the_cache_tier_never_reach_a_reader() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let src = work.path().join("src");
     let size = 9 * MIB as usize;

@@ -21,6 +21,9 @@ fn hup(pid: u32) {
 /// read of the new model shrank the shared blob in place: the reader got 5 MiB and then EOF.
 #[test]
 fn a_reload_that_lists_a_cached_sha256_at_another_size_is_refused() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::whole_only(&[("w.bin", 10 * MIB)], 71);
     let m = Mount::start(setup.spec(test_config()));
     let w = setup.mounted(&m, "w.bin");
@@ -71,6 +74,9 @@ fn a_reload_that_lists_a_cached_sha256_at_another_size_is_refused() {
 /// left a dead mount). Then a FIFO in its place does not hang the next start.
 #[test]
 fn a_compiled_form_truncated_while_mounted_or_replaced_by_a_fifo_changes_nothing() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 3 * MIB)], 256 * 1024, 72);
     let m = Mount::start(setup.spec(test_config()));
     let forms: Vec<_> = std::fs::read_dir(m.spec.cache_dir.join("v1/manifests"))
@@ -109,6 +115,9 @@ fn a_compiled_form_truncated_while_mounted_or_replaced_by_a_fifo_changes_nothing
 /// `builder error` at the first read of an `hf://` source.
 #[test]
 fn a_malformed_hf_endpoint_is_refused_at_start_naming_it() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let spec = MountSpec::new(work.path(), &fixtures().join("models.toml"))
         .env("HF_ENDPOINT", "localhost:9");

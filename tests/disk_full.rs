@@ -61,6 +61,9 @@ fn fill(path: &Path) -> u64 {
 
 #[test]
 fn full_cache_disk_keeps_serving_and_gc_frees_it() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(
         &[("a.bin", 8 * MIB), ("b.bin", 8 * MIB), ("c.bin", 2 * MIB)],
         CS,
@@ -146,6 +149,9 @@ fn fs2_free(path: &Path) -> u64 {
 /// line that says why. Nothing of them is marked present.
 #[test]
 fn full_cache_disk_serves_small_whole_only_files_from_memory() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::whole_only(
         &[
             ("config.json", 17),
@@ -189,6 +195,9 @@ fn full_cache_disk_serves_small_whole_only_files_from_memory() {
 /// read-only cache directory mounts too.
 #[test]
 fn read_only_cache_keeps_serving_and_says_so() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 2 * MIB), ("b.bin", 2 * MIB)], CS, 63);
     let cache_fs = setup.work.path().join("cachefs");
     let Some(_tmpfs) = SmallFs::mount(&cache_fs, 24) else {

@@ -105,6 +105,9 @@ fn persistent_is_eio(setup: &GenSetup, mount: &Mount, fault: Fault, rel: &str) {
 
 #[test]
 fn status_5xx_is_retried_then_served_or_eio() {
+    if no_fuse() {
+        return;
+    }
     let (setup, mount) = fault_setup(21);
     transient_then_served(&setup, &mount, Fault::Status(503), 2);
     persistent_is_eio(&setup, &mount, Fault::Status(500), "b.bin");
@@ -112,6 +115,9 @@ fn status_5xx_is_retried_then_served_or_eio() {
 
 #[test]
 fn reset_mid_body_is_retried_then_served_or_eio() {
+    if no_fuse() {
+        return;
+    }
     let (setup, mount) = fault_setup(22);
     transient_then_served(&setup, &mount, Fault::ResetAfter(64 * 1024), 1);
     persistent_is_eio(&setup, &mount, Fault::ResetAfter(100 * 1024), "b.bin");
@@ -119,6 +125,9 @@ fn reset_mid_body_is_retried_then_served_or_eio() {
 
 #[test]
 fn truncated_body_is_retried_then_served_or_eio() {
+    if no_fuse() {
+        return;
+    }
     let (setup, mount) = fault_setup(23);
     transient_then_served(&setup, &mount, Fault::Truncate(64 * 1024), 1);
     persistent_is_eio(&setup, &mount, Fault::Truncate(CS as usize - 1), "b.bin");
@@ -126,6 +135,9 @@ fn truncated_body_is_retried_then_served_or_eio() {
 
 #[test]
 fn slow_headers_are_retried_then_served_or_eio() {
+    if no_fuse() {
+        return;
+    }
     let (setup, mount) = fault_setup(24);
     // One attempt outlives request_timeout (1 s); the retry is served.
     transient_then_served(&setup, &mount, Fault::Delay(Duration::from_secs(2)), 1);
@@ -139,6 +151,9 @@ fn slow_headers_are_retried_then_served_or_eio() {
 
 #[test]
 fn stalled_body_is_retried_then_served_or_eio() {
+    if no_fuse() {
+        return;
+    }
     let (setup, mount) = fault_setup(30);
     // The head arrives at once, the body only after request_timeout (1 s): one attempt lost.
     transient_then_served(&setup, &mount, Fault::DelayBody(Duration::from_secs(2)), 1);
@@ -152,6 +167,9 @@ fn stalled_body_is_retried_then_served_or_eio() {
 
 #[test]
 fn trickling_body_is_eio_within_read_timeout() {
+    if no_fuse() {
+        return;
+    }
     let (setup, mount) = fault_setup(25);
     // A 256 KiB chunk at 16 KiB/s needs 16 s: no attempt can finish.
     persistent_is_eio(&setup, &mount, Fault::Trickle(16 * 1024), "c.bin");
@@ -161,12 +179,18 @@ fn trickling_body_is_eio_within_read_timeout() {
 /// Chunk digests as `wan manifest build` writes them by default: BLAKE3.
 #[test]
 fn wrong_bytes_fall_back_to_next_source() {
+    if no_fuse() {
+        return;
+    }
     wrong_bytes_fall_back(&[]);
 }
 
 /// The same with sha256 chunk digests (manifests from before BLAKE3, or `--chunk-hash sha256`).
 #[test]
 fn wrong_bytes_fall_back_to_next_source_sha256_chunks() {
+    if no_fuse() {
+        return;
+    }
     wrong_bytes_fall_back(&["--chunk-hash", "sha256"]);
 }
 
@@ -249,6 +273,9 @@ fn wrong_bytes_fall_back(build_args: &[&str]) {
 /// the right bytes reach the reader and the cache.
 #[test]
 fn one_wrong_part_of_a_chunk_fetched_in_parallel_parts_is_caught() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let src = work.path().join("src");
     let files = gen_files(&src, GEN, &[("f.bin", MIB)], 29);
@@ -316,6 +343,9 @@ fn one_wrong_part_of_a_chunk_fetched_in_parallel_parts_is_caught() {
 /// The only source serves wrong bytes: EIO, and nothing of it reaches the cache.
 #[test]
 fn wrong_bytes_from_only_source_are_eio_and_not_stored() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("f.bin", MIB)], CS, 27);
     setup.origin.add_fault(Fault::Corrupt, None, None);
     let config = fault_config();
@@ -352,6 +382,9 @@ fn wrong_bytes_from_only_source_are_eio_and_not_stored() {
 /// With the origin down, cached files still read from the cache; uncached reads fail fast.
 #[test]
 fn origin_down_cached_reads_work_uncached_fail_fast() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("cached.bin", MIB + 17), ("uncached.bin", MIB)], CS, 28);
     let mut config = fault_config();
     config.fetch.read_timeout_secs = 20.0;
@@ -386,6 +419,9 @@ fn origin_down_cached_reads_work_uncached_fail_fast() {
 /// cleared, the index holds only verified chunks, and none of them is fetched again.
 #[test]
 fn kill9_mid_fetch_then_restart_keeps_cache_consistent() {
+    if no_fuse() {
+        return;
+    }
     const SIZE: usize = 4 * MIB;
     let setup = GenSetup::new(&[("big.bin", SIZE)], CS, 29);
     let mut config = test_config();
@@ -546,6 +582,9 @@ fn commit_batches(mount: &Mount) -> (u64, u64) {
 /// marked).
 #[test]
 fn kill9_during_group_commits_keeps_cache_consistent() {
+    if no_fuse() {
+        return;
+    }
     const SIZE: usize = 192 * MIB;
     const SMALL: u64 = 256 * 1024;
     let setup = GenSetup::new(&[("many.bin", SIZE)], SMALL, 47);
@@ -637,6 +676,9 @@ fn kill9_during_group_commits_keeps_cache_consistent() {
 /// for the attribute TTL, an hour).
 #[test]
 fn restart_at_once_after_kill9_with_root_attributes_cached() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", MIB)], CS, 41);
     let mount = Mount::start(setup.spec(fault_config()));
     let path = setup.mounted(&mount, "a.bin");
@@ -664,6 +706,9 @@ fn restart_at_once_after_kill9_with_root_attributes_cached() {
 /// with all of it, instead of waiting forever for permits that do not exist.
 #[test]
 fn chunk_larger_than_memory_budget_is_fetched() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("big.bin", 4 * MIB)], 2 * MIB as u64, 43);
     let mut config = fault_config();
     config.fetch.max_inflight_mib = 1;
@@ -678,6 +723,9 @@ fn chunk_larger_than_memory_budget_is_fetched() {
 /// one downloaded the whole file again (316 full downloads in 120 s were seen).
 #[test]
 fn corrupt_whole_only_file_is_not_downloaded_again_for_every_read() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::whole_only(&[("w.bin", 2 * MIB)], 47);
     let mut config = fault_config();
     config.fetch.cooldown_secs = 5.0;
@@ -723,6 +771,9 @@ fn corrupt_whole_only_file_is_not_downloaded_again_for_every_read() {
 /// chunk a single attempt, so about half of the reads failed with EIO.
 #[test]
 fn flaky_only_source_serves_every_read_within_read_timeout() {
+    if no_fuse() {
+        return;
+    }
     const N: u64 = 40;
     let setup = GenSetup::new(&[("f.bin", N as usize * CS as usize)], CS, 53);
     let mut config = fault_config();

@@ -46,6 +46,9 @@ fn refused(setup: &GenSetup) -> usize {
 
 #[test]
 fn a_half_failing_mirror_serves_chunks_fetched_in_parts() {
+    if no_fuse() {
+        return;
+    }
     // 8 MiB chunks of 1 MiB parts: eight requests per chunk.
     let setup = GenSetup::new(&[("c.bin", 24 * MIB)], 8 * MIB as u64, 81);
     let m = Mount::start(setup.spec(default_fetch()));
@@ -57,6 +60,9 @@ fn a_half_failing_mirror_serves_chunks_fetched_in_parts() {
 
 #[test]
 fn a_half_failing_mirror_serves_whole_only_files() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::whole_only(&[("w.bin", 24 * MIB)], 82);
     let m = Mount::start(setup.spec(default_fetch()));
     flaky(&setup);

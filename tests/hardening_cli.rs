@@ -217,6 +217,9 @@ fn sample(text: &str, name: &str) -> f64 {
 
 #[test]
 fn benchmark_measures_what_was_fetched_and_says_when_nothing_was() {
+    if no_fuse() {
+        return;
+    }
     let size = 6 * CS as usize + 123;
     let setup = GenSetup::new(&[("m.bin", size)], CS, 71);
     let live = Live::start(setup.work.path(), &setup.manifest);
@@ -333,6 +336,9 @@ fn verify_events(live: &Live) -> Value {
 
 #[test]
 fn a_repairing_verify_counts_a_bad_chunk_once_and_records_success() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("m.bin", 4 * CS as usize)], CS, 73);
     let live = Live::start(setup.work.path(), &setup.manifest);
     ok(live.wan(&["ensure", "--only", GEN]));
@@ -425,6 +431,9 @@ fn hints(what: &str, msg: &str, want: &str) {
 
 #[test]
 fn a_refused_model_id_suggests_the_one_meant() {
+    if no_fuse() {
+        return;
+    }
     let (work, _origin, manifest) = mixed_setup();
     let live = Live::start(work.path(), &manifest);
     for wrong in ["ti2v-5b@2.2.0", "TI2V-5B@2.2.0", "ti2v-5B@2.2.1"] {
@@ -507,6 +516,9 @@ impl Drop for Unmount {
 
 #[test]
 fn a_mountpoint_that_is_not_an_empty_directory_is_refused_and_nothing_is_left_mounted() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("m.bin", 1000)], CS, 83);
     let spec = setup.spec(test_config());
     let config = config_file(&spec, "wan.toml", &spec.config);
@@ -563,6 +575,9 @@ fn a_mountpoint_that_is_not_an_empty_directory_is_refused_and_nothing_is_left_mo
 /// `-o nonempty` (FUSE's name for it) passes `--allow-non-empty`.
 #[test]
 fn the_mount_helper_refuses_a_non_empty_mountpoint_unless_nonempty() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("m.bin", 1000)], CS, 84);
     let spec = setup.spec(test_config());
     let config = config_file(&spec, "wan.toml", &spec.config);
@@ -665,6 +680,9 @@ fn an_unusable_dev_fuse_is_named_with_what_to_do() {
 
 #[test]
 fn an_unmount_from_outside_logs_no_warning() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("m.bin", 2 * CS as usize)], CS, 87);
     let mount = Mount::start(setup.spec(test_config()));
     let got = fs::read(setup.mounted(&mount, "m.bin")).expect("read");
@@ -687,6 +705,9 @@ fn an_unmount_from_outside_logs_no_warning() {
 
 #[test]
 fn a_mistyped_log_level_is_refused_and_a_bad_wan_log_never_silences_the_daemon() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("m.bin", 3 * CS as usize)], CS, 81);
     let spec = setup.spec(test_config());
     for level in ["inf", "verbose!!", "wanfs=debug,inf", "wanfs=loud"] {
@@ -762,6 +783,9 @@ fn run_wan_env(args: &[&str], file: &Path, env: &[(&str, &str)]) -> Output {
 /// the unmount cuts them short, which is no error: nothing at warning or error level.
 #[test]
 fn reads_cut_short_by_a_stop_are_not_errors() {
+    if no_fuse() {
+        return;
+    }
     let size = 32 * CS as usize;
     let setup = GenSetup::new(&[("m.bin", size)], CS, 89);
     let mount = Mount::start(setup.spec(test_config()));

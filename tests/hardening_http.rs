@@ -88,6 +88,9 @@ fn log_lines(mount: &Mount, needle: &str) -> Vec<String> {
 
 #[test]
 fn cross_site_mutations_and_foreign_hosts_are_refused() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6001);
     let (d, addr) = start(&setup, "127.0.0.1:{port}");
     let here = addr.to_string();
@@ -176,6 +179,9 @@ fn cross_site_mutations_and_foreign_hosts_are_refused() {
 
 #[test]
 fn stalled_clients_neither_exhaust_the_daemon_nor_stay_open() {
+    if no_fuse() {
+        return;
+    }
     const STALLED: usize = 300;
     let setup = GenSetup::new(&[("cold.bin", 600 * KIB)], CS, 6002);
     let (d, addr) = start(&setup, "127.0.0.1:{port}");
@@ -262,6 +268,9 @@ fn read_fresh(path: &Path) -> Vec<u8> {
 
 #[test]
 fn ipv4_clients_of_a_dual_stack_endpoint_are_loopback() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6003);
     let (d, addr) = start(&setup, "[::]:{port}");
     // 127.0.0.1 reaches a [::] listener as ::ffff:127.0.0.1.
@@ -280,6 +289,9 @@ fn ipv4_clients_of_a_dual_stack_endpoint_are_loopback() {
 
 #[test]
 fn control_writes_are_logged_on_one_bounded_line() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6004);
     let d = Mount::start(setup.spec(test_config()));
     let write = |name: &str, data: &[u8]| {
@@ -321,6 +333,9 @@ fn control_writes_are_logged_on_one_bounded_line() {
 
 #[test]
 fn metrics_show_alert_series_at_zero_from_the_start() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 100 * KIB)], CS, 6005);
     let (d, addr) = start(&setup, "127.0.0.1:{port}");
     // Per model: its downloads and their durations; per source (the model's only one): its
@@ -408,6 +423,9 @@ fn json_of(what: &str, body: &str) -> serde_json::Value {
 
 #[test]
 fn bulk_calls_name_their_models_and_no_route_drops_a_field() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6007);
     let (d, addr) = start(&setup, "127.0.0.1:{port}");
     let here = addr.to_string();
@@ -517,6 +535,9 @@ fn bulk_calls_name_their_models_and_no_route_drops_a_field() {
 
 #[test]
 fn every_refusal_is_a_json_error_and_ranges_may_carry_spaces() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 6008);
     let (d, addr) = start(&setup, "127.0.0.1:{port}");
     let here = addr.to_string();
@@ -620,6 +641,9 @@ fn rss(pid: u32) -> u64 {
 
 #[test]
 fn stalled_blob_downloads_leave_room_for_control_calls() {
+    if no_fuse() {
+        return;
+    }
     const STALLED: usize = 140;
     const MIB: u64 = 1 << 20;
     // Larger than what the socket buffers of a client that never reads take.

@@ -72,6 +72,9 @@ fn pinned(config: &Path, spec: &MountSpec, env: &[(&str, &str)]) -> bool {
 
 #[test]
 fn under_require_token_the_cli_sends_the_token_its_config_names() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("a.bin", 300 * KIB)], CS, 7001);
     let addr = format!("127.0.0.1:{}", free_port());
     let secret = "tok-cli-5e1d-SECRET";

@@ -45,6 +45,9 @@ fn tree(root: &Path) -> BTreeMap<String, Option<u64>> {
 
 #[test]
 fn listing_and_stat_work_with_origin_stopped() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let origin = Origin::start(fixture_models());
     let ids = [T2V, I2V, TI2V];
@@ -126,10 +129,14 @@ fn listing_and_stat_work_with_origin_stopped() {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     };
-    assert!(
-        count("wan_fuse_errors_total{op=\"open\"}") >= 1.0,
-        "{metrics}"
-    );
+    // Root's opens for writing reach the daemon, which refuses them; a user's are refused by
+    // the kernel first (the files are 0444 under default_permissions), unseen by the daemon.
+    if nix::unistd::geteuid().is_root() {
+        assert!(
+            count("wan_fuse_errors_total{op=\"open\"}") >= 1.0,
+            "{metrics}"
+        );
+    }
     assert_eq!(count("wan_fuse_errors_total{op=\"lookup\"}"), 0.0);
     assert_eq!(
         count("wan_fuse_errors_total{op=\"getxattr\"}"),
@@ -159,6 +166,9 @@ fn listing_and_stat_work_with_origin_stopped() {
 /// EOF) through one mount, each compared with the source.
 #[test]
 fn random_reads_equal_source() {
+    if no_fuse() {
+        return;
+    }
     const CS: u64 = 256 * 1024;
     let setup = GenSetup::new(
         &[("big.bin", 5 * MIB + 12345), ("dir/odd.bin", 1_000_003)],
@@ -226,6 +236,9 @@ fn random_reads_equal_source() {
 
 #[test]
 fn mmap_reads_equal_source() {
+    if no_fuse() {
+        return;
+    }
     const CS: u64 = 256 * 1024;
     let setup = GenSetup::new(
         &[("cold.bin", 3 * MIB + 777), ("warm.bin", 2 * MIB + 5)],
@@ -272,6 +285,9 @@ fn mmap_reads_equal_source() {
 /// same time: the origin must see each chunk's range exactly once.
 #[test]
 fn concurrent_readers_fetch_each_range_once() {
+    if no_fuse() {
+        return;
+    }
     const CS: u64 = MIB as u64;
     const READERS: usize = 16;
     let setup = GenSetup::new(&[("shared.bin", 8 * MIB)], CS, 13);
@@ -323,6 +339,9 @@ fn concurrent_readers_fetch_each_range_once() {
 /// a `slice`d cache tier relies on), and the bytes are right.
 #[test]
 fn read_ahead_parts_follow_the_origins_speed() {
+    if no_fuse() {
+        return;
+    }
     const CS: u64 = 2 * MIB as u64;
     const PART: u64 = 128 * KIB as u64;
     let setup = GenSetup::new(&[("slow.bin", 6 * MIB), ("fast.bin", 48 * MIB)], CS, 29);
@@ -394,6 +413,9 @@ fn read_ahead_parts_follow_the_origins_speed() {
 /// this test failed in 4 of 5 runs, not every time.
 #[test]
 fn a_header_read_just_behind_a_read_of_chunk_1_still_goes_first() {
+    if no_fuse() {
+        return;
+    }
     const CS: u64 = 4 * MIB as u64;
     const HOLD: std::time::Duration = std::time::Duration::from_secs(1);
     const WAITED: std::time::Duration = std::time::Duration::from_millis(200);
@@ -449,6 +471,9 @@ fn a_header_read_just_behind_a_read_of_chunk_1_still_goes_first() {
 /// A `--whole-only` file is fetched whole on its first read (in ranges), verified, then served.
 #[test]
 fn whole_only_file_is_fetched_whole_on_first_read() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::whole_only(&[("w.bin", 3 * MIB + 5), ("other.bin", 100_000)], 14);
     let record = setup.file("w.bin");
     assert!(
@@ -516,6 +541,9 @@ fn whole_only_file_is_fetched_whole_on_first_read() {
 /// The VAE shipped byte-identical in t2v and i2v is stored once and fetched once.
 #[test]
 fn identical_files_in_two_models_are_one_blob() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let origin = Origin::start(fixture_models());
     let manifest = fixture_manifest_over(&origin, &[T2V, I2V], work.path());
@@ -563,6 +591,9 @@ fn identical_files_in_two_models_are_one_blob() {
 
 #[test]
 fn xattrs_walk_not_present_partial_complete() {
+    if no_fuse() {
+        return;
+    }
     const CS: u64 = 256 * 1024;
     let setup = GenSetup::new(&[("x.bin", MIB + 1000)], CS, 15);
     let mut config = test_config();
@@ -607,6 +638,9 @@ fn xattrs_walk_not_present_partial_complete() {
 /// verified it.
 #[test]
 fn a_manifest_mixing_chunk_hashes_serves_both_and_shares_blobs() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let origin = Origin::start(fixture_models());
     let entry = |id: &str, args: &[&str]| {
@@ -677,6 +711,9 @@ fn fixture_manifest_over(
 /// (8 MiB chunks shifted by the head) reads back exactly.
 #[test]
 fn first_read_fetches_only_the_small_head_chunk() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("big.bin", 20 * MIB + 5)], 8 * MIB as u64, 71);
     let head = setup.file("big.bin");
     assert_eq!(
@@ -724,6 +761,9 @@ fn first_read_fetches_only_the_small_head_chunk() {
 /// request the reader is blocked on.
 #[test]
 fn a_later_chunk_waits_for_the_head_chunk_in_flight() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("big.bin", 20 * MIB)], 8 * MIB as u64, 72);
     assert!(
         setup.entry.contains("head_size = 1048576"),

@@ -56,6 +56,9 @@ fn systemd_units_verify() {
 
 #[test]
 fn notify_ready_only_when_mounted_and_sighup_reloads_manifest() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let sock_path = work.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -137,6 +140,9 @@ fn notify_ready_only_when_mounted_and_sighup_reloads_manifest() {
 
 #[test]
 fn reload_refuses_a_bad_config_and_keeps_serving() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let m = Mount::start(MountSpec::new(work.path(), &fixtures().join("models.toml")));
     wait_log(&m, "mounted");
@@ -212,6 +218,9 @@ fn find_config(dir: &Path) -> PathBuf {
 
 #[test]
 fn mount_helper_mounts_in_the_background() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let helper = work.path().join("mount.fuse.wan");
     std::os::unix::fs::symlink(wan_bin(), &helper).unwrap();
@@ -279,6 +288,9 @@ fn config_check_names_bad_keys_and_env_overrides() {
 
 #[test]
 fn lost_index_is_rebuilt_without_fetching_again() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[("w.bin", 3 << 20)], 1 << 20, 9);
     let m = Mount::start(setup.spec(test_config()));
     let f = setup.mounted(&m, "w.bin");
@@ -312,6 +324,9 @@ fn lost_index_is_rebuilt_without_fetching_again() {
 
 #[test]
 fn json_logs_to_a_file_reopened_on_sighup_with_downloads_greppable() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let logfile = work.path().join("wan.log");
     let spec = MountSpec::new(work.path(), &fixtures().join("models.toml"))
@@ -371,6 +386,9 @@ fn json_logs_to_a_file_reopened_on_sighup_with_downloads_greppable() {
 /// order, so the reads reach blobs the rebuild has not got to yet).
 #[test]
 fn reads_racing_a_lost_index_rebuild_fetch_nothing() {
+    if no_fuse() {
+        return;
+    }
     let files = [
         ("a.bin", 24 << 20),
         ("b.bin", 24 << 20),
@@ -407,6 +425,9 @@ fn reads_racing_a_lost_index_rebuild_fetch_nothing() {
 /// `gc.interval_secs` tick (an hour here): a burst of cold reads must not fill the disk.
 #[test]
 fn gc_runs_soon_after_reads_cross_the_high_watermark() {
+    if no_fuse() {
+        return;
+    }
     const MIB: usize = 1 << 20;
     let names = ["a.bin", "b.bin", "c.bin", "d.bin"];
     let setup = GenSetup::new(&names.map(|n| (n, MIB)), MIB as u64, 17);
@@ -472,6 +493,9 @@ fn gc_runs_soon_after_reads_cross_the_high_watermark() {
 /// and names it escaped, in full.
 #[test]
 fn names_from_the_manifest_reach_the_log_escaped() {
+    if no_fuse() {
+        return;
+    }
     let name = "odd\u{2028}name\u{202e}.bin";
     let setup = GenSetup::new(&[(name, 4096)], 1 << 20, 31);
     let m = Mount::start(setup.spec(test_config()));
@@ -501,6 +525,7 @@ struct ConfigOnlyDaemon {
 
 impl ConfigOnlyDaemon {
     fn start(work: &Path, config: &Path) -> ConfigOnlyDaemon {
+        assert_fuse();
         let mnt = work.join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
         let log = work.join("daemon.log");
@@ -557,6 +582,9 @@ impl Drop for ConfigOnlyDaemon {
 /// at once, and `/config` shows it.
 #[test]
 fn config_view_shows_the_values_in_force_after_a_reload() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let manifest = |name: &str| {
         let text = std::fs::read_to_string(fixtures().join("models.toml")).unwrap();

@@ -94,6 +94,9 @@ fn read_all(path: &Path) -> Vec<u8> {
 
 #[test]
 fn three_daemons_cost_the_origin_one_copy() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[(FILE, SIZE)], CHUNK, 91);
     let want = setup.data(FILE);
     let [pa, pb, pc] = [free_port(), free_port(), free_port()];
@@ -155,6 +158,9 @@ fn blob_dir(setup: &GenSetup) -> std::path::PathBuf {
 
 #[test]
 fn a_lying_peer_costs_a_fallback_never_a_wrong_byte() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[(FILE, SIZE)], CHUNK, 92);
     // A "peer" that holds the blob and flips a byte of every answer.
     let liar = Origin::start(blob_dir(&setup));
@@ -180,6 +186,9 @@ fn a_lying_peer_costs_a_fallback_never_a_wrong_byte() {
 
 #[test]
 fn a_dead_or_stalled_peer_costs_one_timeout_not_one_per_chunk() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[(FILE, SIZE)], CHUNK, 93);
     // One refuses connections; one accepts them (the kernel's backlog) and never answers.
     let dead = url(free_port());
@@ -204,6 +213,9 @@ fn a_dead_or_stalled_peer_costs_one_timeout_not_one_per_chunk() {
 
 #[test]
 fn blobs_answer_only_from_verified_chunks_and_ask_the_token_when_required() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[(FILE, 12 * MIB)], CHUNK, 94);
     let data = setup.data(FILE);
     let hex = sha256_hex(data);
@@ -285,6 +297,9 @@ fn wait_log(m: &Mount, needle: &str) {
 
 #[test]
 fn peers_are_checked_and_a_reload_applies_them() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[(FILE, 12 * MIB)], CHUNK, 95);
     // `wan config check` names the bad entry.
     let bad = setup.work.path().join("bad.toml");
@@ -344,6 +359,9 @@ fn peer_bytes(peer: &Origin, setup: &GenSetup) -> u64 {
 /// anywhere, 75 requests for one file, and the peer never cooled down.
 #[test]
 fn a_redirecting_peer_is_not_followed_and_cools_down() {
+    if no_fuse() {
+        return;
+    }
     let setup = GenSetup::new(&[(FILE, SIZE)], CHUNK, 95);
     let target = Origin::start(blob_dir(&setup));
     let empty = setup.work.path().join("empty");
@@ -371,6 +389,9 @@ fn a_redirecting_peer_is_not_followed_and_cools_down() {
 /// for every chunk, which made a cold read 15 times slower than with no peer.
 #[test]
 fn a_slow_peer_is_skipped_for_a_faster_origin() {
+    if no_fuse() {
+        return;
+    }
     let chunk = 1 << 20;
     let setup = GenSetup::new(&[(FILE, SIZE)], chunk, 96);
     let slow = Origin::start(blob_dir(&setup));

@@ -96,6 +96,9 @@ fn moto_with_keys(
 
 #[test]
 fn s3_source_serves_verified_bytes_and_refuses_bad_credentials_and_missing_objects() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let src = work.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -314,6 +317,9 @@ fn concurrent_readers(work: &Path, src: &Path, data: &[u8], endpoint: &str, ak: 
 /// [`concurrent_readers`] against moto.
 #[test]
 fn s3_source_serves_concurrent_readers_with_many_ranged_gets_in_flight() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let src = work.path().join("src");
     let data = load_object(&src);
@@ -407,6 +413,9 @@ impl Drop for Ceph {
 /// server, with its own HTTP stack (beast), chunked object storage and SigV4 checks.
 #[test]
 fn s3_source_serves_concurrent_readers_from_ceph_radosgw() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     let (ak, sk) = (
         "WANFSTESTACCESSKEY01",
@@ -438,6 +447,9 @@ fn s3_source_serves_concurrent_readers_from_ceph_radosgw() {
 #[test]
 #[ignore]
 fn bench_cold_read_origin_tier_and_s3() {
+    if no_fuse() {
+        return;
+    }
     const MIB: usize = 1 << 20;
     let size = 64 * MIB;
     let work = workdir();

@@ -31,6 +31,9 @@ fn form_of(cache: &Path, manifest: &Path) -> PathBuf {
 
 #[test]
 fn restart_uses_the_compiled_form_and_reads_still_verify() {
+    if no_fuse() {
+        return;
+    }
     let g = GenSetup::new(
         &[("a.bin", 300 * KIB), ("d/b.bin", 200 * KIB)],
         64 * 1024,
@@ -81,6 +84,9 @@ fn restart_uses_the_compiled_form_and_reads_still_verify() {
 
 #[test]
 fn an_edited_manifest_is_compiled_again_at_restart_and_reload() {
+    if no_fuse() {
+        return;
+    }
     let g = GenSetup::new(&[("a.bin", 100 * KIB), ("c.bin", 50 * KIB)], 64 * 1024, 92);
     let spec = g.spec(test_config());
     let cache = spec.cache_dir.clone();
@@ -133,6 +139,9 @@ fn an_edited_manifest_is_compiled_again_at_restart_and_reload() {
 
 #[test]
 fn mount_refuses_a_bad_manifest_in_the_words_of_manifest_check() {
+    if no_fuse() {
+        return;
+    }
     let g = GenSetup::new(&[("a.bin", 10 * KIB)], 4096, 93);
     let text = fs::read_to_string(&g.manifest).unwrap();
     // Two problems in one manifest (one per line), then a syntax error (with its line).
@@ -168,6 +177,9 @@ fn mount_refuses_a_bad_manifest_in_the_words_of_manifest_check() {
 
 #[test]
 fn a_cache_where_no_form_can_be_written_still_mounts() {
+    if no_fuse() {
+        return;
+    }
     let g = GenSetup::new(&[("a.bin", 100 * KIB)], 64 * 1024, 94);
     let spec = g.spec(test_config());
     // Where the forms would go, a file: nothing can be written there (as a full disk would).

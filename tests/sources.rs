@@ -11,6 +11,9 @@ const TOKEN: &str = "hf_wanfs_test_token_5f3a";
 /// The bearer token goes to the endpoint, never to the host a redirect points to.
 #[test]
 fn hf_token_sent_to_endpoint_not_across_redirects() {
+    if no_fuse() {
+        return;
+    }
     let work = workdir();
     // The hub layout: {endpoint}/org/repo/resolve/rev/{path}, served by both origins.
     let root = work.path().join("hub");
@@ -98,6 +101,9 @@ fn hf_token_sent_to_endpoint_not_across_redirects() {
 /// even when the source fails.
 #[test]
 fn signed_url_source_works_and_its_secret_never_shows() {
+    if no_fuse() {
+        return;
+    }
     const SECRET: &str = "s1gn4tur3deadbeef";
     let work = workdir();
     let src = work.path().join("src");

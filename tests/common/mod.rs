@@ -1,10 +1,12 @@
 //! Shared harness of the integration tests: the HTTP origin ([`origin`]), the daemon under test
-//! ([`mount`]), an nginx cache tier ([`nginx`]), and helpers for files, manifests, xattrs and the
-//! on-disk cache.
+//! ([`mount`]), whether FUSE can mount here ([`fuse`]: a test that mounts begins with
+//! `if no_fuse() { return; }`), an nginx cache tier ([`nginx`]), and helpers for files,
+//! manifests, xattrs and the on-disk cache.
 //!
 //! Each test binary uses a different part of it, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+pub mod fuse;
 pub mod mount;
 pub mod nginx;
 pub mod origin;
@@ -23,12 +25,25 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 #[allow(unused_imports)]
+pub use fuse::{assert_fuse, fuse_available, no_fuse, skip};
+#[allow(unused_imports)]
 pub use mount::{
     DeadMount, Mount, MountSpec, config_toml, errno, force_unmount, mount_count, test_config,
     write_config,
 };
 #[allow(unused_imports)]
 pub use origin::{Fault, Origin, Request, wait_until};
+
+/// True, after printing `SKIP: <test>: needs root: <why>`, when not run as root: for the few
+/// checks of a mount that only root's requests reach (the kernel answers a user's itself).
+/// CI runs as root.
+pub fn not_root(why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        skip(&format!("needs root: {why}"));
+    }
+    !root
+}
 
 /// The model ids of the fixtures.
 pub const T2V: &str = "t2v-A14B@2.2.0";

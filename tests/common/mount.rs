@@ -94,7 +94,10 @@ impl MountSpec {
     }
 
     /// Spawns `wan mount` for this spec without waiting; stdout and stderr go to a new log file.
+    /// Panics where FUSE cannot mount (the daemon checks the device before anything else): the
+    /// test should have returned at its `no_fuse()`.
     pub fn spawn(&self) -> (Child, PathBuf) {
+        super::fuse::assert_fuse();
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         // A dead mount left by a killed daemon stats as ENOTCONN: the directory is there.
