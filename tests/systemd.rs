@@ -228,8 +228,9 @@ fn units_under_a_real_systemd() {
     if !script.exists() {
         return skip(&format!("no {}", script.display()));
     }
-    if !Path::new("/dev/fuse").exists() {
-        return skip("no /dev/fuse");
+    // The daemon in the container mounts through this host's /dev/fuse.
+    if no_fuse() {
+        return;
     }
     // One run at a time on a host (other checkouts use the same container).
     let lock =
