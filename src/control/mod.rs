@@ -7,17 +7,21 @@
 //!
 //! This file owns the [`Control`] handle, its errors, the catalog of models in force and
 //! `status` (with pin, evict and mark-corrupted, which change what status shows). The rest is
-//! split by what it owns: `jobs.rs` the long work (ensure, verify, GC and the background loop),
-//! `health.rs` the health checks, `report.rs` events and the daily and storage reports. The GC
-//! policy itself (which blobs go) is pure and lives in [`crate::store::gc`].
+//! split by what it owns: `request.rs` the vocabulary as data (the [`Request`] each front end
+//! makes, its [`Response`], [`Control::handle`] and the HTTP route table), `jobs.rs` the long
+//! work (ensure, verify, GC and the background loop), `health.rs` the health checks,
+//! `report.rs` events and the daily and storage reports. The GC policy itself (which blobs go)
+//! is pure and lives in [`crate::store::gc`].
 
 mod health;
 mod jobs;
 mod report;
+pub mod request;
 
 pub use health::{Check, Health, HealthStatus};
 pub use jobs::{GcItem, GcReport, JobKind, JobState, JobStatus, Work};
 pub use report::{DailyReport, StorageDay, StorageNow, StorageReport, Tally, day_of};
+pub use request::{Request, Response, Selection};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
