@@ -732,10 +732,10 @@ fn selection(ids: Option<Vec<String>>, all: bool, fields: &str) -> Result<Select
 // What each route's query string and body may say: every field it takes, and no other
 // (`deny_unknown_fields`), so a typo is never read as "not given".
 
-/// The query string or body of a route that takes none.
+/// The query string or body of a route that takes none (`/blobs` takes no query string either).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "nothing, or an empty JSON object")]
-struct Nothing {}
+pub struct Nothing {}
 
 /// `?limit=N` of `GET /events`.
 #[derive(Serialize, Deserialize)]
