@@ -7,6 +7,8 @@
 //! beside `cli`, over `source`. `daemon::Services` is what `cmd` builds too when no daemon
 //! runs; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
 //! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
+//! `control` is the operator's vocabulary: each operation one `control::Request`, answered by
+//! `Control::handle`, which `http` (its route table), `cmd` and `fs`'s `.wan/` files only carry.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
