@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::control::request::{Call, Marked, Method, Started};
+use crate::control::request::{Marked, Started};
+use crate::control::routes::{Call, Method};
 use crate::control::{
     Control, ControlError, DailyReport, GcMode, GcReport, JobKind, JobState, JobStatus, ModelState,
     ModelStatus, Request, Selection, StorageReport,

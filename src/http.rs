@@ -1,7 +1,7 @@
 //! The HTTP endpoint: the control plane's routes, served by an accept loop of our own that
 //! bounds what clients can hold.
 //!
-//! Every control route comes from the one table in [`crate::control::request`]: a route reads
+//! Every control route comes from the one table in [`crate::control::routes`]: a route reads
 //! its `Request` off the path, query string and body, `Control::handle` answers it, and the
 //! answer goes out as JSON with the status it carries (Prometheus text for `/metrics`). What
 //! this file adds is HTTP's own: who may call, limits, and errors as JSON. `/blobs/{sha256}` is
@@ -53,7 +53,8 @@ use serde_json::json;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::control::Control;
-use crate::control::request::{self, Method};
+use crate::control::request;
+use crate::control::routes::{self, Method};
 use crate::logging::untrusted;
 use crate::store::PeerMiss;
 
@@ -363,7 +364,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         blob_streams: Arc::new(Semaphore::new(MAX_BLOB_STREAMS)),
     };
     let (mut reads, mut mutating) = (Router::new(), Router::new());
-    for route in request::ROUTES {
+    for route in routes::ROUTES {
         let serve = move |State(st): State<AppState>, req: Request| serve_route(st, route, req);
         match route.method {
             Method::Get => reads = reads.route(route.path, get(serve)),
@@ -387,7 +388,7 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
 /// One route of the control plane: its [`request::Request`] read off the HTTP request (the
 /// path's id, then the query string, then the body: the first wrong one is refused), answered
 /// by [`Control::handle`].
-async fn serve_route(st: AppState, route: &'static request::Route, req: Request) -> Response {
+async fn serve_route(st: AppState, route: &'static routes::Route, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     let id = if route.takes_id() {
         match Path::<String>::from_request_parts(&mut parts, &st).await {
@@ -407,7 +408,7 @@ async fn serve_route(st: AppState, route: &'static request::Route, req: Request)
             );
         }
     };
-    let wire = request::Wire {
+    let wire = routes::Wire {
         id,
         query: parts.uri.query().unwrap_or_default(),
         body: &body,
@@ -850,7 +851,7 @@ async fn blob(
 }
 
 /// The query string of a route that takes none.
-type NoQuery = Query<request::Nothing>;
+type NoQuery = Query<routes::Nothing>;
 
 #[cfg(test)]
 mod tests {

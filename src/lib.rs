@@ -8,7 +8,8 @@
 //! runs; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
 //! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
 //! `control` is the operator's vocabulary: each operation one `control::Request`, answered by
-//! `Control::handle`, which `http` (its route table), `cmd` and `fs`'s `.wan/` files only carry.
+//! `Control::handle`, which `http` (through `control::routes`), `cmd` and `fs`'s `.wan/` files
+//! only carry.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
