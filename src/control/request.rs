@@ -14,9 +14,9 @@
 //!
 //! `handle`, `call` and [`Request::model_ids`] match exhaustively, so the compiler asks for 2 and
 //! 3; routes.rs's test `every_request_comes_back_from_its_route` checks the route reads back what
-//! `call` wrote, once the new request is in [`every_request`]. HTTP and the in-process CLI then
-//! have it; a `.wan/` file (fs/tree.rs, fs/control_files.rs) or a `wan models` command (cli.rs,
-//! cmd.rs) is a choice, not a must.
+//! `call` wrote, once the new request is in `every_request` (below; a test asks for it). HTTP
+//! and the in-process CLI then have it; a `.wan/` file (fs/tree.rs, fs/control_files.rs) or a
+//! `wan models` command (cli.rs, cmd.rs) is a choice, not a must.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -311,6 +311,32 @@ pub(crate) fn every_request() -> Vec<Request> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `every_request` has an example of every arm: a new arm breaks this match, and once it is
+    /// numbered the test asks for its example.
+    #[test]
+    fn every_request_has_every_arm() {
+        const ARMS: usize = 15;
+        let arm = |r: &Request| match r {
+            Request::Health { .. } => 0,
+            Request::Overview => 1,
+            Request::Models => 2,
+            Request::Model { .. } => 3,
+            Request::Config => 4,
+            Request::Metrics => 5,
+            Request::Events { .. } => 6,
+            Request::ReportDaily { .. } => 7,
+            Request::ReportStorage { .. } => 8,
+            Request::Ensure { .. } => 9,
+            Request::Verify { .. } => 10,
+            Request::Gc { .. } => 11,
+            Request::Pin { .. } => 12,
+            Request::Evict { .. } => 13,
+            Request::MarkCorrupted { .. } => 14,
+        };
+        let seen: std::collections::BTreeSet<usize> = every_request().iter().map(arm).collect();
+        assert_eq!(seen, (0..ARMS).collect());
+    }
 
     /// In process, a request is data: it writes and reads back as JSON, tagged by `op`.
     #[test]
