@@ -309,7 +309,7 @@ impl Fetcher {
                         VerifiedChunk::verify(hash, expected, bytes)
                     })
                     .await
-                    .map_err(|e| FetchError::Store(e.to_string()))?
+                    .map_err(FetchError::join)?
                 } else {
                     // Hashed as it landed: only the comparison is left.
                     VerifiedChunk::verify_landed(hash, expected, bytes, &landed)

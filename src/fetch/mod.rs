@@ -39,7 +39,7 @@ use crate::config::FetchConfig;
 use crate::manifest::DEFAULT_HEAD_SIZE;
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 mod attempt;
 mod landed;
@@ -47,7 +47,23 @@ mod whole;
 
 pub use crate::file_ctx::{FileCtx, file_contexts};
 
-/// Why bytes could not be delivered.
+/// Why bytes could not be delivered, or a chunk not stored.
+///
+/// Typed, so that a caller tells an eviction, a deliberate skip and a dead task from a failing
+/// source or disk without parsing text. What each becomes (`FsError::errno` maps them, one
+/// exhaustive match) and where it is logged:
+///
+/// | variant | reaches | errno | logged |
+/// |---|---|---|---|
+/// | `Exhausted`, `Timeout` | readers, ensures | `EIO` | each source's failure at warn (wrong bytes at error), the read at error |
+/// | `ReadBlob`, `Store`, `TooLargeForMemory` | readers, ensures | `EIO` | error (a commit's failure where it happens) |
+/// | `Join` | readers, ensures | `EIO` | error: a task panicked, or the runtime is stopping |
+/// | `Evicted`, `Incomplete` | ensures (a read goes round again) | `EAGAIN` | by the ensure, at error |
+/// | `Skipped`, `InMemoryOnly` | ensures and repairs: the bytes were served, not stored | `EAGAIN` | debug where skipped, warn where held in memory |
+/// | `WholeOnly` | nobody (a caller's bug) | `EINVAL` | by the caller |
+///
+/// Only real I/O failures (a source's, the cache disk's) and a task that died are `EIO`: the
+/// others never reach a reader, and name what to do instead.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     /// Every source was asked and none delivered; what each said, in the order asked.
@@ -58,12 +74,64 @@ pub enum FetchError {
     },
     #[error("not served within {0:?}")]
     Timeout(Duration),
+    /// Present chunks could not be read back from their blob file.
+    #[error("cache: reading blob {blob}: {err}")]
+    ReadBlob {
+        blob: Digest,
+        #[source]
+        err: Arc<std::io::Error>,
+    },
+    /// The cache could not store, check or drop what was fetched (a full or read-only disk,
+    /// an index that cannot be written, a blob evicted under a commit).
     #[error("cache: {0}")]
-    Store(String),
+    Store(#[source] Arc<StoreError>),
+    /// A task the fetch ran on ended without an answer: it panicked (the error says how), or
+    /// the runtime is shutting down.
+    #[error("cache: {}", join_text(.0))]
+    Join(Option<Arc<tokio::task::JoinError>>),
     /// The blob was evicted while it was being fetched whole: nothing is wrong with the
     /// source, and a reader simply goes round again.
     #[error("evicted while being fetched; fetched again on the next read")]
     Evicted,
+    /// An ensure's chunks were stored, then evicted or dropped before the file was complete:
+    /// the caller may retry.
+    #[error("cache: {path}: chunks fetched but evicted or dropped before the file was complete")]
+    Incomplete { path: String },
+    /// A chunk was served to its reader and deliberately not cached: the cache disk is behind
+    /// (`fetch.when_cache_behind = "skip"`).
+    #[error("cache: not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")")]
+    Skipped,
+    /// A whole-only file was fetched and verified, but the cache could not store it: it is
+    /// served from memory (see `whole`).
+    #[error("cache: {path}: fetched and verified, but the cache could not store it")]
+    InMemoryOnly { path: String },
+    /// The cache could not take a whole-only file (`why`), and at `size` bytes it is larger
+    /// than `fetch.max_inflight_mib`, so it is not served from memory either.
+    #[error(
+        "{why}; at {size} bytes the file is larger than fetch.max_inflight_mib, so it is not \
+         served from memory either"
+    )]
+    TooLargeForMemory { why: Box<FetchError>, size: u64 },
+    /// A chunk was asked of a file listed with only a whole-file sha256 (a caller's bug).
+    #[error("cache: {path}: a whole-only file has no chunk to fetch by itself")]
+    WholeOnly { path: String },
+}
+
+impl FetchError {
+    fn store(e: StoreError) -> FetchError {
+        FetchError::Store(Arc::new(e))
+    }
+
+    fn join(e: tokio::task::JoinError) -> FetchError {
+        FetchError::Join(Some(Arc::new(e)))
+    }
+}
+
+fn join_text(e: &Option<Arc<tokio::task::JoinError>>) -> String {
+    match e {
+        Some(e) => format!("fetch task died: {e}"),
+        None => "fetch task ended without an answer".into(),
+    }
 }
 
 /// One source's failure to deliver, kept typed so callers can tell a missing object from a
@@ -122,7 +190,17 @@ pub enum Priority {
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
-type SharedStored = Shared<BoxFuture<'static, Result<(), FetchError>>>;
+type SharedStored = Shared<BoxFuture<'static, Result<Outcome, FetchError>>>;
+
+/// What became of a verified chunk once its readers had it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Durable and indexed (committed, or adopted from the blob file).
+    Stored,
+    /// Served and deliberately not cached: the cache disk is behind
+    /// (`fetch.when_cache_behind = "skip"`).
+    Skipped,
+}
 
 /// A chunk fetch in flight: readers await `served` (the verified bytes); an ensure awaits
 /// `stored` (durable and indexed), instead of polling the index.
@@ -324,10 +402,10 @@ impl Fetcher {
             .reader(f, layout.covering(offset, end - offset))?;
         let mut out = vec![0u8; (end - offset) as usize];
         if let Err(e) = fd.read_exact_at(&mut out, offset) {
-            return Some(Err(FetchError::Store(format!(
-                "reading blob {}: {e}",
-                f.sha256
-            ))));
+            return Some(Err(FetchError::ReadBlob {
+                blob: f.sha256,
+                err: Arc::new(e),
+            }));
         }
         // The chunks it covers may still be kept (a read across two of them is answered from
         // the file): what it served counts, or they would stay until they expire.
@@ -422,12 +500,15 @@ impl Fetcher {
                 out = tokio::task::spawn_blocking(move || {
                     for (_, s, dst) in from_disk {
                         fd.read_exact_at(&mut out[dst], s)
-                            .map_err(|e| FetchError::Store(format!("reading blob {sha}: {e}")))?;
+                            .map_err(|e| FetchError::ReadBlob {
+                                blob: sha,
+                                err: Arc::new(e),
+                            })?;
                     }
                     Ok::<_, FetchError>(out)
                 })
                 .await
-                .map_err(|e| FetchError::Store(e.to_string()))??;
+                .map_err(FetchError::join)??;
             }
             // Every chunk it covers, from memory or the file: one record, under one lock.
             (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
@@ -471,10 +552,9 @@ impl Fetcher {
             self.ensure_whole(file).await?;
             if !self.store.is_complete(f) {
                 // Served from memory: the cache could not store it (see `whole`).
-                return Err(FetchError::Store(format!(
-                    "{}: fetched and verified, but the cache could not store it",
-                    f.path
-                )));
+                return Err(FetchError::InMemoryOnly {
+                    path: f.path.clone(),
+                });
             }
             progress.fetch_add(f.size, Ordering::Relaxed);
             return Ok(());
@@ -509,10 +589,9 @@ impl Fetcher {
             Ok(())
         } else {
             // Stored, then evicted or dropped before the last one was: the caller may retry.
-            Err(FetchError::Store(format!(
-                "{}: chunks fetched but evicted or dropped before the file was complete",
-                f.path
-            )))
+            Err(FetchError::Incomplete {
+                path: f.path.clone(),
+            })
         }
     }
 
@@ -552,7 +631,14 @@ impl Fetcher {
         match self.start_chunk(file, idx, prio, None, false) {
             Err(e) => futures::future::ready(Err(e)).boxed(),
             Ok(None) => futures::future::ready(Ok(())).boxed(),
-            Ok(Some(f)) => f.stored.boxed(),
+            Ok(Some(f)) => async move {
+                match f.stored.await? {
+                    Outcome::Stored => Ok(()),
+                    // An ensure or a repair wants it on disk: served is not enough.
+                    Outcome::Skipped => Err(FetchError::Skipped),
+                }
+            }
+            .boxed(),
         }
     }
 
@@ -570,10 +656,9 @@ impl Fetcher {
     ) -> Result<Option<InFlight>, FetchError> {
         let key = (file.entry.sha256, idx);
         if file.entry.chunks.is_none() {
-            return Err(FetchError::Store(format!(
-                "{}: a whole-only file has no chunk to fetch by itself",
-                file.entry.path
-            )));
+            return Err(FetchError::WholeOnly {
+                path: file.entry.path.clone(),
+            });
         }
         if let Some(err) = self.recently_failed(key) {
             return Err(err);
@@ -614,7 +699,7 @@ impl Fetcher {
         // committed, so nobody re-fetches it meanwhile. On the runtime's handle: read-ahead
         // starts fetches from FUSE threads, which are not runtime threads.
         self.rt.spawn(async move {
-            let done = |r: Result<(), FetchError>| {
+            let done = |r: Result<Outcome, FetchError>| {
                 this.inflight.lock().unwrap().remove(&key);
                 let _ = stored_tx.send(r);
             };
@@ -622,16 +707,10 @@ impl Fetcher {
                 // Bounded: a slow head must not hold the rest of the file back for long.
                 let _ = tokio::time::timeout(HEAD_FIRST_WAIT, head).await;
             }
-            let _mem = match this.reserve_memory(&file, idx).await {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = tx.send(Err(e.clone()));
-                    return done(Err(e));
-                }
-            };
+            let _mem = this.reserve_memory(&file, idx).await;
             if let Some(chunk) = this.adopt_from_disk(&file, idx).await {
                 let _ = tx.send(Ok(chunk));
-                return done(Ok(()));
+                return done(Ok(Outcome::Stored));
             }
             METRICS.downloads_active.inc();
             let r = this.fetch_chunk(&file, idx, prio).await;
@@ -658,10 +737,7 @@ impl Fetcher {
                 METRICS.cache_skipped_bytes.inc_by(chunk.bytes().len() as u64);
                 tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx,
                     "served and not cached: the cache disk is behind");
-                return done(Err(FetchError::Store(
-                    "not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")"
-                        .into(),
-                )));
+                return done(Ok(Outcome::Skipped));
             }
             let stored = this.commit(&file, idx, chunk).await;
             if let Err(e) = &stored {
@@ -669,9 +745,9 @@ impl Fetcher {
                 tracing::error!(model = %file.model, file = %file.entry.path, chunk = idx, error = %e,
                     "could not store a verified chunk; it will be fetched again");
             }
-            done(stored)
+            done(stored.map(|()| Outcome::Stored))
         });
-        let gone = || FetchError::Store("fetch task ended without an answer".into());
+        let gone = || FetchError::Join(None);
         let f = InFlight {
             served: async move { rx.await.unwrap_or_else(|_| Err(gone())) }
                 .boxed()
@@ -749,17 +825,13 @@ impl Fetcher {
     }
 
     /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).
-    async fn reserve_memory(
-        &self,
-        file: &FileCtx,
-        idx: u64,
-    ) -> Result<OwnedSemaphorePermit, FetchError> {
+    async fn reserve_memory(&self, file: &FileCtx, idx: u64) -> OwnedSemaphorePermit {
         let r = file.entry.layout().range(idx);
         self.memory
             .clone()
             .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
             .await
-            .map_err(|e| FetchError::Store(e.to_string()))
+            .expect("the memory semaphore is never closed")
     }
 
     /// Whether a chunk of `len` bytes fetched for a reader should skip the cache: under
@@ -785,8 +857,7 @@ impl Fetcher {
         self.committing.fetch_add(len, Ordering::Relaxed);
         let r = tokio::task::spawn_blocking(move || store.commit_chunk(&entry, idx, &chunk)).await;
         self.committing.fetch_sub(len, Ordering::Relaxed);
-        r.map_err(|e| FetchError::Store(e.to_string()))?
-            .map_err(|e| FetchError::Store(e.to_string()))?;
+        r.map_err(FetchError::join)?.map_err(FetchError::store)?;
         METRICS.chunks_fetched.inc();
         tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx, bytes = len, "chunk committed");
         if self.store.is_complete(&file.entry) {
@@ -845,6 +916,80 @@ mod tests {
             source_name: name.into(),
             kind,
         }
+    }
+
+    /// The typed cache errors say what the strings they replaced said (an ensure's job
+    /// status, events and logs carry them).
+    #[test]
+    fn cache_errors_say_what_the_strings_said() {
+        let blob = Digest::of(b"blob");
+        let io = std::io::Error::other("boom");
+        let cases = [
+            (
+                FetchError::ReadBlob {
+                    blob,
+                    err: Arc::new(io),
+                },
+                format!("cache: reading blob {blob}: boom"),
+            ),
+            (
+                FetchError::store(StoreError::Evicted(blob)),
+                format!(
+                    "cache: blob {blob} was evicted while being written; it will be fetched again"
+                ),
+            ),
+            (
+                FetchError::Join(None),
+                "cache: fetch task ended without an answer".into(),
+            ),
+            (
+                FetchError::Skipped,
+                "cache: not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")"
+                    .into(),
+            ),
+            (
+                FetchError::InMemoryOnly { path: "a/b".into() },
+                "cache: a/b: fetched and verified, but the cache could not store it".into(),
+            ),
+            (
+                FetchError::Incomplete { path: "a/b".into() },
+                "cache: a/b: chunks fetched but evicted or dropped before the file was complete"
+                    .into(),
+            ),
+            (
+                FetchError::WholeOnly { path: "a/b".into() },
+                "cache: a/b: a whole-only file has no chunk to fetch by itself".into(),
+            ),
+            (
+                FetchError::TooLargeForMemory {
+                    why: Box::new(FetchError::Join(None)),
+                    size: 7,
+                },
+                "cache: fetch task ended without an answer; at 7 bytes the file is larger than \
+                 fetch.max_inflight_mib, so it is not served from memory either"
+                    .into(),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+        let died = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async { tokio::spawn(async { panic!("injected") }).await })
+            .unwrap_err();
+        let e = FetchError::join(died);
+        assert!(
+            e.to_string().starts_with("cache: fetch task died: task "),
+            "{e}"
+        );
+        // The cause stays typed beneath: a caller can ask what the store said.
+        let e = FetchError::store(StoreError::Evicted(blob));
+        let cause = std::error::Error::source(&e).expect("the store's error");
+        assert!(matches!(
+            cause.downcast_ref::<Arc<StoreError>>().map(|e| &**e),
+            Some(StoreError::Evicted(_))
+        ));
     }
 
     /// Logs, readers and tests match on this text: the typed failures must say exactly what

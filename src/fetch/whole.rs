@@ -103,7 +103,7 @@ enum PartError {
     /// The source did not deliver it.
     Source(SourceError),
     /// The cache could not take it (a full or read-only disk): no source is to blame.
-    Store(String),
+    Store(FetchError),
 }
 
 impl Fetcher {
@@ -137,13 +137,10 @@ impl Fetcher {
                         this.whole.lock().unwrap().remove(&key);
                         r
                     });
-                    let fut = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(FetchError::Store(format!("fetch task died: {e}")))
-                        })
-                    }
-                    .boxed()
-                    .shared();
+                    let fut =
+                        async move { task.await.unwrap_or_else(|e| Err(FetchError::join(e))) }
+                            .boxed()
+                            .shared();
                     map.insert(key, fut.clone());
                     fut
                 }
@@ -193,8 +190,8 @@ impl Fetcher {
                     store.write_unverified(&entry, r.start, &bytes)
                 })
                 .await
-                .map_err(|e| PartError::Store(format!("cache write: {e}")))?
-                .map_err(|e| PartError::Store(format!("cache write: {e}")))?;
+                .map_err(|e| PartError::Store(FetchError::join(e)))?
+                .map_err(|e| PartError::Store(FetchError::store(e)))?;
                 Ok((idx, generation, delivered))
             })
             .buffer_unordered(parallel)
@@ -233,15 +230,14 @@ impl Fetcher {
     async fn whole_to_memory(
         self: &Arc<Self>,
         file: &Arc<FileCtx>,
-        why: String,
+        why: FetchError,
     ) -> Result<(), FetchError> {
         let f = &file.entry;
         if !self.whole_in_memory.lock().unwrap().fits(f.size) {
-            return Err(FetchError::Store(format!(
-                "{why}; at {} bytes the file is larger than fetch.max_inflight_mib, so it is \
-                 not served from memory either",
-                f.size
-            )));
+            return Err(FetchError::TooLargeForMemory {
+                why: Box::new(why),
+                size: f.size,
+            });
         }
         tracing::warn!(model = %file.model, file = %crate::logging::untrusted(&f.path),
             error = %why, "the cache cannot store this whole-only file; serving it from memory");
@@ -347,10 +343,10 @@ impl Fetcher {
                     let actual =
                         tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
                             .await
-                            .map_err(|e| FetchError::Store(e.to_string()))?
+                            .map_err(FetchError::join)?
                             .map_err(|e| match e {
                                 crate::store::StoreError::Evicted(_) => FetchError::Evicted,
-                                e => FetchError::Store(e.to_string()),
+                                e => FetchError::store(e),
                             })?;
                     if actual == f.sha256 {
                         drop(judged);
@@ -364,8 +360,8 @@ impl Fetcher {
                         let d = f.sha256;
                         tokio::task::spawn_blocking(move || store.evict(d))
                             .await
-                            .map_err(|e| FetchError::Store(e.to_string()))?
-                            .map_err(|e| FetchError::Store(e.to_string()))?;
+                            .map_err(FetchError::join)?
+                            .map_err(FetchError::store)?;
                         continue;
                     }
                     if !src.peer {
