@@ -17,19 +17,25 @@
 //! - Files listed with only a whole-file sha256 are fetched whole (chunk-sized parts in
 //!   parallel, written unverified and invisible), hashed, and then made visible all at once.
 //!
-//! This file owns the `Fetcher`, single-flight, the read path and committing; `attempt.rs`
-//! asks the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
+//! This file owns the `Fetcher`, the read path, the fetch tasks and committing; `flight.rs`
+//! owns every fetch's state (in flight, failed lately, landed in memory, started) in one
+//! `ChunkTable` behind one lock, so single-flight is one look at one table; `attempt.rs` asks
+//! the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
 //! whole-only files; `landed.rs` keeps verified chunks for their readers. `FileCtx` lives in
 //! `crate::file_ctx` and is re-exported here.
+//!
+//! Locks, in the order they may be taken: the `ChunkTable`, then the store's (see
+//! store/mod.rs). None is held across an await; the semaphores above are awaited with no
+//! lock held.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -42,8 +48,11 @@ use crate::source::{SourceError, SourceHandle};
 use crate::store::{Store, StoreError};
 
 mod attempt;
+mod flight;
 mod landed;
 mod whole;
+
+use flight::{ChunkTable, FetchKey, InFlight, Outcome, SharedFetch};
 
 pub use crate::file_ctx::{FileCtx, file_contexts};
 
@@ -189,28 +198,6 @@ pub enum Priority {
     ReadAhead,
 }
 
-type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
-type SharedStored = Shared<BoxFuture<'static, Result<Outcome, FetchError>>>;
-
-/// What became of a verified chunk once its readers had it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
-    /// Durable and indexed (committed, or adopted from the blob file).
-    Stored,
-    /// Served and deliberately not cached: the cache disk is behind
-    /// (`fetch.when_cache_behind = "skip"`).
-    Skipped,
-}
-
-/// A chunk fetch in flight: readers await `served` (the verified bytes); an ensure awaits
-/// `stored` (durable and indexed), instead of polling the index.
-#[derive(Clone)]
-struct InFlight {
-    served: SharedFetch,
-    stored: SharedStored,
-}
-type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
-
 /// Free chunk buffers are let go after this long without a fetch: long enough that a reader
 /// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
 const BUF_IDLE: Duration = Duration::from_secs(10);
@@ -275,21 +262,12 @@ pub struct Fetcher {
     /// Chunk buffers, reused so a fetch does not fault in and zero fresh pages (see `bufpool`);
     /// keeps at most `max_inflight_mib` of free buffers.
     bufs: BufPool,
-    /// Verified chunks no reader has finished with yet, served from memory (see `landed`).
-    landed: Mutex<landed::Landed>,
+    /// Every chunk's and whole-only file's fetch state, under one lock (see `flight`).
+    table: Mutex<ChunkTable>,
     /// Bytes of verified chunks waiting for (or in) their commit: how far the cache disk is
     /// behind (`fetch.when_cache_behind`).
     committing: std::sync::atomic::AtomicU64,
-    inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
-    /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
-    /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
-    /// immediately with a smaller size).
-    failed: Mutex<HashMap<(Digest, u64), (Instant, FetchError)>>,
     rt: tokio::runtime::Handle,
-    whole: Mutex<HashMap<Digest, SharedWhole>>,
-    /// Whole-only files the cache could not store, served from memory (see `whole`).
-    whole_in_memory: Mutex<whole::WholeInMemory>,
-    started: Mutex<HashMap<Digest, Instant>>,
     /// Other daemons (`[peers]`), asked for every chunk before the manifest's sources, and
     /// how long one that failed is skipped; replaced on reload.
     peers: std::sync::RwLock<(Vec<Arc<SourceHandle>>, Duration)>,
@@ -328,20 +306,15 @@ impl Fetcher {
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
             bufs,
             committing: std::sync::atomic::AtomicU64::new(0),
-            landed: Mutex::new(landed::Landed::new(
-                (cfg.max_inflight_mib as usize) << 20,
-                LANDED_TTL,
-            )),
-            whole_in_memory: Mutex::new(whole::WholeInMemory::new(
-                (cfg.max_inflight_mib as usize) << 20,
-                WHOLE_IN_MEMORY_TTL,
+            table: Mutex::new(ChunkTable::new(
+                landed::Landed::new((cfg.max_inflight_mib as usize) << 20, LANDED_TTL),
+                whole::WholeInMemory::new(
+                    (cfg.max_inflight_mib as usize) << 20,
+                    WHOLE_IN_MEMORY_TTL,
+                ),
             )),
             cfg,
-            inflight: Mutex::new(HashMap::new()),
-            failed: Mutex::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
-            whole: Mutex::new(HashMap::new()),
-            started: Mutex::new(HashMap::new()),
             peers: std::sync::RwLock::new((Vec::new(), Duration::ZERO)),
             head_started: tokio::sync::Notify::new(),
         })
@@ -354,6 +327,11 @@ impl Fetcher {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The fetch state; never held across an await (see `flight`).
+    fn table(&self) -> std::sync::MutexGuard<'_, ChunkTable> {
+        self.table.lock().unwrap()
     }
 
     /// Reads `offset..offset+size` of a file (clipped to its end), fetching what is missing.
@@ -386,15 +364,11 @@ impl Fetcher {
             return Some(Ok(Bytes::new()));
         }
         let layout = f.layout();
-        if let Some(digests) = &f.chunks
-            && let Some(b) =
-                (self.landed.lock().unwrap()).slice(f.sha256, &layout, digests, offset, end)
-        {
-            return Some(Ok(b));
-        }
-        if f.chunks.is_none()
-            && let Some(b) = (self.whole_in_memory.lock().unwrap()).slice(f.sha256, offset, end)
-        {
+        let held = match &f.chunks {
+            Some(digests) => (self.table().landed).slice(f.sha256, &layout, digests, offset, end),
+            None => (self.table().whole_in_memory).slice(f.sha256, offset, end),
+        };
+        if let Some(b) = held {
             return Some(Ok(b));
         }
         let fd = self
@@ -409,7 +383,7 @@ impl Fetcher {
         }
         // The chunks it covers may still be kept (a read across two of them is answered from
         // the file): what it served counts, or they would stay until they expire.
-        (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+        (self.table().landed).served(f.sha256, &layout, offset, end);
         Some(Ok(Bytes::from(out)))
     }
 
@@ -434,8 +408,7 @@ impl Fetcher {
                     Err(FetchError::Evicted) => continue,
                     r => r?,
                 }
-                if let Some(b) = (self.whole_in_memory.lock().unwrap()).slice(f.sha256, offset, end)
-                {
+                if let Some(b) = (self.table().whole_in_memory).slice(f.sha256, offset, end) {
                     return Ok(b);
                 }
             }
@@ -450,10 +423,13 @@ impl Fetcher {
             let mut fetched: HashMap<u64, VerifiedChunk> = HashMap::new();
             let mut to_fetch = Vec::new();
             if let Some(digests) = &f.chunks {
-                let landed = self.landed.lock().unwrap();
+                let table = self.table();
                 for idx in missing {
                     let r = layout.range(idx);
-                    match landed.get(f.sha256, idx, digests[idx as usize], r.end - r.start) {
+                    match table
+                        .landed
+                        .get(f.sha256, idx, digests[idx as usize], r.end - r.start)
+                    {
                         Some(c) => {
                             fetched.insert(idx, c);
                         }
@@ -473,7 +449,7 @@ impl Fetcher {
                 && let Some(c) = fetched.get(&covering.start)
             {
                 let r = layout.range(covering.start);
-                (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+                (self.table().landed).served(f.sha256, &layout, offset, end);
                 return Ok(c
                     .bytes()
                     .slice((offset - r.start) as usize..(end - r.start) as usize));
@@ -511,7 +487,7 @@ impl Fetcher {
                 .map_err(FetchError::join)??;
             }
             // Every chunk it covers, from memory or the file: one record, under one lock.
-            (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+            (self.table().landed).served(f.sha256, &layout, offset, end);
             return Ok(Bytes::from(out));
         }
     }
@@ -524,8 +500,11 @@ impl Fetcher {
             return;
         }
         for idx in self.store.missing(f, chunks) {
-            let in_flight = self.inflight.lock().unwrap().contains_key(&(f.sha256, idx));
-            if in_flight || self.landed.lock().unwrap().holds(f.sha256, idx) {
+            let busy = {
+                let t = self.table();
+                t.chunk(f.sha256, idx).is_some() || t.landed.holds(f.sha256, idx)
+            };
+            if busy {
                 continue;
             }
             let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else {
@@ -654,20 +633,24 @@ impl Fetcher {
         permit: Option<OwnedSemaphorePermit>,
         for_reader: bool,
     ) -> Result<Option<InFlight>, FetchError> {
-        let key = (file.entry.sha256, idx);
+        let sha = file.entry.sha256;
+        let key = FetchKey::Chunk(sha, idx);
         if file.entry.chunks.is_none() {
             return Err(FetchError::WholeOnly {
                 path: file.entry.path.clone(),
             });
         }
-        if let Some(err) = self.recently_failed(key) {
+        // One look at the table decides: failed lately, present, in flight, or to start. A
+        // chunk stays in flight until its commit has marked it present, so no reader finds
+        // it neither.
+        let mut table = self.table();
+        if let Some(err) = table.recently_failed(key, self.cfg.cooldown()) {
             return Err(err);
         }
-        let mut map = self.inflight.lock().unwrap();
         if self.store.has_chunk(&file.entry, idx) {
             return Ok(None);
         }
-        if let Some(f) = map.get(&key) {
+        if let Some(f) = table.chunk(sha, idx) {
             return Ok(Some(f.clone()));
         }
         // A file's small head chunk goes first: the kernel sends the read-ahead of a header
@@ -676,14 +659,13 @@ impl Fetcher {
         // reads reach us on two FUSE threads in either order, so the first chunk of a file
         // whose head is missing also waits a moment for a head fetch that may be about to
         // start (1 run in 3 of compare.sh (e) lost this race: 18 ms instead of 5).
-        let sha = file.entry.sha256;
         let head_first = if idx == 0 || file.entry.head_size >= file.entry.chunk_size {
             HeadFirst::Nothing
-        } else if let Some(head) = map.get(&(sha, 0)) {
+        } else if let Some(head) = table.chunk(sha, 0) {
             HeadFirst::InFlight(head.served.clone())
         } else if !self.store.has_chunk(&file.entry, 0)
-            && !self.landed.lock().unwrap().holds(sha, 0)
-            && !map.keys().any(|(s, _)| *s == sha)
+            && !table.landed.holds(sha, 0)
+            && !table.any_chunk_of(sha)
         {
             HeadFirst::Maybe
         } else {
@@ -695,15 +677,16 @@ impl Fetcher {
         let (stored_tx, stored_rx) = tokio::sync::oneshot::channel();
         // Spawned, so the fetch completes (and is cached) even if readers give up.
         // Readers get the chunk as soon as it is verified; the commit (pwrite, fdatasync,
-        // index) follows off their path, and the chunk stays in `inflight` until it is
-        // committed, so nobody re-fetches it meanwhile. On the runtime's handle: read-ahead
-        // starts fetches from FUSE threads, which are not runtime threads.
+        // index) follows off their path, and the chunk stays in flight until it is committed,
+        // so nobody re-fetches it meanwhile. On the runtime's handle: read-ahead starts
+        // fetches from FUSE threads, which are not runtime threads. The task cannot end
+        // before it is in the table: ending takes the table's lock, held here until then.
         self.rt.spawn(async move {
             let done = |r: Result<Outcome, FetchError>| {
-                this.inflight.lock().unwrap().remove(&key);
+                this.table().finish(key);
                 let _ = stored_tx.send(r);
             };
-            if let Some(head) = this.head_to_wait_for(key.0, head_first).await {
+            if let Some(head) = this.head_to_wait_for(sha, head_first).await {
                 // Bounded: a slow head must not hold the rest of the file back for long.
                 let _ = tokio::time::timeout(HEAD_FIRST_WAIT, head).await;
             }
@@ -719,17 +702,12 @@ impl Fetcher {
             let chunk = match r {
                 Ok(chunk) => chunk,
                 Err(e) => {
-                    this.remember_failure(key, &e);
+                    (this.table()).remember_failure(key, &e, this.cfg.cooldown());
                     let _ = tx.send(Err(e.clone()));
                     return done(Err(e));
                 }
             };
-            let kept = for_reader
-                && this
-                    .landed
-                    .lock()
-                    .unwrap()
-                    .insert(key.0, idx, chunk.clone());
+            let kept = for_reader && (this.table().landed).insert(sha, idx, chunk.clone());
             let _ = tx.send(Ok(chunk.clone()));
             // Only a chunk kept for its reader may skip the cache: one dropped now would be
             // fetched again when the reader gets there.
@@ -756,7 +734,8 @@ impl Fetcher {
                 .boxed()
                 .shared(),
         };
-        map.insert(key, f.clone());
+        table.insert_chunk(sha, idx, f.clone());
+        drop(table);
         if idx == 0 {
             self.head_started.notify_waiters();
         }
@@ -777,12 +756,7 @@ impl Fetcher {
                     // Registered before the look, so a head that starts in between still
                     // wakes us. Any file's head wakes every waiter: each looks for its own.
                     started.as_mut().enable();
-                    let head = self
-                        .inflight
-                        .lock()
-                        .unwrap()
-                        .get(&(sha, 0))
-                        .map(|h| h.served.clone());
+                    let head = self.table().chunk(sha, 0).map(|h| h.served.clone());
                     if head.is_some() {
                         return head;
                     }
@@ -807,21 +781,6 @@ impl Fetcher {
             self.completed(file);
         }
         Some(chunk)
-    }
-
-    /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
-    fn recently_failed(&self, key: (Digest, u64)) -> Option<FetchError> {
-        let failed = self.failed.lock().unwrap();
-        let (t, e) = failed.get(&key)?;
-        (t.elapsed() < self.cfg.cooldown()).then(|| e.clone())
-    }
-
-    /// Remembers a failed fetch; old entries are dropped here, off the per-read path.
-    fn remember_failure(&self, key: (Digest, u64), e: &FetchError) {
-        let mut failed = self.failed.lock().unwrap();
-        let window = self.cfg.cooldown();
-        failed.retain(|_, (t, _)| t.elapsed() < window);
-        failed.insert(key, (Instant::now(), e.clone()));
     }
 
     /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).
@@ -867,7 +826,7 @@ impl Fetcher {
     }
 
     fn completed(&self, file: &FileCtx) {
-        let Some(t0) = self.started.lock().unwrap().remove(&file.entry.sha256) else {
+        let Some(t0) = self.table().take_started(file.entry.sha256) else {
             return;
         };
 

@@ -20,11 +20,8 @@ use crate::manifest::FileEntry;
 use crate::source::{SourceError, SourceHandle};
 
 use super::attempt::Delivered;
+use super::flight::FetchKey;
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, kib};
-
-/// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
-/// (no chunk has this index).
-const WHOLE_FILE: u64 = u64::MAX;
 
 /// Whole-only files the cache could not store, held verified in memory for their readers:
 /// at most `cap` bytes, each let go `ttl` after its last read (or sooner, oldest first, to
@@ -109,39 +106,40 @@ enum PartError {
 impl Fetcher {
     /// Makes a file listed with only a whole-file sha256 complete (single-flight per blob).
     pub async fn ensure_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
-        let key = file.entry.sha256;
-        // A failed whole-file fetch is remembered like a failed chunk: the kernel retries a
-        // failed read at once, and each retry would download the whole file again.
-        if let Some(err) = self.recently_failed((key, WHOLE_FILE)) {
-            return Err(err);
-        }
+        let blob = file.entry.sha256;
+        let key = FetchKey::Whole(blob);
         let shared = {
-            let mut map = self.whole.lock().unwrap();
-            if self.store.is_complete(&file.entry)
-                || self.whole_in_memory.lock().unwrap().holds(key)
-            {
+            let mut table = self.table();
+            // A failed whole-file fetch is remembered like a failed chunk: the kernel retries
+            // a failed read at once, and each retry would download the whole file again.
+            if let Some(err) = table.recently_failed(key, self.cfg.cooldown()) {
+                return Err(err);
+            }
+            if self.store.is_complete(&file.entry) || table.whole_in_memory.holds(blob) {
                 return Ok(());
             }
-            match map.get(&key) {
+            match table.whole(blob) {
                 Some(s) => s.clone(),
                 None => {
                     let this = self.clone();
                     let file = file.clone();
                     let task = self.rt.spawn(async move {
                         let r = this.fetch_whole(&file).await;
+                        let mut table = this.table();
                         if let Err(e) = &r
                             && !matches!(e, FetchError::Evicted)
                         {
-                            this.remember_failure((key, WHOLE_FILE), e);
+                            table.remember_failure(key, e, this.cfg.cooldown());
                         }
-                        this.whole.lock().unwrap().remove(&key);
+                        table.finish(key);
+                        drop(table);
                         r
                     });
                     let fut =
                         async move { task.await.unwrap_or_else(|e| Err(FetchError::join(e))) }
                             .boxed()
                             .shared();
-                    map.insert(key, fut.clone());
+                    table.insert_whole(blob, fut.clone());
                     fut
                 }
             }
@@ -233,7 +231,7 @@ impl Fetcher {
         why: FetchError,
     ) -> Result<(), FetchError> {
         let f = &file.entry;
-        if !self.whole_in_memory.lock().unwrap().fits(f.size) {
+        if !self.table().whole_in_memory.fits(f.size) {
             return Err(FetchError::TooLargeForMemory {
                 why: Box::new(why),
                 size: f.size,
@@ -257,7 +255,7 @@ impl Fetcher {
                 what,
             )
             .await?;
-        self.whole_in_memory.lock().unwrap().insert(whole);
+        self.table().whole_in_memory.insert(whole);
         Ok(())
     }
 
@@ -269,11 +267,7 @@ impl Fetcher {
     async fn fetch_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
         let f = &file.entry;
         let what = format!("{}/{}", file.model, f.path);
-        self.started
-            .lock()
-            .unwrap()
-            .entry(f.sha256)
-            .or_insert_with(Instant::now);
+        self.table().started(f.sha256);
         let layout = f.layout();
         let mut errors = Vec::new();
         // Parts written unverified by one source (its address), with their blob generation, and
