@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +42,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::bufpool::BufPool;
 use crate::chunk::{Digest, Mismatch, VerifiedChunk};
 use crate::config::FetchConfig;
+use crate::lock_order::{self, OrderedGuard, OrderedMutex};
 use crate::manifest::DEFAULT_HEAD_SIZE;
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
@@ -263,7 +264,7 @@ pub struct Fetcher {
     /// keeps at most `max_inflight_mib` of free buffers.
     bufs: BufPool,
     /// Every chunk's and whole-only file's fetch state, under one lock (see `flight`).
-    table: Mutex<ChunkTable>,
+    table: OrderedMutex<ChunkTable>,
     /// Bytes of verified chunks waiting for (or in) their commit: how far the cache disk is
     /// behind (`fetch.when_cache_behind`).
     committing: std::sync::atomic::AtomicU64,
@@ -306,13 +307,16 @@ impl Fetcher {
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
             bufs,
             committing: std::sync::atomic::AtomicU64::new(0),
-            table: Mutex::new(ChunkTable::new(
-                landed::Landed::new((cfg.max_inflight_mib as usize) << 20, LANDED_TTL),
-                whole::WholeInMemory::new(
-                    (cfg.max_inflight_mib as usize) << 20,
-                    WHOLE_IN_MEMORY_TTL,
+            table: OrderedMutex::new(
+                lock_order::FETCH_TABLE,
+                ChunkTable::new(
+                    landed::Landed::new((cfg.max_inflight_mib as usize) << 20, LANDED_TTL),
+                    whole::WholeInMemory::new(
+                        (cfg.max_inflight_mib as usize) << 20,
+                        WHOLE_IN_MEMORY_TTL,
+                    ),
                 ),
-            )),
+            ),
             cfg,
             rt: tokio::runtime::Handle::current(),
             peers: std::sync::RwLock::new((Vec::new(), Duration::ZERO)),
@@ -330,8 +334,8 @@ impl Fetcher {
     }
 
     /// The fetch state; never held across an await (see `flight`).
-    fn table(&self) -> std::sync::MutexGuard<'_, ChunkTable> {
-        self.table.lock().unwrap()
+    fn table(&self) -> OrderedGuard<'_, ChunkTable> {
+        self.table.lock()
     }
 
     /// Reads `offset..offset+size` of a file (clipped to its end), fetching what is missing.
