@@ -57,6 +57,19 @@ pub(super) struct InFlight {
     pub(super) stored: SharedStored,
 }
 
+/// What a reader of a chunk does, as [`ChunkTable::join`] decides.
+pub(super) enum Join {
+    /// The chunk's last fetch failed within the cool-down: that error, at once.
+    Failed(FetchError),
+    /// The store holds it: read it there.
+    Present,
+    /// A fetch is under way: await it.
+    InFlight(InFlight),
+    /// None of these: the caller starts the fetch and puts it in the table
+    /// ([`ChunkTable::insert_chunk`]) before it lets the lock go.
+    Start,
+}
+
 /// A fetch in flight, of what its key names.
 enum Flight {
     Chunk(InFlight),
@@ -86,6 +99,31 @@ impl ChunkTable {
             landed,
             whole_in_memory,
             started: HashMap::new(),
+        }
+    }
+
+    /// Single-flight for chunk `idx` of `blob`: one look, under the table's lock, at whether it
+    /// failed lately, is `present` in the store, or is in flight. The fetch task keeps the
+    /// chunk in flight until its commit has made it present, and remembers a failure before it
+    /// leaves (see `Fetcher::start_chunk`), so a reader never finds it in none of these while a
+    /// fetch of it is still of use: at most one fetch of a chunk runs at once, and one per
+    /// generation of it (until an eviction drops it) or per cool-down after a failure.
+    pub(super) fn join(
+        &self,
+        blob: Digest,
+        idx: u64,
+        cooldown: Duration,
+        present: impl FnOnce() -> bool,
+    ) -> Join {
+        if let Some(e) = self.recently_failed(FetchKey::Chunk(blob, idx), cooldown) {
+            return Join::Failed(e);
+        }
+        if present() {
+            return Join::Present;
+        }
+        match self.chunk(blob, idx) {
+            Some(f) => Join::InFlight(f.clone()),
+            None => Join::Start,
         }
     }
 
@@ -210,6 +248,110 @@ mod tests {
         assert!(t.recently_failed(FetchKey::Chunk(a, 0), cool).is_none());
         t.remember_failure(FetchKey::Chunk(a, 1), &FetchError::Skipped, cool);
         assert_eq!(t.failed.len(), 1, "the expired entry was dropped");
+    }
+
+    /// Shuttle explores schedules of three readers, the fetches they start and an evictor,
+    /// through the table's own `join`, with the steps of `Fetcher::start_chunk`'s task: a fetch
+    /// that succeeds commits (the chunk is present) and then leaves the table; one that fails
+    /// is remembered and then leaves. Whatever the interleaving, no two fetches of the chunk
+    /// run at once, and none starts in a generation of the chunk (until an eviction drops it)
+    /// that another fetch already started in: leaving before committing, or before the failure
+    /// is remembered, would start a second one.
+    #[test]
+    fn single_flight_holds_whatever_the_schedule_of_readers_failures_and_evictions() {
+        for first_fails in [false, true] {
+            shuttle::check_random(move || race(first_fails), 1500);
+        }
+    }
+
+    /// One schedule of [`single_flight_holds_whatever_the_schedule_of_readers_failures_and_evictions`].
+    fn race(first_fails: bool) {
+        use shuttle::sync::Mutex;
+        use std::sync::Arc;
+
+        /// The store, as far as one chunk goes: present or not, and which generation of it.
+        #[derive(Default)]
+        struct Disk {
+            present: bool,
+            generation: u64,
+        }
+        /// The fetches: how many run, and the generation each started in.
+        #[derive(Default)]
+        struct Fetches {
+            running: usize,
+            started_in: Vec<u64>,
+        }
+        let blob = Digest::of(b"blob");
+        let key = FetchKey::Chunk(blob, 0);
+        let cool = Duration::from_secs(600);
+        let table = Arc::new(Mutex::new(table()));
+        let disk = Arc::new(Mutex::new(Disk::default()));
+        let fetches = Arc::new(Mutex::new(Fetches::default()));
+        let mut threads = Vec::new();
+        for _ in 0..3 {
+            let (table, disk, fetches) = (table.clone(), disk.clone(), fetches.clone());
+            threads.push(shuttle::thread::spawn(move || {
+                for _ in 0..2 {
+                    let mut t = table.lock().unwrap();
+                    let mut generation = 0;
+                    let join = t.join(blob, 0, cool, || {
+                        let d = disk.lock().unwrap();
+                        generation = d.generation;
+                        d.present
+                    });
+                    let Join::Start = join else {
+                        continue;
+                    };
+                    t.insert_chunk(blob, 0, in_flight());
+                    let fails = {
+                        let mut f = fetches.lock().unwrap();
+                        assert_eq!(f.running, 0, "two fetches of one chunk at once");
+                        assert!(
+                            !f.started_in.contains(&generation),
+                            "a second fetch in generation {generation}: {:?}",
+                            f.started_in
+                        );
+                        f.running += 1;
+                        f.started_in.push(generation);
+                        first_fails && f.started_in.len() == 1
+                    };
+                    drop(t);
+                    // The requests: anything may happen meanwhile.
+                    shuttle::thread::yield_now();
+                    if fails {
+                        table.lock().unwrap().remember_failure(
+                            key,
+                            &FetchError::Timeout(cool),
+                            cool,
+                        );
+                    } else {
+                        disk.lock().unwrap().present = true;
+                    }
+                    let mut t = table.lock().unwrap();
+                    fetches.lock().unwrap().running -= 1;
+                    t.finish(key);
+                }
+            }));
+        }
+        let evictor = {
+            let disk = disk.clone();
+            shuttle::thread::spawn(move || {
+                for _ in 0..2 {
+                    let mut d = disk.lock().unwrap();
+                    if d.present {
+                        d.present = false;
+                        d.generation += 1;
+                    }
+                    drop(d);
+                    shuttle::thread::yield_now();
+                }
+            })
+        };
+        for t in threads {
+            t.join().unwrap();
+        }
+        evictor.join().unwrap();
+        assert!(!fetches.lock().unwrap().started_in.is_empty());
     }
 
     #[test]

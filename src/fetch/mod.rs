@@ -53,7 +53,7 @@ mod flight;
 mod landed;
 mod whole;
 
-use flight::{ChunkTable, FetchKey, InFlight, Outcome, SharedFetch};
+use flight::{ChunkTable, FetchKey, InFlight, Join, Outcome, SharedFetch};
 
 pub use crate::file_ctx::{FileCtx, file_contexts};
 
@@ -648,14 +648,13 @@ impl Fetcher {
         // chunk stays in flight until its commit has marked it present, so no reader finds
         // it neither.
         let mut table = self.table();
-        if let Some(err) = table.recently_failed(key, self.cfg.cooldown()) {
-            return Err(err);
-        }
-        if self.store.has_chunk(&file.entry, idx) {
-            return Ok(None);
-        }
-        if let Some(f) = table.chunk(sha, idx) {
-            return Ok(Some(f.clone()));
+        match table.join(sha, idx, self.cfg.cooldown(), || {
+            self.store.has_chunk(&file.entry, idx)
+        }) {
+            Join::Failed(e) => return Err(e),
+            Join::Present => return Ok(None),
+            Join::InFlight(f) => return Ok(Some(f)),
+            Join::Start => {}
         }
         // A file's small head chunk goes first: the kernel sends the read-ahead of a header
         // read (chunk 1, eight parts) together with it, and those parts would otherwise share
