@@ -7,6 +7,8 @@
 //! beside `cli`, over `source`. `daemon::Services` is what `cmd` builds too when no daemon
 //! runs; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
 //! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
+//! `lock_order` (a leaf) writes down the order of the fetcher's and the store's locks and
+//! checks it in debug builds.
 //! `control` is the operator's vocabulary: each operation one `control::Request`, answered by
 //! `Control::handle`, which `http` (through `control::routes`), `cmd` and `fs`'s `.wan/` files
 //! only carry.
@@ -26,6 +28,7 @@ pub mod file_ctx;
 pub mod fs;
 pub mod fuse;
 pub mod http;
+pub mod lock_order;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
