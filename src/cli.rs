@@ -128,11 +128,12 @@ pub struct Named {
 impl Selection {
     /// The selection, refused as a usage error of `wan models <command>` if it names no model
     /// (`--only ""`, an empty list file).
-    fn selected(&self, command: &str) -> anyhow::Result<crate::cmd::Selected> {
+    fn selected(&self, command: &str) -> anyhow::Result<crate::control::Selection> {
         if self.all {
-            return Ok(crate::cmd::Selected::All);
+            return Ok(crate::control::Selection::All);
         }
-        named_ids(&self.only, self.model_list.as_deref(), command).map(crate::cmd::Selected::Ids)
+        named_ids(&self.only, self.model_list.as_deref(), command)
+            .map(crate::control::Selection::Ids)
     }
 }
 

@@ -1,7 +1,9 @@
-//! The `wan models` commands. Each talks to the running daemon over its HTTP endpoint (with
-//! the bearer token of `http.token_env`, when set); when no daemon answers, it opens the cache
-//! itself (under the cache lock) and runs the same `Control` functions directly, so the logic
-//! exists once. A failure says which address was tried and why the cache could not be opened.
+//! The `wan models` commands. Each asks [`Request`]s of the running daemon over its HTTP
+//! endpoint (written by the control route table, with the bearer token of `http.token_env` when
+//! set); when no daemon answers, it opens the cache itself (under the cache lock) and has
+//! [`Control::handle`] answer the same requests in process, so the logic exists once. A failure
+//! says which address was tried and why the cache could not be opened. What is here is the
+//! command line's own: which requests a command makes, and how their answers are printed.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -15,9 +17,11 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::config::Config;
+use crate::control::request::{Marked, Started};
+use crate::control::routes::{Call, Method};
 use crate::control::{
     Control, ControlError, DailyReport, GcMode, GcReport, JobKind, JobState, JobStatus, ModelState,
-    ModelStatus, StorageReport, Work,
+    ModelStatus, Request, Selection, StorageReport,
 };
 use crate::daemon::Services;
 use crate::manifest::Manifest;
@@ -31,12 +35,12 @@ pub enum ModelsOp {
         failed_only: bool,
     },
     Ensure {
-        sel: Selected,
+        sel: Selection,
         force: bool,
         benchmark: bool,
     },
     Verify {
-        sel: Selected,
+        sel: Selection,
         report_only: bool,
     },
     Gc {
@@ -55,13 +59,6 @@ pub enum ModelsOp {
         pinned: bool,
     },
     List,
-}
-
-/// The models a job command names: every model, said outright, or these ids (never none:
-/// the command line refuses an empty selection before anything is sent).
-pub enum Selected {
-    All,
-    Ids(Vec<String>),
 }
 
 /// Where the daemon and the cache are.
@@ -108,8 +105,7 @@ impl Backend {
                 .timeout(Duration::from_secs(3600))
                 .default_headers(headers)
                 .build()?;
-            match client
-                .get(format!("{base}/health/models"))
+            match send(&client, &base, &Request::Overview.call())
                 .timeout(CONNECT_TIMEOUT)
                 .send()
                 .await
@@ -151,35 +147,36 @@ impl Backend {
         }
     }
 
-    fn daemon(&self) -> (&str, &reqwest::Client, Option<&str>) {
-        let Backend::Daemon {
-            base,
-            client,
-            no_token,
-        } = self
-        else {
-            unreachable!("only called with a daemon")
-        };
-        (base, client, no_token.as_deref())
-    }
-
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let (base, client, no_token) = self.daemon();
-        answer(client.get(format!("{base}{path}")).send().await?, no_token).await
-    }
-
-    /// POSTs `body` as JSON, or nothing to a route that takes no body.
-    async fn post<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<T> {
-        let (base, client, no_token) = self.daemon();
-        let mut req = client.post(format!("{base}{path}"));
-        if let Some(body) = &body {
-            req = req.json(body);
+    /// Asks `request` and reads its answer as `T`: the daemon's JSON, or in process the same
+    /// JSON made of [`Control::handle`]'s answer, so both backends print alike.
+    async fn ask<T: DeserializeOwned>(&self, request: Request) -> anyhow::Result<T> {
+        match self {
+            Backend::Daemon {
+                base,
+                client,
+                no_token,
+            } => {
+                let sent = send(client, base, &request.call()).send().await?;
+                answer(sent, no_token.as_deref()).await
+            }
+            Backend::Direct(control) => {
+                let answer = serde_json::to_value(control.handle(request).await?)?;
+                Ok(serde_json::from_value(answer)?)
+            }
         }
-        answer(req.send().await?, no_token).await
+    }
+}
+
+/// `call` to the daemon at `base`, as the control route table wrote it.
+fn send(client: &reqwest::Client, base: &str, call: &Call) -> reqwest::RequestBuilder {
+    let method = match call.method {
+        Method::Get => reqwest::Method::GET,
+        Method::Post => reqwest::Method::POST,
+    };
+    let req = client.request(method, format!("{base}{}", call.target));
+    match &call.body {
+        Some(body) => req.json(body),
+        None => req,
     }
 }
 
@@ -255,10 +252,7 @@ fn code(ok: bool) -> ExitCode {
 }
 
 async fn statuses(b: &Backend) -> anyhow::Result<Vec<ModelStatus>> {
-    match b {
-        Backend::Daemon { .. } => b.get("/models").await,
-        Backend::Direct(c) => Ok(c.status(&[])?),
-    }
+    b.ask(Request::Models).await
 }
 
 fn failed(m: &ModelStatus) -> bool {
@@ -347,16 +341,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             run_jobs(b, JobKind::Verify, sel, false, report_only, false, json_out).await
         }
         ModelsOp::Gc { mode, dry_run } => {
-            let report: GcReport = match b {
-                Backend::Daemon { .. } => {
-                    b.post(
-                        &format!("/gc?mode={}&dry_run={dry_run}", mode.as_str()),
-                        None,
-                    )
-                    .await?
-                }
-                Backend::Direct(c) => c.gc(mode, dry_run).await?,
-            };
+            let report: GcReport = b.ask(Request::Gc { mode, dry_run }).await?;
             if json_out {
                 print_json(&report);
             } else {
@@ -383,10 +368,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(code(report.bad_chunks == 0))
         }
         ModelsOp::ReportDaily => {
-            let report: DailyReport = match b {
-                Backend::Daemon { .. } => b.get("/report/daily?days=1").await?,
-                Backend::Direct(c) => c.report_daily(1)?,
-            };
+            let report: DailyReport = b.ask(Request::ReportDaily { days: 1 }).await?;
             if json_out {
                 print_json(&report);
             } else {
@@ -395,10 +377,7 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::ReportStorage { days } => {
-            let report: StorageReport = match b {
-                Backend::Daemon { .. } => b.get(&format!("/report/storage?days={days}")).await?,
-                Backend::Direct(c) => c.report_storage(days)?,
-            };
+            let report: StorageReport = b.ask(Request::ReportStorage { days }).await?;
             if json_out {
                 print_json(&report);
             } else {
@@ -407,28 +386,21 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::MarkCorrupted { ids } => {
-            let v: Value = match b {
-                Backend::Daemon { .. } => {
-                    b.post("/mark-corrupted", Some(json!({"ids": ids}))).await?
-                }
-                Backend::Direct(c) => json!({"marked": c.mark_corrupted(&ids)?}),
-            };
+            let marked: Marked = b.ask(Request::MarkCorrupted { ids: ids.clone() }).await?;
             if json_out {
-                print_json(&v)
+                print_json(&marked)
             } else {
                 println!("marked corrupted (cached data dropped): {}", ids.join(", "))
             }
             Ok(ExitCode::SUCCESS)
         }
         ModelsOp::Pin { id, pinned } => {
-            let v: ModelStatus = match b {
-                Backend::Daemon { .. } => {
-                    let verb = if pinned { "pin" } else { "unpin" };
-                    b.post(&format!("/models/{}/{verb}", path_segment(&id)), None)
-                        .await?
-                }
-                Backend::Direct(c) => c.set_pinned(&id, pinned)?,
-            };
+            let v: ModelStatus = b
+                .ask(Request::Pin {
+                    id: id.clone(),
+                    pinned,
+                })
+                .await?;
             if json_out {
                 print_json(&v)
             } else {
@@ -443,55 +415,22 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
 async fn run_jobs(
     b: &Backend,
     kind: JobKind,
-    sel: Selected,
+    sel: Selection,
     force: bool,
     report_only: bool,
     benchmark: bool,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
-    let ids: Vec<String> = match b {
-        Backend::Daemon { .. } => {
-            /// The daemon's answer to a started job: the ids it started (or left running).
-            #[derive(serde::Deserialize)]
-            struct Started {
-                started: Vec<String>,
-            }
-            // Each route takes its own flag and nothing else.
-            let mut body = match sel {
-                Selected::All => json!({"all": true}),
-                Selected::Ids(ids) => json!({"ids": ids}),
-            };
-            match kind {
-                JobKind::Ensure => body["force"] = json!(force),
-                JobKind::Verify => body["report_only"] = json!(report_only),
-            }
-            let v: Started = b.post(&format!("/{kind}"), Some(body)).await?;
-            v.started
-        }
-        Backend::Direct(c) => {
-            let ids = match sel {
-                Selected::All => c.model_ids(),
-                Selected::Ids(ids) => c.resolve(&ids)?,
-            };
-            let c2 = c.clone();
-            let ids2 = ids.clone();
-            // Run the jobs one after another in the background while we poll like a client.
-            tokio::spawn(async move {
-                for id in ids2 {
-                    let work = match kind {
-                        JobKind::Ensure => Work::Ensure { force },
-                        JobKind::Verify => Work::Verify { report_only },
-                    };
-                    let r = c2.run_now(&id, work).await;
-                    if let Err(e) = r {
-                        tracing::error!(model = %id, error = %e, "{kind} failed");
-                    }
-                }
-            });
-            ids
-        }
+    // Started in the background (in process too), then followed like any client would.
+    let request = match kind {
+        JobKind::Ensure => Request::Ensure { models: sel, force },
+        JobKind::Verify => Request::Verify {
+            models: sel,
+            report_only,
+        },
     };
+    let Started { started: ids } = b.ask(request).await?;
     let mut progress = Progress::new(kind, &ids);
     let results = loop {
         tokio::time::sleep(Duration::from_millis(if benchmark { 20 } else { 200 })).await;
@@ -762,18 +701,6 @@ fn human(b: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
-}
-
-/// A model id as one path segment of a URL: an id is the manifest's text, and a `/`, `?` or
-/// `#` in it must not change the route.
-fn path_segment(id: &str) -> String {
-    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~')
-        .remove(b'@');
-    percent_encoding::utf8_percent_encode(id, SEGMENT).to_string()
 }
 
 /// Reads a model list file: one id per line, `#` comments and blank lines ignored.

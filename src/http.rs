@@ -1,5 +1,12 @@
-//! The HTTP endpoint: axum routes over `Control` (no logic of their own), served by an accept
-//! loop of our own that bounds what clients can hold.
+//! The HTTP endpoint: the control plane's routes, served by an accept loop of our own that
+//! bounds what clients can hold.
+//!
+//! Every control route comes from the one table in [`crate::control::routes`]: a route reads
+//! its `Request` off the path, query string and body, `Control::handle` answers it, and the
+//! answer goes out as JSON with the status it carries (Prometheus text for `/metrics`). What
+//! this file adds is HTTP's own: who may call, limits, and errors as JSON. `/blobs/{sha256}` is
+//! served here alone: it is a byte stream for peers (ranges, a cap on bodies in flight), not an
+//! operation on models.
 //!
 //! Reads are open to anyone who can reach the address (default 127.0.0.1:8000). Mutating
 //! routes (POST) are refused with 403 unless the peer is this host's loopback address
@@ -36,18 +43,18 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::service::Service as _;
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::control::{Control, ControlError, GcMode, HealthStatus};
+use crate::control::Control;
+use crate::control::request;
+use crate::control::routes::{self, Method};
 use crate::logging::untrusted;
 use crate::store::PeerMiss;
 
@@ -356,28 +363,16 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         hostname: hostname(),
         blob_streams: Arc::new(Semaphore::new(MAX_BLOB_STREAMS)),
     };
-    let mutating = Router::new()
-        .route("/models/{id}/ensure", post(ensure_one))
-        .route("/models/{id}/verify", post(verify_one))
-        .route("/models/{id}/pin", post(pin))
-        .route("/models/{id}/unpin", post(unpin))
-        .route("/models/{id}/evict", post(evict))
-        .route("/models/{id}/mark-corrupted", post(mark_one))
-        .route("/ensure", post(ensure_many))
-        .route("/verify", post(verify_many))
-        .route("/mark-corrupted", post(mark_many))
-        .route("/gc", post(gc))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    let routes = Router::new()
-        .route("/health", get(health))
-        .route("/health/models", get(health_models))
-        .route("/config", get(config))
-        .route("/metrics", get(metrics))
-        .route("/models", get(models))
-        .route("/models/{id}", get(model))
-        .route("/events", get(events))
-        .route("/report/daily", get(report_daily))
-        .route("/report/storage", get(report_storage))
+    let (mut reads, mut mutating) = (Router::new(), Router::new());
+    for route in routes::ROUTES {
+        let serve = move |State(st): State<AppState>, req: Request| serve_route(st, route, req);
+        match route.method {
+            Method::Get => reads = reads.route(route.path, get(serve)),
+            Method::Post => mutating = mutating.route(route.path, post(serve)),
+        }
+    }
+    let mutating = mutating.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    let routes = reads
         .route("/blobs/{sha256}", get(blob))
         .merge(mutating)
         .layer(middleware::from_fn(read_body))
@@ -390,26 +385,55 @@ pub fn router(control: Arc<Control>, http: &crate::config::HttpConfig) -> Router
         .layer(middleware::from_fn(json_errors))
 }
 
-struct ApiError(ControlError);
-
-impl From<ControlError> for ApiError {
-    fn from(e: ControlError) -> Self {
-        ApiError(e)
+/// One route of the control plane: its [`request::Request`] read off the HTTP request (the
+/// path's id, then the query string, then the body: the first wrong one is refused), answered
+/// by [`Control::handle`].
+async fn serve_route(st: AppState, route: &'static routes::Route, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let id = if route.takes_id() {
+        match Path::<String>::from_request_parts(&mut parts, &st).await {
+            Ok(Path(id)) => id,
+            Err(refused) => return refused.into_response(),
+        }
+    } else {
+        String::new()
+    };
+    // `read_body` has read it within its limits already: this only takes it.
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large or cut short",
+            );
+        }
+    };
+    let wire = routes::Wire {
+        id,
+        query: parts.uri.query().unwrap_or_default(),
+        body: &body,
+        json: is_json(&parts.headers),
+    };
+    let asked = match route.decode(&wire) {
+        Ok(asked) => asked,
+        Err(e) => return refuse(status(e.http_status()), &e.to_string()),
+    };
+    match st.control.handle(asked).await {
+        Ok(request::Response::Metrics(text)) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Ok(answer) => (status(answer.http_status()), axum::Json(answer)).into_response(),
+        Err(e) => refuse(status(e.http_status()), &e.to_string()),
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(json!({"error": self.0.to_string()}))).into_response()
-    }
-}
-
-type ApiResult = Result<Response, ApiError>;
-
-fn ok(v: impl serde::Serialize) -> ApiResult {
-    Ok(axum::Json(v).into_response())
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 fn refuse(status: StatusCode, error: &str) -> Response {
@@ -432,7 +456,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// The largest error body of axum's own that is turned into JSON (its texts are one line).
 const MAX_ERROR_TEXT: usize = 16 << 10;
 
-/// Every error as `{"error": "…"}`, the shape of [`refuse`] and [`ApiError`]: axum answers
+/// Every error as `{"error": "…"}`, the shape of [`refuse`]: axum answers
 /// an unknown route (404) and a wrong method (405) with an empty body, and a query string or
 /// path it cannot parse with plain text; those are rewritten here, so a client that reads
 /// `.error` never meets another shape.
@@ -475,42 +499,6 @@ async fn json_errors(req: Request, next: Next) -> Response {
     );
     Response::from_parts(parts, Body::from(json!({ "error": error }).to_string()))
 }
-
-/// A route's JSON body as `T`, whose fields are all the route takes (`deny_unknown_fields`):
-/// an empty body reads as `{}`; any other needs `Content-Type: application/json` (415) and
-/// must parse (400, naming the field and the fields accepted).
-struct JsonBody<T>(T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = Response;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
-        let json = is_json(req.headers());
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else if json {
-            &bytes
-        } else {
-            return Err(refuse(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "a request body must be JSON, sent with Content-Type: application/json",
-            ));
-        };
-        serde_json::from_slice(text)
-            .map(JsonBody)
-            .map_err(|e| refuse(StatusCode::BAD_REQUEST, &format!("request body: {e}")))
-    }
-}
-
-/// The body, or the query string, of a route that takes none: only `{}` or nothing, so a
-/// flag sent where it is not read (`{"force": true}` to `/models/{id}/pin`) is refused
-/// rather than dropped.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "nothing, or an empty JSON object")]
-struct Nothing {}
 
 /// A header's value for a log line (it is the client's text).
 fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
@@ -862,256 +850,8 @@ async fn blob(
         .expect("valid response")
 }
 
-/// The query string of a route that takes none (see [`Nothing`]).
-type NoQuery = Query<Nothing>;
-
-async fn health(State(st): State<AppState>, _: NoQuery) -> Response {
-    let h = st.control.health(true).await;
-    let code = if h.status == HealthStatus::Unhealthy {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    (code, axum::Json(h)).into_response()
-}
-
-async fn health_models(State(st): State<AppState>, _: NoQuery) -> ApiResult {
-    let models = st.control.status(&[])?;
-    ok(json!({
-        "summary": st.control.summary(&models),
-        "models": models.into_iter().map(|m| (m.id.clone(), m)).collect::<std::collections::BTreeMap<_, _>>(),
-    }))
-}
-
-async fn config(State(st): State<AppState>, _: NoQuery) -> ApiResult {
-    ok(st.control.config_view())
-}
-
-async fn metrics(State(st): State<AppState>, _: NoQuery) -> Response {
-    st.control.usage();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::metrics::render(),
-    )
-        .into_response()
-}
-
-async fn models(State(st): State<AppState>, _: NoQuery) -> ApiResult {
-    ok(st.control.status(&[])?)
-}
-
-async fn model(State(st): State<AppState>, Path(id): Path<String>, _: NoQuery) -> ApiResult {
-    ok(st.control.model_status(&st.control.resolve(&[id])?[0])?)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Limit {
-    limit: Option<usize>,
-}
-
-async fn events(State(st): State<AppState>, Query(q): Query<Limit>) -> ApiResult {
-    ok(st.control.events(q.limit.unwrap_or(200))?)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Days {
-    days: Option<u64>,
-}
-
-async fn report_daily(State(st): State<AppState>, Query(q): Query<Days>) -> ApiResult {
-    ok(st.control.report_daily(q.days.unwrap_or(1))?)
-}
-
-async fn report_storage(State(st): State<AppState>, Query(q): Query<Days>) -> ApiResult {
-    ok(st.control.report_storage(q.days.unwrap_or(30))?)
-}
-
-/// `?force=true` of `POST /models/{id}/ensure`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Force {
-    #[serde(default)]
-    force: bool,
-}
-
-/// `?report_only=true` of `POST /models/{id}/verify`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReportOnly {
-    #[serde(default)]
-    report_only: bool,
-}
-
-/// `POST /ensure`'s body.
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a JSON object with ids or all, and force"
-)]
-struct EnsureBody {
-    ids: Option<Vec<String>>,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    force: bool,
-}
-
-/// `POST /verify`'s body.
-#[derive(Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "a JSON object with ids or all, and report_only"
-)]
-struct VerifyBody {
-    ids: Option<Vec<String>>,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    report_only: bool,
-}
-
-/// `POST /mark-corrupted`'s body: ids only, since marking every model at once drops the
-/// whole cache (`POST /gc?mode=aggressive` is the way to that).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a JSON object with ids")]
-struct MarkBody {
-    #[serde(default)]
-    ids: Vec<String>,
-}
-
-/// The models a bulk body names: its `ids`, or every model when it says `"all": true`. A body
-/// that names none is refused: an empty or mistyped body must not start work on every model.
-fn selection(
-    st: &AppState,
-    ids: Option<Vec<String>>,
-    all: bool,
-    fields: &str,
-) -> Result<Vec<String>, ControlError> {
-    match (ids, all) {
-        (Some(_), true) => Err(ControlError::BadRequest(
-            "give either \"ids\" or \"all\": true, not both".into(),
-        )),
-        (None, true) => Ok(st.control.model_ids()),
-        (Some(ids), false) if !ids.is_empty() => Ok(ids),
-        (_, false) => Err(ControlError::BadRequest(format!(
-            "the body names no model: send {{\"ids\": [\"ID\", ...]}} or {{\"all\": true}} \
-             (fields: {fields})"
-        ))),
-    }
-}
-
-fn accepted(v: serde_json::Value) -> ApiResult {
-    Ok((StatusCode::ACCEPTED, axum::Json(v)).into_response())
-}
-
-async fn ensure_one(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<Force>,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    accepted(json!({"started": st.control.ensure(&[id], q.force)?}))
-}
-
-async fn verify_one(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<ReportOnly>,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    accepted(json!({"started": st.control.verify(&[id], q.report_only)?}))
-}
-
-async fn ensure_many(
-    State(st): State<AppState>,
-    _: NoQuery,
-    JsonBody(b): JsonBody<EnsureBody>,
-) -> ApiResult {
-    let ids = selection(&st, b.ids, b.all, "ids, all, force")?;
-    accepted(json!({"started": st.control.ensure(&ids, b.force)?}))
-}
-
-async fn verify_many(
-    State(st): State<AppState>,
-    _: NoQuery,
-    JsonBody(b): JsonBody<VerifyBody>,
-) -> ApiResult {
-    let ids = selection(&st, b.ids, b.all, "ids, all, report_only")?;
-    accepted(json!({"started": st.control.verify(&ids, b.report_only)?}))
-}
-
-async fn pin(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    _: NoQuery,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    ok(st.control.set_pinned(&id, true)?)
-}
-
-async fn unpin(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    _: NoQuery,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    ok(st.control.set_pinned(&id, false)?)
-}
-
-async fn evict(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    _: NoQuery,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    let freed = st.control.evict(&id, false)?;
-    ok(json!({"evicted": id, "freed_bytes": freed}))
-}
-
-async fn mark_one(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    _: NoQuery,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    ok(json!({"marked": st.control.mark_corrupted(&[id])?}))
-}
-
-async fn mark_many(
-    State(st): State<AppState>,
-    _: NoQuery,
-    JsonBody(b): JsonBody<MarkBody>,
-) -> ApiResult {
-    if b.ids.is_empty() {
-        return Err(ControlError::BadRequest(
-            "the body names no model: send {\"ids\": [\"ID\", ...]} (fields: ids)".into(),
-        )
-        .into());
-    }
-    ok(json!({"marked": st.control.mark_corrupted(&b.ids)?}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GcQuery {
-    mode: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-}
-
-async fn gc(
-    State(st): State<AppState>,
-    Query(q): Query<GcQuery>,
-    _: JsonBody<Nothing>,
-) -> ApiResult {
-    let mode: GcMode = q.mode.as_deref().unwrap_or("auto").parse()?;
-    ok(st.control.gc(mode, q.dry_run).await?)
-}
+/// The query string of a route that takes none.
+type NoQuery = Query<routes::Nothing>;
 
 #[cfg(test)]
 mod tests {

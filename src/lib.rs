@@ -8,6 +8,11 @@
 //! control in one place: the daemon, `cmd` when no daemon runs, and tests/reftest.rs (with
 //! its own sources) all build through it; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
 //! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
+//! `lock_order` (a leaf) writes down the order of the fetcher's and the store's locks and
+//! checks it in debug builds.
+//! `control` is the operator's vocabulary: each operation one `control::Request`, answered by
+//! `Control::handle`, which `http` (through `control::routes`), `cmd` and `fs`'s `.wan/` files
+//! only carry.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -24,6 +29,7 @@ pub mod file_ctx;
 pub mod fs;
 pub mod fuse;
 pub mod http;
+pub mod lock_order;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

@@ -1,23 +1,30 @@
 //! One control vocabulary — status, health, ensure, verify, gc, pin, evict, mark-corrupted —
 //! shared by the `.wan/` control files, the HTTP endpoint and the CLI, so no logic is written
-//! twice. Everything here returns plain serde structs; the front ends only render them.
+//! twice. Each operation is one [`Request`], answered by [`Control::handle`] with plain serde
+//! structs; the front ends only carry requests and render answers.
 //!
 //! Long work (ensure, verify, gc started from a control file or HTTP) runs as a background job;
-//! `status` shows its progress. The CLI without a daemon awaits the same functions directly.
+//! `status` shows its progress. The CLI without a daemon asks the same requests in process.
 //!
 //! This file owns the [`Control`] handle, its errors, the catalog of models in force and
 //! `status` (with pin, evict and mark-corrupted, which change what status shows). The rest is
-//! split by what it owns: `jobs.rs` the long work (ensure, verify, GC and the background loop),
-//! `health.rs` the health checks, `report.rs` events and the daily and storage reports. The GC
-//! policy itself (which blobs go) is pure and lives in [`crate::store::gc`].
+//! split by what it owns: `request.rs` the vocabulary as data (the [`Request`] each front end
+//! makes, its [`Response`] and `handle`, how to add an operation), `routes.rs` how a request
+//! travels over HTTP (the one route table the server and the CLI use), `jobs.rs` the long work
+//! (ensure, verify, GC and the background loop), `health.rs` the health checks, `report.rs`
+//! events and the daily and storage reports. The GC policy itself (which blobs go) is pure and
+//! lives in [`crate::store::gc`].
 
 mod health;
 mod jobs;
 mod report;
+pub mod request;
+pub mod routes;
 
 pub use health::{Check, Health, HealthStatus};
 pub use jobs::{GcItem, GcReport, JobKind, JobState, JobStatus, Work};
 pub use report::{DailyReport, StorageDay, StorageNow, StorageReport, Tally, day_of};
+pub use request::{Request, Response, Selection};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;

@@ -251,11 +251,7 @@ impl Fetcher {
         what: String,
     ) -> Result<VerifiedChunk, FetchError> {
         let f = &file.entry;
-        self.started
-            .lock()
-            .unwrap()
-            .entry(f.sha256)
-            .or_insert_with(Instant::now);
+        self.table().started(f.sha256);
         let hex = f.sha256.to_hex();
         let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
         let mut errors = Vec::new();
@@ -309,7 +305,7 @@ impl Fetcher {
                         VerifiedChunk::verify(hash, expected, bytes)
                     })
                     .await
-                    .map_err(|e| FetchError::Store(e.to_string()))?
+                    .map_err(FetchError::join)?
                 } else {
                     // Hashed as it landed: only the comparison is left.
                     VerifiedChunk::verify_landed(hash, expected, bytes, &landed)

@@ -17,37 +17,63 @@
 //! - Files listed with only a whole-file sha256 are fetched whole (chunk-sized parts in
 //!   parallel, written unverified and invisible), hashed, and then made visible all at once.
 //!
-//! This file owns the `Fetcher`, single-flight, the read path and committing; `attempt.rs`
-//! asks the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
+//! This file owns the `Fetcher`, the read path, the fetch tasks and committing; `flight.rs`
+//! owns every fetch's state (in flight, failed lately, landed in memory, started) in one
+//! `ChunkTable` behind one lock, so single-flight is one look at one table; `attempt.rs` asks
+//! the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
 //! whole-only files; `landed.rs` keeps verified chunks for their readers. `FileCtx` lives in
 //! `crate::file_ctx` and is re-exported here.
+//!
+//! Locks, in the order they may be taken: the `ChunkTable`, then the store's (see
+//! store/mod.rs). None is held across an await; the semaphores above are awaited with no
+//! lock held.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, FutureExt};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::bufpool::BufPool;
 use crate::chunk::{Digest, Mismatch, VerifiedChunk};
 use crate::config::FetchConfig;
+use crate::lock_order::{self, OrderedGuard, OrderedMutex};
 use crate::manifest::DEFAULT_HEAD_SIZE;
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 mod attempt;
+mod flight;
 mod landed;
 mod whole;
 
+use flight::{ChunkTable, FetchKey, InFlight, Join, Outcome, SharedFetch};
+
 pub use crate::file_ctx::{FileCtx, file_contexts};
 
-/// Why bytes could not be delivered.
+/// Why bytes could not be delivered, or a chunk not stored.
+///
+/// Typed, so that a caller tells an eviction, a deliberate skip and a dead task from a failing
+/// source or disk without parsing text. What each becomes (`FsError::errno` maps them, one
+/// exhaustive match) and where it is logged:
+///
+/// | variant | reaches | errno | logged |
+/// |---|---|---|---|
+/// | `Exhausted`, `Timeout` | readers, ensures | `EIO` | each source's failure at warn (wrong bytes at error), the read at error |
+/// | `ReadBlob`, `Store`, `TooLargeForMemory` | readers, ensures | `EIO` | error (a commit's failure where it happens) |
+/// | `Join` | readers, ensures | `EIO` | error: a task panicked, or the runtime is stopping |
+/// | `Evicted`, `Incomplete` | ensures (a read goes round again) | `EAGAIN` | by the ensure, at error |
+/// | `Skipped`, `InMemoryOnly` | ensures and repairs: the bytes were served, not stored | `EAGAIN` | debug where skipped, warn where held in memory |
+/// | `WholeOnly` | nobody (a caller's bug) | `EINVAL` | by the caller |
+///
+/// Only real I/O failures (a source's, the cache disk's) and a task that died are `EIO`: the
+/// others never reach a reader, and name what to do instead.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     /// Every source was asked and none delivered; what each said, in the order asked.
@@ -58,12 +84,64 @@ pub enum FetchError {
     },
     #[error("not served within {0:?}")]
     Timeout(Duration),
+    /// Present chunks could not be read back from their blob file.
+    #[error("cache: reading blob {blob}: {err}")]
+    ReadBlob {
+        blob: Digest,
+        #[source]
+        err: Arc<std::io::Error>,
+    },
+    /// The cache could not store, check or drop what was fetched (a full or read-only disk,
+    /// an index that cannot be written, a blob evicted under a commit).
     #[error("cache: {0}")]
-    Store(String),
+    Store(#[source] Arc<StoreError>),
+    /// A task the fetch ran on ended without an answer: it panicked (the error says how), or
+    /// the runtime is shutting down.
+    #[error("cache: {}", join_text(.0))]
+    Join(Option<Arc<tokio::task::JoinError>>),
     /// The blob was evicted while it was being fetched whole: nothing is wrong with the
     /// source, and a reader simply goes round again.
     #[error("evicted while being fetched; fetched again on the next read")]
     Evicted,
+    /// An ensure's chunks were stored, then evicted or dropped before the file was complete:
+    /// the caller may retry.
+    #[error("cache: {path}: chunks fetched but evicted or dropped before the file was complete")]
+    Incomplete { path: String },
+    /// A chunk was served to its reader and deliberately not cached: the cache disk is behind
+    /// (`fetch.when_cache_behind = "skip"`).
+    #[error("cache: not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")")]
+    Skipped,
+    /// A whole-only file was fetched and verified, but the cache could not store it: it is
+    /// served from memory (see `whole`).
+    #[error("cache: {path}: fetched and verified, but the cache could not store it")]
+    InMemoryOnly { path: String },
+    /// The cache could not take a whole-only file (`why`), and at `size` bytes it is larger
+    /// than `fetch.max_inflight_mib`, so it is not served from memory either.
+    #[error(
+        "{why}; at {size} bytes the file is larger than fetch.max_inflight_mib, so it is not \
+         served from memory either"
+    )]
+    TooLargeForMemory { why: Box<FetchError>, size: u64 },
+    /// A chunk was asked of a file listed with only a whole-file sha256 (a caller's bug).
+    #[error("cache: {path}: a whole-only file has no chunk to fetch by itself")]
+    WholeOnly { path: String },
+}
+
+impl FetchError {
+    fn store(e: StoreError) -> FetchError {
+        FetchError::Store(Arc::new(e))
+    }
+
+    fn join(e: tokio::task::JoinError) -> FetchError {
+        FetchError::Join(Some(Arc::new(e)))
+    }
+}
+
+fn join_text(e: &Option<Arc<tokio::task::JoinError>>) -> String {
+    match e {
+        Some(e) => format!("fetch task died: {e}"),
+        None => "fetch task ended without an answer".into(),
+    }
 }
 
 /// One source's failure to deliver, kept typed so callers can tell a missing object from a
@@ -120,18 +198,6 @@ pub enum Priority {
     OnDemand,
     ReadAhead,
 }
-
-type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
-type SharedStored = Shared<BoxFuture<'static, Result<(), FetchError>>>;
-
-/// A chunk fetch in flight: readers await `served` (the verified bytes); an ensure awaits
-/// `stored` (durable and indexed), instead of polling the index.
-#[derive(Clone)]
-struct InFlight {
-    served: SharedFetch,
-    stored: SharedStored,
-}
-type SharedWhole = Shared<BoxFuture<'static, Result<(), FetchError>>>;
 
 /// Free chunk buffers are let go after this long without a fetch: long enough that a reader
 /// pausing between tensors keeps them, short enough that an idle daemon's RSS drops soon.
@@ -197,21 +263,12 @@ pub struct Fetcher {
     /// Chunk buffers, reused so a fetch does not fault in and zero fresh pages (see `bufpool`);
     /// keeps at most `max_inflight_mib` of free buffers.
     bufs: BufPool,
-    /// Verified chunks no reader has finished with yet, served from memory (see `landed`).
-    landed: Mutex<landed::Landed>,
+    /// Every chunk's and whole-only file's fetch state, under one lock (see `flight`).
+    table: OrderedMutex<ChunkTable>,
     /// Bytes of verified chunks waiting for (or in) their commit: how far the cache disk is
     /// behind (`fetch.when_cache_behind`).
     committing: std::sync::atomic::AtomicU64,
-    inflight: Mutex<HashMap<(Digest, u64), InFlight>>,
-    /// Chunks whose last fetch failed, and when: a read of one within `cooldown_secs` fails at
-    /// once instead of waiting out another `read_timeout` (the kernel retries a failed read
-    /// immediately with a smaller size).
-    failed: Mutex<HashMap<(Digest, u64), (Instant, FetchError)>>,
     rt: tokio::runtime::Handle,
-    whole: Mutex<HashMap<Digest, SharedWhole>>,
-    /// Whole-only files the cache could not store, served from memory (see `whole`).
-    whole_in_memory: Mutex<whole::WholeInMemory>,
-    started: Mutex<HashMap<Digest, Instant>>,
     /// Other daemons (`[peers]`), asked for every chunk before the manifest's sources, and
     /// how long one that failed is skipped; replaced on reload.
     peers: std::sync::RwLock<(Vec<Arc<SourceHandle>>, Duration)>,
@@ -250,20 +307,18 @@ impl Fetcher {
             memory_kib: (cfg.max_inflight_mib * 1024) as u32,
             bufs,
             committing: std::sync::atomic::AtomicU64::new(0),
-            landed: Mutex::new(landed::Landed::new(
-                (cfg.max_inflight_mib as usize) << 20,
-                LANDED_TTL,
-            )),
-            whole_in_memory: Mutex::new(whole::WholeInMemory::new(
-                (cfg.max_inflight_mib as usize) << 20,
-                WHOLE_IN_MEMORY_TTL,
-            )),
+            table: OrderedMutex::new(
+                lock_order::FETCH_TABLE,
+                ChunkTable::new(
+                    landed::Landed::new((cfg.max_inflight_mib as usize) << 20, LANDED_TTL),
+                    whole::WholeInMemory::new(
+                        (cfg.max_inflight_mib as usize) << 20,
+                        WHOLE_IN_MEMORY_TTL,
+                    ),
+                ),
+            ),
             cfg,
-            inflight: Mutex::new(HashMap::new()),
-            failed: Mutex::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
-            whole: Mutex::new(HashMap::new()),
-            started: Mutex::new(HashMap::new()),
             peers: std::sync::RwLock::new((Vec::new(), Duration::ZERO)),
             head_started: tokio::sync::Notify::new(),
         })
@@ -276,6 +331,11 @@ impl Fetcher {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The fetch state; never held across an await (see `flight`).
+    fn table(&self) -> OrderedGuard<'_, ChunkTable> {
+        self.table.lock()
     }
 
     /// Reads `offset..offset+size` of a file (clipped to its end), fetching what is missing.
@@ -308,15 +368,11 @@ impl Fetcher {
             return Some(Ok(Bytes::new()));
         }
         let layout = f.layout();
-        if let Some(digests) = &f.chunks
-            && let Some(b) =
-                (self.landed.lock().unwrap()).slice(f.sha256, &layout, digests, offset, end)
-        {
-            return Some(Ok(b));
-        }
-        if f.chunks.is_none()
-            && let Some(b) = (self.whole_in_memory.lock().unwrap()).slice(f.sha256, offset, end)
-        {
+        let held = match &f.chunks {
+            Some(digests) => (self.table().landed).slice(f.sha256, &layout, digests, offset, end),
+            None => (self.table().whole_in_memory).slice(f.sha256, offset, end),
+        };
+        if let Some(b) = held {
             return Some(Ok(b));
         }
         let fd = self
@@ -324,14 +380,14 @@ impl Fetcher {
             .reader(f, layout.covering(offset, end - offset))?;
         let mut out = vec![0u8; (end - offset) as usize];
         if let Err(e) = fd.read_exact_at(&mut out, offset) {
-            return Some(Err(FetchError::Store(format!(
-                "reading blob {}: {e}",
-                f.sha256
-            ))));
+            return Some(Err(FetchError::ReadBlob {
+                blob: f.sha256,
+                err: Arc::new(e),
+            }));
         }
         // The chunks it covers may still be kept (a read across two of them is answered from
         // the file): what it served counts, or they would stay until they expire.
-        (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+        (self.table().landed).served(f.sha256, &layout, offset, end);
         Some(Ok(Bytes::from(out)))
     }
 
@@ -356,8 +412,7 @@ impl Fetcher {
                     Err(FetchError::Evicted) => continue,
                     r => r?,
                 }
-                if let Some(b) = (self.whole_in_memory.lock().unwrap()).slice(f.sha256, offset, end)
-                {
+                if let Some(b) = (self.table().whole_in_memory).slice(f.sha256, offset, end) {
                     return Ok(b);
                 }
             }
@@ -372,10 +427,13 @@ impl Fetcher {
             let mut fetched: HashMap<u64, VerifiedChunk> = HashMap::new();
             let mut to_fetch = Vec::new();
             if let Some(digests) = &f.chunks {
-                let landed = self.landed.lock().unwrap();
+                let table = self.table();
                 for idx in missing {
                     let r = layout.range(idx);
-                    match landed.get(f.sha256, idx, digests[idx as usize], r.end - r.start) {
+                    match table
+                        .landed
+                        .get(f.sha256, idx, digests[idx as usize], r.end - r.start)
+                    {
                         Some(c) => {
                             fetched.insert(idx, c);
                         }
@@ -395,7 +453,7 @@ impl Fetcher {
                 && let Some(c) = fetched.get(&covering.start)
             {
                 let r = layout.range(covering.start);
-                (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+                (self.table().landed).served(f.sha256, &layout, offset, end);
                 return Ok(c
                     .bytes()
                     .slice((offset - r.start) as usize..(end - r.start) as usize));
@@ -422,15 +480,18 @@ impl Fetcher {
                 out = tokio::task::spawn_blocking(move || {
                     for (_, s, dst) in from_disk {
                         fd.read_exact_at(&mut out[dst], s)
-                            .map_err(|e| FetchError::Store(format!("reading blob {sha}: {e}")))?;
+                            .map_err(|e| FetchError::ReadBlob {
+                                blob: sha,
+                                err: Arc::new(e),
+                            })?;
                     }
                     Ok::<_, FetchError>(out)
                 })
                 .await
-                .map_err(|e| FetchError::Store(e.to_string()))??;
+                .map_err(FetchError::join)??;
             }
             // Every chunk it covers, from memory or the file: one record, under one lock.
-            (self.landed.lock().unwrap()).served(f.sha256, &layout, offset, end);
+            (self.table().landed).served(f.sha256, &layout, offset, end);
             return Ok(Bytes::from(out));
         }
     }
@@ -443,8 +504,11 @@ impl Fetcher {
             return;
         }
         for idx in self.store.missing(f, chunks) {
-            let in_flight = self.inflight.lock().unwrap().contains_key(&(f.sha256, idx));
-            if in_flight || self.landed.lock().unwrap().holds(f.sha256, idx) {
+            let busy = {
+                let t = self.table();
+                t.chunk(f.sha256, idx).is_some() || t.landed.holds(f.sha256, idx)
+            };
+            if busy {
                 continue;
             }
             let Ok(permit) = self.readahead_slots.clone().try_acquire_owned() else {
@@ -471,10 +535,9 @@ impl Fetcher {
             self.ensure_whole(file).await?;
             if !self.store.is_complete(f) {
                 // Served from memory: the cache could not store it (see `whole`).
-                return Err(FetchError::Store(format!(
-                    "{}: fetched and verified, but the cache could not store it",
-                    f.path
-                )));
+                return Err(FetchError::InMemoryOnly {
+                    path: f.path.clone(),
+                });
             }
             progress.fetch_add(f.size, Ordering::Relaxed);
             return Ok(());
@@ -509,10 +572,9 @@ impl Fetcher {
             Ok(())
         } else {
             // Stored, then evicted or dropped before the last one was: the caller may retry.
-            Err(FetchError::Store(format!(
-                "{}: chunks fetched but evicted or dropped before the file was complete",
-                f.path
-            )))
+            Err(FetchError::Incomplete {
+                path: f.path.clone(),
+            })
         }
     }
 
@@ -552,7 +614,14 @@ impl Fetcher {
         match self.start_chunk(file, idx, prio, None, false) {
             Err(e) => futures::future::ready(Err(e)).boxed(),
             Ok(None) => futures::future::ready(Ok(())).boxed(),
-            Ok(Some(f)) => f.stored.boxed(),
+            Ok(Some(f)) => async move {
+                match f.stored.await? {
+                    Outcome::Stored => Ok(()),
+                    // An ensure or a repair wants it on disk: served is not enough.
+                    Outcome::Skipped => Err(FetchError::Skipped),
+                }
+            }
+            .boxed(),
         }
     }
 
@@ -568,22 +637,24 @@ impl Fetcher {
         permit: Option<OwnedSemaphorePermit>,
         for_reader: bool,
     ) -> Result<Option<InFlight>, FetchError> {
-        let key = (file.entry.sha256, idx);
+        let sha = file.entry.sha256;
+        let key = FetchKey::Chunk(sha, idx);
         if file.entry.chunks.is_none() {
-            return Err(FetchError::Store(format!(
-                "{}: a whole-only file has no chunk to fetch by itself",
-                file.entry.path
-            )));
+            return Err(FetchError::WholeOnly {
+                path: file.entry.path.clone(),
+            });
         }
-        if let Some(err) = self.recently_failed(key) {
-            return Err(err);
-        }
-        let mut map = self.inflight.lock().unwrap();
-        if self.store.has_chunk(&file.entry, idx) {
-            return Ok(None);
-        }
-        if let Some(f) = map.get(&key) {
-            return Ok(Some(f.clone()));
+        // One look at the table decides: failed lately, present, in flight, or to start. A
+        // chunk stays in flight until its commit has marked it present, so no reader finds
+        // it neither.
+        let mut table = self.table();
+        match table.join(sha, idx, self.cfg.cooldown(), || {
+            self.store.has_chunk(&file.entry, idx)
+        }) {
+            Join::Failed(e) => return Err(e),
+            Join::Present => return Ok(None),
+            Join::InFlight(f) => return Ok(Some(f)),
+            Join::Start => {}
         }
         // A file's small head chunk goes first: the kernel sends the read-ahead of a header
         // read (chunk 1, eight parts) together with it, and those parts would otherwise share
@@ -591,14 +662,13 @@ impl Fetcher {
         // reads reach us on two FUSE threads in either order, so the first chunk of a file
         // whose head is missing also waits a moment for a head fetch that may be about to
         // start (1 run in 3 of compare.sh (e) lost this race: 18 ms instead of 5).
-        let sha = file.entry.sha256;
         let head_first = if idx == 0 || file.entry.head_size >= file.entry.chunk_size {
             HeadFirst::Nothing
-        } else if let Some(head) = map.get(&(sha, 0)) {
+        } else if let Some(head) = table.chunk(sha, 0) {
             HeadFirst::InFlight(head.served.clone())
         } else if !self.store.has_chunk(&file.entry, 0)
-            && !self.landed.lock().unwrap().holds(sha, 0)
-            && !map.keys().any(|(s, _)| *s == sha)
+            && !table.landed.holds(sha, 0)
+            && !table.any_chunk_of(sha)
         {
             HeadFirst::Maybe
         } else {
@@ -610,28 +680,23 @@ impl Fetcher {
         let (stored_tx, stored_rx) = tokio::sync::oneshot::channel();
         // Spawned, so the fetch completes (and is cached) even if readers give up.
         // Readers get the chunk as soon as it is verified; the commit (pwrite, fdatasync,
-        // index) follows off their path, and the chunk stays in `inflight` until it is
-        // committed, so nobody re-fetches it meanwhile. On the runtime's handle: read-ahead
-        // starts fetches from FUSE threads, which are not runtime threads.
+        // index) follows off their path, and the chunk stays in flight until it is committed,
+        // so nobody re-fetches it meanwhile. On the runtime's handle: read-ahead starts
+        // fetches from FUSE threads, which are not runtime threads. The task cannot end
+        // before it is in the table: ending takes the table's lock, held here until then.
         self.rt.spawn(async move {
-            let done = |r: Result<(), FetchError>| {
-                this.inflight.lock().unwrap().remove(&key);
+            let done = |r: Result<Outcome, FetchError>| {
+                this.table().finish(key);
                 let _ = stored_tx.send(r);
             };
-            if let Some(head) = this.head_to_wait_for(key.0, head_first).await {
+            if let Some(head) = this.head_to_wait_for(sha, head_first).await {
                 // Bounded: a slow head must not hold the rest of the file back for long.
                 let _ = tokio::time::timeout(HEAD_FIRST_WAIT, head).await;
             }
-            let _mem = match this.reserve_memory(&file, idx).await {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = tx.send(Err(e.clone()));
-                    return done(Err(e));
-                }
-            };
+            let _mem = this.reserve_memory(&file, idx).await;
             if let Some(chunk) = this.adopt_from_disk(&file, idx).await {
                 let _ = tx.send(Ok(chunk));
-                return done(Ok(()));
+                return done(Ok(Outcome::Stored));
             }
             METRICS.downloads_active.inc();
             let r = this.fetch_chunk(&file, idx, prio).await;
@@ -640,17 +705,12 @@ impl Fetcher {
             let chunk = match r {
                 Ok(chunk) => chunk,
                 Err(e) => {
-                    this.remember_failure(key, &e);
+                    (this.table()).remember_failure(key, &e, this.cfg.cooldown());
                     let _ = tx.send(Err(e.clone()));
                     return done(Err(e));
                 }
             };
-            let kept = for_reader
-                && this
-                    .landed
-                    .lock()
-                    .unwrap()
-                    .insert(key.0, idx, chunk.clone());
+            let kept = for_reader && (this.table().landed).insert(sha, idx, chunk.clone());
             let _ = tx.send(Ok(chunk.clone()));
             // Only a chunk kept for its reader may skip the cache: one dropped now would be
             // fetched again when the reader gets there.
@@ -658,10 +718,7 @@ impl Fetcher {
                 METRICS.cache_skipped_bytes.inc_by(chunk.bytes().len() as u64);
                 tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx,
                     "served and not cached: the cache disk is behind");
-                return done(Err(FetchError::Store(
-                    "not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")"
-                        .into(),
-                )));
+                return done(Ok(Outcome::Skipped));
             }
             let stored = this.commit(&file, idx, chunk).await;
             if let Err(e) = &stored {
@@ -669,9 +726,9 @@ impl Fetcher {
                 tracing::error!(model = %file.model, file = %file.entry.path, chunk = idx, error = %e,
                     "could not store a verified chunk; it will be fetched again");
             }
-            done(stored)
+            done(stored.map(|()| Outcome::Stored))
         });
-        let gone = || FetchError::Store("fetch task ended without an answer".into());
+        let gone = || FetchError::Join(None);
         let f = InFlight {
             served: async move { rx.await.unwrap_or_else(|_| Err(gone())) }
                 .boxed()
@@ -680,7 +737,8 @@ impl Fetcher {
                 .boxed()
                 .shared(),
         };
-        map.insert(key, f.clone());
+        table.insert_chunk(sha, idx, f.clone());
+        drop(table);
         if idx == 0 {
             self.head_started.notify_waiters();
         }
@@ -701,12 +759,7 @@ impl Fetcher {
                     // Registered before the look, so a head that starts in between still
                     // wakes us. Any file's head wakes every waiter: each looks for its own.
                     started.as_mut().enable();
-                    let head = self
-                        .inflight
-                        .lock()
-                        .unwrap()
-                        .get(&(sha, 0))
-                        .map(|h| h.served.clone());
+                    let head = self.table().chunk(sha, 0).map(|h| h.served.clone());
                     if head.is_some() {
                         return head;
                     }
@@ -733,33 +786,14 @@ impl Fetcher {
         Some(chunk)
     }
 
-    /// The error of a fetch of `key` that failed less than `cooldown_secs` ago.
-    fn recently_failed(&self, key: (Digest, u64)) -> Option<FetchError> {
-        let failed = self.failed.lock().unwrap();
-        let (t, e) = failed.get(&key)?;
-        (t.elapsed() < self.cfg.cooldown()).then(|| e.clone())
-    }
-
-    /// Remembers a failed fetch; old entries are dropped here, off the per-read path.
-    fn remember_failure(&self, key: (Digest, u64), e: &FetchError) {
-        let mut failed = self.failed.lock().unwrap();
-        let window = self.cfg.cooldown();
-        failed.retain(|_, (t, _)| t.elapsed() < window);
-        failed.insert(key, (Instant::now(), e.clone()));
-    }
-
     /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).
-    async fn reserve_memory(
-        &self,
-        file: &FileCtx,
-        idx: u64,
-    ) -> Result<OwnedSemaphorePermit, FetchError> {
+    async fn reserve_memory(&self, file: &FileCtx, idx: u64) -> OwnedSemaphorePermit {
         let r = file.entry.layout().range(idx);
         self.memory
             .clone()
             .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
             .await
-            .map_err(|e| FetchError::Store(e.to_string()))
+            .expect("the memory semaphore is never closed")
     }
 
     /// Whether a chunk of `len` bytes fetched for a reader should skip the cache: under
@@ -785,8 +819,7 @@ impl Fetcher {
         self.committing.fetch_add(len, Ordering::Relaxed);
         let r = tokio::task::spawn_blocking(move || store.commit_chunk(&entry, idx, &chunk)).await;
         self.committing.fetch_sub(len, Ordering::Relaxed);
-        r.map_err(|e| FetchError::Store(e.to_string()))?
-            .map_err(|e| FetchError::Store(e.to_string()))?;
+        r.map_err(FetchError::join)?.map_err(FetchError::store)?;
         METRICS.chunks_fetched.inc();
         tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx, bytes = len, "chunk committed");
         if self.store.is_complete(&file.entry) {
@@ -796,7 +829,7 @@ impl Fetcher {
     }
 
     fn completed(&self, file: &FileCtx) {
-        let Some(t0) = self.started.lock().unwrap().remove(&file.entry.sha256) else {
+        let Some(t0) = self.table().take_started(file.entry.sha256) else {
             return;
         };
 
@@ -845,6 +878,80 @@ mod tests {
             source_name: name.into(),
             kind,
         }
+    }
+
+    /// The typed cache errors say what the strings they replaced said (an ensure's job
+    /// status, events and logs carry them).
+    #[test]
+    fn cache_errors_say_what_the_strings_said() {
+        let blob = Digest::of(b"blob");
+        let io = std::io::Error::other("boom");
+        let cases = [
+            (
+                FetchError::ReadBlob {
+                    blob,
+                    err: Arc::new(io),
+                },
+                format!("cache: reading blob {blob}: boom"),
+            ),
+            (
+                FetchError::store(StoreError::Evicted(blob)),
+                format!(
+                    "cache: blob {blob} was evicted while being written; it will be fetched again"
+                ),
+            ),
+            (
+                FetchError::Join(None),
+                "cache: fetch task ended without an answer".into(),
+            ),
+            (
+                FetchError::Skipped,
+                "cache: not cached: the cache disk is behind (fetch.when_cache_behind = \"skip\")"
+                    .into(),
+            ),
+            (
+                FetchError::InMemoryOnly { path: "a/b".into() },
+                "cache: a/b: fetched and verified, but the cache could not store it".into(),
+            ),
+            (
+                FetchError::Incomplete { path: "a/b".into() },
+                "cache: a/b: chunks fetched but evicted or dropped before the file was complete"
+                    .into(),
+            ),
+            (
+                FetchError::WholeOnly { path: "a/b".into() },
+                "cache: a/b: a whole-only file has no chunk to fetch by itself".into(),
+            ),
+            (
+                FetchError::TooLargeForMemory {
+                    why: Box::new(FetchError::Join(None)),
+                    size: 7,
+                },
+                "cache: fetch task ended without an answer; at 7 bytes the file is larger than \
+                 fetch.max_inflight_mib, so it is not served from memory either"
+                    .into(),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+        let died = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async { tokio::spawn(async { panic!("injected") }).await })
+            .unwrap_err();
+        let e = FetchError::join(died);
+        assert!(
+            e.to_string().starts_with("cache: fetch task died: task "),
+            "{e}"
+        );
+        // The cause stays typed beneath: a caller can ask what the store said.
+        let e = FetchError::store(StoreError::Evicted(blob));
+        let cause = std::error::Error::source(&e).expect("the store's error");
+        assert!(matches!(
+            cause.downcast_ref::<Arc<StoreError>>().map(|e| &**e),
+            Some(StoreError::Evicted(_))
+        ));
     }
 
     /// Logs, readers and tests match on this text: the typed failures must say exactly what

@@ -20,11 +20,8 @@ use crate::manifest::FileEntry;
 use crate::source::{SourceError, SourceHandle};
 
 use super::attempt::Delivered;
+use super::flight::FetchKey;
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, kib};
-
-/// The key under which a whole-only file's failed fetch is remembered in `Fetcher::failed`
-/// (no chunk has this index).
-const WHOLE_FILE: u64 = u64::MAX;
 
 /// Whole-only files the cache could not store, held verified in memory for their readers:
 /// at most `cap` bytes, each let go `ttl` after its last read (or sooner, oldest first, to
@@ -103,48 +100,46 @@ enum PartError {
     /// The source did not deliver it.
     Source(SourceError),
     /// The cache could not take it (a full or read-only disk): no source is to blame.
-    Store(String),
+    Store(FetchError),
 }
 
 impl Fetcher {
     /// Makes a file listed with only a whole-file sha256 complete (single-flight per blob).
     pub async fn ensure_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
-        let key = file.entry.sha256;
-        // A failed whole-file fetch is remembered like a failed chunk: the kernel retries a
-        // failed read at once, and each retry would download the whole file again.
-        if let Some(err) = self.recently_failed((key, WHOLE_FILE)) {
-            return Err(err);
-        }
+        let blob = file.entry.sha256;
+        let key = FetchKey::Whole(blob);
         let shared = {
-            let mut map = self.whole.lock().unwrap();
-            if self.store.is_complete(&file.entry)
-                || self.whole_in_memory.lock().unwrap().holds(key)
-            {
+            let mut table = self.table();
+            // A failed whole-file fetch is remembered like a failed chunk: the kernel retries
+            // a failed read at once, and each retry would download the whole file again.
+            if let Some(err) = table.recently_failed(key, self.cfg.cooldown()) {
+                return Err(err);
+            }
+            if self.store.is_complete(&file.entry) || table.whole_in_memory.holds(blob) {
                 return Ok(());
             }
-            match map.get(&key) {
+            match table.whole(blob) {
                 Some(s) => s.clone(),
                 None => {
                     let this = self.clone();
                     let file = file.clone();
                     let task = self.rt.spawn(async move {
                         let r = this.fetch_whole(&file).await;
+                        let mut table = this.table();
                         if let Err(e) = &r
                             && !matches!(e, FetchError::Evicted)
                         {
-                            this.remember_failure((key, WHOLE_FILE), e);
+                            table.remember_failure(key, e, this.cfg.cooldown());
                         }
-                        this.whole.lock().unwrap().remove(&key);
+                        table.finish(key);
+                        drop(table);
                         r
                     });
-                    let fut = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(FetchError::Store(format!("fetch task died: {e}")))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    map.insert(key, fut.clone());
+                    let fut =
+                        async move { task.await.unwrap_or_else(|e| Err(FetchError::join(e))) }
+                            .boxed()
+                            .shared();
+                    table.insert_whole(blob, fut.clone());
                     fut
                 }
             }
@@ -193,8 +188,8 @@ impl Fetcher {
                     store.write_unverified(&entry, r.start, &bytes)
                 })
                 .await
-                .map_err(|e| PartError::Store(format!("cache write: {e}")))?
-                .map_err(|e| PartError::Store(format!("cache write: {e}")))?;
+                .map_err(|e| PartError::Store(FetchError::join(e)))?
+                .map_err(|e| PartError::Store(FetchError::store(e)))?;
                 Ok((idx, generation, delivered))
             })
             .buffer_unordered(parallel)
@@ -233,15 +228,14 @@ impl Fetcher {
     async fn whole_to_memory(
         self: &Arc<Self>,
         file: &Arc<FileCtx>,
-        why: String,
+        why: FetchError,
     ) -> Result<(), FetchError> {
         let f = &file.entry;
-        if !self.whole_in_memory.lock().unwrap().fits(f.size) {
-            return Err(FetchError::Store(format!(
-                "{why}; at {} bytes the file is larger than fetch.max_inflight_mib, so it is \
-                 not served from memory either",
-                f.size
-            )));
+        if !self.table().whole_in_memory.fits(f.size) {
+            return Err(FetchError::TooLargeForMemory {
+                why: Box::new(why),
+                size: f.size,
+            });
         }
         tracing::warn!(model = %file.model, file = %crate::logging::untrusted(&f.path),
             error = %why, "the cache cannot store this whole-only file; serving it from memory");
@@ -261,7 +255,7 @@ impl Fetcher {
                 what,
             )
             .await?;
-        self.whole_in_memory.lock().unwrap().insert(whole);
+        self.table().whole_in_memory.insert(whole);
         Ok(())
     }
 
@@ -273,11 +267,7 @@ impl Fetcher {
     async fn fetch_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
         let f = &file.entry;
         let what = format!("{}/{}", file.model, f.path);
-        self.started
-            .lock()
-            .unwrap()
-            .entry(f.sha256)
-            .or_insert_with(Instant::now);
+        self.table().started(f.sha256);
         let layout = f.layout();
         let mut errors = Vec::new();
         // Parts written unverified by one source (its address), with their blob generation, and
@@ -347,10 +337,10 @@ impl Fetcher {
                     let actual =
                         tokio::task::spawn_blocking(move || store.verify_whole(&entry, generation))
                             .await
-                            .map_err(|e| FetchError::Store(e.to_string()))?
+                            .map_err(FetchError::join)?
                             .map_err(|e| match e {
                                 crate::store::StoreError::Evicted(_) => FetchError::Evicted,
-                                e => FetchError::Store(e.to_string()),
+                                e => FetchError::store(e),
                             })?;
                     if actual == f.sha256 {
                         drop(judged);
@@ -364,8 +354,8 @@ impl Fetcher {
                         let d = f.sha256;
                         tokio::task::spawn_blocking(move || store.evict(d))
                             .await
-                            .map_err(|e| FetchError::Store(e.to_string()))?
-                            .map_err(|e| FetchError::Store(e.to_string()))?;
+                            .map_err(FetchError::join)?
+                            .map_err(FetchError::store)?;
                         continue;
                     }
                     if !src.peer {

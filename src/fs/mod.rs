@@ -90,7 +90,23 @@ impl FsError {
             FsError::IsDir => libc::EISDIR,
             FsError::NoAttr => libc::ENODATA,
             FsError::Range => libc::ERANGE,
-            FsError::Fetch(_) => libc::EIO,
+            // Real I/O failures (a source's, the cache disk's) and a task that died; the
+            // rest never reach a reader and say what to do instead (see `FetchError`).
+            FsError::Fetch(
+                FetchError::Exhausted { .. }
+                | FetchError::Timeout(_)
+                | FetchError::ReadBlob { .. }
+                | FetchError::Store(_)
+                | FetchError::TooLargeForMemory { .. }
+                | FetchError::Join(_),
+            ) => libc::EIO,
+            FsError::Fetch(
+                FetchError::Evicted
+                | FetchError::Incomplete { .. }
+                | FetchError::Skipped
+                | FetchError::InMemoryOnly { .. },
+            ) => libc::EAGAIN,
+            FsError::Fetch(FetchError::WholeOnly { .. }) => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,
             FsError::Control(ControlError::Busy(..)) => libc::EBUSY,
             FsError::Control(ControlError::Failed(_)) => libc::EIO,

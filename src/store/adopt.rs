@@ -52,7 +52,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         use std::os::unix::fs::MetadataExt;
         let path = self.blob_path(f.sha256);
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.lock();
         if self.unverified_epoch(f.sha256) != epoch {
             return Ok(false);
         }
@@ -79,13 +79,7 @@ impl Store {
         // A file this process created holds only its own commits: nothing to adopt, and no
         // need to ask the filesystem (`SEEK_DATA` waits for the inode lock that a slow
         // `O_DIRECT` write of another chunk holds, which put every fetch behind the disk).
-        if self
-            .blobs
-            .lock()
-            .unwrap()
-            .get(&f.sha256)
-            .is_some_and(|s| s.fresh)
-        {
+        if self.blobs.lock().get(&f.sha256).is_some_and(|s| s.fresh) {
             return None;
         }
         let path = self.blob_path(f.sha256);
@@ -125,7 +119,7 @@ impl Store {
         let mut report = AdoptReport::default();
         let mut seen = std::collections::HashSet::new();
         for f in files {
-            if !seen.insert(f.sha256) || self.blobs.lock().unwrap().contains_key(&f.sha256) {
+            if !seen.insert(f.sha256) || self.blobs.lock().contains_key(&f.sha256) {
                 continue;
             }
             let path = self.blob_path(f.sha256);

@@ -33,7 +33,7 @@ impl Store {
     /// Called with the `blobs` lock held (readers) or `writer` held (creation), so the blob
     /// cannot be unlinked in between.
     pub(super) fn fd(&self, d: Digest, create: Option<u64>) -> Result<Arc<File>, StoreError> {
-        if let Some(f) = self.fds.lock().unwrap().get(&d) {
+        if let Some(f) = self.fds.lock().get(&d) {
             return Ok(f.clone());
         }
         let path = self.blob_path(d);
@@ -65,7 +65,7 @@ impl Store {
             }
         }
         let file = Arc::new(file);
-        self.fds.lock().unwrap().put(d, file.clone());
+        self.fds.lock().put(d, file.clone());
         Ok(file)
     }
 
@@ -76,7 +76,7 @@ impl Store {
         f: &FileEntry,
         chunks: impl IntoIterator<Item = u64>,
     ) -> Option<Arc<File>> {
-        let mut blobs = self.blobs.lock().unwrap();
+        let mut blobs = self.blobs.lock();
         let st = blobs
             .get_mut(&f.sha256)
             .filter(|s| s.layout == f.layout())?;
@@ -99,7 +99,7 @@ impl Store {
         if self.is_suspect(d) {
             return Err(PeerMiss::Absent);
         }
-        let mut blobs = self.blobs.lock().unwrap();
+        let mut blobs = self.blobs.lock();
         let st = blobs.get_mut(&d).ok_or(PeerMiss::Absent)?;
         let size = st.layout.size;
         let range = resolve(size).map_err(PeerMiss::Refused)?;
@@ -120,7 +120,7 @@ impl Store {
 
     /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.
     pub fn open_complete_ro(&self, f: &FileEntry) -> Option<File> {
-        let mut blobs = self.blobs.lock().unwrap();
+        let mut blobs = self.blobs.lock();
         let st = blobs
             .get_mut(&f.sha256)
             .filter(|s| s.layout == f.layout())?;

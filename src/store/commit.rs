@@ -202,7 +202,7 @@ impl Store {
             })
             .collect();
         let marked = {
-            let _w = self.writer.lock().unwrap();
+            let _w = self.writer.lock();
             self.mark_many_locked(&marks)
         };
         match marked {

@@ -24,6 +24,19 @@
 //! `commit` (group commit: the queue of written chunks, sync, index, bits), `adopt` (blob
 //! files the index does not list), `index` (SQLite, the only rusqlite user).
 //! This file holds `Store`, its locks and the operations that change presence.
+//!
+//! Locks, in the only order they may be taken (`crate::lock_order` names them, and a debug
+//! build panics on a lock taken against it, or twice):
+//! 1. the fetcher's `ChunkTable` (fetch/flight.rs), when a caller holds it: it asks
+//!    [`Store::has_chunk`] and [`Store::is_complete`] under it, so nothing here may call up;
+//! 2. `writer`: every index write with the matching change of `blobs` (create, mark, drop,
+//!    evict, adopt); SQLite writes and unlinks happen under it;
+//! 3. `blobs`: presence, taken by every cache hit; held for no I/O but opening a blob file
+//!    that exists (and unlinking an orphan);
+//! 4. leaves, never held while taking another: `fds`, `opens`, `suspect`, `unforgotten`,
+//!    `unverified`. The index's connection and the group commit's queue are leaves too
+//!    (untracked: a `Condvar` needs the plain mutex); the group commit takes `writer` only
+//!    after letting its queue go.
 
 mod adopt;
 mod blob;
@@ -37,12 +50,13 @@ use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
 use crate::chunk::{Digest, VerifiedChunk};
+use crate::lock_order::{self, OrderedMutex};
 use crate::manifest::FileEntry;
 use blob::OPEN_BLOBS;
 pub use blob::PeerMiss;
@@ -151,26 +165,26 @@ pub struct BlobInfo {
 pub struct Store {
     root: PathBuf,
     index: Index,
-    blobs: Mutex<HashMap<Digest, BlobState>>,
-    fds: Mutex<LruCache<Digest, Arc<File>>>,
-    opens: Mutex<HashMap<Digest, u32>>,
+    blobs: OrderedMutex<HashMap<Digest, BlobState>>,
+    fds: OrderedMutex<LruCache<Digest, Arc<File>>>,
+    opens: OrderedMutex<HashMap<Digest, u32>>,
     /// Blobs with data found or declared corrupt that are not complete again yet.
-    suspect: Mutex<std::collections::HashSet<Digest>>,
+    suspect: OrderedMutex<std::collections::HashSet<Digest>>,
     /// Serializes every change of the index together with the matching change of `blobs`
     /// (create, mark, drop, evict). SQLite writes and unlinks happen under this lock only,
     /// never under `blobs`, which cache hits take: a hit never waits on the disk or SQLite.
-    writer: Mutex<()>,
+    writer: OrderedMutex<()>,
     /// Chunks written and waiting to be synced and indexed together (`commit.rs`).
     group: commit::GroupCommit,
     /// Evicted blobs whose index rows could not be deleted (a full disk: SQLite needs space
     /// to delete). Their files are gone; the rows are deleted before the blob is created
     /// again, and dropped at the next start anyway (their file is missing).
-    unforgotten: Mutex<std::collections::HashSet<Digest>>,
+    unforgotten: OrderedMutex<std::collections::HashSet<Digest>>,
     /// Per blob, a count bumped after every unverified write (`write_unverified`, under
     /// `writer`). Adoption reads a blob's chunks back and marks them present (under `writer`)
     /// only if this did not move meanwhile, so unverified bytes written over what it verified
     /// (a whole-file fetch racing an index rebuild) are never marked present.
-    unverified: Mutex<HashMap<Digest, u64>>,
+    unverified: OrderedMutex<HashMap<Digest, u64>>,
     /// Present bytes of every blob, kept as a running total (changed with the bits, under
     /// `blobs`): `used_bytes` at no cost, and a commit can tell it crossed auto GC's threshold.
     used: AtomicU64,
@@ -257,14 +271,20 @@ impl Store {
         let store = Store {
             root,
             index,
-            blobs: Mutex::new(HashMap::new()),
-            fds: Mutex::new(LruCache::new(NonZeroUsize::new(OPEN_BLOBS).unwrap())),
-            opens: Mutex::new(HashMap::new()),
-            suspect: Mutex::new(std::collections::HashSet::new()),
-            writer: Mutex::new(()),
+            blobs: OrderedMutex::new(lock_order::STORE_BLOBS, HashMap::new()),
+            fds: OrderedMutex::new(
+                lock_order::STORE_FDS,
+                LruCache::new(NonZeroUsize::new(OPEN_BLOBS).unwrap()),
+            ),
+            opens: OrderedMutex::new(lock_order::STORE_OPENS, HashMap::new()),
+            suspect: OrderedMutex::new(lock_order::STORE_SUSPECT, std::collections::HashSet::new()),
+            writer: OrderedMutex::new(lock_order::STORE_WRITER, ()),
             group: commit::GroupCommit::default(),
-            unforgotten: Mutex::new(std::collections::HashSet::new()),
-            unverified: Mutex::new(HashMap::new()),
+            unforgotten: OrderedMutex::new(
+                lock_order::STORE_UNFORGOTTEN,
+                std::collections::HashSet::new(),
+            ),
+            unverified: OrderedMutex::new(lock_order::STORE_UNVERIFIED, HashMap::new()),
             used: AtomicU64::new(0),
             gc_threshold: AtomicU64::new(0),
             gc_wake: tokio::sync::Notify::new(),
@@ -296,7 +316,7 @@ impl Store {
     /// Loads the index into memory, dropping rows whose blob file is gone or the wrong size
     /// (someone deleted or truncated it): those chunks are simply fetched again.
     fn reconcile(&self) -> Result<(), StoreError> {
-        let mut blobs = self.blobs.lock().unwrap();
+        let mut blobs = self.blobs.lock();
         for row in self.index.load()? {
             let path = self.blob_path(row.digest);
             let ok = std::fs::metadata(&path)
@@ -310,7 +330,7 @@ impl Store {
                 if let Err(e) = self.index.forget_blob(row.digest) {
                     // A full disk: the row stays, unloaded, until a write can delete it.
                     tracing::warn!(blob = %row.digest, error = %e, "could not delete a stale index row yet");
-                    self.unforgotten.lock().unwrap().insert(row.digest);
+                    self.unforgotten.lock().insert(row.digest);
                 }
                 let _ = std::fs::remove_file(&path);
                 continue;
@@ -345,7 +365,7 @@ impl Store {
     }
 
     fn with_state<T>(&self, f: &FileEntry, g: impl FnOnce(Option<&BlobState>) -> T) -> T {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         let st = blobs.get(&f.sha256).filter(|s| s.layout == f.layout());
         g(st)
     }
@@ -390,14 +410,14 @@ impl Store {
         if let Some(generation) = self.prepared(f)? {
             return Ok((self.fd(f.sha256, Some(f.size))?, generation));
         }
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.lock();
         self.prepare_locked(f)
     }
 
     /// The generation of `f`'s blob state if there is one of its layout; an error if the
     /// cache holds the blob at another size.
     fn prepared(&self, f: &FileEntry) -> Result<Option<u64>, StoreError> {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         let st = blobs.get(&f.sha256);
         conflict(st, f)?;
         Ok(st.filter(|s| s.layout == f.layout()).map(|s| s.generation))
@@ -419,7 +439,7 @@ impl Store {
         st.fresh = !existed;
         let generation = st.generation;
         // A state of another layout (a manifest changed the chunk size) is replaced.
-        if let Some(old) = self.blobs.lock().unwrap().insert(f.sha256, st) {
+        if let Some(old) = self.blobs.lock().insert(f.sha256, st) {
             self.used.fetch_sub(old.bytes(), Ordering::Relaxed);
         }
         Ok((fd, generation))
@@ -428,7 +448,7 @@ impl Store {
     /// The cached size of `f`'s blob where it is not `f.size` (see
     /// [`StoreError::SizeConflict`]); `None` when the cache does not hold the blob or agrees.
     pub fn size_conflict(&self, f: &FileEntry) -> Option<u64> {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         match conflict(blobs.get(&f.sha256), f) {
             Err(StoreError::SizeConflict { cached, .. }) => Some(cached),
             _ => None,
@@ -437,10 +457,10 @@ impl Store {
 
     /// Deletes the index rows of evicted blobs that a full disk kept. Under `writer`.
     fn retry_forgets(&self) -> Result<(), StoreError> {
-        let pending: Vec<Digest> = self.unforgotten.lock().unwrap().iter().copied().collect();
+        let pending: Vec<Digest> = self.unforgotten.lock().iter().copied().collect();
         for d in pending {
             self.index.forget_blob(d)?;
-            self.unforgotten.lock().unwrap().remove(&d);
+            self.unforgotten.lock().remove(&d);
         }
         Ok(())
     }
@@ -478,7 +498,7 @@ impl Store {
         chunks: &[(u64, Digest)],
     ) -> Result<(), StoreError> {
         // Under `writer` the blob cannot be evicted between the check and the bits.
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.lock();
         self.mark_locked(f, generation, chunks)
     }
 
@@ -506,7 +526,7 @@ impl Store {
     /// `writer` held by the caller, so no eviction slips between the check and the bits.
     fn mark_many_locked(&self, marks: &[Marks]) -> Result<Vec<bool>, StoreError> {
         let live: Vec<bool> = {
-            let blobs = self.blobs.lock().unwrap();
+            let blobs = self.blobs.lock();
             marks
                 .iter()
                 .map(|m| {
@@ -526,14 +546,14 @@ impl Store {
             return Ok(live);
         }
         self.index.mark_present_many(&rows)?;
-        let mut blobs = self.blobs.lock().unwrap();
+        let mut blobs = self.blobs.lock();
         let mut added = 0;
         for (d, chunks) in rows {
             let st = blobs.get_mut(&d).expect("checked under writer");
             added += chunks.iter().map(|(idx, _)| st.set(*idx)).sum::<u64>();
             st.touch();
             if st.complete() {
-                self.suspect.lock().unwrap().remove(&d);
+                self.suspect.lock().remove(&d);
             }
         }
         drop(blobs);
@@ -543,23 +563,23 @@ impl Store {
 
     /// Marks a blob's on-disk data as not to be trusted until it is complete again.
     pub fn mark_suspect(&self, d: Digest) {
-        self.suspect.lock().unwrap().insert(d);
+        self.suspect.lock().insert(d);
     }
 
     pub fn is_suspect(&self, d: Digest) -> bool {
-        self.suspect.lock().unwrap().contains(&d)
+        self.suspect.lock().contains(&d)
     }
 
     /// Forgets one chunk (found corrupt on disk): it will be fetched again. The index row goes
     /// first, so a crash right after cannot bring the chunk back as present.
     pub fn drop_chunk(&self, f: &FileEntry, idx: u64) -> Result<(), StoreError> {
         self.mark_suspect(f.sha256);
-        let _w = self.writer.lock().unwrap();
-        if !self.blobs.lock().unwrap().contains_key(&f.sha256) {
+        let _w = self.writer.lock();
+        if !self.blobs.lock().contains_key(&f.sha256) {
             return Ok(());
         }
         self.index.forget_chunk(f.sha256, idx)?;
-        if let Some(st) = self.blobs.lock().unwrap().get_mut(&f.sha256) {
+        if let Some(st) = self.blobs.lock().get_mut(&f.sha256) {
             self.used.fetch_sub(st.clear(idx), Ordering::Relaxed);
         }
         Ok(())
@@ -571,12 +591,12 @@ impl Store {
     /// SQLite cannot write until space is freed: rows it cannot delete now are kept in
     /// `unforgotten` and deleted later; a row whose file is gone is dropped at start anyway.
     pub fn evict(&self, d: Digest) -> Result<u64, StoreError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.lock();
         let freed = {
-            let mut blobs = self.blobs.lock().unwrap();
+            let mut blobs = self.blobs.lock();
             let freed = blobs.remove(&d).map_or(0, |s| s.bytes());
             self.used.fetch_sub(freed, Ordering::Relaxed);
-            self.fds.lock().unwrap().pop(&d);
+            self.fds.lock().pop(&d);
             freed
         };
         let path = self.blob_path(d);
@@ -587,7 +607,7 @@ impl Store {
         }
         if let Err(e) = self.index.forget_blob(d) {
             tracing::warn!(blob = %d, error = %e, "evicted blob's index rows kept for now (deleted later)");
-            self.unforgotten.lock().unwrap().insert(d);
+            self.unforgotten.lock().insert(d);
         } else if let Err(e) = self.retry_forgets() {
             tracing::debug!(error = %e, "index rows of earlier evictions still kept");
         }
@@ -596,8 +616,8 @@ impl Store {
 
     /// Every blob the cache knows, for GC and reports.
     pub fn blobs(&self) -> Vec<BlobInfo> {
-        let blobs = self.blobs.lock().unwrap();
-        let opens = self.opens.lock().unwrap();
+        let blobs = self.blobs.lock();
+        let opens = self.opens.lock();
         blobs
             .iter()
             .map(|(d, st)| BlobInfo {
@@ -619,12 +639,7 @@ impl Store {
     /// What the running total must equal: every blob's present bytes, summed.
     #[cfg(test)]
     fn used_bytes_summed(&self) -> u64 {
-        self.blobs
-            .lock()
-            .unwrap()
-            .values()
-            .map(BlobState::bytes)
-            .sum()
+        self.blobs.lock().values().map(BlobState::bytes).sum()
     }
 
     /// Counts `added` bytes of newly present chunks; wakes auto GC if they crossed its
@@ -658,11 +673,11 @@ impl Store {
 
     /// Counts opens of a blob through the mount (open blobs are spared by aggressive GC).
     pub fn opened(&self, d: Digest) {
-        *self.opens.lock().unwrap().entry(d).or_default() += 1;
+        *self.opens.lock().entry(d).or_default() += 1;
     }
 
     pub fn released(&self, d: Digest) {
-        let mut opens = self.opens.lock().unwrap();
+        let mut opens = self.opens.lock();
         if let Some(n) = opens.get_mut(&d) {
             *n -= 1;
             if *n == 0 {
@@ -674,7 +689,7 @@ impl Store {
     /// Writes last-access times changed since the last flush (they drive LRU eviction).
     pub fn flush_access_times(&self) -> Result<(), StoreError> {
         let dirty: Vec<(Digest, u64)> = {
-            let mut blobs = self.blobs.lock().unwrap();
+            let mut blobs = self.blobs.lock();
             blobs
                 .iter_mut()
                 .filter(|(_, s)| s.access_dirty)
@@ -705,7 +720,7 @@ impl Store {
         offset: u64,
         data: &[u8],
     ) -> Result<u64, StoreError> {
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.lock();
         let (fd, generation) = self.prepare_locked(f)?;
         let covering = f.layout().covering(offset, data.len() as u64);
         if data.is_empty()
@@ -716,19 +731,14 @@ impl Store {
         let written = fd.write_all_at(data, offset);
         // After the write (failed or not: bytes may have landed), still under `writer`: an
         // adoption that read the file before or during it finds the count moved.
-        *self.unverified.lock().unwrap().entry(f.sha256).or_insert(0) += 1;
+        *self.unverified.lock().entry(f.sha256).or_insert(0) += 1;
         written.map_err(io_err(&self.blob_path(f.sha256)))?;
         Ok(generation)
     }
 
     /// The blob's unverified-write count (see `Store::unverified`).
     pub(super) fn unverified_epoch(&self, d: Digest) -> u64 {
-        self.unverified
-            .lock()
-            .unwrap()
-            .get(&d)
-            .copied()
-            .unwrap_or(0)
+        self.unverified.lock().get(&d).copied().unwrap_or(0)
     }
 
     /// Hashes a blob written by `write_unverified`; if it matches, makes it durable and marks
@@ -766,7 +776,7 @@ impl Store {
 
     /// (checked under the lock, so a blob being created is never deleted).
     pub fn remove_orphan(&self, path: &Path) -> std::io::Result<bool> {
-        let blobs = self.blobs.lock().unwrap();
+        let blobs = self.blobs.lock();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -780,13 +790,8 @@ impl Store {
 
     /// Blob files on disk that the index does not name (left by a lost index), and their size.
     pub fn orphans(&self) -> Vec<(PathBuf, u64)> {
-        let known: std::collections::HashSet<String> = self
-            .blobs
-            .lock()
-            .unwrap()
-            .keys()
-            .map(|d| d.to_hex())
-            .collect();
+        let known: std::collections::HashSet<String> =
+            self.blobs.lock().keys().map(|d| d.to_hex()).collect();
         let mut out = Vec::new();
         let Ok(fans) = std::fs::read_dir(self.root.join("blobs")) else {
             return out;
