@@ -6,7 +6,8 @@
 //! `metrics` are leaves used throughout; `remote` (manifest entries from the Hub or S3) sits
 //! beside `cli`, over `source`. `daemon::Services::builder` wires store, sources, fetcher and
 //! control in one place: the daemon, `cmd` when no daemon runs, and tests/reftest.rs (with
-//! its own sources) all build through it; `file_ctx` (a file with its sources) sits under `fetch`, which re-exports it.
+//! its own sources) all build through it; `file_ctx` (a file with its sources) sits under
+//! `fetch`, which re-exports it.
 //! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
 //! `lock_order` (a leaf) writes down the order of the fetcher's and the store's locks and
 //! checks it in debug builds.

@@ -3,8 +3,8 @@
 //! As mountpoint-s3's reftests do, a proptest drives the real `Store` (in a tempdir), `Fetcher`,
 //! `Control` and `ModelFs`, built by the daemon's own `Services::builder`, through random
 //! sequences of operations, with a `MockSource` as the origin (given to the builder as every
-//! model's source), and compares every byte served with a plain `Vec<u8>` per file. Reads go the way
-//! `fuse.rs` sends them: `read_cached` first, then the async `read`.
+//! model's source), and compares every byte served with a plain `Vec<u8>` per file. Reads go
+//! the way `fuse.rs` sends them: `read_cached` first, then the async `read`.
 //!
 //! The manifest holds two models: chunked files with 4, 16 and 64 KiB chunks (1, 2 and 8
 //! request parts of 8 KiB per chunk), a whole-only file (only a whole-file sha256), an empty
