@@ -864,7 +864,15 @@ fn control_files_read_and_write() {
         d.log().contains("gc from .wan/gc finished")
     });
     assert_eq!(api.model(TI2V)["state"], "COMPLETE");
+    let finished = || d.log().matches("gc from .wan/gc finished").count();
+    let before = finished();
     ctl_write(&d.ctl("gc"), "aggressive\n").expect("gc");
+    // The pass evicts blob after blob: what is left is told once it has finished.
+    assert!(
+        wait_until(Duration::from_secs(20), || finished() > before),
+        "gc never finished:\n{}",
+        d.log()
+    );
     api.wait_state(TI2V, "NOT_PRESENT");
     // i2v keeps only the VAE it shares with the pinned t2v.
     let m = api.wait_state(I2V, "PARTIAL");
