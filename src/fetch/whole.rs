@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use bytes::Bytes;
 
 use futures::StreamExt;
@@ -19,7 +21,7 @@ use crate::chunk::{ChunkHash, Digest, Mismatch, VerifiedChunk};
 use crate::manifest::FileEntry;
 use crate::source::{SourceError, SourceHandle};
 
-use super::attempt::Delivered;
+use super::attempt::{Delivered, Kept};
 use super::flight::FetchKey;
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, kib};
 
@@ -95,10 +97,22 @@ impl WholeInMemory {
     }
 }
 
+/// What one source delivered of a whole-only file so far, kept for its next round.
+struct FromSource {
+    /// The source's address.
+    source: usize,
+    /// Chunks written unverified, with the blob generation their write found.
+    parts: HashMap<u64, u64>,
+    /// Chunks of which some requests landed, with the memory they hold.
+    partial: HashMap<u64, (Kept, OwnedSemaphorePermit)>,
+    /// The requests that delivered `parts` (judged when the whole file is checked).
+    delivered: Delivered,
+}
+
 /// Why a part of a whole-only file was not written.
 enum PartError {
-    /// The source did not deliver it.
-    Source(SourceError),
+    /// The source did not deliver it; what did land of the chunk, with its memory, if any.
+    Source(SourceError, Option<(u64, (Kept, OwnedSemaphorePermit))>),
     /// The cache could not take it (a full or read-only disk): no source is to blame.
     Store(FetchError),
 }
@@ -150,27 +164,43 @@ impl Fetcher {
     /// Fetches chunks `idx` of a whole-only file from `src` in parallel and writes them,
     /// unverified, into its blob. Every part runs to its end: returns the parts written (each
     /// with the blob generation its write found) and the error of those that failed, if any.
+    ///
+    /// A chunk whose requests failed only in part leaves what landed in `kept`, with the
+    /// memory it holds, for the next round against the same source (see `fetch_range`): each
+    /// of its requests must not have to succeed in one round either.
     async fn write_whole_parts(
         &self,
         src: &Arc<SourceHandle>,
         f: &FileEntry,
         chunks: Vec<u64>,
         attempts: u32,
+        kept: &mut HashMap<u64, (Kept, OwnedSemaphorePermit)>,
     ) -> (Vec<(u64, u64)>, Delivered, Option<PartError>) {
         let layout = f.layout();
         let parallel = (self.cfg.connections / 2).max(1);
         let hex = f.sha256.to_hex();
         let at = src.locator(f, &hex);
-        let results: Vec<Result<(u64, u64, Delivered), PartError>> = futures::stream::iter(chunks)
-            .map(|idx| async move {
+        let work: Vec<_> = chunks
+            .into_iter()
+            .map(|idx| (idx, kept.remove(&idx)))
+            .collect();
+        let results: Vec<Result<(u64, u64, Delivered), PartError>> = futures::stream::iter(work)
+            .map(|(idx, held)| async move {
                 let r = layout.range(idx);
-                let _mem = self
-                    .memory
-                    .acquire_many(kib(r.end - r.start).min(self.memory_kib))
-                    .await
-                    .expect("open");
+                let (mut partial, mem) = match held {
+                    Some((k, mem)) => (Some(k), mem),
+                    None => {
+                        let mem = self
+                            .memory
+                            .clone()
+                            .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
+                            .await
+                            .expect("open");
+                        (None, mem)
+                    }
+                };
                 // Whole-only: verified by the file's sha256 once every part is in the blob.
-                let (bytes, _, delivered) = self
+                let fetched = self
                     .fetch_range(
                         src,
                         at,
@@ -178,10 +208,17 @@ impl Fetcher {
                         Priority::OnDemand,
                         attempts,
                         None,
-                        &mut None,
+                        &mut partial,
                     )
-                    .await
-                    .map_err(PartError::Source)?;
+                    .await;
+                let (bytes, _, delivered) = match fetched {
+                    Ok(got) => got,
+                    Err(e) => {
+                        let held = partial.map(|k| (idx, (k, mem)));
+                        return Err(PartError::Source(e, held));
+                    }
+                };
+                drop(mem);
                 let store = self.store.clone();
                 let entry = f.clone();
                 let generation = tokio::task::spawn_blocking(move || {
@@ -206,10 +243,15 @@ impl Fetcher {
                 }
                 // The cache's failure over a source's (it is no source's fault, and no round
                 // mends it), then the one that says most (see `fetch_range`).
-                Err(e) => {
+                Err(mut e) => {
+                    if let PartError::Source(_, held) = &mut e
+                        && let Some((idx, k)) = held.take()
+                    {
+                        kept.insert(idx, k);
+                    }
                     let worse = match (&failed, &e) {
-                        (None, _) | (Some(PartError::Source(_)), PartError::Store(_)) => true,
-                        (Some(PartError::Source(f)), PartError::Source(e)) => {
+                        (None, _) | (Some(PartError::Source(..)), PartError::Store(_)) => true,
+                        (Some(PartError::Source(f, _)), PartError::Source(e, _)) => {
                             f.retryable() && !e.retryable()
                         }
                         (Some(PartError::Store(_)), _) => false,
@@ -270,9 +312,7 @@ impl Fetcher {
         self.table().started(f.sha256);
         let layout = f.layout();
         let mut errors = Vec::new();
-        // Parts written unverified by one source (its address), with their blob generation, and
-        // the requests that delivered them (judged when the whole file is checked).
-        let mut written: Option<(usize, HashMap<u64, u64>, Delivered)> = None;
+        let mut written: Option<FromSource> = None;
         let mut order: Vec<_> = self
             .live_peers(&file.sources)
             .into_iter()
@@ -285,12 +325,21 @@ impl Fetcher {
             order.extend(self.source_order(&file.sources));
             for (src, attempts) in order.drain(..) {
                 let me = Arc::as_ptr(&src) as usize;
-                if written.as_ref().is_some_and(|(s, _, _)| *s != me) {
+                if written.as_ref().is_some_and(|w| w.source != me) {
                     // A file's bytes come from one source, so wrong bytes have one culprit.
                     written = None;
                 }
-                let (_, parts, delivered) =
-                    written.get_or_insert_with(|| (me, HashMap::new(), Delivered::new(&src, 0)));
+                let FromSource {
+                    parts,
+                    partial,
+                    delivered,
+                    ..
+                } = written.get_or_insert_with(|| FromSource {
+                    source: me,
+                    parts: HashMap::new(),
+                    partial: HashMap::new(),
+                    delivered: Delivered::new(&src, 0),
+                });
                 // Only chunks not present: the unverified bytes of a failed or lying fetch
                 // must never land on a chunk that readers are being served (a whole-only file
                 // is partial when a chunk was dropped as corrupt). The kept chunks are part
@@ -304,8 +353,9 @@ impl Fetcher {
                         .into_iter()
                         .filter(|i| !parts.contains_key(i))
                         .collect();
-                    let (landed, by, failed) =
-                        self.write_whole_parts(&src, f, todo, attempts).await;
+                    let (landed, by, failed) = self
+                        .write_whole_parts(&src, f, todo, attempts, partial)
+                        .await;
                     delivered.merge(by);
                     if !landed.is_empty() {
                         last_progress = tokio::time::Instant::now();
@@ -314,7 +364,7 @@ impl Fetcher {
                     if let Some(PartError::Store(e)) = failed {
                         return self.whole_to_memory(file, e).await;
                     }
-                    if let Some(PartError::Source(e)) = failed {
+                    if let Some(PartError::Source(e, _)) = failed {
                         if !src.peer {
                             transient &= e.flaky();
                         }
