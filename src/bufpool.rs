@@ -1,4 +1,6 @@
-//! A pool of page-aligned chunk buffers, reused from one chunk fetch to the next.
+//! Chunk buffers: [`AlignedBuf`] (page-aligned so a chunk can be written with `O_DIRECT`,
+//! 2 MiB-aligned and huge-page backed from 2 MiB), and a pool of them, reused from one chunk
+//! fetch to the next.
 //!
 //! Why: with a fresh 8 MiB buffer per chunk, a cold read spent about 13 % of the daemon's CPU
 //! on page faults, the kernel zeroing new pages and `memset` (the allocator maps buffers of
@@ -27,8 +29,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-
-use crate::chunk::AlignedBuf;
 
 /// Free page-aligned buffers, shared by every fetch of one daemon.
 #[derive(Clone)]
@@ -197,10 +197,90 @@ impl Drop for PooledBuf {
     }
 }
 
+/// Alignment of chunk buffers: the page size, so a chunk can be written with `O_DIRECT`.
+pub const BUF_ALIGN: usize = 4096;
+
+/// Buffers at least this large are 2 MiB-aligned and asked to be backed by huge pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A zeroed, page-aligned heap buffer; frozen into `Bytes` without a copy.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access is read-only (`AsRef`), like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        let align = if len >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            BUF_ALIGN
+        };
+        std::alloc::Layout::from_size_align(len.max(1), align).expect("valid layout")
+    }
+
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        if len >= HUGE_PAGE {
+            // Chunk buffers are pinned page by page twice per chunk (the FUSE reply's
+            // `writev` and the `O_DIRECT` commit); backed by 2 MiB pages, that is 512× fewer
+            // pages to pin. Advisory: where THP is off this changes nothing.
+            // SAFETY: the range is this allocation, 2 MiB-aligned; MADV_HUGEPAGE changes no
+            // contents.
+            unsafe {
+                libc::madvise(raw.cast(), len / HUGE_PAGE * HUGE_PAGE, libc::MADV_HUGEPAGE);
+            }
+        }
+        // Zeroed after the advice, so the first touch already faults in huge pages.
+        // SAFETY: raw is valid for len bytes (allocated above).
+        unsafe { std::ptr::write_bytes(raw, 0, len) };
+        AlignedBuf { ptr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for len bytes and uniquely borrowed through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for as long as self lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::BUF_ALIGN;
 
     const MIB: usize = 1 << 20;
 
@@ -332,5 +412,25 @@ mod tests {
         let b = pool.take(MIB).freeze();
         drop(pool);
         drop(b);
+    }
+
+    #[test]
+    fn large_buffers_are_huge_page_aligned_and_zeroed() {
+        let mut b = AlignedBuf::zeroed(HUGE_PAGE + 4096);
+        assert_eq!(b.as_mut_slice().as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(b.as_mut_slice().iter().all(|x| *x == 0));
+        let small = AlignedBuf::zeroed(8192);
+        assert!(small.as_ref().iter().all(|x| *x == 0));
+    }
+
+    #[test]
+    fn aligned_buffers_are_aligned_and_frozen_without_copy() {
+        let mut b = AlignedBuf::zeroed(10_000);
+        b.as_mut_slice()[9_999] = 7;
+        let p = b.as_mut_slice().as_ptr();
+        let frozen = b.freeze();
+        assert_eq!(frozen.as_ptr(), p);
+        assert_eq!(frozen.as_ptr() as usize % BUF_ALIGN, 0);
+        assert_eq!((frozen.len(), frozen[9_999], frozen[0]), (10_000, 7, 0));
     }
 }

@@ -8,7 +8,9 @@
 //! control in one place: the daemon, `cmd` when no daemon runs, and tests/reftest.rs (with
 //! its own sources) all build through it; `file_ctx` (a file with its sources) sits under
 //! `fetch`, which re-exports it.
-//! `fetch/` and `store/` are split by concern; each file's `//!` says what it owns.
+//! `fetch/`, `store/` and `http/` are split by concern; each file's `//!` says what it owns.
+//! In `source/`, `http` reads plain `http://` through `rawhttp`, and both read a status through
+//! `answer`: the imports point one way.
 //! `lock_order` (a leaf) writes down the order of the fetcher's and the store's locks and
 //! checks it in debug builds.
 //! `control` is the operator's vocabulary: each operation one `control::Request`, answered by

@@ -339,7 +339,7 @@ async fn try_page(
                 .headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(crate::source::http::retry_after);
+                .and_then(crate::source::answer::retry_after);
             return Err(PageError::Again(format!("HTTP {}", s.as_u16()), asked));
         }
         s => return Err(PageError::Fatal(format!("HTTP {}", s.as_u16()))),

@@ -1,6 +1,6 @@
 //! The control vocabulary as data: every operation an operator can ask of the daemon is one arm
 //! of [`Request`], answered by one [`Response`] from [`Control::handle`], whichever front end
-//! asked: the HTTP endpoint (`http.rs`), `wan models` (`cmd.rs`: over HTTP, or in process when no
+//! asked: the HTTP endpoint (`http/`), `wan models` (`cmd.rs`: over HTTP, or in process when no
 //! daemon runs) and the `.wan/` control files (`fs/control_files.rs`). Checks that belong to the
 //! operation (ids, modes, busy models) happen once, behind `handle`. How a request travels over
 //! HTTP is [`super::routes`]'s.

@@ -2,12 +2,12 @@
 //! (with the model id as one path segment where a route takes one), query string and JSON body.
 //! The server reads each route's request with it ([`Route::decode`]) and the client writes each
 //! request with it ([`Request::call`]), so the two cannot disagree on a URL or a field. A POST
-//! route changes something, and `http.rs` lets only trusted callers reach those. Adding an
+//! route changes something, and `http/auth.rs` lets only trusted callers reach those. Adding an
 //! operation: see [`super::request`].
 //!
 //! Not here: `/blobs/{sha256}`, which other daemons (peers) read cache bytes from. It is a byte
 //! stream with ranges and limits of its own, not an operation on models: no front end but HTTP
-//! has it, and `http.rs` serves it itself.
+//! has it, and `http/blobs.rs` serves it itself.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use super::{ControlError, Request};
 pub enum Method {
     /// Reads: changes nothing.
     Get,
-    /// Changes something: only callers trusted to act may call it (`http.rs`).
+    /// Changes something: only callers trusted to act may call it (`http/auth.rs`).
     Post,
 }
 

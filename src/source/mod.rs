@@ -5,6 +5,7 @@
 //! lives in `SourceHandle` and fetch/attempt.rs, so a new kind of source (S3, a peer) is one impl.
 //! Sources return raw bytes; they never verify: the fetcher does, before anything is stored.
 
+pub(crate) mod answer;
 mod file;
 pub(crate) mod http;
 #[cfg(any(test, feature = "mock"))]

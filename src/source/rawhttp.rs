@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::SourceError;
-use super::http::{body_too_long, check_status};
+use super::answer::{body_too_long, check_status};
 use crate::chunk::Filler;
 
 /// The most a response head may take; a range answer's head is a few hundred bytes.
@@ -257,7 +257,7 @@ async fn exchange(
                     } else if h.name.eq_ignore_ascii_case("content-range") {
                         content_range = Some(v);
                     } else if h.name.eq_ignore_ascii_case("retry-after") {
-                        retry_after = super::http::retry_after(v);
+                        retry_after = super::answer::retry_after(v);
                     }
                 }
                 if (200..300).contains(&status) && (chunked || length.is_none()) {

@@ -92,7 +92,7 @@ impl Store {
         if !has_data(&file, r.start, r.end) {
             return None;
         }
-        let mut buf = crate::chunk::AlignedBuf::zeroed((r.end - r.start) as usize);
+        let mut buf = crate::bufpool::AlignedBuf::zeroed((r.end - r.start) as usize);
         file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
         let chunk = VerifiedChunk::verify(f.chunk_hash, expected, buf.freeze()).ok()?;
         match self.adopt_verified(f, &file, &[(idx, expected)], epoch) {

@@ -155,7 +155,7 @@ impl Store {
 /// allocation of the sparse file is not journaled. The group commit's `fdatasync` of the blob
 /// file (any descriptor of the inode will do) makes both durable.
 pub(super) fn write_direct(path: &Path, data: &[u8], offset: u64) -> std::io::Result<bool> {
-    use crate::chunk::BUF_ALIGN;
+    use crate::bufpool::BUF_ALIGN;
     let aligned = (data.as_ptr() as usize).is_multiple_of(BUF_ALIGN)
         && offset.is_multiple_of(BUF_ALIGN as u64)
         && data.len().is_multiple_of(BUF_ALIGN)

@@ -259,7 +259,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::chunk::{AlignedBuf, VerifiedChunk};
+    use crate::bufpool::AlignedBuf;
+    use crate::chunk::VerifiedChunk;
     use crate::manifest::FileEntry;
     use crate::store::tests::entry;
 
