@@ -30,7 +30,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{ChunkHash, Digest, Layout};
 use crate::manifest::{
-    ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, bounds_rule, segments,
+    ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, Verification, bounds_rule,
+    segments,
 };
 
 /// Bumped whenever the layout below changes: a form of another version is compiled again.
@@ -463,13 +464,13 @@ fn encode(
                 ChunkHash::Sha256 => 0,
                 ChunkHash::Blake3 => 1,
             });
-            match &f.chunks {
-                Some(c) => {
+            match &f.verification {
+                Verification::Chunked(c) => {
                     me.u64(digests.len() as u64);
                     me.u64(c.len() as u64);
                     digests.extend_from_slice(c);
                 }
-                None => {
+                Verification::Whole => {
                     me.u64(NO_CHUNKS);
                     me.u64(0);
                 }
@@ -670,15 +671,15 @@ fn decode(
             if bounds_rule(&path, size, chunk_size, head_size).is_some() {
                 return Err(Malformed("a file the manifest rules refuse"));
             }
-            let chunks = if first == NO_CHUNKS {
-                None
+            let verification = if first == NO_CHUNKS {
+                Verification::Whole
             } else {
                 let want = Layout::with_head(size, chunk_size, head_size).count();
                 let end = first.checked_add(n).ok_or(Malformed("a digest range"))?;
                 if n != want || end > count as u64 {
                     return Err(Malformed("a digest range"));
                 }
-                Some(ChunkList::shared(
+                Verification::Chunked(ChunkList::shared(
                     table.clone(),
                     first as usize..end as usize,
                 ))
@@ -690,7 +691,7 @@ fn decode(
                 chunk_size,
                 head_size,
                 chunk_hash,
-                chunks,
+                verification,
             });
         }
         fingerprints.insert(id.clone(), fp);
@@ -804,9 +805,12 @@ mod tests {
         // Debug shows every field, chunk digests included.
         assert_eq!(format!("{:?}", again.manifest), format!("{parsed:?}"));
         let b = &again.manifest.models["b@2.0.0"].files[0];
-        assert_eq!(b.chunks.as_deref().unwrap().len(), 2);
-        assert_eq!(b.chunks.as_ref().unwrap()[1], D.parse().unwrap());
-        assert!(again.manifest.models["a@1.0.0"].files[1].chunks.is_none());
+        assert_eq!(b.verification.chunks().unwrap().len(), 2);
+        assert_eq!(b.verification.chunk(1).unwrap(), D.parse().unwrap());
+        assert_eq!(
+            again.manifest.models["a@1.0.0"].files[1].verification,
+            Verification::Whole
+        );
     }
 
     #[test]
@@ -861,7 +865,12 @@ mod tests {
             m.models
                 .values()
                 .flat_map(|m| &m.files)
-                .flat_map(|f| f.chunks.iter().flat_map(|c| c.iter().copied()))
+                .flat_map(|f| {
+                    f.verification
+                        .chunks()
+                        .into_iter()
+                        .flat_map(|c| c.iter().copied())
+                })
                 .collect()
         };
         let parsed = Manifest::load(&manifest).unwrap();
@@ -904,8 +913,8 @@ mod tests {
         assert_eq!(b.manifest.models["b@2.0.0"].files[0].size, 20_000);
         assert_eq!(
             b.manifest.models["b@2.0.0"].files[0]
-                .chunks
-                .as_ref()
+                .verification
+                .chunks()
                 .unwrap()
                 .len(),
             3

@@ -50,8 +50,39 @@ pub struct FileEntry {
     pub head_size: u64,
     /// What the chunk digests are taken with (`chunk_hash`; sha256 when absent).
     pub chunk_hash: ChunkHash,
-    /// Per-chunk digests when the manifest lists them (lazy reads); `None` = fetched whole.
-    pub chunks: Option<ChunkList>,
+    /// How its bytes are checked before a reader sees them: chunk by chunk, or only whole.
+    pub verification: Verification,
+}
+
+/// How a file's bytes are checked, which decides how it is fetched: the manifest lists the
+/// file's chunk digests (`chunks = [...]`) or it does not.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verification {
+    /// Each chunk against its digest (under `chunk_hash`): a read fetches only the chunks it
+    /// covers, and each reaches a reader as soon as it is checked.
+    Chunked(ChunkList),
+    /// Only the whole file, against `sha256`: no byte reaches a reader before the whole file
+    /// has been fetched and checked (its chunk grid only splits the fetch into requests).
+    Whole,
+}
+
+impl Verification {
+    /// The digest chunk `idx` must have; `None` for a whole-only file, whose chunks have none.
+    /// Panics if `idx` is past the file's last chunk.
+    pub fn chunk(&self, idx: u64) -> Option<Digest> {
+        match self {
+            Verification::Chunked(digests) => Some(digests[idx as usize]),
+            Verification::Whole => None,
+        }
+    }
+
+    /// The chunk digests, in order; `None` for a whole-only file.
+    pub fn chunks(&self) -> Option<&ChunkList> {
+        match self {
+            Verification::Chunked(digests) => Some(digests),
+            Verification::Whole => None,
+        }
+    }
 }
 
 /// A file's chunk digests, in order: a shared, read-only slice. Cloning is a reference count.
@@ -243,9 +274,11 @@ impl fmt::Display for Problem {
 fn same_content(a: &FileEntry, b: &FileEntry) -> bool {
     a.size == b.size
         && (a.chunk_size, a.head_size) == (b.chunk_size, b.head_size)
-        && match (&a.chunks, &b.chunks) {
-            (Some(ac), Some(bc)) => a.chunk_hash != b.chunk_hash || ac == bc,
-            _ => true,
+        && match (&a.verification, &b.verification) {
+            (Verification::Chunked(ac), Verification::Chunked(bc)) => {
+                a.chunk_hash != b.chunk_hash || ac == bc
+            }
+            (Verification::Whole, _) | (_, Verification::Whole) => true,
         }
 }
 
@@ -705,8 +738,8 @@ impl Manifest {
                     );
                     continue;
                 }
-                let chunks = match f.chunks {
-                    None => None,
+                let verification = match f.chunks {
+                    None => Verification::Whole,
                     Some(list) => {
                         let want = Layout::with_head(f.size, chunk_size, head_size).count();
                         if list.len() as u64 != want {
@@ -735,7 +768,7 @@ impl Manifest {
                         if out.len() != n {
                             continue;
                         }
-                        Some(ChunkList::from(out))
+                        Verification::Chunked(ChunkList::from(out))
                     }
                 };
                 let entry = FileEntry {
@@ -745,7 +778,7 @@ impl Manifest {
                     chunk_size,
                     head_size,
                     chunk_hash,
-                    chunks,
+                    verification,
                 };
                 match by_digest.get(&sha256) {
                     Some((om, o)) if !same_content(o, &entry) => {
@@ -1306,7 +1339,7 @@ mod tests {
         let model = &m.models["m@1.0.0"];
         assert_eq!(model.sources, vec![SourceUrl::Dir("/base/x".into())]);
         assert_eq!(model.files[0].chunk_size, DEFAULT_CHUNK_SIZE);
-        assert!(model.files[0].chunks.is_none());
+        assert_eq!(model.files[0].verification, Verification::Whole);
     }
 
     #[test]
@@ -1450,10 +1483,10 @@ mod tests {
         let files = &m.models["m@1.2.3"].files;
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].path, "e");
-        assert_eq!(files[0].chunks.as_ref().unwrap().len(), 0);
+        assert_eq!(files[0].verification.chunks().unwrap().len(), 0);
         let w = &files[1];
         assert_eq!((w.size, w.sha256), (10, Digest::of(&[7u8; 10])));
-        assert_eq!(w.chunks.as_ref().unwrap()[2], Digest::of(&[7u8; 2]));
+        assert_eq!(w.verification.chunk(2).unwrap(), Digest::of(&[7u8; 2]));
     }
 
     /// By default a large file gets a 1 MiB first chunk, a safetensors file one that holds its
@@ -1483,7 +1516,7 @@ mod tests {
                 .iter()
                 .find(|f| f.path == p)
                 .unwrap();
-            (f.head_size, f.chunks.as_ref().unwrap().len())
+            (f.head_size, f.verification.chunks().unwrap().len())
         };
         assert_eq!(head("big.bin"), (1 << 20, 2));
         assert_eq!(

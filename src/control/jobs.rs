@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Control, ControlError, GcMode, failed, statvfs};
 use crate::chunk::Digest;
 use crate::fetch::FileCtx;
+use crate::manifest::Verification;
 use crate::metrics::METRICS;
 use crate::store::gc::{GcBlob, GcUsage, plan_gc};
 use crate::store::index::Event;
@@ -459,9 +460,10 @@ impl Control {
     /// Fetches a dropped chunk again and waits until it is stored (not just served): a repair
     /// reported done must leave the model COMPLETE.
     async fn refetch_stored(&self, f: &Arc<FileCtx>, idx: u64) -> Result<(), ControlError> {
-        if f.entry.chunks.is_none() {
+        match f.entry.verification {
+            Verification::Chunked(_) => {}
             // No chunk digest to fetch it by: a whole-only file is made whole again.
-            return self.fetcher.ensure_whole(f).await.map_err(failed);
+            Verification::Whole => return self.fetcher.ensure_whole(f).await.map_err(failed),
         }
         self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
         if self.store().has_chunk(&f.entry, idx) {
@@ -486,9 +488,10 @@ impl Control {
         let mut bad_idx = Vec::new();
         let mut checked = 0;
         for idx in 0..layout.count() {
-            let expected = match &entry.chunks {
-                Some(c) => c[idx as usize],
-                None => match recorded.get(&idx) {
+            let expected = match &entry.verification {
+                Verification::Chunked(c) => c[idx as usize],
+                // Checked against the digest recorded when the whole file was verified.
+                Verification::Whole => match recorded.get(&idx) {
                     Some(d) => *d,
                     None => continue,
                 },
@@ -540,14 +543,17 @@ impl Control {
             }
             return Ok(());
         }
-        if entry.chunks.is_none() {
-            // A whole-only file can only be re-fetched whole.
-            self.evict_blob(entry.sha256)?;
-            self.fetcher.ensure_whole(f).await.map_err(failed)?;
-        } else {
-            for idx in bad_idx {
-                store.drop_chunk(&entry, idx).map_err(failed)?;
-                self.refetch_stored(f, idx).await?;
+        match entry.verification {
+            Verification::Whole => {
+                // A whole-only file can only be re-fetched whole.
+                self.evict_blob(entry.sha256)?;
+                self.fetcher.ensure_whole(f).await.map_err(failed)?;
+            }
+            Verification::Chunked(_) => {
+                for idx in bad_idx {
+                    store.drop_chunk(&entry, idx).map_err(failed)?;
+                    self.refetch_stored(f, idx).await?;
+                }
             }
         }
         Ok(())

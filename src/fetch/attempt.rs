@@ -226,7 +226,7 @@ impl Fetcher {
         prio: Priority,
     ) -> Result<VerifiedChunk, FetchError> {
         let f = &file.entry;
-        let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
+        let expected = f.verification.chunk(idx).expect("chunked file");
         let what = format!("{}/{} chunk {idx}", file.model, f.path);
         self.fetch_verified(
             file,
