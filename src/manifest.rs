@@ -343,7 +343,98 @@ impl<'de> Deserialize<'de> for HexDigest {
     }
 }
 
-/// Checks a model id against `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$`.
+/// A model's id, `NAME@X.Y.Z`: checked once, where it is made ([`ModelId::new`], `parse`, serde),
+/// so a value of this type is always one the manifest rules accept. It reads and writes as the
+/// plain string, and a map keyed by it is looked up by `&str` (`Borrow<str>`).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ModelId(String);
+
+/// Why a string is not a model id.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("bad model id {0:?} (want NAME@X.Y.Z, NAME of letters, digits, '_' and '-')")]
+pub struct BadModelId(pub String);
+
+impl ModelId {
+    /// `id` when it is `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$`.
+    pub fn new(id: impl Into<String>) -> Result<ModelId, BadModelId> {
+        let id = id.into();
+        if valid_id(&id) {
+            Ok(ModelId(id))
+        } else {
+            Err(BadModelId(id))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for ModelId {
+    type Err = BadModelId;
+    fn from_str(s: &str) -> Result<ModelId, BadModelId> {
+        ModelId::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ModelId, D::Error> {
+        ModelId::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// Debug as the string does, so logs and `{:?}` read as they did with a `String` id.
+impl fmt::Debug for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl Deref for ModelId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ModelId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ModelId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for ModelId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ModelId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<ModelId> for String {
+    fn from(id: ModelId) -> String {
+        id.0
+    }
+}
+
+/// Checks a model id against `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$` (see [`ModelId`]).
 pub fn valid_id(id: &str) -> bool {
     let Some((name, version)) = id.split_once('@') else {
         return false;
@@ -1317,7 +1408,27 @@ mod tests {
             "@1.0.0",
         ] {
             assert!(!valid_id(bad), "{bad}");
+            assert!(bad.parse::<ModelId>().is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<ModelId>(&format!("{bad:?}")).is_err(),
+                "{bad}"
+            );
         }
+    }
+
+    /// A model id reads and writes as its plain string, and a map keyed by it is looked up by
+    /// `&str`.
+    #[test]
+    fn model_id_is_its_string() {
+        let id: ModelId = "t2v-A14B@2.2.0".parse().unwrap();
+        assert_eq!(id.to_string(), "t2v-A14B@2.2.0");
+        assert_eq!(format!("{id:?}"), r#""t2v-A14B@2.2.0""#);
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""t2v-A14B@2.2.0""#);
+        let back: ModelId = serde_json::from_str(r#""t2v-A14B@2.2.0""#).unwrap();
+        assert_eq!(back, id);
+        let map = BTreeMap::from([(id.clone(), 1)]);
+        assert_eq!(map.get("t2v-A14B@2.2.0"), Some(&1));
+        assert_eq!(ModelId::new("a@1.0").unwrap_err().0, "a@1.0");
     }
 
     #[test]
