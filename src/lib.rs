@@ -14,6 +14,9 @@
 //! `control` is the operator's vocabulary: each operation one `control::Request`, answered by
 //! `Control::handle`, which `http` (through `control::routes`), `cmd` and `fs`'s `.wan/` files
 //! only carry.
+//! `in_force` is what is in force: catalog, inode tree, config and peers in one snapshot that
+//! `control`, `fs` and `daemon` read; `reload` builds the next one whole and swaps it in one
+//! step. `system` holds the host helpers (mount table, sd_notify, read-ahead, malloc_trim).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -30,12 +33,15 @@ pub mod file_ctx;
 pub mod fs;
 pub mod fuse;
 pub mod http;
+pub mod in_force;
 pub mod lock_order;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod mount_helper;
 pub mod prefetch;
+pub mod reload;
 pub mod remote;
 pub mod source;
 pub mod store;
+pub mod system;

@@ -71,7 +71,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         if let Some(status) = child.try_wait()? {
             bail!("wan mount exited before mounting ({status})");
         }
-        if crate::daemon::is_fuse_mount(&std::path::absolute(&mp)?) {
+        if crate::system::is_fuse_mount(&std::path::absolute(&mp)?) {
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(50));

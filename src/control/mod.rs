@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunk::Digest;
 use crate::config::Config;
 use crate::fetch::{Fetcher, FileCtx};
-use crate::manifest::Manifest;
+use crate::in_force::{InForce, InForceCell};
 use crate::metrics::METRICS;
 use crate::source::{SourceRegistry, mask_url};
 use crate::store::{CacheState, Store};
@@ -162,21 +162,12 @@ pub struct Summary {
 /// A chunk dropped as corrupt by a report-only verify: (file, chunk index).
 type Quarantined = (Arc<FileCtx>, u64);
 
-/// The models in force: replaced whole on reload, so a request sees one consistent set.
-pub struct Catalog {
-    pub models: BTreeMap<String, crate::manifest::Model>,
-    pub files: BTreeMap<String, Vec<Arc<FileCtx>>>,
-}
-
 /// Everything the control plane needs; built once by the daemon (or the CLI).
 pub struct Control {
-    catalog: std::sync::RwLock<Arc<Catalog>>,
+    /// The models, their files and the configuration in force (swapped whole on reload).
+    in_force: Arc<InForceCell>,
     fetcher: Arc<Fetcher>,
     sources: Arc<SourceRegistry>,
-    config: std::sync::RwLock<Arc<Config>>,
-    /// The manifest file in force, and the config sections a reload read but could not apply
-    /// (they wait for a restart): what `/config` shows beside the configuration in force.
-    loaded: std::sync::RwLock<(PathBuf, Vec<String>)>,
     mountpoint: Option<PathBuf>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     gc_running: tokio::sync::Mutex<()>,
@@ -187,24 +178,16 @@ pub struct Control {
 
 impl Control {
     pub fn new(
-        manifest: &Manifest,
-        manifest_path: PathBuf,
-        files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+        in_force: Arc<InForceCell>,
         fetcher: Arc<Fetcher>,
         sources: Arc<SourceRegistry>,
-        config: Config,
         mountpoint: Option<PathBuf>,
     ) -> Arc<Control> {
-        crate::metrics::register_models(manifest.models.keys().map(String::as_str));
+        crate::metrics::register_models(in_force.get().models.keys().map(String::as_str));
         Arc::new(Control {
-            catalog: std::sync::RwLock::new(Arc::new(Catalog {
-                models: manifest.models.clone(),
-                files,
-            })),
+            in_force,
             fetcher,
             sources,
-            config: std::sync::RwLock::new(Arc::new(config)),
-            loaded: std::sync::RwLock::new((manifest_path, Vec::new())),
             mountpoint,
             jobs: Mutex::new(HashMap::new()),
             gc_running: tokio::sync::Mutex::new(()),
@@ -212,33 +195,19 @@ impl Control {
         })
     }
 
-    /// Replaces the models and the configuration (SIGHUP reload).
-    pub fn reload(
-        &self,
-        manifest: Manifest,
-        files: BTreeMap<String, Vec<Arc<FileCtx>>>,
-        config: Config,
-    ) {
-        crate::metrics::register_models(manifest.models.keys().map(String::as_str));
-        *self.catalog.write().unwrap() = Arc::new(Catalog {
-            models: manifest.models,
-            files,
-        });
-        *self.config.write().unwrap() = Arc::new(config);
+    /// The models, files and configuration in force: one snapshot, however long a request
+    /// takes (a reload meanwhile is seen by the next one).
+    fn cat(&self) -> Arc<InForce> {
+        self.in_force.get()
     }
 
-    /// After a reload: the manifest file now in force, and the config sections whose new
-    /// values wait for a restart (`[fetch]`, `mountpoint`, …; empty when none do).
-    pub fn set_loaded(&self, manifest_path: PathBuf, pending_restart: Vec<String>) {
-        *self.loaded.write().unwrap() = (manifest_path, pending_restart);
-    }
-
-    fn cat(&self) -> Arc<Catalog> {
-        self.catalog.read().unwrap().clone()
+    /// Where what is in force lives (the filesystem and the reload share it).
+    pub fn in_force(&self) -> &Arc<InForceCell> {
+        &self.in_force
     }
 
     fn cfg(&self) -> Arc<Config> {
-        self.config.read().unwrap().clone()
+        self.in_force.get().config.clone()
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -373,11 +342,11 @@ impl Control {
     /// The configuration in force, secrets masked (only env var names are ever stored), and
     /// under `pending_restart` the sections a reload read but could not apply.
     pub fn config_view(&self) -> serde_json::Value {
-        let cfg = self.cfg();
-        let mut v = serde_json::to_value(&*cfg).unwrap_or_default();
-        let (manifest, pending) = self.loaded.read().unwrap().clone();
-        v["manifest"] = serde_json::json!(manifest.display().to_string());
-        v["pending_restart"] = serde_json::json!(pending);
+        let now = self.cat();
+        let cfg = &now.config;
+        let mut v = serde_json::to_value(&**cfg).unwrap_or_default();
+        v["manifest"] = serde_json::json!(now.manifest_path.display().to_string());
+        v["pending_restart"] = serde_json::json!(now.pending_restart);
         v["cache_dir"] = serde_json::json!(
             self.store()
                 .root()
@@ -389,8 +358,7 @@ impl Control {
         let token_set = std::env::var(&cfg.http.token_env).is_ok_and(|t| !t.is_empty());
         v["http"]["token"] = serde_json::json!(if token_set { "***" } else { "" });
         v["sources"] = serde_json::json!(
-            self.cat()
-                .models
+            now.models
                 .values()
                 .map(|m| (
                     m.id.clone(),

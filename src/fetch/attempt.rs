@@ -146,8 +146,8 @@ impl Fetcher {
     /// and daemon, so there is a rate to compare with; a peer above it costs the origin
     /// nothing. An origin that is cooling down is no reason to skip anything.
     pub(super) fn live_peers(&self, origins: &[Arc<SourceHandle>]) -> Vec<Arc<SourceHandle>> {
-        let peers = self.peers.read().unwrap();
-        if peers.0.is_empty() {
+        let peers = self.peers();
+        if peers.handles.is_empty() {
             return Vec::new();
         }
         let healthy: Vec<&Arc<SourceHandle>> = origins
@@ -161,7 +161,7 @@ impl Fetcher {
                 Some(best.map_or(r, |b| b.max(r)))
             });
         let live: Vec<(&Arc<SourceHandle>, Option<f64>)> = peers
-            .0
+            .handles
             .iter()
             .filter(|p| p.cooling_until().is_none())
             .map(|p| (p, p.rate_within(PEER_RATE_FRESH)))
@@ -191,7 +191,7 @@ impl Fetcher {
 
     pub(super) fn cooldown_of(&self, src: &SourceHandle) -> Duration {
         if src.peer {
-            self.peers.read().unwrap().1
+            self.peers().cooldown
         } else {
             self.cfg.cooldown()
         }

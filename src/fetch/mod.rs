@@ -57,6 +57,17 @@ use flight::{ChunkTable, FetchKey, InFlight, Join, Outcome, SharedFetch};
 
 pub use crate::file_ctx::{FileCtx, file_contexts};
 
+/// Other wanfs daemons asked for every chunk before the manifest's sources (`[peers]`), and
+/// how long one that failed is skipped.
+#[derive(Default)]
+pub struct Peers {
+    pub handles: Vec<Arc<SourceHandle>>,
+    pub cooldown: Duration,
+}
+
+/// Reads the peers in force (see [`Fetcher::peers_from`]).
+pub type PeersNow = Box<dyn Fn() -> Arc<Peers> + Send + Sync>;
+
 /// Why bytes could not be delivered, or a chunk not stored.
 ///
 /// Typed, so that a caller tells an eviction, a deliberate skip and a dead task from a failing
@@ -269,9 +280,9 @@ pub struct Fetcher {
     /// behind (`fetch.when_cache_behind`).
     committing: std::sync::atomic::AtomicU64,
     rt: tokio::runtime::Handle,
-    /// Other daemons (`[peers]`), asked for every chunk before the manifest's sources, and
-    /// how long one that failed is skipped; replaced on reload.
-    peers: std::sync::RwLock<(Vec<Arc<SourceHandle>>, Duration)>,
+    /// The peers in force now (`[peers]`: other daemons, asked for every chunk before the
+    /// manifest's sources), asked at every fetch; unset (no peers) until [`Fetcher::peers_from`].
+    peers: std::sync::OnceLock<PeersNow>,
     /// Woken whenever a fetch of some file's chunk 0 starts (see `HEAD_RACE_WAIT`).
     head_started: tokio::sync::Notify,
 }
@@ -319,14 +330,22 @@ impl Fetcher {
             ),
             cfg,
             rt: tokio::runtime::Handle::current(),
-            peers: std::sync::RwLock::new((Vec::new(), Duration::ZERO)),
+            peers: std::sync::OnceLock::new(),
             head_started: tokio::sync::Notify::new(),
         })
     }
 
-    /// The peers to ask before the manifest's sources (at start and on reload).
-    pub fn set_peers(&self, peers: Vec<Arc<SourceHandle>>, cooldown: Duration) {
-        *self.peers.write().unwrap() = (peers, cooldown);
+    /// Where the peers in force are read from at each fetch (`crate::in_force`), so a reload
+    /// that replaces them reaches every fetch that starts after it. Set once, at wiring.
+    pub fn peers_from(&self, now: PeersNow) {
+        if self.peers.set(now).is_err() {
+            tracing::error!("the fetcher's peers were wired twice; the first wiring stays");
+        }
+    }
+
+    /// The peers in force now.
+    pub(crate) fn peers(&self) -> Arc<Peers> {
+        self.peers.get().map(|now| now()).unwrap_or_default()
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -19,6 +19,7 @@ use std::sync::Mutex;
 use crate::control::{Control, ControlError};
 
 use crate::fetch::{FetchError, Fetcher, FileCtx};
+use crate::in_force::InForceCell;
 use crate::metrics::METRICS;
 use crate::prefetch::ReadAhead;
 
@@ -120,7 +121,8 @@ impl FsError {
 pub const XATTRS: [&str; 3] = ["user.wan.sha256", "user.wan.cached_bytes", "user.wan.state"];
 
 pub struct ModelFs {
-    tree: std::sync::RwLock<Arc<Tree>>,
+    /// The inode tree comes from what is in force (`crate::in_force`), one snapshot a request.
+    in_force: Arc<InForceCell>,
     fetcher: Arc<Fetcher>,
     readahead: ReadAhead,
     mtime: SystemTime,
@@ -140,7 +142,7 @@ pub struct ModelFs {
 impl ModelFs {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        tree: Tree,
+        in_force: Arc<InForceCell>,
         fetcher: Arc<Fetcher>,
         control: Arc<Control>,
         rt: tokio::runtime::Handle,
@@ -153,7 +155,7 @@ impl ModelFs {
             nix::unistd::getgid().as_raw(),
         );
         ModelFs {
-            tree: std::sync::RwLock::new(Arc::new(tree)),
+            in_force,
             fetcher,
             readahead: ReadAhead::new(readahead_chunks),
             mtime,
@@ -179,25 +181,7 @@ impl ModelFs {
     }
 
     fn tree(&self) -> Arc<Tree> {
-        self.tree.read().unwrap().clone()
-    }
-
-    /// Swaps in a new tree (reload); returns the models that disappeared and every entry whose
-    /// kernel dentry is now stale (removed, or the same path with new content).
-    pub fn replace_tree(&self, tree: Tree) -> (Vec<String>, Vec<(u64, String)>) {
-        let mut slot = self.tree.write().unwrap();
-        let removed = slot.removed_models(&tree);
-        let stale = slot.stale_entries(&tree);
-        *slot = Arc::new(tree);
-        (removed, stale)
-    }
-
-    /// A new tree for `models` that keeps the current inode numbers.
-    pub fn next_tree(
-        &self,
-        models: &std::collections::BTreeMap<String, Vec<Arc<FileCtx>>>,
-    ) -> Tree {
-        Tree::build(models, Some(&self.tree()))
+        self.in_force.get().tree.clone()
     }
 
     fn attr_of(&self, ino: u64) -> Result<Attr, FsError> {
