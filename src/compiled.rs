@@ -30,8 +30,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{ChunkHash, Digest, Layout};
 use crate::manifest::{
-    ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, Verification, bounds_rule,
-    segments,
+    ChunkList, FileEntry, Manifest, ManifestError, Model, ModelId, SourceUrl, Verification,
+    bounds_rule, segments,
 };
 
 /// Bumped whenever the layout below changes: a form of another version is compiled again.
@@ -53,7 +53,7 @@ pub struct Compiled {
     pub sha256: Digest,
     /// Per model, a digest of everything the compiled form holds for it: a reload rebuilds
     /// only the models whose fingerprint changed.
-    pub fingerprints: BTreeMap<String, Digest>,
+    pub fingerprints: BTreeMap<ModelId, Digest>,
     /// Per model, the sha256 of its text in the manifest (see [`segments`]), when the
     /// manifest has the plain shape that allows cutting it by model: the next compile parses
     /// again only the models whose text changed.
@@ -332,7 +332,8 @@ fn assemble(
     for (id, seg) in segs {
         match old {
             Some(old) if old.texts.get(id).is_some_and(|t| Some(t) == texts.get(id)) => {
-                models.insert(id.clone(), old.manifest.models.get(id)?.clone());
+                let model = old.manifest.models.get(id.as_str())?.clone();
+                models.insert(model.id.clone(), model);
             }
             _ => todo.push(seg.as_str()),
         }
@@ -419,7 +420,7 @@ fn encode(
     base: &Path,
     manifest: &Manifest,
     texts: &BTreeMap<String, Digest>,
-) -> (Vec<u8>, Vec<Digest>, BTreeMap<String, Digest>) {
+) -> (Vec<u8>, Vec<Digest>, BTreeMap<ModelId, Digest>) {
     let mut fingerprints = BTreeMap::new();
     let mut e = Enc::default();
     let mut digests = Vec::new();
@@ -490,7 +491,7 @@ fn encode(
         e.str(&m.id);
         e.bytes(&fp.0);
         // All zeros: the text could not be cut by model (never the sha256 of anything).
-        e.bytes(&texts.get(&m.id).map_or([0; 32], |t| t.0));
+        e.bytes(&texts.get(m.id.as_str()).map_or([0; 32], |t| t.0));
         e.bytes(&me.0);
     }
     (e.0, digests, fingerprints)
@@ -610,7 +611,11 @@ impl<'a> Dec<'a> {
     }
 }
 
-type Decoded = (Manifest, BTreeMap<String, Digest>, BTreeMap<String, Digest>);
+type Decoded = (
+    Manifest,
+    BTreeMap<ModelId, Digest>,
+    BTreeMap<String, Digest>,
+);
 
 fn decode(
     meta: &[u8],
@@ -629,11 +634,11 @@ fn decode(
     let mut fingerprints = BTreeMap::new();
     let mut texts = BTreeMap::new();
     for _ in 0..n_models {
-        let id = d.str()?;
+        let id = ModelId::new(d.str()?).map_err(|_| Malformed("a model id"))?;
         let fp = d.digest()?;
         let text = d.digest()?;
         if text.0 != [0; 32] {
-            texts.insert(id.clone(), text);
+            texts.insert(id.to_string(), text);
         }
         let description = d.str()?;
         let pinned = d.u8()? != 0;

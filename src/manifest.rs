@@ -26,12 +26,12 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 #[derive(Clone, Debug)]
 pub struct Manifest {
     /// Models by id, sorted.
-    pub models: BTreeMap<String, Model>,
+    pub models: BTreeMap<ModelId, Model>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Model {
-    pub id: String,
+    pub id: ModelId,
     pub description: String,
     pub pinned: bool,
     /// In priority order.
@@ -776,7 +776,9 @@ impl Manifest {
                     rule,
                 })
             };
-            if !valid_id(&id) {
+            // A bad id is one problem among the model's others: its files are still checked.
+            let model_id = ModelId::new(id.clone()).ok();
+            if model_id.is_none() {
                 bad(
                     None,
                     "bad model id (want NAME@X.Y.Z, NAME of letters, digits, '_' and '-')".into(),
@@ -901,16 +903,18 @@ impl Manifest {
             if sources.is_empty() && m.sources.priority.is_empty() {
                 bad(None, "no sources (sources.priority is empty)".into());
             }
-            models.insert(
-                id.clone(),
-                Model {
-                    id: id.clone(),
-                    description: m.description,
-                    pinned: m.pinned,
-                    sources,
-                    files,
-                },
-            );
+            if let Some(id) = model_id {
+                models.insert(
+                    id.clone(),
+                    Model {
+                        id,
+                        description: m.description,
+                        pinned: m.pinned,
+                        sources,
+                        files,
+                    },
+                );
+            }
         }
         if !problems.is_empty() {
             return Err(ManifestError::Invalid {
@@ -1017,7 +1021,7 @@ fn header_model(line: &str) -> Option<String> {
 /// Parses each model's text ([`segments`]) alone, spread over the machine's cores; `None` if
 /// any fails. Each model's TOML document is freed as soon as it is converted, so the peak is a
 /// few models' documents rather than the whole manifest's.
-pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(String, Model)>> {
+pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(ModelId, Model)>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(segs.len())
@@ -1026,7 +1030,7 @@ pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(Strin
         let one = Manifest::parse(seg, file, base).ok()?;
         one.models.into_iter().next()
     };
-    let parsed: Vec<Option<Vec<(String, Model)>>> = std::thread::scope(|s| {
+    let parsed: Vec<Option<Vec<(ModelId, Model)>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let mine: Vec<&str> = segs.iter().skip(t).step_by(threads).copied().collect();

@@ -71,7 +71,7 @@ use wanfs::control::{Control, GcMode, JobState, Work};
 use wanfs::daemon::Services;
 use wanfs::fetch::Fetcher;
 use wanfs::fs::{ModelFs, ROOT};
-use wanfs::manifest::{FileEntry, Manifest, Model, Verification};
+use wanfs::manifest::{FileEntry, Manifest, Model, ModelId, Verification};
 use wanfs::source::SourceHandle;
 use wanfs::source::mock::{Fault, MockSource, Outcome};
 use wanfs::store::{Store, StoreError};
@@ -217,10 +217,11 @@ fn specs() -> &'static [Spec] {
 fn manifest() -> Manifest {
     let mut models = BTreeMap::new();
     for (m, id) in MODELS.iter().enumerate() {
+        let id: ModelId = id.parse().unwrap();
         models.insert(
-            id.to_string(),
+            id.clone(),
             Model {
-                id: id.to_string(),
+                id,
                 description: String::new(),
                 pinned: false,
                 sources: Vec::new(),

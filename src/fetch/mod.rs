@@ -882,7 +882,7 @@ impl Fetcher {
         let event = crate::store::index::Event {
             ts: crate::store::now_secs(),
             kind: "download".into(),
-            model: file.model.clone(),
+            model: file.model.to_string(),
             file: file.entry.path.clone(),
             bytes: file.entry.size,
             seconds: secs,

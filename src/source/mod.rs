@@ -585,7 +585,7 @@ mod tests {
     #[test]
     fn sources_given_to_the_registry_replace_every_models_own() {
         let model = |sources| crate::manifest::Model {
-            id: "m@1".into(),
+            id: "m@1.0.0".parse().unwrap(),
             description: String::new(),
             pinned: false,
             sources,
