@@ -1,6 +1,6 @@
 //! wanfs: a FUSE-mounted, lazy, verified model filesystem.
 //!
-//! Module map (arrows point down; see docs/DESIGN-NOTES.md and ../shared/DESIGN.md §10):
+//! Module map (arrows point down; see docs/DESIGN.md §10 and docs/DESIGN-NOTES.md):
 //! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
 //! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and
 //! `metrics` are leaves used throughout; `remote` (manifest entries from the Hub or S3) sits

@@ -8,7 +8,7 @@
 //! one tensor, must not drag in the rest of the file). The window starts at zero even at offset
 //! 0: a safetensors loader reads the header first and may then jump, so only a reader that
 //! actually crosses into the next chunk has shown it is sequential. Read-ahead fetches run at lower priority
-//! than on-demand reads (see `fetch.rs`). Pure logic; the fetcher does the I/O.
+//! than on-demand reads (see fetch/mod.rs, "Budgets"). Pure logic; the fetcher does the I/O.
 
 use std::collections::HashMap;
 use std::ops::Range;

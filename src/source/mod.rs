@@ -2,7 +2,7 @@
 //!
 //! A `Source` answers one question: "give me these bytes of this file". Everything about
 //! trying sources in priority order, retrying, backing off and cooling a failing source down
-//! lives in `SourceHandle` and `fetch.rs`, so a new kind of source (S3, a peer) is one impl.
+//! lives in `SourceHandle` and fetch/attempt.rs, so a new kind of source (S3, a peer) is one impl.
 //! Sources return raw bytes; they never verify: the fetcher does, before anything is stored.
 
 mod file;
