@@ -24,7 +24,7 @@ use crate::control::{
     ModelStatus, Request, Selection, StorageReport,
 };
 use crate::daemon::Services;
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ModelId};
 use crate::store::StoreError;
 
 /// What to operate on.
@@ -270,14 +270,14 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
         } => {
             let all = statuses(b).await?;
             for id in &only {
-                if !all.iter().any(|m| m.id == *id) {
+                if !all.iter().any(|m| m.id == id.as_str()) {
                     let known = all.iter().map(|m| m.id.as_str());
                     return Err(ControlError::unknown_model(id, known).into());
                 }
             }
             let selected = all
                 .into_iter()
-                .filter(|m| only.is_empty() || only.contains(&m.id));
+                .filter(|m| only.is_empty() || only.iter().any(|o| m.id == o.as_str()));
             let (mut pinned_any, mut shown) = (false, Vec::new());
             for m in selected {
                 pinned_any |= m.pinned;
@@ -569,7 +569,7 @@ struct Progress {
     kind: JobKind,
     bars: Option<(
         indicatif::MultiProgress,
-        BTreeMap<String, indicatif::ProgressBar>,
+        BTreeMap<ModelId, indicatif::ProgressBar>,
     )>,
     last_line: Option<Instant>,
 }
@@ -578,7 +578,7 @@ struct Progress {
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
 impl Progress {
-    fn new(kind: JobKind, ids: &[String]) -> Progress {
+    fn new(kind: JobKind, ids: &[ModelId]) -> Progress {
         let bars = std::io::stderr().is_terminal().then(|| {
             let multi = indicatif::MultiProgress::new();
             let style = indicatif::ProgressStyle::with_template(

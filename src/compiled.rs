@@ -30,7 +30,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{ChunkHash, Digest, Layout};
 use crate::manifest::{
-    ChunkList, FileEntry, Manifest, ManifestError, Model, SourceUrl, bounds_rule, segments,
+    ChunkList, FileEntry, Manifest, ManifestError, Model, ModelId, SourceUrl, Verification,
+    bounds_rule, segments,
 };
 
 /// Bumped whenever the layout below changes: a form of another version is compiled again.
@@ -52,7 +53,7 @@ pub struct Compiled {
     pub sha256: Digest,
     /// Per model, a digest of everything the compiled form holds for it: a reload rebuilds
     /// only the models whose fingerprint changed.
-    pub fingerprints: BTreeMap<String, Digest>,
+    pub fingerprints: BTreeMap<ModelId, Digest>,
     /// Per model, the sha256 of its text in the manifest (see [`segments`]), when the
     /// manifest has the plain shape that allows cutting it by model: the next compile parses
     /// again only the models whose text changed.
@@ -331,7 +332,8 @@ fn assemble(
     for (id, seg) in segs {
         match old {
             Some(old) if old.texts.get(id).is_some_and(|t| Some(t) == texts.get(id)) => {
-                models.insert(id.clone(), old.manifest.models.get(id)?.clone());
+                let model = old.manifest.models.get(id.as_str())?.clone();
+                models.insert(model.id.clone(), model);
             }
             _ => todo.push(seg.as_str()),
         }
@@ -418,7 +420,7 @@ fn encode(
     base: &Path,
     manifest: &Manifest,
     texts: &BTreeMap<String, Digest>,
-) -> (Vec<u8>, Vec<Digest>, BTreeMap<String, Digest>) {
+) -> (Vec<u8>, Vec<Digest>, BTreeMap<ModelId, Digest>) {
     let mut fingerprints = BTreeMap::new();
     let mut e = Enc::default();
     let mut digests = Vec::new();
@@ -463,13 +465,13 @@ fn encode(
                 ChunkHash::Sha256 => 0,
                 ChunkHash::Blake3 => 1,
             });
-            match &f.chunks {
-                Some(c) => {
+            match &f.verification {
+                Verification::Chunked(c) => {
                     me.u64(digests.len() as u64);
                     me.u64(c.len() as u64);
                     digests.extend_from_slice(c);
                 }
-                None => {
+                Verification::Whole => {
                     me.u64(NO_CHUNKS);
                     me.u64(0);
                 }
@@ -489,7 +491,7 @@ fn encode(
         e.str(&m.id);
         e.bytes(&fp.0);
         // All zeros: the text could not be cut by model (never the sha256 of anything).
-        e.bytes(&texts.get(&m.id).map_or([0; 32], |t| t.0));
+        e.bytes(&texts.get(m.id.as_str()).map_or([0; 32], |t| t.0));
         e.bytes(&me.0);
     }
     (e.0, digests, fingerprints)
@@ -609,7 +611,11 @@ impl<'a> Dec<'a> {
     }
 }
 
-type Decoded = (Manifest, BTreeMap<String, Digest>, BTreeMap<String, Digest>);
+type Decoded = (
+    Manifest,
+    BTreeMap<ModelId, Digest>,
+    BTreeMap<String, Digest>,
+);
 
 fn decode(
     meta: &[u8],
@@ -628,11 +634,11 @@ fn decode(
     let mut fingerprints = BTreeMap::new();
     let mut texts = BTreeMap::new();
     for _ in 0..n_models {
-        let id = d.str()?;
+        let id = ModelId::new(d.str()?).map_err(|_| Malformed("a model id"))?;
         let fp = d.digest()?;
         let text = d.digest()?;
         if text.0 != [0; 32] {
-            texts.insert(id.clone(), text);
+            texts.insert(id.to_string(), text);
         }
         let description = d.str()?;
         let pinned = d.u8()? != 0;
@@ -670,15 +676,15 @@ fn decode(
             if bounds_rule(&path, size, chunk_size, head_size).is_some() {
                 return Err(Malformed("a file the manifest rules refuse"));
             }
-            let chunks = if first == NO_CHUNKS {
-                None
+            let verification = if first == NO_CHUNKS {
+                Verification::Whole
             } else {
                 let want = Layout::with_head(size, chunk_size, head_size).count();
                 let end = first.checked_add(n).ok_or(Malformed("a digest range"))?;
                 if n != want || end > count as u64 {
                     return Err(Malformed("a digest range"));
                 }
-                Some(ChunkList::shared(
+                Verification::Chunked(ChunkList::shared(
                     table.clone(),
                     first as usize..end as usize,
                 ))
@@ -690,7 +696,7 @@ fn decode(
                 chunk_size,
                 head_size,
                 chunk_hash,
-                chunks,
+                verification,
             });
         }
         fingerprints.insert(id.clone(), fp);
@@ -804,9 +810,12 @@ mod tests {
         // Debug shows every field, chunk digests included.
         assert_eq!(format!("{:?}", again.manifest), format!("{parsed:?}"));
         let b = &again.manifest.models["b@2.0.0"].files[0];
-        assert_eq!(b.chunks.as_deref().unwrap().len(), 2);
-        assert_eq!(b.chunks.as_ref().unwrap()[1], D.parse().unwrap());
-        assert!(again.manifest.models["a@1.0.0"].files[1].chunks.is_none());
+        assert_eq!(b.verification.chunks().unwrap().len(), 2);
+        assert_eq!(b.verification.chunk(1).unwrap(), D.parse().unwrap());
+        assert_eq!(
+            again.manifest.models["a@1.0.0"].files[1].verification,
+            Verification::Whole
+        );
     }
 
     #[test]
@@ -861,7 +870,12 @@ mod tests {
             m.models
                 .values()
                 .flat_map(|m| &m.files)
-                .flat_map(|f| f.chunks.iter().flat_map(|c| c.iter().copied()))
+                .flat_map(|f| {
+                    f.verification
+                        .chunks()
+                        .into_iter()
+                        .flat_map(|c| c.iter().copied())
+                })
                 .collect()
         };
         let parsed = Manifest::load(&manifest).unwrap();
@@ -904,8 +918,8 @@ mod tests {
         assert_eq!(b.manifest.models["b@2.0.0"].files[0].size, 20_000);
         assert_eq!(
             b.manifest.models["b@2.0.0"].files[0]
-                .chunks
-                .as_ref()
+                .verification
+                .chunks()
                 .unwrap()
                 .len(),
             3

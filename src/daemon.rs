@@ -21,7 +21,7 @@ use crate::file_ctx::file_contexts;
 use crate::fs::{ModelFs, Tree};
 use crate::fuse::{FuseAdapter, Unmounter, manifest_mtime};
 use crate::in_force::{InForce, InForceCell};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ModelId};
 use crate::reload::{Reloader, drop_stale_sizes, peers_of};
 use crate::source::SourceRegistry;
 use crate::store::Store;
@@ -118,7 +118,7 @@ pub struct ServicesBuilder<'a> {
     sources: Option<Vec<Arc<crate::source::SourceHandle>>>,
     /// The manifest file's sha256 and per-model fingerprints, where it came from a compiled
     /// form: what a reload compares with.
-    compiled: Option<(Digest, BTreeMap<String, Digest>)>,
+    compiled: Option<(Digest, BTreeMap<ModelId, Digest>)>,
     /// Whether the configured peers are asked (the daemon); the CLI and tests ask none.
     peers: bool,
 }
@@ -143,7 +143,7 @@ impl ServicesBuilder<'_> {
 
     /// The sha256 and fingerprints of the compiled form `manifest` came from (see
     /// [`crate::compiled::Compiled`]), so a reload rebuilds only what changed.
-    pub fn compiled(mut self, sha256: Digest, fingerprints: BTreeMap<String, Digest>) -> Self {
+    pub fn compiled(mut self, sha256: Digest, fingerprints: BTreeMap<ModelId, Digest>) -> Self {
         self.compiled = Some((sha256, fingerprints));
         self
     }

@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use crate::manifest::FileEntry;
+use crate::manifest::{FileEntry, ModelId};
 use crate::source::SourceHandle;
 
 /// One file of one model, with the sources to fetch it from.
 pub struct FileCtx {
-    pub model: String,
+    pub model: ModelId,
     pub entry: FileEntry,
     pub sources: Vec<Arc<SourceHandle>>,
 }
@@ -32,7 +32,7 @@ pub fn model_files(m: &crate::manifest::Model, sources: &[Arc<SourceHandle>]) ->
 pub fn file_contexts(
     manifest: &crate::manifest::Manifest,
     sources: &crate::source::SourceRegistry,
-) -> std::collections::BTreeMap<String, Vec<Arc<FileCtx>>> {
+) -> std::collections::BTreeMap<ModelId, Vec<Arc<FileCtx>>> {
     manifest
         .models
         .values()

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::fetch::Peers;
 use crate::file_ctx::FileCtx;
 use crate::fs::Tree;
-use crate::manifest::Model;
+use crate::manifest::{Model, ModelId};
 
 /// The state a request is answered from.
 pub struct InForce {
@@ -23,11 +23,11 @@ pub struct InForce {
     /// The sha256 of that file's bytes, and per model a digest of everything its compiled
     /// form holds (`crate::compiled`): what a reload compares to rebuild only what changed.
     pub sha256: Digest,
-    pub fingerprints: BTreeMap<String, Digest>,
+    pub fingerprints: BTreeMap<ModelId, Digest>,
     /// The models, by id.
-    pub models: BTreeMap<String, Model>,
+    pub models: BTreeMap<ModelId, Model>,
     /// Each model's files with their sources, by model id.
-    pub files: BTreeMap<String, Vec<Arc<FileCtx>>>,
+    pub files: BTreeMap<ModelId, Vec<Arc<FileCtx>>>,
     /// The inode tree laid out from `files`.
     pub tree: Arc<Tree>,
     /// The configuration in force: a reload applies `[gc]` and `[peers]` (and the manifest);

@@ -26,12 +26,12 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
 #[derive(Clone, Debug)]
 pub struct Manifest {
     /// Models by id, sorted.
-    pub models: BTreeMap<String, Model>,
+    pub models: BTreeMap<ModelId, Model>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Model {
-    pub id: String,
+    pub id: ModelId,
     pub description: String,
     pub pinned: bool,
     /// In priority order.
@@ -50,8 +50,39 @@ pub struct FileEntry {
     pub head_size: u64,
     /// What the chunk digests are taken with (`chunk_hash`; sha256 when absent).
     pub chunk_hash: ChunkHash,
-    /// Per-chunk digests when the manifest lists them (lazy reads); `None` = fetched whole.
-    pub chunks: Option<ChunkList>,
+    /// How its bytes are checked before a reader sees them: chunk by chunk, or only whole.
+    pub verification: Verification,
+}
+
+/// How a file's bytes are checked, which decides how it is fetched: the manifest lists the
+/// file's chunk digests (`chunks = [...]`) or it does not.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verification {
+    /// Each chunk against its digest (under `chunk_hash`): a read fetches only the chunks it
+    /// covers, and each reaches a reader as soon as it is checked.
+    Chunked(ChunkList),
+    /// Only the whole file, against `sha256`: no byte reaches a reader before the whole file
+    /// has been fetched and checked (its chunk grid only splits the fetch into requests).
+    Whole,
+}
+
+impl Verification {
+    /// The digest chunk `idx` must have; `None` for a whole-only file, whose chunks have none.
+    /// Panics if `idx` is past the file's last chunk.
+    pub fn chunk(&self, idx: u64) -> Option<Digest> {
+        match self {
+            Verification::Chunked(digests) => Some(digests[idx as usize]),
+            Verification::Whole => None,
+        }
+    }
+
+    /// The chunk digests, in order; `None` for a whole-only file.
+    pub fn chunks(&self) -> Option<&ChunkList> {
+        match self {
+            Verification::Chunked(digests) => Some(digests),
+            Verification::Whole => None,
+        }
+    }
 }
 
 /// A file's chunk digests, in order: a shared, read-only slice. Cloning is a reference count.
@@ -243,9 +274,11 @@ impl fmt::Display for Problem {
 fn same_content(a: &FileEntry, b: &FileEntry) -> bool {
     a.size == b.size
         && (a.chunk_size, a.head_size) == (b.chunk_size, b.head_size)
-        && match (&a.chunks, &b.chunks) {
-            (Some(ac), Some(bc)) => a.chunk_hash != b.chunk_hash || ac == bc,
-            _ => true,
+        && match (&a.verification, &b.verification) {
+            (Verification::Chunked(ac), Verification::Chunked(bc)) => {
+                a.chunk_hash != b.chunk_hash || ac == bc
+            }
+            (Verification::Whole, _) | (_, Verification::Whole) => true,
         }
 }
 
@@ -310,7 +343,98 @@ impl<'de> Deserialize<'de> for HexDigest {
     }
 }
 
-/// Checks a model id against `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$`.
+/// A model's id, `NAME@X.Y.Z`: checked once, where it is made ([`ModelId::new`], `parse`, serde),
+/// so a value of this type is always one the manifest rules accept. It reads and writes as the
+/// plain string, and a map keyed by it is looked up by `&str` (`Borrow<str>`).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ModelId(String);
+
+/// Why a string is not a model id.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("bad model id {0:?} (want NAME@X.Y.Z, NAME of letters, digits, '_' and '-')")]
+pub struct BadModelId(pub String);
+
+impl ModelId {
+    /// `id` when it is `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$`.
+    pub fn new(id: impl Into<String>) -> Result<ModelId, BadModelId> {
+        let id = id.into();
+        if valid_id(&id) {
+            Ok(ModelId(id))
+        } else {
+            Err(BadModelId(id))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for ModelId {
+    type Err = BadModelId;
+    fn from_str(s: &str) -> Result<ModelId, BadModelId> {
+        ModelId::new(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ModelId, D::Error> {
+        ModelId::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// Debug as the string does, so logs and `{:?}` read as they did with a `String` id.
+impl fmt::Debug for ModelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl Deref for ModelId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ModelId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ModelId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for ModelId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ModelId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<ModelId> for String {
+    fn from(id: ModelId) -> String {
+        id.0
+    }
+}
+
+/// Checks a model id against `^[A-Za-z0-9][A-Za-z0-9_-]*@\d+\.\d+\.\d+$` (see [`ModelId`]).
 pub fn valid_id(id: &str) -> bool {
     let Some((name, version)) = id.split_once('@') else {
         return false;
@@ -652,7 +776,9 @@ impl Manifest {
                     rule,
                 })
             };
-            if !valid_id(&id) {
+            // A bad id is one problem among the model's others: its files are still checked.
+            let model_id = ModelId::new(id.clone()).ok();
+            if model_id.is_none() {
                 bad(
                     None,
                     "bad model id (want NAME@X.Y.Z, NAME of letters, digits, '_' and '-')".into(),
@@ -705,8 +831,8 @@ impl Manifest {
                     );
                     continue;
                 }
-                let chunks = match f.chunks {
-                    None => None,
+                let verification = match f.chunks {
+                    None => Verification::Whole,
                     Some(list) => {
                         let want = Layout::with_head(f.size, chunk_size, head_size).count();
                         if list.len() as u64 != want {
@@ -735,7 +861,7 @@ impl Manifest {
                         if out.len() != n {
                             continue;
                         }
-                        Some(ChunkList::from(out))
+                        Verification::Chunked(ChunkList::from(out))
                     }
                 };
                 let entry = FileEntry {
@@ -745,7 +871,7 @@ impl Manifest {
                     chunk_size,
                     head_size,
                     chunk_hash,
-                    chunks,
+                    verification,
                 };
                 match by_digest.get(&sha256) {
                     Some((om, o)) if !same_content(o, &entry) => {
@@ -777,16 +903,18 @@ impl Manifest {
             if sources.is_empty() && m.sources.priority.is_empty() {
                 bad(None, "no sources (sources.priority is empty)".into());
             }
-            models.insert(
-                id.clone(),
-                Model {
-                    id: id.clone(),
-                    description: m.description,
-                    pinned: m.pinned,
-                    sources,
-                    files,
-                },
-            );
+            if let Some(id) = model_id {
+                models.insert(
+                    id.clone(),
+                    Model {
+                        id,
+                        description: m.description,
+                        pinned: m.pinned,
+                        sources,
+                        files,
+                    },
+                );
+            }
         }
         if !problems.is_empty() {
             return Err(ManifestError::Invalid {
@@ -893,7 +1021,7 @@ fn header_model(line: &str) -> Option<String> {
 /// Parses each model's text ([`segments`]) alone, spread over the machine's cores; `None` if
 /// any fails. Each model's TOML document is freed as soon as it is converted, so the peak is a
 /// few models' documents rather than the whole manifest's.
-pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(String, Model)>> {
+pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(ModelId, Model)>> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(segs.len())
@@ -902,7 +1030,7 @@ pub fn parse_models(segs: &[&str], file: &str, base: &Path) -> Option<Vec<(Strin
         let one = Manifest::parse(seg, file, base).ok()?;
         one.models.into_iter().next()
     };
-    let parsed: Vec<Option<Vec<(String, Model)>>> = std::thread::scope(|s| {
+    let parsed: Vec<Option<Vec<(ModelId, Model)>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let mine: Vec<&str> = segs.iter().skip(t).step_by(threads).copied().collect();
@@ -1284,7 +1412,27 @@ mod tests {
             "@1.0.0",
         ] {
             assert!(!valid_id(bad), "{bad}");
+            assert!(bad.parse::<ModelId>().is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<ModelId>(&format!("{bad:?}")).is_err(),
+                "{bad}"
+            );
         }
+    }
+
+    /// A model id reads and writes as its plain string, and a map keyed by it is looked up by
+    /// `&str`.
+    #[test]
+    fn model_id_is_its_string() {
+        let id: ModelId = "t2v-A14B@2.2.0".parse().unwrap();
+        assert_eq!(id.to_string(), "t2v-A14B@2.2.0");
+        assert_eq!(format!("{id:?}"), r#""t2v-A14B@2.2.0""#);
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""t2v-A14B@2.2.0""#);
+        let back: ModelId = serde_json::from_str(r#""t2v-A14B@2.2.0""#).unwrap();
+        assert_eq!(back, id);
+        let map = BTreeMap::from([(id.clone(), 1)]);
+        assert_eq!(map.get("t2v-A14B@2.2.0"), Some(&1));
+        assert_eq!(ModelId::new("a@1.0").unwrap_err().0, "a@1.0");
     }
 
     #[test]
@@ -1306,7 +1454,7 @@ mod tests {
         let model = &m.models["m@1.0.0"];
         assert_eq!(model.sources, vec![SourceUrl::Dir("/base/x".into())]);
         assert_eq!(model.files[0].chunk_size, DEFAULT_CHUNK_SIZE);
-        assert!(model.files[0].chunks.is_none());
+        assert_eq!(model.files[0].verification, Verification::Whole);
     }
 
     #[test]
@@ -1450,10 +1598,10 @@ mod tests {
         let files = &m.models["m@1.2.3"].files;
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].path, "e");
-        assert_eq!(files[0].chunks.as_ref().unwrap().len(), 0);
+        assert_eq!(files[0].verification.chunks().unwrap().len(), 0);
         let w = &files[1];
         assert_eq!((w.size, w.sha256), (10, Digest::of(&[7u8; 10])));
-        assert_eq!(w.chunks.as_ref().unwrap()[2], Digest::of(&[7u8; 2]));
+        assert_eq!(w.verification.chunk(2).unwrap(), Digest::of(&[7u8; 2]));
     }
 
     /// By default a large file gets a 1 MiB first chunk, a safetensors file one that holds its
@@ -1483,7 +1631,7 @@ mod tests {
                 .iter()
                 .find(|f| f.path == p)
                 .unwrap();
-            (f.head_size, f.chunks.as_ref().unwrap().len())
+            (f.head_size, f.verification.chunks().unwrap().len())
         };
         assert_eq!(head("big.bin"), (1 << 20, 2));
         assert_eq!(

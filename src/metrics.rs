@@ -267,13 +267,14 @@ pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
 /// Creates the series of one source at 0: its bytes and each `result` its requests can have
 /// (`miss` only for a peer). Called where a source's handle is built: at start and at the
 /// reload that adds it.
-pub fn register_source(name: &str, peer: bool) {
+pub fn register_source(name: &str, kind: crate::source::SourceKind) {
+    use crate::source::SourceKind;
     use source_result::*;
     METRICS.source_bytes.with_label_values(&[name]);
-    let results: &[&str] = if peer {
-        &[OK, ERROR, WRONG_BYTES, MISS]
-    } else {
-        &[OK, ERROR, WRONG_BYTES]
+    // Only a peer can miss.
+    let results: &[&str] = match kind {
+        SourceKind::Peer => &[OK, ERROR, WRONG_BYTES, MISS],
+        SourceKind::Origin => &[OK, ERROR, WRONG_BYTES],
     };
     for result in results {
         METRICS.source_requests.with_label_values(&[name, result]);
@@ -292,6 +293,8 @@ pub fn render() -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::source::SourceKind;
+
     #[test]
     fn runbook_names_are_exported() {
         super::METRICS.errors.with_label_values(&["source"]).inc();
@@ -315,8 +318,8 @@ mod tests {
     #[test]
     fn registered_models_show_every_documented_series_at_zero() {
         super::register_models(["zero@1.0.0"]);
-        super::register_source("https://zero.example/m", false);
-        super::register_source("peer http://10.9.9.9:8000", true);
+        super::register_source("https://zero.example/m", SourceKind::Origin);
+        super::register_source("peer http://10.9.9.9:8000", SourceKind::Peer);
         let text = super::render();
         for line in [
             "model_downloads_total{model=\"zero@1.0.0\",status=\"success\"} 0",
@@ -363,7 +366,7 @@ mod tests {
 
     #[test]
     fn a_source_that_is_not_a_peer_has_no_miss_series() {
-        super::register_source("https://nomiss.example/m", false);
+        super::register_source("https://nomiss.example/m", SourceKind::Origin);
         let text = super::render();
         assert!(!text.contains("result=\"miss\",source=\"https://nomiss.example/m\""));
     }

@@ -17,7 +17,7 @@ use crate::fetch::Peers;
 use crate::file_ctx::file_contexts;
 use crate::fs::Tree;
 use crate::in_force::{InForce, InForceCell};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ModelId};
 use crate::source::SourceRegistry;
 use crate::store::Store;
 use crate::system::{sd_notify, trim_heap};
@@ -55,7 +55,7 @@ impl Reloader {
                         now.tree.stale_entries(&next.tree),
                     )
                 };
-                crate::metrics::register_models(next.models.keys().map(String::as_str));
+                crate::metrics::register_models(next.models.keys().map(ModelId::as_str));
                 let gc_threshold = next.config.gc.high_bytes();
                 let (manifest, models) = (next.manifest_path.clone(), next.models.len());
                 drop(now);
@@ -209,7 +209,7 @@ pub fn peers_of(sources: &SourceRegistry, cfg: &Config) -> anyhow::Result<Peers>
 /// A file of a manifest whose blob the cache holds at another size (see
 /// [`crate::store::StoreError::SizeConflict`]).
 struct SizeConflict {
-    model: String,
+    model: ModelId,
     path: String,
     sha256: crate::chunk::Digest,
     cached: u64,

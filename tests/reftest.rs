@@ -71,7 +71,7 @@ use wanfs::control::{Control, GcMode, JobState, Work};
 use wanfs::daemon::Services;
 use wanfs::fetch::Fetcher;
 use wanfs::fs::{ModelFs, ROOT};
-use wanfs::manifest::{FileEntry, Manifest, Model};
+use wanfs::manifest::{FileEntry, Manifest, Model, ModelId, Verification};
 use wanfs::source::SourceHandle;
 use wanfs::source::mock::{Fault, MockSource, Outcome};
 use wanfs::store::{Store, StoreError};
@@ -112,14 +112,18 @@ impl Spec {
         } else {
             ChunkHash::Sha256
         };
-        let chunks = (!self.whole_only).then(|| {
-            (0..layout.count())
-                .map(|i| {
-                    let r = layout.range(i);
-                    chunk_hash.digest(&self.data[r.start as usize..r.end as usize])
-                })
-                .collect()
-        });
+        let verification = if self.whole_only {
+            Verification::Whole
+        } else {
+            Verification::Chunked(
+                (0..layout.count())
+                    .map(|i| {
+                        let r = layout.range(i);
+                        chunk_hash.digest(&self.data[r.start as usize..r.end as usize])
+                    })
+                    .collect(),
+            )
+        };
         FileEntry {
             path: self.path.into(),
             size: self.data.len() as u64,
@@ -127,7 +131,7 @@ impl Spec {
             chunk_size: self.chunk_size,
             head_size: self.head,
             chunk_hash,
-            chunks,
+            verification,
         }
     }
 }
@@ -213,10 +217,11 @@ fn specs() -> &'static [Spec] {
 fn manifest() -> Manifest {
     let mut models = BTreeMap::new();
     for (m, id) in MODELS.iter().enumerate() {
+        let id: ModelId = id.parse().unwrap();
         models.insert(
-            id.to_string(),
+            id.clone(),
             Model {
-                id: id.to_string(),
+                id,
                 description: String::new(),
                 pinned: false,
                 sources: Vec::new(),

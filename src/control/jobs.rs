@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{Control, ControlError, GcMode, failed, statvfs};
 use crate::chunk::Digest;
 use crate::fetch::FileCtx;
+use crate::manifest::{ModelId, Verification};
 use crate::metrics::METRICS;
 use crate::store::gc::{GcBlob, GcUsage, plan_gc};
 use crate::store::index::Event;
@@ -165,9 +166,9 @@ impl Control {
     /// except that a second ensure of a model already ensuring is simply left to run.
     fn start_jobs(
         &self,
-        ids: &[String],
+        ids: &[ModelId],
         work: Work,
-    ) -> Result<Vec<(String, Arc<Job>)>, ControlError> {
+    ) -> Result<Vec<(ModelId, Arc<Job>)>, ControlError> {
         let mut jobs = self.jobs.lock().unwrap();
         let mut todo = Vec::new();
         for id in ids {
@@ -178,7 +179,7 @@ impl Control {
                 if matches!(work, Work::Ensure { .. }) && running == work.kind() {
                     continue;
                 }
-                return Err(ControlError::Busy(id.clone(), running.as_str().into()));
+                return Err(ControlError::Busy(id.to_string(), running.as_str().into()));
             }
             todo.push(id.clone());
         }
@@ -230,22 +231,23 @@ impl Control {
     /// model is left to run).
     pub fn ensure(
         self: &Arc<Self>,
-        ids: &[String],
+        ids: &[ModelId],
         force: bool,
-    ) -> Result<Vec<String>, ControlError> {
+    ) -> Result<Vec<ModelId>, ControlError> {
         self.start(ids, Work::Ensure { force })
     }
 
     /// Starts verify jobs in the background.
     pub fn verify(
         self: &Arc<Self>,
-        ids: &[String],
+        ids: &[ModelId],
         report_only: bool,
-    ) -> Result<Vec<String>, ControlError> {
+    ) -> Result<Vec<ModelId>, ControlError> {
         self.start(ids, Work::Verify { report_only })
     }
 
-    fn start(self: &Arc<Self>, ids: &[String], work: Work) -> Result<Vec<String>, ControlError> {
+    fn start(self: &Arc<Self>, ids: &[ModelId], work: Work) -> Result<Vec<ModelId>, ControlError> {
+        // Still in force: a reload may have removed one since it was named.
         let ids = self.resolve(ids)?;
         for (id, job) in self.start_jobs(&ids, work)? {
             let this = self.clone();
@@ -260,22 +262,25 @@ impl Control {
         id: &str,
         work: Work,
     ) -> Result<JobStatus, ControlError> {
-        let id = &self.resolve(&[id.to_string()])?[0];
+        let id = &self.resolve(&[id])?[0];
         let Some((_, job)) = self.start_jobs(std::slice::from_ref(id), work)?.pop() else {
-            return Err(ControlError::Busy(id.clone(), work.kind().as_str().into()));
+            return Err(ControlError::Busy(
+                id.to_string(),
+                work.kind().as_str().into(),
+            ));
         };
         self.run_job(id, work, job.clone()).await;
         Ok(job.snapshot())
     }
 
-    async fn run_job(self: &Arc<Self>, id: &str, work: Work, job: Arc<Job>) {
+    async fn run_job(self: &Arc<Self>, id: &ModelId, work: Work, job: Arc<Job>) {
         match work {
             Work::Ensure { force } => self.run_ensure(id, force, job).await,
             Work::Verify { report_only } => self.run_verify(id, report_only, job).await,
         }
     }
 
-    async fn run_ensure(self: &Arc<Self>, id: &str, force: bool, job: Arc<Job>) {
+    async fn run_ensure(self: &Arc<Self>, id: &ModelId, force: bool, job: Arc<Job>) {
         let t0 = std::time::Instant::now();
         if force {
             for (f, _) in self.blobs_of(id) {
@@ -310,7 +315,7 @@ impl Control {
                 let _ = self.store().index().add_event(&Event {
                     ts: now_secs(),
                     kind: "download".into(),
-                    model: id.into(),
+                    model: id.to_string(),
                     file: f.entry.path.clone(),
                     bytes: f.entry.size,
                     status: "failed".into(),
@@ -367,7 +372,7 @@ impl Control {
 
     /// Re-reads every present chunk of a model from disk and checks it against its digest;
     /// bad chunks are dropped and (unless `report_only`) fetched again.
-    async fn run_verify(self: &Arc<Self>, id: &str, report_only: bool, job: Arc<Job>) {
+    async fn run_verify(self: &Arc<Self>, id: &ModelId, report_only: bool, job: Arc<Job>) {
         let t0 = std::time::Instant::now();
         let mut bad = 0u64;
         // Bad chunks this run found itself; those a report-only run found (and counted) before
@@ -459,9 +464,10 @@ impl Control {
     /// Fetches a dropped chunk again and waits until it is stored (not just served): a repair
     /// reported done must leave the model COMPLETE.
     async fn refetch_stored(&self, f: &Arc<FileCtx>, idx: u64) -> Result<(), ControlError> {
-        if f.entry.chunks.is_none() {
+        match f.entry.verification {
+            Verification::Chunked(_) => {}
             // No chunk digest to fetch it by: a whole-only file is made whole again.
-            return self.fetcher.ensure_whole(f).await.map_err(failed);
+            Verification::Whole => return self.fetcher.ensure_whole(f).await.map_err(failed),
         }
         self.fetcher.refetch_chunk(f, idx).await.map_err(failed)?;
         if self.store().has_chunk(&f.entry, idx) {
@@ -486,9 +492,10 @@ impl Control {
         let mut bad_idx = Vec::new();
         let mut checked = 0;
         for idx in 0..layout.count() {
-            let expected = match &entry.chunks {
-                Some(c) => c[idx as usize],
-                None => match recorded.get(&idx) {
+            let expected = match &entry.verification {
+                Verification::Chunked(c) => c[idx as usize],
+                // Checked against the digest recorded when the whole file was verified.
+                Verification::Whole => match recorded.get(&idx) {
                     Some(d) => *d,
                     None => continue,
                 },
@@ -540,14 +547,17 @@ impl Control {
             }
             return Ok(());
         }
-        if entry.chunks.is_none() {
-            // A whole-only file can only be re-fetched whole.
-            self.evict_blob(entry.sha256)?;
-            self.fetcher.ensure_whole(f).await.map_err(failed)?;
-        } else {
-            for idx in bad_idx {
-                store.drop_chunk(&entry, idx).map_err(failed)?;
-                self.refetch_stored(f, idx).await?;
+        match entry.verification {
+            Verification::Whole => {
+                // A whole-only file can only be re-fetched whole.
+                self.evict_blob(entry.sha256)?;
+                self.fetcher.ensure_whole(f).await.map_err(failed)?;
+            }
+            Verification::Chunked(_) => {
+                for idx in bad_idx {
+                    store.drop_chunk(&entry, idx).map_err(failed)?;
+                    self.refetch_stored(f, idx).await?;
+                }
             }
         }
         Ok(())
@@ -569,8 +579,8 @@ impl Control {
             let pinned = self.pinned(id);
             for f in files {
                 let o = owners.entry(f.entry.sha256).or_default();
-                if !o.0.contains(id) {
-                    o.0.push(id.clone());
+                if !o.0.iter().any(|m| m.as_str() == id.as_str()) {
+                    o.0.push(id.to_string());
                 }
                 o.1.push(format!("{id}/{}", f.entry.path));
                 o.2 |= pinned;

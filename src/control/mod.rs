@@ -36,6 +36,7 @@ use crate::chunk::Digest;
 use crate::config::Config;
 use crate::fetch::{Fetcher, FileCtx};
 use crate::in_force::{InForce, InForceCell};
+use crate::manifest::ModelId;
 use crate::metrics::METRICS;
 use crate::source::{SourceRegistry, mask_url};
 use crate::store::{CacheState, Store};
@@ -135,7 +136,7 @@ impl std::fmt::Display for ModelState {
 /// One model as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelStatus {
-    pub id: String,
+    pub id: ModelId,
     pub description: String,
     pub state: ModelState,
     pub pinned: bool,
@@ -169,11 +170,11 @@ pub struct Control {
     fetcher: Arc<Fetcher>,
     sources: Arc<SourceRegistry>,
     mountpoint: Option<PathBuf>,
-    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    jobs: Mutex<HashMap<ModelId, Arc<Job>>>,
     gc_running: tokio::sync::Mutex<()>,
     /// Chunks a report-only verify found corrupt and dropped, by model: the next repairing
     /// verify fetches them again (a read would too).
-    quarantine: Mutex<HashMap<String, Vec<Quarantined>>>,
+    quarantine: Mutex<HashMap<ModelId, Vec<Quarantined>>>,
 }
 
 impl Control {
@@ -183,7 +184,7 @@ impl Control {
         sources: Arc<SourceRegistry>,
         mountpoint: Option<PathBuf>,
     ) -> Arc<Control> {
-        crate::metrics::register_models(in_force.get().models.keys().map(String::as_str));
+        crate::metrics::register_models(in_force.get().models.keys().map(ModelId::as_str));
         Arc::new(Control {
             in_force,
             fetcher,
@@ -214,27 +215,28 @@ impl Control {
         self.fetcher.store()
     }
 
-    pub fn model_ids(&self) -> Vec<String> {
+    pub fn model_ids(&self) -> Vec<ModelId> {
         self.cat().models.keys().cloned().collect()
     }
 
-    /// Checks ids, naming the first unknown one; an empty list means every model.
-    pub fn resolve(&self, ids: &[String]) -> Result<Vec<String>, ControlError> {
+    /// The models in force that `ids` (as asked: any strings) name, naming the first unknown
+    /// one with a "did you mean"; an empty list means every model.
+    pub fn resolve(&self, ids: &[impl AsRef<str>]) -> Result<Vec<ModelId>, ControlError> {
         if ids.is_empty() {
             return Ok(self.model_ids());
         }
         let mut out = Vec::new();
         let cat = self.cat();
         for id in ids {
-            let id = id.trim();
-            if !cat.models.contains_key(id) {
+            let id = id.as_ref().trim();
+            let Some((id, _)) = cat.models.get_key_value(id) else {
                 return Err(ControlError::unknown_model(
                     id,
-                    cat.models.keys().map(String::as_str),
+                    cat.models.keys().map(ModelId::as_str),
                 ));
-            }
-            if !out.iter().any(|o| o == id) {
-                out.push(id.to_string());
+            };
+            if !out.contains(id) {
+                out.push(id.clone());
             }
         }
         Ok(out)
@@ -251,7 +253,7 @@ impl Control {
     pub fn model_status(&self, id: &str) -> Result<ModelStatus, ControlError> {
         let cat = self.cat();
         let model = cat.models.get(id).ok_or_else(|| {
-            ControlError::unknown_model(id, cat.models.keys().map(String::as_str))
+            ControlError::unknown_model(id, cat.models.keys().map(ModelId::as_str))
         })?;
         let store = self.store();
         let files = &cat.files[id];
@@ -284,7 +286,7 @@ impl Control {
             ModelState::NotPresent
         };
         Ok(ModelStatus {
-            id: id.to_string(),
+            id: model.id.clone(),
             description: model.description.clone(),
             state,
             pinned: row.pinned.unwrap_or(model.pinned),
@@ -379,7 +381,7 @@ impl Control {
 
     /// Pins or unpins a model (persisted; overrides the manifest's `pinned`).
     pub fn set_pinned(&self, id: &str, pinned: bool) -> Result<ModelStatus, ControlError> {
-        let id = &self.resolve(&[id.to_string()])?[0];
+        let id = &self.resolve(&[id])?[0];
         self.store()
             .index()
             .update_model(id, |r| r.pinned = Some(pinned))
@@ -397,13 +399,13 @@ impl Control {
     }
 
     /// Blobs of `id` and, for each, whether another pinned model lists it too.
-    fn blobs_of(&self, id: &str) -> Vec<(Arc<FileCtx>, bool)> {
+    fn blobs_of(&self, id: &ModelId) -> Vec<(Arc<FileCtx>, bool)> {
         let mut seen = HashSet::new();
         let cat = self.cat();
         let shared_pinned: HashSet<Digest> = cat
             .files
             .iter()
-            .filter(|(m, _)| m.as_str() != id && self.pinned(m))
+            .filter(|(m, _)| *m != id && self.pinned(m))
             .flat_map(|(_, fs)| fs.iter().map(|f| f.entry.sha256))
             .collect();
         cat.files[id]
@@ -422,9 +424,9 @@ impl Control {
 
     /// Drops a model's cached data (blobs also listed by a pinned model are kept).
     pub fn evict(&self, id: &str, force_pinned: bool) -> Result<u64, ControlError> {
-        let id = &self.resolve(&[id.to_string()])?[0];
+        let id = &self.resolve(&[id])?[0];
         if self.job(id).is_some_and(|j| j.running()) {
-            return Err(ControlError::Busy(id.clone(), "a job".into()));
+            return Err(ControlError::Busy(id.to_string(), "a job".into()));
         }
         let mut freed = 0;
         for (f, shared_pinned) in self.blobs_of(id) {
@@ -441,7 +443,7 @@ impl Control {
 
     /// Marks models corrupt and drops their cached data, so every byte is fetched and verified
     /// again; the state stays CORRUPT until an ensure or verify completes them.
-    pub fn mark_corrupted(&self, ids: &[String]) -> Result<Vec<String>, ControlError> {
+    pub fn mark_corrupted(&self, ids: &[impl AsRef<str>]) -> Result<Vec<ModelId>, ControlError> {
         let ids = self.resolve(ids)?;
         for id in &ids {
             for (f, _) in self.blobs_of(id) {

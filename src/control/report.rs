@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{Control, ControlError, failed};
+use crate::manifest::ModelId;
 use crate::store::index::Event;
 use crate::store::now_secs;
 
@@ -81,7 +82,7 @@ impl Control {
         // Samples are hourly, the first taken at start: a fresh cache's only sample today was
         // 0 B, whatever was fetched since. Today's row is the day so far, now included.
         fold(&mut by_day, now, used, cap);
-        let per_model: BTreeMap<String, u64> = self
+        let per_model: BTreeMap<ModelId, u64> = self
             .model_ids()
             .into_iter()
             .filter_map(|id| self.model_status(&id).ok().map(|s| (id, s.bytes_cached)))
@@ -134,7 +135,7 @@ pub struct StorageNow {
     /// Free space of the cache's filesystem, in percent.
     pub free_percent: f64,
     /// Cached bytes per model (a blob two models share counts for both).
-    pub per_model: BTreeMap<String, u64>,
+    pub per_model: BTreeMap<ModelId, u64>,
     pub used_bytes: u64,
 }
 
@@ -214,7 +215,7 @@ mod tests {
             current: StorageNow {
                 capacity_bytes: 100,
                 free_percent: 12.5,
-                per_model: BTreeMap::from([("m".into(), 3)]),
+                per_model: BTreeMap::from([("m@1.0.0".parse().unwrap(), 3)]),
                 used_bytes: 3,
             },
             days: BTreeMap::from([(

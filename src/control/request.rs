@@ -27,9 +27,13 @@ use super::{
     Control, ControlError, DailyReport, GcMode, GcReport, Health, HealthStatus, ModelStatus,
     StorageReport, Summary,
 };
+use crate::manifest::ModelId;
 use crate::store::index::Event;
 
-/// One operation asked of the control plane.
+/// One operation asked of the control plane. Its model ids are strings as asked, not
+/// [`ModelId`]s: an id that is not in force (mistyped, or not an id at all) must reach
+/// [`Control::resolve`] to be refused with a "did you mean"; what comes back names
+/// [`ModelId`]s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
@@ -129,13 +133,13 @@ impl Response {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Overview {
     pub summary: Summary,
-    pub models: BTreeMap<String, ModelStatus>,
+    pub models: BTreeMap<ModelId, ModelStatus>,
 }
 
 /// The models whose jobs were started (or left running: a second ensure).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Started {
-    pub started: Vec<String>,
+    pub started: Vec<ModelId>,
 }
 
 /// A model's data dropped: the id as asked, and the bytes freed.
@@ -148,7 +152,7 @@ pub struct Evicted {
 /// The models marked corrupted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Marked {
-    pub marked: Vec<String>,
+    pub marked: Vec<ModelId>,
 }
 
 impl Request {
@@ -243,11 +247,11 @@ impl Control {
 
     /// The ids of a selection; the control functions read an empty list as every model, so
     /// one is refused here.
-    fn selected(&self, models: Selection) -> Result<Vec<String>, ControlError> {
+    fn selected(&self, models: Selection) -> Result<Vec<ModelId>, ControlError> {
         match models {
             Selection::All => Ok(self.model_ids()),
             Selection::Ids(ids) if ids.is_empty() => Err(no_model()),
-            Selection::Ids(ids) => Ok(ids),
+            Selection::Ids(ids) => self.resolve(&ids),
         }
     }
 }

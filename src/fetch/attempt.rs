@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk, blocks_fit};
 use crate::metrics::{METRICS, source_result};
-use crate::source::{SourceError, SourceHandle};
+use crate::source::{SourceError, SourceHandle, SourceKind, Verdict};
 
 use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
 
@@ -190,25 +190,21 @@ impl Fetcher {
     }
 
     pub(super) fn cooldown_of(&self, src: &SourceHandle) -> Duration {
-        if src.peer {
-            self.peers().cooldown
-        } else {
-            self.cfg.cooldown()
+        match src.kind {
+            SourceKind::Peer => self.peers().cooldown,
+            SourceKind::Origin => self.cfg.cooldown(),
         }
     }
 
-    /// Records a failed request to `src`. A peer that lacks the chunk (404) has not failed;
-    /// one that is down, erring or stalled cools down at once: it is an optimisation, and the
-    /// origin behind it is never more than one timeout away.
+    /// Records a failed request to `src` as its kind judges the error ([`SourceKind::judge`]):
+    /// a peer that lacks the chunk (404) has not failed; one that is down, erring or stalled
+    /// cools down at once.
     pub(super) fn source_failed(&self, src: &SourceHandle, e: &SourceError) {
-        let hard = if src.peer {
-            !matches!(e, SourceError::NotFound)
-        } else {
-            matches!(e, SourceError::Denied(_))
+        let hard = match src.kind.judge(e) {
+            Verdict::Miss => return,
+            Verdict::Failed => false,
+            Verdict::FailedHard => true,
         };
-        if src.peer && !hard {
-            return;
-        }
         src.record_failure(hard, self.cooldown_of(src));
     }
 
@@ -226,7 +222,7 @@ impl Fetcher {
         prio: Priority,
     ) -> Result<VerifiedChunk, FetchError> {
         let f = &file.entry;
-        let expected = f.chunks.as_ref().expect("chunked file")[idx as usize];
+        let expected = f.verification.chunk(idx).expect("chunked file");
         let what = format!("{}/{} chunk {idx}", file.model, f.path);
         self.fetch_verified(
             file,
@@ -268,7 +264,7 @@ impl Fetcher {
                     deadline,
                     self.fetch_range(
                         &src,
-                        src.locator(f, &hex),
+                        src.kind.locator(f, &hex),
                         range.clone(),
                         prio,
                         attempts,
@@ -280,17 +276,17 @@ impl Fetcher {
                 let (bytes, landed, delivered) = match got {
                     Err(_) => {
                         // A source that cannot answer in time is failing, as much as one that errs.
-                        src.record_failure(src.peer, self.cooldown_of(&src));
+                        self.source_failed(&src, &SourceError::Timeout);
                         tracing::warn!(source = %src.name, file = %what, "source did not deliver before the read deadline");
                         return Err(FetchError::Timeout(self.cfg.read_timeout()));
                     }
                     Ok(Err(e)) => {
                         // A peer's miss or failure says nothing of whether the origin is flaky.
-                        if !src.peer {
+                        if src.kind.speaks_for_origin() {
                             transient &= e.flaky();
                         }
                         self.source_failed(&src, &e);
-                        if src.peer && matches!(e, SourceError::NotFound) {
+                        if src.kind.judge(&e) == Verdict::Miss {
                             tracing::debug!(source = %src.name, file = %what, "peer does not hold the chunk");
                         } else {
                             tracing::warn!(source = %src.name, file = %what, error = %e, "source failed");
@@ -317,7 +313,7 @@ impl Fetcher {
                         return Ok(chunk);
                     }
                     Err(mismatch) => {
-                        if !src.peer {
+                        if src.kind.speaks_for_origin() {
                             transient = false;
                         }
                         delivered.wrong_bytes();
@@ -557,11 +553,11 @@ impl Fetcher {
                         .inc_by(buf.len() as u64);
                     METRICS
                         .source_kind_bytes
-                        .with_label_values(&[src.kind()])
+                        .with_label_values(&[src.kind.label()])
                         .inc_by(buf.len() as u64);
                     return Ok(hashed);
                 }
-                Err(e) if src.peer && matches!(e, SourceError::NotFound) => {
+                Err(e) if src.kind.judge(&e) == Verdict::Miss => {
                     // A peer without the chunk: a miss, not an error.
                     METRICS
                         .source_requests

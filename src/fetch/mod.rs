@@ -43,7 +43,7 @@ use crate::bufpool::BufPool;
 use crate::chunk::{Digest, Mismatch, VerifiedChunk};
 use crate::config::FetchConfig;
 use crate::lock_order::{self, OrderedGuard, OrderedMutex};
-use crate::manifest::DEFAULT_HEAD_SIZE;
+use crate::manifest::{DEFAULT_HEAD_SIZE, Verification};
 use crate::metrics::METRICS;
 use crate::source::{SourceError, SourceHandle};
 use crate::store::{Store, StoreError};
@@ -387,9 +387,11 @@ impl Fetcher {
             return Some(Ok(Bytes::new()));
         }
         let layout = f.layout();
-        let held = match &f.chunks {
-            Some(digests) => (self.table().landed).slice(f.sha256, &layout, digests, offset, end),
-            None => (self.table().whole_in_memory).slice(f.sha256, offset, end),
+        let held = match &f.verification {
+            Verification::Chunked(digests) => {
+                (self.table().landed).slice(f.sha256, &layout, digests, offset, end)
+            }
+            Verification::Whole => (self.table().whole_in_memory).slice(f.sha256, offset, end),
         };
         if let Some(b) = held {
             return Some(Ok(b));
@@ -426,37 +428,45 @@ impl Fetcher {
         // A chunk found present may be evicted before we read it; then we simply go round
         // again and fetch it (bounded by the caller's read timeout).
         loop {
-            if f.chunks.is_none() && !self.store.is_complete(f) {
-                match self.ensure_whole(file).await {
-                    Err(FetchError::Evicted) => continue,
-                    r => r?,
-                }
-                if let Some(b) = (self.table().whole_in_memory).slice(f.sha256, offset, end) {
-                    return Ok(b);
-                }
-            }
-            let missing = self.store.missing(f, covering.clone());
-            if f.chunks.is_none() && !missing.is_empty() {
-                // Evicted again since `ensure_whole`: a whole-only file has no chunk digests
-                // to fetch by, so it is made whole again.
-                continue;
-            }
-            // A chunk still held in memory is used as is: it may be one served without being
-            // cached (`when_cache_behind = "skip"`), which a fetch would only bring again.
             let mut fetched: HashMap<u64, VerifiedChunk> = HashMap::new();
             let mut to_fetch = Vec::new();
-            if let Some(digests) = &f.chunks {
-                let table = self.table();
-                for idx in missing {
-                    let r = layout.range(idx);
-                    match table
-                        .landed
-                        .get(f.sha256, idx, digests[idx as usize], r.end - r.start)
-                    {
-                        Some(c) => {
-                            fetched.insert(idx, c);
+            match &f.verification {
+                Verification::Whole => {
+                    if !self.store.is_complete(f) {
+                        match self.ensure_whole(file).await {
+                            Err(FetchError::Evicted) => continue,
+                            r => r?,
                         }
-                        None => to_fetch.push(idx),
+                        if let Some(b) = (self.table().whole_in_memory).slice(f.sha256, offset, end)
+                        {
+                            return Ok(b);
+                        }
+                    }
+                    if !self.store.missing(f, covering.clone()).is_empty() {
+                        // Evicted again since `ensure_whole`: a whole-only file has no chunk
+                        // digests to fetch by, so it is made whole again.
+                        continue;
+                    }
+                }
+                Verification::Chunked(digests) => {
+                    // A chunk still held in memory is used as is: it may be one served without
+                    // being cached (`when_cache_behind = "skip"`), which a fetch would only
+                    // bring again.
+                    let missing = self.store.missing(f, covering.clone());
+                    let table = self.table();
+                    for idx in missing {
+                        let r = layout.range(idx);
+                        match table.landed.get(
+                            f.sha256,
+                            idx,
+                            digests[idx as usize],
+                            r.end - r.start,
+                        ) {
+                            Some(c) => {
+                                fetched.insert(idx, c);
+                            }
+                            None => to_fetch.push(idx),
+                        }
                     }
                 }
             }
@@ -519,8 +529,10 @@ impl Fetcher {
     /// the read-ahead budget allows; returns at once.
     pub fn read_ahead(self: &Arc<Self>, file: &Arc<FileCtx>, chunks: Range<u64>) {
         let f = &file.entry;
-        if f.chunks.is_none() {
-            return;
+        match f.verification {
+            Verification::Chunked(_) => {}
+            // Nothing to read ahead: its first read fetches it whole.
+            Verification::Whole => return,
         }
         for idx in self.store.missing(f, chunks) {
             let busy = {
@@ -550,16 +562,19 @@ impl Fetcher {
         // this very ensure's commits, must not evict what it is filling (the ensure then
         // failed with chunks "evicted before the file was complete").
         let _held = Held::new(&self.store, f.sha256);
-        if f.chunks.is_none() {
-            self.ensure_whole(file).await?;
-            if !self.store.is_complete(f) {
-                // Served from memory: the cache could not store it (see `whole`).
-                return Err(FetchError::InMemoryOnly {
-                    path: f.path.clone(),
-                });
+        match f.verification {
+            Verification::Chunked(_) => {}
+            Verification::Whole => {
+                self.ensure_whole(file).await?;
+                if !self.store.is_complete(f) {
+                    // Served from memory: the cache could not store it (see `whole`).
+                    return Err(FetchError::InMemoryOnly {
+                        path: f.path.clone(),
+                    });
+                }
+                progress.fetch_add(f.size, Ordering::Relaxed);
+                return Ok(());
             }
-            progress.fetch_add(f.size, Ordering::Relaxed);
-            return Ok(());
         }
         let layout = f.layout();
         let present: u64 = f.size
@@ -658,10 +673,13 @@ impl Fetcher {
     ) -> Result<Option<InFlight>, FetchError> {
         let sha = file.entry.sha256;
         let key = FetchKey::Chunk(sha, idx);
-        if file.entry.chunks.is_none() {
-            return Err(FetchError::WholeOnly {
-                path: file.entry.path.clone(),
-            });
+        match file.entry.verification {
+            Verification::Chunked(_) => {}
+            Verification::Whole => {
+                return Err(FetchError::WholeOnly {
+                    path: file.entry.path.clone(),
+                });
+            }
         }
         // One look at the table decides: failed lately, present, in flight, or to start. A
         // chunk stays in flight until its commit has marked it present, so no reader finds
@@ -793,7 +811,7 @@ impl Fetcher {
     /// The chunk from the blob file, verified, when the index does not list it but the file
     /// holds it (see `Store::adopt_chunk`): checked before any source is asked.
     async fn adopt_from_disk(&self, file: &Arc<FileCtx>, idx: u64) -> Option<VerifiedChunk> {
-        let expected = file.entry.chunks.as_ref()?[idx as usize];
+        let expected = file.entry.verification.chunk(idx)?;
         let store = self.store.clone();
         let entry = file.entry.clone();
         let chunk = tokio::task::spawn_blocking(move || store.adopt_chunk(&entry, idx, expected))
@@ -864,7 +882,7 @@ impl Fetcher {
         let event = crate::store::index::Event {
             ts: crate::store::now_secs(),
             kind: "download".into(),
-            model: file.model.clone(),
+            model: file.model.to_string(),
             file: file.entry.path.clone(),
             bytes: file.entry.size,
             seconds: secs,

@@ -179,7 +179,7 @@ impl Fetcher {
         let layout = f.layout();
         let parallel = (self.cfg.connections / 2).max(1);
         let hex = f.sha256.to_hex();
-        let at = src.locator(f, &hex);
+        let at = src.kind.locator(f, &hex);
         let work: Vec<_> = chunks
             .into_iter()
             .map(|idx| (idx, kept.remove(&idx)))
@@ -365,7 +365,7 @@ impl Fetcher {
                         return self.whole_to_memory(file, e).await;
                     }
                     if let Some(PartError::Source(e, _)) = failed {
-                        if !src.peer {
+                        if src.kind.speaks_for_origin() {
                             transient &= e.flaky();
                         }
                         self.source_failed(&src, &e);
@@ -408,7 +408,7 @@ impl Fetcher {
                             .map_err(FetchError::store)?;
                         continue;
                     }
-                    if !src.peer {
+                    if src.kind.speaks_for_origin() {
                         transient = false;
                     }
                     judged.wrong_bytes();

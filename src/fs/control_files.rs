@@ -169,10 +169,10 @@ pub fn write(
         }
         // The jobs an ensure or verify starts are spawned on `rt`; nothing here waits on them.
         done.extend(match rt.block_on(control.handle(request))? {
-            Response::Started(s) => s.started,
-            Response::Model(m) => vec![m.id],
+            Response::Started(s) => s.started.into_iter().map(String::from).collect(),
+            Response::Model(m) => vec![m.id.into()],
             Response::Evicted(e) => vec![e.evicted],
-            Response::Marked(m) => m.marked,
+            Response::Marked(m) => m.marked.into_iter().map(String::from).collect(),
             _ => Vec::new(),
         });
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::fetch::FileCtx;
+use crate::manifest::ModelId;
 
 pub const ROOT: u64 = 1;
 
@@ -99,7 +100,7 @@ impl Tree {
     /// With `prev` (a reload), a path that is still there keeps its inode; a file whose content
     /// changed gets a new one (the kernel may cache pages by inode). Nodes that are gone stay
     /// in the table, unreachable from any directory, so files still open keep reading.
-    pub fn build(models: &BTreeMap<String, Vec<Arc<FileCtx>>>, prev: Option<&Tree>) -> Tree {
+    pub fn build(models: &BTreeMap<ModelId, Vec<Arc<FileCtx>>>, prev: Option<&Tree>) -> Tree {
         let mut t = match prev {
             Some(p) => Tree {
                 nodes: p
@@ -137,7 +138,7 @@ impl Tree {
                 let segs: Vec<&str> = f.entry.path.split('/').collect();
                 let (name, dirs) = segs.split_last().expect("validated: non-empty path");
                 let mut parent = top;
-                let mut path = id.clone();
+                let mut path = id.to_string();
                 for d in dirs {
                     path.push('/');
                     path.push_str(d);

@@ -138,9 +138,8 @@ pub struct SourceHandle {
     /// Safe to log: no credentials.
     pub name: String,
     pub source: Box<dyn Source>,
-    /// Another wanfs daemon (`[peers]`): addressed by blob digest (`/blobs/<sha256>`), not by
-    /// the file's path, and a chunk it lacks (404) is not a failure of it.
-    pub peer: bool,
+    /// A model's own source or another daemon: how it is addressed and what its errors mean.
+    pub kind: SourceKind,
     health: Mutex<Health>,
     /// What one request to this source delivers, in bytes per second (a moving average over
     /// completed requests, latency included), and when a request last completed; `None` until
@@ -149,6 +148,71 @@ pub struct SourceHandle {
     rate: Mutex<Option<(f64, Instant)>>,
     /// Set once a fetch skipped the peers to measure this origin (see `probe_once`).
     probed: std::sync::atomic::AtomicBool,
+}
+
+/// What a source is, which decides how it is asked and what its errors say of it. Every rule
+/// that tells a peer from an origin is a method here, so a fetch never asks "is it a peer?".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// One of a model's own sources (`[sources] priority`): addressed by the file's path, asked
+    /// in rounds until the read deadline while its failures may pass.
+    Origin,
+    /// Another wanfs daemon (`[peers]`): addressed by blob digest (`/blobs/<sha256>`), asked
+    /// once per fetch with one attempt, before the origins. A chunk it lacks (404) is a miss,
+    /// not a failure; any other error cools it down at once: it is an optimisation, and the
+    /// origin behind it is never more than one timeout away.
+    Peer,
+}
+
+/// What a failed request says of the source that answered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A peer without the chunk: not a failure of it; the next source is asked.
+    Miss,
+    /// A failure, counted toward the source's cool-down.
+    Failed,
+    /// A failure that cools the source down at once.
+    FailedHard,
+}
+
+impl SourceKind {
+    /// What error `e` from a source of this kind says of it (a request that did not answer
+    /// before the read deadline is judged as [`SourceError::Timeout`]).
+    pub fn judge(self, e: &SourceError) -> Verdict {
+        match self {
+            SourceKind::Origin if matches!(e, SourceError::Denied(_)) => Verdict::FailedHard,
+            SourceKind::Origin => Verdict::Failed,
+            SourceKind::Peer if matches!(e, SourceError::NotFound) => Verdict::Miss,
+            SourceKind::Peer => Verdict::FailedHard,
+        }
+    }
+
+    /// Whether this source's errors tell whether the origin is flaky, and so whether another
+    /// round may help: a peer's miss or failure says nothing of the origin behind it.
+    pub fn speaks_for_origin(self) -> bool {
+        match self {
+            SourceKind::Origin => true,
+            SourceKind::Peer => false,
+        }
+    }
+
+    /// Where a source of this kind finds `entry`'s bytes: its path under the model's base URL,
+    /// or for a peer the blob's digest (a peer's cache is content-addressed and knows no
+    /// models).
+    pub fn locator<'a>(self, entry: &'a crate::manifest::FileEntry, hex: &'a str) -> &'a str {
+        match self {
+            SourceKind::Origin => &entry.path,
+            SourceKind::Peer => hex,
+        }
+    }
+
+    /// The kind, as metrics label it.
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceKind::Origin => "origin",
+            SourceKind::Peer => "peer",
+        }
+    }
 }
 
 #[derive(Default)]
@@ -166,11 +230,16 @@ const FAILING_FOR: Duration = Duration::from_secs(60);
 const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 
 impl SourceHandle {
+    /// An origin: one of a model's own sources.
     pub fn new(name: String, source: Box<dyn Source>) -> SourceHandle {
+        SourceHandle::of_kind(SourceKind::Origin, name, source)
+    }
+
+    pub fn of_kind(kind: SourceKind, name: String, source: Box<dyn Source>) -> SourceHandle {
         SourceHandle {
             name,
             source,
-            peer: false,
+            kind,
             health: Mutex::new(Health::default()),
             rate: Mutex::new(None),
             probed: std::sync::atomic::AtomicBool::new(false),
@@ -210,17 +279,6 @@ impl SourceHandle {
     /// its rate is known and a slow peer can be told from a fast one.
     pub fn probe_once(&self) -> bool {
         !self.probed.swap(true, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Where this source finds `entry`'s bytes: its path under the model's base URL, or for a
-    /// peer the blob's digest (a peer's cache is content-addressed and knows no models).
-    pub fn locator<'a>(&self, entry: &'a crate::manifest::FileEntry, hex: &'a str) -> &'a str {
-        if self.peer { hex } else { &entry.path }
-    }
-
-    /// The kind, as metrics label it.
-    pub fn kind(&self) -> &'static str {
-        if self.peer { "peer" } else { "origin" }
     }
 
     /// When the cool-down ends, if the source is cooling down now.
@@ -405,9 +463,12 @@ impl SourceRegistry {
                 cfg.connect_timeout(),
                 self.fetch.connections,
             );
-            let mut h = SourceHandle::new(format!("peer {}", mask_url(url)), Box::new(source));
-            h.peer = true;
-            crate::metrics::register_source(&h.name, true);
+            let h = SourceHandle::of_kind(
+                SourceKind::Peer,
+                format!("peer {}", mask_url(url)),
+                Box::new(source),
+            );
+            crate::metrics::register_source(&h.name, h.kind);
             let h = Arc::new(h);
             map.insert(key, h.clone());
             out.push(h);
@@ -463,7 +524,7 @@ impl SourceRegistry {
             }
             SourceUrl::S3 { bucket, prefix } => Box::new(s3::S3Source::new(bucket, prefix)),
         };
-        crate::metrics::register_source(&name, false);
+        crate::metrics::register_source(&name, SourceKind::Origin);
         SourceHandle::new(name, source)
     }
 }
@@ -525,7 +586,7 @@ mod tests {
     #[test]
     fn sources_given_to_the_registry_replace_every_models_own() {
         let model = |sources| crate::manifest::Model {
-            id: "m@1".into(),
+            id: "m@1.0.0".parse().unwrap(),
             description: String::new(),
             pinned: false,
             sources,

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use sha2::{Digest as _, Sha256};
 
 use crate::chunk::{Digest, VerifiedChunk};
-use crate::manifest::FileEntry;
+use crate::manifest::{FileEntry, Verification};
 
 use super::blob::has_data;
 use super::{Store, StoreError, io_err};
@@ -132,8 +132,8 @@ impl Store {
             }
             let layout = f.layout();
             let mut good = Vec::new();
-            match &f.chunks {
-                Some(digests) => {
+            match &f.verification {
+                Verification::Chunked(digests) => {
                     for idx in 0..layout.count() {
                         let r = layout.range(idx);
                         if !has_data(&file, r.start, r.end) {
@@ -150,7 +150,7 @@ impl Store {
                         }
                     }
                 }
-                None => {
+                Verification::Whole => {
                     let (whole, chunks) = hash_blob(&file, f).map_err(io_err(&path))?;
                     if whole == f.sha256 {
                         good = chunks

@@ -275,7 +275,7 @@ mod tests {
             .copy_from_slice(&data[r.start as usize..r.end as usize]);
         VerifiedChunk::verify(
             f.chunk_hash,
-            f.chunks.as_ref().unwrap()[idx as usize],
+            f.verification.chunk(idx).unwrap(),
             buf.freeze(),
         )
         .unwrap()
@@ -340,7 +340,7 @@ mod tests {
     }
 
     fn expected_rows(f: &FileEntry) -> Vec<(u64, Digest)> {
-        let digests = f.chunks.as_ref().unwrap();
+        let digests = f.verification.chunks().unwrap();
         (0..digests.len() as u64)
             .map(|i| (i, digests[i as usize]))
             .collect()

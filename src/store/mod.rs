@@ -819,6 +819,7 @@ impl Store {
 pub(super) mod tests {
     use super::*;
     use crate::chunk::Layout;
+    use crate::manifest::Verification;
     use bytes::Bytes;
 
     /// Verifies chunk `idx` of `f` (whose bytes are `data`) and commits it to `s`.
@@ -826,7 +827,7 @@ pub(super) mod tests {
         let r = f.layout().range(idx);
         let c = VerifiedChunk::verify(
             f.chunk_hash,
-            f.chunks.as_ref().unwrap()[idx as usize],
+            f.verification.chunk(idx).unwrap(),
             Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
         )
         .unwrap();
@@ -842,7 +843,7 @@ pub(super) mod tests {
             chunk_size,
             head_size: chunk_size,
             chunk_hash: crate::chunk::ChunkHash::Sha256,
-            chunks: Some(
+            verification: Verification::Chunked(
                 (0..layout.count())
                     .map(|i| {
                         let r = layout.range(i);
@@ -883,7 +884,7 @@ pub(super) mod tests {
         assert_eq!(s.size_conflict(&f), None);
         let c = VerifiedChunk::verify(
             liar.chunk_hash,
-            liar.chunks.as_ref().unwrap()[1],
+            liar.verification.chunk(1).unwrap(),
             Bytes::copy_from_slice(&data[30..50]),
         )
         .unwrap();
@@ -967,7 +968,7 @@ pub(super) mod tests {
         let s = Store::open(dir.path()).unwrap();
         let data = vec![5u8; 50];
         let mut f = entry(&data, 16);
-        f.chunks = None;
+        f.verification = Verification::Whole;
         s.write_unverified(&f, 0, &[6u8; 50]).unwrap();
         assert_ne!(s.verify_whole(&f, None).unwrap(), f.sha256);
         assert_eq!(s.state(&f), CacheState::NotPresent);
@@ -1024,7 +1025,7 @@ pub(super) mod tests {
             let s = Store::open(dir.path()).unwrap();
             let c = VerifiedChunk::verify(
                 f.chunk_hash,
-                f.chunks.as_ref().unwrap()[0],
+                f.verification.chunk(0).unwrap(),
                 Bytes::from(data.clone()),
             )
             .unwrap();
