@@ -1,10 +1,12 @@
 //! Adoption: blob files whose chunks the index does not list (a lost or rebuilt index, a
 //! commit cut short by a crash) are read back, verified against the manifest, and marked
 //! present, so no verified data on disk is fetched again. Also `hash_blob`, the one-pass
-//! whole-file and per-chunk hash that whole-file verification shares.
+//! whole-file and per-chunk hash that whole-file verification shares, and orphans: blob files
+//! the index does not name, found and removed by deep-clean GC.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
@@ -201,6 +203,50 @@ pub(super) fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Ve
         chunks.push(chunk.finalize());
     }
     Ok((Digest(whole.finalize().into()), chunks))
+}
+
+/// Orphans: blob files on disk that the index does not name.
+impl Store {
+    /// Blob files on disk that the index does not name (left by a lost index), and their size.
+    pub fn orphans(&self) -> Vec<(PathBuf, u64)> {
+        let known: std::collections::HashSet<String> =
+            self.blobs.lock().keys().map(|d| d.to_hex()).collect();
+        let mut out = Vec::new();
+        let Ok(fans) = std::fs::read_dir(self.root.join("blobs")) else {
+            return out;
+        };
+        for fan in fans.flatten() {
+            let Ok(files) = std::fs::read_dir(fan.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    let size = f
+                        .metadata()
+                        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                        .unwrap_or(0);
+                    out.push((f.path(), size));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes a blob file the index does not name, unless its blob is known by now
+    /// (checked under the lock, so a blob being created is never deleted).
+    pub fn remove_orphan(&self, path: &Path) -> std::io::Result<bool> {
+        let blobs = self.blobs.lock();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.parse::<Digest>().is_ok_and(|d| blobs.contains_key(&d)) {
+            return Ok(false);
+        }
+        std::fs::remove_file(path)?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

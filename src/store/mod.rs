@@ -20,9 +20,11 @@
 //! punches holes), so a reader that got a handle keeps reading the old, verified bytes. Each
 //! blob state carries a generation; a commit whose blob was evicted meanwhile is dropped.
 //!
-//! Submodules: `presence` (the per-blob bitmap readers consult), `blob` (blob file I/O),
-//! `commit` (group commit: the queue of written chunks, sync, index, bits), `adopt` (blob
-//! files the index does not list), `index` (SQLite, the only rusqlite user).
+//! Submodules: `open` (opening a cache: lock, broken or read-only index, reconcile),
+//! `presence` (the per-blob bitmap readers consult), `blob` (blob file I/O), `commit` (group
+//! commit: the queue of written chunks, sync, index, bits), `unverified` (whole-only files
+//! written first and verified whole), `adopt` (blob files the index does not list, orphans),
+//! `index` (SQLite, the only rusqlite user), `gc` (which blobs a GC removes).
 //! This file holds `Store`, its locks and the operations that change presence.
 //!
 //! Locks, in the only order they may be taken (`crate::lock_order` names them, and a debug
@@ -43,12 +45,12 @@ mod blob;
 mod commit;
 pub mod gc;
 pub mod index;
+mod open;
 mod presence;
+mod unverified;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::num::NonZeroUsize;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,9 +58,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lru::LruCache;
 
 use crate::chunk::{Digest, VerifiedChunk};
-use crate::lock_order::{self, OrderedMutex};
+use crate::lock_order::OrderedMutex;
 use crate::manifest::FileEntry;
-use blob::OPEN_BLOBS;
 pub use blob::PeerMiss;
 use index::{Index, IndexError};
 use presence::BlobState;
@@ -92,19 +93,6 @@ pub enum StoreError {
         cached: u64,
         listed: u64,
     },
-}
-
-/// `Some(why)` when the filesystem that holds (or would hold) `cache_dir` is mounted
-/// read-only.
-fn read_only_fs(cache_dir: &Path) -> Option<String> {
-    let mut at = cache_dir;
-    while !at.exists() {
-        at = at.parent()?;
-    }
-    let st = nix::sys::statvfs::statvfs(at).ok()?;
-    st.flags()
-        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
-        .then(|| format!("{} is on a read-only filesystem", at.display()))
 }
 
 /// Refuses `f` when the cache holds its blob at another size (a chunk layout that differs
@@ -203,148 +191,6 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the cache under `cache_dir` and reconciles index and blobs.
-    pub fn open(cache_dir: &Path) -> Result<Store, StoreError> {
-        if let Some(why) = read_only_fs(cache_dir) {
-            return Store::open_read_only(cache_dir, why);
-        }
-        let root = cache_dir.join("v1");
-        std::fs::create_dir_all(root.join("blobs")).map_err(io_err(&root))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&root))?;
-        let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        // flock(LOCK_EX | LOCK_NB), held as long as `lock` is open.
-        if lock.try_lock().is_err() {
-            return Err(StoreError::Locked(cache_dir.display().to_string()));
-        }
-        let index_path = root.join("index.sqlite");
-        let index = match Index::open(&index_path) {
-            Ok(i) => i,
-            Err(e) if index_path.exists() => {
-                // A broken index is set aside, not trusted: a fresh one is rebuilt from the
-                // blobs (`adopt`), re-verifying every chunk, so nothing is lost or refetched.
-                let aside = root.join(format!("index.sqlite.broken-{}", now_secs()));
-                tracing::error!(error = %e, aside = %aside.display(), "cache index unreadable; rebuilding it from the blobs");
-                std::fs::rename(&index_path, &aside).map_err(io_err(&index_path))?;
-                for ext in ["-wal", "-shm"] {
-                    let _ = std::fs::remove_file(root.join(format!("index.sqlite{ext}")));
-                }
-                Index::open(&index_path)?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Store::assemble(root, index, Some(lock), None)
-    }
-
-    /// A cache on a read-only filesystem (see [`Store::read_only`]): its blobs are served as
-    /// the index copied into memory says, and nothing is ever stored.
-    fn open_read_only(cache_dir: &Path, why: String) -> Result<Store, StoreError> {
-        let root = cache_dir.join("v1");
-        let lock_path = root.join("lock");
-        let lock = match File::open(&lock_path) {
-            Ok(lock) => {
-                if lock.try_lock().is_err() {
-                    return Err(StoreError::Locked(cache_dir.display().to_string()));
-                }
-                Some(lock)
-            }
-            Err(_) => None,
-        };
-        let index = Index::open_copy_in_memory(&root.join("index.sqlite"))?;
-        tracing::warn!(cache = %cache_dir.display(), reason = %why,
-            "the cache is read-only: nothing will be stored; reads are served from the sources");
-        Store::assemble(root, index, lock, Some(why))
-    }
-
-    fn assemble(
-        root: PathBuf,
-        index: Index,
-        lock: Option<File>,
-        read_only: Option<String>,
-    ) -> Result<Store, StoreError> {
-        let store = Store {
-            root,
-            index,
-            blobs: OrderedMutex::new(lock_order::STORE_BLOBS, HashMap::new()),
-            fds: OrderedMutex::new(
-                lock_order::STORE_FDS,
-                LruCache::new(NonZeroUsize::new(OPEN_BLOBS).unwrap()),
-            ),
-            opens: OrderedMutex::new(lock_order::STORE_OPENS, HashMap::new()),
-            suspect: OrderedMutex::new(lock_order::STORE_SUSPECT, std::collections::HashSet::new()),
-            writer: OrderedMutex::new(lock_order::STORE_WRITER, ()),
-            group: commit::GroupCommit::default(),
-            unforgotten: OrderedMutex::new(
-                lock_order::STORE_UNFORGOTTEN,
-                std::collections::HashSet::new(),
-            ),
-            unverified: OrderedMutex::new(lock_order::STORE_UNVERIFIED, HashMap::new()),
-            used: AtomicU64::new(0),
-            gc_threshold: AtomicU64::new(0),
-            gc_wake: tokio::sync::Notify::new(),
-            read_only,
-            _lock: lock,
-        };
-        store.reconcile()?;
-        Ok(store)
-    }
-
-    /// Opens the cache with a fresh index (the old one set aside), for `wan cache
-    /// rebuild-index`; follow with `adopt`.
-    pub fn open_rebuilding(cache_dir: &Path) -> Result<Store, StoreError> {
-        let root = cache_dir.join("v1");
-        let index_path = root.join("index.sqlite");
-        if index_path.exists() {
-            // Take the lock first so a running daemon's index is never moved under it.
-            let probe = Store::open(cache_dir)?;
-            drop(probe);
-            let aside = root.join(format!("index.sqlite.old-{}", now_secs()));
-            std::fs::rename(&index_path, &aside).map_err(io_err(&index_path))?;
-            for ext in ["-wal", "-shm"] {
-                let _ = std::fs::remove_file(root.join(format!("index.sqlite{ext}")));
-            }
-        }
-        Store::open(cache_dir)
-    }
-
-    /// Loads the index into memory, dropping rows whose blob file is gone or the wrong size
-    /// (someone deleted or truncated it): those chunks are simply fetched again.
-    fn reconcile(&self) -> Result<(), StoreError> {
-        let mut blobs = self.blobs.lock();
-        for row in self.index.load()? {
-            let path = self.blob_path(row.digest);
-            let ok = std::fs::metadata(&path)
-                .map(|m| m.len() == row.layout.size)
-                .unwrap_or(false);
-            if !ok {
-                if !row.chunks.is_empty() {
-                    tracing::warn!(blob = %row.digest, path = %path.display(),
-                        "blob file missing or wrong size; its {} chunks will be fetched again", row.chunks.len());
-                }
-                if let Err(e) = self.index.forget_blob(row.digest) {
-                    // A full disk: the row stays, unloaded, until a write can delete it.
-                    tracing::warn!(blob = %row.digest, error = %e, "could not delete a stale index row yet");
-                    self.unforgotten.lock().insert(row.digest);
-                }
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            let mut st = BlobState::new(row.layout, row.last_access);
-            for (idx, _) in row.chunks {
-                st.set(idx);
-            }
-            self.used.fetch_add(st.bytes(), Ordering::Relaxed);
-            blobs.insert(row.digest, st);
-        }
-        Ok(())
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -705,113 +551,9 @@ impl Store {
         Ok(())
     }
 
-    /// Writes not-yet-verified bytes of a file fetched whole. They stay invisible until
-    /// `verify_whole` checks the whole file. Blocking; returns the generation to verify with.
-    ///
-    /// Never over chunks that are present (the caller, `fetch/whole.rs`, writes one chunk per
-    /// call, so that is all of them or none): a whole-file fetch picks the chunks it writes
-    /// before it writes them, and one may become present meanwhile (an index rebuild adopting
-    /// the blob from disk), with readers served from it. The check and the write happen under
-    /// `writer`, which every marking takes, so nothing is marked in between; such a chunk is
-    /// left as it is (its verified bytes are the same as the file's).
-    pub fn write_unverified(
-        &self,
-        f: &FileEntry,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<u64, StoreError> {
-        let _w = self.writer.lock();
-        let (fd, generation) = self.prepare_locked(f)?;
-        let covering = f.layout().covering(offset, data.len() as u64);
-        if data.is_empty()
-            || self.with_state(f, |s| s.is_some_and(|s| covering.clone().all(|i| s.has(i))))
-        {
-            return Ok(generation);
-        }
-        let written = fd.write_all_at(data, offset);
-        // After the write (failed or not: bytes may have landed), still under `writer`: an
-        // adoption that read the file before or during it finds the count moved.
-        *self.unverified.lock().entry(f.sha256).or_insert(0) += 1;
-        written.map_err(io_err(&self.blob_path(f.sha256)))?;
-        Ok(generation)
-    }
-
-    /// The blob's unverified-write count (see `Store::unverified`).
-    pub(super) fn unverified_epoch(&self, d: Digest) -> u64 {
-        self.unverified.lock().get(&d).copied().unwrap_or(0)
-    }
-
-    /// Hashes a blob written by `write_unverified`; if it matches, makes it durable and marks
-    /// every chunk present (with the chunk digests computed here). Returns the actual digest.
-    /// `generation` is what `write_unverified` returned (None for an empty file).
-    pub fn verify_whole(
-        &self,
-        f: &FileEntry,
-        generation: Option<u64>,
-    ) -> Result<Digest, StoreError> {
-        let (fd, current) = self.prepare(f)?;
-        let generation = generation.unwrap_or(current);
-        if generation != current {
-            return Err(StoreError::Evicted(f.sha256));
-        }
-        let path = self.blob_path(f.sha256);
-        let (actual, chunks) = adopt::hash_blob(&fd, f).map_err(io_err(&path))?;
-        if actual != f.sha256 {
-            return Ok(actual);
-        }
-        fd.sync_data().map_err(io_err(&path))?;
-        let chunks: Vec<(u64, Digest)> = chunks
-            .into_iter()
-            .enumerate()
-            .map(|(i, d)| (i as u64, d))
-            .collect();
-        self.mark(f, generation, &chunks)?;
-        Ok(actual)
-    }
-
     /// The digest of every present chunk as recorded at commit (for re-verification).
     pub fn chunk_digests(&self, f: &FileEntry) -> Result<HashMap<u64, Digest>, StoreError> {
         Ok(self.index.chunk_digests(f.sha256)?.into_iter().collect())
-    }
-
-    /// (checked under the lock, so a blob being created is never deleted).
-    pub fn remove_orphan(&self, path: &Path) -> std::io::Result<bool> {
-        let blobs = self.blobs.lock();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.parse::<Digest>().is_ok_and(|d| blobs.contains_key(&d)) {
-            return Ok(false);
-        }
-        std::fs::remove_file(path)?;
-        Ok(true)
-    }
-
-    /// Blob files on disk that the index does not name (left by a lost index), and their size.
-    pub fn orphans(&self) -> Vec<(PathBuf, u64)> {
-        let known: std::collections::HashSet<String> =
-            self.blobs.lock().keys().map(|d| d.to_hex()).collect();
-        let mut out = Vec::new();
-        let Ok(fans) = std::fs::read_dir(self.root.join("blobs")) else {
-            return out;
-        };
-        for fan in fans.flatten() {
-            let Ok(files) = std::fs::read_dir(fan.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                if !known.contains(&name) {
-                    let size = f
-                        .metadata()
-                        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-                        .unwrap_or(0);
-                    out.push((f.path(), size));
-                }
-            }
-        }
-        out
     }
 }
 
@@ -821,6 +563,7 @@ pub(super) mod tests {
     use crate::chunk::Layout;
     use crate::manifest::Verification;
     use bytes::Bytes;
+    use std::os::unix::fs::FileExt;
 
     /// Verifies chunk `idx` of `f` (whose bytes are `data`) and commits it to `s`.
     pub(in crate::store) fn commit(s: &Store, f: &FileEntry, data: &[u8], idx: u64) {
