@@ -30,6 +30,8 @@ use std::sync::{Mutex, MutexGuard};
 
 /// A lock's place in the order: its rank (lower is taken first) and its name, for the panic.
 #[derive(Clone, Copy, Debug)]
+// Read only by the debug builds' checks; a release build keeps the field for `Debug`.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 pub struct Level {
     rank: u8,
     name: &'static str,
@@ -53,6 +55,7 @@ impl Level {
 /// A mutex with a place in the lock order. Poisoning panics, as `lock().unwrap()` did: a
 /// thread that panicked under one of these left its state half changed.
 pub struct OrderedMutex<T> {
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     level: Level,
     inner: Mutex<T>,
 }
