@@ -8,7 +8,8 @@
 //! control in one place: the daemon, `cmd` when no daemon runs, and tests/reftest.rs (with
 //! its own sources) all build through it; `file_ctx` (a file with its sources) sits under
 //! `fetch`, which re-exports it.
-//! `fetch/`, `store/` and `http/` are split by concern; each file's `//!` says what it owns.
+//! `fetch/`, `store/`, `http/` and `manifest/` are split by concern; each file's `//!` says
+//! what it owns.
 //! In `source/`, `http` reads plain `http://` through `rawhttp`, and both read a status through
 //! `answer`: the imports point one way.
 //! `lock_order` (a leaf) writes down the order of the fetcher's and the store's locks and

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::rules::PathRules;
 use super::{
-    DEFAULT_HEAD_SIZE, HEAD_ALIGN, MAX_CHUNK_SIZE, Manifest, ManifestError, PathRules, Problem,
-    SourceUrl, valid_id,
+    DEFAULT_HEAD_SIZE, HEAD_ALIGN, MAX_CHUNK_SIZE, Manifest, ManifestError, Problem, SourceUrl,
+    valid_id,
 };
 use crate::chunk::{ChunkHash, Digest};
 

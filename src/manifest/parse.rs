@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::rules::{PathRules, grid_rule, same_content};
 use super::{
-    ChunkList, DEFAULT_CHUNK_SIZE, FileEntry, Manifest, ManifestError, Model, ModelId, PathRules,
-    Problem, SourceUrl, Verification, grid_rule, same_content, size_rule,
+    ChunkList, DEFAULT_CHUNK_SIZE, FileEntry, Manifest, ManifestError, Model, ModelId, Problem,
+    SourceUrl, Verification, size_rule,
 };
 use crate::chunk::{ChunkHash, Digest, Layout};
 
