@@ -1,26 +1,36 @@
 //! wanfs: a FUSE-mounted, lazy, verified model filesystem.
 //!
-//! Module map (arrows point down; see docs/DESIGN.md §10 and docs/DESIGN-NOTES.md):
-//! `cli` → `daemon` → `fuse` → `fs` → `fetch` (+ `prefetch`) → `source`, `store` →
-//! `manifest` (+ `compiled`, its form in the cache dir), `chunk` (+ `bufpool`); `config` and
-//! `metrics` are leaves used throughout; `remote` (manifest entries from the Hub or S3) sits
-//! beside `cli`, over `source`. `daemon::Services::builder` wires store, sources, fetcher and
-//! control in one place: the daemon, `cmd` when no daemon runs, and tests/reftest.rs (with
-//! its own sources) all build through it; `file_ctx` (a file with its sources) sits under
-//! `fetch`, which re-exports it.
-//! `fetch/`, `store/`, `http/`, `compiled/` (`codec` the format, `compile` making it) and
-//! `chunk/` (`filler` hashing bytes as they land) are split by concern; each file's `//!` says
-//! what it owns.
-//! In `source/`, `http` reads plain `http://` through `rawhttp`, and both read a status through
-//! `answer`: the imports point one way.
-//! `lock_order` (a leaf) writes down the order of the fetcher's and the store's locks and
-//! checks it in debug builds.
-//! `control` is the operator's vocabulary: each operation one `control::Request`, answered by
-//! `Control::handle`, which `http` (through `control::routes`), `cmd` and `fs`'s `.wan/` files
-//! only carry.
-//! `in_force` is what is in force: catalog, inode tree, config and peers in one snapshot that
-//! `control`, `fs` and `daemon` read; `reload` builds the next one whole and swaps it in one
-//! step. `system` holds the host helpers (mount table, sd_notify, read-ahead, malloc_trim).
+//! Module map, drawn from the code (arrows point down: a module uses only those below it;
+//! docs/DESIGN.md §10 is the contract, docs/DESIGN-NOTES.md has each folder's files):
+//!
+//! ```text
+//! main → cli ─┬─ cmd ──────────────┐   (`wan models …`: over HTTP, or in process)
+//!             ├─ remote            │   (`wan manifest build hf://… s3://…`, over source)
+//!             └─ daemon ───────────┤   (Services::builder: the one wiring; serve; run)
+//!                 ├─ reload        │   (builds the next in_force whole, swaps it)
+//!                 ├─ system        │   (mount table, sd_notify, read-ahead, malloc_trim)
+//!                 ├─ fuse → fs ────┤   (fuser adapter → inode tree, reads, `.wan/` files)
+//!                 └─ http ─────────┤   (control routes, `/blobs` for peers)
+//!                                  ▼
+//!                              control      (one Request per operation, Control::handle)
+//!                                  ▼
+//!                              in_force     (manifest, tree, config, peers: one snapshot)
+//!                                  ▼
+//!                fetch (+ prefetch, file_ctx)   (single flight, sources, verify, commit)
+//!                     ▼                 ▼
+//!                  source             store     (Source trait / blobs, index, GC plan)
+//!                     ▼                 ▼
+//!                manifest (+ compiled)          (models.toml, its compiled form)
+//!                     ▼
+//!                chunk (+ bufpool)              (Digest, Layout, Filler, VerifiedChunk)
+//! ```
+//! Leaves used throughout: `config`, `metrics`, `logging`, `lock_order` (the fetcher's and the
+//! store's lock order, checked in debug builds). `mount_helper` is `mount.fuse.wan`.
+//! Where each concern lives: a chunk's life in `fetch/flight.rs` (`ChunkTable`, `FetchKey`);
+//! a control operation in `control/request.rs` (`Request`, `Response`, the handler) and
+//! `control/routes.rs` (its HTTP route); what is in force in `in_force.rs` and `reload.rs`;
+//! a file's mode in `manifest/model.rs` (`Verification`); peer or origin in `source/mod.rs`
+//! (`SourceKind`). Each file's `//!` says what it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
