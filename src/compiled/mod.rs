@@ -2,9 +2,9 @@
 //! file's sha256, that a restart opens instead of parsing the TOML again.
 //!
 //! Owns `<cache_dir>/v1/manifests/`: what callers use ([`load`], and [`Compiled`], what it
-//! returns), and pruning old forms. Validation stays in `manifest.rs`: a compiled form is only
-//! ever written from a manifest that passed it, and a manifest it refuses is reported by the
-//! child exactly as `Manifest::load` words it. Nothing else touches this directory: GC and
+//! returns), and pruning old forms. Validation stays in `manifest/rules.rs`: a compiled form is
+//! only ever written from a manifest that passed it, and a manifest it refuses is reported by
+//! the child exactly as `Manifest::load` words it. Nothing else touches this directory: GC and
 //! eviction work on `blobs/` only.
 //!
 //! - `mod.rs`: [`load`] (open the form of the manifest, else compile it, then open it), the
