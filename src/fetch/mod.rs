@@ -597,7 +597,8 @@ impl Fetcher {
                 // Bounded: a slow head must not hold the rest of the file back for long.
                 let _ = tokio::time::timeout(HEAD_FIRST_WAIT, head).await;
             }
-            let _mem = this.reserve_memory(&file, idx).await;
+            let r = file.entry.layout().range(idx);
+            let _mem = this.reserve_memory(r.end - r.start).await;
             if let Some(chunk) = this.adopt_from_disk(&file, idx).await {
                 let _ = tx.send(Ok(chunk));
                 return done(Ok(Outcome::Stored));
@@ -690,12 +691,12 @@ impl Fetcher {
         Some(chunk)
     }
 
-    /// Holds fetch-buffer memory for chunk `idx` until the permit is dropped (after commit).
-    async fn reserve_memory(&self, file: &FileCtx, idx: u64) -> OwnedSemaphorePermit {
-        let r = file.entry.layout().range(idx);
+    /// Holds `bytes` of fetch-buffer memory until the permit is dropped (a chunk's: after its
+    /// commit). More than the whole budget takes all of it (see `memory_kib`).
+    async fn reserve_memory(&self, bytes: u64) -> OwnedSemaphorePermit {
         self.memory
             .clone()
-            .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
+            .acquire_many_owned(kib(bytes).min(self.memory_kib))
             .await
             .expect("the memory semaphore is never closed")
     }

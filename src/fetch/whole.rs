@@ -23,7 +23,7 @@ use crate::source::{SourceError, SourceHandle};
 
 use super::attempt::{Delivered, Kept};
 use super::flight::FetchKey;
-use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure, kib};
+use super::{FailureKind, FetchError, Fetcher, FileCtx, Priority, SourceFailure};
 
 /// Whole-only files the cache could not store, held verified in memory for their readers:
 /// at most `cap` bytes, each let go `ttl` after its last read (or sooner, oldest first, to
@@ -189,15 +189,7 @@ impl Fetcher {
                 let r = layout.range(idx);
                 let (mut partial, mem) = match held {
                     Some((k, mem)) => (Some(k), mem),
-                    None => {
-                        let mem = self
-                            .memory
-                            .clone()
-                            .acquire_many_owned(kib(r.end - r.start).min(self.memory_kib))
-                            .await
-                            .expect("open");
-                        (None, mem)
-                    }
+                    None => (None, self.reserve_memory(r.end - r.start).await),
                 };
                 // Whole-only: verified by the file's sha256 once every part is in the blob.
                 let fetched = self
@@ -281,11 +273,7 @@ impl Fetcher {
         }
         tracing::warn!(model = %file.model, file = %crate::logging::untrusted(&f.path),
             error = %why, "the cache cannot store this whole-only file; serving it from memory");
-        let _mem = self
-            .memory
-            .acquire_many(kib(f.size).min(self.memory_kib))
-            .await
-            .expect("open");
+        let _mem = self.reserve_memory(f.size).await;
         let what = format!("{}/{}", file.model, f.path);
         let whole = self
             .fetch_verified(
