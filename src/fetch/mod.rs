@@ -444,10 +444,10 @@ impl Fetcher {
             }
         }
         let layout = f.layout();
+        // One look: what is counted present now is exactly what is not fetched below.
+        let missing = self.store.missing(f, 0..layout.count());
         let present: u64 = f.size
-            - self
-                .store
-                .missing(f, 0..layout.count())
+            - missing
                 .iter()
                 .map(|i| {
                     let r = layout.range(*i);
@@ -456,7 +456,7 @@ impl Fetcher {
                 .sum::<u64>();
         progress.fetch_add(present, Ordering::Relaxed);
         let parallel = (self.cfg.readahead_chunks as usize).max(2);
-        futures::stream::iter(self.store.missing(f, 0..layout.count()))
+        futures::stream::iter(missing)
             .map(|idx| {
                 let fut = self.chunk_stored(file, idx, Priority::ReadAhead);
                 async move {
