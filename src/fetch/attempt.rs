@@ -145,7 +145,13 @@ impl Fetcher {
     /// than [`SUSPECT_PEER_RATE`] has the next fetch go to the origin instead, once per origin
     /// and daemon, so there is a rate to compare with; a peer above it costs the origin
     /// nothing. An origin that is cooling down is no reason to skip anything.
-    pub(super) fn live_peers(&self, origins: &[Arc<SourceHandle>]) -> Vec<Arc<SourceHandle>> {
+    ///
+    /// Each with one attempt, as [`Fetcher::source_order`] pairs them: a peer's miss or failure
+    /// moves on to the next at once.
+    pub(super) fn live_peers(
+        &self,
+        origins: &[Arc<SourceHandle>],
+    ) -> Vec<(Arc<SourceHandle>, u32)> {
         let peers = self.peers();
         if peers.handles.is_empty() {
             return Vec::new();
@@ -174,7 +180,7 @@ impl Fetcher {
                 tracing::debug!("a peer is slow: this fetch measures the origin");
                 return Vec::new();
             }
-            return live.into_iter().map(|(p, _)| p.clone()).collect();
+            return live.into_iter().map(|(p, _)| (p.clone(), 1)).collect();
         };
         live.into_iter()
             .filter(|(p, rate)| match rate {
@@ -185,7 +191,7 @@ impl Fetcher {
                 }
                 _ => true,
             })
-            .map(|(p, _)| p.clone())
+            .map(|(p, _)| (p.clone(), 1))
             .collect()
     }
 
@@ -252,9 +258,8 @@ impl Fetcher {
         let deadline = tokio::time::Instant::now() + self.cfg.read_timeout();
         let mut errors = Vec::new();
         let mut round = 0;
-        // Peers once, each with one attempt: a miss or a failure moves on to the next at once.
-        let peers = self.live_peers(&file.sources).into_iter().map(|p| (p, 1));
-        let mut order: Vec<_> = peers.collect();
+        // Peers once, then the manifest's sources in rounds.
+        let mut order = self.live_peers(&file.sources);
         let mut kept = None;
         loop {
             let mut transient = !file.sources.is_empty();

@@ -301,11 +301,7 @@ impl Fetcher {
         let layout = f.layout();
         let mut errors = Vec::new();
         let mut written: Option<FromSource> = None;
-        let mut order: Vec<_> = self
-            .live_peers(&file.sources)
-            .into_iter()
-            .map(|p| (p, 1))
-            .collect();
+        let mut order = self.live_peers(&file.sources);
         let mut round = 0;
         let mut last_progress = tokio::time::Instant::now();
         loop {
