@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use wanfs::config::Config;
+use wanfs::config::{Config, FetchConfig};
 
 const MIB: usize = 1 << 20;
 
@@ -15,12 +15,10 @@ const MIB: usize = 1 << 20;
 /// short elsewhere and which is what leaves a cooling source one attempt per part.
 fn default_fetch() -> Config {
     let mut config = test_config();
-    config.fetch.connections = 16;
-    config.fetch.read_timeout_secs = 30.0;
-    config.fetch.request_timeout_secs = 10.0;
-    config.fetch.retries = 3;
-    config.fetch.backoff_ms = 100;
-    config.fetch.cooldown_secs = 30.0;
+    config.fetch = FetchConfig {
+        cooldown_secs: 30.0,
+        ..FetchConfig::default()
+    };
     config
 }
 
