@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 pub use fuse::{assert_fuse, fuse_available, no_fuse, skip};
 #[allow(unused_imports)]
 pub use mount::{
-    DeadMount, Mount, MountSpec, config_toml, errno, force_unmount, mount_count, test_config,
+    DeadMount, Mount, MountSpec, config_toml, errno, force_unmount, hup, mount_count, test_config,
     write_config,
 };
 #[allow(unused_imports)]
