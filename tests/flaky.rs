@@ -67,5 +67,9 @@ fn a_half_failing_mirror_serves_whole_only_files() {
     let got = std::fs::read(setup.mounted(&m, "w.bin")).expect("every read served");
     assert_bytes_eq(&got, setup.data("w.bin"), "w.bin");
     assert!(refused(&setup) >= 10, "the origin was not flaky");
-    wait_state(&setup.mounted(&m, "w.bin"), "COMPLETE");
+    assert_eq!(
+        wait_state(&setup.mounted(&m, "w.bin"), "COMPLETE"),
+        "COMPLETE",
+        "w.bin served but not cached"
+    );
 }
