@@ -10,11 +10,6 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-fn hup(pid: u32) {
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
-}
-
 /// A whole-only `w.bin` (10 MiB) is cached and held open (passthrough). A reload removes its
 /// model and adds one that lists the same sha256 at 5 MiB: the reload is refused, naming the
 /// file and both sizes, and the open file still reads all 10 MiB. Before the rule, the first

@@ -112,7 +112,7 @@ fn full_cache_disk_keeps_serving_and_gc_frees_it() {
         "gc failed on a full disk:\n{}",
         mount.log()
     );
-    let free = fs2_free(&cache_fs);
+    let (_, free) = wanfs::control::statvfs(&cache_fs).expect("statvfs of the cache filesystem");
     assert!(free >= 12 * MIB as u64, "only {free} bytes free after GC");
 
     // And the cache works again: the next cold read is stored, the index answers.
@@ -132,15 +132,6 @@ fn full_cache_disk_keeps_serving_and_gc_frees_it() {
     cache
         .check_consistent()
         .expect("cache consistent after a full disk");
-}
-
-/// Free bytes on the filesystem holding `path`.
-fn fs2_free(path: &Path) -> u64 {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: statvfs into a zeroed struct we own.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
-    s.f_bavail as u64 * s.f_frsize as u64
 }
 
 /// Whole-only files on a full cache disk: they cannot be written, even unverified, but one no

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use wanfs::config::Config;
+use wanfs::config::{Config, FetchConfig};
 
 const MIB: usize = 1 << 20;
 
@@ -15,12 +15,10 @@ const MIB: usize = 1 << 20;
 /// short elsewhere and which is what leaves a cooling source one attempt per part.
 fn default_fetch() -> Config {
     let mut config = test_config();
-    config.fetch.connections = 16;
-    config.fetch.read_timeout_secs = 30.0;
-    config.fetch.request_timeout_secs = 10.0;
-    config.fetch.retries = 3;
-    config.fetch.backoff_ms = 100;
-    config.fetch.cooldown_secs = 30.0;
+    config.fetch = FetchConfig {
+        cooldown_secs: 30.0,
+        ..FetchConfig::default()
+    };
     config
 }
 
@@ -69,5 +67,9 @@ fn a_half_failing_mirror_serves_whole_only_files() {
     let got = std::fs::read(setup.mounted(&m, "w.bin")).expect("every read served");
     assert_bytes_eq(&got, setup.data("w.bin"), "w.bin");
     assert!(refused(&setup) >= 10, "the origin was not flaky");
-    wait_state(&setup.mounted(&m, "w.bin"), "COMPLETE");
+    assert_eq!(
+        wait_state(&setup.mounted(&m, "w.bin"), "COMPLETE"),
+        "COMPLETE",
+        "w.bin served but not cached"
+    );
 }

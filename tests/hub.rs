@@ -96,18 +96,7 @@ impl Hub {
     /// `wan manifest build hf://org/demo@main --id demo@1.0.0 EXTRA...` with the Hub's
     /// variables set.
     fn build(&self, extra: &[&str]) -> std::process::Output {
-        let mut cmd = Command::new(wan_bin());
-        cmd.args([
-            "manifest",
-            "build",
-            &format!("hf://{REPO}@main"),
-            "--id",
-            ID,
-        ])
-        .args(extra)
-        .env("HF_ENDPOINT", self.origin.url())
-        .env("HF_TOKEN", TOKEN);
-        run_with_timeout(cmd, Duration::from_secs(60))
+        build_output(&self.origin.url(), extra, &[], Duration::from_secs(60))
     }
 
     fn data(&self, path: &str) -> &[u8] {
@@ -439,12 +428,12 @@ fn git_entry(path: &str, size: u64) -> serde_json::Value {
 }
 
 /// `wan manifest build hf://org/demo@main` against `hub`, with HF_TOKEN and `env`.
-fn build_at(
+fn build_output(
     hub: &str,
     extra: &[&str],
     env: &[(&str, &str)],
     timeout: Duration,
-) -> (bool, String, String) {
+) -> std::process::Output {
     let mut cmd = Command::new(wan_bin());
     cmd.args([
         "manifest",
@@ -459,7 +448,17 @@ fn build_at(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = run_with_timeout(cmd, timeout);
+    run_with_timeout(cmd, timeout)
+}
+
+/// [`build_output`]: whether it succeeded, its stdout and its stderr.
+fn build_at(
+    hub: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (bool, String, String) {
+    let out = build_output(hub, extra, env, timeout);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -17,11 +17,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn hup(pid: u32) {
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
-}
-
 fn wait_log(m: &Mount, needle: &str) {
     let t0 = Instant::now();
     while !m.log().contains(needle) {

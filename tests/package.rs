@@ -24,21 +24,22 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::systemd_ct::{MNT, SystemdCt, cannot_boot, host_lock};
 use common::*;
 
 /// tests/systemd.rs's container, whose image this test copies (under the same lock).
 const BASE: &str = "wanfs-systemd-test";
 const NAME: &str = "wanfs-package-test";
-/// Where systemd-ct.sh keeps each container's root filesystem.
-const MACHINES: &str = "/var/lib/machines";
-const MNT: &str = "/data/models";
-const PATH: &str = "PATH=/usr/sbin:/usr/bin:/sbin:/bin";
+/// A clean environment, and apt that asks nothing.
+const ENV: &[&str] = &[
+    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+    "DEBIAN_FRONTEND=noninteractive",
+];
 const EXAMPLES: &str = "/usr/share/wanfs/examples/models";
 /// A file of ti2v of several chunks.
 const TI2V_WEIGHTS: &str = "diffusion_pytorch_model-00001-of-00001.safetensors";
@@ -50,115 +51,6 @@ fn repo() -> &'static Path {
 /// Printed past libtest's capture, so a skip shows in a plain `cargo test`.
 fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: package test: {why}");
-}
-
-fn ct(args: &[&str]) -> Command {
-    let mut c = Command::new("bash");
-    c.arg(systemd_ct_script()).args(args);
-    c
-}
-
-/// The booted container on its own copy of the image; powered off and deleted when dropped
-/// (also when a check panics).
-struct Container;
-
-impl Container {
-    /// Runs `sh -ec SCRIPT` inside, with a clean environment and apt that asks nothing.
-    fn sh(&self, script: &str, timeout: Duration) -> Output {
-        let cmd = ct(&[
-            "exec",
-            NAME,
-            "env",
-            "-i",
-            PATH,
-            "DEBIAN_FRONTEND=noninteractive",
-            "sh",
-            "-ec",
-            script,
-        ]);
-        run_for(cmd, timeout).unwrap_or_else(|| {
-            panic!(
-                "did not finish within {timeout:?}: {script}\n{}",
-                self.diagnostics()
-            )
-        })
-    }
-
-    /// Runs `script` inside, panics (with the units' state and log) unless it succeeds;
-    /// returns its stdout and stderr.
-    #[track_caller]
-    fn ok(&self, what: &str, script: &str) -> String {
-        let out = self.sh(script, Duration::from_secs(120));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "{what}: failed ({})\n--- script\n{script}\n--- output\n{text}{}",
-            out.status,
-            self.diagnostics()
-        );
-        text
-    }
-
-    /// stdout of `script`, trimmed, whatever its exit status.
-    fn text(&self, script: &str) -> String {
-        String::from_utf8_lossy(&self.sh(script, Duration::from_secs(30)).stdout)
-            .trim()
-            .to_string()
-    }
-
-    fn diagnostics(&self) -> String {
-        let out = ct(&[
-            "exec",
-            NAME,
-            "env",
-            "-i",
-            PATH,
-            "sh",
-            "-c",
-            "dpkg-query -W wanfs 2>&1; systemctl status --no-pager wan22 data-models.mount 2>&1;\
-             echo '--- journal'; journalctl -b --no-pager -n 60 -u wan22 -u data-models.mount 2>&1",
-        ]);
-        run_for(out, Duration::from_secs(30))
-            .map(|o| {
-                format!(
-                    "\n--- in the container\n{}",
-                    String::from_utf8_lossy(&o.stdout)
-                )
-            })
-            .unwrap_or_default()
-    }
-
-    /// The mounts at /data/models, as "FSTYPE SOURCE" lines ("" if none).
-    fn mounts(&self) -> String {
-        self.text(&format!(
-            r#"awk '$5 == "{MNT}" {{ for (i = 7; $i != "-"; i++) ; print $(i + 1), $(i + 2) }}' /proc/self/mountinfo"#
-        ))
-    }
-
-    fn main_pid(&self) -> String {
-        self.text("systemctl show -p MainPID --value wan22")
-    }
-
-    /// A path inside the container, seen from here.
-    fn path(&self, inside: &str) -> PathBuf {
-        Path::new(MACHINES)
-            .join(NAME)
-            .join(inside.trim_start_matches('/'))
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if run_for(ct(&["down", NAME]), Duration::from_secs(60)).is_none() {
-            let _ = writeln!(std::io::stderr(), "systemd-ct: {NAME} did not power off");
-            return;
-        }
-        let _ = std::fs::remove_dir_all(Path::new(MACHINES).join(NAME));
-    }
 }
 
 /// Lists the models and reads `file` of `model` through the mount, compared with the copy the
@@ -239,12 +131,8 @@ fn package_drop_in_runs_the_units_command_from_usr_bin() {
 
 #[test]
 fn package_installs_upgrades_removes_and_purges_under_systemd() {
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (systemd-nspawn)");
-    }
-    let script = systemd_ct_script();
-    if !script.exists() {
-        return skip(&format!("no {}", script.display()));
+    if let Some(why) = cannot_boot() {
+        return skip(&why);
     }
     // The daemon in the container mounts through this host's /dev/fuse.
     if no_fuse() {
@@ -255,9 +143,7 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
         _ => return skip("no `cargo deb` (cargo install cargo-deb --locked)"),
     }
     // One container run at a time on a host; the base image is copied only while no one runs it.
-    let lock =
-        File::create(std::env::temp_dir().join("wanfs-systemd-test.lock")).expect("lock file");
-    lock.lock().expect("locking the container");
+    let lock = host_lock();
 
     let staging = tempfile::Builder::new()
         .prefix("package-")
@@ -285,26 +171,20 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
     );
 
     // The base image: tests/systemd.rs's, built now if that test has not run on this host.
-    let base = Path::new(MACHINES).join(BASE);
-    let _ = run_for(ct(&["down", BASE]), Duration::from_secs(60));
-    if !base.join("usr/lib/systemd/systemd").exists() {
-        match run_for(ct(&["up", BASE]), Duration::from_secs(600)) {
-            Some(o) if o.status.success() => {}
-            Some(o) => {
-                return skip(&format!(
-                    "the container did not boot ({}): {}",
-                    o.status,
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ));
-            }
-            None => return skip("the container did not boot within 600 s"),
-        }
-        let _ = run_for(ct(&["down", BASE]), Duration::from_secs(60));
+    let base_ct = SystemdCt::new(BASE, ENV, Duration::from_secs(120));
+    let base = base_ct.root();
+    base_ct.down();
+    if !base.join("usr/lib/systemd/systemd").exists()
+        && let Err(why) = base_ct.up(None)
+    {
+        return skip(&why);
     }
+    drop(base_ct);
     // A fresh copy (a left-over one from an interrupted run powered off first), less what
     // tests/systemd.rs installs by hand: this host has never seen wanfs.
-    let _ = run_for(ct(&["down", NAME]), Duration::from_secs(60));
-    let root = Path::new(MACHINES).join(NAME);
+    let c = SystemdCt::new(NAME, ENV, Duration::from_secs(120)).deleting_root();
+    c.down();
+    let root = c.root();
     let _ = std::fs::remove_dir_all(&root);
     let cp = Command::new("cp")
         .args(["-a", "--reflink=auto"])
@@ -318,7 +198,6 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
         base.display(),
         root.display()
     );
-    let ct_guard = Container;
     for gone in [
         "usr/local/bin/wan",
         "usr/sbin/mount.fuse.wan",
@@ -336,19 +215,9 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
             p.display()
         );
     }
-    let staged = host.to_string_lossy().into_owned();
-    match run_for(ct(&["up", NAME, &staged]), Duration::from_secs(600)) {
-        Some(o) if o.status.success() => {}
-        Some(o) => {
-            return skip(&format!(
-                "the container did not boot ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        None => return skip("the container did not boot within 600 s"),
+    if let Err(why) = c.up(Some(&host)) {
+        return skip(&why);
     }
-    let c = &ct_guard;
 
     // Install. Nothing enabled, nothing started: /data/models may already be in use on a host.
     c.ok("apt install", &format!("apt-get install -y {deb1}"));
@@ -386,7 +255,7 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
     for f in ["/etc/wan22/wan.toml", "/etc/wan22/models.toml"] {
         assert!(conffiles.contains(f), "{f} is not a conffile:\n{conffiles}");
     }
-    let checked = c.ok(
+    let checked = c.ok_all(
         "the example is valid",
         "wan config check /etc/wan22/wan.toml
          wan manifest check /etc/wan22/models.toml",
@@ -405,7 +274,7 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
          grep -qx 'addr = \"\"' /etc/wan22/wan.toml
          wan config check /etc/wan22/wan.toml",
     );
-    let listed = c.ok(
+    let listed = c.ok_all(
         "enable --now wan22",
         &format!("systemctl enable --now wan22\n{}", serving(T2V, VAE)),
     );
@@ -423,7 +292,7 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
     );
 
     // Upgrade under the running daemon: it keeps serving, the edit stays.
-    let upgraded = c.ok(
+    let upgraded = c.ok_all(
         "apt install (upgrade)",
         &format!("apt-get install -y {deb2}"),
     );
@@ -484,7 +353,7 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
     );
 
     // Purge: configuration, secrets, cache, the empty mountpoint and the units' state.
-    let purged = c.ok("apt purge", "apt-get purge -y wanfs");
+    let purged = c.ok_all("apt purge", "apt-get purge -y wanfs");
     assert!(!purged.contains("not empty"), "{purged}");
     c.ok(
         "what purge removes",
@@ -501,6 +370,6 @@ fn package_installs_upgrades_removes_and_purges_under_systemd() {
         "package: all checks done {:.0?} after the build began",
         t0.elapsed()
     );
-    drop(ct_guard);
+    drop(c);
     drop(lock);
 }

@@ -346,8 +346,7 @@ fn peers_are_checked_and_a_reload_applies_them() {
     let mut reloaded = d.spec.config.clone();
     reloaded.peers.urls = vec![url(pa)];
     write_config(&config, &reloaded);
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) }, 0);
+    hup(d.pid());
     wait_log(&d, "reload: peers replaced");
     let before = origin_bytes(&setup.origin, FILE);
     assert_bytes_eq(

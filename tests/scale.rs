@@ -117,8 +117,7 @@ fn an_edited_manifest_is_compiled_again_at_restart_and_reload() {
 
     // Back to the first version with a SIGHUP: its form is reused, c.bin goes.
     fs::write(&g.manifest, &without_c).unwrap();
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGHUP) }, 0);
+    hup(m.pid());
     assert!(
         wait_until(Duration::from_secs(10), || !g.mounted(&m, "c.bin").exists()),
         "c.bin still there after the reload; log:\n{}",

@@ -16,143 +16,21 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::systemd_ct::{MNT, SystemdCt, cannot_boot, host_lock};
 use common::*;
 use wanfs::config::Config;
 
 /// One name for every checkout on the host: the image in /var/lib/machines is built once.
 const NAME: &str = "wanfs-systemd-test";
-const MNT: &str = "/data/models";
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Printed past libtest's capture, so a skip shows in a plain `cargo test`.
 fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIP: systemd container test: {why}");
-}
-
-/// The booted container; powered off when dropped (also when a check panics).
-struct Container {
-    script: PathBuf,
-}
-
-impl Container {
-    fn ctl(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("bash");
-        c.arg(&self.script).args(args);
-        c
-    }
-
-    /// Runs `sh -ec SCRIPT` inside, with a clean environment.
-    fn sh(&self, script: &str, timeout: Duration) -> Output {
-        let cmd = self.ctl(&["exec", NAME, "env", "-i", PATH, "sh", "-ec", script]);
-        run_for(cmd, timeout).unwrap_or_else(|| {
-            panic!(
-                "did not finish within {timeout:?}: {script}\n{}",
-                self.diagnostics()
-            )
-        })
-    }
-
-    /// Runs `script` inside, panics (with the service's state and log) unless it succeeds;
-    /// returns its stdout.
-    #[track_caller]
-    fn ok(&self, what: &str, script: &str) -> String {
-        let out = self.sh(script, Duration::from_secs(90));
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{what}: failed ({})\n--- script\n{script}\n--- stdout\n{stdout}--- stderr\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.diagnostics()
-        );
-        stdout
-    }
-
-    /// stdout of `script`, whatever its exit status.
-    fn text(&self, script: &str) -> String {
-        String::from_utf8_lossy(&self.sh(script, Duration::from_secs(30)).stdout)
-            .trim()
-            .to_string()
-    }
-
-    fn diagnostics(&self) -> String {
-        let out = self.ctl(&[
-            "exec",
-            NAME,
-            "env",
-            "-i",
-            PATH,
-            "sh",
-            "-c",
-            "systemctl status --no-pager wan22 data-models.mount 2>&1;\
-             echo '--- journal'; journalctl -b --no-pager -n 60 -u wan22 -u data-models.mount 2>&1",
-        ]);
-        run_for(out, Duration::from_secs(30))
-            .map(|o| {
-                format!(
-                    "\n--- in the container\n{}",
-                    String::from_utf8_lossy(&o.stdout)
-                )
-            })
-            .unwrap_or_default()
-    }
-
-    /// The mounts at /data/models, as "FSTYPE SOURCE" lines ("" if none).
-    fn mounts(&self) -> String {
-        self.text(&format!(
-            r#"awk '$5 == "{MNT}" {{ for (i = 7; $i != "-"; i++) ; print $(i + 1), $(i + 2) }}' /proc/self/mountinfo"#
-        ))
-    }
-
-    /// Exactly one mount at /data/models, and it is wanfs (fstype `fuse` or `fuse.wan`).
-    #[track_caller]
-    fn assert_mounted(&self, what: &str) {
-        let m = self.mounts();
-        let ok = m.lines().count() == 1 && m.starts_with("fuse") && m.ends_with(" wanfs");
-        assert!(ok, "{what}: want one wanfs mount at {MNT}, have:\n{m}");
-    }
-
-    #[track_caller]
-    fn assert_unmounted(&self, what: &str) {
-        let m = self.mounts();
-        assert!(
-            m.is_empty(),
-            "{what}: still mounted at {MNT}:\n{m}{}",
-            self.diagnostics()
-        );
-    }
-
-    fn main_pid(&self) -> String {
-        self.text("systemctl show -p MainPID --value wan22")
-    }
-
-    /// Polls `check` (a script) until it succeeds, for at most `limit`; whether it did.
-    fn poll(&self, check: &str, limit: Duration) -> bool {
-        let t0 = Instant::now();
-        loop {
-            if self.sh(check, Duration::from_secs(30)).status.success() {
-                return true;
-            }
-            if t0.elapsed() > limit {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if run_for(self.ctl(&["down", NAME]), Duration::from_secs(60)).is_none() {
-            let _ = writeln!(std::io::stderr(), "systemd-ct: {NAME} did not power off");
-        }
-    }
 }
 
 /// What the container gets at /host: the binary, the units, the fixture models, a config and
@@ -221,44 +99,27 @@ const TI2V_WEIGHTS: &str = "diffusion_pytorch_model-00001-of-00001.safetensors";
 
 #[test]
 fn units_under_a_real_systemd() {
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (systemd-nspawn)");
-    }
-    let script = systemd_ct_script();
-    if !script.exists() {
-        return skip(&format!("no {}", script.display()));
+    if let Some(why) = cannot_boot() {
+        return skip(&why);
     }
     // The daemon in the container mounts through this host's /dev/fuse.
     if no_fuse() {
         return;
     }
     // One run at a time on a host (other checkouts use the same container).
-    let lock =
-        File::create(std::env::temp_dir().join("wanfs-systemd-test.lock")).expect("lock file");
-    lock.lock().expect("locking the container");
+    let lock = host_lock();
     let staging = tempfile::Builder::new()
         .prefix("systemd-ct-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
     stage(staging.path());
 
-    let ct = Container {
-        script: script.clone(),
-    };
+    let ct = SystemdCt::new(NAME, &[PATH], Duration::from_secs(90));
     // A container left running by an interrupted run has another /host: power it off first.
-    let _ = run_for(ct.ctl(&["down", NAME]), Duration::from_secs(60));
+    ct.down();
     let t0 = Instant::now();
-    let staged = staging.path().to_string_lossy().into_owned();
-    match run_for(ct.ctl(&["up", NAME, &staged]), Duration::from_secs(600)) {
-        Some(o) if o.status.success() => {}
-        Some(o) => {
-            return skip(&format!(
-                "the container did not boot ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        None => return skip("the container did not boot within 600 s"),
+    if let Err(why) = ct.up(Some(staging.path())) {
+        return skip(&why);
     }
     let _ = writeln!(
         std::io::stderr(),

@@ -1,7 +1,7 @@
 //! Shared harness of the integration tests: the HTTP origin ([`origin`]), the daemon under test
 //! ([`mount`]), whether FUSE can mount here ([`fuse`]: a test that mounts begins with
-//! `if no_fuse() { return; }`), an nginx cache tier ([`nginx`]), and helpers for files,
-//! manifests, xattrs and the on-disk cache.
+//! `if no_fuse() { return; }`), an nginx cache tier ([`nginx`]), a systemd container
+//! ([`systemd_ct`]), and helpers for files, manifests, xattrs and the on-disk cache.
 //!
 //! Each test binary uses a different part of it, hence `dead_code` is allowed here.
 #![allow(dead_code)]
@@ -10,6 +10,7 @@ pub mod fuse;
 pub mod mount;
 pub mod nginx;
 pub mod origin;
+pub mod systemd_ct;
 
 use std::collections::BTreeSet;
 use std::ffi::{CString, OsStr};
@@ -28,7 +29,7 @@ use sha2::{Digest, Sha256};
 pub use fuse::{assert_fuse, fuse_available, no_fuse, skip};
 #[allow(unused_imports)]
 pub use mount::{
-    DeadMount, Mount, MountSpec, config_toml, errno, force_unmount, mount_count, test_config,
+    DeadMount, Mount, MountSpec, config_toml, errno, force_unmount, hup, mount_count, test_config,
     write_config,
 };
 #[allow(unused_imports)]
@@ -173,16 +174,6 @@ pub fn run_for(mut cmd: Command, timeout: Duration) -> Option<Output> {
         stdout: out_t.join().unwrap_or_default(),
         stderr: err_t.join().unwrap_or_default(),
     })
-}
-
-/// `../shared/systemd-ct/systemd-ct.sh` (or `$WAN_SYSTEMD_CT`): boots a Debian container whose
-/// PID 1 is a real systemd, for tests/systemd.rs and tests/package.rs.
-pub fn systemd_ct_script() -> PathBuf {
-    std::env::var_os("WAN_SYSTEMD_CT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/systemd-ct/systemd-ct.sh")
-        })
 }
 
 /// Options of `wan manifest build`.

@@ -286,6 +286,12 @@ impl Drop for DeadMount {
     }
 }
 
+/// SIGHUP to the daemon `pid` (a child of this test): reload its manifest and config.
+pub fn hup(pid: u32) {
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+}
+
 fn signal(child: &Child, sig: libc::c_int) {
     // SAFETY: plain kill(2) on the pid of a child we have not reaped yet.
     unsafe {
