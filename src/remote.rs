@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, LINK, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, LINK};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -335,11 +335,7 @@ async fn try_page(
             || s == StatusCode::REQUEST_TIMEOUT
             || s.is_server_error() =>
         {
-            let asked = resp
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::source::answer::retry_after);
+            let asked = crate::source::answer::retry_after_header(resp.headers());
             return Err(PageError::Again(format!("HTTP {}", s.as_u16()), asked));
         }
         s => return Err(PageError::Fatal(format!("HTTP {}", s.as_u16()))),
