@@ -134,11 +134,6 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500u64 << attempt.saturating_sub(1).min(4))
 }
 
-/// HF_ENDPOINT as a URL, and HF_TOKEN (see [`crate::source::hub_checked`]).
-fn hub_endpoint() -> anyhow::Result<(Url, Option<String>)> {
-    crate::source::hub_checked()
-}
-
 /// `GET /api/models/{repo}/tree/{rev}?recursive=true`, following the `Link: <…>; rel="next"`
 /// pages the Hub sends for large repositories.
 async fn list_hf(
@@ -148,7 +143,7 @@ async fn list_hf(
     fetch: &FetchConfig,
 ) -> anyhow::Result<Vec<Listed>> {
     let what = format!("hf://{repo}@{rev}");
-    let (endpoint, token) = hub_endpoint()?;
+    let (endpoint, token) = crate::source::hub_checked()?;
     let mut first = endpoint.clone();
     first
         .path_segments_mut()
