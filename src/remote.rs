@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, LINK, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, LINK};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -134,11 +134,6 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500u64 << attempt.saturating_sub(1).min(4))
 }
 
-/// HF_ENDPOINT as a URL, and HF_TOKEN (see [`crate::source::hub_checked`]).
-fn hub_endpoint() -> anyhow::Result<(Url, Option<String>)> {
-    crate::source::hub_checked()
-}
-
 /// `GET /api/models/{repo}/tree/{rev}?recursive=true`, following the `Link: <…>; rel="next"`
 /// pages the Hub sends for large repositories.
 async fn list_hf(
@@ -148,7 +143,7 @@ async fn list_hf(
     fetch: &FetchConfig,
 ) -> anyhow::Result<Vec<Listed>> {
     let what = format!("hf://{repo}@{rev}");
-    let (endpoint, token) = hub_endpoint()?;
+    let (endpoint, token) = crate::source::hub_checked()?;
     let mut first = endpoint.clone();
     first
         .path_segments_mut()
@@ -335,11 +330,7 @@ async fn try_page(
             || s == StatusCode::REQUEST_TIMEOUT
             || s.is_server_error() =>
         {
-            let asked = resp
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::source::answer::retry_after);
+            let asked = crate::source::answer::retry_after_header(resp.headers());
             return Err(PageError::Again(format!("HTTP {}", s.as_u16()), asked));
         }
         s => return Err(PageError::Fatal(format!("HTTP {}", s.as_u16()))),

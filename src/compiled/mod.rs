@@ -18,11 +18,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use sha2::{Digest as _, Sha256};
 
 use crate::chunk::Digest;
 use crate::manifest::{Manifest, ManifestError, ModelId};
@@ -67,20 +65,11 @@ fn form_path(dir: &Path, sha256: &Digest) -> PathBuf {
     dir.join(format!("{}.bin", sha256.to_hex()))
 }
 
-/// sha256 of a file, read in 1 MiB pieces (a fleet manifest is ~50 MB: never held whole).
+/// sha256 of a file, read in 1 MiB pieces (a fleet manifest is ~50 MB: never held whole):
+/// [`crate::manifest::hash_file`]'s whole-file digest, with no chunk digests.
 pub fn hash_file(path: &Path) -> std::io::Result<Digest> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Digest(h.finalize().into()))
+    const PIECE: u64 = 1 << 20;
+    crate::manifest::hash_file(path, PIECE, PIECE, None).map(|(_, sha256, _)| sha256)
 }
 
 /// Where a missing or unusable compiled form is made.

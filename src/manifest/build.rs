@@ -347,20 +347,25 @@ pub fn hash_file(
 mod tests {
     use super::*;
 
+    /// What the tests build with: model `m@1.2.3`, chunks of `chunk_size`, the default head.
+    fn options(chunk_size: u64) -> BuildOptions {
+        BuildOptions {
+            id: "m@1.2.3".into(),
+            chunk_size,
+            head_size: None,
+            sources: vec!["local://x".into()],
+            whole_only: false,
+            chunk_hash: ChunkHash::Sha256,
+        }
+    }
+
     #[test]
     fn build_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("sub")).unwrap();
         std::fs::write(dir.path().join("sub/w.bin"), vec![7u8; 10]).unwrap();
         std::fs::write(dir.path().join("e"), b"").unwrap();
-        let opts = BuildOptions {
-            id: "m@1.2.3".into(),
-            chunk_size: 4,
-            head_size: None,
-            sources: vec!["local://x".into()],
-            whole_only: false,
-            chunk_hash: ChunkHash::Sha256,
-        };
+        let opts = options(4);
         let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
         let m = Manifest::parse(&text, "b", dir.path()).unwrap();
         let files = &m.models["m@1.2.3"].files;
@@ -382,14 +387,7 @@ mod tests {
         st.resize(4 * mib, 2);
         std::fs::write(dir.path().join("m.safetensors"), &st).unwrap();
         std::fs::write(dir.path().join("small.bin"), vec![3u8; 1000]).unwrap();
-        let mut opts = BuildOptions {
-            id: "m@1.2.3".into(),
-            chunk_size: 2 * mib as u64,
-            head_size: None,
-            sources: vec!["local://x".into()],
-            whole_only: false,
-            chunk_hash: ChunkHash::Sha256,
-        };
+        let mut opts = options(2 * mib as u64);
         let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
         let m = Manifest::parse(&text, "b", dir.path()).unwrap();
         let head = |p: &str| {

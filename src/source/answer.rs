@@ -52,6 +52,14 @@ pub(crate) fn retry_after(value: &str) -> Option<Duration> {
     Some(Duration::from_secs(at.saturating_sub(now.as_secs())))
 }
 
+/// The `Retry-After` of a head reqwest read, as [`retry_after`] takes it.
+pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(retry_after)
+}
+
 /// A body with more than the `want` bytes asked for.
 pub(super) fn body_too_long(want: u64) -> SourceError {
     SourceError::Transport(format!("body longer than the {want} bytes asked for"))

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use reqwest::header::{AUTHORIZATION, RANGE};
 
-use super::answer::{body_too_long, check_status, retry_after};
+use super::answer::{body_too_long, check_status, retry_after_header};
 use super::rawhttp::{Raw, RawHttp};
 use super::{Source, SourceError};
 use crate::chunk::Filler;
@@ -146,16 +146,11 @@ impl HttpSource {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
         let resp = req.send().await.map_err(transport)?;
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(retry_after);
         check_status(
             resp.status().as_u16(),
             range,
             resp.content_length(),
-            retry_after,
+            retry_after_header(resp.headers()),
         )?;
         Ok(resp)
     }

@@ -327,20 +327,25 @@ pub fn hub() -> (String, Option<String>) {
 /// `builder error` at the first request (of a build, or of the daemon's `hf://` sources).
 pub fn hub_checked() -> anyhow::Result<(reqwest::Url, Option<String>)> {
     let (endpoint, token) = hub();
-    let url = reqwest::Url::parse(&endpoint)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "HF_ENDPOINT {endpoint:?} is not an http(s) URL with a host (such as https://huggingface.co)"
-            )
-        })?;
+    let url = http_url(&endpoint).ok_or_else(|| {
+        anyhow::anyhow!(
+            "HF_ENDPOINT {endpoint:?} is not an http(s) URL with a host (such as https://huggingface.co)"
+        )
+    })?;
     if let Some(t) = &token
         && reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).is_err()
     {
         anyhow::bail!("HF_TOKEN holds characters an HTTP header cannot carry (a newline?)");
     }
     Ok((url, token))
+}
+
+/// `text` as a URL an HTTP client can ask: `http` or `https`, with a host. `None` for
+/// anything else (`127.0.0.1:9000` without a scheme parses, with `127.0.0.1` as its scheme).
+pub(crate) fn http_url(text: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(text)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
 }
 
 /// An error and its sources, each once: the cause (connection refused, DNS, TLS, a timeout) is

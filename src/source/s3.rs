@@ -42,10 +42,7 @@ impl S3Source {
         }
         // The client takes any text and panics signing its first request when the text is
         // no URL (`127.0.0.1:9000` without a scheme): refused here, naming the variable.
-        let bad_endpoint = endpoint.as_ref().filter(|ep| {
-            !reqwest::Url::parse(ep)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
-        });
+        let bad_endpoint = endpoint.as_ref().filter(|ep| super::http_url(ep).is_none());
         let store = match bad_endpoint {
             Some(ep) => Err(format!(
                 "AWS_ENDPOINT_URL {ep:?} is not an http(s) URL with a host (such as http://minio:9000)"
