@@ -491,7 +491,9 @@ fn models(args: ModelsArgs, json: bool) -> anyhow::Result<ExitCode> {
         },
         ModelsCommand::Report { storage, .. } => {
             if storage {
-                ModelsOp::ReportStorage { days: 30 }
+                ModelsOp::ReportStorage {
+                    days: crate::control::Request::STORAGE_DAYS,
+                }
             } else {
                 ModelsOp::ReportDaily
             }

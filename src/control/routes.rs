@@ -309,7 +309,7 @@ const EVENTS: Route = Route {
     read: |w| {
         let q: Limit = w.query()?;
         Ok(Request::Events {
-            limit: q.limit.unwrap_or(200),
+            limit: q.limit.unwrap_or(Request::EVENTS_LIMIT),
         })
     },
 };
@@ -320,7 +320,7 @@ const REPORT_DAILY: Route = Route {
     read: |w| {
         let q: Days = w.query()?;
         Ok(Request::ReportDaily {
-            days: q.days.unwrap_or(1),
+            days: q.days.unwrap_or(Request::DAILY_DAYS),
         })
     },
 };
@@ -331,7 +331,7 @@ const REPORT_STORAGE: Route = Route {
     read: |w| {
         let q: Days = w.query()?;
         Ok(Request::ReportStorage {
-            days: q.days.unwrap_or(30),
+            days: q.days.unwrap_or(Request::STORAGE_DAYS),
         })
     },
 };
