@@ -132,22 +132,29 @@ impl Selection {
         if self.all {
             return Ok(crate::control::Selection::All);
         }
-        named_ids(&self.only, self.model_list.as_deref(), command)
-            .map(crate::control::Selection::Ids)
+        named_ids(
+            &self.only,
+            self.model_list.as_deref(),
+            command,
+            "; --all means every model",
+        )
+        .map(crate::control::Selection::Ids)
     }
 }
 
 impl Named {
     fn ids(&self, command: &str) -> anyhow::Result<Vec<String>> {
-        named_ids(&self.only, self.model_list.as_deref(), command)
+        named_ids(&self.only, self.model_list.as_deref(), command, "")
     }
 }
 
-/// The ids of `--only` and `--model-list`; none is a usage error.
+/// The ids of `--only` and `--model-list`; none is a usage error, whose message ends with
+/// `hint` (how to name every model, where the command can).
 fn named_ids(
     only: &[String],
     model_list: Option<&std::path::Path>,
     command: &str,
+    hint: &str,
 ) -> anyhow::Result<Vec<String>> {
     let mut ids = crate::cmd::split_ids(only);
     if let Some(f) = model_list {
@@ -161,14 +168,9 @@ fn named_ids(
         if let Some(f) = model_list {
             why.push(format!("{} lists none", f.display()));
         }
-        let all = if command == "mark-corrupted" {
-            ""
-        } else {
-            "; --all means every model"
-        };
         return Err(usage_error(
             &["models", command],
-            format!("the selection names no model ({}){all}", why.join(", ")),
+            format!("the selection names no model ({}){hint}", why.join(", ")),
         ));
     }
     Ok(ids)
@@ -491,7 +493,9 @@ fn models(args: ModelsArgs, json: bool) -> anyhow::Result<ExitCode> {
         },
         ModelsCommand::Report { storage, .. } => {
             if storage {
-                ModelsOp::ReportStorage { days: 30 }
+                ModelsOp::ReportStorage {
+                    days: crate::control::Request::STORAGE_DAYS,
+                }
             } else {
                 ModelsOp::ReportDaily
             }

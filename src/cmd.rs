@@ -368,7 +368,11 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
             Ok(code(report.bad_chunks == 0))
         }
         ModelsOp::ReportDaily => {
-            let report: DailyReport = b.ask(Request::ReportDaily { days: 1 }).await?;
+            let report: DailyReport = b
+                .ask(Request::ReportDaily {
+                    days: Request::DAILY_DAYS,
+                })
+                .await?;
             if json_out {
                 print_json(&report);
             } else {

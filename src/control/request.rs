@@ -156,6 +156,13 @@ pub struct Marked {
 }
 
 impl Request {
+    /// The events shown when a request does not say how many (`GET /events`, `.wan/events`).
+    pub const EVENTS_LIMIT: usize = 200;
+    /// The days of the daily report when a request does not say (the last 24 hours).
+    pub const DAILY_DAYS: u64 = 1;
+    /// The days of the storage report when a request does not say.
+    pub const STORAGE_DAYS: u64 = 30;
+
     /// The model ids the request names (none for a request about every model, or none): what
     /// a front end checks before acting on several requests as one command.
     pub fn model_ids(&self) -> &[String] {

@@ -67,12 +67,19 @@ impl Wire<'_> {
         serde_json::from_slice(text).map_err(|e| WireError::Body(e.to_string()))
     }
 
-    /// A route that takes no query string and no body: only `{}` or nothing, so a flag sent
-    /// where it is not read (`{"force": true}` to a pin) is refused rather than dropped.
-    fn nothing(&self) -> Result<(), WireError> {
+    /// `request`, on a GET route that takes no query string (a GET reads no body).
+    fn no_query(&self, request: Request) -> Result<Request, WireError> {
+        self.query::<Nothing>()?;
+        Ok(request)
+    }
+
+    /// `request`, on a route that takes no query string and no body: only `{}` or nothing, so
+    /// a flag sent where it is not read (`{"force": true}` to a pin) is refused rather than
+    /// dropped.
+    fn no_input(&self, request: Request) -> Result<Request, WireError> {
         self.query::<Nothing>()?;
         self.body::<Nothing>()?;
-        Ok(())
+        Ok(request)
     }
 }
 
@@ -252,55 +259,37 @@ pub static ROUTES: &[Route] = &[
 const HEALTH: Route = Route {
     method: Method::Get,
     path: "/health",
-    read: |w| {
-        w.query::<Nothing>()?;
-        Ok(Request::Health { check_mount: true })
-    },
+    read: |w| w.no_query(Request::Health { check_mount: true }),
 };
 
 const OVERVIEW: Route = Route {
     method: Method::Get,
     path: "/health/models",
-    read: |w| {
-        w.query::<Nothing>()?;
-        Ok(Request::Overview)
-    },
+    read: |w| w.no_query(Request::Overview),
 };
 
 const CONFIG: Route = Route {
     method: Method::Get,
     path: "/config",
-    read: |w| {
-        w.query::<Nothing>()?;
-        Ok(Request::Config)
-    },
+    read: |w| w.no_query(Request::Config),
 };
 
 const METRICS: Route = Route {
     method: Method::Get,
     path: "/metrics",
-    read: |w| {
-        w.query::<Nothing>()?;
-        Ok(Request::Metrics)
-    },
+    read: |w| w.no_query(Request::Metrics),
 };
 
 const MODELS: Route = Route {
     method: Method::Get,
     path: "/models",
-    read: |w| {
-        w.query::<Nothing>()?;
-        Ok(Request::Models)
-    },
+    read: |w| w.no_query(Request::Models),
 };
 
 const MODEL: Route = Route {
     method: Method::Get,
     path: "/models/{id}",
-    read: |w| {
-        w.query::<Nothing>()?;
-        Ok(Request::Model { id: w.id.clone() })
-    },
+    read: |w| w.no_query(Request::Model { id: w.id.clone() }),
 };
 
 const EVENTS: Route = Route {
@@ -309,7 +298,7 @@ const EVENTS: Route = Route {
     read: |w| {
         let q: Limit = w.query()?;
         Ok(Request::Events {
-            limit: q.limit.unwrap_or(200),
+            limit: q.limit.unwrap_or(Request::EVENTS_LIMIT),
         })
     },
 };
@@ -320,7 +309,7 @@ const REPORT_DAILY: Route = Route {
     read: |w| {
         let q: Days = w.query()?;
         Ok(Request::ReportDaily {
-            days: q.days.unwrap_or(1),
+            days: q.days.unwrap_or(Request::DAILY_DAYS),
         })
     },
 };
@@ -331,7 +320,7 @@ const REPORT_STORAGE: Route = Route {
     read: |w| {
         let q: Days = w.query()?;
         Ok(Request::ReportStorage {
-            days: q.days.unwrap_or(30),
+            days: q.days.unwrap_or(Request::STORAGE_DAYS),
         })
     },
 };
@@ -366,8 +355,7 @@ const PIN: Route = Route {
     method: Method::Post,
     path: "/models/{id}/pin",
     read: |w| {
-        w.nothing()?;
-        Ok(Request::Pin {
+        w.no_input(Request::Pin {
             id: w.id.clone(),
             pinned: true,
         })
@@ -378,8 +366,7 @@ const UNPIN: Route = Route {
     method: Method::Post,
     path: "/models/{id}/unpin",
     read: |w| {
-        w.nothing()?;
-        Ok(Request::Pin {
+        w.no_input(Request::Pin {
             id: w.id.clone(),
             pinned: false,
         })
@@ -389,18 +376,14 @@ const UNPIN: Route = Route {
 const EVICT: Route = Route {
     method: Method::Post,
     path: "/models/{id}/evict",
-    read: |w| {
-        w.nothing()?;
-        Ok(Request::Evict { id: w.id.clone() })
-    },
+    read: |w| w.no_input(Request::Evict { id: w.id.clone() }),
 };
 
 const MARK_ONE: Route = Route {
     method: Method::Post,
     path: "/models/{id}/mark-corrupted",
     read: |w| {
-        w.nothing()?;
-        Ok(Request::MarkCorrupted {
+        w.no_input(Request::MarkCorrupted {
             ids: vec![w.id.clone()],
         })
     },

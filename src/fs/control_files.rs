@@ -23,7 +23,9 @@ pub fn render(control: &Arc<Control>, rt: &tokio::runtime::Handle, cf: ControlFi
         ControlFile::Health => Request::Health { check_mount: false },
         ControlFile::Metrics => Request::Metrics,
         ControlFile::Config => Request::Config,
-        ControlFile::Events => Request::Events { limit: 200 },
+        ControlFile::Events => Request::Events {
+            limit: Request::EVENTS_LIMIT,
+        },
         ControlFile::Ensure
         | ControlFile::Verify
         | ControlFile::Gc
