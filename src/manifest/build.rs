@@ -319,7 +319,11 @@ pub fn hash_file(
         let mut in_chunk = 0u64;
         while in_chunk < this_chunk {
             let want = (this_chunk - in_chunk).min(buf.len() as u64) as usize;
-            let n = f.read(&mut buf[..want])?;
+            let n = match f.read(&mut buf[..want]) {
+                // A signal during a read (NFS mounted `intr`) is no error: read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
             if n == 0 {
                 break;
             }
