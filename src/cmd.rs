@@ -257,6 +257,7 @@ async fn statuses(b: &Backend) -> anyhow::Result<Vec<ModelStatus>> {
 
 fn failed(m: &ModelStatus) -> bool {
     m.state == ModelState::Corrupt
+        || m.state == ModelState::Untrusted
         || m.last_error.is_some()
         || m.job.as_ref().is_some_and(|j| j.state == JobState::Failed)
 }
@@ -298,18 +299,29 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                 print_json(&shown);
             } else {
                 println!(
-                    "{:<28} {:<12} {:>22} {:>6}  {:<14} ERROR",
-                    "MODEL", "STATE", "CACHED / TOTAL", "PINNED", "LAST ACCESS"
+                    "{:<28} {:<12} {:>22} {:>6}  {:<14} {:<24} ERROR",
+                    "MODEL", "STATE", "CACHED / TOTAL", "PINNED", "LAST ACCESS", "SIGNED BY"
                 );
                 for m in &shown {
+                    let signed = match (&m.trust.signed_by, m.trust.state.as_str()) {
+                        (Some(s), _) => s.clone(),
+                        (None, "") => "-".into(),
+                        (None, state) => state.into(),
+                    };
+                    let refused = m
+                        .trust
+                        .reason
+                        .as_ref()
+                        .map(|r| format!("{r}: {}", m.trust.detail.as_deref().unwrap_or("")));
                     println!(
-                        "{:<28} {:<12} {:>22} {:>6}  {:<14} {}",
+                        "{:<28} {:<12} {:>22} {:>6}  {:<14} {:<24} {}",
                         m.id,
                         m.state,
                         format!("{} / {}", human(m.bytes_cached), human(m.bytes_total)),
                         if m.pinned { "yes" } else { "no" },
                         ago(m.last_access),
-                        m.last_error.as_deref().unwrap_or("")
+                        signed,
+                        refused.as_deref().or(m.last_error.as_deref()).unwrap_or("")
                     );
                 }
             }

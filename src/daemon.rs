@@ -185,6 +185,8 @@ impl ServicesBuilder<'_> {
         let (sha256, fingerprints) = self
             .compiled
             .unwrap_or_else(|| (Digest([0; 32]), BTreeMap::new()));
+        let policy = Arc::new(crate::trust::gate::policy_of(cfg)?);
+        let trust = crate::trust::gate::trust_of(&self.manifest.models, &files, &policy, None);
         let in_force = InForceCell::new(InForce {
             manifest_path: self.manifest_path,
             sha256,
@@ -195,6 +197,8 @@ impl ServicesBuilder<'_> {
             config: Arc::new(self.config.clone()),
             pending_restart: Vec::new(),
             peers: Arc::new(peers),
+            policy,
+            trust,
         });
         let now = in_force.clone();
         fetcher.peers_from(Box::new(move || now.get().peers.clone()));
@@ -286,7 +290,7 @@ pub fn serve(
         sources,
         in_force,
         control,
-        ..
+        fetcher: services_fetcher,
     } = services;
     store.set_gc_threshold(cfg.gc.high_bytes());
     let mountpoint = std::path::absolute(&plan.mountpoint)?;
@@ -379,6 +383,13 @@ pub fn serve(
         );
     }
 
+    // Every signed model's verdict, in the background: a read that comes first waits for its
+    // own model's.
+    rt.spawn(crate::trust::gate::settle_all(
+        now.trust.values().cloned().collect(),
+        services_fetcher.clone(),
+    ));
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -405,6 +416,7 @@ pub fn serve(
         sources,
         store,
         notifier,
+        fetcher: services_fetcher,
     };
     rt.block_on(async {
         tokio::pin!(done_rx);

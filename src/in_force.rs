@@ -1,6 +1,6 @@
 //! What is in force: the manifest's models with their file contexts, the inode tree laid out
 //! from them, the configuration (and the sections a reload read but left for a restart), and
-//! the peers. One [`InForce`] behind one [`InForceCell`]: a reload (`reload.rs`) builds the
+//! the peers, and the trust policy with each model's verdict. One [`InForce`] behind one [`InForceCell`]: a reload (`reload.rs`) builds the
 //! next one whole, then swaps it in in one step, so every reader (a FUSE request, a control
 //! request, a fetch asking its peers) sees the old or the new, never a mix. Nothing in an
 //! `InForce` changes after it is built; it is shared, not copied (`Arc`s all the way down).
@@ -15,6 +15,7 @@ use crate::fetch::Peers;
 use crate::file_ctx::FileCtx;
 use crate::fs::Tree;
 use crate::manifest::{Model, ModelId};
+use crate::trust::gate::{ModelTrust, Policy};
 
 /// The state a request is answered from.
 pub struct InForce {
@@ -36,6 +37,10 @@ pub struct InForce {
     pub pending_restart: Vec<String>,
     /// The other daemons asked before the manifest's sources.
     pub peers: Arc<Peers>,
+    /// `[trust]` with its anchors loaded, and each model's verdict under it (settled in the
+    /// background after a mount or reload; see `crate::trust::gate`).
+    pub policy: Arc<Policy>,
+    pub trust: BTreeMap<ModelId, Arc<ModelTrust>>,
 }
 
 /// Where the [`InForce`] state lives: read by cloning its `Arc` (never held across a wait),

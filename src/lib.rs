@@ -59,3 +59,4 @@ pub mod remote;
 pub mod source;
 pub mod store;
 pub mod system;
+pub mod trust;

@@ -10,8 +10,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -34,6 +34,14 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
 
 fn gauge(name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     REGISTRY
         .register(Box::new(g.clone()))
         .expect("unique metric");
@@ -96,6 +104,11 @@ pub struct Metrics {
     /// FUSE requests answered with an error, by operation.
     pub fuse_errors: IntCounterVec,
     pub integrity_failures: IntCounter,
+    /// Models refused under the trust policy, by reason (`crate::trust::RefusalReason`),
+    /// counted once per verdict (a reload that re-verifies counts again).
+    pub trust_refusals: IntCounterVec,
+    /// Models refused now, by reason: set from what is in force whenever metrics are read.
+    pub models_untrusted: IntGaugeVec,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
     /// Chunks per group commit (one `fdatasync` per blob file and one index transaction for
@@ -189,6 +202,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "wan_integrity_failures_total",
         "Chunks or files whose bytes did not match their sha256 (discarded).",
     ),
+    trust_refusals: counter_vec(
+        "wan_trust_refusals_total",
+        "Models refused under [trust] (signature missing, invalid, untrusted, not matching the entry, unsupported), by reason.",
+        &["reason"],
+    ),
+    models_untrusted: gauge_vec(
+        "wan_models_untrusted",
+        "Models refused under [trust] right now (listed, their reads fail with EACCES), by reason.",
+        &["reason"],
+    ),
     evictions: counter("wan_evictions_total", "Blobs evicted from the cache."),
     evicted_bytes: counter("wan_evicted_bytes_total", "Bytes evicted from the cache."),
     commit_batch_chunks: histogram(
@@ -251,6 +274,14 @@ pub fn register_models<'a>(models: impl IntoIterator<Item = &'a str>) {
     }
     for result in ["hit", "miss", "busy"] {
         METRICS.peer_requests.with_label_values(&[result]);
+    }
+    for reason in crate::trust::RefusalReason::ALL {
+        METRICS
+            .trust_refusals
+            .with_label_values(&[reason.as_label()]);
+        METRICS
+            .models_untrusted
+            .with_label_values(&[reason.as_label()]);
     }
     for op in FUSE_OPS {
         METRICS.fuse_seconds.with_label_values(&[op]);

@@ -32,6 +32,8 @@ pub struct Reloader {
     pub store: Arc<Store>,
     /// Tells the kernel which entries a reload made stale.
     pub notifier: fuser::Notifier,
+    /// Fetches the `model.sig` of each model whose verdict the reload must settle again.
+    pub fetcher: Arc<crate::fetch::Fetcher>,
 }
 
 impl Reloader {
@@ -58,11 +60,21 @@ impl Reloader {
                 crate::metrics::register_models(next.models.keys().map(ModelId::as_str));
                 let gc_threshold = next.config.gc.high_bytes();
                 let (manifest, models) = (next.manifest_path.clone(), next.models.len());
+                let unsettled: Vec<_> = next
+                    .trust
+                    .values()
+                    .filter(|t| t.now().is_none())
+                    .cloned()
+                    .collect();
                 drop(now);
                 // From here every request sees the new state. The old one goes once the last
                 // request that took it is answered.
                 drop(self.in_force.swap(next));
                 self.store.set_gc_threshold(gc_threshold);
+                tokio::spawn(crate::trust::gate::settle_all(
+                    unsettled,
+                    self.fetcher.clone(),
+                ));
                 for (parent, name) in &stale {
                     // The kernel caches entries for an hour: forget removed or changed ones now.
                     if let Err(e) = self
@@ -131,6 +143,15 @@ impl Reloader {
             Arc::new(Tree::build(&files, Some(&now.tree)))
         };
         let (config, pending_restart, peers) = self.next_config(now, &cfg);
+        // `[trust]` applies on reload: new anchors are loaded whole (one that cannot be read
+        // refuses the reload), and every verdict is settled again under them.
+        let policy = if crate::trust::gate::same_policy(&now.config, &cfg) {
+            now.policy.clone()
+        } else {
+            Arc::new(crate::trust::gate::policy_of(&cfg)?)
+        };
+        let trust =
+            crate::trust::gate::trust_of(&manifest.models, &files, &policy, Some(&now.trust));
         Ok(InForce {
             manifest_path,
             sha256: compiled.sha256,
@@ -141,6 +162,8 @@ impl Reloader {
             config: Arc::new(config),
             pending_restart,
             peers,
+            policy,
+            trust,
         })
     }
 

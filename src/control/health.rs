@@ -1,5 +1,6 @@
 //! Health checks. Critical: the mount answers, the cache is writable, the index answers, disk
-//! use is within its limits. Not critical: usage under the high watermark, no source failing.
+//! use is within its limits. Not critical: usage under the high watermark, no source failing,
+//! no model refused under `[trust]`.
 //! One failing critical check makes the daemon unhealthy (HTTP 503), any other degraded.
 
 use std::collections::BTreeMap;
@@ -129,6 +130,32 @@ impl Control {
                 format!(
                     "failing (cooling down): {}; cached data is still served",
                     cooling.join(", ")
+                )
+            },
+        );
+        let refused: Vec<String> = self
+            .cat()
+            .trust
+            .iter()
+            .filter_map(|(id, t)| Some(format!("{id} ({})", t.refusal()?.reason.as_label())))
+            .collect();
+        add(
+            "trust",
+            refused.is_empty(),
+            false,
+            if refused.is_empty() {
+                "no model is refused under [trust]".into()
+            } else {
+                format!(
+                    "{} model(s) refused under [trust], their reads fail with EACCES: {}{}",
+                    refused.len(),
+                    refused
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if refused.len() > 5 { ", …" } else { "" }
                 )
             },
         );

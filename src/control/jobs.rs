@@ -294,6 +294,19 @@ impl Control {
         let mut fetched = 0u64;
         let mut first_fetch = None;
         for f in self.cat().files.get(id).cloned().unwrap_or_default() {
+            // Nothing of a model refused under [trust] is fetched; a sha256-signed file is
+            // fetched whole-checked.
+            let f = match self.gate_file(&f).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(model = %id, file = %f.entry.path, error = %e, "ensure refused");
+                    first_err.get_or_insert_with(|| format!("{}: {e}", f.entry.path));
+                    if e.errno() == libc::EACCES {
+                        break;
+                    }
+                    continue;
+                }
+            };
             let before = self.store().cached_bytes(&f.entry);
             let base = job.progress.load(Ordering::Relaxed);
             let mut ensure = std::pin::pin!(self.fetcher.ensure_file(&f, &job.progress));
@@ -399,6 +412,16 @@ impl Control {
             if !seen.insert(f.entry.sha256) {
                 continue;
             }
+            let f = match self.gate_file(&f).await {
+                Ok(f) => f,
+                Err(e) => {
+                    error.get_or_insert(format!("{}: {e}", f.entry.path));
+                    if e.errno() == libc::EACCES {
+                        break;
+                    }
+                    continue;
+                }
+            };
             match self.check_file(&f, &job.progress).await {
                 Ok((c, bad_idx)) => {
                     let b = bad_idx.len() as u64;

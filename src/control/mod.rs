@@ -111,6 +111,9 @@ pub enum ModelState {
     Complete,
     /// Found or marked corrupt; stays so until an ensure or verify completes the model.
     Corrupt,
+    /// Refused under `[trust]` (its signature missing, invalid, untrusted or not matching
+    /// the entry): listed, nothing of it fetched or served (reads fail with EACCES).
+    Untrusted,
 }
 
 impl ModelState {
@@ -122,6 +125,7 @@ impl ModelState {
             ModelState::Verifying => "VERIFYING",
             ModelState::Complete => "COMPLETE",
             ModelState::Corrupt => "CORRUPT",
+            ModelState::Untrusted => "UNTRUSTED",
         }
     }
 }
@@ -148,6 +152,33 @@ pub struct ModelStatus {
     pub last_verified: Option<u64>,
     pub last_error: Option<String>,
     pub job: Option<JobStatus>,
+    /// Where the model stands under `[trust]`.
+    #[serde(default)]
+    pub trust: TrustStatus,
+}
+
+/// A model's standing under `[trust]`, as status shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrustStatus {
+    /// `unsigned`, `pending` (its `model.sig` not verified yet), `trusted` or `untrusted`.
+    pub state: String,
+    /// Who signed it (`key sha256:…`, `certificate CN=…`, `keyless …`), once trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
+    /// Why it is refused (`missing`, `invalid`, `untrusted`, `mismatch`, `unsupported`), or
+    /// why its verdict waits (`unavailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Files fetched and checked whole before their first byte is served (signed with
+    /// sha256, which binds no chunk list): `ensure` them ahead, or sign with BLAKE3.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub whole_checked_files: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +189,8 @@ pub struct Summary {
     pub not_present: usize,
     pub corrupt: usize,
     pub verifying: usize,
+    #[serde(default)]
+    pub untrusted: usize,
 }
 
 /// A chunk dropped as corrupt by a report-only verify: (file, chunk index).
@@ -200,6 +233,17 @@ impl Control {
     /// takes (a reload meanwhile is seen by the next one).
     fn cat(&self) -> Arc<InForce> {
         self.in_force.get()
+    }
+
+    /// The file context to fetch `f` by under `[trust]` (its model's verdict settled first),
+    /// or why nothing of it may be fetched: the same gate the filesystem's reads pass.
+    async fn gate_file(&self, f: &Arc<FileCtx>) -> Result<Arc<FileCtx>, crate::fs::FsError> {
+        let Some(t) = self.cat().trust.get(&f.model).cloned() else {
+            return Ok(f.clone());
+        };
+        t.gate(f, &self.fetcher)
+            .await
+            .map_err(crate::fs::FsError::from)
     }
 
     /// Where what is in force lives (the filesystem and the reload share it).
@@ -274,7 +318,10 @@ impl Control {
         let verifying = job
             .as_ref()
             .is_some_and(|j| j.running() && j.status.lock().unwrap().kind == JobKind::Verify);
-        let state = if verifying {
+        let trust = self.trust_status(id);
+        let state = if trust.state == "untrusted" {
+            ModelState::Untrusted
+        } else if verifying {
             ModelState::Verifying
         } else if row.corrupt {
             ModelState::Corrupt
@@ -298,7 +345,71 @@ impl Control {
             last_verified: row.last_verified,
             last_error: row.last_error,
             job: job.map(|j| j.snapshot()),
+            trust,
         })
+    }
+
+    /// Where model `id` stands under `[trust]`.
+    fn trust_status(&self, id: &str) -> TrustStatus {
+        use crate::trust::bind::Plan;
+        use crate::trust::gate::Standing;
+        let Some(t) = self.cat().trust.get(id).cloned() else {
+            return TrustStatus {
+                state: "unsigned".into(),
+                ..Default::default()
+            };
+        };
+        if let Some(r) = t.refusal() {
+            return TrustStatus {
+                state: "untrusted".into(),
+                reason: Some(r.reason.as_label().into()),
+                detail: Some(r.detail),
+                ..Default::default()
+            };
+        }
+        match t.now().as_deref() {
+            None => {
+                let waiting = t.unavailable();
+                TrustStatus {
+                    state: "pending".into(),
+                    reason: waiting.as_ref().map(|r| r.reason.as_label().into()),
+                    detail: waiting.map(|r| r.detail),
+                    ..Default::default()
+                }
+            }
+            Some(Standing::Unsigned { note }) => TrustStatus {
+                state: "unsigned".into(),
+                detail: Some((*note).into()),
+                ..Default::default()
+            },
+            Some(Standing::Refused(_)) => unreachable!("refusal() above"),
+            Some(Standing::Trusted { signer, plans, .. }) => TrustStatus {
+                state: "trusted".into(),
+                signed_by: Some(signer.clone()),
+                whole_checked_files: plans
+                    .iter()
+                    .filter(|p| matches!(p, Plan::Whole | Plan::Shards(_)))
+                    .count(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Sets `wan_models_untrusted` from what is in force (called as metrics are read).
+    pub fn count_untrusted(&self) {
+        use crate::trust::RefusalReason;
+        let mut n = std::collections::HashMap::new();
+        for t in self.cat().trust.values() {
+            if let Some(r) = t.refusal() {
+                *n.entry(r.reason).or_insert(0i64) += 1;
+            }
+        }
+        for reason in RefusalReason::ALL {
+            METRICS
+                .models_untrusted
+                .with_label_values(&[reason.as_label()])
+                .set(n.get(&reason).copied().unwrap_or(0));
+        }
     }
 
     /// Status of the given models (all if empty).
@@ -318,6 +429,7 @@ impl Control {
             not_present: count(ModelState::NotPresent),
             corrupt: count(ModelState::Corrupt),
             verifying: count(ModelState::Verifying),
+            untrusted: count(ModelState::Untrusted),
         }
     }
 
@@ -501,6 +613,7 @@ mod tests {
             (ModelState::Verifying, "VERIFYING"),
             (ModelState::Complete, "COMPLETE"),
             (ModelState::Corrupt, "CORRUPT"),
+            (ModelState::Untrusted, "UNTRUSTED"),
         ] {
             word(s, w);
             assert_eq!(format!("{s:<12}|"), format!("{w:<12}|"));

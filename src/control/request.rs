@@ -92,7 +92,7 @@ pub enum Response {
     Health(Health),
     Overview(Overview),
     Models(Vec<ModelStatus>),
-    Model(ModelStatus),
+    Model(Box<ModelStatus>),
     Config(serde_json::Value),
     /// Prometheus text, not JSON: HTTP sends it as `text/plain`.
     Metrics(String),
@@ -213,10 +213,11 @@ impl Control {
                 })
             }
             Request::Models => Response::Models(self.status(&[])?),
-            Request::Model { id } => Response::Model(self.model_status(&self.resolve(&[id])?[0])?),
+            Request::Model { id } => Response::Model(Box::new(self.model_status(&self.resolve(&[id])?[0])?)),
             Request::Config => Response::Config(self.config_view()),
             Request::Metrics => {
                 self.usage();
+                self.count_untrusted();
                 Response::Metrics(crate::metrics::render())
             }
             Request::Events { limit } => Response::Events(self.events(limit)?),
@@ -232,7 +233,7 @@ impl Control {
                 started: self.verify(&self.selected(models)?, report_only)?,
             }),
             Request::Gc { mode, dry_run } => Response::Gc(self.gc(mode, dry_run).await?),
-            Request::Pin { id, pinned } => Response::Model(self.set_pinned(&id, pinned)?),
+            Request::Pin { id, pinned } => Response::Model(Box::new(self.set_pinned(&id, pinned)?)),
             Request::Evict { id } => {
                 let freed_bytes = self.evict(&id, false)?;
                 Response::Evicted(Evicted {

@@ -85,7 +85,7 @@ impl FetchError {
         FetchError::Store(Arc::new(e))
     }
 
-    pub(super) fn join(e: tokio::task::JoinError) -> FetchError {
+    pub(crate) fn join(e: tokio::task::JoinError) -> FetchError {
         FetchError::Join(Some(Arc::new(e)))
     }
 }

@@ -263,6 +263,11 @@ impl Fetcher {
         if let Some(b) = held {
             return Some(Ok(b));
         }
+        // A whole-only file's bytes are served once the whole file was checked: chunks of
+        // its blob that another entry's chunk list let in are not enough.
+        if f.verification == Verification::Whole && !self.store.is_complete(f) {
+            return None;
+        }
         let fd = self
             .store
             .reader(f, layout.covering(offset, end - offset))?;

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::control::{Control, ControlError};
+use crate::trust::gate::{Gate, GateError};
 
 use crate::fetch::{FetchError, Fetcher, FileCtx};
 use crate::in_force::InForceCell;
@@ -81,6 +82,23 @@ pub enum FsError {
     ReadOnly,
     #[error("{0}")]
     Control(#[from] ControlError),
+    /// The model is refused under `[trust]` (`crate::trust::gate`): nothing of it is served.
+    #[error("model refused under [trust] ({}): {}", .0.reason.as_label(), .0.detail)]
+    Untrusted(crate::trust::Refusal),
+    /// The model's `model.sig` could not be fetched: its verdict waits, the next read asks
+    /// again.
+    #[error("{}", .0.detail)]
+    TrustUnsettled(crate::trust::Refusal),
+}
+
+impl From<GateError> for FsError {
+    fn from(e: GateError) -> FsError {
+        match e {
+            GateError::Refused(r) => FsError::Untrusted(r),
+            GateError::Unavailable(r) => FsError::TrustUnsettled(r),
+            GateError::Fetch(e) => FsError::Fetch(e),
+        }
+    }
 }
 
 impl FsError {
@@ -109,12 +127,24 @@ impl FsError {
             ) => libc::EAGAIN,
             FsError::Fetch(FetchError::WholeOnly { .. }) => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,
+            FsError::Untrusted(_) => libc::EACCES,
+            FsError::TrustUnsettled(_) => libc::EIO,
             FsError::Control(ControlError::Busy(..)) => libc::EBUSY,
             FsError::Control(ControlError::Failed(_)) => libc::EIO,
             FsError::Control(ControlError::UnknownModel(..) | ControlError::BadRequest(_)) => {
                 libc::EINVAL
             }
         }
+    }
+}
+
+/// A short name for an errno a refusal answers with, for its log line.
+pub fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EACCES => "EACCES",
+        libc::EIO => "EIO",
+        libc::EAGAIN => "EAGAIN",
+        _ => "error",
     }
 }
 
@@ -205,6 +235,22 @@ impl ModelFs {
         })
     }
 
+    /// The gate of a read of `f` under `[trust]`, without waiting.
+    fn gate_now(&self, f: &Arc<FileCtx>) -> Gate {
+        match self.in_force.get().trust.get(&f.model) {
+            Some(t) => t.gate_now(f),
+            None => Gate::Serve(f.clone()),
+        }
+    }
+
+    /// The file context to serve a read of `f` by, once its model's verdict lets it.
+    async fn gate(&self, f: &Arc<FileCtx>) -> Result<Arc<FileCtx>, FsError> {
+        let Some(t) = self.in_force.get().trust.get(&f.model).cloned() else {
+            return Ok(f.clone());
+        };
+        t.gate(f, &self.fetcher).await.map_err(FsError::from)
+    }
+
     fn file(&self, ino: u64) -> Result<Arc<FileCtx>, FsError> {
         match &self.tree().get(ino).ok_or(FsError::NotFound)?.kind {
             NodeKind::File(f) => Ok(f.clone()),
@@ -279,11 +325,17 @@ impl ModelFs {
             return Err(FsError::ReadOnly);
         }
         let f = self.file(ino)?;
+        // A refused model's files do not open; one whose verdict is not settled opens without
+        // passthrough (its reads wait for the verdict).
+        let served = match self.gate_now(&f) {
+            Gate::Refused(r) => return Err(FsError::Untrusted(r)),
+            Gate::Serve(s) => Some(s),
+            Gate::Wait => None,
+        };
         let store = self.fetcher.store();
-        let backing = if self.passthrough && f.entry.size > 0 {
-            store.open_complete_ro(&f.entry)
-        } else {
-            None
+        let backing = match served {
+            Some(s) if self.passthrough && f.entry.size > 0 => store.open_complete_ro(&s.entry),
+            _ => None,
         };
         store.opened(f.entry.sha256);
         Ok(Opened {
@@ -361,6 +413,11 @@ impl ModelFs {
             Ok(f) => f,
             Err(e) => return Some(Err(e)),
         };
+        let f = match self.gate_now(&f) {
+            Gate::Serve(s) => s,
+            Gate::Refused(r) => return Some(Err(FsError::Untrusted(r))),
+            Gate::Wait => return None,
+        };
         let r = self.fetcher.read_cached(&f, offset, size)?;
         METRICS.cache_hits.inc();
         self.note_read(&f, fh, offset, size);
@@ -376,6 +433,15 @@ impl ModelFs {
         size: u32,
     ) -> Result<bytes::Bytes, FsError> {
         let f = self.file(ino)?;
+        let f = match self.gate(&f).await {
+            Ok(s) => s,
+            Err(e) => {
+                // The refusal itself was logged once, when the verdict was settled.
+                tracing::debug!(model = %f.model, file = %f.entry.path, error = %e,
+                    "read refused: {}", crate::fs::errno_name(e.errno()));
+                return Err(e);
+            }
+        };
         METRICS.cache_misses.inc();
         let t0 = std::time::Instant::now();
         self.note_read(&f, fh, offset, size);

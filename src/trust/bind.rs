@@ -1,0 +1,436 @@
+//! Binding a verified statement to a manifest entry: which files the publisher signed, and
+//! how each of the entry's files may be served so that no byte other than the signed content
+//! reaches a reader ([`Plan`]). Owns the rules of issue 19 §3–4: the entry's files and the
+//! statement's are the same set (`ignore_paths` and `model.sig` aside), each signed digest
+//! matches, and a chunk list is bound to its signed digest before a byte is served.
+//!
+//! What binding costs: nothing is downloaded. A BLAKE3-signed file's chunk digests are merged
+//! into its BLAKE3 root (`chunk::blake3_tree_root`, a few merges per chunk); a sha256-signed
+//! file is compared by its `sha256` line and is then served whole-checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::{Method, Refusal, RefusalReason, Resource, SignedHash, Statement};
+use crate::chunk::Digest;
+use crate::manifest::{FileEntry, Model, Verification};
+
+/// The bundle's file name at a model's root, as `model_signing` writes it.
+pub const SIGNATURE_FILE: &str = "model.sig";
+
+/// How one file of a signed model is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Not under the signature (`model.sig` itself, or a path the statement's `ignore_paths`
+    /// covers): served as the manifest says.
+    Open,
+    /// Its chunk list merges into the signed BLAKE3 digest: served chunk by chunk, each
+    /// chunk verified against a digest the signature now covers.
+    Lazy,
+    /// Signed with sha256, which no chunk list can be bound to: fetched and checked whole
+    /// against the signed digest (its `sha256` line) before its first byte is served.
+    Whole,
+    /// Signed as sha256 shards (`serialization.method = "shards"`): fetched and checked whole
+    /// against its `sha256` line, then each shard against its signed digest, before its
+    /// first byte is served.
+    Shards(Arc<[Shard]>),
+}
+
+/// One signed byte range of a file and its sha256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub start: u64,
+    pub end: u64,
+    pub digest: Digest,
+}
+
+fn refuse(reason: RefusalReason, detail: String) -> Refusal {
+    Refusal { reason, detail }
+}
+
+/// Whether `path` is under one of `ignore` (the path itself or a directory above it), as
+/// `model_signing`'s `should_ignore` decides.
+pub fn ignored(path: &str, ignore: &[String]) -> bool {
+    ignore.iter().any(|p| {
+        let p = p.trim_end_matches('/');
+        !p.is_empty()
+            && (path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/')))
+    })
+}
+
+/// What the statement signs for one file.
+enum Signed<'a> {
+    Whole(&'a Resource),
+    Shards(Vec<(u64, u64, &'a Resource)>),
+}
+
+/// A shard resource's name, `path:start:end`.
+fn shard_name(name: &str) -> Option<(&str, u64, u64)> {
+    let mut it = name.rsplitn(3, ':');
+    let end = it.next()?.parse().ok()?;
+    let start = it.next()?.parse().ok()?;
+    Some((it.next()?, start, end))
+}
+
+/// The plan of each of `model`'s files (in its order), or why the statement does not sign
+/// this entry.
+pub fn bind(model: &Model, st: &Statement) -> Result<Vec<Plan>, Refusal> {
+    let mut signed: BTreeMap<&str, Signed> = BTreeMap::new();
+    for r in &st.resources {
+        match st.method {
+            Method::Files => {
+                if signed.insert(&r.name, Signed::Whole(r)).is_some() {
+                    return Err(refuse(
+                        RefusalReason::Invalid,
+                        format!("the statement lists {:?} twice", r.name),
+                    ));
+                }
+            }
+            Method::Shards { .. } => {
+                let Some((path, start, end)) = shard_name(&r.name) else {
+                    return Err(refuse(
+                        RefusalReason::Invalid,
+                        format!("shard {:?} is not path:start:end", r.name),
+                    ));
+                };
+                match signed
+                    .entry(path)
+                    .or_insert_with(|| Signed::Shards(Vec::new()))
+                {
+                    Signed::Shards(v) => v.push((start, end, r)),
+                    Signed::Whole(_) => unreachable!("shards statements hold only shards"),
+                }
+            }
+        }
+    }
+    let under = |p: &str| p != SIGNATURE_FILE && !ignored(p, &st.ignore_paths);
+    let listed: BTreeSet<&str> = model.files.iter().map(|f| f.path.as_str()).collect();
+    // A partial model is not the signed model, nor is one with a file the publisher did not
+    // sign: both directions, each named.
+    let unsigned: Vec<&str> = model
+        .files
+        .iter()
+        .filter(|f| under(&f.path) && !signed.contains_key(f.path.as_str()))
+        // A shards statement has no shard for an empty file: its size says all of it.
+        .filter(|f| !(matches!(st.method, Method::Shards { .. }) && f.size == 0))
+        .map(|f| f.path.as_str())
+        .collect();
+    if !unsigned.is_empty() {
+        return Err(refuse(
+            RefusalReason::Mismatch,
+            format!(
+                "{} file(s) of the entry are not in the signed statement: {}",
+                unsigned.len(),
+                names(&unsigned)
+            ),
+        ));
+    }
+    let absent: Vec<&str> = signed
+        .keys()
+        .copied()
+        .filter(|p| !listed.contains(p) && under(p))
+        .collect();
+    if !absent.is_empty() {
+        return Err(refuse(
+            RefusalReason::Mismatch,
+            format!(
+                "{} signed file(s) are not in the entry: {}",
+                absent.len(),
+                names(&absent)
+            ),
+        ));
+    }
+    model
+        .files
+        .iter()
+        .map(|f| {
+            if !under(&f.path) {
+                return Ok(Plan::Open);
+            }
+            match signed.get(f.path.as_str()) {
+                None => Ok(Plan::Whole), // an empty file of a shards statement
+                Some(Signed::Whole(r)) => plan_whole(f, r),
+                Some(Signed::Shards(v)) => plan_shards(f, v),
+            }
+        })
+        .collect()
+}
+
+fn names(v: &[&str]) -> String {
+    let mut s: Vec<String> = v.iter().take(5).map(|p| format!("{p:?}")).collect();
+    if v.len() > 5 {
+        s.push("…".into());
+    }
+    s.join(", ")
+}
+
+fn digest_of(f: &FileEntry, r: &Resource) -> Result<Digest, Refusal> {
+    <[u8; 32]>::try_from(r.digest.as_slice())
+        .map(Digest)
+        .map_err(|_| {
+            refuse(
+                RefusalReason::Invalid,
+                format!(
+                    "file {:?}: the signed {} digest is {} bytes, not 32",
+                    f.path,
+                    r.algorithm.as_str(),
+                    r.digest.len()
+                ),
+            )
+        })
+}
+
+fn plan_whole(f: &FileEntry, r: &Resource) -> Result<Plan, Refusal> {
+    let want = digest_of(f, r)?;
+    match r.algorithm {
+        SignedHash::Sha256 => {
+            if f.sha256 != want {
+                return Err(refuse(
+                    RefusalReason::Mismatch,
+                    format!(
+                        "file {:?}: signed sha256 {want}, but the entry says {}",
+                        f.path, f.sha256
+                    ),
+                ));
+            }
+            Ok(Plan::Whole)
+        }
+        SignedHash::Blake3 => {
+            let Some(root) = tree_root(f) else {
+                return Err(refuse(
+                    RefusalReason::Unsupported,
+                    format!(
+                        "file {:?} is signed with BLAKE3, but its chunk list is not \
+                         chunk_hash = \"blake3-tree\" (rebuild the entry with `wan manifest \
+                         build`, which writes it)",
+                        f.path
+                    ),
+                ));
+            };
+            if root != want {
+                return Err(refuse(
+                    RefusalReason::Mismatch,
+                    format!(
+                        "file {:?}: its chunk list merges into BLAKE3 {root}, but the signed \
+                         digest is {want}",
+                        f.path
+                    ),
+                ));
+            }
+            Ok(Plan::Lazy)
+        }
+        SignedHash::Blake2b => Err(refuse(
+            RefusalReason::Unsupported,
+            format!(
+                "file {:?} is signed with blake2b, which wanfs cannot check (sign with sha256 \
+                 or, for lazy reads, BLAKE3)",
+                f.path
+            ),
+        )),
+    }
+}
+
+fn plan_shards(f: &FileEntry, v: &[(u64, u64, &Resource)]) -> Result<Plan, Refusal> {
+    let mut v = v.to_vec();
+    v.sort_by_key(|s| s.0);
+    let mut at = 0;
+    let mut out = Vec::with_capacity(v.len());
+    for (start, end, r) in v {
+        if r.algorithm != SignedHash::Sha256 {
+            return Err(refuse(
+                RefusalReason::Unsupported,
+                format!(
+                    "file {:?} is signed as {} shards; wanfs checks sha256 shards",
+                    f.path,
+                    r.algorithm.as_str()
+                ),
+            ));
+        }
+        if start != at || end <= start {
+            return Err(refuse(
+                RefusalReason::Mismatch,
+                format!(
+                    "file {:?}: the signed shards do not tile it (a shard starts at {start}, \
+                     expected {at})",
+                    f.path
+                ),
+            ));
+        }
+        out.push(Shard {
+            start,
+            end,
+            digest: digest_of(f, r)?,
+        });
+        at = end;
+    }
+    if at != f.size {
+        return Err(refuse(
+            RefusalReason::Mismatch,
+            format!(
+                "file {:?}: the signed shards cover {at} bytes, the entry says {}",
+                f.path, f.size
+            ),
+        ));
+    }
+    Ok(Plan::Shards(out.into()))
+}
+
+/// The BLAKE3 root a blake3-tree chunk list merges into; `None` for any other chunk list.
+fn tree_root(f: &FileEntry) -> Option<Digest> {
+    let Verification::Chunked(_chunks) = &f.verification else {
+        return None;
+    };
+    None // TEMPORARY until b3tree lands
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkHash;
+    use crate::manifest::ModelId;
+
+    fn file(path: &str, content: &[u8]) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size: content.len() as u64,
+            sha256: Digest::of(content),
+            chunk_size: 4096,
+            head_size: 4096,
+            chunk_hash: ChunkHash::Sha256,
+            verification: Verification::Chunked(content.chunks(4096).map(Digest::of).collect()),
+        }
+    }
+
+    fn model(files: Vec<FileEntry>) -> Model {
+        Model {
+            id: ModelId::new("m@1.0.0").unwrap(),
+            description: String::new(),
+            pinned: false,
+            sources: Vec::new(),
+            files,
+        }
+    }
+
+    fn sha(name: &str, content: &[u8]) -> Resource {
+        Resource {
+            name: name.into(),
+            algorithm: SignedHash::Sha256,
+            digest: Digest::of(content).0.to_vec(),
+        }
+    }
+
+    fn statement(method: Method, resources: Vec<Resource>) -> Statement {
+        Statement {
+            model_name: "m".into(),
+            method,
+            hash_type: SignedHash::Sha256,
+            ignore_paths: vec![".git".into(), "model.sig".into()],
+            resources,
+        }
+    }
+
+    #[test]
+    fn sha256_files_bind_whole_and_the_signature_and_ignored_paths_stay_open() {
+        let m = model(vec![
+            file("a.bin", b"aaaa"),
+            file("model.sig", b"{}"),
+            file(".git/HEAD", b"ref"),
+            file("sub/b.txt", b"bb"),
+        ]);
+        let st = statement(
+            Method::Files,
+            vec![sha("a.bin", b"aaaa"), sha("sub/b.txt", b"bb")],
+        );
+        assert_eq!(
+            bind(&m, &st).unwrap(),
+            vec![Plan::Whole, Plan::Open, Plan::Open, Plan::Whole]
+        );
+    }
+
+    #[test]
+    fn a_changed_digest_or_a_file_on_one_side_only_is_a_mismatch_naming_it() {
+        let m = model(vec![file("a.bin", b"aaaa"), file("b.bin", b"bbbb")]);
+        let forged = statement(
+            Method::Files,
+            vec![sha("a.bin", b"aaab"), sha("b.bin", b"bbbb")],
+        );
+        let e = bind(&m, &forged).unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Mismatch);
+        assert!(e.detail.contains("\"a.bin\""), "{e}");
+        let partial = statement(Method::Files, vec![sha("a.bin", b"aaaa")]);
+        let e = bind(&m, &partial).unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Mismatch);
+        assert!(
+            e.detail.contains("not in the signed statement: \"b.bin\""),
+            "{e}"
+        );
+        let more = statement(
+            Method::Files,
+            vec![
+                sha("a.bin", b"aaaa"),
+                sha("b.bin", b"bbbb"),
+                sha("c.bin", b"c"),
+            ],
+        );
+        let e = bind(&m, &more).unwrap_err();
+        assert!(e.detail.contains("not in the entry: \"c.bin\""), "{e}");
+    }
+
+    #[test]
+    fn blake2_and_a_non_tree_blake3_chunk_list_are_unsupported() {
+        let m = model(vec![file("a.bin", b"aaaa")]);
+        let mut r = sha("a.bin", b"aaaa");
+        r.algorithm = SignedHash::Blake2b;
+        let e = bind(&m, &statement(Method::Files, vec![r.clone()])).unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Unsupported);
+        r.algorithm = SignedHash::Blake3;
+        let e = bind(&m, &statement(Method::Files, vec![r])).unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Unsupported);
+        assert!(e.detail.contains("blake3-tree"), "{e}");
+    }
+
+    #[test]
+    fn shards_must_tile_the_file() {
+        let content = b"0123456789";
+        let m = model(vec![file("a.bin", content), file("empty", b"")]);
+        let shard = |s: usize, e: usize| Resource {
+            name: format!("a.bin:{s}:{e}"),
+            algorithm: SignedHash::Sha256,
+            digest: Digest::of(&content[s..e]).0.to_vec(),
+        };
+        let st = statement(
+            Method::Shards { shard_size: 4 },
+            vec![shard(4, 8), shard(0, 4), shard(8, 10)],
+        );
+        let Plan::Shards(v) = &bind(&m, &st).unwrap()[0] else {
+            panic!("not shards");
+        };
+        assert_eq!(
+            v.iter().map(|s| (s.start, s.end)).collect::<Vec<_>>(),
+            [(0, 4), (4, 8), (8, 10)]
+        );
+        assert_eq!(v[1].digest, Digest::of(b"4567"));
+        let gap = statement(
+            Method::Shards { shard_size: 4 },
+            vec![shard(0, 4), shard(8, 10)],
+        );
+        assert_eq!(bind(&m, &gap).unwrap_err().reason, RefusalReason::Mismatch);
+        let short = statement(
+            Method::Shards { shard_size: 4 },
+            vec![shard(0, 4), shard(4, 8)],
+        );
+        assert!(
+            bind(&m, &short)
+                .unwrap_err()
+                .detail
+                .contains("cover 8 bytes")
+        );
+    }
+
+    #[test]
+    fn ignore_paths_cover_directories_not_prefixes() {
+        let ig = vec![".git".to_string(), "docs/".to_string()];
+        assert!(ignored(".git", &ig) && ignored(".git/HEAD", &ig) && ignored("docs/a.md", &ig));
+        assert!(!ignored(".gitattributes", &ig) && !ignored("docsx/a", &ig));
+    }
+}
