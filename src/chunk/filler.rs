@@ -1,6 +1,6 @@
 //! A chunk buffer filled by a source, each piece hashed as it lands: [`Filler`], what it
 //! hashed ([`Hashed`]), and joining BLAKE3 subtrees hashed by parallel parts into the chunk's
-//! root. [`VerifiedChunk::verify_landed`](super::VerifiedChunk::verify_landed) is the only
+//! root (or, for a `blake3-tree` chunk, into the chunk's own subtree). [`VerifiedChunk::verify_landed`](super::VerifiedChunk::verify_landed) is the only
 //! way from what a filler hashed to a `VerifiedChunk`: it asks [`landed_digest`] for the
 //! digest the parts give, and hashes the bytes itself when they do not describe them exactly.
 
@@ -8,7 +8,7 @@ use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
 
-use super::{ChunkHash, ChunkHasher, Digest};
+use super::{ChunkCheck, ChunkHash, ChunkHasher, Digest};
 
 /// A chunk buffer filled front to back by a source, each piece hashed as it lands.
 ///
@@ -25,8 +25,9 @@ use super::{ChunkHash, ChunkHasher, Digest};
 ///   [`VerifiedChunk::verify_landed`](super::VerifiedChunk::verify_landed) joins the parts'
 ///   subtrees into the chunk's root, so parts may land in any order and none is read twice.
 ///   A power-of-two block of at least 1 KiB is always a whole subtree of BLAKE3's tree,
-///   wherever the chunk ends. sha256 has no tree: parallel parts of a sha256 chunk are hashed
-///   after they all landed.
+///   wherever the chunk ends; a `blake3-tree` chunk's blocks are subtrees of the file's tree,
+///   at the chunk's offset plus theirs. sha256 has no tree: parallel parts of a sha256 chunk
+///   are hashed after they all landed.
 ///
 /// Why the digest can be trusted to describe the buffer: a source writes only into
 /// [`unfilled`](Filler::unfilled), the tail not yet hashed, and [`advance`](Filler::advance)
@@ -42,12 +43,15 @@ pub struct Filler<'a> {
 
 enum Hashing {
     Plain,
-    Whole(ChunkHash, ChunkHasher),
+    Whole(ChunkCheck, ChunkHasher),
     Blocks(Box<Blocks>),
 }
 
 struct Blocks {
     size: usize,
+    /// Where the chunk starts in BLAKE3's input: its offset in the file for `blake3-tree`, 0
+    /// for a chunk hashed as a tree of its own.
+    base: u64,
     /// Index in the chunk of this part's first block (the one being hashed is
     /// `first + cvs.len()`).
     first: u64,
@@ -69,11 +73,12 @@ pub struct Hashed {
 
 #[derive(Debug, Clone)]
 enum HashedKind {
-    Whole(ChunkHash, Digest),
+    Whole(ChunkCheck, Digest),
     /// BLAKE3 chaining values of `block`-byte subtrees, the first at `first * block` bytes
-    /// into the chunk.
+    /// into the chunk, which starts at `base` in BLAKE3's input.
     Blocks {
         block: usize,
+        base: u64,
         first: u64,
         cvs: Vec<ChainingValue>,
     },
@@ -89,31 +94,36 @@ impl Hashed {
     }
 }
 
-/// Whether a chunk fetched as parts of `part` bytes can be hashed part by part: BLAKE3,
-/// and parts that are whole subtrees (a power of two of at least 1 KiB).
-pub fn blocks_fit(hash: ChunkHash, part: usize) -> bool {
-    hash == ChunkHash::Blake3 && part.is_power_of_two() && part >= blake3::CHUNK_LEN
+/// Whether a chunk checked by `check`, fetched as parts of `part` bytes, can be hashed part by
+/// part: BLAKE3, and parts that are whole subtrees (a power of two of at least 1 KiB, at an
+/// offset in BLAKE3's input that is a multiple of it).
+pub fn blocks_fit(check: ChunkCheck, part: usize) -> bool {
+    matches!(check.hash, ChunkHash::Blake3 | ChunkHash::Blake3Tree)
+        && part.is_power_of_two()
+        && part >= blake3::CHUNK_LEN
+        && check.offset().is_multiple_of(part as u64)
 }
 
 impl<'a> Filler<'a> {
-    /// A filler for a whole chunk, hashed with `hash`.
-    pub fn whole(hash: ChunkHash, buf: &'a mut [u8]) -> Filler<'a> {
+    /// A filler for a whole chunk, hashed as `check` says.
+    pub fn whole(check: impl Into<ChunkCheck>, buf: &'a mut [u8]) -> Filler<'a> {
+        let check = check.into();
         Filler {
             buf,
             filled: 0,
-            hashing: Hashing::Whole(hash, hash.hasher()),
+            hashing: Hashing::Whole(check, check.hasher()),
         }
     }
 
-    /// A filler for the part of a BLAKE3 chunk that starts `offset` bytes into it, hashed as
-    /// subtrees of `block` bytes. `offset` must be a multiple of `block`, and `block` must
-    /// pass [`blocks_fit`].
-    pub fn blocks(block: usize, offset: u64, buf: &'a mut [u8]) -> Filler<'a> {
-        assert!(blocks_fit(ChunkHash::Blake3, block) && offset.is_multiple_of(block as u64));
+    /// A filler for the part of a BLAKE3 chunk (checked by `check`) that starts `offset`
+    /// bytes into it, hashed as subtrees of `block` bytes. `offset` must be a multiple of
+    /// `block`, and `block` must pass [`blocks_fit`].
+    pub fn blocks(check: ChunkCheck, block: usize, offset: u64, buf: &'a mut [u8]) -> Filler<'a> {
+        assert!(blocks_fit(check, block) && offset.is_multiple_of(block as u64));
         Filler {
             buf,
             filled: 0,
-            hashing: Hashing::Blocks(Box::new(Blocks::new(block, offset))),
+            hashing: Hashing::Blocks(Box::new(Blocks::new(block, check.offset(), offset))),
         }
     }
 
@@ -163,8 +173,8 @@ impl<'a> Filler<'a> {
         self.filled = 0;
         match &mut self.hashing {
             Hashing::Plain => {}
-            Hashing::Whole(hash, h) => *h = hash.hasher(),
-            Hashing::Blocks(b) => **b = Blocks::new(b.size, b.first * b.size as u64),
+            Hashing::Whole(check, h) => *h = check.hasher(),
+            Hashing::Blocks(b) => **b = Blocks::new(b.size, b.base, b.first * b.size as u64),
         }
     }
 
@@ -175,7 +185,7 @@ impl<'a> Filler<'a> {
         }
         let kind = match self.hashing {
             Hashing::Plain => return None,
-            Hashing::Whole(hash, h) => HashedKind::Whole(hash, h.finalize()),
+            Hashing::Whole(check, h) => HashedKind::Whole(check, h.finalize()),
             Hashing::Blocks(mut b) => {
                 if b.in_cur > 0 {
                     b.cvs.push(b.cur.finalize_non_root());
@@ -185,6 +195,7 @@ impl<'a> Filler<'a> {
                 }
                 HashedKind::Blocks {
                     block: b.size,
+                    base: b.base,
                     first: b.first,
                     cvs: b.cvs,
                 }
@@ -199,11 +210,12 @@ impl<'a> Filler<'a> {
 }
 
 impl Blocks {
-    fn new(size: usize, offset: u64) -> Blocks {
+    fn new(size: usize, base: u64, offset: u64) -> Blocks {
         let mut cur = blake3::Hasher::new();
-        cur.set_input_offset(offset);
+        cur.set_input_offset(base + offset);
         Blocks {
             size,
+            base,
             first: offset / size as u64,
             cur,
             in_cur: 0,
@@ -219,7 +231,7 @@ impl Blocks {
             piece = &piece[take..];
             if self.in_cur == self.size {
                 self.cvs.push(self.cur.finalize_non_root());
-                let next = (self.first + self.cvs.len() as u64) * self.size as u64;
+                let next = self.base + (self.first + self.cvs.len() as u64) * self.size as u64;
                 self.cur = blake3::Hasher::new();
                 self.cur.set_input_offset(next);
                 self.in_cur = 0;
@@ -257,8 +269,8 @@ fn root(cvs: &[ChainingValue], block: u64, len: u64) -> Digest {
 }
 
 /// The digest `parts` give for `data`, if they cover exactly its memory, end to end, hashed
-/// with `hash`.
-pub(super) fn landed_digest(hash: ChunkHash, data: &[u8], parts: &[Hashed]) -> Option<Digest> {
+/// for `check`.
+pub(super) fn landed_digest(check: ChunkCheck, data: &[u8], parts: &[Hashed]) -> Option<Digest> {
     let mut at = data.as_ptr() as usize;
     for p in parts {
         if p.at != at {
@@ -275,8 +287,8 @@ pub(super) fn landed_digest(hash: ChunkHash, data: &[u8], parts: &[Hashed]) -> O
                 kind: HashedKind::Whole(h, d),
                 ..
             },
-        ] => (*h == hash).then_some(*d),
-        [first, ..] if hash == ChunkHash::Blake3 => {
+        ] => (*h == check).then_some(*d),
+        [first, ..] if matches!(check.hash, ChunkHash::Blake3 | ChunkHash::Blake3Tree) => {
             let HashedKind::Blocks { block, .. } = first.kind else {
                 return None;
             };
@@ -284,23 +296,31 @@ pub(super) fn landed_digest(hash: ChunkHash, data: &[u8], parts: &[Hashed]) -> O
             for p in parts {
                 let HashedKind::Blocks {
                     block: b,
+                    base,
                     first: f,
                     cvs: c,
                 } = &p.kind
                 else {
                     return None;
                 };
-                // Each part starts at the block after the last one's, and only the chunk's
-                // last part may end inside a block.
-                if *b != block || cvs.len() as u64 != *f {
+                // Each part starts at the block after the last one's, hashed where this
+                // chunk starts, and only the chunk's last part may end inside a block.
+                if *b != block || *base != check.offset() || cvs.len() as u64 != *f {
                     return None;
                 }
                 cvs.extend_from_slice(c);
             }
             let all_whole = parts[..parts.len() - 1].iter().all(|p| p.len % block == 0);
             let count_right = cvs.len() == data.len().div_ceil(block);
-            (all_whole && count_right && cvs.len() >= 2)
-                .then(|| root(&cvs, block as u64, data.len() as u64))
+            if !(all_whole && count_right) {
+                return None;
+            }
+            let len = data.len() as u64;
+            match check.root() {
+                // A root is made by its last merge: one block's chaining value has none.
+                true => (cvs.len() >= 2).then(|| root(&cvs, block as u64, len)),
+                false => (!cvs.is_empty()).then(|| Digest(subtree(&cvs, block as u64, len))),
+            }
         }
         _ => None,
     }
@@ -365,20 +385,33 @@ mod tests {
         let hashed = into.finish().unwrap();
         let copy = Bytes::copy_from_slice(&data);
         assert_eq!(
-            landed_digest(ChunkHash::Blake3, &copy, std::slice::from_ref(&hashed)),
+            landed_digest(
+                ChunkHash::Blake3.into(),
+                &copy,
+                std::slice::from_ref(&hashed)
+            ),
             None
         );
         assert_eq!(
-            landed_digest(ChunkHash::Blake3, &buf, std::slice::from_ref(&hashed)),
+            landed_digest(
+                ChunkHash::Blake3.into(),
+                &buf,
+                std::slice::from_ref(&hashed)
+            ),
             Some(ChunkHash::Blake3.digest(&data))
         );
         // The same memory, but the digest is of the other hash.
-        assert_eq!(landed_digest(ChunkHash::Sha256, &buf, &[hashed]), None);
+        assert_eq!(
+            landed_digest(ChunkHash::Sha256.into(), &buf, &[hashed]),
+            None
+        );
     }
 
     proptest! {
         /// A BLAKE3 chunk fetched as parallel parts (runs of whole blocks, landing in pieces
-        /// of any size) verifies exactly when its bytes are right.
+        /// of any size) verifies exactly when its bytes are right: a chunk hashed alone, or a
+        /// `blake3-tree` chunk, the subtree at its offset in its file (here the short last
+        /// chunk of an aligned layout, so not the whole file).
         #[test]
         fn parts_hashed_as_subtrees_join_into_the_chunks_digest(
             len in 2049usize..200_000,
@@ -386,16 +419,26 @@ mod tests {
             run in 1usize..4,
             pieces in proptest::collection::vec(1usize..9000, 1..8),
             flip in proptest::option::of(0usize..200_000),
+            tree: bool,
         ) {
             let block = 1usize << block_log;
             prop_assume!(len > block);
+            let check = if tree {
+                let at = (len as u64).next_power_of_two();
+                let layout = crate::chunk::Layout::aligned(at + len as u64, at, at);
+                let c = ChunkCheck::of(ChunkHash::Blake3Tree, &layout, 1);
+                assert!(c.offset() == at && !c.root() && layout.range(1).end - at == len as u64);
+                c
+            } else {
+                ChunkHash::Blake3.into()
+            };
             let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 977) as u8).collect();
             let mut buf = AlignedBuf::zeroed(len);
             let part = block * run;
             let mut landed = Vec::new();
             for (i, slice) in buf.as_mut_slice().chunks_mut(part).enumerate() {
                 let off = i * part;
-                let mut into = Filler::blocks(block, off as u64, slice);
+                let mut into = Filler::blocks(check, block, off as u64, slice);
                 let mut k = 0;
                 while into.filled() < into.buf.len() {
                     let n = pieces[k % pieces.len()].min(into.buf.len() - into.filled());
@@ -409,8 +452,12 @@ mod tests {
                 }
                 landed.push(into.finish().expect("full"));
             }
-            let want = ChunkHash::Blake3.digest(&data);
-            let got = VerifiedChunk::verify_landed(ChunkHash::Blake3, want, buf.freeze(), &landed);
+            let want = check.digest(&data);
+            prop_assert_eq!(want == ChunkHash::Blake3.digest(&data), !tree);
+            let bytes = buf.freeze();
+            // Joined from the parts, not hashed again.
+            prop_assert!(landed_digest(check, &bytes, &landed).is_some());
+            let got = VerifiedChunk::verify_landed(check, want, bytes, &landed);
             let flipped = flip.is_some_and(|f| f < len);
             prop_assert_eq!(got.is_ok(), !flipped);
             if let Err(e) = got {

@@ -171,6 +171,7 @@ pub(super) fn encode(
             me.u8(match f.chunk_hash {
                 ChunkHash::Sha256 => 0,
                 ChunkHash::Blake3 => 1,
+                ChunkHash::Blake3Tree => 2,
             });
             match &f.verification {
                 Verification::Chunked(c) => {
@@ -377,16 +378,20 @@ fn decode(
             let chunk_hash = match d.u8()? {
                 0 => ChunkHash::Sha256,
                 1 => ChunkHash::Blake3,
+                2 => ChunkHash::Blake3Tree,
                 _ => return Err(Malformed("a chunk hash")),
             };
             let (first, n) = (d.u64()?, d.u64()?);
-            if bounds_rule(&path, size, chunk_size, head_size).is_some() {
+            let kind = chunk_hash.layout_kind();
+            if bounds_rule(&path, size, chunk_size, head_size).is_some()
+                || !kind.fits(chunk_size, head_size)
+            {
                 return Err(Malformed("a file the manifest rules refuse"));
             }
             let verification = if first == NO_CHUNKS {
                 Verification::Whole
             } else {
-                let want = Layout::with_head(size, chunk_size, head_size).count();
+                let want = Layout::of(kind, size, chunk_size, head_size).count();
                 let end = first.checked_add(n).ok_or(Malformed("a digest range"))?;
                 if n != want || end > count as u64 {
                     return Err(Malformed("a digest range"));
@@ -444,6 +449,14 @@ mod tests {
         let b = &again.manifest.models["b@2.0.0"].files[0];
         assert_eq!(b.verification.chunks().unwrap().len(), 2);
         assert_eq!(b.verification.chunk(1).unwrap(), D.parse().unwrap());
+        let t = &again.manifest.models["b@2.0.0"].files[1];
+        assert_eq!(t.chunk_hash, crate::chunk::ChunkHash::Blake3Tree);
+        assert_eq!(t.layout(), Layout::aligned(10_000, 8192, 4096));
+        assert_eq!(
+            t.verification.chunks().unwrap().len(),
+            3,
+            "4, 4, then 2 KiB"
+        );
         assert_eq!(
             again.manifest.models["a@1.0.0"].files[1].verification,
             Verification::Whole

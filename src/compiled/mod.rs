@@ -182,8 +182,8 @@ mod tests {
 
     pub(super) const D: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 
-    /// Two models: chunked files (with and without a head; chunks under sha256 and BLAKE3), a
-    /// whole-only file, local and remote sources.
+    /// Two models: chunked files (with and without a head; chunks under sha256, BLAKE3 and
+    /// blake3-tree), a whole-only file, local and remote sources.
     pub(super) fn text(size_b: u64) -> String {
         let c = |n: usize| format!("[{}]", vec![format!("\"{D}\""); n].join(", "));
         format!(
@@ -195,11 +195,15 @@ mod tests {
              [[models.\"a@1.0.0\".files]]\npath = \"whole\"\nsize = 3\nsha256 = \"{}\"\n\
              [models.\"b@2.0.0\".sources]\npriority = [\"hf://org/repo@rev\", \"s3://bk/p\"]\n\
              [[models.\"b@2.0.0\".files]]\npath = \"h\"\nsize = {size_b}\nsha256 = \"{}\"\n\
-             chunk_size = 8192\nhead_size = 4096\nchunk_hash = \"blake3\"\nchunks = {}\n",
+             chunk_size = 8192\nhead_size = 4096\nchunk_hash = \"blake3\"\nchunks = {}\n\
+             [[models.\"b@2.0.0\".files]]\npath = \"t\"\nsize = {size_b}\nsha256 = \"{}\"\n\
+             chunk_size = 8192\nhead_size = 4096\nchunk_hash = \"blake3-tree\"\nchunks = {}\n",
             c(3),
             Digest::of(b"w"),
             Digest::of(b"h"),
             c(Layout::with_head(size_b, 8192, 4096).count() as usize),
+            Digest::of(b"t"),
+            c(Layout::aligned(size_b, 8192, 4096).count() as usize),
         )
     }
 

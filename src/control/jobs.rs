@@ -531,8 +531,8 @@ impl Control {
             let Some(data) = data else { continue };
             checked += 1;
             progress.fetch_add(data.len() as u64, Ordering::Relaxed);
-            let hash = entry.chunk_hash;
-            let actual = tokio::task::spawn_blocking(move || hash.digest(&data))
+            let check = entry.check(idx);
+            let actual = tokio::task::spawn_blocking(move || check.digest(&data))
                 .await
                 .map_err(failed)?;
             if actual != expected {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::chunk::{ChunkHash, Filler, Hashed, VerifiedChunk, blocks_fit};
+use crate::chunk::{ChunkCheck, Filler, Hashed, VerifiedChunk, blocks_fit};
 use crate::metrics::{METRICS, source_result};
 use crate::source::{SourceError, SourceHandle, SourceKind, Verdict};
 
@@ -46,10 +46,14 @@ pub(super) enum Landing {
     /// Not here: the caller hashes them, or the file is whole-only.
     Plain,
     /// The request is the whole chunk.
-    Whole(ChunkHash),
+    Whole(ChunkCheck),
     /// The request is the part of a BLAKE3 chunk `offset` bytes into it, hashed as subtrees
     /// of `block` bytes.
-    Blocks { block: usize, offset: u64 },
+    Blocks {
+        check: ChunkCheck,
+        block: usize,
+        offset: u64,
+    },
 }
 
 /// Requests to one source that delivered their bytes, not judged yet: a request is counted in
@@ -234,21 +238,21 @@ impl Fetcher {
             file,
             f.layout().range(idx),
             expected,
-            f.chunk_hash,
+            f.check(idx),
             prio,
             what,
         )
         .await
     }
 
-    /// Bytes `range` of a file whose digest under `hash` is `expected` (a chunk, or a small
+    /// Bytes `range` of a file whose digest under `check` is `expected` (a chunk, or a small
     /// whole-only file held in memory), from the sources in order, in rounds; verified.
     pub(super) async fn fetch_verified(
         self: &Arc<Self>,
         file: &Arc<FileCtx>,
         range: Range<u64>,
         expected: crate::chunk::Digest,
-        hash: ChunkHash,
+        check: ChunkCheck,
         prio: Priority,
         what: String,
     ) -> Result<VerifiedChunk, FetchError> {
@@ -273,7 +277,7 @@ impl Fetcher {
                         range.clone(),
                         prio,
                         attempts,
-                        Some(hash),
+                        Some(check),
                         &mut kept,
                     ),
                 )
@@ -303,13 +307,13 @@ impl Fetcher {
                 };
                 let verified = if landed.is_empty() {
                     tokio::task::spawn_blocking(move || {
-                        VerifiedChunk::verify(hash, expected, bytes)
+                        VerifiedChunk::verify(check, expected, bytes)
                     })
                     .await
                     .map_err(FetchError::join)?
                 } else {
                     // Hashed as it landed: only the comparison is left.
-                    VerifiedChunk::verify_landed(hash, expected, bytes, &landed)
+                    VerifiedChunk::verify_landed(check, expected, bytes, &landed)
                 };
                 match verified {
                     Ok(chunk) => {
@@ -384,7 +388,7 @@ impl Fetcher {
     }
 
     /// Fetches `range` from one source as parallel parts, each retried up to `attempts` times.
-    /// With `hash` (the range is one chunk), the bytes are hashed as they land and what each
+    /// With `check` (the range is one chunk), the bytes are hashed as they land and what each
     /// part hashed comes back with them, for [`VerifiedChunk::verify_landed`]; empty where
     /// they could not be (parallel parts of a sha256 chunk, or of a `part_size_kib` that is
     /// not a power of two), to be hashed after.
@@ -405,7 +409,7 @@ impl Fetcher {
         range: Range<u64>,
         prio: Priority,
         attempts: u32,
-        hash: Option<ChunkHash>,
+        check: Option<ChunkCheck>,
         kept: &mut Option<Kept>,
     ) -> Result<(Bytes, Vec<Hashed>, Delivered), SourceError> {
         let len = (range.end - range.start) as usize;
@@ -445,9 +449,10 @@ impl Fetcher {
         let base = self.cfg.part_size() as usize;
         // One request: its digest is the chunk's. Parallel parts, runs of whole `base` blocks
         // (see `part_len`): each block a BLAKE3 subtree, or nothing here (hashed after).
-        let landing = |i: usize| match hash.filter(|_| src.source.streams()) {
-            Some(h) if part >= len => Landing::Whole(h),
-            Some(h) if blocks_fit(h, base) && part.is_multiple_of(base) => Landing::Blocks {
+        let landing = |i: usize| match check.filter(|_| src.source.streams()) {
+            Some(c) if part >= len => Landing::Whole(c),
+            Some(c) if blocks_fit(c, base) && part.is_multiple_of(base) => Landing::Blocks {
+                check: c,
                 block: base,
                 offset: (i * part) as u64,
             },
@@ -540,7 +545,11 @@ impl Fetcher {
             let mut into = match landing {
                 Landing::Plain => Filler::plain(&mut *buf),
                 Landing::Whole(h) => Filler::whole(h, &mut *buf),
-                Landing::Blocks { block, offset } => Filler::blocks(block, offset, &mut *buf),
+                Landing::Blocks {
+                    check,
+                    block,
+                    offset,
+                } => Filler::blocks(check, block, offset, &mut *buf),
             };
             let res = tokio::time::timeout(
                 self.cfg.request_timeout(),
@@ -592,6 +601,7 @@ impl Fetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::ChunkHash;
     use crate::config::FetchConfig;
     use crate::source::mock::{Fault, MockSource, Outcome};
     use crate::store::Store;
@@ -618,7 +628,7 @@ mod tests {
         mock.inject(Fault::Fail, 1);
         let src = SourceHandle::new("mock".into(), Box::new(mock.clone()));
         let all = 0..data.len() as u64;
-        let blake3 = Some(ChunkHash::Blake3);
+        let blake3 = Some(ChunkHash::Blake3.into());
         let (bytes, landed, _) = fetcher
             .fetch_range(
                 &src,
@@ -658,7 +668,7 @@ mod tests {
                 all,
                 Priority::OnDemand,
                 3,
-                Some(ChunkHash::Sha256),
+                Some(ChunkHash::Sha256.into()),
                 &mut None,
             )
             .await

@@ -280,7 +280,7 @@ impl Fetcher {
                 file,
                 0..f.size,
                 f.sha256,
-                ChunkHash::Sha256,
+                ChunkHash::Sha256.into(),
                 Priority::OnDemand,
                 what,
             )

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::valid_id;
-use crate::chunk::{ChunkHash, Digest, Layout};
+use crate::chunk::{ChunkCheck, ChunkHash, Digest, Layout};
 
 /// Default chunk size: 8 MiB. Large enough that a 60 GB model is ~7,000 chunks (index rows,
 /// digests in the manifest, requests) and per-request overhead is noise; small enough that one
@@ -136,8 +136,21 @@ impl fmt::Debug for ChunkList {
 }
 
 impl FileEntry {
+    /// How the file is cut into chunks: the aligned layout exactly when its chunks are
+    /// `blake3-tree` subtrees, else a head chunk then the grid.
     pub fn layout(&self) -> Layout {
-        Layout::with_head(self.size, self.chunk_size, self.head_size)
+        Layout::of(
+            self.chunk_hash.layout_kind(),
+            self.size,
+            self.chunk_size,
+            self.head_size,
+        )
+    }
+
+    /// How chunk `idx`'s bytes are checked: its digest's hash and, for `blake3-tree`, where
+    /// it sits in the file.
+    pub fn check(&self, idx: u64) -> ChunkCheck {
+        ChunkCheck::of(self.chunk_hash, &self.layout(), idx)
     }
 }
 

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::rules::{PathRules, grid_rule, same_content};
+use super::rules::{PathRules, aligned_rule, grid_rule, same_content};
 use super::{
     ChunkList, DEFAULT_CHUNK_SIZE, FileEntry, Manifest, ManifestError, Model, ModelId, Problem,
     SourceUrl, Verification, size_rule,
 };
-use crate::chunk::{ChunkHash, Digest, Layout};
+use crate::chunk::{ChunkHash, Digest, Layout, LayoutKind};
 
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +191,12 @@ impl Manifest {
                         continue;
                     }
                 };
+                if chunk_hash == ChunkHash::Blake3Tree
+                    && let Some(rule) = aligned_rule(chunk_size, head_size)
+                {
+                    bad(Some(&f.path), rule);
+                    continue;
+                }
                 if f.chunk_hash.is_some() && f.chunks.is_none() {
                     bad(
                         Some(&f.path),
@@ -202,12 +208,17 @@ impl Manifest {
                 let verification = match f.chunks {
                     None => Verification::Whole,
                     Some(list) => {
-                        let want = Layout::with_head(f.size, chunk_size, head_size).count();
+                        let kind = chunk_hash.layout_kind();
+                        let want = Layout::of(kind, f.size, chunk_size, head_size).count();
                         if list.len() as u64 != want {
+                            let aligned = match kind {
+                                LayoutKind::Aligned => " in the aligned blake3-tree layout",
+                                LayoutKind::Head => "",
+                            };
                             bad(
                                 Some(&f.path),
                                 format!(
-                                    "chunk count {} does not match size {} / chunk_size {} with head_size {head_size} (want {want})",
+                                    "chunk count {} does not match size {} / chunk_size {} with head_size {head_size}{aligned} (want {want})",
                                     list.len(),
                                     f.size,
                                     chunk_size
@@ -246,7 +257,7 @@ impl Manifest {
                         bad(
                             Some(&entry.path),
                             format!(
-                                "same sha256 as {om:?} file {:?} but a different size, chunk_size, head_size or chunks",
+                                "same sha256 as {om:?} file {:?} but a different size, chunk_size, head_size, layout (blake3-tree or not) or chunks",
                                 o.path
                             ),
                         );

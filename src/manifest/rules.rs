@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use super::{FileEntry, HEAD_ALIGN, Manifest, Verification};
-use crate::chunk::Digest;
+use crate::chunk::{Digest, LayoutKind};
 
 /// Everything wrong with a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +44,14 @@ impl fmt::Display for Problem {
 }
 
 /// Whether two files with one sha256 describe its content alike: the same size, chunk grid
-/// (chunk_size, head_size) and, where both list chunks under the same hash, the same chunks.
-/// Lists under different hashes differ anyway and describe the same bytes (an old sha256 entry
-/// beside a new BLAKE3 one), so they are not compared.
+/// (chunk_size, head_size, and the layout: aligned for `blake3-tree`, the head grid for the
+/// others) and, where both list chunks under the same hash, the same chunks. Lists under
+/// different hashes differ anyway and describe the same bytes (an old sha256 entry beside a
+/// new BLAKE3 one), so they are not compared. The store keeps one grid per blob, so a
+/// `blake3-tree` entry and another of the same content must agree on that too.
 pub(super) fn same_content(a: &FileEntry, b: &FileEntry) -> bool {
     a.size == b.size
-        && (a.chunk_size, a.head_size) == (b.chunk_size, b.head_size)
+        && a.layout() == b.layout()
         && match (&a.verification, &b.verification) {
             (Verification::Chunked(ac), Verification::Chunked(bc)) => {
                 a.chunk_hash != b.chunk_hash || ac == bc
@@ -221,6 +223,18 @@ pub(super) fn grid_rule(chunk_size: u64, head_size: u64) -> Option<String> {
         ));
     }
     None
+}
+
+/// The rule a `blake3-tree` file's grid breaks, if any: its chunks must be whole aligned
+/// BLAKE3 subtrees ([`LayoutKind::Aligned`]), so `head_size` and `chunk_size` are powers of
+/// two of at least 1 KiB (on top of [`grid_rule`]).
+pub(super) fn aligned_rule(chunk_size: u64, head_size: u64) -> Option<String> {
+    (!LayoutKind::Aligned.fits(chunk_size, head_size)).then(|| {
+        format!(
+            "chunk_hash \"blake3-tree\" wants head_size ({head_size}) and chunk_size ({chunk_size}) powers of two of at least {} (each chunk a whole, aligned BLAKE3 subtree)",
+            blake3::CHUNK_LEN
+        )
+    })
 }
 
 /// The bounds [`Manifest::parse`] puts on every file (its path's length, its size, its chunk
@@ -508,5 +522,57 @@ mod tests {
             &format!("chunk_size = 8192\nhead_size = 4096\nchunks = [\"{d}\"]"),
         ));
         assert_eq!(ok.unwrap().models["m@1.0.0"].files[0].layout().count(), 1);
+    }
+
+    /// A `blake3-tree` file: powers of two of at least 1 KiB, the aligned layout's chunk
+    /// count; each broken rule named with model, file and field. Its blob is not described
+    /// under another layout elsewhere.
+    #[test]
+    fn blake3_tree_rules() {
+        let d = Digest::of(b"abc");
+        let tree = |size: u64, grid: &str, n: usize| {
+            let chunks = vec![format!("\"{d}\""); n].join(", ");
+            entry(
+                "t",
+                &format!("{grid}\nchunk_hash = \"blake3-tree\"\nchunks = [{chunks}]"),
+            )
+            .replace("size = 3", &format!("size = {size}"))
+        };
+        // 20 KiB, head 4 KiB, chunk 8 KiB: 4, 4, 8, then 4 of the last 8.
+        let ok = parse(&tree(20 << 10, "chunk_size = 8192\nhead_size = 4096", 4)).unwrap();
+        let f = &ok.models["m@1.0.0"].files[0];
+        assert_eq!(
+            f.layout(),
+            crate::chunk::Layout::aligned(20 << 10, 8192, 4096)
+        );
+        // The head grid would want 1 + ceil(16 / 8) = 3.
+        let e = problems(&tree(20 << 10, "chunk_size = 8192\nhead_size = 4096", 3));
+        assert!(
+            e.contains("model \"m@1.0.0\", file \"t\": chunk count 3")
+                && e.contains("aligned blake3-tree layout (want 4)"),
+            "{e}"
+        );
+        for grid in [
+            "chunk_size = 12288\nhead_size = 4096",
+            "chunk_size = 24576",
+            "chunk_size = 512",
+        ] {
+            let e = problems(&tree(3, grid, 1));
+            assert!(
+                e.contains("file \"t\": chunk_hash \"blake3-tree\" wants head_size")
+                    && e.contains("powers of two of at least 1024"),
+                "{grid}: {e}"
+            );
+        }
+        assert!(parse(&tree(3, "chunk_size = 1024", 1)).is_ok());
+        // The same content under the head grid, whose chunks are other ranges.
+        let other = entry("o", "chunk_size = 8192\nhead_size = 4096")
+            .replace("size = 3", &format!("size = {}", 20 << 10));
+        let both = format!(
+            "{}{other}",
+            tree(20 << 10, "chunk_size = 8192\nhead_size = 4096", 4)
+        );
+        let e = problems(&both);
+        assert!(e.contains("layout (blake3-tree or not)"), "{e}");
     }
 }

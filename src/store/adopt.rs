@@ -96,7 +96,7 @@ impl Store {
         }
         let mut buf = crate::bufpool::AlignedBuf::zeroed((r.end - r.start) as usize);
         file.read_exact_at(buf.as_mut_slice(), r.start).ok()?;
-        let chunk = VerifiedChunk::verify(f.chunk_hash, expected, buf.freeze()).ok()?;
+        let chunk = VerifiedChunk::verify(f.check(idx), expected, buf.freeze()).ok()?;
         match self.adopt_verified(f, &file, &[(idx, expected)], epoch) {
             Ok(false) => None,
             Ok(true) => {
@@ -144,7 +144,7 @@ impl Store {
                         let mut buf = vec![0u8; (r.end - r.start) as usize];
                         file.read_exact_at(&mut buf, r.start)
                             .map_err(io_err(&path))?;
-                        if f.chunk_hash.digest(&buf) == digests[idx as usize] {
+                        if f.check(idx).digest(&buf) == digests[idx as usize] {
                             good.push((idx, digests[idx as usize]));
                         } else if buf.iter().any(|b| *b != 0) {
                             // All zeros is a never-written region sharing a block with data.
@@ -191,7 +191,7 @@ pub(super) fn hash_blob(fd: &File, f: &FileEntry) -> std::io::Result<(Digest, Ve
     let mut buf = vec![0u8; (1 << 20).min(f.chunk_size) as usize];
     for idx in 0..layout.count() {
         let r = layout.range(idx);
-        let mut chunk = f.chunk_hash.hasher();
+        let mut chunk = f.check(idx).hasher();
         let mut off = r.start;
         while off < r.end {
             let n = (r.end - off).min(buf.len() as u64) as usize;

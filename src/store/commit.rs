@@ -274,7 +274,7 @@ mod tests {
         buf.as_mut_slice()
             .copy_from_slice(&data[r.start as usize..r.end as usize]);
         VerifiedChunk::verify(
-            f.chunk_hash,
+            f.check(idx),
             f.verification.chunk(idx).unwrap(),
             buf.freeze(),
         )

@@ -12,11 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::chunk::{Digest, Layout};
+use crate::chunk::{Digest, Layout, LayoutKind};
 
-/// Bumped when the schema changes; pinned by a test. Version 1 (no `head_size`) is migrated
-/// in place at open.
-pub const SCHEMA_VERSION: i64 = 2;
+/// Bumped when the schema changes; pinned by a test. Versions 1 (no `head_size`) and 2 (no
+/// `layout`) are migrated in place at open.
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     size        INTEGER NOT NULL,
     chunk_size  INTEGER NOT NULL,
     head_size   INTEGER NOT NULL DEFAULT 0,
+    layout      INTEGER NOT NULL DEFAULT 0,
     created     INTEGER NOT NULL,
     last_access INTEGER NOT NULL
 );
@@ -201,13 +202,19 @@ impl Index {
             }
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
             // Version 1 had uniform chunks only: every blob's head is its chunk size (0).
-            Some(v) if v == "1" => {
-                conn.execute_batch(
+            // Versions 1 and 2 had the head grid only (`LayoutKind::Head`, code 0).
+            Some(v) if v == "1" || v == "2" => {
+                let head = match v.as_str() {
+                    "1" => "ALTER TABLE blobs ADD COLUMN head_size INTEGER NOT NULL DEFAULT 0;",
+                    _ => "",
+                };
+                conn.execute_batch(&format!(
                     "BEGIN;
-                     ALTER TABLE blobs ADD COLUMN head_size INTEGER NOT NULL DEFAULT 0;
-                     UPDATE meta SET value = '2' WHERE key = 'schema_version';
+                     {head}
+                     ALTER TABLE blobs ADD COLUMN layout INTEGER NOT NULL DEFAULT 0;
+                     UPDATE meta SET value = '3' WHERE key = 'schema_version';
                      COMMIT;",
-                )
+                ))
                 .map_err(wrap)?;
             }
             Some(v) => {
@@ -234,7 +241,7 @@ impl Index {
         let conn = self.conn.lock().unwrap();
         let mut blobs = Vec::new();
         let mut stmt = conn
-            .prepare("SELECT digest, size, chunk_size, head_size, last_access FROM blobs")
+            .prepare("SELECT digest, size, chunk_size, head_size, last_access, layout FROM blobs")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -244,21 +251,25 @@ impl Index {
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (d, size, cs, head, la) = row.map_err(|e| self.err(e))?;
+            let (d, size, cs, head, la, kind) = row.map_err(|e| self.err(e))?;
             let Ok(digest) = d.parse() else { continue };
             let (cs, head) = (cs as u64, head as u64);
+            let head = if head == 0 { cs } else { head };
             // A row no layout can describe is skipped: its chunks are simply fetched again.
-            if cs == 0 || head > cs {
+            let Some(kind) = u8::try_from(kind).ok().and_then(LayoutKind::from_code) else {
+                continue;
+            };
+            if !kind.fits(cs, head) {
                 continue;
             }
-            let head = if head == 0 { cs } else { head };
             blobs.push(BlobRow {
                 digest,
-                layout: Layout::with_head(size as u64, cs, head),
+                layout: Layout::of(kind, size as u64, cs, head),
                 last_access: la as u64,
                 chunks: Vec::new(),
             });
@@ -282,43 +293,46 @@ impl Index {
         Ok(blobs)
     }
 
-    /// Records a blob (no chunks yet). If it exists with another layout, its chunk rows are
-    /// dropped: presence is tracked per chunk of one layout.
+    /// Records a blob (no chunks yet). If it exists with another layout (sizes or kind), its
+    /// chunk rows are dropped: presence is tracked per chunk of one layout.
     pub fn upsert_blob(&self, digest: Digest, layout: Layout) -> Result<bool, IndexError> {
-        let (size, cs, head) = (
+        let (size, cs, head, kind) = (
             layout.size as i64,
             layout.chunk_size as i64,
             layout.head as i64,
+            i64::from(layout.kind.code()),
         );
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let hex = digest.to_hex();
-        let existing: Option<(i64, i64, i64)> = tx
+        let existing: Option<(i64, i64, i64, i64)> = tx
             .query_row(
-                "SELECT size, chunk_size, head_size FROM blobs WHERE digest = ?1",
+                "SELECT size, chunk_size, head_size, layout FROM blobs WHERE digest = ?1",
                 [&hex],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(|e| self.err(e))?;
         let reset = match existing {
-            Some((s, c, h)) if s == size && c == cs && (h == head || (h == 0 && head == cs)) => {
+            Some((s, c, h, k))
+                if s == size && c == cs && (h == head || (h == 0 && head == cs)) && k == kind =>
+            {
                 false
             }
             Some(_) => {
                 tx.execute("DELETE FROM chunks WHERE blob = ?1", [&hex])
                     .map_err(|e| self.err(e))?;
                 tx.execute(
-                    "UPDATE blobs SET size = ?2, chunk_size = ?3, head_size = ?4 WHERE digest = ?1",
-                    params![hex, size, cs, head],
+                    "UPDATE blobs SET size = ?2, chunk_size = ?3, head_size = ?4, layout = ?5 WHERE digest = ?1",
+                    params![hex, size, cs, head, kind],
                 )
                 .map_err(|e| self.err(e))?;
                 true
             }
             None => {
                 tx.execute(
-                    "INSERT INTO blobs (digest, size, chunk_size, head_size, created, last_access) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                    params![hex, size, cs, head, now()],
+                    "INSERT INTO blobs (digest, size, chunk_size, head_size, layout, created, last_access) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                    params![hex, size, cs, head, kind, now()],
                 )
                 .map_err(|e| self.err(e))?;
                 false
@@ -542,9 +556,54 @@ mod tests {
     /// Pins the on-disk format: changing the schema must bump SCHEMA_VERSION.
     #[test]
     fn schema_is_pinned() {
-        assert_eq!(SCHEMA_VERSION, 2);
+        assert_eq!(SCHEMA_VERSION, 3);
         assert!(SCHEMA.contains("PRIMARY KEY (blob, idx)"));
         assert!(SCHEMA.contains("head_size   INTEGER NOT NULL DEFAULT 0"));
+        assert!(SCHEMA.contains("layout      INTEGER NOT NULL DEFAULT 0"));
+        assert_eq!(
+            LayoutKind::Head.code(),
+            0,
+            "what rows of versions 1 and 2 mean"
+        );
+    }
+
+    /// A cache written by a version-2 wan (the head grid only) opens, keeps its chunks, and
+    /// reads its blobs under the head grid; a blob seen again under the aligned layout of the
+    /// same sizes is another grid, its presence reset; the kind survives a reopen.
+    #[test]
+    fn version_2_index_is_migrated_and_the_layout_kind_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.sqlite");
+        let b = Digest::of(b"old");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(&SCHEMA.replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", ""))
+                .unwrap();
+            c.execute_batch(&format!(
+                "INSERT INTO meta VALUES ('schema_version', '2');
+                 INSERT INTO blobs (digest, size, chunk_size, head_size, created, last_access)
+                     VALUES ('{b}', 10000, 4096, 1024, 0, 0);
+                 INSERT INTO chunks VALUES ('{b}', 1, '{}');",
+                Digest::of(b"c1")
+            ))
+            .unwrap();
+        }
+        let ix = Index::open(&p).unwrap();
+        let rows = ix.load().unwrap();
+        let head = Layout::with_head(10000, 4096, 1024);
+        assert_eq!(rows[0].layout, head);
+        assert_eq!(rows[0].chunks, vec![(1, Digest::of(b"c1"))]);
+        assert!(!ix.upsert_blob(b, head).unwrap());
+        let aligned = Layout::aligned(10000, 4096, 1024);
+        assert!(ix.upsert_blob(b, aligned).unwrap(), "another grid");
+        assert!(ix.load().unwrap()[0].chunks.is_empty());
+        ix.mark_present_many(&[(b, &[(2, Digest::of(b"c2"))])])
+            .unwrap();
+        drop(ix);
+        let ix = Index::open(&p).unwrap();
+        let rows = ix.load().unwrap();
+        assert_eq!((rows[0].layout, rows[0].chunks.len()), (aligned, 1));
+        assert!(!ix.upsert_blob(b, aligned).unwrap());
     }
 
     /// A cache written by a version-1 wan (uniform chunks) opens, keeps its chunks, and
@@ -556,8 +615,10 @@ mod tests {
         let b = Digest::of(b"old");
         {
             let c = Connection::open(&p).unwrap();
-            c.execute_batch(&SCHEMA.replace("    head_size   INTEGER NOT NULL DEFAULT 0,\n", ""))
-                .unwrap();
+            let v1 = SCHEMA
+                .replace("    head_size   INTEGER NOT NULL DEFAULT 0,\n", "")
+                .replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", "");
+            c.execute_batch(&v1).unwrap();
             c.execute_batch(&format!(
                 "INSERT INTO meta VALUES ('schema_version', '1');
                  INSERT INTO blobs (digest, size, chunk_size, created, last_access)

@@ -569,7 +569,7 @@ pub(super) mod tests {
     pub(in crate::store) fn commit(s: &Store, f: &FileEntry, data: &[u8], idx: u64) {
         let r = f.layout().range(idx);
         let c = VerifiedChunk::verify(
-            f.chunk_hash,
+            f.check(idx),
             f.verification.chunk(idx).unwrap(),
             Bytes::copy_from_slice(&data[r.start as usize..r.end as usize]),
         )
