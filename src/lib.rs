@@ -25,7 +25,9 @@
 //!                chunk (+ bufpool)              (Digest, Layout, Filler, VerifiedChunk)
 //! ```
 //! Leaves used throughout: `config`, `metrics`, `logging`, `lock_order` (the fetcher's and the
-//! store's lock order, checked in debug builds). `mount_helper` is `mount.fuse.wan`.
+//! store's lock order, checked in debug builds). `mount_helper` is `mount.fuse.wan`. `trust`
+//! (publisher signatures: a `model.sig` bundle checked against `[trust]`, giving the signer and
+//! the signed statement, or a refusal) is a leaf too: it knows no manifest.
 //! Where each concern lives: a chunk's life in `fetch/flight.rs` (`ChunkTable`, `FetchKey`);
 //! a control operation in `control/request.rs` (`Request`, `Response`, the handler) and
 //! `control/routes.rs` (its HTTP route); what is in force in `in_force.rs` and `reload.rs`;

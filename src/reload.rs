@@ -1,6 +1,6 @@
 //! SIGHUP: re-read the configuration and the manifest, build the next [`InForce`] whole, and
 //! swap it in in one step, or refuse it and keep what is in force. Owns what a reload may
-//! change (the models, their files and tree, `[gc]`, `[peers]`), what it leaves for a restart
+//! change (the models, their files and tree, `[gc]`, `[peers]`, `[trust]`), what it leaves for a restart
 //! (named in `pending_restart`), and the size rule across reloads (a sha256 names one size).
 //!
 //! The next state reuses what did not change: a model whose compiled form is the same keeps
@@ -202,6 +202,8 @@ impl Reloader {
             );
         }
         config.gc = read.gc.clone();
+        // Applied by `next` (its anchors loaded there, or the reload refused).
+        config.trust = read.trust.clone();
         let mut peers = now.peers.clone();
         if config.peers != read.peers {
             match peers_of(&self.sources, read) {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::{Method, Refusal, RefusalReason, Resource, SignedHash, Statement};
-use crate::chunk::Digest;
+use crate::chunk::{ChunkHash, Digest};
 use crate::manifest::{FileEntry, Model, Verification};
 
 /// The bundle's file name at a model's root, as `model_signing` writes it.
@@ -277,16 +277,20 @@ fn plan_shards(f: &FileEntry, v: &[(u64, u64, &Resource)]) -> Result<Plan, Refus
 
 /// The BLAKE3 root a blake3-tree chunk list merges into; `None` for any other chunk list.
 fn tree_root(f: &FileEntry) -> Option<Digest> {
-    let Verification::Chunked(_chunks) = &f.verification else {
-        return None;
-    };
-    None // TEMPORARY until b3tree lands
+    match (&f.verification, f.chunk_hash) {
+        (Verification::Chunked(chunks), ChunkHash::Blake3Tree) => {
+            crate::chunk::blake3_tree_root(&f.layout(), chunks)
+        }
+        // An empty file has no chunks to list (whole-only or not): its hash is BLAKE3's of
+        // no bytes whatever the entry's chunk_hash.
+        _ if f.size == 0 => Some(Digest(*blake3::hash(b"").as_bytes())),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::ChunkHash;
     use crate::manifest::ModelId;
 
     fn file(path: &str, content: &[u8]) -> FileEntry {

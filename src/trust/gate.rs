@@ -495,12 +495,15 @@ pub fn trust_of(
 
 /// `[trust]` of `cfg` with its anchors loaded; an anchor that cannot be read is an error
 /// naming its file.
-pub fn policy_of(_cfg: &crate::config::Config) -> anyhow::Result<Policy> {
-    Ok(Policy::none()) // TEMPORARY until trustv lands
+pub fn policy_of(cfg: &crate::config::Config) -> anyhow::Result<Policy> {
+    Ok(Policy {
+        require: cfg.trust.require_signature,
+        anchors: Anchors::load(&cfg.trust).map_err(|e| anyhow::anyhow!("[trust]: {e}"))?,
+    })
 }
 
 /// Whether a reload from `now` to `read` leaves `[trust]` as it is (then its anchors, and
 /// every unchanged model's verdict, are kept).
-pub fn same_policy(_now: &crate::config::Config, _read: &crate::config::Config) -> bool {
-    true // TEMPORARY until trustv lands
+pub fn same_policy(now: &crate::config::Config, read: &crate::config::Config) -> bool {
+    now.trust == read.trust
 }

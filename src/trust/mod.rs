@@ -1,97 +1,52 @@
-//! TEMPORARY: B's interface (src/trust/mod.rs, bundle/statement/policy), replaced at merge.
-pub mod bind;
-pub mod gate;
+//! Who signed a model, and what they signed: OpenSSF `model_signing` bundles (`model.sig`)
+//! checked against the `[trust]` policy.
+//!
+//! This module owns the verification half of publisher signatures: reading a Sigstore bundle
+//! and its DSSE envelope (`bundle.rs`), the in-toto statement it signs (`statement.rs`), the
+//! public-key and X.509 machinery over RustCrypto (`pki.rs`), Sigstore keyless material (the
+//! trusted root, Fulcio identities, Rekor's signed entry timestamps: `keyless.rs`), and the
+//! policy that ties them to what the operator trusts (`policy.rs`: `[trust]`, `Anchors`).
+//! The verification half knows nothing of manifests, mounts or fetching: it turns bytes of a
+//! bundle into a [`policy::Signed`] (signer + statement) or a [`Refusal`] with its reason.
+//! Binding a statement to a manifest entry (`bind.rs`: each file's `Plan`) and what a verdict
+//! does to a model (`gate.rs`: `ModelTrust`, the gate of every read and fetch) sit on top.
+//!
+//! No cryptography is written here: signatures, digests and certificate parsing are RustCrypto's
+//! (`p256`, `p384`, `p521`, `ed25519-dalek`, `sha2`, `x509-cert`); this module only decides what
+//! to check (docs/DESIGN-NOTES.md, "Publisher signatures").
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Statement {
-    pub model_name: String,
-    pub method: Method,
-    pub hash_type: SignedHash,
-    pub ignore_paths: Vec<String>,
-    pub resources: Vec<Resource>,
-}
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Files,
-    Shards { shard_size: u64 },
-}
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignedHash {
-    Sha256,
-    Blake2b,
-    Blake3,
-}
-impl SignedHash {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SignedHash::Sha256 => "sha256",
-            SignedHash::Blake2b => "blake2b",
-            SignedHash::Blake3 => "blake3",
-        }
-    }
-}
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resource {
-    pub name: String,
-    pub algorithm: SignedHash,
-    pub digest: Vec<u8>,
-}
-#[derive(Debug, Clone)]
-pub struct Signed {
-    pub signer: Signer,
-    pub statement: Statement,
-}
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Signer {
-    Key {
-        fingerprint: String,
-    },
-    Certificate {
-        subject: String,
-        fingerprint: String,
-    },
-    Keyless {
-        identity: String,
-        issuer: String,
-    },
-}
-impl std::fmt::Display for Signer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Signer::Key { fingerprint } => write!(f, "key sha256:{fingerprint}"),
-            Signer::Certificate { subject, .. } => write!(f, "certificate {subject}"),
-            Signer::Keyless { identity, issuer } => write!(f, "keyless {identity} ({issuer})"),
-        }
-    }
-}
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub reason: RefusalReason,
-    pub detail: String,
-}
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.detail)
-    }
-}
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub mod bind;
+pub mod bundle;
+pub mod gate;
+pub mod keyless;
+pub mod pki;
+pub mod policy;
+pub mod statement;
+
+pub use policy::{Anchors, Signed, Signer, TrustConfig, TrustIdentity};
+pub use statement::{Method, Resource, SignedHash, Statement};
+
+/// Why a model's signature was not accepted: the `reason` label of the refusal metric and the
+/// first word of the reason shown in status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RefusalReason {
+    /// No `model.sig` where `require_signature` wants one.
     Missing,
+    /// A bundle that does not parse, or whose signature, chain or statement does not hold.
     Invalid,
+    /// A sound signature by a key, CA or identity that `[trust]` does not name (or an expired
+    /// certificate).
     Untrusted,
+    /// A valid statement that does not describe the model's entry.
     Mismatch,
+    /// A well-formed bundle using something wanfs does not verify (a key type, a method).
     Unsupported,
+    /// The bundle could not be read (its source failed).
     Unavailable,
 }
+
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 6] = [
-        RefusalReason::Missing,
-        RefusalReason::Invalid,
-        RefusalReason::Untrusted,
-        RefusalReason::Mismatch,
-        RefusalReason::Unsupported,
-        RefusalReason::Unavailable,
-    ];
+    /// The metric label and status word.
     pub fn as_label(self) -> &'static str {
         match self {
             RefusalReason::Missing => "missing",
@@ -102,19 +57,48 @@ impl RefusalReason {
             RefusalReason::Unavailable => "unavailable",
         }
     }
+
+    /// Every reason, for metrics that export a zero for each label.
+    pub const ALL: [RefusalReason; 6] = [
+        RefusalReason::Missing,
+        RefusalReason::Invalid,
+        RefusalReason::Untrusted,
+        RefusalReason::Mismatch,
+        RefusalReason::Unsupported,
+        RefusalReason::Unavailable,
+    ];
 }
-#[derive(Default)]
-pub struct Anchors {
-    _tmp: (),
+
+/// A signature not accepted: why (`reason`) and, for people, what exactly (`detail` names the
+/// key, certificate, file or field at fault).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub detail: String,
 }
-impl Anchors {
-    pub fn verify(&self, _b: &[u8], _now: std::time::SystemTime) -> Result<Signed, Refusal> {
-        Err(Refusal {
-            reason: RefusalReason::Invalid,
-            detail: "tmp".into(),
-        })
+
+impl Refusal {
+    pub fn new(reason: RefusalReason, detail: impl Into<String>) -> Refusal {
+        Refusal {
+            reason,
+            detail: detail.into(),
+        }
     }
-    pub fn is_empty(&self) -> bool {
-        true
+    pub fn invalid(detail: impl Into<String>) -> Refusal {
+        Refusal::new(RefusalReason::Invalid, detail)
+    }
+    pub fn untrusted(detail: impl Into<String>) -> Refusal {
+        Refusal::new(RefusalReason::Untrusted, detail)
+    }
+    pub fn unsupported(detail: impl Into<String>) -> Refusal {
+        Refusal::new(RefusalReason::Unsupported, detail)
     }
 }
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl std::error::Error for Refusal {}
