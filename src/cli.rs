@@ -693,7 +693,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 let bytes: serde_json::Value =
                     u64::try_from(bytes).map_or_else(|_| (bytes as f64).into(), Into::into);
                 let v = serde_json::json!({"ok": true, "file": file,
-                    "models": m.models.len(), "files": m.file_count(), "bytes": bytes});
+                    "models": m.models.len(), "files": m.file_count(), "bytes": bytes,
+                    "notes": crate::trust::bind::notes(m.models.values())});
                 println!("{v}");
                 Ok(Action::Done(ExitCode::SUCCESS))
             }
@@ -704,6 +705,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                     m.file_count(),
                     m.total_bytes()
                 );
+                for n in crate::trust::bind::notes(m.models.values()) {
+                    eprintln!("note: {n}");
+                }
                 Ok(Action::Done(ExitCode::SUCCESS))
             }
             Err(e) => {

@@ -57,8 +57,31 @@ impl Lab {
         let work = workdir();
         let root = work.path();
         for k in ["key1", "key2"] {
-            sh(root, "openssl", &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &format!("{k}.pem")]);
-            sh(root, "openssl", &["ec", "-in", &format!("{k}.pem"), "-pubout", "-out", &format!("{k}.pub")]);
+            sh(
+                root,
+                "openssl",
+                &[
+                    "ecparam",
+                    "-name",
+                    "prime256v1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                    &format!("{k}.pem"),
+                ],
+            );
+            sh(
+                root,
+                "openssl",
+                &[
+                    "ec",
+                    "-in",
+                    &format!("{k}.pem"),
+                    "-pubout",
+                    "-out",
+                    &format!("{k}.pub"),
+                ],
+            );
         }
         sh(root, "python3", &[&support("make_pki.py"), "pki"]);
         Lab {
@@ -91,11 +114,31 @@ impl Lab {
         let _ = fs::remove_file(dir.join("model.sig"));
         if how == ["cli"] {
             let key = self.path("key1.pem");
-            sh(dir, "model_signing", &["sign", "key", ".", "--private_key", key.to_str().unwrap(), "--signature", "model.sig"]);
+            sh(
+                dir,
+                "model_signing",
+                &[
+                    "sign",
+                    "key",
+                    ".",
+                    "--private_key",
+                    key.to_str().unwrap(),
+                    "--signature",
+                    "model.sig",
+                ],
+            );
             return;
         }
-        let mut args = vec![support("sign_model.py"), "sign".into(), ".".into(), "model.sig".into()];
-        args.extend(how.iter().map(|a| a.replace("@", self.root().to_str().unwrap())));
+        let mut args = vec![
+            support("sign_model.py"),
+            "sign".into(),
+            ".".into(),
+            "model.sig".into(),
+        ];
+        args.extend(
+            how.iter()
+                .map(|a| a.replace("@", self.root().to_str().unwrap())),
+        );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         sh(dir, "python3", &args);
     }
@@ -103,8 +146,16 @@ impl Lab {
     /// Whether `model_signing` accepts `dir`'s signature (`how`: `--pub …` or `--ca …`, and
     /// the hash).
     fn tool_accepts(&self, dir: &Path, how: &[&str]) -> bool {
-        let mut args = vec![support("sign_model.py"), "verify".into(), ".".into(), "model.sig".into()];
-        args.extend(how.iter().map(|a| a.replace("@", self.root().to_str().unwrap())));
+        let mut args = vec![
+            support("sign_model.py"),
+            "verify".into(),
+            ".".into(),
+            "model.sig".into(),
+        ];
+        args.extend(
+            how.iter()
+                .map(|a| a.replace("@", self.root().to_str().unwrap())),
+        );
         Command::new("python3")
             .args(&args)
             .current_dir(dir)
@@ -188,7 +239,10 @@ fn assert_refused(m: &Mount, id: &str, reason: &str, fetched_before: bool) {
         }
     }
     // Nothing of it was fetched: its files hold no cached byte.
-    for f in ["a.bin", "sub/b.txt"].into_iter().filter(|_| !fetched_before) {
+    for f in ["a.bin", "sub/b.txt"]
+        .into_iter()
+        .filter(|_| !fetched_before)
+    {
         assert_eq!(
             cached_bytes(&m.path(&format!("{id}/{f}"))),
             0,
@@ -218,17 +272,49 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     lab.sign(&good_b3, &["--key", "@/key1.pem", "--hash", "blake3"]);
     lab.add("good-b3@1.0.0", &good_b3, |e| e);
     let good_shards = lab.model_dir("pub", "good-shards", 3);
-    lab.sign(&good_shards, &["--key", "@/key1.pem", "--hash", "shards", "--shard-size", "1048576"]);
+    lab.sign(
+        &good_shards,
+        &[
+            "--key",
+            "@/key1.pem",
+            "--hash",
+            "shards",
+            "--shard-size",
+            "1048576",
+        ],
+    );
     lab.add("good-shards@1.0.0", &good_shards, |e| e);
     let good_cert = lab.model_dir("pub", "good-cert", 4);
-    lab.sign(&good_cert, &["--key", "@/pki/leaf1.key", "--cert", "@/pki/leaf1.pem", "--chain", "@/pki/int1.pem", "--hash", "blake3"]);
+    lab.sign(
+        &good_cert,
+        &[
+            "--key",
+            "@/pki/leaf1.key",
+            "--cert",
+            "@/pki/leaf1.pem",
+            "--chain",
+            "@/pki/int1.pem",
+            "--hash",
+            "blake3",
+        ],
+    );
     lab.add("good-cert@1.0.0", &good_cert, |e| e);
     let unsigned = lab.model_dir("pub", "unsigned", 5);
     lab.add("unsigned@1.0.0", &unsigned, |e| e);
     // `model_signing` accepts every good one.
     assert!(lab.tool_accepts(&good_sha, &["--pub", "@/key1.pub"]));
     assert!(lab.tool_accepts(&good_b3, &["--pub", "@/key1.pub"]));
-    assert!(lab.tool_accepts(&good_shards, &["--pub", "@/key1.pub", "--hash", "shards", "--shard-size", "1048576"]));
+    assert!(lab.tool_accepts(
+        &good_shards,
+        &[
+            "--pub",
+            "@/key1.pub",
+            "--hash",
+            "shards",
+            "--shard-size",
+            "1048576"
+        ]
+    ));
     assert!(lab.tool_accepts(&good_cert, &["--ca", "@/pki/ca1.pem"]));
 
     // Tampered: each its own directory of content (`pub/`), signed, and other content of
@@ -242,7 +328,11 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     };
     // A digest changed in the entry: a.bin's sha256 line names the other content.
     let (good, evil) = tampered(&mut lab, "digest", 10, &["cli"]);
-    let evil_sha = sha_of(&manifest_build(&evil, "x@1.0.0", &BuildOpts::default()), "x@1.0.0", "a.bin");
+    let evil_sha = sha_of(
+        &manifest_build(&evil, "x@1.0.0", &BuildOpts::default()),
+        "x@1.0.0",
+        "a.bin",
+    );
     lab.add("digest@1.0.0", &good, |e| {
         let s = sha_of(&e, "digest@1.0.0", "a.bin");
         e.replace(&s, &evil_sha)
@@ -261,14 +351,43 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     let (good, evil) = tampered(&mut lab, "forged-sha", 20, &["cli"]);
     forge(&mut lab, "forged-sha@1.0.0", &good, &evil);
     // The same for BLAKE3: the chunk list merges into another root than the signed one.
-    let (good, evil) = tampered(&mut lab, "forged-b3", 30, &["--key", "@/key1.pem", "--hash", "blake3"]);
+    let (good, evil) = tampered(
+        &mut lab,
+        "forged-b3",
+        30,
+        &["--key", "@/key1.pem", "--hash", "blake3"],
+    );
     forge(&mut lab, "forged-b3@1.0.0", &good, &evil);
     // A wrong key, an untrusted CA, an expired certificate.
     let (good, _) = tampered(&mut lab, "wrong-key", 40, &["--key", "@/key2.pem"]);
     lab.add("wrong-key@1.0.0", &good, |e| e);
-    let (good, _) = tampered(&mut lab, "cert-untrusted", 50, &["--key", "@/pki/leaf2.key", "--cert", "@/pki/leaf2.pem", "--chain", "@/pki/int2.pem"]);
+    let (good, _) = tampered(
+        &mut lab,
+        "cert-untrusted",
+        50,
+        &[
+            "--key",
+            "@/pki/leaf2.key",
+            "--cert",
+            "@/pki/leaf2.pem",
+            "--chain",
+            "@/pki/int2.pem",
+        ],
+    );
     lab.add("cert-untrusted@1.0.0", &good, |e| e);
-    let (good, _) = tampered(&mut lab, "cert-expired", 60, &["--key", "@/pki/expired.key", "--cert", "@/pki/expired.pem", "--chain", "@/pki/int1.pem"]);
+    let (good, _) = tampered(
+        &mut lab,
+        "cert-expired",
+        60,
+        &[
+            "--key",
+            "@/pki/expired.key",
+            "--cert",
+            "@/pki/expired.pem",
+            "--chain",
+            "@/pki/int1.pem",
+        ],
+    );
     lab.add("cert-expired@1.0.0", &good, |e| e);
     // Another model's bundle.
     let (good, _) = tampered(&mut lab, "other-bundle", 70, &["cli"]);
@@ -311,23 +430,47 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     ] {
         if id == "good-b3@1.0.0" {
             // BLAKE3-signed: lazy, chunk by chunk. One 4 KiB read fetches a chunk, not the file.
-            let got = read_range(&m.path(&format!("{id}/a.bin")), 2 * MIB as u64 + 4096, 4096).unwrap();
+            let got =
+                read_range(&m.path(&format!("{id}/a.bin")), 2 * MIB as u64 + 4096, 4096).unwrap();
             let want = fs::read(dir.join("a.bin")).unwrap();
             assert_eq!(got, want[2 * MIB + 4096..2 * MIB + 8192]);
             let cached = cached_bytes(&m.path(&format!("{id}/a.bin")));
-            assert!(cached < want.len() as u64, "{id}: a 4 KiB read fetched {cached} bytes: not lazy");
+            assert!(
+                cached < want.len() as u64,
+                "{id}: a 4 KiB read fetched {cached} bytes: not lazy"
+            );
         }
         for (f, r) in read_all(&m, id, &["a.bin", "sub/b.txt"]) {
             let want = fs::read(dir.join(&f)).unwrap();
-            assert_bytes_eq(&r.unwrap_or_else(|e| panic!("{id}/{f}: errno {e}\n{}", m.log())), &want, &format!("{id}/{f}"));
+            assert_bytes_eq(
+                &r.unwrap_or_else(|e| panic!("{id}/{f}: errno {e}\n{}", m.log())),
+                &want,
+                &format!("{id}/{f}"),
+            );
         }
         let s = settled(&m, id);
         assert_ne!(s["state"], "UNTRUSTED", "{id}: {s:#}\n{}", m.log());
     }
-    let signer = |id: &str| settled(&m, id)["trust"]["signed_by"].as_str().unwrap_or("").to_string();
-    assert!(signer("good-sha@1.0.0").starts_with("key sha256:"), "{}", signer("good-sha@1.0.0"));
-    assert!(signer("good-cert@1.0.0").contains("publisher 1"), "{}", signer("good-cert@1.0.0"));
-    assert_eq!(settled(&m, "good-sha@1.0.0")["trust"]["whole_checked_files"], 2);
+    let signer = |id: &str| {
+        settled(&m, id)["trust"]["signed_by"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        signer("good-sha@1.0.0").starts_with("key sha256:"),
+        "{}",
+        signer("good-sha@1.0.0")
+    );
+    assert!(
+        signer("good-cert@1.0.0").contains("publisher 1"),
+        "{}",
+        signer("good-cert@1.0.0")
+    );
+    assert_eq!(
+        settled(&m, "good-sha@1.0.0")["trust"]["whole_checked_files"],
+        2
+    );
     assert_eq!(settled(&m, "unsigned@1.0.0")["trust"]["state"], "unsigned");
 
     // Every tampered one: refused, visible, nothing served.
@@ -350,7 +493,8 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     for (f, r) in read_all(&m, "forged-sha@1.0.0", &["a.bin", "sub/b.txt"]) {
         assert_eq!(r.map(|b| b.len()), Err(libc::EIO), "forged-sha@1.0.0/{f}");
     }
-    let health: Value = serde_json::from_str(&fs::read_to_string(m.path(".wan/health")).unwrap()).unwrap();
+    let health: Value =
+        serde_json::from_str(&fs::read_to_string(m.path(".wan/health")).unwrap()).unwrap();
     assert_eq!(health["status"], "degraded", "{health:#}");
     assert_eq!(health["checks"]["trust"]["ok"], false, "{health:#}");
     let metrics = fs::read_to_string(m.path(".wan/metrics")).unwrap();
@@ -373,7 +517,9 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     }
     hup(m.pid());
     assert!(
-        wait_until(Duration::from_secs(10), || m.log().contains("reloaded configuration")),
+        wait_until(Duration::from_secs(10), || m
+            .log()
+            .contains("reloaded configuration")),
         "no reload:\n{}",
         m.log()
     );

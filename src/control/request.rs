@@ -213,7 +213,9 @@ impl Control {
                 })
             }
             Request::Models => Response::Models(self.status(&[])?),
-            Request::Model { id } => Response::Model(Box::new(self.model_status(&self.resolve(&[id])?[0])?)),
+            Request::Model { id } => {
+                Response::Model(Box::new(self.model_status(&self.resolve(&[id])?[0])?))
+            }
             Request::Config => Response::Config(self.config_view()),
             Request::Metrics => {
                 self.usage();

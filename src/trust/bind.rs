@@ -156,6 +156,38 @@ pub fn bind(model: &Model, st: &Statement) -> Result<Vec<Plan>, Refusal> {
         .collect()
 }
 
+/// What `wan manifest check` says of the signed models of `models`: a model listing
+/// `model.sig` whose files are not all `blake3-tree` can be read lazily only if it was signed
+/// with BLAKE3 over such chunk lists; signed with sha256 (model_signing's default), those files
+/// are fetched whole before their first byte is served.
+pub fn notes<'a>(models: impl IntoIterator<Item = &'a Model>) -> Vec<String> {
+    models
+        .into_iter()
+        .filter(|m| m.files.iter().any(|f| f.path == SIGNATURE_FILE))
+        .filter_map(|m| {
+            let not_tree = m
+                .files
+                .iter()
+                .filter(|f| f.path != SIGNATURE_FILE && f.size > 0)
+                .filter(|f| {
+                    !(f.chunk_hash == ChunkHash::Blake3Tree
+                        && matches!(f.verification, Verification::Chunked(_)))
+                })
+                .count();
+            (not_tree > 0).then(|| {
+                format!(
+                    "model {} lists {SIGNATURE_FILE}: its signature is checked at mount. {not_tree} \
+                     file(s) have no chunk_hash = \"blake3-tree\" chunk list: signed with sha256 \
+                     (model_signing's default) they are fetched whole and checked before their \
+                     first byte is served, and a BLAKE3 signature cannot be bound to them. For \
+                     lazy reads, sign with BLAKE3 and rebuild the entry with `wan manifest build`.",
+                    m.id
+                )
+            })
+        })
+        .collect()
+}
+
 fn names(v: &[&str]) -> String {
     let mut s: Vec<String> = v.iter().take(5).map(|p| format!("{p:?}")).collect();
     if v.len() > 5 {
@@ -429,6 +461,22 @@ mod tests {
                 .detail
                 .contains("cover 8 bytes")
         );
+    }
+
+    #[test]
+    fn check_notes_signed_models_whose_files_cannot_be_read_lazily() {
+        let signed = model(vec![file("a.bin", b"aaaa"), file("model.sig", b"{}")]);
+        let notes = notes([&signed]);
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("m@1.0.0") && notes[0].contains("1 file(s)"),
+            "{notes:?}"
+        );
+        let mut tree = signed.clone();
+        tree.files[0].chunk_hash = ChunkHash::Blake3Tree;
+        assert!(super::notes([&tree]).is_empty());
+        let unsigned = model(vec![file("a.bin", b"aaaa")]);
+        assert!(super::notes([&unsigned]).is_empty());
     }
 
     #[test]
