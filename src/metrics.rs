@@ -96,6 +96,9 @@ pub struct Metrics {
     /// FUSE requests answered with an error, by operation.
     pub fuse_errors: IntCounterVec,
     pub integrity_failures: IntCounter,
+    /// Complete cached files whose chunks verified but whose whole-file sha256 did not match
+    /// the manifest's: refused (fetch/check.rs).
+    pub whole_file_failures: IntCounter,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
     /// Chunks per group commit (one `fdatasync` per blob file and one index transaction for
@@ -188,6 +191,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     integrity_failures: counter(
         "wan_integrity_failures_total",
         "Chunks or files whose bytes did not match their sha256 (discarded).",
+    ),
+    whole_file_failures: counter(
+        "wan_whole_file_failures_total",
+        "Complete cached files whose chunks verified but whose whole-file sha256 did not match the manifest's (refused and dropped).",
     ),
     evictions: counter("wan_evictions_total", "Blobs evicted from the cache."),
     evicted_bytes: counter("wan_evicted_bytes_total", "Bytes evicted from the cache."),
