@@ -556,6 +556,7 @@ impl Control {
                 .await
                 .map_err(failed)?
                 .map_err(failed)?;
+            // (`BadChunks` only comes from `check_whole`, which verify does not call.)
             if let WholeCheck::Mismatch(actual) = found {
                 return Err(failed(self.fetcher.whole_file_mismatch(f, actual).await));
             }

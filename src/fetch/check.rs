@@ -9,7 +9,10 @@
 //! - How: single-flight per blob (`FetchKey::Check`), at most one check hashing at a time
 //!   (`Fetcher::whole_checks`: a 10 GB file takes seconds of a core and of the disk), on a
 //!   blocking thread.
-//! - A mismatch is an integrity failure: the blob is refused (`Store::refuse`: recorded, then
+//! - A mismatch with chunks that no longer match their digests is rot on the cache disk:
+//!   those chunks are dropped (fetched again by the next read), as verify drops them.
+//! - A mismatch with every chunk matching is the entry's own lie, an integrity failure: the
+//!   blob is refused (`Store::refuse`: recorded, then
 //!   dropped), counted (`wan_whole_file_failures_total`, `wan_integrity_failures_total`),
 //!   recorded as an `integrity` event, logged once with model, file, expected and actual
 //!   digest, and the model is marked CORRUPT with the reason. Reads of the file then fail
@@ -111,6 +114,22 @@ impl Fetcher {
                 Ok(())
             }
             WholeCheck::NotComplete => Ok(()),
+            WholeCheck::BadChunks(bad) => {
+                // As verify treats them: forgotten, fetched again by the next read.
+                for idx in bad {
+                    METRICS.integrity_failures.inc();
+                    METRICS.errors.with_label_values(&["verify"]).inc();
+                    tracing::error!(model = %file.model, file = %crate::logging::untrusted(&file.entry.path), chunk = idx,
+                        "integrity failure: cached chunk is corrupt on disk; dropped, fetched again at the next read");
+                    let store = self.store.clone();
+                    let entry = file.entry.clone();
+                    tokio::task::spawn_blocking(move || store.drop_chunk(&entry, idx))
+                        .await
+                        .map_err(FetchError::join)?
+                        .map_err(FetchError::store)?;
+                }
+                Ok(())
+            }
             WholeCheck::Mismatch(actual) => Err(self.whole_file_mismatch(file, actual).await),
         }
     }
@@ -119,8 +138,6 @@ impl Fetcher {
     /// the module doc) and returns the error its readers get.
     pub async fn whole_file_mismatch(&self, file: &FileCtx, actual: Digest) -> FetchError {
         let f = &file.entry;
-        METRICS.integrity_failures.inc();
-        METRICS.whole_file_failures.inc();
         tracing::error!(model = %file.model, file = %crate::logging::untrusted(&f.path),
             expected = %f.sha256, actual = %actual,
             "integrity failure: the cached file's chunks verified, but the whole file does not match its sha256; refused and dropped");
@@ -131,12 +148,13 @@ impl Fetcher {
         let store = self.store.clone();
         let entry = f.clone();
         let model = file.model.to_string();
+        // The model's state first, so that whoever sees the file refused sees why.
         let recorded = tokio::task::spawn_blocking(move || {
-            let refused = store.refuse(&entry, actual, &model);
             let _ = store.index().update_model(&model, |r| {
                 r.corrupt = true;
                 r.last_error = Some(reason.clone());
             });
+            let refused = store.refuse(&entry, actual, &model);
             let _ = store.index().add_event(&Event {
                 ts: crate::store::now_secs(),
                 kind: "integrity".into(),
@@ -158,6 +176,9 @@ impl Fetcher {
             }
             Err(e) => tracing::error!(error = %e, "the refusal's task died"),
         }
+        // Counted once everything above is recorded.
+        METRICS.integrity_failures.inc();
+        METRICS.whole_file_failures.inc();
         FetchError::Refused {
             path: f.path.clone(),
             expected: f.sha256,

@@ -80,8 +80,9 @@ pub enum FetchError {
     /// names them: an integrity failure, refused until an operator clears it or the entry
     /// changes (`store/checked.rs`).
     #[error(
-        "{path}: refused: its bytes hash to sha256 {actual}, not to the manifest's {expected} \
-         (an integrity failure; `wan models ensure --force-redownload` clears it)"
+        "refused: whole-file sha256 mismatch: its bytes hash to {actual}, not to the \
+         manifest's {expected} (an integrity failure; `wan models ensure --force-redownload` \
+         clears it)"
     )]
     Refused {
         path: String,

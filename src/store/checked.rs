@@ -30,7 +30,7 @@ use crate::chunk::{ChunkHash, Digest};
 use crate::manifest::{FileEntry, Verification};
 
 /// What a whole-file check found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WholeCheck {
     /// The bytes hash to the blob's name: recorded.
     Match,
@@ -38,6 +38,9 @@ pub enum WholeCheck {
     Mismatch(Digest),
     /// The blob is not complete (or changed while it was read): nothing to say yet.
     NotComplete,
+    /// The whole did not match, and these chunks no longer match their digests either: the
+    /// cache disk rotted them (not the entry's fault); the caller drops them.
+    BadChunks(Vec<u64>),
 }
 
 /// The state of a complete blob when a check started reading it; the result is recorded only
@@ -161,7 +164,21 @@ impl Store {
             h.update(&buf[..n]);
             off += n as u64;
         }
-        self.finish_check(f, token, Digest(h.finalize().into()))
+        let found = self.finish_check(f, token, Digest(h.finalize().into()))?;
+        if let (WholeCheck::Mismatch(_), Verification::Chunked(digests)) = (&found, &f.verification)
+        {
+            // Rare, so read again rather than hash every chunk on every check: a chunk that
+            // rotted on disk since it was verified makes the whole differ too, and is the
+            // disk's fault, not the entry's.
+            let (_, chunks) = super::adopt::hash_blob(&fd, f).map_err(io_err(&path))?;
+            let bad: Vec<u64> = (0..chunks.len() as u64)
+                .filter(|i| chunks[*i as usize] != digests[*i as usize])
+                .collect();
+            if !bad.is_empty() {
+                return Ok(WholeCheck::BadChunks(bad));
+            }
+        }
+        Ok(found)
     }
 
     /// Marks a blob written whole and verified (`verify_whole`) as checked: its bytes were
@@ -353,6 +370,24 @@ mod tests {
         assert!(s.refusal(&lie).is_none());
         drop(s);
         assert!(Store::open(dir.path()).unwrap().refusals().is_empty());
+    }
+
+    /// A byte rotted on disk fails the whole and its chunk: the chunk is named, nothing is
+    /// refused.
+    #[test]
+    fn a_rotted_chunk_is_named_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, good, _, _) = forged(100, 30);
+        let s = Store::open(dir.path()).unwrap();
+        complete(&s, &f, &good);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.blob_path(f.sha256))
+            .unwrap()
+            .write_all_at(&[0xff], 65)
+            .unwrap();
+        assert_eq!(s.check_whole(&f).unwrap(), WholeCheck::BadChunks(vec![2]));
+        assert!(!s.is_whole_checked(&f) && s.refusal(&f).is_none());
     }
 
     /// A check whose blob lost a chunk while it was read records nothing.
