@@ -32,7 +32,9 @@
 //! a control operation in `control/request.rs` (`Request`, `Response`, the handler) and
 //! `control/routes.rs` (its HTTP route); what is in force in `in_force.rs` and `reload.rs`;
 //! a file's mode in `manifest/model.rs` (`Verification`); peer or origin in `source/mod.rs`
-//! (`SourceKind`). Each file's `//!` says what it owns.
+//! (`SourceKind`); the whole-file check of complete blobs and the files it refused in
+//! `store/checked.rs` (what is kept) and `fetch/check.rs` (when it runs, what a mismatch
+//! does). Each file's `//!` says what it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -17,8 +17,8 @@
 //!    blob file that is already there.
 //! 4. Leaves, never held while taking another tracked lock: the store's open files
 //!    ([`STORE_FDS`]), open counts ([`STORE_OPENS`]), suspect blobs ([`STORE_SUSPECT`]), rows
-//!    an eviction could not delete ([`STORE_UNFORGOTTEN`]) and unverified-write counts
-//!    ([`STORE_UNVERIFIED`]).
+//!    an eviction could not delete ([`STORE_UNFORGOTTEN`]), unverified-write counts
+//!    ([`STORE_UNVERIFIED`]) and refused blobs ([`STORE_REFUSED`]).
 //!
 //! Untracked, and leaves by construction (nothing is taken while they are held): the index's
 //! SQLite connection (`store/index.rs`), the group commit's queue (a `Condvar`'s mutex,
@@ -45,6 +45,7 @@ pub const STORE_OPENS: Level = Level::new(40, "store opens");
 pub const STORE_SUSPECT: Level = Level::new(40, "store suspect");
 pub const STORE_UNFORGOTTEN: Level = Level::new(40, "store unforgotten");
 pub const STORE_UNVERIFIED: Level = Level::new(40, "store unverified");
+pub const STORE_REFUSED: Level = Level::new(40, "store refused");
 
 impl Level {
     pub const fn new(rank: u8, name: &'static str) -> Level {

@@ -109,6 +109,9 @@ pub struct Metrics {
     pub trust_refusals: IntCounterVec,
     /// Models refused now, by reason: set from what is in force whenever metrics are read.
     pub models_untrusted: IntGaugeVec,
+    /// Complete cached files whose chunks verified but whose whole-file sha256 did not match
+    /// the manifest's: refused (fetch/check.rs).
+    pub whole_file_failures: IntCounter,
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
     /// Chunks per group commit (one `fdatasync` per blob file and one index transaction for
@@ -211,6 +214,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "wan_models_untrusted",
         "Models refused under [trust] right now (listed, their reads fail with EACCES), by reason.",
         &["reason"],
+    ),
+    whole_file_failures: counter(
+        "wan_whole_file_failures_total",
+        "Complete cached files whose chunks verified but whose whole-file sha256 did not match the manifest's (refused and dropped).",
     ),
     evictions: counter("wan_evictions_total", "Blobs evicted from the cache."),
     evicted_bytes: counter("wan_evicted_bytes_total", "Bytes evicted from the cache."),

@@ -9,12 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::{Control, ControlError, GcMode, failed, statvfs};
 use crate::chunk::Digest;
 use crate::fetch::FileCtx;
 use crate::manifest::{ModelId, Verification};
 use crate::metrics::METRICS;
+use crate::store::WholeCheck;
 use crate::store::gc::{GcBlob, GcUsage, plan_gc};
 use crate::store::index::Event;
 use crate::store::now_secs;
@@ -284,6 +286,15 @@ impl Control {
         let t0 = std::time::Instant::now();
         if force {
             for (f, _) in self.blobs_of(id) {
+                // The operator's word that the file may be fetched and checked again.
+                match self.store().clear_refusal(f.entry.sha256) {
+                    Ok(true) => tracing::warn!(model = %id, file = %f.entry.path,
+                        "force-redownload: a refused file is fetched and checked again"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(model = %id, error = %e, "force-redownload: could not clear a refusal")
+                    }
+                }
                 if let Err(e) = self.evict_blob(f.entry.sha256) {
                     tracing::warn!(model = %id, error = %e, "force-redownload: could not drop a blob");
                 }
@@ -510,17 +521,24 @@ impl Control {
     ) -> Result<(u64, Vec<u64>), ControlError> {
         let store = self.store().clone();
         let entry = f.entry.clone();
+        self.fetcher.refused(&entry).map_err(failed)?;
         let recorded = store.chunk_digests(&entry).map_err(failed)?;
         let layout = entry.layout();
         let mut bad_idx = Vec::new();
         let mut checked = 0;
+        // A complete blob is checked whole too, from the same reads (`store/checked.rs`).
+        let check = store.begin_check(&entry).map(|(_, token)| token);
+        let mut whole = check.map(|_| Sha256::new());
         for idx in 0..layout.count() {
             let expected = match &entry.verification {
                 Verification::Chunked(c) => c[idx as usize],
                 // Checked against the digest recorded when the whole file was verified.
                 Verification::Whole => match recorded.get(&idx) {
                     Some(d) => *d,
-                    None => continue,
+                    None => {
+                        whole = None;
+                        continue;
+                    }
                 },
             };
             let (s2, e2) = (store.clone(), entry.clone());
@@ -528,18 +546,42 @@ impl Control {
                 .await
                 .map_err(failed)?
                 .map_err(failed)?;
-            let Some(data) = data else { continue };
+            let Some(data) = data else {
+                whole = None;
+                continue;
+            };
             checked += 1;
             progress.fetch_add(data.len() as u64, Ordering::Relaxed);
             let check = entry.check(idx);
-            let actual = tokio::task::spawn_blocking(move || check.digest(&data))
-                .await
-                .map_err(failed)?;
+            let (actual, w) = tokio::task::spawn_blocking(move || {
+                if let Some(w) = whole.as_mut() {
+                    w.update(&data);
+                }
+                (check.digest(&data), whole)
+            })
+            .await
+            .map_err(failed)?;
+            whole = w;
             if actual != expected {
                 tracing::error!(model = %f.model, file = %entry.path, chunk = idx, %expected, %actual,
                     "integrity failure: cached chunk is corrupt on disk");
                 METRICS.integrity_failures.inc();
                 bad_idx.push(idx);
+            }
+        }
+        // Bad chunks explain a whole that differs: they are repaired, and the repaired blob
+        // is checked whole when it is complete again. Good chunks and a bad whole are the
+        // entry's own lie: an integrity failure, refused.
+        if let (Some(token), Some(w), true) = (check, whole, bad_idx.is_empty()) {
+            let actual = crate::chunk::Digest(w.finalize().into());
+            let (s2, e2) = (store.clone(), entry.clone());
+            let found = tokio::task::spawn_blocking(move || s2.finish_check(&e2, token, actual))
+                .await
+                .map_err(failed)?
+                .map_err(failed)?;
+            // (`BadChunks` only comes from `check_whole`, which verify does not call.)
+            if let WholeCheck::Mismatch(actual) = found {
+                return Err(failed(self.fetcher.whole_file_mismatch(f, actual).await));
             }
         }
         Ok((checked, bad_idx))

@@ -24,6 +24,7 @@ use crate::store::StoreError;
 /// | `Evicted`, `Incomplete` | ensures (a read goes round again) | `EAGAIN` | by the ensure, at error |
 /// | `Skipped`, `InMemoryOnly` | ensures and repairs: the bytes were served, not stored | `EAGAIN` | debug where skipped, warn where held in memory |
 /// | `WholeOnly` | nobody (a caller's bug) | `EINVAL` | by the caller |
+/// | `Refused` | readers, ensures | `EIO` | once, at error, when the whole-file check refused it (`check.rs`) |
 ///
 /// Only real I/O failures (a source's, the cache disk's) and a task that died are `EIO`: the
 /// others never reach a reader, and name what to do instead.
@@ -75,6 +76,19 @@ pub enum FetchError {
          served from memory either"
     )]
     TooLargeForMemory { why: Box<FetchError>, size: u64 },
+    /// The file's cached bytes passed their chunk digests but not the whole-file sha256 that
+    /// names them: an integrity failure, refused until an operator clears it or the entry
+    /// changes (`store/checked.rs`).
+    #[error(
+        "refused: whole-file sha256 mismatch: its bytes hash to {actual}, not to the \
+         manifest's {expected} (an integrity failure; `wan models ensure --force-redownload` \
+         clears it)"
+    )]
+    Refused {
+        path: String,
+        expected: Digest,
+        actual: Digest,
+    },
     /// A chunk was asked of a file listed with only a whole-file sha256 (a caller's bug).
     #[error("cache: {path}: a whole-only file has no chunk to fetch by itself")]
     WholeOnly { path: String },

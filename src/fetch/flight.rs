@@ -10,7 +10,8 @@
 //! ensure awaits `stored`) → served (kept in `landed` for its reader, when there is room) →
 //! stored or skipped ([`Outcome`]), and out of `flights` → present in the store, or, on
 //! failure, in `failed` for the cool-down. A whole-only file goes the same way under
-//! `FetchKey::Whole`, and is held in `whole_in_memory` where the cache cannot store it.
+//! `FetchKey::Whole`, and is held in `whole_in_memory` where the cache cannot store it. The
+//! whole-file check of a complete blob (`check.rs`) is single-flight under `FetchKey::Check`.
 //!
 //! Lock order: the table comes before the store's locks (deciding whether to start a fetch
 //! looks at presence, `Store::has_chunk`, under it) and is never held across an await or any
@@ -33,6 +34,8 @@ use super::whole::WholeInMemory;
 pub(super) enum FetchKey {
     Chunk(Digest, u64),
     Whole(Digest),
+    /// The whole-file check of a complete blob (`check.rs`).
+    Check(Digest),
 }
 
 pub(super) type SharedFetch = Shared<BoxFuture<'static, Result<VerifiedChunk, FetchError>>>;
@@ -141,6 +144,19 @@ impl ChunkTable {
             Flight::Whole(f) => Some(f),
             Flight::Chunk(_) => unreachable!("a whole key holds a whole file's fetch"),
         }
+    }
+
+    /// The whole-file check of `blob`, if one is under way (a check is a whole file's work,
+    /// kept as one).
+    pub(super) fn check(&self, blob: Digest) -> Option<&SharedWhole> {
+        match self.flights.get(&FetchKey::Check(blob))? {
+            Flight::Whole(f) => Some(f),
+            Flight::Chunk(_) => unreachable!("a check key holds a check"),
+        }
+    }
+
+    pub(super) fn insert_check(&mut self, blob: Digest, f: SharedWhole) {
+        self.flights.insert(FetchKey::Check(blob), Flight::Whole(f));
     }
 
     /// Whether any chunk of `blob` is being fetched.

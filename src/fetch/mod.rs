@@ -21,7 +21,8 @@
 //! owns every fetch's state (in flight, failed lately, landed in memory, started) in one
 //! `ChunkTable` behind one lock, so single-flight is one look at one table; `attempt.rs` asks
 //! the sources for one range (order, parts, retries, peers, health); `whole.rs` handles
-//! whole-only files; `landed.rs` keeps verified chunks for their readers; `error.rs` says
+//! whole-only files; `check.rs` checks complete blobs whole against their sha256 and refuses
+//! those that fail; `landed.rs` keeps verified chunks for their readers; `error.rs` says
 //! why a fetch failed (`FetchError`, `SourceFailure`), typed. `FileCtx` lives in
 //! `crate::file_ctx` and is re-exported here.
 //!
@@ -50,6 +51,7 @@ use crate::source::SourceHandle;
 use crate::store::Store;
 
 mod attempt;
+mod check;
 mod error;
 mod flight;
 mod landed;
@@ -152,6 +154,8 @@ pub struct Fetcher {
     peers: std::sync::OnceLock<PeersNow>,
     /// Woken whenever a fetch of some file's chunk 0 starts (see `HEAD_RACE_WAIT`).
     head_started: tokio::sync::Notify,
+    /// Whole-file checks hashing now: one at a time (see `check.rs`).
+    whole_checks: Semaphore,
 }
 
 /// What a chunk after a small head chunk waits for before its requests go out.
@@ -199,6 +203,7 @@ impl Fetcher {
             rt: tokio::runtime::Handle::current(),
             peers: std::sync::OnceLock::new(),
             head_started: tokio::sync::Notify::new(),
+            whole_checks: Semaphore::new(1),
         })
     }
 
@@ -249,11 +254,21 @@ impl Fetcher {
         size: u32,
     ) -> Option<Result<Bytes, FetchError>> {
         let f = &file.entry;
+        if let Err(e) = self.refused(f) {
+            return Some(Err(e));
+        }
         let end = (offset + size as u64).min(f.size);
         if offset >= end {
             return Some(Ok(Bytes::new()));
         }
         let layout = f.layout();
+        // A whole-only file's blob serves its first byte only once checked whole (its chunks
+        // may come from another entry): the async path waits for the check.
+        if matches!(f.verification, Verification::Whole) && !self.store.is_whole_checked(f) {
+            return (self.table().whole_in_memory)
+                .slice(f.sha256, offset, end)
+                .map(Ok);
+        }
         let held = match &f.verification {
             Verification::Chunked(digests) => {
                 (self.table().landed).slice(f.sha256, &layout, digests, offset, end)
@@ -262,11 +277,6 @@ impl Fetcher {
         };
         if let Some(b) = held {
             return Some(Ok(b));
-        }
-        // A whole-only file's bytes are served once the whole file was checked: chunks of
-        // its blob that another entry's chunk list let in are not enough.
-        if f.verification == Verification::Whole && !self.store.is_complete(f) {
-            return None;
         }
         let fd = self
             .store
@@ -300,11 +310,12 @@ impl Fetcher {
         // A chunk found present may be evicted before we read it; then we simply go round
         // again and fetch it (bounded by the caller's read timeout).
         loop {
+            self.refused(f)?;
             let mut fetched: HashMap<u64, VerifiedChunk> = HashMap::new();
             let mut to_fetch = Vec::new();
             match &f.verification {
                 Verification::Whole => {
-                    if !self.store.is_complete(f) {
+                    if !self.store.is_whole_checked(f) {
                         match self.ensure_whole(file).await {
                             Err(FetchError::Evicted) => continue,
                             r => r?,
@@ -406,6 +417,9 @@ impl Fetcher {
             // Nothing to read ahead: its first read fetches it whole.
             Verification::Whole => return,
         }
+        if self.store.refusal(f).is_some() {
+            return;
+        }
         for idx in self.store.missing(f, chunks) {
             let busy = {
                 let t = self.table();
@@ -434,6 +448,7 @@ impl Fetcher {
         // this very ensure's commits, must not evict what it is filling (the ensure then
         // failed with chunks "evicted before the file was complete").
         let _held = Held::new(&self.store, f.sha256);
+        self.refused(f)?;
         match f.verification {
             Verification::Chunked(_) => {}
             Verification::Whole => {
@@ -475,7 +490,9 @@ impl Fetcher {
             .try_collect::<Vec<()>>()
             .await?;
         if self.store.is_complete(f) {
-            Ok(())
+            // Ensured means checked whole too: a file whose chunks verify but whose whole
+            // does not is refused here, not at some later open.
+            self.check_whole(file).await
         } else {
             // Stored, then evicted or dropped before the last one was: the caller may retry.
             Err(FetchError::Incomplete {
@@ -683,7 +700,11 @@ impl Fetcher {
 
     /// The chunk from the blob file, verified, when the index does not list it but the file
     /// holds it (see `Store::adopt_chunk`): checked before any source is asked.
-    async fn adopt_from_disk(&self, file: &Arc<FileCtx>, idx: u64) -> Option<VerifiedChunk> {
+    async fn adopt_from_disk(
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
+        idx: u64,
+    ) -> Option<VerifiedChunk> {
         let expected = file.entry.verification.chunk(idx)?;
         let store = self.store.clone();
         let entry = file.entry.clone();
@@ -692,6 +713,7 @@ impl Fetcher {
             .ok()??;
         if self.store.is_complete(&file.entry) {
             self.completed(file);
+            self.check_in_background(file);
         }
         Some(chunk)
     }
@@ -717,8 +739,8 @@ impl Fetcher {
     }
 
     async fn commit(
-        &self,
-        file: &FileCtx,
+        self: &Arc<Self>,
+        file: &Arc<FileCtx>,
         idx: u64,
         chunk: VerifiedChunk,
     ) -> Result<(), FetchError> {
@@ -734,6 +756,7 @@ impl Fetcher {
         tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx, bytes = len, "chunk committed");
         if self.store.is_complete(&file.entry) {
             self.completed(file);
+            self.check_in_background(file);
         }
         Ok(())
     }

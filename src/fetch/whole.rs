@@ -122,6 +122,7 @@ impl Fetcher {
     pub async fn ensure_whole(self: &Arc<Self>, file: &Arc<FileCtx>) -> Result<(), FetchError> {
         let blob = file.entry.sha256;
         let key = FetchKey::Whole(blob);
+        self.refused(&file.entry)?;
         let shared = {
             let mut table = self.table();
             // A failed whole-file fetch is remembered like a failed chunk: the kernel retries
@@ -129,36 +130,45 @@ impl Fetcher {
             if let Some(err) = table.recently_failed(key, self.cfg.cooldown()) {
                 return Err(err);
             }
-            if self.store.is_complete(&file.entry) || table.whole_in_memory.holds(blob) {
+            if self.store.is_whole_checked(&file.entry) || table.whole_in_memory.holds(blob) {
                 return Ok(());
             }
-            match table.whole(blob) {
-                Some(s) => s.clone(),
-                None => {
-                    let this = self.clone();
-                    let file = file.clone();
-                    let task = self.rt.spawn(async move {
-                        let r = this.fetch_whole(&file).await;
-                        let mut table = this.table();
-                        if let Err(e) = &r
-                            && !matches!(e, FetchError::Evicted)
-                        {
-                            table.remember_failure(key, e, this.cfg.cooldown());
-                        }
-                        table.finish(key);
-                        drop(table);
-                        r
-                    });
-                    let fut =
-                        async move { task.await.unwrap_or_else(|e| Err(FetchError::join(e))) }
-                            .boxed()
-                            .shared();
-                    table.insert_whole(blob, fut.clone());
-                    fut
-                }
+            if self.store.is_complete(&file.entry) {
+                // Complete from chunks of another entry, never checked whole: no byte of it
+                // is served before it is (`check.rs`).
+                None
+            } else {
+                Some(match table.whole(blob) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let this = self.clone();
+                        let file = file.clone();
+                        let task = self.rt.spawn(async move {
+                            let r = this.fetch_whole(&file).await;
+                            let mut table = this.table();
+                            if let Err(e) = &r
+                                && !matches!(e, FetchError::Evicted)
+                            {
+                                table.remember_failure(key, e, this.cfg.cooldown());
+                            }
+                            table.finish(key);
+                            drop(table);
+                            r
+                        });
+                        let fut =
+                            async move { task.await.unwrap_or_else(|e| Err(FetchError::join(e))) }
+                                .boxed()
+                                .shared();
+                        table.insert_whole(blob, fut.clone());
+                        fut
+                    }
+                })
             }
         };
-        shared.await
+        match shared {
+            Some(shared) => shared.await,
+            None => self.check_whole(file).await,
+        }
     }
 
     /// Fetches chunks `idx` of a whole-only file from `src` in parallel and writes them,

@@ -117,7 +117,9 @@ impl FsError {
                 | FetchError::ReadBlob { .. }
                 | FetchError::Store(_)
                 | FetchError::TooLargeForMemory { .. }
-                | FetchError::Join(_),
+                | FetchError::Join(_)
+                // As a corrupt chunk's: the bytes are known bad, and no errno says so better.
+                | FetchError::Refused { .. },
             ) => libc::EIO,
             FsError::Fetch(
                 FetchError::Evicted
@@ -337,6 +339,9 @@ impl ModelFs {
             Some(s) if self.passthrough && f.entry.size > 0 => store.open_complete_ro(&s.entry),
             _ => None,
         };
+        // A complete blob never checked whole (a cache older than the check) is checked now,
+        // in the background; until then it is served by the daemon, not passed through.
+        self.fetcher.check_in_background(&f);
         store.opened(f.entry.sha256);
         Ok(Opened {
             fh,

@@ -118,13 +118,14 @@ impl Store {
         Ok((size, range, file))
     }
 
-    /// A fresh read-only handle on a complete blob (for FUSE passthrough), or None.
+    /// A fresh read-only handle on a complete, whole-checked blob (for FUSE passthrough), or
+    /// None: the kernel reads it directly, so nothing would stop a refused byte after.
     pub fn open_complete_ro(&self, f: &FileEntry) -> Option<File> {
         let mut blobs = self.blobs.lock();
         let st = blobs
             .get_mut(&f.sha256)
             .filter(|s| s.layout == f.layout())?;
-        if !st.complete() {
+        if !st.complete() || !st.whole_checked {
             return None;
         }
         st.touch();

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::chunk::{Digest, Layout, LayoutKind};
 
 /// Bumped when the schema changes; pinned by a test. Versions 1 (no `head_size`) and 2 (no
-/// `layout`) are migrated in place at open.
+/// `layout`, no `whole_checked`) are migrated in place at open.
 pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS blobs (
     head_size   INTEGER NOT NULL DEFAULT 0,
     layout      INTEGER NOT NULL DEFAULT 0,
     created     INTEGER NOT NULL,
-    last_access INTEGER NOT NULL
+    last_access INTEGER NOT NULL,
+    whole_checked INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS chunks (
     blob   TEXT NOT NULL,
@@ -53,6 +54,14 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS refused (
+    digest TEXT PRIMARY KEY,
+    entry  TEXT NOT NULL,
+    actual TEXT NOT NULL,
+    model  TEXT NOT NULL,
+    file   TEXT NOT NULL,
+    ts     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS storage_samples (
     ts    INTEGER PRIMARY KEY,
     used  INTEGER NOT NULL,
@@ -96,8 +105,23 @@ pub struct BlobRow {
     pub digest: Digest,
     pub layout: Layout,
     pub last_access: u64,
+    /// The complete blob's whole-file sha256 was checked against its name.
+    pub whole_checked: bool,
     /// (index, digest) of every present chunk.
     pub chunks: Vec<(u64, Digest)>,
+}
+
+/// A blob refused by its whole-file check: the manifest entry (`entry`, a fingerprint of its
+/// layout and chunk digests) whose chunks verified but whose bytes hash to `actual`, not to
+/// the sha256 that names them (see `store/checked.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedRow {
+    pub digest: Digest,
+    pub entry: Digest,
+    pub actual: Digest,
+    pub model: String,
+    pub file: String,
+    pub ts: u64,
 }
 
 pub struct Index {
@@ -202,7 +226,8 @@ impl Index {
             }
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
             // Version 1 had uniform chunks only: every blob's head is its chunk size (0).
-            // Versions 1 and 2 had the head grid only (`LayoutKind::Head`, code 0).
+            // Versions 1 and 2 had the head grid only (`LayoutKind::Head`, code 0), and never
+            // checked a whole file: every blob is checked again once.
             Some(v) if v == "1" || v == "2" => {
                 let head = match v.as_str() {
                     "1" => "ALTER TABLE blobs ADD COLUMN head_size INTEGER NOT NULL DEFAULT 0;",
@@ -212,6 +237,7 @@ impl Index {
                     "BEGIN;
                      {head}
                      ALTER TABLE blobs ADD COLUMN layout INTEGER NOT NULL DEFAULT 0;
+                     ALTER TABLE blobs ADD COLUMN whole_checked INTEGER NOT NULL DEFAULT 0;
                      UPDATE meta SET value = '3' WHERE key = 'schema_version';
                      COMMIT;",
                 ))
@@ -241,7 +267,10 @@ impl Index {
         let conn = self.conn.lock().unwrap();
         let mut blobs = Vec::new();
         let mut stmt = conn
-            .prepare("SELECT digest, size, chunk_size, head_size, last_access, layout FROM blobs")
+            .prepare(
+                "SELECT digest, size, chunk_size, head_size, last_access, layout, whole_checked \
+                 FROM blobs",
+            )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -252,11 +281,12 @@ impl Index {
                     r.get::<_, i64>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (d, size, cs, head, la, kind) = row.map_err(|e| self.err(e))?;
+            let (d, size, cs, head, la, kind, checked) = row.map_err(|e| self.err(e))?;
             let Ok(digest) = d.parse() else { continue };
             let (cs, head) = (cs as u64, head as u64);
             let head = if head == 0 { cs } else { head };
@@ -271,6 +301,7 @@ impl Index {
                 digest,
                 layout: Layout::of(kind, size as u64, cs, head),
                 last_access: la as u64,
+                whole_checked: checked != 0,
                 chunks: Vec::new(),
             });
         }
@@ -323,7 +354,7 @@ impl Index {
                 tx.execute("DELETE FROM chunks WHERE blob = ?1", [&hex])
                     .map_err(|e| self.err(e))?;
                 tx.execute(
-                    "UPDATE blobs SET size = ?2, chunk_size = ?3, head_size = ?4, layout = ?5 WHERE digest = ?1",
+                    "UPDATE blobs SET size = ?2, chunk_size = ?3, head_size = ?4, layout = ?5, whole_checked = 0 WHERE digest = ?1",
                     params![hex, size, cs, head, kind],
                 )
                 .map_err(|e| self.err(e))?;
@@ -374,15 +405,96 @@ impl Index {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// Forgets one chunk (found corrupt).
+    /// Forgets one chunk (found corrupt); the blob is no longer whole-checked.
     pub fn forget_chunk(&self, blob: Digest, idx: u64) -> Result<(), IndexError> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
             "DELETE FROM chunks WHERE blob = ?1 AND idx = ?2",
             params![blob.to_hex(), idx as i64],
         )
         .map_err(|e| self.err(e))?;
+        tx.execute(
+            "UPDATE blobs SET whole_checked = 0 WHERE digest = ?1",
+            [blob.to_hex()],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Records that a complete blob's whole-file sha256 was checked and matched.
+    pub fn set_whole_checked(&self, blob: Digest) -> Result<(), IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "UPDATE blobs SET whole_checked = 1 WHERE digest = ?1",
+            [blob.to_hex()],
+        )
+        .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    /// Records a refused blob (replacing an earlier refusal of the same digest).
+    pub fn add_refused(&self, r: &RefusedRow) -> Result<(), IndexError> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "INSERT OR REPLACE INTO refused (digest, entry, actual, model, file, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                r.digest.to_hex(),
+                r.entry.to_hex(),
+                r.actual.to_hex(),
+                r.model,
+                r.file,
+                r.ts as i64
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Forgets a blob's refusal; whether there was one.
+    pub fn remove_refused(&self, blob: Digest) -> Result<bool, IndexError> {
+        let conn = self.conn.lock().unwrap();
+        let n = conn
+            .execute("DELETE FROM refused WHERE digest = ?1", [blob.to_hex()])
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+
+    /// Every refused blob.
+    pub fn refused(&self) -> Result<Vec<RefusedRow>, IndexError> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT digest, entry, actual, model, file, ts FROM refused")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (d, entry, actual, model, file, ts) = row.map_err(|e| self.err(e))?;
+            // A row that does not parse refuses nothing: it is skipped.
+            if let (Ok(digest), Ok(entry), Ok(actual)) = (d.parse(), entry.parse(), actual.parse())
+            {
+                out.push(RefusedRow {
+                    digest,
+                    entry,
+                    actual,
+                    model,
+                    file,
+                    ts: ts as u64,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Digests of a blob's present chunks, as recorded at commit.
@@ -559,6 +671,8 @@ mod tests {
         assert_eq!(SCHEMA_VERSION, 3);
         assert!(SCHEMA.contains("PRIMARY KEY (blob, idx)"));
         assert!(SCHEMA.contains("head_size   INTEGER NOT NULL DEFAULT 0"));
+        assert!(SCHEMA.contains("whole_checked INTEGER NOT NULL DEFAULT 0"));
+        assert!(SCHEMA.contains("CREATE TABLE IF NOT EXISTS refused ("));
         assert!(SCHEMA.contains("layout      INTEGER NOT NULL DEFAULT 0"));
         assert_eq!(
             LayoutKind::Head.code(),
@@ -577,8 +691,12 @@ mod tests {
         let b = Digest::of(b"old");
         {
             let c = Connection::open(&p).unwrap();
-            c.execute_batch(&SCHEMA.replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", ""))
-                .unwrap();
+            c.execute_batch(
+                &SCHEMA
+                    .replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", "")
+                    .replace(",\n    whole_checked INTEGER NOT NULL DEFAULT 0", ""),
+            )
+            .unwrap();
             c.execute_batch(&format!(
                 "INSERT INTO meta VALUES ('schema_version', '2');
                  INSERT INTO blobs (digest, size, chunk_size, head_size, created, last_access)
@@ -617,7 +735,8 @@ mod tests {
             let c = Connection::open(&p).unwrap();
             let v1 = SCHEMA
                 .replace("    head_size   INTEGER NOT NULL DEFAULT 0,\n", "")
-                .replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", "");
+                .replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", "")
+                .replace(",\n    whole_checked INTEGER NOT NULL DEFAULT 0", "");
             c.execute_batch(&v1).unwrap();
             c.execute_batch(&format!(
                 "INSERT INTO meta VALUES ('schema_version', '1');
@@ -633,6 +752,44 @@ mod tests {
         assert_eq!(rows[0].layout, Layout::new(100, 10));
         assert_eq!(rows[0].chunks, vec![(3, Digest::of(b"c3"))]);
         assert!(!ix.upsert_blob(b, Layout::new(100, 10)).unwrap());
+        drop(ix);
+        assert!(Index::open(&p).is_ok(), "the migration is not repeated");
+    }
+
+    /// A version-2 cache opens with every blob not yet whole-checked, and keeps its chunks.
+    #[test]
+    fn version_2_index_is_migrated_unchecked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("i.sqlite");
+        let b = Digest::of(b"v2");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                &SCHEMA
+                    .replace("    layout      INTEGER NOT NULL DEFAULT 0,\n", "")
+                    .replace(",\n    whole_checked INTEGER NOT NULL DEFAULT 0", ""),
+            )
+            .unwrap();
+            c.execute_batch(&format!(
+                "INSERT INTO meta VALUES ('schema_version', '2');
+                 INSERT INTO blobs (digest, size, chunk_size, head_size, created, last_access)
+                     VALUES ('{b}', 100, 10, 10, 0, 0);
+                 INSERT INTO chunks VALUES ('{b}', 3, '{}');",
+                Digest::of(b"c3")
+            ))
+            .unwrap();
+        }
+        let ix = Index::open(&p).unwrap();
+        let rows = ix.load().unwrap();
+        assert!(!rows[0].whole_checked);
+        assert_eq!(rows[0].chunks, vec![(3, Digest::of(b"c3"))]);
+        ix.set_whole_checked(b).unwrap();
+        assert!(ix.load().unwrap()[0].whole_checked);
+        ix.forget_chunk(b, 3).unwrap();
+        assert!(
+            !ix.load().unwrap()[0].whole_checked,
+            "a dropped chunk kept the check"
+        );
         drop(ix);
         assert!(Index::open(&p).is_ok(), "the migration is not repeated");
     }

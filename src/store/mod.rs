@@ -22,7 +22,8 @@
 //!
 //! Submodules: `open` (opening a cache: lock, broken or read-only index, reconcile),
 //! `presence` (the per-blob bitmap readers consult), `blob` (blob file I/O), `commit` (group
-//! commit: the queue of written chunks, sync, index, bits), `unverified` (whole-only files
+//! commit: the queue of written chunks, sync, index, bits), `checked` (the whole-file check of
+//! complete blobs, and the blobs it refused), `unverified` (whole-only files
 //! written first and verified whole), `adopt` (blob files the index does not list, orphans),
 //! `index` (SQLite, the only rusqlite user), `gc` (which blobs a GC removes).
 //! This file holds `Store`, its locks and the operations that change presence.
@@ -36,12 +37,13 @@
 //! 3. `blobs`: presence, taken by every cache hit; held for no I/O but opening a blob file
 //!    that exists (and unlinking an orphan);
 //! 4. leaves, never held while taking another: `fds`, `opens`, `suspect`, `unforgotten`,
-//!    `unverified`. The index's connection and the group commit's queue are leaves too
+//!    `unverified`, `refused`. The index's connection and the group commit's queue are leaves too
 //!    (untracked: a `Condvar` needs the plain mutex); the group commit takes `writer` only
 //!    after letting its queue go.
 
 mod adopt;
 mod blob;
+mod checked;
 mod commit;
 pub mod gc;
 pub mod index;
@@ -65,6 +67,7 @@ use index::{Index, IndexError};
 use presence::BlobState;
 
 pub use adopt::AdoptReport;
+pub use checked::{CheckToken, Refusal, WholeCheck, entry_fingerprint};
 pub use index::now_secs;
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +176,10 @@ pub struct Store {
     /// only if this did not move meanwhile, so unverified bytes written over what it verified
     /// (a whole-file fetch racing an index rebuild) are never marked present.
     unverified: OrderedMutex<HashMap<Digest, u64>>,
+    /// Blobs refused by their whole-file check, by sha256, with the entry refused
+    /// (`checked.rs`); `refused_any` lets a read skip the lock while there is none.
+    refused: OrderedMutex<HashMap<Digest, Refusal>>,
+    refused_any: std::sync::atomic::AtomicBool,
     /// Present bytes of every blob, kept as a running total (changed with the bits, under
     /// `blobs`): `used_bytes` at no cost, and a commit can tell it crossed auto GC's threshold.
     used: AtomicU64,
@@ -336,19 +343,9 @@ impl Store {
         Ok(self.is_complete(f))
     }
 
-    /// index rows first, then the in-memory bits readers look at.
-    fn mark(
-        &self,
-        f: &FileEntry,
-        generation: u64,
-        chunks: &[(u64, Digest)],
-    ) -> Result<(), StoreError> {
-        // Under `writer` the blob cannot be evicted between the check and the bits.
-        let _w = self.writer.lock();
-        self.mark_locked(f, generation, chunks)
-    }
-
-    /// [`Store::mark`] with `writer` held by the caller.
+    /// Marks chunks present: index rows first, then the in-memory bits readers look at.
+    /// Under `writer`, held by the caller, so the blob cannot be evicted between the check
+    /// and the bits.
     fn mark_locked(
         &self,
         f: &FileEntry,

@@ -113,6 +113,8 @@ impl Store {
                 std::collections::HashSet::new(),
             ),
             unverified: OrderedMutex::new(lock_order::STORE_UNVERIFIED, HashMap::new()),
+            refused: OrderedMutex::new(lock_order::STORE_REFUSED, HashMap::new()),
+            refused_any: std::sync::atomic::AtomicBool::new(false),
             used: AtomicU64::new(0),
             gc_threshold: AtomicU64::new(0),
             gc_wake: tokio::sync::Notify::new(),
@@ -120,6 +122,7 @@ impl Store {
             _lock: lock,
         };
         store.reconcile()?;
+        store.load_refused()?;
         Ok(store)
     }
 
@@ -167,6 +170,7 @@ impl Store {
             for (idx, _) in row.chunks {
                 st.set(idx);
             }
+            st.whole_checked = row.whole_checked && st.complete();
             self.used.fetch_add(st.bytes(), Ordering::Relaxed);
             blobs.insert(row.digest, st);
         }

@@ -27,6 +27,12 @@ pub(super) struct BlobState {
     /// The blob file was created by this process for this state: every byte in it was
     /// written by a commit of this process, so there is nothing on disk to adopt.
     pub(super) fresh: bool,
+    /// The complete blob's bytes were hashed whole and matched its name (`checked.rs`).
+    /// Cleared with any chunk: only then may it back a passthrough open or a whole-only read.
+    pub(super) whole_checked: bool,
+    /// Bumped by every chunk cleared: a whole-file check that read the file while this moved
+    /// may have hashed bytes that are no longer the blob's, and does not count.
+    pub(super) clears: u64,
 }
 
 impl BlobState {
@@ -39,6 +45,8 @@ impl BlobState {
             last_access,
             access_dirty: false,
             fresh: false,
+            whole_checked: false,
+            clears: 0,
         }
     }
     pub(super) fn has(&self, idx: u64) -> bool {
@@ -58,6 +66,8 @@ impl BlobState {
         if self.has(idx) {
             self.present[(idx / 64) as usize] &= !(1 << (idx % 64));
             self.count -= 1;
+            self.whole_checked = false;
+            self.clears += 1;
             return self.chunk_len(idx);
         }
         0

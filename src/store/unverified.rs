@@ -1,6 +1,7 @@
 //! Whole-only files in the cache: their bytes are written before they are verified
 //! (`write_unverified`, invisible to readers), then the whole blob is hashed and, if it
-//! matches, every chunk is marked present at once (`verify_whole`). Unverified writes are
+//! matches, every chunk is marked present at once (`verify_whole`), and the blob is
+//! whole-checked by construction (`checked.rs`). Unverified writes are
 //! counted per blob so an adoption racing them never marks what it read (see `adopt.rs`).
 
 use std::os::unix::fs::FileExt;
@@ -70,7 +71,10 @@ impl Store {
             .enumerate()
             .map(|(i, d)| (i as u64, d))
             .collect();
-        self.mark(f, generation, &chunks)?;
+        // Hashed whole just now: checked as it becomes complete.
+        let _w = self.writer.lock();
+        self.mark_locked(f, generation, &chunks)?;
+        self.set_checked_locked(f.sha256)?;
         Ok(actual)
     }
 }
