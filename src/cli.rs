@@ -305,10 +305,12 @@ pub enum ManifestCommand {
         /// download).
         #[arg(long, conflicts_with = "whole_only")]
         chunked: bool,
-        /// What chunk digests are taken with: blake3 (several times faster to verify where
-        /// the CPU has AVX-512 or AVX2, see docs/DESIGN-NOTES.md) or sha256. The whole-file
-        /// digest is sha256 either way.
-        #[arg(long, default_value = "blake3")]
+        /// What chunk digests are taken with: blake3-tree (BLAKE3 subtrees on the aligned
+        /// power-of-two layout, so a BLAKE3 signature of a file binds its chunk list with no
+        /// download; --chunk-size and --head-size powers of two), blake3 (each chunk hashed
+        /// alone, several times faster than sha256 where the CPU has AVX-512 or AVX2, see
+        /// docs/DESIGN-NOTES.md) or sha256. The whole-file digest is sha256 in every case.
+        #[arg(long, default_value = "blake3-tree")]
         chunk_hash: crate::chunk::ChunkHash,
     },
     /// Validate a manifest; exits non-zero listing every problem.

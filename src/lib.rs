@@ -22,7 +22,7 @@
 //!                     ▼                 ▼
 //!                manifest (+ compiled)          (models.toml, its compiled form)
 //!                     ▼
-//!                chunk (+ bufpool)              (Digest, Layout, Filler, VerifiedChunk)
+//!                chunk (+ bufpool)              (Digest, Layout, Filler, VerifiedChunk, blake3_tree_root)
 //! ```
 //! Leaves used throughout: `config`, `metrics`, `logging`, `lock_order` (the fetcher's and the
 //! store's lock order, checked in debug builds). `mount_helper` is `mount.fuse.wan`. `trust`

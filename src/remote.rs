@@ -29,11 +29,9 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::chunk::{Digest, Layout};
+use crate::chunk::{ChunkCheck, Digest};
 use crate::config::{Config, FetchConfig};
-use crate::manifest::{
-    BuildOptions, BuiltFile, SourceUrl, check_listing, head_size_from, render_entry,
-};
+use crate::manifest::{BuildOptions, BuiltFile, SourceUrl, check_listing, render_entry};
 use crate::source::{Source, SourceError, SourceRegistry};
 
 /// A file as a listing gives it.
@@ -591,10 +589,10 @@ async fn hash_one(
             } else {
                 None
             };
-            head_size_from(header, opts.chunk_size)
+            opts.head_from(header)
         }
     };
-    let layout = Layout::with_head(f.size, opts.chunk_size, head);
+    let layout = opts.layout(f.size, head);
     let mut whole = Sha256::new();
     let mut chunks = Vec::with_capacity(layout.count() as usize);
     let mut pieces = futures::stream::iter(0..layout.count())
@@ -604,7 +602,8 @@ async fn hash_one(
         whole.update(&bytes);
         // A whole-only entry lists no chunk digests: no second hash of every byte for it.
         if !opts.whole_only {
-            chunks.push(opts.chunk_hash.digest(&bytes));
+            let idx = chunks.len() as u64;
+            chunks.push(ChunkCheck::of(opts.chunk_hash, &layout, idx).digest(&bytes));
         }
         bar.inc(bytes.len() as u64);
     }

@@ -194,6 +194,16 @@ fn wrong_bytes_fall_back_to_next_source_sha256_chunks() {
     wrong_bytes_fall_back(&["--chunk-hash", "sha256"]);
 }
 
+/// The same with blake3-tree chunk digests (each chunk's BLAKE3 subtree at its offset: what
+/// `wan manifest build` writes by default).
+#[test]
+fn wrong_bytes_fall_back_to_next_source_blake3_tree_chunks() {
+    if no_fuse() {
+        return;
+    }
+    wrong_bytes_fall_back(&["--chunk-hash", "blake3-tree"]);
+}
+
 fn wrong_bytes_fall_back(build_args: &[&str]) {
     let work = workdir();
     let src = work.path().join("src");
@@ -276,6 +286,20 @@ fn one_wrong_part_of_a_chunk_fetched_in_parallel_parts_is_caught() {
     if no_fuse() {
         return;
     }
+    one_wrong_part_is_caught("blake3");
+}
+
+/// The same with blake3-tree chunks: each part hashed as subtrees at the chunk's offset in
+/// the file plus its own, joined into the chunk's subtree, not a root.
+#[test]
+fn one_wrong_part_of_a_blake3_tree_chunk_fetched_in_parallel_parts_is_caught() {
+    if no_fuse() {
+        return;
+    }
+    one_wrong_part_is_caught("blake3-tree");
+}
+
+fn one_wrong_part_is_caught(chunk_hash: &str) {
     let work = workdir();
     let src = work.path().join("src");
     let files = gen_files(&src, GEN, &[("f.bin", MIB)], 29);
@@ -293,9 +317,12 @@ fn one_wrong_part_of_a_chunk_fetched_in_parallel_parts_is_caught() {
         &src.join(GEN),
         GEN,
         &opts,
-        &["--head-size", &CS.to_string()],
+        &["--head-size", &CS.to_string(), "--chunk-hash", chunk_hash],
     );
-    assert!(entry.contains("blake3"), "{entry}");
+    assert!(
+        entry.contains(&format!("chunk_hash = \"{chunk_hash}\"")),
+        "{entry}"
+    );
     let manifest = work.path().join("models.toml");
     write_manifest(&manifest, std::slice::from_ref(&entry));
     let mut config = fault_config();

@@ -176,7 +176,8 @@ fn chunked_build_fetches_each_file_once_and_matches_a_local_build() {
     let hub = Hub::new(false);
     let cs = 1 << 20;
     let entry = stdout_ok(&hub.build(&["--chunked", "--chunk-size", &cs.to_string()]));
-    let local = manifest_build(
+    // Both with the CLI's default chunk hash, blake3-tree (the remote build names none).
+    let local = manifest_build_with(
         &hub.work.path().join("hub").join(REPO).join("resolve/main"),
         ID,
         &BuildOpts {
@@ -184,6 +185,7 @@ fn chunked_build_fetches_each_file_once_and_matches_a_local_build() {
             sources: vec![format!("hf://{REPO}@main")],
             ..BuildOpts::default()
         },
+        &["--chunk-hash", "blake3-tree"],
     );
     let (remote, local) = (manifest_files(&entry, ID), manifest_files(&local, ID));
     assert_eq!(remote.len(), local.len());

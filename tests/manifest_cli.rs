@@ -39,7 +39,8 @@ fn base_manifest(work: &Path) -> Table {
         assert_eq!(f.size, data.len() as u64, "{}: size", f.path);
         assert_eq!(f.sha256, sha256_hex(&data), "{}: sha256", f.path);
         assert_eq!(f.chunk_size, Some(CS), "{}: chunk_size", f.path);
-        // Chunk digests are BLAKE3 by default (the whole-file digest stays sha256).
+        // Chunk digests are BLAKE3 (the helpers build with `--chunk-hash blake3`; the whole-file
+        // digest stays sha256).
         let chunks: Vec<String> = data.chunks(CS as usize).map(blake3_hex).collect();
         assert_eq!(f.chunks, chunks, "{}: chunk digests", f.path);
     }
@@ -140,6 +141,28 @@ impl Expect {
 }
 
 type Breakage = (&'static str, fn(&mut Table), Expect);
+
+/// Turns `path`'s chunk digests into blake3-tree ones (each chunk's BLAKE3 subtree at its
+/// offset), as `wan manifest build` writes by default; its uniform grid of 4 KiB chunks is
+/// already aligned.
+fn to_blake3_tree(doc: &mut Table, work: &Path, path: &str) {
+    use wanfs::chunk::{ChunkCheck, ChunkHash, Layout};
+    let data = fs::read(work.join("src").join(ID).join(path)).expect("generated file");
+    let layout = Layout::new(data.len() as u64, CS);
+    let f = file(doc, path);
+    f.insert("chunk_hash".into(), "blake3-tree".into());
+    let chunks: Vec<Value> = data
+        .chunks(CS as usize)
+        .enumerate()
+        .map(|(i, c)| {
+            ChunkCheck::of(ChunkHash::Blake3Tree, &layout, i as u64)
+                .digest(c)
+                .to_hex()
+                .into()
+        })
+        .collect();
+    f.insert("chunks".into(), Value::Array(chunks));
+}
 
 fn blake3_hex(data: &[u8]) -> String {
     wanfs::chunk::ChunkHash::Blake3.digest(data).to_hex()
@@ -339,19 +362,20 @@ fn manifest_check_accepts_built_manifest() {
     );
 }
 
-/// One manifest, both chunk hashes: accepted as is, and a broken digest in a file of either
-/// hash is reported, each naming its file.
+/// One manifest, all three chunk hashes: accepted as is, and a broken digest in a file of
+/// any hash is reported, each naming its file.
 #[test]
 fn manifest_check_takes_mixed_chunk_hashes_and_reports_errors_in_either() {
     let work = workdir();
     let mut doc = base_manifest(work.path());
     to_sha256(&mut doc, work.path(), "sub/b.bin");
+    to_blake3_tree(&mut doc, work.path(), "a.bin");
     let (ok, stderr) = check(&write(work.path(), "mixed.toml", &doc));
     assert!(
         ok,
-        "a manifest mixing sha256 and blake3 chunks was refused:\n{stderr}"
+        "a manifest mixing sha256, blake3 and blake3-tree chunks was refused:\n{stderr}"
     );
-    for (path, i) in [("sub/b.bin", 0), ("c.bin", 1)] {
+    for (path, i) in [("sub/b.bin", 0), ("c.bin", 1), ("a.bin", 2)] {
         let chunks = file(&mut doc, path)
             .get_mut("chunks")
             .and_then(Value::as_array_mut)
@@ -372,6 +396,13 @@ fn manifest_check_takes_mixed_chunk_hashes_and_reports_errors_in_either() {
         ID,
         Some(&["c.bin"]),
         "chunks[1]",
+    )
+    .assert_in(&stderr);
+    Expect::new(
+        "blake3-tree file's bad digest",
+        ID,
+        Some(&["a.bin"]),
+        "chunks[2]",
     )
     .assert_in(&stderr);
 }

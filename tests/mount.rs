@@ -633,7 +633,7 @@ fn xattrs_walk_not_present_partial_complete() {
 }
 
 /// One manifest, both chunk hashes: t2v with BLAKE3 chunk digests (what `wan manifest build`
-/// writes now), i2v with sha256 ones (an entry built before). Every file reads back exactly,
+/// wrote before blake3-tree), i2v with sha256 ones (an entry built before). Every file reads back exactly,
 /// and the VAE the two ship byte-identical is still one blob, fetched once, whichever hash
 /// verified it.
 #[test]

@@ -8,7 +8,9 @@
 //!
 //! The manifest holds two models: chunked files with 4, 16 and 64 KiB chunks (1, 2 and 8
 //! request parts of 8 KiB per chunk), a whole-only file (only a whole-file sha256), an empty
-//! file, and one file listed by both models under different paths (one shared blob).
+//! file, one file listed by both models under different paths (one shared blob), and a
+//! `blake3-tree` file on the aligned layout (4, 4, 8, 16, then 32 KiB chunks, each a BLAKE3
+//! subtree at its offset, the larger ones hashed part by part as they land).
 //!
 //! Operations: reads at random offsets and lengths (some past the end of the file), sequential
 //! reads on one handle (these grow the read-ahead window), several reads at once on tokio
@@ -65,7 +67,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use wanfs::chunk::{ChunkHash, Digest, Layout};
+use wanfs::chunk::{ChunkCheck, ChunkHash, Digest, Layout};
 use wanfs::config::{Config, FetchConfig};
 use wanfs::control::{Control, GcMode, JobState, Work};
 use wanfs::daemon::Services;
@@ -96,7 +98,19 @@ struct Spec {
 
 impl Spec {
     fn layout(&self) -> Layout {
-        Layout::with_head(self.data.len() as u64, self.chunk_size, self.head)
+        let kind = self.chunk_hash().layout_kind();
+        Layout::of(kind, self.data.len() as u64, self.chunk_size, self.head)
+    }
+
+    /// The shared blob's chunks are BLAKE3, blob 5's blake3-tree, the others sha256: one
+    /// manifest, every hash.
+    fn chunk_hash(&self) -> ChunkHash {
+        match self.blob {
+            _ if self.whole_only => ChunkHash::Sha256,
+            1 => ChunkHash::Blake3,
+            5 => ChunkHash::Blake3Tree,
+            _ => ChunkHash::Sha256,
+        }
     }
 
     /// Whether one chunk is fetched in more than one request.
@@ -106,12 +120,7 @@ impl Spec {
 
     fn entry(&self) -> FileEntry {
         let layout = self.layout();
-        // The shared blob's chunks are BLAKE3, the others sha256: one manifest, both hashes.
-        let chunk_hash = if self.blob == 1 && !self.whole_only {
-            ChunkHash::Blake3
-        } else {
-            ChunkHash::Sha256
-        };
+        let chunk_hash = self.chunk_hash();
         let verification = if self.whole_only {
             Verification::Whole
         } else {
@@ -119,7 +128,8 @@ impl Spec {
                 (0..layout.count())
                     .map(|i| {
                         let r = layout.range(i);
-                        chunk_hash.digest(&self.data[r.start as usize..r.end as usize])
+                        ChunkCheck::of(chunk_hash, &layout, i)
+                            .digest(&self.data[r.start as usize..r.end as usize])
                     })
                     .collect(),
             )
@@ -209,6 +219,16 @@ fn specs() -> &'static [Spec] {
                 head: 16 * KIB,
                 whole_only: false,
                 blob: 1,
+            },
+            Spec {
+                model: 1,
+                path: "tree.bin",
+                data: bytes(5, 3 * 32_768 + 5_000),
+                chunk_size: 32 * KIB,
+                // The aligned layout of `blake3-tree`: 4, 4, 8, 16, then 32 KiB.
+                head: 4 * KIB,
+                whole_only: false,
+                blob: 5,
             },
         ]
     })

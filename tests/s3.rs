@@ -592,7 +592,8 @@ fn manifest_build_from_an_s3_prefix_matches_a_local_build() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let local = manifest_build(
+    // Both with the CLI's default chunk hash, blake3-tree (the remote build names none).
+    let local = manifest_build_with(
         &src,
         "s3b@1.0.0",
         &BuildOpts {
@@ -600,6 +601,7 @@ fn manifest_build_from_an_s3_prefix_matches_a_local_build() {
             sources: vec![url.into()],
             whole_only: false,
         },
+        &["--chunk-hash", "blake3-tree"],
     );
     let local = manifest_files(&local, "s3b@1.0.0");
     let chunked = manifest_files(

@@ -167,15 +167,14 @@ impl From<ChunkHash> for ChunkCheck {
 impl ChunkCheck {
     /// The check of chunk `idx` of a file cut as `layout`, hashed with `hash`. A
     /// `blake3-tree` chunk must be a whole subtree, which only [`LayoutKind::Aligned`]
-    /// guarantees (the manifest's rules tie the two); panics otherwise, rather than hash
-    /// against a tree the file does not have.
+    /// guarantees ([`Layout::is_tree`]; the manifest's rules tie the two); panics otherwise,
+    /// rather than hash against a tree the file does not have.
     pub fn of(hash: ChunkHash, layout: &Layout, idx: u64) -> ChunkCheck {
         if hash != ChunkHash::Blake3Tree {
             return hash.into();
         }
-        assert_eq!(
-            layout.kind,
-            LayoutKind::Aligned,
+        assert!(
+            layout.is_tree(),
             "blake3-tree chunks need the aligned layout"
         );
         ChunkCheck {
@@ -378,7 +377,10 @@ impl Layout {
         Layout::of(LayoutKind::Aligned, size, chunk_size, head)
     }
 
-    /// A layout of `kind`; panics unless [`LayoutKind::fits`] the sizes.
+    /// A layout of `kind`; panics unless [`LayoutKind::fits`] the sizes. With `head ==
+    /// chunk_size` both kinds are the uniform grid, and it is always named
+    /// [`LayoutKind::Head`]: one grid, one name, so a blob listed under `blake3-tree` and under
+    /// another hash with the same uniform chunks is one blob with one grid in the store.
     pub fn of(kind: LayoutKind, size: u64, chunk_size: u64, head: u64) -> Layout {
         assert!(chunk_size > 0, "chunk_size must be positive");
         assert!(
@@ -393,8 +395,19 @@ impl Layout {
             size,
             chunk_size,
             head,
-            kind,
+            kind: if head == chunk_size {
+                LayoutKind::Head
+            } else {
+                kind
+            },
         }
+    }
+
+    /// Whether every chunk is a whole, aligned BLAKE3 subtree, as `blake3-tree` needs: the
+    /// aligned layout, or a uniform grid of power-of-two chunks of at least 1 KiB.
+    pub fn is_tree(&self) -> bool {
+        LayoutKind::Aligned.fits(self.chunk_size, self.head)
+            && (self.kind == LayoutKind::Aligned || self.head == self.chunk_size)
     }
 
     /// Chunks of the aligned ramp before the first `chunk_size` one: the head and its
@@ -651,12 +664,18 @@ mod tests {
         );
         assert_eq!(Layout::aligned(3 * K, 4 * K, K).count(), 3);
         assert_eq!(Layout::aligned(4 * K + 1, 4 * K, K).count(), 4);
-        // head == chunk_size: the uniform grid under either kind.
+        // head == chunk_size: the uniform grid under either kind, one layout; a tree when its
+        // chunks are powers of two of at least 1 KiB.
         let (u, g) = (
             Layout::aligned(9 * K, 4 * K, 4 * K),
             Layout::new(9 * K, 4 * K),
         );
+        assert_eq!(u, g);
         assert!((0..3).all(|i| u.range(i) == g.range(i)) && u.count() == g.count());
+        assert!(g.is_tree() && a.is_tree());
+        assert!(
+            !Layout::new(9 * K, 3 * K).is_tree() && !Layout::with_head(9 * K, 4 * K, K).is_tree()
+        );
     }
 
     proptest! {

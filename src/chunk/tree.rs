@@ -10,7 +10,7 @@ use blake3::hazmat::{
     ChainingValue, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
 
-use super::{Digest, Layout, LayoutKind};
+use super::{Digest, Layout};
 
 /// The BLAKE3 hash of a file cut as `layout`, from its `blake3-tree` chunk digests `chunks`
 /// (in order), or `None` if they do not fit the layout (another count, or a layout whose
@@ -18,7 +18,7 @@ use super::{Digest, Layout, LayoutKind};
 /// no bytes. Cheap: no allocation, one BLAKE3 compression per merge (a file's chunk count
 /// less one), a recursion as deep as the tree (at most 64).
 pub fn blake3_tree_root(layout: &Layout, chunks: &[Digest]) -> Option<Digest> {
-    if layout.kind != LayoutKind::Aligned || chunks.len() as u64 != layout.count() {
+    if !layout.is_tree() || chunks.len() as u64 != layout.count() {
         return None;
     }
     match chunks {

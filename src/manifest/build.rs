@@ -1,5 +1,6 @@
 //! `wan manifest build` from a local tree: every regular file hashed in one pass (whole-file
-//! sha256, chunk digests under the chosen hash, a small first chunk where it helps) into a
+//! sha256, chunk digests under the chosen hash, `blake3-tree` by default on its aligned
+//! layout, a small first chunk where it helps) into a
 //! model's TOML entry, which is parsed back under the manifest's rules before it is printed.
 //! A name the rules refuse refuses the whole build, before anything is hashed.
 //! `remote` builds entries from the Hub or S3 with `BuiltFile` and `render_entry`.
@@ -16,7 +17,7 @@ use super::{
     DEFAULT_HEAD_SIZE, HEAD_ALIGN, MAX_CHUNK_SIZE, Manifest, ManifestError, Problem, SourceUrl,
     valid_id,
 };
-use crate::chunk::{ChunkHash, Digest};
+use crate::chunk::{ChunkCheck, ChunkHash, Digest, Layout, LayoutKind};
 
 /// Options for [`build`].
 #[derive(Clone)]
@@ -28,7 +29,8 @@ pub struct BuildOptions {
     pub sources: Vec<String>,
     /// Omit chunk digests: files are then fetched whole on first read.
     pub whole_only: bool,
-    /// What chunk digests are taken with.
+    /// What chunk digests are taken with (`blake3-tree` by default: the chunks are cut on
+    /// the aligned layout, and a BLAKE3 signature of a file binds its chunk list).
     pub chunk_hash: ChunkHash,
 }
 
@@ -78,6 +80,32 @@ impl BuildOptions {
         }
     }
 
+    /// How files of this build are cut: the aligned layout for `blake3-tree` chunks, the
+    /// head grid otherwise (a whole-only file has no chunk digests).
+    pub fn layout_kind(&self) -> LayoutKind {
+        match self.whole_only {
+            true => LayoutKind::Head,
+            false => self.chunk_hash.layout_kind(),
+        }
+    }
+
+    /// The layout of a file of `size` bytes with a first chunk of `head`.
+    pub fn layout(&self, size: u64, head: u64) -> Layout {
+        Layout::of(self.layout_kind(), size, self.chunk_size, head)
+    }
+
+    /// The first chunk a file gets when the options do not fix it ([`head_size_from`] its
+    /// safetensors header, if any): on the aligned layout, the power of two at or above it
+    /// (a 1.5 MB header: a 2 MiB head, then 2, 4, 8 MiB chunks), so the header is still one
+    /// chunk.
+    pub fn head_from(&self, safetensors_len: Option<[u8; 8]>) -> u64 {
+        let head = head_size_from(safetensors_len, self.chunk_size);
+        match self.layout_kind() {
+            LayoutKind::Head => head,
+            LayoutKind::Aligned => head.next_power_of_two().min(self.chunk_size),
+        }
+    }
+
     /// Refuses options no build can use, naming the flag (relative `local://` sources resolve
     /// against `base`).
     pub fn check(&self, base: &Path) -> anyhow::Result<()> {
@@ -97,6 +125,19 @@ impl BuildOptions {
             bail!(
                 "--head-size {h} must be 0 (none), --chunk-size, or a multiple of {HEAD_ALIGN} below it"
             );
+        }
+        if self.layout_kind() == LayoutKind::Aligned {
+            let head = self
+                .head_size
+                .filter(|h| *h != 0)
+                .unwrap_or(DEFAULT_HEAD_SIZE);
+            if !LayoutKind::Aligned.fits(self.chunk_size, head.min(self.chunk_size)) {
+                bail!(
+                    "--chunk-hash blake3-tree cuts files into aligned BLAKE3 subtrees: --chunk-size ({}) and --head-size ({head}) must be powers of two of at least {} (or build with --chunk-hash blake3)",
+                    self.chunk_size,
+                    blake3::CHUNK_LEN
+                );
+            }
         }
         for s in &self.sources {
             SourceUrl::parse(s, base).map_err(|e| anyhow::anyhow!("--source {s:?}: {e}"))?;
@@ -175,7 +216,8 @@ fn build_file(
     let full = dir.join(rel);
     let head = match opts.fixed_head() {
         Some(h) => h,
-        None => head_size_for(&full, opts.chunk_size)
+        None => safetensors_len(&full)
+            .map(|len| opts.head_from(len))
             .with_context(|| format!("reading {}", full.display()))?,
     };
     // A whole-only entry lists no chunk digests: no chunk hash of every byte for it.
@@ -273,14 +315,19 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 /// `.safetensors` file its header (8-byte length + JSON) rounded up to a multiple of it;
 /// `chunk_size` (no head) when that would not be smaller than a chunk.
 pub fn head_size_for(path: &Path, chunk_size: u64) -> std::io::Result<u64> {
-    let mut header = None;
+    Ok(head_size_from(safetensors_len(path)?, chunk_size))
+}
+
+/// A `.safetensors` file's first 8 bytes (its header's length); `None` for another file or
+/// one shorter than 8 bytes.
+fn safetensors_len(path: &Path) -> std::io::Result<Option<[u8; 8]>> {
     if path.extension().is_some_and(|e| e == "safetensors") {
         let mut len = [0u8; 8];
         if File::open(path)?.read_exact(&mut len).is_ok() {
-            header = Some(len);
+            return Ok(Some(len));
         }
     }
-    Ok(head_size_from(header, chunk_size))
+    Ok(None)
 }
 
 /// [`head_size_for`] from a safetensors file's first 8 bytes (`None`: not a safetensors file,
@@ -298,8 +345,9 @@ pub fn head_size_from(safetensors_len: Option<[u8; 8]>, chunk_size: u64) -> u64 
 }
 
 /// Returns (size, whole-file sha256, chunk digests under `hash`) in one pass over the file, the
-/// first chunk `head` bytes long and the others `chunk_size`. `hash` `None` (a whole-only
-/// entry): no chunk digests, so no second hash of every byte.
+/// first chunk `head` bytes long and the others `chunk_size` (for `blake3-tree`, the aligned
+/// layout of them). `hash` `None` (a whole-only entry): no chunk digests, so no second hash of
+/// every byte.
 pub fn hash_file(
     path: &Path,
     chunk_size: u64,
@@ -312,10 +360,22 @@ pub fn hash_file(
     let mut chunks = hash.map(|_| Vec::new());
     let mut buf = vec![0u8; chunk_size.min(64 << 20) as usize];
     let mut size = 0u64;
-    loop {
+    // A `blake3-tree` chunk is hashed as the subtree it is in a file of its size, so that
+    // size is taken before reading, and a file that then reads otherwise is an error.
+    let kind = hash.map_or(LayoutKind::Head, ChunkHash::layout_kind);
+    let expect = match hash {
+        Some(ChunkHash::Blake3Tree) => f.metadata()?.len(),
+        _ => u64::MAX,
+    };
+    let layout = Layout::of(kind, expect, chunk_size, head);
+    for idx in 0.. {
         // Fill one chunk (or the buffer) completely: chunk digests need exact boundaries.
-        let this_chunk = if size == 0 { head } else { chunk_size };
-        let mut chunk = hash.map(ChunkHash::hasher);
+        let r = layout.range(idx);
+        let this_chunk = r.end - r.start;
+        if this_chunk == 0 {
+            break;
+        }
+        let mut chunk = hash.map(|h| ChunkCheck::of(h, &layout, idx).hasher());
         let mut in_chunk = 0u64;
         while in_chunk < this_chunk {
             let want = (this_chunk - in_chunk).min(buf.len() as u64) as usize;
@@ -343,6 +403,11 @@ pub fn hash_file(
         if in_chunk < this_chunk {
             break;
         }
+    }
+    if expect != u64::MAX && (size != expect || f.read(&mut [0u8; 1])? != 0) {
+        return Err(std::io::Error::other(format!(
+            "the file changed while it was hashed ({expect} bytes, then {size} read)"
+        )));
     }
     Ok((size, Digest(whole.finalize().into()), chunks))
 }
@@ -380,6 +445,64 @@ mod tests {
         assert_eq!((w.size, w.sha256), (10, Digest::of(&[7u8; 10])));
         assert_eq!(w.verification.chunk(2).unwrap(), Digest::of(&[7u8; 2]));
     }
+    /// With `blake3-tree` (the CLI's default) files are cut on the aligned layout (a
+    /// safetensors header's head rounded up to a power of two), each chunk digest is its
+    /// subtree, and a file's chunk list merges into BLAKE3 of the file; sizes that cannot
+    /// be aligned are refused naming the flags.
+    #[test]
+    fn blake3_tree_builds_aligned_chunks_that_merge_into_each_files_blake3() {
+        use crate::chunk::blake3_tree_root;
+        let dir = tempfile::tempdir().unwrap();
+        let mib = 1usize << 20;
+        let big: Vec<u8> = (0..3 * mib + 5).map(|i| (i * 7 + i / 4093) as u8).collect();
+        std::fs::write(dir.path().join("big.bin"), &big).unwrap();
+        let mut st = (1_500_000u64).to_le_bytes().to_vec();
+        st.resize(5 * mib, 2);
+        std::fs::write(dir.path().join("m.safetensors"), &st).unwrap();
+        std::fs::write(dir.path().join("small.bin"), vec![3u8; 1000]).unwrap();
+        std::fs::write(dir.path().join("empty"), b"").unwrap();
+        let mut opts = options(4 * mib as u64);
+        opts.chunk_hash = ChunkHash::Blake3Tree;
+        let text = format!("schema_version = 1\n{}", build(dir.path(), &opts).unwrap());
+        assert!(text.contains("chunk_hash = \"blake3-tree\""), "{text}");
+        let m = Manifest::parse(&text, "b", dir.path()).unwrap();
+        let mut heads = Vec::new();
+        for f in &m.models["m@1.2.3"].files {
+            let data = std::fs::read(dir.path().join(&f.path)).unwrap();
+            let layout = f.layout();
+            let chunks = f.verification.chunks().unwrap();
+            assert_eq!(
+                blake3_tree_root(&layout, chunks),
+                Some(Digest(*blake3::hash(&data).as_bytes())),
+                "{}",
+                f.path
+            );
+            heads.push((f.path.as_str(), f.head_size, chunks.len()));
+        }
+        let m = mib as u64;
+        assert_eq!(
+            heads,
+            [
+                ("big.bin", m, 3),           // 1, 1, then 1 MiB + 5 of the 2 MiB one
+                ("empty", 4 * m, 0),         // no head where none cuts
+                ("m.safetensors", 2 * m, 3), // header 1.5 MB -> 2 MiB, 2, then 1 of 4
+                ("small.bin", 4 * m, 1),
+            ]
+        );
+        opts.chunk_size = 3 * m;
+        let e = build(dir.path(), &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("--chunk-size (3145728)") && e.contains("blake3"),
+            "{e}"
+        );
+        opts.chunk_size = 4 * m;
+        opts.head_size = Some(12288);
+        let e = build(dir.path(), &opts).unwrap_err().to_string();
+        assert!(e.contains("--head-size (12288)"), "{e}");
+        opts.head_size = Some(0);
+        assert!(!build(dir.path(), &opts).unwrap().contains("head_size"));
+    }
+
     /// By default a large file gets a 1 MiB first chunk, a safetensors file one that holds its
     /// header (rounded up to 1 MiB); the entry reads back with that grid.
     #[test]

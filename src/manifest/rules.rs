@@ -574,5 +574,8 @@ mod tests {
         );
         let e = problems(&both);
         assert!(e.contains("layout (blake3-tree or not)"), "{e}");
+        // A uniform grid is one grid under every hash: the same content may be listed both ways.
+        let uniform = entry("u", &format!("chunk_size = 4096\nchunks = [\"{d}\"]"));
+        assert!(parse(&format!("{}{uniform}", tree(3, "chunk_size = 4096", 1))).is_ok());
     }
 }

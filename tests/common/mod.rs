@@ -184,7 +184,9 @@ pub struct BuildOpts {
     pub whole_only: bool,
 }
 
-/// `wan manifest build DIR --id ID ...`: the TOML entry it prints (no `schema_version`).
+/// `wan manifest build DIR --id ID ...`: the TOML entry it prints (no `schema_version`). Chunk
+/// digests are BLAKE3 (`--chunk-hash blake3`, the form these tests were written for) unless
+/// `extra` names a `--chunk-hash` (`blake3-tree`, the CLI's default, or `sha256`).
 pub fn manifest_build(dir: &Path, id: &str, opts: &BuildOpts) -> String {
     manifest_build_with(dir, id, opts, &[])
 }
@@ -206,6 +208,9 @@ pub fn manifest_build_with(dir: &Path, id: &str, opts: &BuildOpts, extra: &[&str
     }
     if opts.whole_only {
         args.push("--whole-only".into());
+    }
+    if !extra.contains(&"--chunk-hash") {
+        args.extend(["--chunk-hash".into(), "blake3".into()]);
     }
     args.extend(extra.iter().map(|a| a.to_string()));
     let out = run_wan(&args, Duration::from_secs(60));
@@ -243,14 +248,31 @@ pub struct ManifestFile {
     pub chunk_size: Option<u64>,
     /// The first chunk's size where it differs from `chunk_size`.
     pub head_size: Option<u64>,
+    /// `chunk_hash` where given (`blake3`, `blake3-tree`; sha256 when absent).
+    pub chunk_hash: Option<String>,
     pub chunks: Vec<String>,
 }
 
 impl ManifestFile {
+    /// The layout its chunks are cut by: the aligned one for `blake3-tree`.
+    pub fn layout(&self) -> wanfs::chunk::Layout {
+        let cs = self.chunk_size.expect("a chunked file");
+        let hash: wanfs::chunk::ChunkHash = self
+            .chunk_hash
+            .as_deref()
+            .map_or(Ok(Default::default()), str::parse)
+            .expect("a known chunk_hash");
+        wanfs::chunk::Layout::of(
+            hash.layout_kind(),
+            self.size,
+            cs,
+            self.head_size.unwrap_or(cs),
+        )
+    }
+
     /// The byte range `start..end` of each chunk, the head first.
     pub fn chunk_ranges(&self) -> Vec<std::ops::Range<u64>> {
-        let cs = self.chunk_size.expect("a chunked file");
-        let layout = wanfs::chunk::Layout::with_head(self.size, cs, self.head_size.unwrap_or(cs));
+        let layout = self.layout();
         (0..layout.count()).map(|i| layout.range(i)).collect()
     }
 }
@@ -274,6 +296,10 @@ pub fn manifest_files(text: &str, id: &str) -> Vec<ManifestFile> {
                 .get("head_size")
                 .and_then(|v| v.as_integer())
                 .map(|v| v as u64),
+            chunk_hash: f
+                .get("chunk_hash")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
             chunks: f
                 .get("chunks")
                 .and_then(|v| v.as_array())
@@ -512,12 +538,15 @@ impl CacheView {
             let len = cs.min(size - off) as usize;
             let path = self.blob_path(&row.blob);
             match File::open(&path).and_then(|f| read_range_in(&f, off, len)) {
-                // Rows hold digests under the file's chunk hash: sha256 or BLAKE3.
+                // Rows hold digests under the file's chunk hash: sha256, BLAKE3, or the
+                // chunk's subtree at its place (blake3-tree).
                 Ok(bytes)
                     if bytes.len() == len
                         && (sha256_hex(&bytes) == row.digest
                             || wanfs::chunk::ChunkHash::Blake3.digest(&bytes).to_hex()
-                                == row.digest) => {}
+                                == row.digest
+                            || tree_digest(size, cs, row.idx, &bytes)
+                                .is_some_and(|d| d == row.digest)) => {}
                 Ok(bytes) => problems.push(format!(
                     "{row:?}: {} bytes on disk at {off} hash to {} (want {len} bytes)",
                     bytes.len(),
@@ -532,6 +561,18 @@ impl CacheView {
             Err(problems.join("\n"))
         }
     }
+}
+
+/// The `blake3-tree` digest of chunk `idx` (`bytes`) of a blob of `size` bytes in `cs`-byte
+/// chunks, where such chunks can be BLAKE3 subtrees.
+fn tree_digest(size: u64, cs: u64, idx: u64, bytes: &[u8]) -> Option<String> {
+    use wanfs::chunk::{ChunkCheck, ChunkHash, Layout};
+    let layout = Layout::new(size, cs);
+    layout.is_tree().then(|| {
+        ChunkCheck::of(ChunkHash::Blake3Tree, &layout, idx)
+            .digest(bytes)
+            .to_hex()
+    })
 }
 
 /// The id of generated test models.
