@@ -569,7 +569,17 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             Ok(Action::Done(ExitCode::SUCCESS))
         }
         Command::Config(ConfigCommand::Check { file }) => {
-            let checked = Config::load(&file).and_then(|c| c.with_env(std::env::vars()));
+            let checked = Config::load(&file)
+                .and_then(|c| c.with_env(std::env::vars()))
+                // `[trust]` names files: read them as the daemon will, so a missing key or a
+                // non-PEM file fails here, naming it.
+                .and_then(|c| match crate::trust::Anchors::load(&c.trust) {
+                    Ok(_) => Ok(c),
+                    Err(msg) => Err(crate::config::ConfigError::Invalid {
+                        path: file.display().to_string(),
+                        msg,
+                    }),
+                });
             // What the daemon would warn about at start: it starts, so these do not fail the
             // check.
             let token_env = checked.as_ref().map_or_else(

@@ -21,6 +21,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub peers: PeersConfig,
     pub log: crate::logging::LogConfig,
+    /// Publisher signatures accepted (`trust/policy.rs`).
+    pub trust: crate::trust::TrustConfig,
 }
 
 /// Other wanfs daemons of the fleet, asked for a chunk before the manifest's sources.
@@ -346,6 +348,8 @@ impl Config {
                 };
             } else if section == "mount" && key == "allow_other" {
                 sec.insert(key.into(), value);
+            } else if section == "trust" && key == "trusted_root" {
+                sec.insert(key.into(), toml::Value::String(raw));
             }
         }
         let cfg: Config = tree
@@ -466,6 +470,7 @@ impl Config {
         }
         self.peers.validate()?;
         self.log.validate()?;
+        self.trust.validate()?;
         Ok(())
     }
 }
@@ -484,6 +489,9 @@ pub fn override_vars() -> Vec<String> {
                 names.extend(keys.keys().map(|k| format!("{section}_{k}")));
                 if section == "mount" {
                     names.push("mount_allow_other".into());
+                }
+                if section == "trust" {
+                    names.push("trust_trusted_root".into());
                 }
             }
         }
@@ -617,6 +625,45 @@ mod tests {
         assert_eq!(c.gc.high_watermark, 0.95);
         let bad = Config::default().with_env([("WAN_FETCH_CONNECTIONS".into(), "many".into())]);
         assert!(bad.unwrap_err().to_string().contains("connections"));
+    }
+
+    #[test]
+    fn trust_section_reads_and_overrides() {
+        let c: Config = toml::from_str(
+            "[trust]\nrequire_signature = true\nkeys = [\"/k.pub\"]\n\
+             trusted_root = \"/r.json\"\n[[trust.identities]]\nidentity = \"a@b\"\n\
+             issuer = \"https://i\"\n",
+        )
+        .unwrap();
+        assert!(c.trust.require_signature);
+        assert_eq!(c.trust.identities[0].issuer, "https://i");
+        assert!(c.validate().is_ok());
+        let e = toml::from_str::<Config>("[[trust.identities]]\nidentity = \"a@b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("issuer"), "{e}");
+        let vars = [
+            ("WAN_TRUST_TRUSTED_ROOT", "/etc/wan22/root.json"),
+            ("WAN_TRUST_KEYS", r#"["/a.pub", "/b.pub"]"#),
+            (
+                "WAN_TRUST_IDENTITIES",
+                r#"[{identity = "a@b", issuer = "https://i"}]"#,
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::default().with_env(vars).unwrap();
+        assert_eq!(
+            c.trust.trusted_root.as_deref(),
+            Some(Path::new("/etc/wan22/root.json"))
+        );
+        assert_eq!(c.trust.keys.len(), 2);
+        assert_eq!(c.trust.identities.len(), 1);
+        // Identities with nothing to check them against.
+        let bad = Config::default().with_env([(
+            "WAN_TRUST_IDENTITIES".into(),
+            r#"[{identity = "a@b", issuer = "https://i"}]"#.into(),
+        )]);
+        assert!(bad.unwrap_err().to_string().contains("trusted_root"));
     }
 
     #[test]
