@@ -706,6 +706,33 @@ mod tests {
         );
         // Without a log entry, the certificate is an ordinary chain, and [trust] names no CA.
         assert_eq!(r.reason, RefusalReason::Untrusted, "{r}");
+        // The inclusion proof: a sibling hash, the root, the checkpoint's signature.
+        let r = refusal(
+            &a,
+            &entry(&|e| flip(&mut e["inclusionProof"]["hashes"][3], 0)),
+        );
+        assert_eq!(r.reason, RefusalReason::Invalid);
+        assert!(r.detail.contains("inclusion proof"), "{r}");
+        let r = refusal(
+            &a,
+            &entry(&|e| flip(&mut e["inclusionProof"]["rootHash"], 0)),
+        );
+        assert_eq!(r.reason, RefusalReason::Invalid);
+        let r = refusal(
+            &a,
+            &entry(&|e| {
+                let note = e["inclusionProof"]["checkpoint"]["envelope"]
+                    .as_str()
+                    .unwrap();
+                let (head, sig) = note.rsplit_once(' ').unwrap();
+                let mut raw = STANDARD.decode(sig.trim_end()).unwrap();
+                raw[10] ^= 1;
+                e["inclusionProof"]["checkpoint"]["envelope"] =
+                    format!("{head} {}\n", STANDARD.encode(raw)).into();
+            }),
+        );
+        assert_eq!(r.reason, RefusalReason::Invalid);
+        assert!(r.detail.contains("checkpoint"), "{r}");
         let r = refusal(
             &a,
             &edit("keyless/model.sig", |v| {
