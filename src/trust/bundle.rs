@@ -72,7 +72,21 @@ pub struct TlogEntry {
     /// The signed entry timestamp (`inclusionPromise`), absent in entries that carry only an
     /// inclusion proof.
     pub signed_entry_timestamp: Option<Vec<u8>>,
+    /// The entry's Merkle inclusion proof with the log's signed checkpoint, when present.
+    pub inclusion_proof: Option<InclusionProof>,
     pub canonicalized_body: Vec<u8>,
+}
+
+/// An entry's place in the log's Merkle tree, and the checkpoint (a signed note) naming the
+/// tree's root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InclusionProof {
+    /// The leaf's index in this tree (the log shard's own, not the entry's global index).
+    pub log_index: u64,
+    pub tree_size: u64,
+    pub root_hash: Vec<u8>,
+    pub hashes: Vec<Vec<u8>>,
+    pub checkpoint: String,
 }
 
 /// DSSE v1's pre-authentication encoding, as `model_signing`'s `pae`
@@ -180,6 +194,29 @@ impl TlogEntry {
                 .inclusion_promise
                 .map(|p| b64(&p.signed_entry_timestamp, "signedEntryTimestamp"))
                 .transpose()?,
+            inclusion_proof: raw
+                .inclusion_proof
+                .map(|p| -> Result<InclusionProof, Refusal> {
+                    let uint = |s: &StrOrInt, what: &str| {
+                        s.value()
+                            .and_then(|v| u64::try_from(v).ok())
+                            .ok_or_else(|| {
+                                Refusal::invalid(format!("inclusion proof {what} is not a count"))
+                            })
+                    };
+                    Ok(InclusionProof {
+                        log_index: uint(&p.log_index, "logIndex")?,
+                        tree_size: uint(&p.tree_size, "treeSize")?,
+                        root_hash: b64(&p.root_hash, "inclusion proof rootHash")?,
+                        hashes: p
+                            .hashes
+                            .iter()
+                            .map(|h| b64(h, "inclusion proof hash"))
+                            .collect::<Result<_, _>>()?,
+                        checkpoint: p.checkpoint.envelope,
+                    })
+                })
+                .transpose()?,
             canonicalized_body: b64(&raw.canonicalized_body, "tlog entry canonicalizedBody")?,
         })
     }
@@ -250,7 +287,24 @@ struct RawTlogEntry {
     kind_version: RawKindVersion,
     integrated_time: StrOrInt,
     inclusion_promise: Option<RawPromise>,
+    inclusion_proof: Option<RawInclusionProof>,
     canonicalized_body: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawInclusionProof {
+    log_index: StrOrInt,
+    root_hash: String,
+    tree_size: StrOrInt,
+    #[serde(default)]
+    hashes: Vec<String>,
+    checkpoint: RawCheckpoint,
+}
+
+#[derive(Deserialize)]
+struct RawCheckpoint {
+    envelope: String,
 }
 
 #[derive(Deserialize)]

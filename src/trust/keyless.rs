@@ -6,8 +6,8 @@
 //! entry's body bound to this envelope (payload hash, signature, certificate), the leaf chained
 //! to a Fulcio CA *at the logged time* (a Fulcio leaf lives ten minutes: the SET is the trusted
 //! time), and the identity (SAN + OIDC issuer extension) matched against `[trust.identities]`.
-//! Not checked: the inclusion proof against a checkpoint, the SCT of the CT log, RFC 3161
-//! timestamps (docs/DESIGN-NOTES.md, "Publisher signatures").
+//! When the entry carries an inclusion proof, it is checked too, with the checkpoint's
+//! signature. Not checked: the SCT of the CT log, RFC 3161 timestamps (docs/DESIGN-NOTES.md, "Publisher signatures").
 
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +21,7 @@ use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
 
 use super::Refusal;
-use super::bundle::{Bundle, TlogEntry};
+use super::bundle::{Bundle, InclusionProof, TlogEntry};
 use super::pki::{self, Cert, PublicKey};
 use super::policy::{Signer, TrustIdentity};
 
@@ -165,8 +165,8 @@ impl TrustedRoot {
         };
         let Some(set) = &entry.signed_entry_timestamp else {
             return Err(Refusal::unsupported(
-                "transparency log entry without a signed entry timestamp (inclusion proofs \
-                 alone are not checked)",
+                "transparency log entry without a signed entry timestamp (the only signed time \
+                 of a Rekor v1 entry, which a Fulcio certificate needs)",
             ));
         };
         log.key.verify(&set_message(entry), set).map_err(|e| {
@@ -186,8 +186,102 @@ impl TrustedRoot {
             )));
         }
         bind_body(entry, leaf, bundle)?;
+        if let Some(proof) = &entry.inclusion_proof {
+            verify_inclusion(entry, proof, log)?;
+        }
         Ok(logged)
     }
+}
+
+/// The entry is in the log: its leaf hash, chained up the proof's hashes, is the root that
+/// the log's checkpoint, signed with the log's key, names (RFC 6962 §2.1.1; the checkpoint is a
+/// signed note, as sigstore-python and sigstore-go check it). Hashing is `sha2`'s, the
+/// checkpoint's signature the log key's.
+fn verify_inclusion(
+    entry: &TlogEntry,
+    proof: &InclusionProof,
+    log: &TransparencyLog,
+) -> Result<(), Refusal> {
+    let bad = |why: String| {
+        Refusal::invalid(format!(
+            "transparency log entry {}: inclusion proof: {why}",
+            entry.log_index
+        ))
+    };
+    if proof.log_index >= proof.tree_size {
+        return Err(bad(format!(
+            "index {} outside a tree of {}",
+            proof.log_index, proof.tree_size
+        )));
+    }
+    // Hashes below the point where the leaf's path and the tree's last leaf's path part
+    // ("inner"), then those on the right border.
+    let inner = (u64::BITS - (proof.log_index ^ (proof.tree_size - 1)).leading_zeros()) as usize;
+    let border = (proof.log_index >> inner).count_ones() as usize;
+    if proof.hashes.len() != inner + border {
+        return Err(bad(format!(
+            "{} hashes where the tree needs {}",
+            proof.hashes.len(),
+            inner + border
+        )));
+    }
+    let node = |left: &[u8], right: &[u8]| -> Vec<u8> {
+        Sha256::new()
+            .chain_update([1u8])
+            .chain_update(left)
+            .chain_update(right)
+            .finalize()
+            .to_vec()
+    };
+    let mut hash = Sha256::new()
+        .chain_update([0u8])
+        .chain_update(&entry.canonicalized_body)
+        .finalize()
+        .to_vec();
+    for (i, h) in proof.hashes[..inner].iter().enumerate() {
+        hash = if (proof.log_index >> i) & 1 == 0 {
+            node(&hash, h)
+        } else {
+            node(h, &hash)
+        };
+    }
+    for h in &proof.hashes[inner..] {
+        hash = node(h, &hash);
+    }
+    if hash != proof.root_hash {
+        return Err(bad("the entry does not hash to the proof's root".into()));
+    }
+    // The signed note: "origin\nsize\nroot (base64)\n[other lines]\n\n— name base64(hint ‖ sig)\n".
+    let (note, signatures) = proof
+        .checkpoint
+        .split_once("\n\n")
+        .ok_or_else(|| bad("checkpoint is not a signed note".into()))?;
+    let mut lines = note.lines().skip(1);
+    let size = lines.next().and_then(|l| l.parse::<u64>().ok());
+    let root = lines.next().and_then(|l| STANDARD.decode(l).ok());
+    if size != Some(proof.tree_size) || root.as_deref() != Some(&proof.root_hash[..]) {
+        return Err(bad("checkpoint names another tree than the proof".into()));
+    }
+    let signed = format!("{note}\n");
+    let hint = log.key_id.get(..4);
+    let verified = signatures.lines().any(|line| {
+        let Some(sig) = line
+            .strip_prefix("\u{2014} ")
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, b)| STANDARD.decode(b).ok())
+        else {
+            return false;
+        };
+        sig.len() > 4
+            && Some(&sig[..4]) == hint
+            && log.key.verify(signed.as_bytes(), &sig[4..]).is_ok()
+    });
+    if !verified {
+        return Err(bad(
+            "checkpoint's signature does not verify with the log's key".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What Rekor signs as an entry's SET: canonical JSON (sorted keys, no spaces) of the body

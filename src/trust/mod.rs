@@ -24,7 +24,7 @@ pub mod policy;
 pub mod statement;
 
 pub use policy::{Anchors, Signed, Signer, TrustConfig, TrustIdentity};
-pub use statement::{Method, Resource, SignedHash, Statement};
+pub use statement::{Method, Resource, SignedFile, SignedHash, Statement};
 
 /// Why a model's signature was not accepted: the `reason` label of the refusal metric and the
 /// first word of the reason shown in status.

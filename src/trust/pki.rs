@@ -453,6 +453,26 @@ mod tests {
     }
 
     #[test]
+    fn every_key_kind_openssl_writes_loads() {
+        for (name, kind) in [
+            ("p256.pub", "ECDSA P-256"),
+            ("p384.pub", "ECDSA P-384"),
+            ("p521.pub", "ECDSA P-521"),
+            ("ed25519.pub", "Ed25519"),
+        ] {
+            let der = &pem_blocks(&fixture(name)).unwrap()[0].1;
+            assert_eq!(
+                PublicKey::from_spki_der(der).unwrap().kind(),
+                kind,
+                "{name}"
+            );
+        }
+        let cert = &pem_blocks(&fixture("ca/root.pem")).unwrap()[0].1;
+        let e = PublicKey::from_spki_der(cert).unwrap_err();
+        assert!(e.contains("SubjectPublicKeyInfo"), "{e}");
+    }
+
+    #[test]
     fn pem_files_with_several_blocks_and_garbage() {
         let mut text = b"# a comment\n".to_vec();
         text.extend(fixture("ca/root.pem"));

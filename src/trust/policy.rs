@@ -403,8 +403,12 @@ mod tests {
 
     #[test]
     fn key_bundles_are_accepted_with_their_key() {
-        let a = keys(&["other.pub", "p256.pub", "p384.pub"]);
-        for (sig, pubkey) in [("key-p256.sig", "p256.pub"), ("key-p384.sig", "p384.pub")] {
+        let a = keys(&["other.pub", "p256.pub", "p384.pub", "p521.pub"]);
+        for (sig, pubkey) in [
+            ("key-p256.sig", "p256.pub"),
+            ("key-p384.sig", "p384.pub"),
+            ("key-p521.sig", "p521.pub"),
+        ] {
             let signed = a.verify(&fixture(sig), SystemTime::now()).unwrap();
             let der = &pki::pem_blocks(&fixture(pubkey)).unwrap()[0].1;
             assert_eq!(
@@ -542,6 +546,43 @@ mod tests {
         assert!(r.detail.contains("https://example.com/other/v1"), "{r}");
     }
 
+    /// `model_signing` signs with EC keys only; an Ed25519 key signs the same envelope here.
+    #[test]
+    fn ed25519_keys_verify() {
+        use ed25519_dalek::Signer as _;
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        // SubjectPublicKeyInfo { id-Ed25519, BIT STRING key } (RFC 8410).
+        let mut der = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        der.extend_from_slice(sk.verifying_key().as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let pem = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &der[..])
+            .unwrap();
+        std::fs::write(dir.path().join("ed.pub"), &pem).unwrap();
+        let a = anchors(TrustConfig {
+            keys: vec![path("p256.pub"), dir.path().join("ed.pub")],
+            ..TrustConfig::default()
+        });
+        let bundle = Bundle::parse(&fixture("key-p256.sig")).unwrap();
+        let sig = sk.sign(&bundle.envelope.pae());
+        let signed = edit("key-p256.sig", |v| {
+            v["verificationMaterial"]["publicKey"]["hint"] = pki::key_fingerprint(&der[..]).into();
+            v["dsseEnvelope"]["signatures"][0]["sig"] = STANDARD.encode(sig.to_bytes()).into();
+        });
+        let ok = a.verify(&signed, SystemTime::now()).unwrap();
+        assert_eq!(
+            ok.signer,
+            Signer::Key {
+                fingerprint: pki::key_fingerprint(&der[..])
+            }
+        );
+        let bad = edit("key-p256.sig", |v| {
+            v["verificationMaterial"]["publicKey"]["hint"] = pki::key_fingerprint(&der[..]).into();
+        });
+        assert_eq!(refusal(&a, &bad).reason, RefusalReason::Invalid);
+    }
+
     #[test]
     fn certificate_bundles_chain_to_ca_roots_now() {
         let a = cas(&["ca/other-root.pem", "ca/root.pem"]);
@@ -624,6 +665,18 @@ mod tests {
         let r = refusal(&keys(&["p256.pub"]), &fixture("keyless/model.sig"));
         assert_eq!(r.reason, RefusalReason::Untrusted);
         assert!(r.detail.contains("trusted_root"), "{r}");
+
+        // The v0.2 shape: the leaf in x509CertificateChain.
+        let v02 = edit("keyless/model.sig", |v| {
+            v["mediaType"] = "application/vnd.dev.sigstore.bundle+json;version=0.2".into();
+            let m = v["verificationMaterial"].as_object_mut().unwrap();
+            let leaf = m.remove("certificate").unwrap();
+            m.insert(
+                "x509CertificateChain".into(),
+                serde_json::json!({ "certificates": [leaf] }),
+            );
+        });
+        assert_eq!(a.verify(&v02, SystemTime::now()).unwrap(), signed);
     }
 
     #[test]
@@ -653,6 +706,33 @@ mod tests {
         );
         // Without a log entry, the certificate is an ordinary chain, and [trust] names no CA.
         assert_eq!(r.reason, RefusalReason::Untrusted, "{r}");
+        // The inclusion proof: a sibling hash, the root, the checkpoint's signature.
+        let r = refusal(
+            &a,
+            &entry(&|e| flip(&mut e["inclusionProof"]["hashes"][3], 0)),
+        );
+        assert_eq!(r.reason, RefusalReason::Invalid);
+        assert!(r.detail.contains("inclusion proof"), "{r}");
+        let r = refusal(
+            &a,
+            &entry(&|e| flip(&mut e["inclusionProof"]["rootHash"], 0)),
+        );
+        assert_eq!(r.reason, RefusalReason::Invalid);
+        let r = refusal(
+            &a,
+            &entry(&|e| {
+                let note = e["inclusionProof"]["checkpoint"]["envelope"]
+                    .as_str()
+                    .unwrap();
+                let (head, sig) = note.rsplit_once(' ').unwrap();
+                let mut raw = STANDARD.decode(sig.trim_end()).unwrap();
+                raw[10] ^= 1;
+                e["inclusionProof"]["checkpoint"]["envelope"] =
+                    format!("{head} {}\n", STANDARD.encode(raw)).into();
+            }),
+        );
+        assert_eq!(r.reason, RefusalReason::Invalid);
+        assert!(r.detail.contains("checkpoint"), "{r}");
         let r = refusal(
             &a,
             &edit("keyless/model.sig", |v| {

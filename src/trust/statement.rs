@@ -234,6 +234,70 @@ impl Statement {
     }
 }
 
+/// What a statement says of one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignedFile<'a> {
+    /// `files`: the digest of the whole file.
+    Whole { digest: &'a [u8] },
+    /// `shards`: the file is `size` bytes, and `shards[i]` is the digest of bytes
+    /// `[i × shard_size, min((i + 1) × shard_size, size))`.
+    Shards { size: u64, shards: Vec<&'a [u8]> },
+}
+
+impl Statement {
+    /// The statement per file path. Under `shards`, a file's shards are gathered and must tile
+    /// it exactly (`0:s`, `s:2s`, …, the last one short or whole), else the statement is
+    /// `Invalid`. `model_signing` lists no shard for an empty file: under `shards` an empty
+    /// file of the model is absent here.
+    pub fn files(&self) -> Result<std::collections::BTreeMap<&str, SignedFile<'_>>, Refusal> {
+        use std::collections::BTreeMap;
+        let shard_size = match self.method {
+            Method::Files => {
+                return Ok(self
+                    .resources
+                    .iter()
+                    .map(|r| (r.name.as_str(), SignedFile::Whole { digest: &r.digest }))
+                    .collect());
+            }
+            Method::Shards { shard_size } => shard_size,
+        };
+        // (start, end, digest) of each shard, per path.
+        type Shard<'a> = (u64, u64, &'a [u8]);
+        let mut per_file: BTreeMap<&str, Vec<Shard>> = BTreeMap::new();
+        for r in &self.resources {
+            // `parse` checked every name.
+            if let Some((path, start, end)) = r.shard() {
+                per_file
+                    .entry(path)
+                    .or_default()
+                    .push((start, end, &r.digest));
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (path, mut shards) in per_file {
+            shards.sort_unstable_by_key(|&(start, _, _)| start);
+            let last = shards.len() - 1;
+            for (i, &(start, end, _)) in shards.iter().enumerate() {
+                let want = (i as u64).checked_mul(shard_size);
+                let whole = end.checked_sub(start) == Some(shard_size);
+                if want != Some(start) || (i < last && !whole) || end - start > shard_size {
+                    return Err(Refusal::invalid(format!(
+                        "shards of {path:?} do not tile it: {path}:{start}:{end} at position {i}                          (shard_size {shard_size})"
+                    )));
+                }
+            }
+            out.insert(
+                path,
+                SignedFile::Shards {
+                    size: shards[last].1,
+                    shards: shards.into_iter().map(|(_, _, d)| d).collect(),
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// A resource's algorithm: the hash's name, for shards suffixed `-sharded-<shard_size>`
 /// (`model_signing`'s `ShardedFileHasher`).
 fn resource_algorithm(name: &str, method: Method) -> Option<SignedHash> {
@@ -365,6 +429,37 @@ mod tests {
             digest: vec![],
         };
         assert_eq!(r.shard(), Some(("a:b.bin", 16, 32)));
+    }
+
+    #[test]
+    fn files_gathers_shards_per_file() {
+        let s = Statement::parse(&payload("shards.sig")).unwrap();
+        let files = s.files().unwrap();
+        assert_eq!(
+            files.keys().copied().collect::<Vec<_>>(),
+            ["config.json", "sub/tokenizer.txt", "weights.bin"]
+        );
+        let SignedFile::Shards { size, shards } = &files["weights.bin"] else {
+            panic!()
+        };
+        // 100 bytes of `w`: six whole shards and one of 4 bytes.
+        assert_eq!((*size, shards.len()), (100, 7));
+        assert_eq!(shards[0], Sha256::digest([b'w'; 16]).as_slice());
+        assert_eq!(shards[6], Sha256::digest([b'w'; 4]).as_slice());
+        let whole = Statement::parse(&payload("key-p256.sig")).unwrap();
+        assert!(matches!(
+            whole.files().unwrap()["weights.bin"],
+            SignedFile::Whole { digest } if digest.len() == 32
+        ));
+        // Gathered by offset, not by the order listed.
+        let mut reversed = s.clone();
+        reversed.resources.reverse();
+        assert_eq!(reversed.files().unwrap(), files);
+        // A shard left out leaves a gap.
+        let mut gap = s.clone();
+        gap.resources.retain(|r| r.name != "weights.bin:32:48");
+        let r = gap.files().unwrap_err();
+        assert!(r.detail.contains("weights.bin"), "{r}");
     }
 
     fn edit(name: &str, f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
