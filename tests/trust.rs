@@ -18,6 +18,10 @@ use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 
+/// What `wan manifest build` writes by default (the tests' helper asks for plain BLAKE3 unless
+/// told).
+const TREE: &[&str] = &["--chunk-hash", "blake3-tree"];
+
 /// Runs `cmd` in `cwd`; panics with its output if it fails.
 #[track_caller]
 fn sh(cwd: &Path, cmd: &str, args: &[&str]) -> String {
@@ -166,7 +170,7 @@ impl Lab {
 
     /// `wan manifest build DIR --id ID`'s entry, with `edit` applied to its text.
     fn add(&mut self, id: &str, dir: &Path, edit: impl FnOnce(String) -> String) {
-        let entry = manifest_build(dir, id, &BuildOpts::default());
+        let entry = manifest_build_with(dir, id, &BuildOpts::default(), TREE);
         self.entries.insert(id.into(), edit(entry));
     }
 
@@ -225,6 +229,11 @@ fn settled(m: &Mount, id: &str) -> Value {
 /// none of its bytes may be in the cache).
 #[track_caller]
 fn assert_refused(m: &Mount, id: &str, reason: &str, fetched_before: bool) {
+    let files: &[&str] = if id == "stmt-extra@1.0.0" {
+        &["a.bin"] // its entry lists no sub/b.txt
+    } else {
+        &["a.bin", "sub/b.txt"]
+    };
     let s = settled(m, id);
     assert_eq!(s["state"], "UNTRUSTED", "{id}: {s:#}\n{}", m.log());
     assert_eq!(s["trust"]["reason"], reason, "{id}: {s:#}");
@@ -232,17 +241,14 @@ fn assert_refused(m: &Mount, id: &str, reason: &str, fetched_before: bool) {
         s["trust"]["detail"].as_str().is_some_and(|d| !d.is_empty()),
         "{id}: a refusal says why: {s:#}"
     );
-    for (f, r) in read_all(m, id, &["a.bin", "sub/b.txt"]) {
+    for (f, r) in read_all(m, id, files) {
         match r {
             Err(e) => assert_eq!(e, libc::EACCES, "{id}/{f}: EACCES"),
             Ok(b) => panic!("{id}/{f}: {} bytes served from a refused model", b.len()),
         }
     }
     // Nothing of it was fetched: its files hold no cached byte.
-    for f in ["a.bin", "sub/b.txt"]
-        .into_iter()
-        .filter(|_| !fetched_before)
-    {
+    for f in files.iter().filter(|_| !fetched_before) {
         assert_eq!(
             cached_bytes(&m.path(&format!("{id}/{f}"))),
             0,
@@ -329,7 +335,7 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     // A digest changed in the entry: a.bin's sha256 line names the other content.
     let (good, evil) = tampered(&mut lab, "digest", 10, &["cli"]);
     let evil_sha = sha_of(
-        &manifest_build(&evil, "x@1.0.0", &BuildOpts::default()),
+        &manifest_build_with(&evil, "x@1.0.0", &BuildOpts::default(), TREE),
         "x@1.0.0",
         "a.bin",
     );
@@ -340,7 +346,7 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     // Forged chunk lists, the signed sha256 lines kept: the entry of the other content with
     // the good sha256 lines (sha256-signed: served whole-checked, so the check fails).
     let forge = |lab: &mut Lab, id: &str, good: &Path, evil: &Path| {
-        let real = manifest_build(good, "x@1.0.0", &BuildOpts::default());
+        let real = manifest_build_with(good, "x@1.0.0", &BuildOpts::default(), TREE);
         lab.add(id, evil, |mut e| {
             for f in ["a.bin", "sub/b.txt"] {
                 e = e.replace(&sha_of(&e, id, f), &sha_of(&real, "x@1.0.0", f));
