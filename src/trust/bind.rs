@@ -8,10 +8,11 @@
 //! into its BLAKE3 root (`chunk::blake3_tree_root`, a few merges per chunk); a sha256-signed
 //! file is compared by its `sha256` line and is then served whole-checked.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use super::{Method, Refusal, RefusalReason, Resource, SignedHash, Statement};
+use super::statement::SignedFile;
+use super::{Method, Refusal, RefusalReason, SignedHash, Statement};
 use crate::chunk::{ChunkHash, Digest};
 use crate::manifest::{FileEntry, Model, Verification};
 
@@ -58,51 +59,11 @@ pub fn ignored(path: &str, ignore: &[String]) -> bool {
     })
 }
 
-/// What the statement signs for one file.
-enum Signed<'a> {
-    Whole(&'a Resource),
-    Shards(Vec<(u64, u64, &'a Resource)>),
-}
-
-/// A shard resource's name, `path:start:end`.
-fn shard_name(name: &str) -> Option<(&str, u64, u64)> {
-    let mut it = name.rsplitn(3, ':');
-    let end = it.next()?.parse().ok()?;
-    let start = it.next()?.parse().ok()?;
-    Some((it.next()?, start, end))
-}
-
 /// The plan of each of `model`'s files (in its order), or why the statement does not sign
 /// this entry.
 pub fn bind(model: &Model, st: &Statement) -> Result<Vec<Plan>, Refusal> {
-    let mut signed: BTreeMap<&str, Signed> = BTreeMap::new();
-    for r in &st.resources {
-        match st.method {
-            Method::Files => {
-                if signed.insert(&r.name, Signed::Whole(r)).is_some() {
-                    return Err(refuse(
-                        RefusalReason::Invalid,
-                        format!("the statement lists {:?} twice", r.name),
-                    ));
-                }
-            }
-            Method::Shards { .. } => {
-                let Some((path, start, end)) = shard_name(&r.name) else {
-                    return Err(refuse(
-                        RefusalReason::Invalid,
-                        format!("shard {:?} is not path:start:end", r.name),
-                    ));
-                };
-                match signed
-                    .entry(path)
-                    .or_insert_with(|| Signed::Shards(Vec::new()))
-                {
-                    Signed::Shards(v) => v.push((start, end, r)),
-                    Signed::Whole(_) => unreachable!("shards statements hold only shards"),
-                }
-            }
-        }
-    }
+    // Per file, shards gathered and checked to tile it (`Statement::files` owns that).
+    let signed = st.files()?;
     let under = |p: &str| p != SIGNATURE_FILE && !ignored(p, &st.ignore_paths);
     let listed: BTreeSet<&str> = model.files.iter().map(|f| f.path.as_str()).collect();
     // A partial model is not the signed model, nor is one with a file the publisher did not
@@ -149,8 +110,13 @@ pub fn bind(model: &Model, st: &Statement) -> Result<Vec<Plan>, Refusal> {
             }
             match signed.get(f.path.as_str()) {
                 None => Ok(Plan::Whole), // an empty file of a shards statement
-                Some(Signed::Whole(r)) => plan_whole(f, r),
-                Some(Signed::Shards(v)) => plan_shards(f, v),
+                Some(SignedFile::Whole { digest }) => plan_whole(f, st.hash_type, digest),
+                Some(SignedFile::Shards { size, shards }) => {
+                    let Method::Shards { shard_size } = st.method else {
+                        unreachable!("only a shards statement has shards")
+                    };
+                    plan_shards(f, st.hash_type, shard_size, *size, shards)
+                }
             }
         })
         .collect()
@@ -196,26 +162,26 @@ fn names(v: &[&str]) -> String {
     s.join(", ")
 }
 
-fn digest_of(f: &FileEntry, r: &Resource) -> Result<Digest, Refusal> {
-    <[u8; 32]>::try_from(r.digest.as_slice())
-        .map(Digest)
-        .map_err(|_| {
-            refuse(
-                RefusalReason::Invalid,
-                format!(
-                    "file {:?}: the signed {} digest is {} bytes, not 32",
-                    f.path,
-                    r.algorithm.as_str(),
-                    r.digest.len()
-                ),
-            )
-        })
+/// A signed digest as a 32-byte `Digest` (sha256 and BLAKE3 are; `Statement` checked the
+/// length against the algorithm).
+fn digest_of(f: &FileEntry, algorithm: SignedHash, digest: &[u8]) -> Result<Digest, Refusal> {
+    <[u8; 32]>::try_from(digest).map(Digest).map_err(|_| {
+        refuse(
+            RefusalReason::Invalid,
+            format!(
+                "file {:?}: the signed {} digest is {} bytes, not 32",
+                f.path,
+                algorithm.as_str(),
+                digest.len()
+            ),
+        )
+    })
 }
 
-fn plan_whole(f: &FileEntry, r: &Resource) -> Result<Plan, Refusal> {
-    let want = digest_of(f, r)?;
-    match r.algorithm {
+fn plan_whole(f: &FileEntry, algorithm: SignedHash, digest: &[u8]) -> Result<Plan, Refusal> {
+    match algorithm {
         SignedHash::Sha256 => {
+            let want = digest_of(f, algorithm, digest)?;
             if f.sha256 != want {
                 return Err(refuse(
                     RefusalReason::Mismatch,
@@ -228,6 +194,7 @@ fn plan_whole(f: &FileEntry, r: &Resource) -> Result<Plan, Refusal> {
             Ok(Plan::Whole)
         }
         SignedHash::Blake3 => {
+            let want = digest_of(f, algorithm, digest)?;
             let Some(root) = tree_root(f) else {
                 return Err(refuse(
                     RefusalReason::Unsupported,
@@ -262,48 +229,44 @@ fn plan_whole(f: &FileEntry, r: &Resource) -> Result<Plan, Refusal> {
     }
 }
 
-fn plan_shards(f: &FileEntry, v: &[(u64, u64, &Resource)]) -> Result<Plan, Refusal> {
-    let mut v = v.to_vec();
-    v.sort_by_key(|s| s.0);
-    let mut at = 0;
-    let mut out = Vec::with_capacity(v.len());
-    for (start, end, r) in v {
-        if r.algorithm != SignedHash::Sha256 {
-            return Err(refuse(
-                RefusalReason::Unsupported,
-                format!(
-                    "file {:?} is signed as {} shards; wanfs checks sha256 shards",
-                    f.path,
-                    r.algorithm.as_str()
-                ),
-            ));
-        }
-        if start != at || end <= start {
-            return Err(refuse(
-                RefusalReason::Mismatch,
-                format!(
-                    "file {:?}: the signed shards do not tile it (a shard starts at {start}, \
-                     expected {at})",
-                    f.path
-                ),
-            ));
-        }
-        out.push(Shard {
-            start,
-            end,
-            digest: digest_of(f, r)?,
-        });
-        at = end;
+fn plan_shards(
+    f: &FileEntry,
+    algorithm: SignedHash,
+    shard_size: u64,
+    size: u64,
+    shards: &[&[u8]],
+) -> Result<Plan, Refusal> {
+    if algorithm != SignedHash::Sha256 {
+        return Err(refuse(
+            RefusalReason::Unsupported,
+            format!(
+                "file {:?} is signed as {} shards; wanfs checks sha256 shards",
+                f.path,
+                algorithm.as_str()
+            ),
+        ));
     }
-    if at != f.size {
+    if size != f.size {
         return Err(refuse(
             RefusalReason::Mismatch,
             format!(
-                "file {:?}: the signed shards cover {at} bytes, the entry says {}",
+                "file {:?}: the signed shards cover {size} bytes, the entry says {}",
                 f.path, f.size
             ),
         ));
     }
+    let out = shards
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let start = i as u64 * shard_size;
+            Ok(Shard {
+                start,
+                end: (start + shard_size).min(size),
+                digest: digest_of(f, algorithm, d)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Refusal>>()?;
     Ok(Plan::Shards(out.into()))
 }
 
@@ -324,6 +287,7 @@ fn tree_root(f: &FileEntry) -> Option<Digest> {
 mod tests {
     use super::*;
     use crate::manifest::ModelId;
+    use crate::trust::Resource;
 
     fn file(path: &str, content: &[u8]) -> FileEntry {
         FileEntry {
@@ -415,14 +379,61 @@ mod tests {
     #[test]
     fn blake2_and_a_non_tree_blake3_chunk_list_are_unsupported() {
         let m = model(vec![file("a.bin", b"aaaa")]);
-        let mut r = sha("a.bin", b"aaaa");
-        r.algorithm = SignedHash::Blake2b;
-        let e = bind(&m, &statement(Method::Files, vec![r.clone()])).unwrap_err();
+        let signed_with = |hash: SignedHash| {
+            let mut r = sha("a.bin", b"aaaa");
+            r.algorithm = hash;
+            Statement {
+                hash_type: hash,
+                ..statement(Method::Files, vec![r])
+            }
+        };
+        let e = bind(&m, &signed_with(SignedHash::Blake2b)).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Unsupported);
-        r.algorithm = SignedHash::Blake3;
-        let e = bind(&m, &statement(Method::Files, vec![r])).unwrap_err();
+        let e = bind(&m, &signed_with(SignedHash::Blake3)).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Unsupported);
         assert!(e.detail.contains("blake3-tree"), "{e}");
+    }
+
+    /// A BLAKE3-signed file binds lazily exactly when its blake3-tree chunk list merges into
+    /// the signed digest: no byte is read.
+    #[test]
+    fn a_blake3_tree_chunk_list_binds_to_the_signed_blake3_digest() {
+        let content = (0..3 * 4096 + 100)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>();
+        let mut f = file("a.bin", &content);
+        (f.chunk_size, f.head_size, f.chunk_hash) = (8192, 4096, ChunkHash::Blake3Tree);
+        let layout = f.layout();
+        let chunks: Vec<Digest> = (0..layout.count())
+            .map(|i| {
+                let r = layout.range(i);
+                f.check(i)
+                    .digest(&content[r.start as usize..r.end as usize])
+            })
+            .collect();
+        f.verification = Verification::Chunked(chunks.clone().into());
+        let signed = Statement {
+            hash_type: SignedHash::Blake3,
+            ..statement(
+                Method::Files,
+                vec![Resource {
+                    name: "a.bin".into(),
+                    algorithm: SignedHash::Blake3,
+                    digest: blake3::hash(&content).as_bytes().to_vec(),
+                }],
+            )
+        };
+        assert_eq!(
+            bind(&model(vec![f.clone()]), &signed).unwrap(),
+            vec![Plan::Lazy]
+        );
+        // A forged chunk (the signed digest kept) merges into another root.
+        let mut forged = chunks;
+        forged[2] = Digest::of(b"other");
+        f.verification = Verification::Chunked(forged.into());
+        let e = bind(&model(vec![f]), &signed).unwrap_err();
+        assert_eq!(e.reason, RefusalReason::Mismatch);
+        assert!(e.detail.contains("merges into BLAKE3"), "{e}");
     }
 
     #[test]
@@ -450,7 +461,8 @@ mod tests {
             Method::Shards { shard_size: 4 },
             vec![shard(0, 4), shard(8, 10)],
         );
-        assert_eq!(bind(&m, &gap).unwrap_err().reason, RefusalReason::Mismatch);
+        // A gap is the statement's own fault (`Statement::files` refuses it as invalid).
+        assert_eq!(bind(&m, &gap).unwrap_err().reason, RefusalReason::Invalid);
         let short = statement(
             Method::Shards { shard_size: 4 },
             vec![shard(0, 4), shard(4, 8)],
