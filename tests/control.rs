@@ -934,7 +934,7 @@ fn http_routes() {
     let hm = api.get("/health/models").expect(200);
     assert_eq!(
         hm["summary"],
-        json!({"total": 3, "complete": 0, "partial": 0, "not_present": 3, "corrupt": 0, "verifying": 0}),
+        json!({"total": 3, "complete": 0, "partial": 0, "not_present": 3, "corrupt": 0, "verifying": 0, "untrusted": 0}),
         "{hm:#}"
     );
     assert_eq!(hm["models"][T2V]["state"], "NOT_PRESENT");
