@@ -743,6 +743,16 @@ mod tests {
         assert!(r.detail.contains("not of this signature"), "{r}");
     }
 
+    /// The daemon keeps anchors and verified statements in what is in force, shared by every
+    /// thread.
+    #[test]
+    fn anchors_and_results_cross_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Anchors>();
+        shared::<Signed>();
+        shared::<Refusal>();
+    }
+
     #[test]
     fn load_names_the_file_at_fault() {
         let dir = tempfile::tempdir().unwrap();
