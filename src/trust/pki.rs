@@ -329,8 +329,9 @@ impl Cert {
 
 /// Walks from `leaf` through `intermediates` to one of `anchors`, checking each link's
 /// signature, that every issuer is a CA, and that every certificate (the anchor too) is valid
-/// at `at`. Returns the anchor reached. A link whose signature fails is `Invalid`; a chain that
-/// reaches no anchor, or a certificate outside its validity, is `Untrusted`.
+/// at `at`. Returns the anchor reached. A link within the bundle's own chain whose signature
+/// fails is `Invalid`; a chain that reaches no anchor (a CA named like an anchor but with
+/// another key included), or a certificate outside its validity, is `Untrusted`.
 pub fn verify_chain<'a>(
     leaf: &Cert,
     intermediates: &[Cert],
@@ -384,10 +385,13 @@ pub fn verify_chain<'a>(
                 )));
             }
             None => {
+                // A CA named like a trusted one, with another key: not the trusted CA.
                 if let Some(e) = link_error {
-                    return Err(Refusal::invalid(format!(
-                        "certificate {}: its signature does not verify with its CA's key: {e}",
-                        current.subject()
+                    return Err(Refusal::untrusted(format!(
+                        "certificate {} names the trusted CA {} as its issuer, but that CA's \
+                         key does not verify it: {e}",
+                        current.subject(),
+                        current.cert.tbs_certificate.issuer
                     )));
                 }
                 if intermediates

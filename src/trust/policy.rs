@@ -604,6 +604,10 @@ mod tests {
         let r = refusal(&keys(&["p256.pub"]), &fixture("cert.sig"));
         assert_eq!(r.reason, RefusalReason::Untrusted);
         assert!(r.detail.contains("ca_roots"), "{r}");
+        // A root named like the one that signed, with another key.
+        let r = refusal(&cas(&["ca/impostor-root.pem"]), &fixture("cert.sig"));
+        assert_eq!(r.reason, RefusalReason::Untrusted);
+        assert!(r.detail.contains("CN=wanfs test root"), "{r}");
 
         let r = refusal(&a, &fixture("cert-expired.sig"));
         assert_eq!(r.reason, RefusalReason::Untrusted);
@@ -741,6 +745,16 @@ mod tests {
         );
         assert_eq!(r.reason, RefusalReason::Invalid);
         assert!(r.detail.contains("not of this signature"), "{r}");
+    }
+
+    /// The daemon keeps anchors and verified statements in what is in force, shared by every
+    /// thread.
+    #[test]
+    fn anchors_and_results_cross_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Anchors>();
+        shared::<Signed>();
+        shared::<Refusal>();
     }
 
     #[test]
