@@ -186,7 +186,7 @@ impl ServicesBuilder<'_> {
             .compiled
             .unwrap_or_else(|| (Digest([0; 32]), BTreeMap::new()));
         let policy = Arc::new(crate::trust::gate::policy_of(cfg)?);
-        let trust = crate::trust::gate::trust_of(&self.manifest.models, &files, &policy, None);
+        let trust = crate::trust::gate::trust_of(&files, &policy, None);
         let in_force = InForceCell::new(InForce {
             manifest_path: self.manifest_path,
             sha256,

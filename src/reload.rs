@@ -150,8 +150,7 @@ impl Reloader {
         } else {
             Arc::new(crate::trust::gate::policy_of(&cfg)?)
         };
-        let trust =
-            crate::trust::gate::trust_of(&manifest.models, &files, &policy, Some(&now.trust));
+        let trust = crate::trust::gate::trust_of(&files, &policy, Some(&now.trust));
         Ok(InForce {
             manifest_path,
             sha256: compiled.sha256,

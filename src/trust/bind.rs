@@ -61,15 +61,14 @@ pub fn ignored(path: &str, ignore: &[String]) -> bool {
 
 /// The plan of each of `model`'s files (in its order), or why the statement does not sign
 /// this entry.
-pub fn bind(model: &Model, st: &Statement) -> Result<Vec<Plan>, Refusal> {
+pub fn bind(files: &[&FileEntry], st: &Statement) -> Result<Vec<Plan>, Refusal> {
     // Per file, shards gathered and checked to tile it (`Statement::files` owns that).
     let signed = st.files()?;
     let under = |p: &str| p != SIGNATURE_FILE && !ignored(p, &st.ignore_paths);
-    let listed: BTreeSet<&str> = model.files.iter().map(|f| f.path.as_str()).collect();
+    let listed: BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
     // A partial model is not the signed model, nor is one with a file the publisher did not
     // sign: both directions, each named.
-    let unsigned: Vec<&str> = model
-        .files
+    let unsigned: Vec<&str> = files
         .iter()
         .filter(|f| under(&f.path) && !signed.contains_key(f.path.as_str()))
         // A shards statement has no shard for an empty file: its size says all of it.
@@ -101,8 +100,7 @@ pub fn bind(model: &Model, st: &Statement) -> Result<Vec<Plan>, Refusal> {
             ),
         ));
     }
-    model
-        .files
+    files
         .iter()
         .map(|f| {
             if !under(&f.path) {
@@ -301,6 +299,10 @@ mod tests {
         }
     }
 
+    fn entries(m: &Model) -> Vec<&FileEntry> {
+        m.files.iter().collect()
+    }
+
     fn model(files: Vec<FileEntry>) -> Model {
         Model {
             id: ModelId::new("m@1.0.0").unwrap(),
@@ -342,7 +344,7 @@ mod tests {
             vec![sha("a.bin", b"aaaa"), sha("sub/b.txt", b"bb")],
         );
         assert_eq!(
-            bind(&m, &st).unwrap(),
+            bind(&entries(&m), &st).unwrap(),
             vec![Plan::Whole, Plan::Open, Plan::Open, Plan::Whole]
         );
     }
@@ -354,11 +356,11 @@ mod tests {
             Method::Files,
             vec![sha("a.bin", b"aaab"), sha("b.bin", b"bbbb")],
         );
-        let e = bind(&m, &forged).unwrap_err();
+        let e = bind(&entries(&m), &forged).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Mismatch);
         assert!(e.detail.contains("\"a.bin\""), "{e}");
         let partial = statement(Method::Files, vec![sha("a.bin", b"aaaa")]);
-        let e = bind(&m, &partial).unwrap_err();
+        let e = bind(&entries(&m), &partial).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Mismatch);
         assert!(
             e.detail.contains("not in the signed statement: \"b.bin\""),
@@ -372,7 +374,7 @@ mod tests {
                 sha("c.bin", b"c"),
             ],
         );
-        let e = bind(&m, &more).unwrap_err();
+        let e = bind(&entries(&m), &more).unwrap_err();
         assert!(e.detail.contains("not in the entry: \"c.bin\""), "{e}");
     }
 
@@ -387,9 +389,9 @@ mod tests {
                 ..statement(Method::Files, vec![r])
             }
         };
-        let e = bind(&m, &signed_with(SignedHash::Blake2b)).unwrap_err();
+        let e = bind(&entries(&m), &signed_with(SignedHash::Blake2b)).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Unsupported);
-        let e = bind(&m, &signed_with(SignedHash::Blake3)).unwrap_err();
+        let e = bind(&entries(&m), &signed_with(SignedHash::Blake3)).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Unsupported);
         assert!(e.detail.contains("blake3-tree"), "{e}");
     }
@@ -423,15 +425,12 @@ mod tests {
                 }],
             )
         };
-        assert_eq!(
-            bind(&model(vec![f.clone()]), &signed).unwrap(),
-            vec![Plan::Lazy]
-        );
+        assert_eq!(bind(&[&f], &signed).unwrap(), vec![Plan::Lazy]);
         // A forged chunk (the signed digest kept) merges into another root.
         let mut forged = chunks;
         forged[2] = Digest::of(b"other");
         f.verification = Verification::Chunked(forged.into());
-        let e = bind(&model(vec![f]), &signed).unwrap_err();
+        let e = bind(&[&f], &signed).unwrap_err();
         assert_eq!(e.reason, RefusalReason::Mismatch);
         assert!(e.detail.contains("merges into BLAKE3"), "{e}");
     }
@@ -449,7 +448,7 @@ mod tests {
             Method::Shards { shard_size: 4 },
             vec![shard(4, 8), shard(0, 4), shard(8, 10)],
         );
-        let Plan::Shards(v) = &bind(&m, &st).unwrap()[0] else {
+        let Plan::Shards(v) = &bind(&entries(&m), &st).unwrap()[0] else {
             panic!("not shards");
         };
         assert_eq!(
@@ -462,13 +461,16 @@ mod tests {
             vec![shard(0, 4), shard(8, 10)],
         );
         // A gap is the statement's own fault (`Statement::files` refuses it as invalid).
-        assert_eq!(bind(&m, &gap).unwrap_err().reason, RefusalReason::Invalid);
+        assert_eq!(
+            bind(&entries(&m), &gap).unwrap_err().reason,
+            RefusalReason::Invalid
+        );
         let short = statement(
             Method::Shards { shard_size: 4 },
             vec![shard(0, 4), shard(4, 8)],
         );
         assert!(
-            bind(&m, &short)
+            bind(&entries(&m), &short)
                 .unwrap_err()
                 .detail
                 .contains("cover 8 bytes")

@@ -17,7 +17,7 @@ use super::bind::{Plan, SIGNATURE_FILE, bind};
 use super::{Anchors, Refusal, RefusalReason};
 use crate::fetch::Fetcher;
 use crate::file_ctx::FileCtx;
-use crate::manifest::{Model, Verification};
+use crate::manifest::{ModelId, Verification};
 use crate::metrics::METRICS;
 
 /// The largest `model.sig` read: a statement lists every file, about 150 bytes each, so this
@@ -68,7 +68,7 @@ pub enum Standing {
 
 /// One model's verdict, settled once.
 pub struct ModelTrust {
-    model: Model,
+    id: ModelId,
     files: Vec<Arc<FileCtx>>,
     policy: Arc<Policy>,
     settled: OnceLock<Arc<Standing>>,
@@ -106,9 +106,9 @@ pub enum GateError {
 
 impl ModelTrust {
     /// `files` are `model`'s file contexts as in force, in the entry's order.
-    pub fn new(model: &Model, files: &[Arc<FileCtx>], policy: &Arc<Policy>) -> ModelTrust {
+    pub fn new(id: &ModelId, files: &[Arc<FileCtx>], policy: &Arc<Policy>) -> ModelTrust {
         let me = ModelTrust {
-            model: model.clone(),
+            id: id.clone(),
             files: files.to_vec(),
             policy: policy.clone(),
             settled: OnceLock::new(),
@@ -146,11 +146,11 @@ impl ModelTrust {
     }
 
     /// Whether this verdict can be kept for `model` with `files` under `policy` (a reload).
-    pub fn same(&self, model: &Model, files: &[Arc<FileCtx>], policy: &Arc<Policy>) -> bool {
+    pub fn same(&self, id: &ModelId, files: &[Arc<FileCtx>], policy: &Arc<Policy>) -> bool {
         Arc::ptr_eq(&self.policy, policy)
             && self.files.len() == files.len()
             && self.files.iter().zip(files).all(|(a, b)| Arc::ptr_eq(a, b))
-            && self.model.id == model.id
+            && self.id == *id
     }
 
     fn signature(&self) -> Option<&Arc<FileCtx>> {
@@ -304,7 +304,7 @@ impl ModelTrust {
                     .trust_refusals
                     .with_label_values(&[r.reason.as_label()])
                     .inc();
-                tracing::warn!(model = %self.model.id, reason = r.reason.as_label(),
+                tracing::warn!(model = %self.id, reason = r.reason.as_label(),
                     detail = %crate::logging::untrusted(&r.detail),
                     "model refused: a file is not what was signed");
                 let _ = self.broken.set(r.clone());
@@ -325,7 +325,7 @@ impl ModelTrust {
                 .with_label_values(&[r.reason.as_label()])
                 .inc();
             tracing::warn!(
-                model = %self.model.id,
+                model = %self.id,
                 reason = r.reason.as_label(),
                 detail = %crate::logging::untrusted(&r.detail),
                 "model refused: its signature does not let it be served"
@@ -336,7 +336,7 @@ impl ModelTrust {
                 .iter()
                 .filter(|p| matches!(p, Plan::Whole | Plan::Shards(_)))
                 .count();
-            tracing::info!(model = %self.model.id, signer = %signer, files_whole_checked = whole,
+            tracing::info!(model = %self.id, signer = %signer, files_whole_checked = whole,
                 "model signature verified");
         }
         let s = Arc::new(s);
@@ -363,14 +363,14 @@ impl ModelTrust {
             Ok(b) => b,
             Err(Fetched::Refused(r)) => return Ok(self.settle(Standing::Refused(r))),
             Err(Fetched::Unavailable(r)) => {
-                tracing::warn!(model = %self.model.id, error = %r.detail,
+                tracing::warn!(model = %self.id, error = %r.detail,
                     "model.sig could not be fetched: the model waits for it");
                 *self.unavailable.lock().unwrap() = Some(r.clone());
                 return Err(r);
             }
         };
-        let (model, files, policy) = (self.model.clone(), self.files.clone(), self.policy.clone());
-        let standing = tokio::task::spawn_blocking(move || judge(&model, &files, &policy, &bytes))
+        let (files, policy) = (self.files.clone(), self.policy.clone());
+        let standing = tokio::task::spawn_blocking(move || judge(&files, &policy, &bytes))
             .await
             .unwrap_or_else(|e| {
                 Standing::Refused(Refusal {
@@ -423,12 +423,13 @@ enum Fetched {
 }
 
 /// Verifies `bundle` under `policy` and binds it to `model`: the verdict.
-fn judge(model: &Model, files: &[Arc<FileCtx>], policy: &Policy, bundle: &[u8]) -> Standing {
+fn judge(files: &[Arc<FileCtx>], policy: &Policy, bundle: &[u8]) -> Standing {
     let signed = match policy.anchors.verify(bundle, SystemTime::now()) {
         Ok(s) => s,
         Err(r) => return Standing::Refused(r),
     };
-    let plans = match bind(model, &signed.statement) {
+    let entries: Vec<&crate::manifest::FileEntry> = files.iter().map(|f| &f.entry).collect();
+    let plans = match bind(&entries, &signed.statement) {
         Ok(p) => p,
         Err(r) => return Standing::Refused(r),
     };
@@ -469,25 +470,23 @@ pub async fn settle_all(trust: Vec<Arc<ModelTrust>>, fetcher: Arc<Fetcher>) {
         .await;
 }
 
-/// Each model's verdict under `policy`, keeping those of `prev` whose model and files did
-/// not change (a reload re-verifies only what it must).
+/// Each model's verdict under `policy` (`files`: every model's file contexts, as in force),
+/// keeping those of `prev` whose files did not change (a reload re-verifies only what it must).
 pub fn trust_of(
-    models: &std::collections::BTreeMap<crate::manifest::ModelId, Model>,
-    files: &std::collections::BTreeMap<crate::manifest::ModelId, Vec<Arc<FileCtx>>>,
+    files: &std::collections::BTreeMap<ModelId, Vec<Arc<FileCtx>>>,
     policy: &Arc<Policy>,
-    prev: Option<&std::collections::BTreeMap<crate::manifest::ModelId, Arc<ModelTrust>>>,
-) -> std::collections::BTreeMap<crate::manifest::ModelId, Arc<ModelTrust>> {
-    models
+    prev: Option<&std::collections::BTreeMap<ModelId, Arc<ModelTrust>>>,
+) -> std::collections::BTreeMap<ModelId, Arc<ModelTrust>> {
+    files
         .iter()
-        .map(|(id, m)| {
-            let fs = files.get(id).map(Vec::as_slice).unwrap_or_default();
+        .map(|(id, fs)| {
             let kept = prev
                 .and_then(|p| p.get(id))
-                .filter(|t| t.same(m, fs, policy))
+                .filter(|t| t.same(id, fs, policy))
                 .cloned();
             (
                 id.clone(),
-                kept.unwrap_or_else(|| Arc::new(ModelTrust::new(m, fs, policy))),
+                kept.unwrap_or_else(|| Arc::new(ModelTrust::new(id, fs, policy))),
             )
         })
         .collect()
