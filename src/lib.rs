@@ -26,8 +26,10 @@
 //! ```
 //! Leaves used throughout: `config`, `metrics`, `logging`, `lock_order` (the fetcher's and the
 //! store's lock order, checked in debug builds). `mount_helper` is `mount.fuse.wan`. `trust`
-//! (publisher signatures: a `model.sig` bundle checked against `[trust]`, giving the signer and
-//! the signed statement, or a refusal) is a leaf too: it knows no manifest.
+//! (publisher signatures): its verification half (a `model.sig` bundle checked against
+//! `[trust]`, giving the signer and the signed statement, or a refusal) is a leaf that knows no
+//! manifest; `trust::bind` binds a statement to an entry and `trust::gate` holds each model's
+//! verdict in what is in force, the gate `fs` and `control` pass before a read or a fetch.
 //! Where each concern lives: a chunk's life in `fetch/flight.rs` (`ChunkTable`, `FetchKey`);
 //! a control operation in `control/request.rs` (`Request`, `Response`, the handler) and
 //! `control/routes.rs` (its HTTP route); what is in force in `in_force.rs` and `reload.rs`;

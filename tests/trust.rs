@@ -496,8 +496,18 @@ fn signed_models_are_served_and_every_tampered_one_is_refused() {
     }
     // The forged sha256 chunk list binds (its sha256 lines are the signed ones), so its files
     // are fetched whole and checked: the check fails, the read fails, nothing is served.
+    let failures = m.metric("wan_integrity_failures_total");
     for (f, r) in read_all(&m, "forged-sha@1.0.0", &["a.bin", "sub/b.txt"]) {
         assert_eq!(r.map(|b| b.len()), Err(libc::EIO), "forged-sha@1.0.0/{f}");
+    }
+    // Visible: each file's whole-file check failed and was counted, and nothing of it is
+    // cached.
+    assert!(
+        m.metric("wan_integrity_failures_total") >= failures + 2.0,
+        "the failed whole-file checks are not counted"
+    );
+    for f in ["a.bin", "sub/b.txt"] {
+        assert_eq!(cached_bytes(&m.path(&format!("forged-sha@1.0.0/{f}"))), 0);
     }
     let health: Value =
         serde_json::from_str(&fs::read_to_string(m.path(".wan/health")).unwrap()).unwrap();
