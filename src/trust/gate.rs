@@ -41,11 +41,6 @@ impl Policy {
             anchors: Anchors::default(),
         }
     }
-
-    /// Whether `model.sig` files are checked at all.
-    pub fn checks(&self) -> bool {
-        self.require || !self.anchors.is_empty()
-    }
 }
 
 /// Where a model stands.
@@ -505,4 +500,113 @@ pub fn policy_of(cfg: &crate::config::Config) -> anyhow::Result<Policy> {
 /// every unchanged model's verdict, are kept).
 pub fn same_policy(now: &crate::config::Config, read: &crate::config::Config) -> bool {
     now.trust == read.trust
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{ChunkHash, Digest};
+    use crate::manifest::FileEntry;
+
+    fn files(names: &[&str]) -> Vec<Arc<FileCtx>> {
+        names
+            .iter()
+            .map(|n| {
+                Arc::new(FileCtx {
+                    model: ModelId::new("m@1.0.0").unwrap(),
+                    entry: FileEntry {
+                        path: n.to_string(),
+                        size: 4,
+                        sha256: Digest::of(n.as_bytes()),
+                        chunk_size: 4096,
+                        head_size: 4096,
+                        chunk_hash: ChunkHash::Sha256,
+                        verification: Verification::Whole,
+                    },
+                    sources: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn policy(require: bool, keys: bool) -> Arc<Policy> {
+        let mut cfg = crate::trust::TrustConfig::default();
+        if keys {
+            cfg.keys = vec![
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/trust/p256.pub"),
+            ];
+        }
+        Arc::new(Policy {
+            require,
+            anchors: Anchors::load(&cfg).unwrap(),
+        })
+    }
+
+    fn standing(sig: bool, require: bool, keys: bool) -> Option<&'static str> {
+        let names: &[&str] = if sig {
+            &["a.bin", "model.sig"]
+        } else {
+            &["a.bin"]
+        };
+        let id = ModelId::new("m@1.0.0").unwrap();
+        let t = ModelTrust::new(&id, &files(names), &policy(require, keys));
+        t.now().map(|s| match &*s {
+            Standing::Unsigned { note } => *note,
+            Standing::Refused(r) => r.reason.as_label(),
+            Standing::Trusted { .. } => "trusted",
+        })
+    }
+
+    /// What a model's verdict is before anything is fetched: only a model with `model.sig`
+    /// and anchors to check it with waits for its bundle.
+    #[test]
+    fn a_verdict_that_needs_no_bundle_is_settled_at_once() {
+        assert_eq!(standing(false, false, false), Some("no model.sig"));
+        assert_eq!(standing(false, false, true), Some("no model.sig"));
+        assert_eq!(standing(false, true, true), Some("missing"));
+        assert!(
+            standing(true, false, false)
+                .unwrap()
+                .contains("not checked")
+        );
+        assert_eq!(standing(true, true, false), Some("untrusted"));
+        assert_eq!(standing(true, false, true), None, "waits for its bundle");
+        assert_eq!(standing(true, true, true), None, "waits for its bundle");
+    }
+
+    /// A refused model lets nothing through but its bundle; an unsigned one everything.
+    #[test]
+    fn the_gate_follows_the_verdict_and_always_serves_the_bundle() {
+        let id = ModelId::new("m@1.0.0").unwrap();
+        let fs = files(&["a.bin", "model.sig"]);
+        let refused = ModelTrust::new(&id, &fs[..1], &policy(true, true));
+        assert!(
+            matches!(refused.gate_now(&fs[0]), Gate::Refused(r) if r.reason == RefusalReason::Missing)
+        );
+        let pending = ModelTrust::new(&id, &fs, &policy(false, true));
+        assert!(matches!(pending.gate_now(&fs[0]), Gate::Wait));
+        assert!(
+            matches!(pending.gate_now(&fs[1]), Gate::Serve(_)),
+            "model.sig is public"
+        );
+        let open = ModelTrust::new(&id, &fs[..1], &Arc::new(Policy::none()));
+        assert!(matches!(open.gate_now(&fs[0]), Gate::Serve(f) if Arc::ptr_eq(&f, &fs[0])));
+    }
+
+    /// A reload keeps a verdict only for the same files under the same policy.
+    #[test]
+    fn a_verdict_is_kept_only_for_the_same_files_and_policy() {
+        let id = ModelId::new("m@1.0.0").unwrap();
+        let (fs, p) = (files(&["a.bin", "model.sig"]), policy(false, true));
+        let mut all = std::collections::BTreeMap::new();
+        all.insert(id.clone(), fs.clone());
+        let first = trust_of(&all, &p, None);
+        let again = trust_of(&all, &p, Some(&first));
+        assert!(Arc::ptr_eq(&first[&id], &again[&id]));
+        let other_policy = trust_of(&all, &policy(false, true), Some(&first));
+        assert!(!Arc::ptr_eq(&first[&id], &other_policy[&id]));
+        all.insert(id.clone(), files(&["a.bin", "model.sig"]));
+        let new_files = trust_of(&all, &p, Some(&first));
+        assert!(!Arc::ptr_eq(&first[&id], &new_files[&id]));
+    }
 }
