@@ -255,15 +255,16 @@ struct RawPublicKey {
     hint: Option<String>,
 }
 
+/// `{"certificates": [{"rawBytes": …}]}`: a bundle's chain, and a trusted root's CA chain.
 #[derive(Deserialize)]
-struct RawChain {
-    certificates: Vec<RawCert>,
+pub(super) struct RawChain {
+    pub(super) certificates: Vec<RawCert>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawCert {
-    raw_bytes: String,
+pub(super) struct RawCert {
+    pub(super) raw_bytes: String,
 }
 
 #[derive(Deserialize)]
@@ -347,13 +348,7 @@ mod tests {
     use super::*;
     use crate::trust::RefusalReason;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/fixtures/trust/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
-    }
+    use crate::trust::fixture;
 
     #[test]
     fn pae_is_dsse_v1() {

@@ -416,19 +416,8 @@ struct RawLogId {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawCa {
-    cert_chain: RawCertChain,
+    cert_chain: super::bundle::RawChain,
     valid_for: Option<RawValidFor>,
-}
-
-#[derive(Deserialize)]
-struct RawCertChain {
-    certificates: Vec<RawCert>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawCert {
-    raw_bytes: String,
 }
 
 #[derive(Deserialize)]

@@ -432,13 +432,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/fixtures/trust/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap()
-    }
+    use crate::trust::fixture;
 
     #[test]
     fn fingerprint_is_model_signings_hint() {
