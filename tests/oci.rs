@@ -350,3 +350,174 @@ fn a_tar_gzip_layer_is_refused_naming_it() {
         "{err}"
     );
 }
+
+/// `tests/support/oci_token_proxy.py` in front of `reg`, on a free port, with `args`.
+struct Proxy {
+    child: Child,
+    host: String,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    fn start(reg: &Registry, args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("proxy.out");
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/oci_token_proxy.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(&reg.host)
+            .args(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the token proxy");
+        let p = Proxy {
+            child,
+            host: format!("127.0.0.1:{port}"),
+            out,
+            _dir: dir,
+        };
+        let up = common::origin::wait_until(Duration::from_secs(15), || {
+            std::net::TcpStream::connect(&p.host).is_ok()
+        });
+        assert!(up, "the token proxy did not listen on {}", p.host);
+        p
+    }
+
+    fn said(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+/// The Bearer flow: a 401 names the token realm, a token is fetched with the Basic credentials
+/// of a docker config.json, and a token that expires in the middle of a read is renewed.
+#[test]
+fn the_bearer_token_flow_and_a_token_expiring_mid_read() {
+    if no_registry() {
+        return;
+    }
+    let work = workdir();
+    let (src, weights, _) = model_dir(work.path());
+    let reg = Registry::start(None);
+    reg.push(
+        &src,
+        "models/b:v1",
+        &[("weights/model.safetensors", RAW)],
+        None,
+    );
+    let proxy = Proxy::start(
+        &reg,
+        &[
+            "--user",
+            "bob",
+            "--password",
+            "tok-pass-7",
+            "--expire-after",
+            "3",
+        ],
+    );
+    let url = format!("oci://{}/models/b:v1", proxy.host);
+    let creds = docker_config(&proxy.host, "bob", "tok-pass-7");
+    let entry = ok_stdout(build(
+        &url,
+        "b@1.0.0",
+        &["--chunk-size", "1048576"],
+        &[("DOCKER_CONFIG", creds.path())],
+    ));
+    assert!(proxy.said().contains("issued token 1"), "{}", proxy.said());
+    let wrong = docker_config(&proxy.host, "bob", "nope-nope");
+    let out = build(&url, "b@1.0.0", &[], &[("DOCKER_CONFIG", wrong.path())]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("access denied") && err.contains(&proxy.host),
+        "{err}"
+    );
+    assert!(!err.contains("nope-nope"), "{err}");
+    if no_fuse() {
+        return;
+    }
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, &[entry]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = Mount::start(
+        MountSpec::new(mnt.path(), &manifest).env("DOCKER_CONFIG", creds.path().to_str().unwrap()),
+    );
+    let all = std::fs::read(m.path("b@1.0.0/weights/model.safetensors")).expect("read");
+    assert_bytes_eq(&all, &weights, "weights through a Bearer-token registry");
+    let said = proxy.said();
+    assert!(said.contains("tokens expired"), "{said}");
+    let issued = said.matches("issued token").count();
+    assert!(issued >= 3, "a new token after the expiry: {said}");
+    assert!(
+        !m.log().contains("tok-pass-7") && !m.log().contains("tok-2"),
+        "{}",
+        m.log()
+    );
+}
+
+/// A registry (or cache) that answers a ranged blob GET with 200 and the whole blob is never
+/// served from: the read fails over to the next source, and the log says why.
+#[test]
+fn a_registry_answering_a_range_with_the_whole_blob_is_failed_over() {
+    if no_registry() || no_fuse() {
+        return;
+    }
+    let work = workdir();
+    let (src, weights, _) = model_dir(work.path());
+    let reg = Registry::start(None);
+    reg.push(
+        &src,
+        "models/r:v1",
+        &[("weights/model.safetensors", RAW)],
+        None,
+    );
+    let proxy = Proxy::start(&reg, &["--range-200"]);
+    let direct = ok_stdout(build(
+        &format!("oci://{}/models/r:v1", reg.host),
+        "r@1.0.0",
+        &["--chunked", "--chunk-size", "1048576"],
+        &[],
+    ));
+    // The proxy first, the registry second, both pinned to the same manifest.
+    let pinned = direct
+        .lines()
+        .find_map(|l| l.split('"').nth(1).filter(|u| u.starts_with("oci://")))
+        .expect("a pinned source")
+        .to_string();
+    let via_proxy = pinned.replace(&reg.host, &proxy.host);
+    let entry = direct.replace(
+        &format!("[\"{pinned}\"]"),
+        &format!("[\"{via_proxy}\", \"{pinned}\"]"),
+    );
+    assert!(entry.contains(&via_proxy), "{entry}");
+    let manifest = work.path().join("models.toml");
+    write_manifest(&manifest, &[entry]);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = Mount::start(MountSpec::new(mnt.path(), &manifest));
+    let f = m.path("r@1.0.0/weights/model.safetensors");
+    let off = (2 << 20) + 777;
+    let got = read_range(&f, off, 4096).expect("a 4 KiB read");
+    assert_bytes_eq(
+        &got,
+        &weights[off as usize..off as usize + 4096],
+        "failed over",
+    );
+    let all = std::fs::read(&f).expect("whole read");
+    assert_bytes_eq(&all, &weights, "weights, failed over");
+    assert!(
+        proxy.said().contains("answered 200 to a range"),
+        "{}",
+        proxy.said()
+    );
+    assert!(m.log().contains("does not serve ranges"), "{}", m.log());
+}
