@@ -23,6 +23,20 @@ pub struct Config {
     pub log: crate::logging::LogConfig,
     /// Publisher signatures accepted (`trust/policy.rs`).
     pub trust: crate::trust::TrustConfig,
+    pub oci: OciConfig,
+}
+
+/// `oci://` registries (`source/oci.rs`): which may be asked over plain HTTP, and where their
+/// credentials are. Names a file, never holds a secret, so `/config` may show it.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OciConfig {
+    /// Registries (`host` or `host:port`) asked over `http://`, as docker's
+    /// `insecure-registries`; loopback ones always are.
+    pub insecure_registries: Vec<String>,
+    /// A docker-style `config.json` read before `$REGISTRY_AUTH_FILE` and
+    /// `$DOCKER_CONFIG/config.json`: the daemon's own credentials.
+    pub auth_file: Option<PathBuf>,
 }
 
 /// Other wanfs daemons of the fleet, asked for a chunk before the manifest's sources.
@@ -348,7 +362,9 @@ impl Config {
                 };
             } else if section == "mount" && key == "allow_other" {
                 sec.insert(key.into(), value);
-            } else if section == "trust" && key == "trusted_root" {
+            } else if (section == "trust" && key == "trusted_root")
+                || (section == "oci" && key == "auth_file")
+            {
                 sec.insert(key.into(), toml::Value::String(raw));
             }
         }
@@ -493,6 +509,9 @@ pub fn override_vars() -> Vec<String> {
                 if section == "trust" {
                     names.push("trust_trusted_root".into());
                 }
+                if section == "oci" {
+                    names.push("oci_auth_file".into());
+                }
             }
         }
     }
@@ -561,6 +580,25 @@ pub fn unknown_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oci_section_is_set_from_the_file_and_the_environment() {
+        let c: Config = toml::from_str(
+            "[oci]\ninsecure_registries = [\"reg:5000\"]\nauth_file = \"/etc/wan22/auth.json\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.oci.insecure_registries, vec!["reg:5000".to_string()]);
+        assert_eq!(c.oci.auth_file, Some(PathBuf::from("/etc/wan22/auth.json")));
+        let c = Config::default()
+            .with_env([
+                ("WAN_OCI_AUTH_FILE".into(), "/run/auth.json".into()),
+                ("WAN_OCI_INSECURE_REGISTRIES".into(), "[\"a:1\"]".into()),
+            ])
+            .unwrap();
+        assert_eq!(c.oci.auth_file, Some(PathBuf::from("/run/auth.json")));
+        assert_eq!(c.oci.insecure_registries, vec!["a:1".to_string()]);
+        assert!(override_vars().contains(&"WAN_OCI_AUTH_FILE".to_string()));
+    }
 
     #[test]
     fn unknown_wan_variables_are_named_with_the_one_meant() {

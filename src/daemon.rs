@@ -170,7 +170,7 @@ impl ServicesBuilder<'_> {
         let cfg = &self.config;
         let store = Arc::new(Store::open(&self.cache_dir)?);
         drop_stale_sizes(&store, self.manifest)?;
-        let mut sources = SourceRegistry::new(&cfg.fetch)?;
+        let mut sources = SourceRegistry::new(&cfg.fetch)?.with_oci(cfg.oci.clone());
         if let Some(fixed) = self.sources {
             sources = sources.with_sources(fixed);
         }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! main → cli ─┬─ cmd ──────────────┐   (`wan models …`: over HTTP, or in process)
-//!             ├─ remote            │   (`wan manifest build hf://… s3://…`, over source)
+//!             ├─ remote            │   (`wan manifest build hf://… s3://… oci://…`, over source)
 //!             └─ daemon ───────────┤   (Services::builder: the one wiring; serve; run)
 //!                 ├─ reload        │   (builds the next in_force whole, swaps it)
 //!                 ├─ system        │   (mount table, sd_notify, read-ahead, malloc_trim)

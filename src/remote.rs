@@ -1,6 +1,7 @@
 //! Manifest entries built from where models live, with no local copy:
-//! `wan manifest build hf://org/repo@rev` (the Hub's tree API) and `s3://bucket/prefix`
-//! (ListObjectsV2).
+//! `wan manifest build hf://org/repo@rev` (the Hub's tree API), `s3://bucket/prefix`
+//! (ListObjectsV2) and `oci://registry/repo:tag` (the artifact's manifest: each raw layer's
+//! digest is its file's sha256; the entry pins the manifest's digest, never the tag).
 //!
 //! The Hub lists each LFS file's sha256 (`lfs.oid`) and size, so a whole-file entry needs no
 //! download: only small files stored in git (configs) are fetched and hashed. S3 lists sizes
@@ -45,7 +46,7 @@ struct Listed {
 
 /// Whether `arg` names a remote model rather than a local directory.
 pub fn is_remote(arg: &str) -> bool {
-    arg.starts_with("hf://") || arg.starts_with("s3://")
+    arg.starts_with("hf://") || arg.starts_with("s3://") || arg.starts_with("oci://")
 }
 
 /// Builds the entry for the model at `url`. `opts.whole_only` is the default for remote
@@ -53,7 +54,7 @@ pub fn is_remote(arg: &str) -> bool {
 pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
     let mut opts_sources = vec![url.to_string()];
     opts_sources.extend(opts.sources.iter().cloned());
-    let opts = BuildOptions {
+    let mut opts = BuildOptions {
         sources: opts_sources,
         ..opts.clone()
     };
@@ -62,22 +63,38 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
     let parsed = SourceUrl::parse(url, base).map_err(|e| anyhow!("{url}: {e}"))?;
     // `[fetch]` as `wan mount` reads it from WAN_FETCH_* (there is no config file here): the
     // timeouts of every request below.
-    let fetch = Config::default()
+    let cfg = Config::default()
         .with_env(std::env::vars())
-        .context("reading the WAN_* variables")?
-        .fetch;
+        .context("reading the WAN_* variables")?;
+    let fetch = cfg.fetch;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let files = rt.block_on(async {
+    let (files, pinned) = rt.block_on(async {
         // One client for the listing and the bytes: the daemon's sources, as `wan mount` builds them.
-        let registry = SourceRegistry::new(&fetch)?;
-        let listed = match &parsed {
-            SourceUrl::Hf { repo, rev } => list_hf(registry.client(), repo, rev, &fetch).await?,
-            SourceUrl::S3 { bucket, prefix } => list_s3(bucket, prefix, url).await?,
-            _ => bail!("{url}: only hf:// and s3:// models can be built remotely"),
+        let registry = SourceRegistry::new(&fetch)?.with_oci(cfg.oci.clone());
+        let (listed, pinned) = match &parsed {
+            SourceUrl::Hf { repo, rev } => {
+                (list_hf(registry.client(), repo, rev, &fetch).await?, None)
+            }
+            SourceUrl::S3 { bucket, prefix } => (list_s3(bucket, prefix, url).await?, None),
+            SourceUrl::Oci {
+                registry: host,
+                repo,
+                reference,
+            } => {
+                let (listed, digest) =
+                    list_oci(registry.client(), &cfg.oci, host, repo, reference, url).await?;
+                let pinned = SourceUrl::Oci {
+                    registry: host.clone(),
+                    repo: repo.clone(),
+                    reference: digest,
+                };
+                (listed, Some(pinned))
+            }
+            _ => bail!("{url}: only hf://, s3:// and oci:// models can be built remotely"),
         };
         if listed.is_empty() {
             bail!("{url} lists no files");
@@ -89,9 +106,14 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
             url,
             listed.iter().map(|f| (f.path.as_str(), f.size)),
         )?;
-        let handle = registry.get(&parsed);
-        hash_all(&*handle.source, url, listed, &opts, &fetch).await
+        // The bytes of the artifact listed, not of whatever the tag names by now.
+        let handle = registry.get(pinned.as_ref().unwrap_or(&parsed));
+        let files = hash_all(&*handle.source, url, listed, &opts, &fetch).await?;
+        Ok((files, pinned))
     })?;
+    if let Some(pinned) = pinned {
+        opts.sources[0] = pinned.to_string();
+    }
     render_entry(&opts.id, &opts.sources, files, base)
 }
 
@@ -407,6 +429,51 @@ fn next_link(header: &str) -> Option<String> {
 
 /// `s3://bucket/prefix` by ListObjectsV2 (the client's own timeouts: 5 s to connect, 30 s an
 /// answer), retried while the server throttles or fails for a moment.
+/// An OCI artifact's files, from its manifest alone, and the manifest's digest. A packed
+/// layer is refused, naming it: only raw layers are served yet.
+async fn list_oci(
+    client: &reqwest::Client,
+    cfg: &crate::config::OciConfig,
+    host: &str,
+    repo: &str,
+    reference: &str,
+    url: &str,
+) -> anyhow::Result<(Vec<Listed>, String)> {
+    let source = crate::source::oci::OciSource::new(client.clone(), cfg, host, repo, reference);
+    let mut attempt = 0;
+    let resolved = loop {
+        attempt += 1;
+        match source.resolve().await {
+            Ok(r) => break r,
+            Err(e) if e.flaky() && attempt < LIST_ATTEMPTS => {
+                let wait = backoff(attempt);
+                eprintln!(
+                    "resolving {url}: {e}; retrying in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => bail!("resolving {url}: {e} ({})", source.asked_as().await),
+        }
+    };
+    let mut listed = Vec::with_capacity(resolved.layers.len());
+    for l in &resolved.layers {
+        if let Some(kind) = l.packed() {
+            bail!("{url}: {}", l.refusal(kind));
+        }
+        let hex = l.sha256_hex().unwrap_or_default();
+        listed.push(Listed {
+            path: l.path.clone(),
+            size: l.size,
+            sha256: Some(
+                hex.parse()
+                    .map_err(|_| anyhow!("{url}: layer {} is not a sha256 digest", l.digest))?,
+            ),
+        });
+    }
+    Ok((listed, resolved.digest.clone()))
+}
+
 async fn list_s3(bucket: &str, prefix: &str, url: &str) -> anyhow::Result<Vec<Listed>> {
     let source = crate::source::S3Source::new(bucket, prefix);
     for attempt in 1.. {

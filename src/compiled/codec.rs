@@ -159,6 +159,16 @@ pub(super) fn encode(
                     me.str(bucket);
                     me.str(prefix);
                 }
+                SourceUrl::Oci {
+                    registry,
+                    repo,
+                    reference,
+                } => {
+                    me.u8(4);
+                    me.str(registry);
+                    me.str(repo);
+                    me.str(reference);
+                }
             }
         }
         me.u32(m.files.len() as u32);
@@ -363,6 +373,11 @@ fn decode(
                 3 => SourceUrl::S3 {
                     bucket: d.str()?,
                     prefix: d.str()?,
+                },
+                4 => SourceUrl::Oci {
+                    registry: d.str()?,
+                    repo: d.str()?,
+                    reference: d.str()?,
                 },
                 _ => return Err(Malformed("a source kind")),
             });

@@ -175,6 +175,13 @@ pub enum SourceUrl {
     Hf { repo: String, rev: String },
     /// `s3://bucket/prefix`.
     S3 { bucket: String, prefix: String },
+    /// `oci://registry[:port]/repo@sha256:…` or `oci://registry/repo:tag`: an OCI artifact,
+    /// one layer per file (`source/oci.rs`). `reference` is the digest or the tag.
+    Oci {
+        registry: String,
+        repo: String,
+        reference: String,
+    },
 }
 
 impl SourceUrl {
@@ -220,11 +227,66 @@ impl SourceUrl {
                 prefix: prefix.trim_matches('/').into(),
             });
         }
+        if let Some(rest) = url.strip_prefix("oci://") {
+            return parse_oci(rest);
+        }
         Err(
-            "unknown source scheme (want local://, file://, http://, https://, hf://, s3://)"
+            "unknown source scheme (want local://, file://, http://, https://, hf://, s3://, oci://)"
                 .into(),
         )
     }
+}
+
+/// `registry[:port]/repo@sha256:<64 hex>` or `registry[:port]/repo[:tag]` (tag `latest` when
+/// none is given, as docker reads it). Repository names are the distribution spec's: lower
+/// case, digits and `._-/` separators.
+fn parse_oci(rest: &str) -> Result<SourceUrl, String> {
+    const WANT: &str =
+        "oci:// wants oci://registry[:port]/repo@sha256:<digest> or oci://registry[:port]/repo:tag";
+    let (registry, path) = rest.split_once('/').ok_or(WANT)?;
+    if registry.is_empty() || path.is_empty() {
+        return Err(WANT.into());
+    }
+    let (repo, reference) = match path.split_once('@') {
+        Some((repo, digest)) => {
+            let hex = digest.strip_prefix("sha256:").ok_or(WANT)?;
+            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(format!(
+                    "{WANT} (a digest is sha256: and 64 lower-case hex digits)"
+                ));
+            }
+            (repo, digest)
+        }
+        None => {
+            let last = path.rfind('/').map_or(0, |i| i + 1);
+            match path[last..].split_once(':') {
+                Some((_, tag)) => (&path[..last + path[last..].find(':').expect("found")], tag),
+                None => (path, "latest"),
+            }
+        }
+    };
+    let tag_ok = reference.starts_with("sha256:")
+        || (!reference.is_empty()
+            && reference.len() <= 128
+            && reference
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')));
+    let repo_ok = !repo.is_empty()
+        && repo.split('/').all(|c| {
+            !c.is_empty()
+                && c.bytes()
+                    .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+        });
+    if !tag_ok || !repo_ok {
+        return Err(format!(
+            "{WANT}: {rest:?} is not a repository and a tag or digest"
+        ));
+    }
+    Ok(SourceUrl::Oci {
+        registry: registry.into(),
+        repo: repo.into(),
+        reference: reference.into(),
+    })
 }
 
 impl fmt::Display for SourceUrl {
@@ -234,6 +296,14 @@ impl fmt::Display for SourceUrl {
             SourceUrl::Http(u) => f.write_str(u),
             SourceUrl::Hf { repo, rev } => write!(f, "hf://{repo}@{rev}"),
             SourceUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            SourceUrl::Oci {
+                registry,
+                repo,
+                reference,
+            } => match reference.starts_with("sha256:") {
+                true => write!(f, "oci://{registry}/{repo}@{reference}"),
+                false => write!(f, "oci://{registry}/{repo}:{reference}"),
+            },
         }
     }
 }

@@ -119,7 +119,7 @@ pub(crate) fn encode_segment(seg: &str, out: &mut String) {
 
 /// The URL is left out of the message: it may carry a signature in its query, and the
 /// source's masked name already says where the error came from.
-fn transport(e: reqwest::Error) -> SourceError {
+pub(super) fn transport(e: reqwest::Error) -> SourceError {
     let e = e.without_url();
     let connect = e.is_connect();
     if e.is_timeout() {

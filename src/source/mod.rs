@@ -10,6 +10,7 @@ mod file;
 pub(crate) mod http;
 #[cfg(any(test, feature = "mock"))]
 pub mod mock;
+pub(crate) mod oci;
 mod rawhttp;
 mod s3;
 
@@ -401,6 +402,8 @@ pub struct SourceRegistry {
     fetch: FetchConfig,
     /// Set by [`SourceRegistry::with_sources`]: every model's sources, whatever it lists.
     fixed: Option<Vec<Arc<SourceHandle>>>,
+    /// `[oci]`: what `oci://` sources are built with.
+    oci: crate::config::OciConfig,
 }
 
 /// A peer's URL, connect timeout (in µs) and token: a change to any needs a new handle.
@@ -417,7 +420,13 @@ impl SourceRegistry {
             peers: Mutex::new(HashMap::new()),
             fetch: cfg.clone(),
             fixed: None,
+            oci: Default::default(),
         })
+    }
+
+    /// The `[oci]` section `oci://` sources are built with (plain HTTP, credentials).
+    pub fn with_oci(self, oci: crate::config::OciConfig) -> SourceRegistry {
+        SourceRegistry { oci, ..self }
     }
 
     /// A registry that gives every model `sources` (in this order) instead of the ones its
@@ -528,6 +537,17 @@ impl SourceRegistry {
                 ))
             }
             SourceUrl::S3 { bucket, prefix } => Box::new(s3::S3Source::new(bucket, prefix)),
+            SourceUrl::Oci {
+                registry,
+                repo,
+                reference,
+            } => Box::new(oci::OciSource::new(
+                self.client.clone(),
+                &self.oci,
+                registry,
+                repo,
+                reference,
+            )),
         };
         crate::metrics::register_source(&name, SourceKind::Origin);
         SourceHandle::new(name, source)
