@@ -132,10 +132,43 @@ pub struct OciSource {
     auth_file: Option<PathBuf>,
     /// The credentials, read from the files at first use (`None`: anonymous).
     creds: tokio::sync::OnceCell<Result<Option<Creds>, String>>,
-    /// The `Authorization` value the registry last asked for (Basic, or a Bearer token).
-    auth: Mutex<Option<HeaderValue>>,
+    /// The `Authorization` the registry last asked for (Basic, or a Bearer token and when to
+    /// renew it).
+    auth: Mutex<Option<Auth>>,
+    /// Held while a token is renewed before its expiry, so concurrent reads ask once.
+    renewing: tokio::sync::Mutex<()>,
     /// Resolved once per source; an error is not kept, so the next read asks again.
     resolved: tokio::sync::OnceCell<Resolved>,
+}
+
+/// What is sent as `Authorization`, and for a Bearer token when it is renewed.
+#[derive(Clone)]
+struct Auth {
+    /// Marked sensitive: hyper and reqwest show it as `Sensitive`.
+    header: HeaderValue,
+    /// `None` for Basic, which does not expire.
+    renew_at: Option<std::time::Instant>,
+    /// The `WWW-Authenticate` that got it: what a renewal answers again.
+    challenge: String,
+}
+
+impl Auth {
+    fn due(&self, now: std::time::Instant) -> bool {
+        self.renew_at.is_some_and(|at| now >= at)
+    }
+}
+
+/// A token's lifetime when the token server names none (the docker token spec's default).
+const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
+
+/// When a token asked for at `asked`, living `expires_in` seconds, is renewed: a fifth of its
+/// life (at most 30 s) before it expires, so a read in flight never carries an expired one and
+/// no 401 round trip is paid (the 401 path stays for a token revoked early).
+fn renew_at(asked: std::time::Instant, expires_in: Option<u64>) -> std::time::Instant {
+    let life = expires_in
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TOKEN_LIFE, Duration::from_secs);
+    asked + life - (life / 5).min(Duration::from_secs(30))
 }
 
 /// Whether `registry` (`host[:port]`) is on this machine: asked over plain HTTP, as docker does.
@@ -181,6 +214,7 @@ impl OciSource {
             auth_file: cfg.auth_file.clone(),
             creds: tokio::sync::OnceCell::new(),
             auth: Mutex::new(None),
+            renewing: tokio::sync::Mutex::new(()),
             resolved: tokio::sync::OnceCell::new(),
         }
     }
@@ -334,9 +368,10 @@ impl OciSource {
         Ok((digest, doc))
     }
 
-    /// Sends a request with the registry's current `Authorization`; on a 401, does what its
-    /// `WWW-Authenticate` asks (Basic, or a new Bearer token) and sends it once more: the
-    /// first request of a source, and a token that expired in the middle of a read.
+    /// Sends a request with the registry's current `Authorization`, renewing a Bearer token
+    /// that is about to expire first; on a 401, does what its `WWW-Authenticate` asks (Basic,
+    /// or a new Bearer token) and sends it once more: the first request of a source, and a
+    /// token revoked or expired early in the middle of a read.
     async fn send(
         &self,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
@@ -344,8 +379,7 @@ impl OciSource {
         let mut answered = false;
         loop {
             let mut req = make(&self.client);
-            let auth = self.auth.lock().unwrap().clone();
-            if let Some(h) = auth {
+            if let Some(h) = self.current_auth().await? {
                 req = req.header(AUTHORIZATION, h);
             }
             let resp = req.send().await.map_err(super::http::transport)?;
@@ -360,20 +394,44 @@ impl OciSource {
                 .unwrap_or("")
                 .to_string();
             match self.authorize(&challenge).await? {
-                Some(h) => *self.auth.lock().unwrap() = Some(h),
+                Some(a) => *self.auth.lock().unwrap() = Some(a),
                 None => return Ok(resp),
             }
         }
     }
 
+    /// The `Authorization` to send now: a token past its renewal time is renewed first (once,
+    /// whichever read gets here first), from the challenge that got it. A renewal that fails
+    /// is the read's error: the fetcher retries, or the next source serves.
+    async fn current_auth(&self) -> Result<Option<HeaderValue>, SourceError> {
+        let now = std::time::Instant::now();
+        let due = |a: &Option<Auth>| a.as_ref().is_some_and(|a| a.due(now));
+        let auth = self.auth.lock().unwrap().clone();
+        if !due(&auth) {
+            return Ok(auth.map(|a| a.header));
+        }
+        let _one = self.renewing.lock().await;
+        let auth = self.auth.lock().unwrap().clone();
+        let Some(stale) = auth.filter(|a| a.due(now)) else {
+            return Ok(self.auth.lock().unwrap().clone().map(|a| a.header));
+        };
+        let fresh = self.authorize(&stale.challenge).await?;
+        *self.auth.lock().unwrap() = fresh.clone();
+        Ok(fresh.map(|a| a.header))
+    }
+
     /// The `Authorization` that answers `challenge`, or `None` when there is nothing to try
     /// (anonymous, and the registry wants a password).
-    async fn authorize(&self, challenge: &str) -> Result<Option<HeaderValue>, SourceError> {
+    async fn authorize(&self, challenge: &str) -> Result<Option<Auth>, SourceError> {
         let creds = self.credentials().await.map_err(SourceError::Unsupported)?;
         let (scheme, params) = parse_challenge(challenge);
         if scheme.eq_ignore_ascii_case("basic") {
             return Ok(match creds.map(|c| c.secret) {
-                Some(Secret::Basic { user, pass }) => Some(basic(&user, &pass)),
+                Some(Secret::Basic { user, pass }) => Some(Auth {
+                    header: basic(&user, &pass),
+                    renew_at: None,
+                    challenge: challenge.to_string(),
+                }),
                 _ => None,
             });
         }
@@ -425,6 +483,7 @@ impl OciSource {
                 .get(realm_url)
                 .query(&[("service", &service), ("scope", &scope)]),
         };
+        let asked = std::time::Instant::now();
         let resp = req
             .timeout(META_TIMEOUT)
             .send()
@@ -441,6 +500,7 @@ impl OciSource {
         struct TokenAnswer {
             token: Option<String>,
             access_token: Option<String>,
+            expires_in: Option<u64>,
         }
         let answer: TokenAnswer = resp.json().await.map_err(|e| {
             SourceError::Transport(format!(
@@ -452,7 +512,11 @@ impl OciSource {
         match HeaderValue::from_str(&format!("Bearer {token}")) {
             Ok(mut h) if !token.is_empty() => {
                 h.set_sensitive(true);
-                Ok(Some(h))
+                Ok(Some(Auth {
+                    header: h,
+                    renew_at: Some(renew_at(asked, answer.expires_in)),
+                    challenge: challenge.to_string(),
+                }))
             }
             _ => Err(SourceError::Transport(format!(
                 "token server {realm_host} answered an empty or malformed token"
@@ -781,6 +845,27 @@ mod tests {
         let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
         assert_eq!(s, "Basic");
         assert_eq!(p["realm"], "Registry Realm");
+    }
+
+    #[test]
+    fn a_token_is_renewed_a_fifth_of_its_life_before_it_expires() {
+        let t = std::time::Instant::now();
+        assert_eq!(renew_at(t, Some(10)), t + Duration::from_secs(8));
+        // At most 30 s early, and the docker spec's 60 s when the server names no lifetime.
+        assert_eq!(renew_at(t, Some(3600)), t + Duration::from_secs(3570));
+        assert_eq!(renew_at(t, None), t + Duration::from_secs(48));
+        assert_eq!(renew_at(t, Some(0)), t + Duration::from_secs(48));
+        let a = Auth {
+            header: HeaderValue::from_static("Bearer x"),
+            renew_at: Some(t + Duration::from_secs(1)),
+            challenge: String::new(),
+        };
+        assert!(!a.due(t) && a.due(t + Duration::from_secs(1)));
+        let basic = Auth {
+            renew_at: None,
+            ..a
+        };
+        assert!(!basic.due(t + Duration::from_secs(1 << 30)));
     }
 
     #[test]
