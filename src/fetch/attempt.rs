@@ -36,6 +36,11 @@ const SLOW_PEER: f64 = 0.125;
 /// request, debug builds); the slow peer of the adversarial pass, 4.8 MB/s.
 const SUSPECT_PEER_RATE: f64 = 16.0 * 1024.0 * 1024.0;
 
+/// The longest `Retry-After` a part waits out before asking the same source again: a reader is
+/// waiting (`read_timeout` is 30 s by default), so a source that asks for longer is left for
+/// the next one, and for the next round.
+const MAX_RETRY_AFTER_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a peer's measured rate decides whether it is skipped: a peer that was slow (busy,
 /// on a congested link) is measured again after this, with one chunk.
 const PEER_RATE_FRESH: Duration = Duration::from_secs(30);
@@ -512,7 +517,9 @@ impl Fetcher {
 
     /// One request's bytes into `buf`, hashed as they land as `landing` says (each attempt
     /// starts its hashing over, as it starts its bytes over). A request that delivered is
-    /// counted by the caller, once the bytes are checked ([`Delivered`]).
+    /// counted by the caller, once the bytes are checked ([`Delivered`]). A `Retry-After` of
+    /// up to [`MAX_RETRY_AFTER_WAIT`] is waited out before the next attempt; a longer one ends
+    /// this source's attempts.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn fetch_part(
         &self,
@@ -531,8 +538,13 @@ impl Fetcher {
                     .cfg
                     .backoff_ms
                     .saturating_mul(1 << (attempt - 1).min(10));
-                let ms = rand::random_range(0..=cap);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let mut pause = Duration::from_millis(rand::random_range(0..=cap));
+                // A source that said when to ask again (429 or 503 with Retry-After) is not
+                // asked before then.
+                if let SourceError::RetryAfter { after, .. } = &last {
+                    pause = pause.max(*after);
+                }
+                tokio::time::sleep(pause).await;
             }
             let _ra = match prio {
                 Priority::ReadAhead => {
@@ -586,7 +598,10 @@ impl Fetcher {
                         .inc();
                     METRICS.errors.with_label_values(&["source"]).inc();
                     tracing::debug!(source = %src.name, path, range = ?r, attempt, error = %e, "request failed");
-                    let retry = e.retryable();
+                    // A wait longer than a read can spare goes to the next source instead.
+                    let retry = e.retryable()
+                        && !matches!(&e, SourceError::RetryAfter { after, .. }
+                            if *after > MAX_RETRY_AFTER_WAIT);
                     last = e;
                     if !retry {
                         break;
