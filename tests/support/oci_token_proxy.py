@@ -2,21 +2,26 @@
 """A registry front for tests/oci.rs: the Bearer token flow and misbehaviours a real registry
 or a pull-through cache may show, in front of a plain `docker-registry`.
 
-usage: oci_token_proxy.py PORT UPSTREAM [--user U --password P] [--expire-after N] [--range-200]
+usage: oci_token_proxy.py PORT UPSTREAM [--user U --password P] [--expire-after N]
+       [--token-life SECS] [--range-200]
 
 - With --user, every /v2/ request needs `Authorization: Bearer <token>`; without one it is
   answered 401 with `WWW-Authenticate: Bearer realm="http://127.0.0.1:PORT/token",
   service="wan-test",scope="repository:<repo>:pull"`. GET /token with HTTP Basic U:P answers
   {"token": …}; anything else 401.
 - --expire-after N: after N blob GETs, every token issued so far expires (a 401 mid-read).
+- --token-life SECS: tokens are issued with `expires_in: SECS` and refused once that long has
+  passed since they were issued ("refused an expired token" is printed for each).
 - --range-200: a ranged blob GET is answered 200 with the whole blob.
 Prints one line per token issued and per 200-for-range to stdout (flushed).
 """
 import base64
+import http.client
 import http.server
 import json
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -33,8 +38,10 @@ while i < len(args):
         i += 2
 USER, PASS = opts.get("user"), opts.get("password")
 EXPIRE_AFTER = int(opts.get("expire-after", "0"))
+TOKEN_LIFE = int(opts.get("token-life", "0"))
 lock = threading.Lock()
-state = {"tokens": set(), "issued": 0, "blobs": 0, "expired": False}
+# token -> when it was issued (time.monotonic())
+state = {"tokens": {}, "issued": 0, "blobs": 0, "expired": False}
 
 
 def say(line):
@@ -63,9 +70,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with lock:
                 state["issued"] += 1
                 tok = f"tok-{state['issued']}"
-                state["tokens"].add(tok)
+                state["tokens"][tok] = time.monotonic()
             say(f"issued token {state['issued']}")
-            return self.answer(200, json.dumps({"token": tok, "expires_in": 300}).encode(),
+            life = TOKEN_LIFE or 300
+            return self.answer(200, json.dumps({"token": tok, "expires_in": life}).encode(),
                                [("Content-Type", "application/json")])
         blob = "/blobs/" in self.path
         if USER is not None:
@@ -78,6 +86,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         state["tokens"].clear()
                         say("tokens expired")
                 ok = got.startswith("Bearer ") and got[7:] in state["tokens"]
+                if ok and TOKEN_LIFE and time.monotonic() - state["tokens"][got[7:]] > TOKEN_LIFE:
+                    ok = False
+                    say("refused an expired token")
             if not ok:
                 repo = self.path[len("/v2/"):].split("/manifests/")[0].split("/blobs/")[0]
                 chal = (f'Bearer realm="http://127.0.0.1:{PORT}/token",service="wan-test",'
@@ -95,7 +106,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with urllib.request.urlopen(req) as r:
                 status, body, hdrs = r.status, r.read(), r.headers
         except urllib.error.HTTPError as e:
-            status, body, hdrs = e.code, e.read(), e.headers
+            status, hdrs = e.code, e.headers
+            try:
+                body = e.read()
+            except http.client.IncompleteRead as short:
+                # distribution answers a 416 with the blob's Content-Length and a short
+                # message.
+                body = short.partial
         if whole:
             say("answered 200 to a range")
         keep = [(k, v) for k, v in hdrs.items()
