@@ -5,8 +5,8 @@
 //! Owns what is OCI about it: the reference's manifest (resolved once per source, an index
 //! narrowed to its one model artifact by `artifactType`), the layer each file path maps to
 //! (`org.cncf.model.filepath`, else `org.opencontainers.image.title`), the registry's auth
-//! (anonymous, HTTP Basic, the Bearer token flow, with credentials from docker-style
-//! `config.json` files) and plain HTTP only where docker allows it. Retries, failover and
+//! (anonymous, HTTP Basic, the Bearer token flow with tokens renewed before their `expires_in`,
+//! with credentials from docker-style `config.json` files) and plain HTTP only where docker allows it. Retries, failover and
 //! verification stay the fetcher's, as for every source: a raw layer's digest is the file's
 //! sha256, which the entry lists and the fetcher checks.
 //!
