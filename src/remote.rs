@@ -442,9 +442,12 @@ async fn list_oci(
 ) -> anyhow::Result<(Vec<Listed>, String)> {
     let source = crate::source::oci::OciSource::new(client.clone(), cfg, host, repo, reference);
     let mut attempt = 0;
-    let resolved = loop {
+    // A raw layer's sha256 is its digest; a file in a tar layer has none in the manifest and
+    // is hashed from its span of the blob, as an S3 object is. Its headers are read here,
+    // retried as the manifest is.
+    let files = loop {
         attempt += 1;
-        match source.resolve().await {
+        match source.placed_files().await {
             Ok(r) => break r,
             Err(e) if e.flaky() && attempt < LIST_ATTEMPTS => {
                 let wait = backoff(attempt);
@@ -457,13 +460,7 @@ async fn list_oci(
             Err(e) => bail!("resolving {url}: {e} ({})", source.asked_as().await),
         }
     };
-    let digest = resolved.digest.clone();
-    // A raw layer's sha256 is its digest; a file in a tar layer has none in the manifest and
-    // is hashed from its span of the blob, as an S3 object is.
-    let files = source
-        .placed_files()
-        .await
-        .map_err(|e| anyhow!("reading the tar layers of {url}: {e}"))?;
+    let digest = source.resolve().await?.digest.clone();
     let mut listed = Vec::with_capacity(files.len());
     for f in files {
         if let Some(why) = f.layer.refused() {

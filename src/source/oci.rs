@@ -1341,6 +1341,17 @@ mod tests {
     }
 
     #[test]
+    fn a_tar_size_is_octal_or_base_256_past_8_gib() {
+        assert_eq!(number(b"00000001750\0"), Some(1000));
+        assert_eq!(number(b"           \0"), Some(0));
+        let mut f = [0u8; 12];
+        f[0] = 0x80;
+        f[7] = 0x02; // 2 << 32: 8 GiB, past what 11 octal digits hold
+        assert_eq!(number(&f), Some(8 << 30));
+        assert_eq!(number(b"0000000z750\0"), None);
+    }
+
+    #[test]
     fn a_tar_link_or_a_header_that_does_not_check_is_refused() {
         let mut tar = Vec::new();
         entry(&mut tar, "model.bin", b'0', b"abc");
