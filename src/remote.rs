@@ -429,8 +429,9 @@ fn next_link(header: &str) -> Option<String> {
 
 /// `s3://bucket/prefix` by ListObjectsV2 (the client's own timeouts: 5 s to connect, 30 s an
 /// answer), retried while the server throttles or fails for a moment.
-/// An OCI artifact's files, from its manifest alone, and the manifest's digest. A packed
-/// layer is refused, naming it: only raw layers are served yet.
+/// An OCI artifact's files and the manifest's digest: raw layers from the manifest alone, an
+/// uncompressed tar layer's files from its headers, read by range. A compressed layer is
+/// refused, naming it.
 async fn list_oci(
     client: &reqwest::Client,
     cfg: &crate::config::OciConfig,
@@ -441,9 +442,12 @@ async fn list_oci(
 ) -> anyhow::Result<(Vec<Listed>, String)> {
     let source = crate::source::oci::OciSource::new(client.clone(), cfg, host, repo, reference);
     let mut attempt = 0;
-    let resolved = loop {
+    // A raw layer's sha256 is its digest; a file in a tar layer has none in the manifest and
+    // is hashed from its span of the blob, as an S3 object is. Its headers are read here,
+    // retried as the manifest is.
+    let files = loop {
         attempt += 1;
-        match source.resolve().await {
+        match source.placed_files().await {
             Ok(r) => break r,
             Err(e) if e.flaky() && attempt < LIST_ATTEMPTS => {
                 let wait = backoff(attempt);
@@ -456,22 +460,29 @@ async fn list_oci(
             Err(e) => bail!("resolving {url}: {e} ({})", source.asked_as().await),
         }
     };
-    let mut listed = Vec::with_capacity(resolved.layers.len());
-    for l in &resolved.layers {
-        if let Some(kind) = l.packed() {
-            bail!("{url}: {}", l.refusal(kind));
+    let digest = source.resolve().await?.digest.clone();
+    let mut listed = Vec::with_capacity(files.len());
+    for f in files {
+        if let Some(why) = f.layer.refused() {
+            bail!("{url}: {why}");
         }
-        let hex = l.sha256_hex().unwrap_or_default();
+        if let Some(packed) = f.packed_in() {
+            eprintln!("{url}: {} is packed in {packed}, served by range", f.path);
+        }
+        let sha256 =
+            match f.sha256_hex() {
+                Some(hex) => Some(hex.parse().map_err(|_| {
+                    anyhow!("{url}: layer {} is not a sha256 digest", f.layer.digest)
+                })?),
+                None => None,
+            };
         listed.push(Listed {
-            path: l.path.clone(),
-            size: l.size,
-            sha256: Some(
-                hex.parse()
-                    .map_err(|_| anyhow!("{url}: layer {} is not a sha256 digest", l.digest))?,
-            ),
+            path: f.path.clone(),
+            size: f.size,
+            sha256,
         });
     }
-    Ok((listed, resolved.digest.clone()))
+    Ok((listed, digest))
 }
 
 async fn list_s3(bucket: &str, prefix: &str, url: &str) -> anyhow::Result<Vec<Listed>> {

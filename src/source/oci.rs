@@ -10,8 +10,11 @@
 //! verification stay the fetcher's, as for every source: a raw layer's digest is the file's
 //! sha256, which the entry lists and the fetcher checks.
 //!
-//! Packed layers (tar, tar+gzip, tar+zstd) are refused, naming the layer and its media type:
-//! they are not served yet (docs/MANIFEST.md).
+//! An uncompressed `…tar` layer holds several files: its headers are read by range (a window
+//! at a time, at first use of the layer) and each regular file in it is served by range from
+//! its span of the blob, as a raw layer is. Compressed layers (tar+gzip, tar+zstd) cannot be
+//! read by range and are refused, naming the layer and its media type (docs/MANIFEST.md,
+//! DESIGN-NOTES "OCI registries").
 //!
 //! Secrets (passwords, identity tokens, bearer tokens) live in [`Secret`] and the
 //! `Authorization` header only: no error, log line or `Debug` output carries one, and a redirect
@@ -49,6 +52,13 @@ const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// What a token or manifest request may take; blob reads have the fetcher's deadlines.
 const META_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How much of a tar layer one header read asks for: the headers of many small files at once,
+/// and little waste when the next header is a large file away.
+const TAR_WINDOW: u64 = 64 << 10;
+
+/// The largest pax or GNU long-name record read: a path, never data.
+const MAX_TAR_META: u64 = 1 << 20;
+
 /// One file of the artifact: the layer that holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layer {
@@ -60,8 +70,8 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// `None` for a raw layer (the file's bytes, read by range); else what it is packed as,
-    /// which is not served yet.
+    /// `None` for a raw layer (the file's bytes, read by range); else what it is packed as:
+    /// `tar` (its files served by range) or a compressed tar (refused).
     pub fn packed(&self) -> Option<&'static str> {
         let mt = self.media_type.split(';').next().unwrap_or("").trim();
         if mt.ends_with("tar+gzip") || mt.ends_with("tar.gzip") {
@@ -80,13 +90,51 @@ impl Layer {
         self.digest.strip_prefix("sha256:")
     }
 
+    /// Why a compressed layer is not served, naming it; `None` for a layer that is served
+    /// (raw, or an uncompressed tar).
+    pub fn refused(&self) -> Option<String> {
+        self.packed()
+            .filter(|k| *k != "tar")
+            .map(|k| self.refusal(k))
+    }
+
     /// Why a packed layer is not served, naming it.
     pub fn refusal(&self, kind: &str) -> String {
         format!(
-            "layer {} ({}) of {:?} is {kind}, which is not served yet: only raw layers are \
-             (publish the file as a raw layer, e.g. application/vnd.cncf.model.weight.v1.raw)",
+            "layer {} ({}) of {:?} is {kind}, which is not served yet: only raw and \
+             uncompressed tar layers are, by range (publish the file as a raw layer, e.g. \
+             application/vnd.cncf.model.weight.v1.raw, or as an uncompressed .tar)",
             self.digest, self.media_type, self.path
         )
+    }
+}
+
+/// Where one file's bytes are: a span of a layer's blob. A raw layer's file is the whole
+/// blob; a tar layer's are the spans its headers give.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placed {
+    pub path: String,
+    pub layer: Layer,
+    /// Where the file starts in the blob.
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl Placed {
+    /// The file's sha256 when the manifest already says it: a raw layer's digest. A file in
+    /// a tar has none there; a build hashes its bytes.
+    pub fn sha256_hex(&self) -> Option<&str> {
+        match self.layer.packed() {
+            None => self.layer.sha256_hex(),
+            Some(_) => None,
+        }
+    }
+
+    /// What it is packed in, for a build and status to say: `None` for a raw layer's file.
+    pub fn packed_in(&self) -> Option<String> {
+        self.layer
+            .packed()
+            .map(|k| format!("{k} layer {} ({:?})", self.layer.digest, self.layer.path))
     }
 }
 
@@ -139,6 +187,9 @@ pub struct OciSource {
     renewing: tokio::sync::Mutex<()>,
     /// Resolved once per source; an error is not kept, so the next read asks again.
     resolved: tokio::sync::OnceCell<Resolved>,
+    /// Every file with its span, tar layers' headers read: once per source, and only when a
+    /// path is not a raw layer's (an error is not kept either).
+    placed: tokio::sync::OnceCell<Vec<Placed>>,
 }
 
 /// What is sent as `Authorization`, and for a Bearer token when it is renewed.
@@ -216,6 +267,7 @@ impl OciSource {
             auth: Mutex::new(None),
             renewing: tokio::sync::Mutex::new(()),
             resolved: tokio::sync::OnceCell::new(),
+            placed: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -524,19 +576,368 @@ impl OciSource {
         }
     }
 
-    /// The layer that holds `path`, served only if raw.
-    async fn layer(&self, path: &str) -> Result<Layer, SourceError> {
+    /// Every file of the artifact with where its bytes are: raw layers as they are, each
+    /// uncompressed tar layer's regular files from its headers (read by range), a compressed
+    /// layer as one entry that [`Layer::refused`] names.
+    pub async fn placed_files(&self) -> Result<&[Placed], SourceError> {
+        let placed = self
+            .placed
+            .get_or_try_init(|| async {
+                let resolved = self.resolve().await?;
+                let mut out = Vec::new();
+                for layer in &resolved.layers {
+                    if layer.packed() == Some("tar") {
+                        out.extend(self.scan_tar(layer).await?);
+                    } else {
+                        out.push(Placed {
+                            path: layer.path.clone(),
+                            layer: layer.clone(),
+                            offset: 0,
+                            size: layer.size,
+                        });
+                    }
+                }
+                out.sort_by(|a, b| a.path.cmp(&b.path));
+                if let Some(w) = out.windows(2).find(|w| w[0].path == w[1].path) {
+                    return Err(SourceError::Unsupported(format!(
+                        "manifest {} names {:?} twice: in layer {} and in layer {}",
+                        resolved.digest, w[0].path, w[0].layer.digest, w[1].layer.digest
+                    )));
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(placed)
+    }
+
+    /// Where `path`'s bytes are. A raw layer's file is found from the manifest alone; only a
+    /// path that is none reads the tar layers' headers.
+    async fn place(&self, path: &str) -> Result<Placed, SourceError> {
         let resolved = self.resolve().await?;
-        let layer = resolved
+        let raw = resolved
             .layers
             .iter()
-            .find(|l| l.path == path)
-            .ok_or(SourceError::NotFound)?;
-        if let Some(kind) = layer.packed() {
-            return Err(SourceError::Unsupported(layer.refusal(kind)));
+            .find(|l| l.path == path && l.packed() != Some("tar"));
+        let placed = match raw {
+            Some(layer) => Placed {
+                path: path.to_string(),
+                layer: layer.clone(),
+                offset: 0,
+                size: layer.size,
+            },
+            None if resolved.layers.iter().any(|l| l.packed() == Some("tar")) => self
+                .placed_files()
+                .await?
+                .iter()
+                .find(|p| p.path == path)
+                .cloned()
+                .ok_or(SourceError::NotFound)?,
+            None => return Err(SourceError::NotFound),
+        };
+        if let Some(why) = placed.layer.refused() {
+            return Err(SourceError::Unsupported(why));
         }
-        Ok(layer.clone())
+        Ok(placed)
     }
+
+    /// `range` of a layer's blob, whole in memory: a tar layer's headers, never a file's data.
+    async fn read_blob(&self, layer: &Layer, range: Range<u64>) -> Result<Vec<u8>, SourceError> {
+        let url = format!("{}/blobs/{}", self.base, layer.digest);
+        let value = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self
+            .send(|c| c.get(&url).header(RANGE, &value).timeout(META_TIMEOUT))
+            .await?;
+        let status = resp.status().as_u16();
+        if status == 200 && !(range.start == 0 && range.end == layer.size) {
+            return Err(SourceError::Unsupported(format!(
+                "registry {} answered a ranged GET of tar layer {} with 200 and the whole \
+                 blob: it does not serve ranges",
+                self.registry, layer.digest
+            )));
+        }
+        check_status(
+            status,
+            &range,
+            resp.content_length(),
+            retry_after_header(resp.headers()),
+        )?;
+        let want = range.end - range.start;
+        let mut buf = vec![0u8; want as usize];
+        let mut into = Filler::plain(&mut buf);
+        let mut body = resp.bytes_stream();
+        while let Some(piece) = body.next().await {
+            if !into.fill(&piece.map_err(super::http::transport)?) {
+                return Err(body_too_long(want));
+            }
+        }
+        let got = into.filled() as u64;
+        if got < want {
+            return Err(SourceError::Short { want, got });
+        }
+        Ok(buf)
+    }
+
+    /// The regular files of an uncompressed tar layer and their spans, from its headers read
+    /// by range, [`TAR_WINDOW`] at a time. A link, or a header that does not check, is refused
+    /// naming the layer: a file left out or put at the wrong offset would be served wrong.
+    async fn scan_tar(&self, layer: &Layer) -> Result<Vec<Placed>, SourceError> {
+        let bad = |why: String| {
+            SourceError::Unsupported(format!(
+                "tar layer {} ({:?}): {why}",
+                layer.digest, layer.path
+            ))
+        };
+        let mut window: (u64, Vec<u8>) = (0, Vec::new());
+        let mut tar = TarWalk::default();
+        let mut at = 0u64;
+        let mut out = Vec::new();
+        while at + 512 <= layer.size {
+            let need = match tar.wants() {
+                TarWants::Header => 512,
+                TarWants::Meta(len) => len,
+            };
+            let end = at
+                .checked_add(need)
+                .filter(|e| *e <= layer.size)
+                .ok_or_else(|| bad(format!("an entry at offset {at} runs past the layer's end")))?;
+            let covered = window.0 <= at && end <= window.0 + window.1.len() as u64;
+            if !covered {
+                let to = end.max(at + TAR_WINDOW).min(layer.size);
+                window = (at, self.read_blob(layer, at..to).await?);
+            }
+            let lo = (at - window.0) as usize;
+            let bytes = &window.1[lo..lo + need as usize];
+            match tar.step(at, bytes).map_err(bad)? {
+                TarStep::Next(next) => at = next,
+                TarStep::File {
+                    path,
+                    offset,
+                    size,
+                    next,
+                } => {
+                    out.push(Placed {
+                        path,
+                        layer: layer.clone(),
+                        offset,
+                        size,
+                    });
+                    at = next;
+                }
+                TarStep::End => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What the tar walk needs next: a 512-byte header, or the record a pax or GNU long-name
+/// header announced.
+enum TarWants {
+    Header,
+    Meta(u64),
+}
+
+enum TarStep {
+    /// Go on at this offset.
+    Next(u64),
+    /// A regular file: its path, its data's offset and size, and where the next header is.
+    File {
+        path: String,
+        offset: u64,
+        size: u64,
+        next: u64,
+    },
+    /// Two zero blocks: the archive's end.
+    End,
+}
+
+/// The tar headers seen so far that bear on the next entry: a pax `path`/`size`, a GNU long
+/// name, a record waiting to be read.
+#[derive(Default)]
+struct TarWalk {
+    path: Option<String>,
+    size: Option<u64>,
+    /// A pax (`x`, `g`) or GNU long-name (`L`, `K`) record of this size is next.
+    meta: Option<(u8, u64)>,
+}
+
+impl TarWalk {
+    fn wants(&self) -> TarWants {
+        match self.meta {
+            Some((_, len)) => TarWants::Meta(len),
+            None => TarWants::Header,
+        }
+    }
+
+    /// Reads what [`TarWalk::wants`] asked for, found at `at`.
+    fn step(&mut self, at: u64, bytes: &[u8]) -> Result<TarStep, String> {
+        if let Some((kind, len)) = self.meta.take() {
+            match kind {
+                b'x' => {
+                    for (k, v) in pax_records(bytes)? {
+                        match k.as_str() {
+                            "path" => self.path = Some(v),
+                            "size" => {
+                                self.size = Some(v.parse().map_err(|_| {
+                                    format!("pax size {v:?} at offset {at} is not a number")
+                                })?)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                b'L' => {
+                    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+                    self.path = Some(
+                        String::from_utf8(bytes[..end].to_vec())
+                            .map_err(|_| format!("long name at offset {at} is not UTF-8"))?,
+                    );
+                }
+                // A global pax record or a long link name: nothing a file's span needs.
+                _ => {}
+            }
+            return Ok(TarStep::Next(at + pad512(len)));
+        }
+        let h = bytes;
+        if h.iter().all(|b| *b == 0) {
+            return Ok(TarStep::End);
+        }
+        let stored = octal(&h[148..156])
+            .ok_or_else(|| format!("header at offset {at}: bad checksum field"))?;
+        let sum: u64 = h
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    *b as u64
+                }
+            })
+            .sum();
+        if sum != stored {
+            return Err(format!("header at offset {at} does not check (not a tar?)"));
+        }
+        let kind = h[156];
+        let size = match self.size.take() {
+            Some(s) => s,
+            None => number(&h[124..136])
+                .ok_or_else(|| format!("header at offset {at}: bad size field"))?,
+        };
+        let data = at + 512;
+        let next = data
+            .checked_add(pad512(size))
+            .ok_or_else(|| format!("header at offset {at}: size {size} overflows"))?;
+        match kind {
+            b'x' | b'g' | b'L' | b'K' => {
+                if size > MAX_TAR_META {
+                    return Err(format!(
+                        "a {} byte {:?} record at offset {at}",
+                        size, kind as char
+                    ));
+                }
+                self.meta = Some((kind, size));
+                Ok(TarStep::Next(data))
+            }
+            b'0' | 0 | b'7' => {
+                let name = match self.path.take() {
+                    Some(p) => p,
+                    None => ustar_name(h).map_err(|e| format!("header at offset {at}: {e}"))?,
+                };
+                let path = name.trim_start_matches("./").to_string();
+                if path.is_empty() || path.ends_with('/') {
+                    return Err(format!("a file at offset {at} has no name"));
+                }
+                Ok(TarStep::File {
+                    path,
+                    offset: data,
+                    size,
+                    next,
+                })
+            }
+            b'1' | b'2' => {
+                let name = self.path.take().map_or_else(|| ustar_name(h), Ok)?;
+                Err(format!(
+                    "{name:?} is a link, which is not served: pack the file itself"
+                ))
+            }
+            // Directories, devices, fifos: no bytes to serve.
+            _ => {
+                self.path = None;
+                Ok(TarStep::Next(next))
+            }
+        }
+    }
+}
+
+fn pad512(n: u64) -> u64 {
+    n.div_ceil(512).saturating_mul(512)
+}
+
+/// A header's octal field (NUL or space ended).
+fn octal(f: &[u8]) -> Option<u64> {
+    let t = std::str::from_utf8(f).ok()?;
+    let t = t.trim_matches(|c: char| c == '\0' || c == ' ');
+    if t.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(t, 8).ok()
+}
+
+/// A size field: octal, or GNU's base-256 (high bit set) for sizes past 8 GiB.
+fn number(f: &[u8]) -> Option<u64> {
+    if f[0] & 0x80 != 0 {
+        let mut v: u64 = (f[0] & 0x7f) as u64;
+        for b in &f[1..] {
+            v = v.checked_mul(256)?.checked_add(*b as u64)?;
+        }
+        return Some(v);
+    }
+    octal(f)
+}
+
+/// A ustar header's name: `prefix/name` where there is a prefix.
+fn ustar_name(h: &[u8]) -> Result<String, String> {
+    let field = |f: &[u8]| {
+        let end = f.iter().position(|b| *b == 0).unwrap_or(f.len());
+        String::from_utf8(f[..end].to_vec()).map_err(|_| "a name that is not UTF-8".to_string())
+    };
+    let name = field(&h[0..100])?;
+    let prefix = if &h[257..262] == b"ustar" {
+        field(&h[345..500])?
+    } else {
+        String::new()
+    };
+    Ok(match prefix.is_empty() {
+        true => name,
+        false => format!("{prefix}/{name}"),
+    })
+}
+
+/// A pax record list: `LEN key=value\n`…
+fn pax_records(mut b: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() && b[0] != 0 {
+        let sp = b
+            .iter()
+            .position(|c| *c == b' ')
+            .ok_or("a pax record without a length")?;
+        let len: usize = std::str::from_utf8(&b[..sp])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .filter(|l| *l > sp + 1 && *l <= b.len())
+            .ok_or("a pax record with a bad length")?;
+        let rec = &b[sp + 1..len - 1];
+        let eq = rec
+            .iter()
+            .position(|c| *c == b'=')
+            .ok_or("a pax record without =")?;
+        let text =
+            |x: &[u8]| String::from_utf8(x.to_vec()).map_err(|_| "a pax record that is not UTF-8");
+        out.push((text(&rec[..eq])?, text(&rec[eq + 1..])?));
+        b = &b[len..];
+    }
+    Ok(out)
 }
 
 impl Source for OciSource {
@@ -580,12 +981,24 @@ impl Source for OciSource {
             if want == 0 {
                 return Ok(());
             }
-            let layer = self.layer(path).await?;
+            let Placed {
+                layer,
+                offset: at,
+                size,
+                ..
+            } = self.place(path).await?;
+            if range.end > size {
+                // Past the file's end, as a server says it: a tar layer's next bytes are
+                // another file's, never this one's.
+                return Err(SourceError::Status(416));
+            }
+            // A file in a tar layer is a span of its blob.
+            let blob = range.start + at..range.end + at;
             let url = format!("{}/blobs/{}", self.base, layer.digest);
-            let value = format!("bytes={}-{}", range.start, range.end - 1);
+            let value = format!("bytes={}-{}", blob.start, blob.end - 1);
             let resp = self.send(|c| c.get(&url).header(RANGE, &value)).await?;
             let status = resp.status().as_u16();
-            let whole = range.start == 0 && range.end == layer.size;
+            let whole = blob.start == 0 && blob.end == layer.size;
             if status == 200 && !whole {
                 // Never the wrong range: the next source is asked instead.
                 return Err(SourceError::Unsupported(format!(
@@ -909,6 +1322,132 @@ mod tests {
         );
         let why = l("application/vnd.cncf.model.weight.v1.tar+gzip").refusal("tar+gzip");
         assert!(why.contains("w.bin") && why.contains("tar+gzip") && why.contains("not served"));
+        // An uncompressed tar is served (by range); a compressed one is refused by name.
+        assert_eq!(
+            l("application/vnd.cncf.model.weight.v1.tar").refused(),
+            None
+        );
+        assert_eq!(
+            l("application/vnd.cncf.model.weight.v1.raw").refused(),
+            None
+        );
+        assert!(
+            l("application/vnd.cncf.model.weight.v1.tar+zstd")
+                .refused()
+                .is_some_and(|w| w.contains("tar+zstd"))
+        );
+    }
+
+    /// Walks `tar` as [`OciSource::scan_tar`] does, from memory: each file's path and span.
+    fn walk(tar: &[u8]) -> Result<Vec<(String, u64, u64)>, String> {
+        let mut w = TarWalk::default();
+        let (mut at, mut out) = (0u64, Vec::new());
+        while at + 512 <= tar.len() as u64 {
+            let need = match w.wants() {
+                TarWants::Header => 512,
+                TarWants::Meta(n) => n,
+            };
+            match w.step(at, &tar[at as usize..(at + need) as usize])? {
+                TarStep::Next(n) => at = n,
+                TarStep::File {
+                    path,
+                    offset,
+                    size,
+                    next,
+                } => {
+                    out.push((path, offset, size));
+                    at = next;
+                }
+                TarStep::End => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// A ustar header block for `name` of `size` bytes of type `kind`.
+    fn header(name: &str, size: u64, kind: u8) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        let sum: u64 = h.iter().map(|b| *b as u64).sum::<u64>() + 8 * 32;
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    fn entry(tar: &mut Vec<u8>, name: &str, kind: u8, data: &[u8]) {
+        tar.extend(header(name, data.len() as u64, kind));
+        tar.extend(data);
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+    }
+
+    #[test]
+    fn a_tar_is_walked_to_each_files_span_through_pax_and_long_names() {
+        let long = format!("tokenizer/{}.json", "n".repeat(120));
+        let mut tar = Vec::new();
+        entry(&mut tar, "./tokenizer/", b'5', b"");
+        entry(&mut tar, "./tokenizer/vocab.json", b'0', b"{\"a\": 1}");
+        let rec = format!("path={long}\n");
+        let len = rec.len() + 4; // "NNN " with a 3-digit length
+        entry(
+            &mut tar,
+            "PaxHeaders/x",
+            b'x',
+            format!("{len} {rec}").as_bytes(),
+        );
+        entry(&mut tar, "short", b'0', &[7u8; 700]);
+        entry(&mut tar, "././@LongLink", b'L', b"gnu/long/name.bin\0");
+        entry(&mut tar, "gnu/long/na", b'0', b"xyz");
+        entry(&mut tar, "empty", b'0', b"");
+        tar.extend([0u8; 1024]);
+        let files = walk(&tar).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "tokenizer/vocab.json",
+                long.as_str(),
+                "gnu/long/name.bin",
+                "empty"
+            ]
+        );
+        for (path, offset, size) in &files {
+            let bytes = &tar[*offset as usize..(offset + size) as usize];
+            match path.as_str() {
+                "tokenizer/vocab.json" => assert_eq!(bytes, b"{\"a\": 1}"),
+                "gnu/long/name.bin" => assert_eq!(bytes, b"xyz"),
+                "empty" => assert!(bytes.is_empty()),
+                _ => assert_eq!(bytes, &[7u8; 700][..]),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tar_size_is_octal_or_base_256_past_8_gib() {
+        assert_eq!(number(b"00000001750\0"), Some(1000));
+        assert_eq!(number(b"           \0"), Some(0));
+        let mut f = [0u8; 12];
+        f[0] = 0x80;
+        f[7] = 0x02; // 2 << 32: 8 GiB, past what 11 octal digits hold
+        assert_eq!(number(&f), Some(8 << 30));
+        assert_eq!(number(b"0000000z750\0"), None);
+    }
+
+    #[test]
+    fn a_tar_link_or_a_header_that_does_not_check_is_refused() {
+        let mut tar = Vec::new();
+        entry(&mut tar, "model.bin", b'0', b"abc");
+        entry(&mut tar, "alias.bin", b'2', b"");
+        let e = walk(&tar).unwrap_err();
+        assert!(e.contains("alias.bin") && e.contains("link"), "{e}");
+        let mut tar = Vec::new();
+        entry(&mut tar, "model.bin", b'0', b"abc");
+        tar[0] = b'M';
+        let e = walk(&tar).unwrap_err();
+        assert!(e.contains("does not check"), "{e}");
     }
 
     #[test]
