@@ -47,7 +47,7 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 /// What a token or manifest request may take; blob reads have the fetcher's deadlines.
-const META_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const META_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One file of the artifact: the layer that holds it.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,6 +183,11 @@ impl OciSource {
             auth: Mutex::new(None),
             resolved: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// `http(s)://host[:port]/v2/repo`: where `oci_chunks` asks too.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
     }
 
     /// How this source asks, for an error to say (never the secret): anonymously, or with
@@ -337,7 +342,7 @@ impl OciSource {
     /// Sends a request with the registry's current `Authorization`; on a 401, does what its
     /// `WWW-Authenticate` asks (Basic, or a new Bearer token) and sends it once more: the
     /// first request of a source, and a token that expired in the middle of a read.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, SourceError> {
