@@ -313,6 +313,25 @@ pub enum ManifestCommand {
         #[arg(long, default_value = "blake3-tree")]
         chunk_hash: crate::chunk::ChunkHash,
     },
+    /// Publish an oci:// model's chunk lists next to it, for the whole fleet: every raw layer
+    /// is read once and hashed, and the lists are pushed as an OCI 1.1 referrer of the model's
+    /// manifest (artifactType application/vnd.wanfs.chunks.v1+json; under the tag
+    /// sha256-<digest> where the registry has no referrers API). `wan manifest build oci://…`
+    /// then lists them without reading a layer. Needs push access ([oci] credentials).
+    PublishChunks {
+        /// oci://registry[:port]/repo:tag or oci://…/repo@sha256:….
+        url: String,
+        /// Chunk size in bytes.
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+        /// Size of each file's first chunk, as for `manifest build`.
+        #[arg(long)]
+        head_size: Option<u64>,
+        /// What chunk digests are taken with, as for `manifest build` (a BLAKE3-signed model
+        /// needs blake3-tree, the default).
+        #[arg(long, default_value = "blake3-tree")]
+        chunk_hash: crate::chunk::ChunkHash,
+    },
     /// Validate a manifest; exits non-zero listing every problem.
     Check { file: PathBuf },
     /// Internal: validate a manifest and write its compiled form into OUT; prints its sha256.
@@ -641,7 +660,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 chunk_hash,
             };
             let text = match remote {
-                Some(url) => crate::remote::build(url, &opts)?,
+                Some(url) => crate::remote::build(url, &opts, !whole_only)?,
                 None => crate::manifest::build(&dir, &opts)?,
             };
             if json {
@@ -650,6 +669,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             } else {
                 print!("{text}");
             }
+            Ok(Action::Done(ExitCode::SUCCESS))
+        }
+        Command::Manifest(ManifestCommand::PublishChunks {
+            url,
+            chunk_size,
+            head_size,
+            chunk_hash,
+        }) => {
+            let opts = BuildOptions {
+                id: String::new(),
+                chunk_size,
+                head_size,
+                sources: Vec::new(),
+                whole_only: false,
+                chunk_hash,
+            };
+            println!("{}", crate::remote::publish_chunks(&url, &opts)?);
             Ok(Action::Done(ExitCode::SUCCESS))
         }
         Command::Manifest(ManifestCommand::Compile { file, out, prev }) => {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! main → cli ─┬─ cmd ──────────────┐   (`wan models …`: over HTTP, or in process)
-//!             ├─ remote            │   (`wan manifest build hf://… s3://… oci://…`, over source)
+//!             ├─ remote            │   (`wan manifest build hf://… s3://… oci://…`, `publish-chunks`, over source)
 //!             └─ daemon ───────────┤   (Services::builder: the one wiring; serve; run)
 //!                 ├─ reload        │   (builds the next in_force whole, swaps it)
 //!                 ├─ system        │   (mount table, sd_notify, read-ahead, malloc_trim)
@@ -36,7 +36,9 @@
 //! a file's mode in `manifest/model.rs` (`Verification`); peer or origin in `source/mod.rs`
 //! (`SourceKind`); the whole-file check of complete blobs and the files it refused in
 //! `store/checked.rs` (what is kept) and `fetch/check.rs` (when it runs, what a mismatch
-//! does). Each file's `//!` says what it owns.
+//! does); an OCI model's published chunk lists in `source/oci_chunks.rs` (wire format, push,
+//! find) and `remote.rs` (`adopt`: what a build believes of them). Each file's `//!` says what
+//! it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

@@ -30,9 +30,11 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::chunk::{ChunkCheck, Digest};
+use crate::chunk::{ChunkCheck, ChunkHash, Digest, Layout};
 use crate::config::{Config, FetchConfig};
 use crate::manifest::{BuildOptions, BuiltFile, SourceUrl, check_listing, render_entry};
+use crate::source::oci::OciSource;
+use crate::source::oci_chunks::{self, ChunkDoc, Pushed};
 use crate::source::{Source, SourceError, SourceRegistry};
 
 /// A file as a listing gives it.
@@ -51,7 +53,10 @@ pub fn is_remote(arg: &str) -> bool {
 
 /// Builds the entry for the model at `url`. `opts.whole_only` is the default for remote
 /// builds; `--chunked` clears it. `url` is the entry's first source, then `opts.sources`.
-pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
+///
+/// For `oci://`, chunk lists published with `wan manifest publish-chunks` are used when
+/// `published` (not `--whole-only`) and they fit: then no layer is read ([`adopt`]).
+pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<String> {
     let mut opts_sources = vec![url.to_string()];
     opts_sources.extend(opts.sources.iter().cloned());
     let mut opts = BuildOptions {
@@ -72,7 +77,7 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (files, pinned) = rt.block_on(async {
+    let (files, pinned, signed) = rt.block_on(async {
         // One client for the listing and the bytes: the daemon's sources, as `wan mount` builds them.
         let registry = SourceRegistry::new(&fetch)?.with_oci(cfg.oci.clone());
         let (listed, pinned) = match &parsed {
@@ -108,13 +113,281 @@ pub fn build(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
         )?;
         // The bytes of the artifact listed, not of whatever the tag names by now.
         let handle = registry.get(pinned.as_ref().unwrap_or(&parsed));
+        if published
+            && let Some(SourceUrl::Oci {
+                registry: host,
+                repo,
+                reference,
+            }) = &pinned
+        {
+            let oci = OciSource::new(registry.client().clone(), &cfg.oci, host, repo, reference);
+            if let Some(files) = published_chunks(&oci, reference, &listed, &opts, url).await? {
+                let signed = blake3_statement(&*handle.source, &listed, &fetch, url).await?;
+                return Ok((files, pinned, signed));
+            }
+        }
         let files = hash_all(&*handle.source, url, listed, &opts, &fetch).await?;
-        Ok((files, pinned))
+        Ok((files, pinned, None))
     })?;
     if let Some(pinned) = pinned {
         opts.sources[0] = pinned.to_string();
     }
-    render_entry(&opts.id, &opts.sources, files, base)
+    let text = render_entry(&opts.id, &opts.sources, files, base)?;
+    if let Some(st) = signed {
+        bound(&text, &opts.id, &st).map_err(|e| {
+            anyhow!("{url}: the published chunk lists do not match the model's signature: {e}")
+        })?;
+    }
+    Ok(text)
+}
+
+/// `wan manifest publish-chunks oci://…`: every raw layer read once and cut into chunks as
+/// `opts` say (each checked against its layer's sha256), and the lists pushed as a referrer
+/// of the artifact's manifest ([`oci_chunks`]). A BLAKE3-signed model's lists must bind to
+/// its signature before they are pushed. Returns what was pushed, for the operator.
+pub fn publish_chunks(url: &str, opts: &BuildOptions) -> anyhow::Result<String> {
+    let base = Path::new(".");
+    let opts = BuildOptions {
+        id: PUBLISH_ID.to_string(),
+        sources: vec![url.to_string()],
+        whole_only: false,
+        ..opts.clone()
+    };
+    opts.check(base)?;
+    let SourceUrl::Oci {
+        registry: host,
+        repo,
+        reference,
+    } = SourceUrl::parse(url, base).map_err(|e| anyhow!("{url}: {e}"))?
+    else {
+        bail!("{url}: chunk lists are published to oci:// artifacts only");
+    };
+    let cfg = Config::default()
+        .with_env(std::env::vars())
+        .context("reading the WAN_* variables")?;
+    let fetch = cfg.fetch;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let registry = SourceRegistry::new(&fetch)?.with_oci(cfg.oci.clone());
+        let (listed, digest) =
+            list_oci(registry.client(), &cfg.oci, &host, &repo, &reference, url).await?;
+        if listed.is_empty() {
+            bail!("{url} lists no files");
+        }
+        check_listing(
+            &opts.id,
+            url,
+            listed.iter().map(|f| (f.path.as_str(), f.size)),
+        )?;
+        let oci = OciSource::new(registry.client().clone(), &cfg.oci, &host, &repo, &digest);
+        let signed = blake3_statement(&oci, &listed, &fetch, url).await?;
+        let files = hash_all(&oci, url, listed, &opts, &fetch).await?;
+        let doc = ChunkDoc {
+            manifest: digest.clone(),
+            files,
+        };
+        let body = serde_json::to_vec(&doc).context("serializing the chunk lists")?;
+        if let Some(st) = &signed {
+            let text = render_entry(&opts.id, &opts.sources, doc.files, base)?;
+            bound(&text, &opts.id, st).map_err(|e| {
+                anyhow!("{url}: these chunk lists do not bind to the model's signature, so no host could use them: {e}")
+            })?;
+        }
+        let subject = oci_chunks::subject(&oci, &digest)
+            .await
+            .map_err(|e| anyhow!("{url}: reading manifest {digest}: {e}"))?;
+        let pushed = match oci_chunks::push(&oci, &subject, body.into()).await {
+            Ok(p) => p,
+            Err(e) => bail!(
+                "{url}: pushing the chunk lists: {e} ({})",
+                oci.asked_as().await
+            ),
+        };
+        let pinned = format!("oci://{host}/{repo}@{digest}");
+        Ok(match pushed {
+            Pushed::Referrers { digest: r } => {
+                format!("published the chunk lists of {pinned} as referrer {r}")
+            }
+            Pushed::Tag { digest: r, tag } => format!(
+                "published the chunk lists of {pinned} as referrer {r}, listed under tag {tag} \
+                 (the registry has no referrers API)"
+            ),
+        })
+    })
+}
+
+/// The model id a publish checks its lists under (no entry is printed).
+const PUBLISH_ID: &str = "published@0.0.0";
+
+/// One file of a published chunk document: its entry as `manifest build --chunked` writes it.
+#[derive(Deserialize, Debug)]
+struct PublishedFile {
+    path: String,
+    size: u64,
+    sha256: String,
+    chunk_size: u64,
+    head_size: Option<u64>,
+    chunk_hash: Option<String>,
+    chunks: Vec<String>,
+}
+
+/// The chunk lists published for manifest `digest`, as entry files, when there are some that
+/// fit; `None`: hash as usual. A document that is there but contradicts the manifest is an
+/// error, not a silent fallback: a registry or publisher is wrong, and an operator must know.
+async fn published_chunks(
+    oci: &OciSource,
+    digest: &str,
+    listed: &[Listed],
+    opts: &BuildOptions,
+    url: &str,
+) -> anyhow::Result<Option<Vec<BuiltFile>>> {
+    let found = match oci_chunks::find(oci, digest).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{url}: no published chunk lists read ({e}); building without them");
+            return Ok(None);
+        }
+    };
+    let Some((doc, referrer)) = found else {
+        return Ok(None);
+    };
+    let doc: ChunkDoc<PublishedFile> = serde_json::from_slice(&doc)
+        .map_err(|e| anyhow!("{url}: chunk lists {referrer} are not a chunk document: {e}"))?;
+    match adopt(doc, listed, digest, opts) {
+        Ok(Some(files)) => {
+            eprintln!("{url}: using the chunk lists published as {referrer}; no layer is read");
+            Ok(Some(files))
+        }
+        Ok(None) => {
+            eprintln!(
+                "{url}: the chunk lists published as {referrer} are cut otherwise than \
+                 --chunk-size/--chunk-hash ask; hashing the layers"
+            );
+            Ok(None)
+        }
+        Err(e) => bail!("{url}: chunk lists {referrer}: {e}"),
+    }
+}
+
+/// A published document as entry files: it must describe manifest `digest`, list exactly
+/// the listed files with their sizes and sha256 (the layers' digests), and chunk each file
+/// as its layout says. `Ok(None)`: sound, but a `--chunked` build asked for another chunk
+/// size or hash.
+fn adopt(
+    doc: ChunkDoc<PublishedFile>,
+    listed: &[Listed],
+    digest: &str,
+    opts: &BuildOptions,
+) -> Result<Option<Vec<BuiltFile>>, String> {
+    if doc.manifest != digest {
+        return Err(format!(
+            "they describe manifest {}, not {digest}",
+            doc.manifest
+        ));
+    }
+    if doc.files.len() != listed.len() {
+        return Err(format!(
+            "they list {} files, the manifest {}",
+            doc.files.len(),
+            listed.len()
+        ));
+    }
+    let mut out = Vec::with_capacity(listed.len());
+    let mut fits = true;
+    for l in listed {
+        let Some(p) = doc.files.iter().find(|p| p.path == l.path) else {
+            return Err(format!("they do not list {:?}", l.path));
+        };
+        let sha256: Digest = p
+            .sha256
+            .parse()
+            .map_err(|_| format!("{:?}: sha256 {:?} is not a digest", p.path, p.sha256))?;
+        if p.size != l.size || Some(sha256) != l.sha256 {
+            return Err(format!(
+                "{:?}: they give {} bytes, sha256 {sha256}; the manifest {} bytes, layer {}",
+                p.path,
+                p.size,
+                l.size,
+                l.sha256.map(|d| d.to_hex()).unwrap_or_default()
+            ));
+        }
+        let hash: ChunkHash = p.chunk_hash.as_deref().unwrap_or("sha256").parse()?;
+        if p.chunk_size == 0 || p.chunk_size > crate::manifest::MAX_CHUNK_SIZE {
+            return Err(format!("{:?}: chunk_size {}", p.path, p.chunk_size));
+        }
+        let head = p.head_size.unwrap_or(p.chunk_size);
+        if head == 0 || head > p.chunk_size {
+            return Err(format!("{:?}: head_size {head}", p.path));
+        }
+        let count = Layout::of(hash.layout_kind(), p.size, p.chunk_size, head).count();
+        if count != p.chunks.len() as u64 {
+            return Err(format!(
+                "{:?}: {} chunk digests where its layout has {count} chunks",
+                p.path,
+                p.chunks.len()
+            ));
+        }
+        let chunks = p
+            .chunks
+            .iter()
+            .map(|c| c.parse::<Digest>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| format!("{:?}: a chunk digest is not 32 bytes of hex", p.path))?;
+        fits &= opts.whole_only || (p.chunk_size == opts.chunk_size && hash == opts.chunk_hash);
+        out.push(BuiltFile::new(
+            l.path.clone(),
+            l.size,
+            sha256,
+            Some((p.chunk_size, head, hash, chunks)),
+        ));
+    }
+    Ok(fits.then_some(out))
+}
+
+/// The statement in the artifact's `model.sig` when it signs with BLAKE3 (the only hash a
+/// chunk list binds to); `None` when there is no signature or it signs with sha256. Not
+/// verified here (a build has no `[trust]`): the daemon verifies it at mount, and binds
+/// the same lists again; this check only keeps lists that could never bind out of entries
+/// and registries.
+async fn blake3_statement(
+    source: &dyn Source,
+    listed: &[Listed],
+    fetch: &FetchConfig,
+    url: &str,
+) -> anyhow::Result<Option<crate::trust::Statement>> {
+    use crate::trust::bind::SIGNATURE_FILE;
+    let Some(sig) = listed.iter().find(|f| f.path == SIGNATURE_FILE) else {
+        return Ok(None);
+    };
+    let fetcher = Fetcher { source, url, fetch };
+    let bytes = fetcher.piece(sig, 0..sig.size).await?;
+    let bundle = crate::trust::bundle::Bundle::parse(&bytes)
+        .map_err(|e| anyhow!("{url}: {SIGNATURE_FILE}: {e}"))?;
+    let st = crate::trust::Statement::parse(&bundle.envelope.payload)
+        .map_err(|e| anyhow!("{url}: {SIGNATURE_FILE}: {e}"))?;
+    Ok((st.hash_type == crate::trust::SignedHash::Blake3).then_some(st))
+}
+
+/// Whether the entry `text` (model `id`) binds to `st`: every signed file's chunk list
+/// merges into its signed BLAKE3 digest ([`crate::trust::bind`]).
+fn bound(text: &str, id: &str, st: &crate::trust::Statement) -> anyhow::Result<()> {
+    let m = crate::manifest::Manifest::parse(
+        &format!("schema_version = 1\n{text}"),
+        "build output",
+        Path::new("."),
+    )?;
+    let model = m
+        .models
+        .values()
+        .find(|m| m.id.as_str() == id)
+        .ok_or_else(|| anyhow!("no model {id} in the entry"))?;
+    let files: Vec<&crate::manifest::FileEntry> = model.files.iter().collect();
+    crate::trust::bind::bind(&files, st).map_err(|r| anyhow!("{r}"))?;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -706,7 +979,92 @@ async fn hash_one(
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_PAGES, Pages, Url, backoff, next_link};
+    use super::{
+        BuildOptions, ChunkDoc, ChunkHash, Digest, Listed, MAX_PAGES, Pages, PublishedFile, Url,
+        adopt, backoff, next_link,
+    };
+
+    fn opts(whole_only: bool) -> BuildOptions {
+        BuildOptions {
+            id: "m@1.0.0".into(),
+            chunk_size: 4,
+            head_size: Some(0),
+            sources: vec![],
+            whole_only,
+            chunk_hash: ChunkHash::Sha256,
+        }
+    }
+
+    fn doc(manifest: &str, size: u64, sha: &str, chunks: usize) -> ChunkDoc<PublishedFile> {
+        ChunkDoc {
+            manifest: manifest.into(),
+            files: vec![PublishedFile {
+                path: "w.bin".into(),
+                size,
+                sha256: sha.into(),
+                chunk_size: 4,
+                head_size: None,
+                chunk_hash: None,
+                chunks: vec!["11".repeat(32); chunks],
+            }],
+        }
+    }
+
+    /// A published document is adopted only if it describes this manifest, its files with
+    /// the layers' sizes and digests, and as many chunks as each layout has; a `--chunked`
+    /// build that asks for another cut hashes instead.
+    #[test]
+    fn published_lists_must_match_the_manifest_and_their_layout() {
+        let sha = "22".repeat(32);
+        let listed = [Listed {
+            path: "w.bin".into(),
+            size: 10,
+            sha256: Some(sha.parse::<Digest>().unwrap()),
+        }];
+        let adopted = adopt(
+            doc("sha256:m", 10, &sha, 3),
+            &listed,
+            "sha256:m",
+            &opts(true),
+        );
+        assert_eq!(adopted.unwrap().unwrap().len(), 1);
+        let e = adopt(
+            doc("sha256:x", 10, &sha, 3),
+            &listed,
+            "sha256:m",
+            &opts(true),
+        );
+        assert!(e.err().unwrap().contains("not sha256:m"));
+        let e = adopt(
+            doc("sha256:m", 11, &sha, 3),
+            &listed,
+            "sha256:m",
+            &opts(true),
+        );
+        assert!(e.err().unwrap().contains("11 bytes"));
+        let e = adopt(
+            doc("sha256:m", 10, &"33".repeat(32), 3),
+            &listed,
+            "sha256:m",
+            &opts(true),
+        );
+        assert!(e.err().unwrap().contains("w.bin"));
+        let e = adopt(
+            doc("sha256:m", 10, &sha, 2),
+            &listed,
+            "sha256:m",
+            &opts(true),
+        );
+        assert!(
+            e.err()
+                .unwrap()
+                .contains("2 chunk digests where its layout has 3")
+        );
+        let mut other = opts(false);
+        other.chunk_size = 8;
+        let fits = adopt(doc("sha256:m", 10, &sha, 3), &listed, "sha256:m", &other);
+        assert!(fits.unwrap().is_none());
+    }
 
     fn url(s: &str) -> Url {
         Url::parse(s).unwrap()

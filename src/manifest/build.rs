@@ -232,7 +232,9 @@ fn build_file(
     ))
 }
 
-/// One file of a built entry.
+/// One file of a built entry (serialized as its entry: what a published chunk list holds).
+#[derive(Serialize)]
+#[serde(transparent)]
 pub struct BuiltFile {
     out: OutFile,
 }

@@ -11,6 +11,7 @@ pub(crate) mod http;
 #[cfg(any(test, feature = "mock"))]
 pub mod mock;
 pub(crate) mod oci;
+pub(crate) mod oci_chunks;
 mod rawhttp;
 mod s3;
 

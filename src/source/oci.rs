@@ -50,7 +50,7 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 /// What a token or manifest request may take; blob reads have the fetcher's deadlines.
-const META_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const META_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much of a tar layer one header read asks for: the headers of many small files at once,
 /// and little waste when the next header is a large file away.
@@ -271,6 +271,11 @@ impl OciSource {
         }
     }
 
+    /// `http(s)://host[:port]/v2/repo`: where `oci_chunks` asks too.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
     /// How this source asks, for an error to say (never the secret): anonymously, or with
     /// the credentials for the registry in a named file.
     pub async fn asked_as(&self) -> String {
@@ -424,7 +429,7 @@ impl OciSource {
     /// that is about to expire first; on a 401, does what its `WWW-Authenticate` asks (Basic,
     /// or a new Bearer token) and sends it once more: the first request of a source, and a
     /// token revoked or expired early in the middle of a read.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, SourceError> {
