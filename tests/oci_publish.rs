@@ -8,91 +8,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::registry::{Registry, have, no_registry};
 use common::*;
 
 const RAW: &str = "application/vnd.cncf.model.weight.v1.raw";
 const CONFIG_RAW: &str = "application/vnd.cncf.model.weight.config.v1.raw";
-
-fn have(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn no_registry() -> bool {
-    let ok =
-        have("docker-registry", &["--version"]) && have("python3", &["-c", "import oras.provider"]);
-    if !ok {
-        skip("docker-registry or oras (pip) missing; .ci/run installs them");
-    }
-    !ok
-}
-
-/// A plain `docker-registry` on a free loopback port, storing in a temp dir.
-struct Registry {
-    child: Child,
-    host: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let host = format!("127.0.0.1:{}", free_port());
-        let cfg = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: {host}\n",
-            dir.path().join("store").display()
-        );
-        let cfg_path = dir.path().join("config.yml");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start docker-registry");
-        let reg = Registry {
-            child,
-            host,
-            _dir: dir,
-        };
-        let up = common::origin::wait_until(Duration::from_secs(15), || {
-            std::net::TcpStream::connect(&reg.host).is_ok()
-        });
-        assert!(up, "docker-registry did not listen on {}", reg.host);
-        reg
-    }
-
-    fn push(&self, dir: &Path, target: &str, files: &[(&str, &str)]) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/oci_push.py");
-        let mut cmd = Command::new("python3");
-        cmd.arg(script).arg(&self.host).arg(target).arg(dir);
-        for (rel, mt) in files {
-            cmd.arg(format!("{rel}={mt}"));
-        }
-        let out = run_with_timeout(cmd, Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "oras push: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
 
 fn wan(args: &[&str]) -> Output {
     let mut cmd = Command::new(wan_bin());
@@ -125,7 +48,7 @@ fn published_chunk_lists_are_built_from_with_no_layer_read() {
     }
     let work = workdir();
     let src = model_dir(work.path());
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     reg.push(
         &src,
         "models/m:v1",
@@ -133,6 +56,7 @@ fn published_chunk_lists_are_built_from_with_no_layer_read() {
             ("weights/model.safetensors", RAW),
             ("config.json", CONFIG_RAW),
         ],
+        None,
     );
     let url = format!("oci://{}/models/m:v1", reg.host);
 
@@ -292,7 +216,7 @@ fn a_blake3_signed_model_gets_only_chunk_lists_that_bind_to_its_signature() {
             "blake3",
         ],
     );
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     reg.push(
         &src,
         "models/s:v1",
@@ -301,6 +225,7 @@ fn a_blake3_signed_model_gets_only_chunk_lists_that_bind_to_its_signature() {
             ("config.json", CONFIG_RAW),
             ("model.sig", "application/vnd.cncf.model.doc.v1.raw"),
         ],
+        None,
     );
     let url = format!("oci://{}/models/s:v1", reg.host);
 

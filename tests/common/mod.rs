@@ -10,6 +10,7 @@ pub mod fuse;
 pub mod mount;
 pub mod nginx;
 pub mod origin;
+pub mod registry;
 pub mod systemd_ct;
 
 use std::collections::BTreeSet;
