@@ -10,8 +10,11 @@
 //!
 //! Bounded: at most `cap` bytes, entries expire after `ttl` (a reader that went elsewhere), and
 //! when full a new chunk is not kept (the oldest entries are the ones a sequential reader
-//! reaches next, so they are the last to give up). A chunk is let go once reads have been
-//! served every page of it, from here or from the blob file.
+//! reaches next, so they are the last to give up). A chunk is spent once reads have been
+//! served every page of it, from here or from the blob file; a spent chunk is still kept for
+//! `SPENT_GRACE`, or until a new chunk needs its room, because the kernel may ask for pages
+//! again after serving them (a read racing its own read-ahead), and a chunk that was served
+//! without being cached (`when_cache_behind = "skip"`) would otherwise be fetched again for it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,10 +29,17 @@ pub(super) struct Landed {
     used: usize,
     /// (when it landed, the chunk, which of its pages have been served).
     chunks: HashMap<(Digest, u64), (Instant, VerifiedChunk, Served)>,
+    /// Chunks every page of which was served, and when; still answered from, counted in
+    /// `used`, and the first to give their room to a new chunk.
+    spent: HashMap<(Digest, u64), (Instant, VerifiedChunk)>,
     /// Chunks let go after every page was served, and when: read-ahead, which a reader's
     /// last reads of a chunk can still trigger, does not fetch them again for `ttl`.
     done: HashMap<(Digest, u64), Instant>,
 }
+
+/// How long a spent chunk is kept for repeated reads when nothing needs its room: the kernel's
+/// repeats come within milliseconds.
+const SPENT_GRACE: Duration = Duration::from_secs(1);
 
 impl Landed {
     pub(super) fn new(cap: usize, ttl: Duration) -> Landed {
@@ -38,6 +48,7 @@ impl Landed {
             ttl,
             used: 0,
             chunks: HashMap::new(),
+            spent: HashMap::new(),
             done: HashMap::new(),
         }
     }
@@ -47,6 +58,10 @@ impl Landed {
     pub(super) fn insert(&mut self, blob: Digest, idx: u64, chunk: VerifiedChunk) -> bool {
         if self.chunks.contains_key(&(blob, idx)) {
             return true;
+        }
+        // Landed again after it was spent: a reader wants it anew, so its pages count afresh.
+        if let Some((_, c)) = self.spent.remove(&(blob, idx)) {
+            self.used -= c.bytes().len();
         }
         let now = Instant::now();
         let ttl = self.ttl;
@@ -58,11 +73,24 @@ impl Landed {
             }
             keep
         });
+        let grace = SPENT_GRACE.min(ttl);
+        self.spent.retain(|_, (t, c)| {
+            let keep = now.duration_since(*t) < grace;
+            if !keep {
+                freed += c.bytes().len();
+            }
+            keep
+        });
         self.used -= freed;
         self.done.retain(|_, t| now.duration_since(*t) < ttl);
         let len = chunk.bytes().len();
-        if self.used + len > self.cap {
-            return false;
+        // Spent chunks give their room, oldest first, before a new chunk is refused.
+        while self.used + len > self.cap {
+            let Some((&key, _)) = self.spent.iter().min_by_key(|(_, (t, _))| *t) else {
+                return false;
+            };
+            let (_, c) = self.spent.remove(&key).expect("just found");
+            self.used -= c.bytes().len();
         }
         self.used += len;
         let served = Served::new(len);
@@ -87,11 +115,16 @@ impl Landed {
         }
         let idx = covering.start;
         let r = layout.range(idx);
-        let (_, c, served) = self.chunks.get_mut(&(blob, idx))?;
+        let (a, b) = (offset - r.start, end - r.start);
+        let Some((_, c, served)) = self.chunks.get_mut(&(blob, idx)) else {
+            let (_, c) = self.spent.get(&(blob, idx))?;
+            let same =
+                c.digest() == digests[idx as usize] && c.bytes().len() as u64 == r.end - r.start;
+            return same.then(|| c.bytes().slice(a as usize..b as usize));
+        };
         if c.digest() != digests[idx as usize] || c.bytes().len() as u64 != r.end - r.start {
             return None;
         }
-        let (a, b) = (offset - r.start, end - r.start);
         let out = c.bytes().slice(a as usize..b as usize);
         if served.mark(a, b) {
             self.let_go(blob, idx);
@@ -122,8 +155,9 @@ impl Landed {
 
     fn let_go(&mut self, blob: Digest, idx: u64) {
         if let Some((_, c, _)) = self.chunks.remove(&(blob, idx)) {
-            self.used -= c.bytes().len();
-            self.done.insert((blob, idx), Instant::now());
+            let now = Instant::now();
+            self.spent.insert((blob, idx), (now, c));
+            self.done.insert((blob, idx), now);
         }
     }
 
@@ -136,7 +170,10 @@ impl Landed {
         expected: Digest,
         len: u64,
     ) -> Option<VerifiedChunk> {
-        let (_, c, _) = self.chunks.get(&(blob, idx))?;
+        let c = match self.chunks.get(&(blob, idx)) {
+            Some((_, c, _)) => c,
+            None => &self.spent.get(&(blob, idx))?.1,
+        };
         (c.digest() == expected && c.bytes().len() as u64 == len).then(|| c.clone())
     }
 
@@ -145,6 +182,7 @@ impl Landed {
     /// reader was just served all of it.
     pub(super) fn holds(&self, blob: Digest, idx: u64) -> bool {
         self.chunks.contains_key(&(blob, idx))
+            || self.spent.contains_key(&(blob, idx))
             || self
                 .done
                 .get(&(blob, idx))
@@ -154,6 +192,12 @@ impl Landed {
     #[cfg(test)]
     fn used(&self) -> usize {
         self.used
+    }
+
+    /// Bytes of chunks some page of which no reader has been served yet.
+    #[cfg(test)]
+    fn unspent(&self) -> usize {
+        self.chunks.values().map(|(_, c, _)| c.bytes().len()).sum()
     }
 }
 
@@ -224,14 +268,18 @@ mod tests {
         assert!(l.slice(blob, &layout, expected, 0, 4 * K).is_none());
         let got = l.slice(blob, &layout, expected, 20 * K, 32 * K).unwrap();
         assert_eq!(got, &data[1][at(4, 16)]);
-        assert_eq!(l.used(), 0, "serving all of its pages lets it go");
-        assert!(l.slice(blob, &layout, expected, 16 * K, 20 * K).is_none());
+        assert_eq!(l.unspent(), 0, "serving all of its pages spends it");
+        assert_eq!(l.used(), 16 * K as usize, "spent, and kept for the grace");
+        // The kernel asks again for pages it was served: still answered from memory.
+        let again = l.slice(blob, &layout, expected, 16 * K, 20 * K).unwrap();
+        assert_eq!(again, &data[1][at(0, 4)]);
+        assert!(l.get(blob, 1, expected[1], 16 * K).is_some());
         // Out of order (the kernel's concurrent reads): the end first, then the start.
         l.insert(blob, 1, chunk(&data[1]));
         assert!(l.slice(blob, &layout, expected, 24 * K, 32 * K).is_some());
         assert_eq!(l.used(), 16 * K as usize, "half served: still kept");
         assert!(l.slice(blob, &layout, expected, 16 * K, 24 * K).is_some());
-        assert_eq!(l.used(), 0);
+        assert_eq!(l.unspent(), 0);
         // The same pages twice (a read racing its read-ahead) do not count twice.
         l.insert(blob, 2, chunk(&data[2]));
         for _ in 0..4 {
@@ -239,7 +287,7 @@ mod tests {
         }
         assert!(l.holds(blob, 2), "kept until every page is served");
         assert!(l.slice(blob, &layout, expected, 36 * K, 48 * K).is_some());
-        assert_eq!(l.used(), 0);
+        assert_eq!(l.unspent(), 0);
         assert!(l.holds(blob, 2), "just served: read-ahead leaves it alone");
     }
 
@@ -259,12 +307,12 @@ mod tests {
                 .is_some()
         );
         assert_eq!(
-            l.used(),
+            l.unspent(),
             16 * K as usize,
-            "chunk 1 is let go, chunk 2 is kept"
+            "chunk 1 is spent, chunk 2 is not"
         );
         l.served(blob, &layout, 36 * K, 64 * K);
-        assert_eq!(l.used(), 0);
+        assert_eq!(l.unspent(), 0);
     }
 
     #[test]
@@ -300,5 +348,29 @@ mod tests {
             "expired entries make room"
         );
         assert_eq!(l.used(), 16 * K as usize);
+    }
+
+    /// A spent chunk gives its room to a new one, rather than the new one being refused, and
+    /// read-ahead still leaves it alone afterwards.
+    #[test]
+    fn spent_chunks_give_their_room_first() {
+        let (blob, layout, data) = setup();
+        let digests: Vec<Digest> = data.iter().map(|d| Digest::of(d)).collect();
+        let mut l = Landed::new(32 * K as usize, Duration::from_secs(60));
+        assert!(l.insert(blob, 0, chunk(&data[0])));
+        assert!(l.insert(blob, 1, chunk(&data[1])));
+        assert!(l.slice(blob, &layout, &digests, 0, 16 * K).is_some());
+        assert_eq!((l.used(), l.unspent()), (32 * K as usize, 16 * K as usize));
+        assert!(
+            l.insert(blob, 2, chunk(&data[2])),
+            "chunk 0's room is taken"
+        );
+        assert!(l.slice(blob, &layout, &digests, 0, 4 * K).is_none());
+        assert!(l.holds(blob, 0), "just served: read-ahead leaves it alone");
+        assert!(
+            !l.insert(blob, 3, chunk(&data[3])),
+            "nothing spent is left to give room"
+        );
+        assert_eq!(l.used(), 32 * K as usize);
     }
 }
