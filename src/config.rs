@@ -257,6 +257,10 @@ impl FetchConfig {
 pub struct MountConfig {
     /// Open complete blobs in FUSE passthrough mode (kernel ≥ 6.9, needs CAP_SYS_ADMIN).
     pub passthrough: bool,
+    /// When a complete cached file of 32 MiB or more is opened, read its blob into the page
+    /// cache ahead of the reader, many reads in flight (src/warm.rs). Off where readers touch
+    /// a few pages of large files and the disk reads for the rest are not wanted.
+    pub warm_readahead: bool,
     /// Let other users read the mount (needs root, or `user_allow_other` in /etc/fuse.conf).
     /// Default: on when running as root.
     pub allow_other: Option<bool>,
@@ -274,6 +278,7 @@ impl Default for MountConfig {
     fn default() -> Self {
         MountConfig {
             passthrough: true,
+            warm_readahead: true,
             allow_other: None,
             read_ahead_kb: 4096,
             threads: 2,

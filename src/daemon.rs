@@ -102,6 +102,7 @@ impl Services {
             cfg.fetch.readahead_chunks,
             mtime,
             cfg.mount.passthrough,
+            cfg.mount.warm_readahead,
         ))
     }
 }

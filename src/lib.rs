@@ -68,3 +68,4 @@ pub mod source;
 pub mod store;
 pub mod system;
 pub mod trust;
+pub mod warm;

@@ -23,6 +23,7 @@ use crate::fetch::{FetchError, Fetcher, FileCtx};
 use crate::in_force::InForceCell;
 use crate::metrics::METRICS;
 use crate::prefetch::ReadAhead;
+use crate::warm::WarmReadAhead;
 
 /// Attribute block size: large so tools (cp, dd) use large reads.
 pub const BLKSIZE: u32 = 1 << 20;
@@ -161,6 +162,8 @@ pub struct ModelFs {
     uid: u32,
     gid: u32,
     passthrough: bool,
+    /// Complete files read into the page cache at open, ahead of their readers.
+    warm: WarmReadAhead,
     next_fh: AtomicU64,
     control: Arc<Control>,
     rt: tokio::runtime::Handle,
@@ -181,6 +184,7 @@ impl ModelFs {
         readahead_chunks: u32,
         mtime: SystemTime,
         passthrough: bool,
+        warm_readahead: bool,
     ) -> ModelFs {
         let (uid, gid) = (
             nix::unistd::getuid().as_raw(),
@@ -194,6 +198,7 @@ impl ModelFs {
             uid,
             gid,
             passthrough,
+            warm: WarmReadAhead::new(warm_readahead, rt.clone()),
             next_fh: AtomicU64::new(1),
             control,
             rt,
@@ -335,10 +340,14 @@ impl ModelFs {
             Gate::Wait => None,
         };
         let store = self.fetcher.store();
-        let backing = match served {
-            Some(s) if self.passthrough && f.entry.size > 0 => store.open_complete_ro(&s.entry),
+        let complete = match served {
+            Some(s) if f.entry.size > 0 => store.open_complete_ro(&s.entry),
             _ => None,
         };
+        if let Some(blob) = &complete {
+            self.warm.opened(f.entry.sha256, blob, f.entry.size);
+        }
+        let backing = complete.filter(|_| self.passthrough);
         // A complete blob never checked whole (a cache older than the check) is checked now,
         // in the background; until then it is served by the daemon, not passed through.
         self.fetcher.check_in_background(&f);
