@@ -9,7 +9,7 @@
 //!             └─ daemon ───────────┤   (Services::builder: the one wiring; serve; run)
 //!                 ├─ reload        │   (builds the next in_force whole, swaps it)
 //!                 ├─ system        │   (mount table, sd_notify, read-ahead, malloc_trim)
-//!                 ├─ fuse → fs ────┤   (fuser adapter → inode tree, reads, `.wan/` files)
+//!                 ├─ fuse → fs ────┤   (fuser adapter → inode tree, reads, `.wan/` files; + warm)
 //!                 └─ http ─────────┤   (control routes, `/blobs` for peers)
 //!                                  ▼
 //!                              control      (one Request per operation, Control::handle)
@@ -37,8 +37,8 @@
 //! (`SourceKind`); the whole-file check of complete blobs and the files it refused in
 //! `store/checked.rs` (what is kept) and `fetch/check.rs` (when it runs, what a mismatch
 //! does); an OCI model's published chunk lists in `source/oci_chunks.rs` (wire format, push,
-//! find) and `remote.rs` (`adopt`: what a build believes of them). Each file's `//!` says what
-//! it owns.
+//! find) and `remote.rs` (`adopt`: what a build believes of them); reading a complete file
+//! into the page cache at open in `warm.rs`. Each file's `//!` says what it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
