@@ -11,10 +11,11 @@
 //! Bounded: at most `cap` bytes, entries expire after `ttl` (a reader that went elsewhere), and
 //! when full a new chunk is not kept (the oldest entries are the ones a sequential reader
 //! reaches next, so they are the last to give up). A chunk is spent once reads have been
-//! served every page of it, from here or from the blob file; a spent chunk is still kept for
-//! `SPENT_GRACE`, or until a new chunk needs its room, because the kernel may ask for pages
-//! again after serving them (a read racing its own read-ahead), and a chunk that was served
-//! without being cached (`when_cache_behind = "skip"`) would otherwise be fetched again for it.
+//! served every page of it, from here or from the blob file. A spent chunk that is not being
+//! cached (`when_cache_behind = "skip"`) is still kept for `SPENT_GRACE`, or until a new chunk
+//! needs its room: the kernel may ask for pages again after they were served (a read racing
+//! its own read-ahead), and such a chunk would otherwise be fetched again for them. A cached
+//! one is let go at once: a repeated read finds it in the blob file.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -27,10 +28,11 @@ pub(super) struct Landed {
     cap: usize,
     ttl: Duration,
     used: usize,
-    /// (when it landed, the chunk, which of its pages have been served).
-    chunks: HashMap<(Digest, u64), (Instant, VerifiedChunk, Served)>,
-    /// Chunks every page of which was served, and when; still answered from, counted in
-    /// `used`, and the first to give their room to a new chunk.
+    /// (when it landed, the chunk, which of its pages have been served, whether it is served
+    /// without being cached).
+    chunks: HashMap<(Digest, u64), (Instant, VerifiedChunk, Served, bool)>,
+    /// Uncached chunks every page of which was served, and when; still answered from, counted
+    /// in `used`, and the first to give their room to a new chunk.
     spent: HashMap<(Digest, u64), (Instant, VerifiedChunk)>,
     /// Chunks let go after every page was served, and when: read-ahead, which a reader's
     /// last reads of a chunk can still trigger, does not fetch them again for `ttl`.
@@ -54,8 +56,14 @@ impl Landed {
     }
 
     /// Keeps chunk `idx` of blob `blob`, if there is room once expired entries are gone;
-    /// returns whether it is kept.
-    pub(super) fn insert(&mut self, blob: Digest, idx: u64, chunk: VerifiedChunk) -> bool {
+    /// returns whether it is kept. `uncached`: it will not be in the store (skipped).
+    pub(super) fn insert(
+        &mut self,
+        blob: Digest,
+        idx: u64,
+        chunk: VerifiedChunk,
+        uncached: bool,
+    ) -> bool {
         if self.chunks.contains_key(&(blob, idx)) {
             return true;
         }
@@ -66,7 +74,7 @@ impl Landed {
         let now = Instant::now();
         let ttl = self.ttl;
         let mut freed = 0;
-        self.chunks.retain(|_, (t, c, _)| {
+        self.chunks.retain(|_, (t, c, _, _)| {
             let keep = now.duration_since(*t) < ttl;
             if !keep {
                 freed += c.bytes().len();
@@ -94,7 +102,8 @@ impl Landed {
         }
         self.used += len;
         let served = Served::new(len);
-        self.chunks.insert((blob, idx), (now, chunk, served));
+        self.chunks
+            .insert((blob, idx), (now, chunk, served, uncached));
         true
     }
 
@@ -116,7 +125,7 @@ impl Landed {
         let idx = covering.start;
         let r = layout.range(idx);
         let (a, b) = (offset - r.start, end - r.start);
-        let Some((_, c, served)) = self.chunks.get_mut(&(blob, idx)) else {
+        let Some((_, c, served, _)) = self.chunks.get_mut(&(blob, idx)) else {
             let (_, c) = self.spent.get(&(blob, idx))?;
             let same =
                 c.digest() == digests[idx as usize] && c.bytes().len() as u64 == r.end - r.start;
@@ -144,7 +153,7 @@ impl Landed {
         }
         for idx in layout.covering(offset, end - offset) {
             let r = layout.range(idx);
-            let Some((_, _, served)) = self.chunks.get_mut(&(blob, idx)) else {
+            let Some((_, _, served, _)) = self.chunks.get_mut(&(blob, idx)) else {
                 continue;
             };
             if served.mark(offset.max(r.start) - r.start, end.min(r.end) - r.start) {
@@ -154,9 +163,13 @@ impl Landed {
     }
 
     fn let_go(&mut self, blob: Digest, idx: u64) {
-        if let Some((_, c, _)) = self.chunks.remove(&(blob, idx)) {
+        if let Some((_, c, _, uncached)) = self.chunks.remove(&(blob, idx)) {
             let now = Instant::now();
-            self.spent.insert((blob, idx), (now, c));
+            if uncached {
+                self.spent.insert((blob, idx), (now, c));
+            } else {
+                self.used -= c.bytes().len();
+            }
             self.done.insert((blob, idx), now);
         }
     }
@@ -171,7 +184,7 @@ impl Landed {
         len: u64,
     ) -> Option<VerifiedChunk> {
         let c = match self.chunks.get(&(blob, idx)) {
-            Some((_, c, _)) => c,
+            Some((_, c, _, _)) => c,
             None => &self.spent.get(&(blob, idx))?.1,
         };
         (c.digest() == expected && c.bytes().len() as u64 == len).then(|| c.clone())
@@ -197,7 +210,10 @@ impl Landed {
     /// Bytes of chunks some page of which no reader has been served yet.
     #[cfg(test)]
     fn unspent(&self) -> usize {
-        self.chunks.values().map(|(_, c, _)| c.bytes().len()).sum()
+        self.chunks
+            .values()
+            .map(|(_, c, _, _)| c.bytes().len())
+            .sum()
     }
 }
 
@@ -259,7 +275,7 @@ mod tests {
         let expected = &digests[..];
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
         let at = |a: u64, b: u64| (a * K) as usize..(b * K) as usize;
-        assert!(l.insert(blob, 1, chunk(&data[1])));
+        assert!(l.insert(blob, 1, chunk(&data[1]), false));
         assert_eq!(l.used(), 16 * K as usize);
         let got = l.slice(blob, &layout, expected, 16 * K, 20 * K).unwrap();
         assert_eq!(got, &data[1][at(0, 4)]);
@@ -268,20 +284,35 @@ mod tests {
         assert!(l.slice(blob, &layout, expected, 0, 4 * K).is_none());
         let got = l.slice(blob, &layout, expected, 20 * K, 32 * K).unwrap();
         assert_eq!(got, &data[1][at(4, 16)]);
+        assert_eq!(
+            l.used(),
+            0,
+            "serving all of its pages lets a cached chunk go"
+        );
+        assert!(l.slice(blob, &layout, expected, 16 * K, 20 * K).is_none());
+        // One served without being cached is kept for the grace: the kernel asking again for
+        // pages it was served is still answered from memory, not by a second fetch.
+        assert!(l.insert(blob, 3, chunk(&data[3]), true));
+        assert!(l.slice(blob, &layout, expected, 48 * K, 64 * K).is_some());
         assert_eq!(l.unspent(), 0, "serving all of its pages spends it");
         assert_eq!(l.used(), 16 * K as usize, "spent, and kept for the grace");
-        // The kernel asks again for pages it was served: still answered from memory.
-        let again = l.slice(blob, &layout, expected, 16 * K, 20 * K).unwrap();
-        assert_eq!(again, &data[1][at(0, 4)]);
-        assert!(l.get(blob, 1, expected[1], 16 * K).is_some());
+        let again = l.slice(blob, &layout, expected, 48 * K, 52 * K).unwrap();
+        assert_eq!(again, &data[3][at(0, 4)]);
+        assert!(l.get(blob, 3, expected[3], 16 * K).is_some());
+        assert!(
+            l.insert(blob, 3, chunk(&data[3]), true),
+            "landed again: counted afresh"
+        );
+        assert_eq!((l.used(), l.unspent()), (16 * K as usize, 16 * K as usize));
+        assert!(l.slice(blob, &layout, expected, 48 * K, 64 * K).is_some());
         // Out of order (the kernel's concurrent reads): the end first, then the start.
-        l.insert(blob, 1, chunk(&data[1]));
+        l.insert(blob, 1, chunk(&data[1]), false);
         assert!(l.slice(blob, &layout, expected, 24 * K, 32 * K).is_some());
-        assert_eq!(l.used(), 16 * K as usize, "half served: still kept");
+        assert_eq!(l.unspent(), 16 * K as usize, "half served: still kept");
         assert!(l.slice(blob, &layout, expected, 16 * K, 24 * K).is_some());
         assert_eq!(l.unspent(), 0);
         // The same pages twice (a read racing its read-ahead) do not count twice.
-        l.insert(blob, 2, chunk(&data[2]));
+        l.insert(blob, 2, chunk(&data[2]), false);
         for _ in 0..4 {
             assert!(l.slice(blob, &layout, expected, 32 * K, 36 * K).is_some());
         }
@@ -297,8 +328,8 @@ mod tests {
     fn reads_answered_elsewhere_count_as_served() {
         let (blob, layout, data) = setup();
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
-        l.insert(blob, 1, chunk(&data[1]));
-        l.insert(blob, 2, chunk(&data[2]));
+        l.insert(blob, 1, chunk(&data[1]), false);
+        l.insert(blob, 2, chunk(&data[2]), false);
         // 12..20 KiB spans chunks 0 and 1; 28..36 KiB spans 1 and 2.
         l.served(blob, &layout, 12 * K, 20 * K);
         l.served(blob, &layout, 28 * K, 36 * K);
@@ -319,7 +350,7 @@ mod tests {
     fn refuses_a_chunk_the_manifest_does_not_name_there() {
         let (blob, layout, data) = setup();
         let mut l = Landed::new(1 << 20, Duration::from_secs(60));
-        l.insert(blob, 2, chunk(&data[2]));
+        l.insert(blob, 2, chunk(&data[2]), false);
         let other = Digest::of(b"something else");
         assert!(
             l.slice(blob, &layout, &[other; 4], 32 * K, 36 * K)
@@ -335,16 +366,16 @@ mod tests {
     fn bounded_and_expiring() {
         let (blob, _, data) = setup();
         let mut l = Landed::new(32 * K as usize, Duration::from_millis(50));
-        assert!(l.insert(blob, 0, chunk(&data[0])));
-        assert!(l.insert(blob, 1, chunk(&data[1])));
+        assert!(l.insert(blob, 0, chunk(&data[0]), false));
+        assert!(l.insert(blob, 1, chunk(&data[1]), false));
         assert!(
-            !l.insert(blob, 2, chunk(&data[2])),
+            !l.insert(blob, 2, chunk(&data[2]), false),
             "full: the third is not kept"
         );
         assert!(l.holds(blob, 0) && !l.holds(blob, 2));
         std::thread::sleep(Duration::from_millis(60));
         assert!(
-            l.insert(blob, 3, chunk(&data[3])),
+            l.insert(blob, 3, chunk(&data[3]), false),
             "expired entries make room"
         );
         assert_eq!(l.used(), 16 * K as usize);
@@ -357,18 +388,18 @@ mod tests {
         let (blob, layout, data) = setup();
         let digests: Vec<Digest> = data.iter().map(|d| Digest::of(d)).collect();
         let mut l = Landed::new(32 * K as usize, Duration::from_secs(60));
-        assert!(l.insert(blob, 0, chunk(&data[0])));
-        assert!(l.insert(blob, 1, chunk(&data[1])));
+        assert!(l.insert(blob, 0, chunk(&data[0]), true));
+        assert!(l.insert(blob, 1, chunk(&data[1]), true));
         assert!(l.slice(blob, &layout, &digests, 0, 16 * K).is_some());
         assert_eq!((l.used(), l.unspent()), (32 * K as usize, 16 * K as usize));
         assert!(
-            l.insert(blob, 2, chunk(&data[2])),
+            l.insert(blob, 2, chunk(&data[2]), true),
             "chunk 0's room is taken"
         );
         assert!(l.slice(blob, &layout, &digests, 0, 4 * K).is_none());
         assert!(l.holds(blob, 0), "just served: read-ahead leaves it alone");
         assert!(
-            !l.insert(blob, 3, chunk(&data[3])),
+            !l.insert(blob, 3, chunk(&data[3]), true),
             "nothing spent is left to give room"
         );
         assert_eq!(l.used(), 32 * K as usize);

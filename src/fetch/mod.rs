@@ -637,11 +637,13 @@ impl Fetcher {
                     return done(Err(e));
                 }
             };
-            let kept = for_reader && (this.table().landed).insert(sha, idx, chunk.clone());
-            let _ = tx.send(Ok(chunk.clone()));
             // Only a chunk kept for its reader may skip the cache: one dropped now would be
-            // fetched again when the reader gets there.
-            if kept && this.cache_is_behind(chunk.bytes().len() as u64) {
+            // fetched again when the reader gets there. Decided before it is kept, so that it
+            // is kept as one no blob file will have (see `landed.rs`).
+            let behind = for_reader && this.cache_is_behind(chunk.bytes().len() as u64);
+            let kept = for_reader && (this.table().landed).insert(sha, idx, chunk.clone(), behind);
+            let _ = tx.send(Ok(chunk.clone()));
+            if kept && behind {
                 METRICS.cache_skipped_bytes.inc_by(chunk.bytes().len() as u64);
                 tracing::debug!(model = %file.model, file = %file.entry.path, chunk = idx,
                     "served and not cached: the cache disk is behind");
