@@ -703,8 +703,8 @@ fn next_link(header: &str) -> Option<String> {
 /// `s3://bucket/prefix` by ListObjectsV2 (the client's own timeouts: 5 s to connect, 30 s an
 /// answer), retried while the server throttles or fails for a moment.
 /// An OCI artifact's files and the manifest's digest: raw layers from the manifest alone, an
-/// uncompressed tar layer's files from its headers, read by range. A compressed layer is
-/// refused, naming it.
+/// uncompressed tar layer's files from its headers, read by range, a compressed one's from
+/// its headers once it is fetched whole and unpacked.
 async fn list_oci(
     client: &reqwest::Client,
     cfg: &crate::config::OciConfig,
@@ -736,11 +736,12 @@ async fn list_oci(
     let digest = source.resolve().await?.digest.clone();
     let mut listed = Vec::with_capacity(files.len());
     for f in files {
-        if let Some(why) = f.layer.refused() {
-            bail!("{url}: {why}");
-        }
         if let Some(packed) = f.packed_in() {
-            eprintln!("{url}: {} is packed in {packed}, served by range", f.path);
+            let how = match f.compressed() {
+                true => "fetched whole and unpacked at first read",
+                false => "served by range",
+            };
+            eprintln!("{url}: {} is packed in {packed}, {how}", f.path);
         }
         let sha256 =
             match f.sha256_hex() {

@@ -12,6 +12,7 @@ pub(crate) mod http;
 pub mod mock;
 pub(crate) mod oci;
 pub(crate) mod oci_chunks;
+pub(crate) mod oci_packed;
 mod rawhttp;
 mod s3;
 
