@@ -1407,6 +1407,51 @@ mod tests {
         assert!(s.base.starts_with("http://reg.example/v2/m"));
     }
 
+    /// The media types Docker model runner (docker/model-runner, model-distribution) and
+    /// KitOps (kitops-ml/kitops `pkg/lib/constants/mediatype`) write, as they write them.
+    #[test]
+    fn docker_model_runner_and_kitops_layers_are_recognised() {
+        let l = |mt: &str| Layer {
+            path: "x".into(),
+            media_type: mt.into(),
+            digest: "sha256:00".into(),
+            size: 1,
+        };
+        // Docker model runner: one file per layer, raw; a config archive is an uncompressed tar.
+        for raw in [
+            "application/vnd.docker.ai.gguf.v3",
+            "application/vnd.docker.ai.safetensors",
+            "application/vnd.docker.ai.license",
+            "application/vnd.docker.ai.mmproj",
+            "application/vnd.docker.ai.dduf",
+            "application/vnd.docker.ai.chat.template.jinja",
+            "application/vnd.docker.ai.model.file.v1+gguf",
+        ] {
+            assert_eq!((raw, l(raw).packed()), (raw, None));
+        }
+        assert_eq!(
+            l("application/vnd.docker.ai.vllm.config.tar").packed(),
+            Some("tar")
+        );
+        // KitOps ModelKits: every layer a tar, gzip-compressed by default.
+        for part in ["model", "modelpart", "dataset", "code", "docs"] {
+            let tar = format!("application/vnd.kitops.modelkit.{part}.v1.tar");
+            assert_eq!(l(&tar).packed(), Some("tar"), "{tar}");
+            assert_eq!(l(&tar).codec(), None, "{tar}");
+            let gz = format!("{tar}+gzip");
+            assert_eq!(l(&gz).codec(), Some(Codec::Gzip), "{gz}");
+        }
+        // Index entries of all three are models.
+        for t in [
+            "application/vnd.cncf.model.manifest.v1+json",
+            "application/vnd.docker.ai.model.config.v0.2+json",
+            "application/vnd.kitops.modelkit.manifest.v1+json",
+        ] {
+            assert!(model_type(t), "{t}");
+        }
+        assert!(!model_type("application/vnd.oci.image.config.v1+json"));
+    }
+
     #[test]
     fn layers_are_raw_or_named_packed() {
         let l = |mt: &str| Layer {
