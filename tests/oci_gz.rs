@@ -177,6 +177,17 @@ fn gzip_and_zstd_tar_layers_are_unpacked_once_and_served() {
         let got = std::fs::read(mount.path(&format!("p@1.0.0/{path}"))).expect(path);
         assert_bytes_eq(&got, bytes, path);
     }
+    // Status names each file packed in a compressed layer, and what that costs.
+    let status = std::fs::read_to_string(mount.path(".wan/status")).expect(".wan/status");
+    for (path, kind) in [("docs/big.bin", "tar+gzip"), ("code/run.py", "tar+zstd")] {
+        let said = format!("{path}: {kind} layer sha256:");
+        assert!(status.contains(&said), "{said:?} in {status}");
+    }
+    assert!(
+        status.contains("fetched whole at first read (unpacked in the spool now)"),
+        "{status}"
+    );
+    assert!(!status.contains("model.safetensors:"), "{status}");
 }
 
 #[test]

@@ -134,6 +134,13 @@ pub trait Source: Send + Sync {
             Ok(())
         })
     }
+
+    /// What `path` is packed in, where this source knows it without asking anything (an OCI
+    /// file in a compressed layer, fetched whole at first read): for status. `None` for
+    /// every other file, and before the source has looked.
+    fn packed(&self, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 /// A source plus its health, shared by every model that lists the same URL.

@@ -1070,6 +1070,20 @@ impl Source for OciSource {
         true
     }
 
+    fn packed(&self, path: &str) -> Option<String> {
+        let tars = self.tar_files.lock().unwrap();
+        let p = tars.values().flatten().find(|p| p.path == path)?;
+        let kind = p.layer.packed().filter(|_| p.compressed())?;
+        let spooled = match oci_packed::spool().holds(&p.layer.digest) {
+            true => "unpacked in the spool now",
+            false => "not in the spool now",
+        };
+        Some(format!(
+            "{kind} layer {}, fetched whole at first read ({spooled})",
+            p.layer.digest
+        ))
+    }
+
     fn fetch_filling<'a>(
         &'a self,
         path: &'a str,

@@ -160,6 +160,14 @@ impl Spool {
         pending
     }
 
+    /// Whether layer `digest` is unpacked now: for status.
+    pub(crate) fn holds(&self, digest: &str) -> bool {
+        let layers = self.layers.lock().unwrap();
+        layers
+            .get(digest)
+            .is_some_and(|p| matches!(p.peek(), Some(Ok(_))))
+    }
+
     /// Lets go of the least recently read unpacked layers (not `keep`) while the spool holds
     /// more than `limit` bytes. A reader holding one still reads it; its space is freed
     /// when the last reader is done, and a later read fetches the layer again.
