@@ -126,8 +126,14 @@ pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<
                 return Ok((files, pinned, signed));
             }
         }
+        // A chunked build of a BLAKE3-signed model is held to its signature as published
+        // lists are: lists that could never bind fail the build, not the mount.
+        let signed = match opts.whole_only {
+            true => None,
+            false => blake3_statement(&*handle.source, &listed, &fetch, url).await?,
+        };
         let files = hash_all(&*handle.source, url, listed, &opts, &fetch).await?;
-        Ok((files, pinned, None))
+        Ok((files, pinned, signed))
     })?;
     if let Some(pinned) = pinned {
         opts.sources[0] = pinned.to_string();
@@ -135,7 +141,7 @@ pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<
     let text = render_entry(&opts.id, &opts.sources, files, base)?;
     if let Some(st) = signed {
         bound(&text, &opts.id, &st).map_err(|e| {
-            anyhow!("{url}: the published chunk lists do not match the model's signature: {e}")
+            anyhow!("{url}: the chunk lists do not bind to the model's signature: {e}")
         })?;
     }
     Ok(text)
