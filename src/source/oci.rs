@@ -689,7 +689,11 @@ impl OciSource {
         }
         let codec = layer.codec().expect("a compressed layer");
         let url = format!("{}/blobs/{}", self.base, layer.digest);
-        let resp = self.send(|c| c.get(&url).timeout(META_TIMEOUT * 4)).await?;
+        // No deadline on the whole body (reqwest's `timeout` would cut a large layer off):
+        // the answer's head within META_TIMEOUT, then the body may not stall (`oci_packed`).
+        let resp = tokio::time::timeout(META_TIMEOUT, self.send(|c| c.get(&url)))
+            .await
+            .map_err(|_| SourceError::Timeout)??;
         match resp.status().as_u16() {
             200 => {}
             404 => return Err(SourceError::NotFound),
