@@ -323,6 +323,9 @@ async fn run_op(b: &Backend, op: ModelsOp, json_out: bool) -> anyhow::Result<Exi
                         signed,
                         refused.as_deref().or(m.last_error.as_deref()).unwrap_or("")
                     );
+                    for p in &m.packed {
+                        println!("  packed: {p}");
+                    }
                 }
             }
             Ok(code(ok))

@@ -28,7 +28,7 @@ pub struct Config {
 
 /// `oci://` registries (`source/oci.rs`): which may be asked over plain HTTP, and where their
 /// credentials are. Names a file, never holds a secret, so `/config` may show it.
-#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OciConfig {
     /// Registries (`host` or `host:port`) asked over `http://`, as docker's
@@ -37,6 +37,19 @@ pub struct OciConfig {
     /// A docker-style `config.json` read before `$REGISTRY_AUTH_FILE` and
     /// `$DOCKER_CONFIG/config.json`: the daemon's own credentials.
     pub auth_file: Option<PathBuf>,
+    /// The most a compressed (`tar+gzip`, `tar+zstd`) layer may unpack to, in MiB: also what
+    /// the spool of unpacked layers holds at most (least recently read let go first).
+    pub unpack_max_mib: u64,
+}
+
+impl Default for OciConfig {
+    fn default() -> Self {
+        OciConfig {
+            insecure_registries: Vec::new(),
+            auth_file: None,
+            unpack_max_mib: 4096,
+        }
+    }
 }
 
 /// Other wanfs daemons of the fleet, asked for a chunk before the manifest's sources.
@@ -395,7 +408,7 @@ impl Config {
         let m = &self.mount;
         const DAY: f64 = 86_400.0;
         // (key, value, least, most, unit); bounds are inclusive.
-        let ints: [(&str, u64, u64, u64, &str); 9] = [
+        let ints: [(&str, u64, u64, u64, &str); 10] = [
             ("fetch.connections", f.connections as u64, 1, 1024, ""),
             (
                 "fetch.max_inflight_mib",
@@ -429,6 +442,13 @@ impl Config {
                 " KiB",
             ),
             ("mount.threads", m.threads as u64, 1, 256, " threads"),
+            (
+                "oci.unpack_max_mib",
+                self.oci.unpack_max_mib,
+                1,
+                1 << 30,
+                " MiB",
+            ),
         ];
         for (key, v, lo, hi, unit) in ints {
             if !(lo..=hi).contains(&v) {

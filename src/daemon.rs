@@ -170,6 +170,8 @@ impl ServicesBuilder<'_> {
     pub fn build(self) -> anyhow::Result<Services> {
         let cfg = &self.config;
         let store = Arc::new(Store::open(&self.cache_dir)?);
+        // Compressed OCI layers unpack next to the cache, not in a temp dir that may be RAM.
+        crate::source::oci_packed::spool_in(&self.cache_dir);
         drop_stale_sizes(&store, self.manifest)?;
         let mut sources = SourceRegistry::new(&cfg.fetch)?.with_oci(cfg.oci.clone());
         if let Some(fixed) = self.sources {

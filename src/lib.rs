@@ -37,8 +37,9 @@
 //! (`SourceKind`); the whole-file check of complete blobs and the files it refused in
 //! `store/checked.rs` (what is kept) and `fetch/check.rs` (when it runs, what a mismatch
 //! does); an OCI model's published chunk lists in `source/oci_chunks.rs` (wire format, push,
-//! find) and `remote.rs` (`adopt`: what a build believes of them); reading a complete file
-//! into the page cache at open in `warm.rs`. Each file's `//!` says what it owns.
+//! find) and `remote.rs` (`adopt`: what a build believes of them); a compressed OCI layer's
+//! whole fetch, digest check, unpacking and spool in `source/oci_packed.rs`; reading a
+//! complete file into the page cache at open in `warm.rs`. Each file's `//!` says what it owns.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 

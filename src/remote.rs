@@ -126,8 +126,14 @@ pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<
                 return Ok((files, pinned, signed));
             }
         }
+        // A chunked build of a BLAKE3-signed model is held to its signature as published
+        // lists are: lists that could never bind fail the build, not the mount.
+        let signed = match opts.whole_only {
+            true => None,
+            false => blake3_statement(&*handle.source, &listed, &fetch, url).await?,
+        };
         let files = hash_all(&*handle.source, url, listed, &opts, &fetch).await?;
-        Ok((files, pinned, None))
+        Ok((files, pinned, signed))
     })?;
     if let Some(pinned) = pinned {
         opts.sources[0] = pinned.to_string();
@@ -135,7 +141,7 @@ pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<
     let text = render_entry(&opts.id, &opts.sources, files, base)?;
     if let Some(st) = signed {
         bound(&text, &opts.id, &st).map_err(|e| {
-            anyhow!("{url}: the published chunk lists do not match the model's signature: {e}")
+            anyhow!("{url}: the chunk lists do not bind to the model's signature: {e}")
         })?;
     }
     Ok(text)
@@ -703,8 +709,8 @@ fn next_link(header: &str) -> Option<String> {
 /// `s3://bucket/prefix` by ListObjectsV2 (the client's own timeouts: 5 s to connect, 30 s an
 /// answer), retried while the server throttles or fails for a moment.
 /// An OCI artifact's files and the manifest's digest: raw layers from the manifest alone, an
-/// uncompressed tar layer's files from its headers, read by range. A compressed layer is
-/// refused, naming it.
+/// uncompressed tar layer's files from its headers, read by range, a compressed one's from
+/// its headers once it is fetched whole and unpacked.
 async fn list_oci(
     client: &reqwest::Client,
     cfg: &crate::config::OciConfig,
@@ -736,11 +742,12 @@ async fn list_oci(
     let digest = source.resolve().await?.digest.clone();
     let mut listed = Vec::with_capacity(files.len());
     for f in files {
-        if let Some(why) = f.layer.refused() {
-            bail!("{url}: {why}");
-        }
         if let Some(packed) = f.packed_in() {
-            eprintln!("{url}: {} is packed in {packed}, served by range", f.path);
+            let how = match f.compressed() {
+                true => "fetched whole and unpacked at first read",
+                false => "served by range",
+            };
+            eprintln!("{url}: {} is packed in {packed}, {how}", f.path);
         }
         let sha256 =
             match f.sha256_hex() {

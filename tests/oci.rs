@@ -4,7 +4,8 @@
 //! digest and lists sizes and sha256 from the manifest; a mount of it reads every file
 //! byte-exact, a random 4 KiB read costs about one chunk, not the layer; credentials come
 //! from a docker `config.json`, a wrong password fails naming the registry and showing no
-//! secret, and a tar+gzip layer is refused naming it. `.ci/run` installs the registry,
+//! secret, and a tar+gzip layer that is no gzip is refused naming it (tests/oci_gz.rs serves
+//! real ones). `.ci/run` installs the registry,
 //! `htpasswd` and `oras`; where one is missing, the tests print `SKIP: …` and pass.
 
 mod common;
@@ -169,7 +170,7 @@ fn basic_auth_from_a_docker_config_and_a_wrong_password_named_without_its_secret
 }
 
 #[test]
-fn a_tar_gzip_layer_is_refused_naming_it() {
+fn a_tar_gzip_layer_that_is_no_gzip_is_refused_naming_it() {
     if no_registry() {
         return;
     }

@@ -256,6 +256,41 @@ fn a_blake3_signed_model_gets_only_chunk_lists_that_bind_to_its_signature() {
             .all(|f| f.chunks.is_empty())
     );
 
+    // A --chunked build is held to the signature too: sha256 lists fail the build, the
+    // default blake3-tree ones on the same grid bind.
+    let out = wan(&[
+        "manifest",
+        "build",
+        &url,
+        "--id",
+        "s@1.0.0",
+        "--chunked",
+        "--chunk-size",
+        "1048576",
+        "--chunk-hash",
+        "sha256",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sha256 lists were built");
+    assert!(
+        err.contains("do not bind to the model's signature"),
+        "{err}"
+    );
+    let (text, _) = ok(
+        wan(&[
+            "manifest",
+            "build",
+            &url,
+            "--id",
+            "s@1.0.0",
+            "--chunked",
+            "--chunk-size",
+            "1048576",
+        ]),
+        "build --chunked",
+    );
+    assert!(text.contains("chunk_hash = \"blake3-tree\""), "{text}");
+
     // blake3-tree lists bind: published, then built from and checked again.
     ok(
         wan(&[

@@ -155,6 +155,10 @@ pub struct ModelStatus {
     /// Where the model stands under `[trust]`.
     #[serde(default)]
     pub trust: TrustStatus,
+    /// Its files known to be packed in a compressed OCI layer (fetched whole at first read),
+    /// `path: what it is packed in`; known once the source has listed the layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packed: Vec<String>,
 }
 
 /// A model's standing under `[trust]`, as status shows it.
@@ -304,7 +308,15 @@ impl Control {
         let mut cached = 0;
         let mut complete = 0;
         let mut last_access: Option<u64> = None;
+        let mut packed = Vec::new();
         for f in files {
+            if let Some(p) = f
+                .sources
+                .iter()
+                .find_map(|s| s.source.packed(&f.entry.path))
+            {
+                packed.push(format!("{}: {p}", f.entry.path));
+            }
             cached += store.cached_bytes(&f.entry);
             if store.state(&f.entry) == CacheState::Complete {
                 complete += 1;
@@ -346,6 +358,7 @@ impl Control {
             last_error: row.last_error,
             job: job.map(|j| j.snapshot()),
             trust,
+            packed,
         })
     }
 

@@ -24,7 +24,35 @@ pub fn http_client(
     cfg: &FetchConfig,
     connect_timeout: std::time::Duration,
 ) -> anyhow::Result<reqwest::Client> {
-    Ok(client_builder(cfg, connect_timeout).build()?)
+    Ok(client_builder(cfg, connect_timeout)
+        .redirect(reqwest::redirect::Policy::custom(
+            |a| match refused_redirect(a.previous(), a.url()) {
+                Some(why) => a.error(why),
+                None => a.follow(),
+            },
+        ))
+        .build()?)
+}
+
+/// How many redirects one request follows: reqwest's own default.
+const MAX_REDIRECTS: usize = 10;
+
+/// Why a redirect to `to`, after the URLs `before` (the one asked first, then each redirect
+/// so far), is not followed: from `https` to plain `http` (an origin or registry asked over
+/// TLS must not have its bytes, or a presigned URL's signature, sent in clear: docker and oras
+/// refuse the same), or one hop too many.
+fn refused_redirect(before: &[reqwest::Url], to: &reqwest::Url) -> Option<String> {
+    if before.len() > MAX_REDIRECTS {
+        return Some(format!("more than {MAX_REDIRECTS} redirects"));
+    }
+    let from = before.last()?;
+    (from.scheme() == "https" && to.scheme() == "http").then(|| {
+        format!(
+            "{} redirected from https to plain http ({}): not followed",
+            from.host_str().unwrap_or(""),
+            to.host_str().unwrap_or("")
+        )
+    })
 }
 
 /// The client peers are asked through: like [`http_client`], but a redirect is an answer, not
@@ -129,6 +157,9 @@ pub(super) fn transport(e: reqwest::Error) -> SourceError {
         let msg = super::error_chain(&e);
         if connect {
             SourceError::Unreachable(msg)
+        } else if e.is_redirect() {
+            // A redirect refused ([`refused_redirect`]) will be refused again: not retried.
+            SourceError::Unsupported(msg)
         } else {
             SourceError::Transport(msg)
         }
@@ -229,6 +260,37 @@ impl Source for HttpSource {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_redirect_from_https_to_plain_http_is_refused() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        let registry = u("https://registry.example/v2/m/blobs/sha256:00");
+        let why = super::refused_redirect(
+            std::slice::from_ref(&registry),
+            &u("http://storage.example/blob?X-Amz-Signature=secret"),
+        )
+        .expect("refused");
+        assert!(
+            why.contains("registry.example") && why.contains("storage.example"),
+            "{why}"
+        );
+        // Nothing of the URL but its hosts: a presigned URL's signature stays out of logs.
+        assert!(!why.contains("secret"), "{why}");
+        // https to https (a presigned URL, the Hub's CDN), and plain http anywhere, are followed.
+        let tls = u("https://storage.example/blob");
+        assert_eq!(
+            super::refused_redirect(std::slice::from_ref(&registry), &tls),
+            None
+        );
+        let plain = u("http://127.0.0.1:5000/v2/m/blobs/sha256:00");
+        assert_eq!(
+            super::refused_redirect(std::slice::from_ref(&plain), &u("http://127.0.0.1:6000/b")),
+            None
+        );
+        // An https hop anywhere before counts from the hop that redirects now.
+        assert!(super::refused_redirect(&[plain, tls.clone()], &u("http://x.example/")).is_some());
+        assert!(super::refused_redirect(&vec![tls; 11], &registry).is_some());
+    }
+
     #[test]
     fn path_goes_before_the_query_of_a_signed_base() {
         let s = super::HttpSource::new(

@@ -12,6 +12,7 @@ pub(crate) mod http;
 pub mod mock;
 pub(crate) mod oci;
 pub(crate) mod oci_chunks;
+pub(crate) mod oci_packed;
 mod rawhttp;
 mod s3;
 
@@ -132,6 +133,13 @@ pub trait Source: Send + Sync {
             into.advance(n);
             Ok(())
         })
+    }
+
+    /// What `path` is packed in, where this source knows it without asking anything (an OCI
+    /// file in a compressed layer, fetched whole at first read): for status. `None` for
+    /// every other file, and before the source has looked.
+    fn packed(&self, _path: &str) -> Option<String> {
+        None
     }
 }
 

@@ -12,9 +12,10 @@
 //!
 //! An uncompressed `…tar` layer holds several files: its headers are read by range (a window
 //! at a time, at first use of the layer) and each regular file in it is served by range from
-//! its span of the blob, as a raw layer is. Compressed layers (tar+gzip, tar+zstd) cannot be
-//! read by range and are refused, naming the layer and its media type (docs/MANIFEST.md,
-//! DESIGN-NOTES "OCI registries").
+//! its span of the blob, as a raw layer is. A compressed tar layer (tar+gzip, tar+zstd) cannot
+//! be read by range: at first use it is fetched whole, checked and unpacked once into the
+//! spool `oci_packed` owns, and its files are served from their spans of the unpacked tar
+//! (docs/MANIFEST.md, DESIGN-NOTES "OCI registries").
 //!
 //! Secrets (passwords, identity tokens, bearer tokens) live in [`Secret`] and the
 //! `Authorization` header only: no error, log line or `Debug` output carries one, and a redirect
@@ -36,6 +37,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::answer::{body_too_long, check_status, retry_after_header};
+use super::oci_packed::{self, Codec, Unpacked};
 use super::{Source, SourceError};
 use crate::chunk::Filler;
 use crate::config::OciConfig;
@@ -71,7 +73,7 @@ pub struct Layer {
 
 impl Layer {
     /// `None` for a raw layer (the file's bytes, read by range); else what it is packed as:
-    /// `tar` (its files served by range) or a compressed tar (refused).
+    /// `tar` (its files served by range) or a compressed tar (fetched whole and unpacked).
     pub fn packed(&self) -> Option<&'static str> {
         let mt = self.media_type.split(';').next().unwrap_or("").trim();
         if mt.ends_with("tar+gzip") || mt.ends_with("tar.gzip") {
@@ -90,22 +92,9 @@ impl Layer {
         self.digest.strip_prefix("sha256:")
     }
 
-    /// Why a compressed layer is not served, naming it; `None` for a layer that is served
-    /// (raw, or an uncompressed tar).
-    pub fn refused(&self) -> Option<String> {
-        self.packed()
-            .filter(|k| *k != "tar")
-            .map(|k| self.refusal(k))
-    }
-
-    /// Why a packed layer is not served, naming it.
-    pub fn refusal(&self, kind: &str) -> String {
-        format!(
-            "layer {} ({}) of {:?} is {kind}, which is not served yet: only raw and \
-             uncompressed tar layers are, by range (publish the file as a raw layer, e.g. \
-             application/vnd.cncf.model.weight.v1.raw, or as an uncompressed .tar)",
-            self.digest, self.media_type, self.path
-        )
+    /// How a compressed tar layer is compressed; `None` for a raw or an uncompressed tar one.
+    pub(crate) fn codec(&self) -> Option<Codec> {
+        self.packed().and_then(Codec::of)
     }
 }
 
@@ -135,6 +124,11 @@ impl Placed {
         self.layer
             .packed()
             .map(|k| format!("{k} layer {} ({:?})", self.layer.digest, self.layer.path))
+    }
+
+    /// Whether its layer is compressed: fetched whole and unpacked at first read.
+    pub fn compressed(&self) -> bool {
+        self.layer.codec().is_some()
     }
 }
 
@@ -178,6 +172,8 @@ pub struct OciSource {
     base: String,
     insecure: Vec<String>,
     auth_file: Option<PathBuf>,
+    /// The most bytes a compressed layer may unpack to, and the spool may hold.
+    unpack_max: u64,
     /// The credentials, read from the files at first use (`None`: anonymous).
     creds: tokio::sync::OnceCell<Result<Option<Creds>, String>>,
     /// The `Authorization` the registry last asked for (Basic, or a Bearer token and when to
@@ -190,6 +186,9 @@ pub struct OciSource {
     /// Every file with its span, tar layers' headers read: once per source, and only when a
     /// path is not a raw layer's (an error is not kept either).
     placed: tokio::sync::OnceCell<Vec<Placed>>,
+    /// Each tar layer's files, by layer digest, as they are first needed: one layer that
+    /// fails (a compressed one whose bytes are wrong) leaves the others' files served.
+    tar_files: Mutex<HashMap<String, Vec<Placed>>>,
 }
 
 /// What is sent as `Authorization`, and for a Bearer token when it is renewed.
@@ -263,11 +262,13 @@ impl OciSource {
             base: format!("{scheme}://{}/v2/{repo}", api_host(registry)),
             insecure: cfg.insecure_registries.clone(),
             auth_file: cfg.auth_file.clone(),
+            unpack_max: cfg.unpack_max_mib.saturating_mul(1 << 20),
             creds: tokio::sync::OnceCell::new(),
             auth: Mutex::new(None),
             renewing: tokio::sync::Mutex::new(()),
             resolved: tokio::sync::OnceCell::new(),
             placed: tokio::sync::OnceCell::new(),
+            tar_files: Mutex::new(HashMap::new()),
         }
     }
 
@@ -582,8 +583,8 @@ impl OciSource {
     }
 
     /// Every file of the artifact with where its bytes are: raw layers as they are, each
-    /// uncompressed tar layer's regular files from its headers (read by range), a compressed
-    /// layer as one entry that [`Layer::refused`] names.
+    /// uncompressed tar layer's regular files from its headers (read by range), each
+    /// compressed one's from the headers of its unpacked tar (fetched whole, once).
     pub async fn placed_files(&self) -> Result<&[Placed], SourceError> {
         let placed = self
             .placed
@@ -591,8 +592,8 @@ impl OciSource {
                 let resolved = self.resolve().await?;
                 let mut out = Vec::new();
                 for layer in &resolved.layers {
-                    if layer.packed() == Some("tar") {
-                        out.extend(self.scan_tar(layer).await?);
+                    if layer.packed().is_some() {
+                        out.extend(self.tar_files(layer).await?);
                     } else {
                         out.push(Placed {
                             path: layer.path.clone(),
@@ -616,13 +617,13 @@ impl OciSource {
     }
 
     /// Where `path`'s bytes are. A raw layer's file is found from the manifest alone; only a
-    /// path that is none reads the tar layers' headers.
+    /// path that is none reads the tar layers' headers (and unpacks the compressed ones).
     async fn place(&self, path: &str) -> Result<Placed, SourceError> {
         let resolved = self.resolve().await?;
         let raw = resolved
             .layers
             .iter()
-            .find(|l| l.path == path && l.packed() != Some("tar"));
+            .find(|l| l.path == path && l.packed().is_none());
         let placed = match raw {
             Some(layer) => Placed {
                 path: path.to_string(),
@@ -630,19 +631,111 @@ impl OciSource {
                 offset: 0,
                 size: layer.size,
             },
-            None if resolved.layers.iter().any(|l| l.packed() == Some("tar")) => self
-                .placed_files()
-                .await?
-                .iter()
-                .find(|p| p.path == path)
-                .cloned()
-                .ok_or(SourceError::NotFound)?,
-            None => return Err(SourceError::NotFound),
+            None => {
+                // Uncompressed tars first: their headers cost a few ranged GETs, a compressed
+                // layer a whole fetch. A layer that fails is the answer only if no other
+                // layer holds the path.
+                let mut tars: Vec<&Layer> = resolved
+                    .layers
+                    .iter()
+                    .filter(|l| l.packed().is_some())
+                    .collect();
+                tars.sort_by_key(|l| l.codec().is_some());
+                let mut failed = None;
+                for layer in tars {
+                    match self.tar_files(layer).await {
+                        Ok(files) => {
+                            if let Some(p) = files.into_iter().find(|p| p.path == path) {
+                                return Ok(p);
+                            }
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                return Err(failed.unwrap_or(SourceError::NotFound));
+            }
         };
-        if let Some(why) = placed.layer.refused() {
-            return Err(SourceError::Unsupported(why));
-        }
         Ok(placed)
+    }
+
+    /// A tar layer's files with their spans: its headers read by range, or (compressed) from
+    /// its unpacked tar. Kept once found; an error is not.
+    async fn tar_files(&self, layer: &Layer) -> Result<Vec<Placed>, SourceError> {
+        if let Some(files) = self.tar_files.lock().unwrap().get(&layer.digest) {
+            return Ok(files.clone());
+        }
+        let files = match layer.codec() {
+            Some(_) => {
+                let unpacked = self.unpacked(layer).await?;
+                self.scan_tar(layer, Some(&unpacked)).await?
+            }
+            None => self.scan_tar(layer, None).await?,
+        };
+        self.tar_files
+            .lock()
+            .unwrap()
+            .insert(layer.digest.clone(), files.clone());
+        Ok(files)
+    }
+
+    /// A compressed layer unpacked: from the spool, or fetched whole now (once, however many
+    /// reads ask: they wait on the same download, which a reader's deadline does not cancel).
+    async fn unpacked(&self, layer: &Layer) -> Result<std::sync::Arc<Unpacked>, SourceError> {
+        let spool = oci_packed::spool();
+        if let Some(p) = spool.pending(&layer.digest) {
+            return p.await;
+        }
+        let codec = layer.codec().expect("a compressed layer");
+        let url = format!("{}/blobs/{}", self.base, layer.digest);
+        // No deadline on the whole body (reqwest's `timeout` would cut a large layer off):
+        // the answer's head within META_TIMEOUT, then the body may not stall (`oci_packed`).
+        let resp = tokio::time::timeout(META_TIMEOUT, self.send(|c| c.get(&url)))
+            .await
+            .map_err(|_| SourceError::Timeout)??;
+        match resp.status().as_u16() {
+            200 => {}
+            404 => return Err(SourceError::NotFound),
+            401 | 403 => return Err(SourceError::Denied(resp.status().as_u16())),
+            429 | 503 if let Some(after) = retry_after_header(resp.headers()) => {
+                return Err(SourceError::RetryAfter {
+                    status: resp.status().as_u16(),
+                    after,
+                });
+            }
+            s => return Err(SourceError::Status(s)),
+        }
+        let what = format!(
+            "{} layer {} ({:?}) of registry {}",
+            layer.packed().unwrap_or(""),
+            layer.digest,
+            layer.path,
+            self.registry
+        );
+        spool
+            .start(
+                &layer.digest,
+                layer.size,
+                codec,
+                self.unpack_max,
+                what,
+                resp,
+            )
+            .await
+    }
+
+    /// `range` of a tar: the blob's, by range, or the unpacked one's.
+    async fn read_tar(
+        &self,
+        layer: &Layer,
+        unpacked: Option<&std::sync::Arc<Unpacked>>,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, SourceError> {
+        match unpacked {
+            Some(u) => u.read(range).await,
+            None => self.read_blob(layer, range).await,
+        }
     }
 
     /// `range` of a layer's blob, whole in memory: a tar layer's headers, never a file's data.
@@ -682,10 +775,16 @@ impl OciSource {
         Ok(buf)
     }
 
-    /// The regular files of an uncompressed tar layer and their spans, from its headers read
-    /// by range, [`TAR_WINDOW`] at a time. A link, or a header that does not check, is refused
-    /// naming the layer: a file left out or put at the wrong offset would be served wrong.
-    async fn scan_tar(&self, layer: &Layer) -> Result<Vec<Placed>, SourceError> {
+    /// The regular files of a tar layer and their spans, from its headers read by range,
+    /// [`TAR_WINDOW`] at a time: of the blob, or of the unpacked tar of a compressed layer
+    /// (spans then of that). A link, or a header that does not check, is refused naming the
+    /// layer: a file left out or put at the wrong offset would be served wrong.
+    async fn scan_tar(
+        &self,
+        layer: &Layer,
+        unpacked: Option<&std::sync::Arc<Unpacked>>,
+    ) -> Result<Vec<Placed>, SourceError> {
+        let size = unpacked.map_or(layer.size, |u| u.size);
         let bad = |why: String| {
             SourceError::Unsupported(format!(
                 "tar layer {} ({:?}): {why}",
@@ -696,19 +795,19 @@ impl OciSource {
         let mut tar = TarWalk::default();
         let mut at = 0u64;
         let mut out = Vec::new();
-        while at + 512 <= layer.size {
+        while at + 512 <= size {
             let need = match tar.wants() {
                 TarWants::Header => 512,
                 TarWants::Meta(len) => len,
             };
             let end = at
                 .checked_add(need)
-                .filter(|e| *e <= layer.size)
+                .filter(|e| *e <= size)
                 .ok_or_else(|| bad(format!("an entry at offset {at} runs past the layer's end")))?;
             let covered = window.0 <= at && end <= window.0 + window.1.len() as u64;
             if !covered {
-                let to = end.max(at + TAR_WINDOW).min(layer.size);
-                window = (at, self.read_blob(layer, at..to).await?);
+                let to = end.max(at + TAR_WINDOW).min(size);
+                window = (at, self.read_tar(layer, unpacked, at..to).await?);
             }
             let lo = (at - window.0) as usize;
             let bytes = &window.1[lo..lo + need as usize];
@@ -975,6 +1074,20 @@ impl Source for OciSource {
         true
     }
 
+    fn packed(&self, path: &str) -> Option<String> {
+        let tars = self.tar_files.lock().unwrap();
+        let p = tars.values().flatten().find(|p| p.path == path)?;
+        let kind = p.layer.packed().filter(|_| p.compressed())?;
+        let spooled = match oci_packed::spool().holds(&p.layer.digest) {
+            true => "unpacked in the spool now",
+            false => "not in the spool now",
+        };
+        Some(format!(
+            "{kind} layer {}, fetched whole at first read ({spooled})",
+            p.layer.digest
+        ))
+    }
+
     fn fetch_filling<'a>(
         &'a self,
         path: &'a str,
@@ -996,6 +1109,15 @@ impl Source for OciSource {
                 // Past the file's end, as a server says it: a tar layer's next bytes are
                 // another file's, never this one's.
                 return Err(SourceError::Status(416));
+            }
+            if layer.codec().is_some() {
+                // A span of the unpacked tar, checked by the fetcher as any source's bytes.
+                let unpacked = self.unpacked(&layer).await?;
+                let bytes = unpacked.read(range.start + at..range.end + at).await?;
+                if !into.fill(&bytes) {
+                    return Err(body_too_long(want));
+                }
+                return Ok(());
             }
             // A file in a tar layer is a span of its blob.
             let blob = range.start + at..range.end + at;
@@ -1297,10 +1419,55 @@ mod tests {
         assert!(s.base.starts_with("https://reg.example/v2/m"));
         let cfg = OciConfig {
             insecure_registries: vec!["reg.example".into()],
-            auth_file: None,
+            ..Default::default()
         };
         let s = OciSource::new(c, &cfg, "reg.example", "m", "v1");
         assert!(s.base.starts_with("http://reg.example/v2/m"));
+    }
+
+    /// The media types Docker model runner (docker/model-runner, model-distribution) and
+    /// KitOps (kitops-ml/kitops `pkg/lib/constants/mediatype`) write, as they write them.
+    #[test]
+    fn docker_model_runner_and_kitops_layers_are_recognised() {
+        let l = |mt: &str| Layer {
+            path: "x".into(),
+            media_type: mt.into(),
+            digest: "sha256:00".into(),
+            size: 1,
+        };
+        // Docker model runner: one file per layer, raw; a config archive is an uncompressed tar.
+        for raw in [
+            "application/vnd.docker.ai.gguf.v3",
+            "application/vnd.docker.ai.safetensors",
+            "application/vnd.docker.ai.license",
+            "application/vnd.docker.ai.mmproj",
+            "application/vnd.docker.ai.dduf",
+            "application/vnd.docker.ai.chat.template.jinja",
+            "application/vnd.docker.ai.model.file.v1+gguf",
+        ] {
+            assert_eq!((raw, l(raw).packed()), (raw, None));
+        }
+        assert_eq!(
+            l("application/vnd.docker.ai.vllm.config.tar").packed(),
+            Some("tar")
+        );
+        // KitOps ModelKits: every layer a tar, gzip-compressed by default.
+        for part in ["model", "modelpart", "dataset", "code", "docs"] {
+            let tar = format!("application/vnd.kitops.modelkit.{part}.v1.tar");
+            assert_eq!(l(&tar).packed(), Some("tar"), "{tar}");
+            assert_eq!(l(&tar).codec(), None, "{tar}");
+            let gz = format!("{tar}+gzip");
+            assert_eq!(l(&gz).codec(), Some(Codec::Gzip), "{gz}");
+        }
+        // Index entries of all three are models.
+        for t in [
+            "application/vnd.cncf.model.manifest.v1+json",
+            "application/vnd.docker.ai.model.config.v0.2+json",
+            "application/vnd.kitops.modelkit.manifest.v1+json",
+        ] {
+            assert!(model_type(t), "{t}");
+        }
+        assert!(!model_type("application/vnd.oci.image.config.v1+json"));
     }
 
     #[test]
@@ -1325,21 +1492,16 @@ mod tests {
             l("application/vnd.oci.image.layer.v1.tar+zstd").packed(),
             Some("tar+zstd")
         );
-        let why = l("application/vnd.cncf.model.weight.v1.tar+gzip").refusal("tar+gzip");
-        assert!(why.contains("w.bin") && why.contains("tar+gzip") && why.contains("not served"));
-        // An uncompressed tar is served (by range); a compressed one is refused by name.
+        // Every tar is served: an uncompressed one by range, a compressed one unpacked.
+        assert_eq!(l("application/vnd.cncf.model.weight.v1.tar").codec(), None);
+        assert_eq!(l("application/vnd.cncf.model.weight.v1.raw").codec(), None);
         assert_eq!(
-            l("application/vnd.cncf.model.weight.v1.tar").refused(),
-            None
+            l("application/vnd.cncf.model.weight.v1.tar+gzip").codec(),
+            Some(Codec::Gzip)
         );
         assert_eq!(
-            l("application/vnd.cncf.model.weight.v1.raw").refused(),
-            None
-        );
-        assert!(
-            l("application/vnd.cncf.model.weight.v1.tar+zstd")
-                .refused()
-                .is_some_and(|w| w.contains("tar+zstd"))
+            l("application/vnd.cncf.model.weight.v1.tar+zstd").codec(),
+            Some(Codec::Zstd)
         );
     }
 

@@ -104,6 +104,18 @@ impl Registry {
         reg
     }
 
+    /// Where the registry's filesystem driver keeps blob `sha256:<hex>`: what a test tampers
+    /// with (the registry serves it as it finds it).
+    pub fn blob_file(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self._dir
+            .path()
+            .join("store/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// Pushes `files` (relative path, media type) of `dir` as `target` (`repo:tag`) with oras.
     pub fn push(
         &self,
