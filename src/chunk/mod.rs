@@ -35,8 +35,8 @@ use blake3::hazmat::HasherExt;
 use filler::landed_digest;
 pub use filler::{Filler, Hashed, blocks_fit};
 pub use outboard::{
-    ChunkOutboard, OUTBOARD_GRAIN, OutboardError, OutboardHasher, SubBlock, outboard_path,
-    read_values as read_outboard,
+    ChunkOutboard, OUTBOARD_GRAIN, Outboard, OutboardError, OutboardHasher, SubBlock,
+    outboard_path, read_values as read_outboard,
 };
 pub use tree::blake3_tree_root;
 

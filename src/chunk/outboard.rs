@@ -133,6 +133,61 @@ pub fn read_values(
     Ok(Some((grain, values)))
 }
 
+/// A file's whole outboard, read once and kept by the reader (`fetch/sub_block.rs`): still
+/// untrusted, each chunk's values checked by [`ChunkOutboard::verify`] at use.
+#[derive(Debug)]
+pub struct Outboard {
+    grain: u64,
+    size: u64,
+    values: Vec<Digest>,
+}
+
+impl Outboard {
+    /// The outboard in `file` for a file of `size` bytes: `Ok(None)` if it is not one (another
+    /// size, a bad header, too few values).
+    pub fn read(file: &std::fs::File, size: u64) -> std::io::Result<Option<Outboard>> {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        (&*file).read_to_end(&mut raw)?;
+        let head = |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes"));
+        if raw.len() < HEADER as usize || &raw[..8] != MAGIC || head(16) != size {
+            return Ok(None);
+        }
+        let grain = head(8);
+        if !grain.is_power_of_two() || grain < blake3::CHUNK_LEN as u64 {
+            return Ok(None);
+        }
+        let values: Vec<Digest> = raw[HEADER as usize..]
+            .chunks_exact(32)
+            .map(|c| Digest(c.try_into().expect("32 bytes")))
+            .collect();
+        if values.len() as u64 != size.div_ceil(grain) {
+            return Ok(None);
+        }
+        Ok(Some(Outboard {
+            grain,
+            size,
+            values,
+        }))
+    }
+
+    /// Bytes it takes in memory.
+    pub fn len_bytes(&self) -> usize {
+        self.values.len() * 32
+    }
+
+    /// The values of the sub-blocks of `range` (whole sub-blocks of the file), with the grain.
+    pub fn values(&self, range: std::ops::Range<u64>) -> Option<(u64, Vec<Digest>)> {
+        let fits = range.start.is_multiple_of(self.grain)
+            && range.start < range.end
+            && range.end <= self.size;
+        fits.then(|| {
+            let (a, b) = (range.start / self.grain, range.end.div_ceil(self.grain));
+            (self.grain, self.values[a as usize..b as usize].to_vec())
+        })
+    }
+}
+
 /// Why an outboard was not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OutboardError {
@@ -310,6 +365,13 @@ mod tests {
             .take(((r.end - r.start).div_ceil(K)) as usize)
             .collect();
         assert!(ChunkOutboard::verify(check, r.clone(), expected, g, v).is_err());
+        // Read whole, it gives the same values.
+        let whole = Outboard::read(&file, layout.size).unwrap().unwrap();
+        assert_eq!(
+            whole.values(r.clone()),
+            read_values(&file, layout.size, r.clone()).unwrap()
+        );
+        assert!(Outboard::read(&file, layout.size - 1).unwrap().is_none());
         // A header naming another size, or a range off the grain, reads as no outboard.
         assert!(
             read_values(&file, layout.size + 1, r.clone())

@@ -160,8 +160,8 @@ pub struct Fetcher {
     head_started: tokio::sync::Notify,
     /// Whole-file checks hashing now: one at a time (see `check.rs`).
     whole_checks: Semaphore,
-    /// Where outboards are found (see `sub_block.rs`); unset: none are.
-    outboards: std::sync::OnceLock<std::path::PathBuf>,
+    /// Where outboards are found, and those read lately (see `sub_block.rs`).
+    outboards: sub_block::Outboards,
 }
 
 /// What a chunk after a small head chunk waits for before its requests go out.
@@ -210,7 +210,7 @@ impl Fetcher {
             peers: std::sync::OnceLock::new(),
             head_started: tokio::sync::Notify::new(),
             whole_checks: Semaphore::new(1),
-            outboards: std::sync::OnceLock::new(),
+            outboards: Default::default(),
         })
     }
 
