@@ -312,6 +312,12 @@ pub enum ManifestCommand {
         /// docs/DESIGN-NOTES.md) or sha256. The whole-file digest is sha256 in every case.
         #[arg(long, default_value = "blake3-tree")]
         chunk_hash: crate::chunk::ChunkHash,
+        /// Write each blake3-tree file's outboard (its 64 KiB sub-blocks' BLAKE3 values,
+        /// 1/2048 of its size) into DIR as <sha256>.wanobao, from the bytes the build hashes
+        /// anyway. `wan mount` looks for them in the manifest's directory's outboards/: a
+        /// small read of a cold chunk then fetches 64 KiB, not the chunk (docs/MANIFEST.md).
+        #[arg(long, value_name = "DIR")]
+        outboards: Option<PathBuf>,
     },
     /// Publish an oci:// model's chunk lists next to it, for the whole fleet: every raw layer
     /// is read once and hashed, and the lists are pushed as an OCI 1.1 referrer of the model's
@@ -643,6 +649,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
             whole_only,
             chunked,
             chunk_hash,
+            outboards,
         }) => {
             let remote = dir.to_str().filter(|d| crate::remote::is_remote(d));
             if chunked && remote.is_none() {
@@ -658,6 +665,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 sources,
                 whole_only: whole_only || (remote.is_some() && !chunked),
                 chunk_hash,
+                outboards,
             };
             let text = match remote {
                 Some(url) => crate::remote::build(url, &opts, !whole_only)?,
@@ -684,6 +692,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<Action> {
                 sources: Vec::new(),
                 whole_only: false,
                 chunk_hash,
+                outboards: None,
             };
             println!("{}", crate::remote::publish_chunks(&url, &opts)?);
             Ok(Action::Done(ExitCode::SUCCESS))

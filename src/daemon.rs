@@ -190,6 +190,10 @@ impl ServicesBuilder<'_> {
             .unwrap_or_else(|| (Digest([0; 32]), BTreeMap::new()));
         let policy = Arc::new(crate::trust::gate::policy_of(cfg)?);
         let trust = crate::trust::gate::trust_of(&files, &policy, None);
+        // Outboards travel with the manifest (docs/MANIFEST.md, "Outboards").
+        if let Some(dir) = self.manifest_path.parent() {
+            fetcher.outboards_from(dir.join("outboards"));
+        }
         let in_force = InForceCell::new(InForce {
             manifest_path: self.manifest_path,
             sha256,

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub chunks_fetched: IntCounter,
+    /// Reads of cold chunks served from verified sub-blocks (`fetch/sub_block.rs`).
+    pub sub_block_reads: IntCounter,
     /// Bytes of chunks served to readers but not cached (`fetch.when_cache_behind = "skip"`).
     pub cache_skipped_bytes: IntCounter,
     pub source_bytes: IntCounterVec,
@@ -156,6 +158,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     chunks_fetched: counter(
         "wan_chunks_fetched_total",
         "Chunks fetched, verified and stored.",
+    ),
+    sub_block_reads: counter(
+        "wan_sub_block_reads_total",
+        "Reads of a cold chunk answered from its sub-blocks, verified by the file's outboard, before the whole chunk.",
     ),
     cache_skipped_bytes: counter(
         "wan_cache_skipped_bytes_total",

@@ -953,11 +953,15 @@ async fn hash_one(
     let layout = opts.layout(f.size, head);
     let mut whole = Sha256::new();
     let mut chunks = Vec::with_capacity(layout.count() as usize);
+    let mut outboard = opts.outboard_of(f.size);
     let mut pieces = futures::stream::iter(0..layout.count())
         .map(|i| fetcher.piece(f, layout.range(i)))
         .buffered(PIECES_IN_FLIGHT);
     while let Some(bytes) = pieces.try_next().await? {
         whole.update(&bytes);
+        if let Some(o) = &mut outboard {
+            o.update(&bytes);
+        }
         // A whole-only entry lists no chunk digests: no second hash of every byte for it.
         if !opts.whole_only {
             let idx = chunks.len() as u64;
@@ -976,6 +980,7 @@ async fn hash_one(
             f.path
         );
     }
+    opts.write_outboard(outboard, &actual)?;
     Ok(BuiltFile::new(
         f.path.clone(),
         f.size,
@@ -999,6 +1004,7 @@ mod tests {
             sources: vec![],
             whole_only,
             chunk_hash: ChunkHash::Sha256,
+            outboards: None,
         }
     }
 

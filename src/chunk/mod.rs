@@ -16,6 +16,9 @@
 //!   subtree arithmetic that joins parallel parts into a chunk's digest.
 //! - `tree.rs`: `blake3_tree_root`, a `blake3-tree` file's chunk digests merged into its
 //!   BLAKE3 hash, with no byte of it read.
+//! - `outboard.rs`: outboards, a `blake3-tree` file's sub-block values (every 64 KiB): a
+//!   chunk's, once they merge into its digest, prove any of its sub-blocks on its own, so a
+//!   small read of a cold chunk is verified without the whole chunk.
 
 use std::fmt;
 use std::ops::Range;
@@ -25,11 +28,16 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 mod filler;
+mod outboard;
 mod tree;
 
 use blake3::hazmat::HasherExt;
 use filler::landed_digest;
 pub use filler::{Filler, Hashed, blocks_fit};
+pub use outboard::{
+    ChunkOutboard, OUTBOARD_GRAIN, Outboard, OutboardError, OutboardHasher, SubBlock,
+    outboard_path, read_values as read_outboard,
+};
 pub use tree::blake3_tree_root;
 
 /// A 32-byte digest (sha256, or a BLAKE3 chunk digest): a compiled manifest's digest table is

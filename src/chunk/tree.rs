@@ -18,12 +18,20 @@ use super::{Digest, Layout};
 /// no bytes. Cheap: no allocation, one BLAKE3 compression per merge (a file's chunk count
 /// less one), a recursion as deep as the tree (at most 64).
 pub fn blake3_tree_root(layout: &Layout, chunks: &[Digest]) -> Option<Digest> {
+    merge(layout, chunks, true)
+}
+
+/// The node over all of `layout` from its chunks' values: as [`blake3_tree_root`] when `root`,
+/// else the chaining value of the whole as a subtree (what a chunk's outboard merges into,
+/// the chunk's sub-blocks being its `layout`).
+pub(super) fn merge(layout: &Layout, chunks: &[Digest], root: bool) -> Option<Digest> {
     if !layout.is_tree() || chunks.len() as u64 != layout.count() {
         return None;
     }
     match chunks {
-        [] => Some(Digest(*blake3::hash(b"").as_bytes())),
+        [] => root.then(|| Digest(*blake3::hash(b"").as_bytes())),
         [whole] => Some(*whole),
+        _ if !root => node(layout, chunks, 0, layout.size).map(Digest),
         _ => {
             let n = layout.size;
             let left = left_subtree_len(n);

@@ -14,6 +14,9 @@
 //! - Budgets: `connections` bounds requests in flight; read-ahead may use all but a quarter of
 //!   them, so an on-demand read always finds a free connection; `max_inflight_mib` bounds the
 //!   bytes held in fetch buffers, so memory is bounded however many files are open.
+//! - A small read of a cold `blake3-tree` chunk whose file has an outboard is answered from
+//!   the 64 KiB sub-blocks it covers, each verified on its own (`sub_block.rs`); the chunk is
+//!   fetched behind them.
 //! - Files listed with only a whole-file sha256 are fetched whole (chunk-sized parts in
 //!   parallel, written unverified and invisible), hashed, and then made visible all at once.
 //!
@@ -55,6 +58,7 @@ mod check;
 mod error;
 mod flight;
 mod landed;
+mod sub_block;
 mod whole;
 
 pub use error::{FailureKind, FetchError, SourceFailure};
@@ -156,6 +160,8 @@ pub struct Fetcher {
     head_started: tokio::sync::Notify,
     /// Whole-file checks hashing now: one at a time (see `check.rs`).
     whole_checks: Semaphore,
+    /// Where outboards are found, and those read lately (see `sub_block.rs`).
+    outboards: sub_block::Outboards,
 }
 
 /// What a chunk after a small head chunk waits for before its requests go out.
@@ -204,6 +210,7 @@ impl Fetcher {
             peers: std::sync::OnceLock::new(),
             head_started: tokio::sync::Notify::new(),
             whole_checks: Semaphore::new(1),
+            outboards: Default::default(),
         })
     }
 
@@ -352,6 +359,12 @@ impl Fetcher {
                         }
                     }
                 }
+            }
+            // A small read of one cold chunk: its sub-blocks, where an outboard proves them.
+            if let ([idx], 1) = (&to_fetch[..], covering.end - covering.start)
+                && let Some(b) = self.read_sub_blocks(file, *idx, offset, end).await
+            {
+                return Ok(b);
             }
             let got: Vec<(u64, Option<VerifiedChunk>)> =
                 futures::future::try_join_all(to_fetch.into_iter().map(|idx| {

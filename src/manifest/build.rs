@@ -17,7 +17,10 @@ use super::{
     DEFAULT_HEAD_SIZE, HEAD_ALIGN, MAX_CHUNK_SIZE, Manifest, ManifestError, Problem, SourceUrl,
     valid_id,
 };
-use crate::chunk::{ChunkCheck, ChunkHash, Digest, Layout, LayoutKind};
+use crate::chunk::{
+    ChunkCheck, ChunkHash, Digest, Layout, LayoutKind, OUTBOARD_GRAIN, OutboardHasher,
+    outboard_path,
+};
 
 /// Options for [`build`].
 #[derive(Clone)]
@@ -32,6 +35,9 @@ pub struct BuildOptions {
     /// What chunk digests are taken with (`blake3-tree` by default: the chunks are cut on
     /// the aligned layout, and a BLAKE3 signature of a file binds its chunk list).
     pub chunk_hash: ChunkHash,
+    /// Where each `blake3-tree` file's outboard is written (`<sha256>.wanobao`, see
+    /// `chunk::outboard`), from the bytes the build hashes anyway; `None`: none is.
+    pub outboards: Option<std::path::PathBuf>,
 }
 
 /// The entry `build` prints, serialized by the toml crate so that any name the rules accept
@@ -104,6 +110,33 @@ impl BuildOptions {
             LayoutKind::Head => head,
             LayoutKind::Aligned => head.next_power_of_two().min(self.chunk_size),
         }
+    }
+
+    /// The outboard hasher a file of `size` bytes gets: one for a `blake3-tree` chunk list
+    /// when [`BuildOptions::outboards`] names a directory.
+    pub fn outboard_of(&self, size: u64) -> Option<OutboardHasher> {
+        (self.outboards.is_some() && !self.whole_only && self.chunk_hash == ChunkHash::Blake3Tree)
+            .then(|| OutboardHasher::new(size, OUTBOARD_GRAIN))
+    }
+
+    /// Writes the outboard `hasher` made of the file whose sha256 is `sha` (temp file, then
+    /// rename: a reader never sees half of one); nothing for a file of one sub-block.
+    pub fn write_outboard(
+        &self,
+        hasher: Option<OutboardHasher>,
+        sha: &Digest,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let (Some(dir), Some(bytes)) = (&self.outboards, hasher.and_then(OutboardHasher::finish))
+        else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = outboard_path(dir, sha);
+        let tmp = path.with_extension("wanobao.tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Refuses options no build can use, naming the flag (relative `local://` sources resolve
@@ -222,8 +255,11 @@ fn build_file(
     };
     // A whole-only entry lists no chunk digests: no chunk hash of every byte for it.
     let hash = (!opts.whole_only).then_some(opts.chunk_hash);
-    let (size, whole, chunks) = hash_file(&full, opts.chunk_size, head, hash)
-        .with_context(|| format!("hashing {}", full.display()))?;
+    let mut outboard = opts.outboard_of(std::fs::metadata(&full)?.len());
+    let (size, whole, chunks) =
+        hash_file_into(&full, opts.chunk_size, head, hash, outboard.as_mut())
+            .with_context(|| format!("hashing {}", full.display()))?;
+    opts.write_outboard(outboard, &whole)?;
     Ok(BuiltFile::new(
         path,
         size,
@@ -356,6 +392,17 @@ pub fn hash_file(
     head: u64,
     hash: Option<ChunkHash>,
 ) -> std::io::Result<(u64, Digest, Option<Vec<Digest>>)> {
+    hash_file_into(path, chunk_size, head, hash, None)
+}
+
+/// [`hash_file`], feeding every byte to `outboard` too, in the same pass.
+fn hash_file_into(
+    path: &Path,
+    chunk_size: u64,
+    head: u64,
+    hash: Option<ChunkHash>,
+    mut outboard: Option<&mut OutboardHasher>,
+) -> std::io::Result<(u64, Digest, Option<Vec<Digest>>)> {
     use sha2::{Digest as _, Sha256};
     let mut f = File::open(path)?;
     let mut whole = Sha256::new();
@@ -390,6 +437,9 @@ pub fn hash_file(
                 break;
             }
             whole.update(&buf[..n]);
+            if let Some(o) = outboard.as_deref_mut() {
+                o.update(&buf[..n]);
+            }
             if let Some(chunk) = &mut chunk {
                 chunk.update(&buf[..n]);
             }
@@ -427,6 +477,7 @@ mod tests {
             sources: vec!["local://x".into()],
             whole_only: false,
             chunk_hash: ChunkHash::Sha256,
+            outboards: None,
         }
     }
 
