@@ -4,6 +4,7 @@
 # cephx authentication off inside the cluster (the S3 API still checks SigV4 signatures).
 # Every daemon writes its pid to DIR/run/*.pid; the caller kills them by those pids.
 # Usage: ceph_rgw.sh DIR MON_PORT RGW_PORT ACCESS_KEY SECRET_KEY
+# MEMSTORE_BYTES: the OSD's memory (default 1 GiB; benches/s3.sh stores a 1 GiB object).
 # Prints the S3 endpoint once radosgw answers.
 set -euo pipefail
 D=$1 MON_PORT=$2 RGW_PORT=$3 AK=$4 SK=$5
@@ -33,7 +34,7 @@ osd objectstore = memstore
 # the OSD exits); the script places it in the crush map itself.
 osd class update on start = false
 osd crush update on start = false
-memstore device bytes = 1073741824
+memstore device bytes = ${MEMSTORE_BYTES:-1073741824}
 run dir = $D/run
 log file = $D/log/\$name.log
 admin socket = $D/run/\$name.asok
