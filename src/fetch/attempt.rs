@@ -132,12 +132,28 @@ const SOLO_FRESH: Duration = Duration::from_secs(60);
 /// been delivering and what one delivered alone, lately. Requests that share a source bound
 /// by its own CPU each get a share of it, which a per-request rate cannot tell from a
 /// per-connection limit; alone, one request shows what a connection carries.
+///
+/// And where one request alone delivers at least [`NOT_PER_CONNECTION`] of what all requests
+/// together do, parallel parts buy nothing: the source is bound by its CPU or its link, not
+/// per connection, and every extra request costs it work. Then the whole range is one
+/// request ([`f64::INFINITY`]), however long it takes.
 fn deliverable(src: &SourceHandle) -> Option<f64> {
-    match (src.rate(), src.solo_rate(SOLO_FRESH)) {
+    let solo = src.solo_rate(SOLO_FRESH);
+    if let (Some(s), Some(t)) = (solo, src.total_rate())
+        && s >= NOT_PER_CONNECTION * t
+    {
+        return Some(f64::INFINITY);
+    }
+    match (src.rate(), solo) {
         (Some(r), Some(s)) => Some(r.max(s)),
         (r, s) => r.or(s),
     }
 }
+
+/// What share of a source's total rate one request alone must deliver for parallel parts to
+/// be worth nothing (see [`deliverable`]): a per-connection limit gives one request a
+/// twelfth of twelve read-ahead connections, a CPU-bound radosgw gives it all or more.
+const NOT_PER_CONNECTION: f64 = 0.5;
 
 /// How large the parts of a `len`-byte fetch are, from a source whose requests deliver `rate`
 /// bytes/s ([`deliverable`]; `None`: not measured yet). Parallel parts of `base` (`part_size_kib`) cut the time
@@ -600,7 +616,12 @@ impl Fetcher {
                     let alone = (req.alone() && src.source.streams())
                         .then(|| first_byte.map(|t| t.elapsed()))
                         .flatten();
-                    src.record_rate(buf.len() as u64, secs, alone.map(|d| d.as_secs_f64()));
+                    src.record_shared_rate(
+                        buf.len() as u64,
+                        secs,
+                        alone.map(|d| d.as_secs_f64()),
+                        req.sharing(),
+                    );
                     METRICS
                         .source_bytes
                         .with_label_values(&[&src.name])
@@ -748,10 +769,33 @@ mod tests {
         assert_eq!(ra(&src), 8 * MIB);
 
         let limited = SourceHandle::new("l".into(), Box::new(MockSource::new()));
-        for alone in [None, Some(0.020), None] {
-            limited.record_rate(MIB, 0.021, alone);
+        for (alone, sharing) in [(None, 12), (Some(0.020), 1), (None, 12)] {
+            limited.record_shared_rate(MIB, 0.021, alone, sharing);
         }
         assert_eq!(ra(&limited), MIB, "50 MiB/s per connection, alone or not");
+    }
+
+    /// A slow server bound by its CPU (200 MiB/s in all, however many requests share it) gets
+    /// whole chunks: one request alone delivers what sixteen do. Twelve connections limited to
+    /// 50 MiB/s each deliver twelve times what one does, and keep their parts.
+    #[test]
+    fn a_source_that_one_request_fills_gets_whole_chunks_however_slow() {
+        let ra = |src: &SourceHandle| {
+            part_len(MIB, deliverable(src), Priority::ReadAhead, 8 * MIB) as u64
+        };
+        let cpu = SourceHandle::new("cpu".into(), Box::new(MockSource::new()));
+        let all = 200.0 * MIB as f64;
+        cpu.record_shared_rate(MIB, MIB as f64 / (all / 16.0), None, 16);
+        assert_eq!(ra(&cpu), MIB, "no request alone yet");
+        cpu.record_shared_rate(MIB, MIB as f64 / all, Some(MIB as f64 / all), 1);
+        assert_eq!(ra(&cpu), 8 * MIB);
+
+        let limited = SourceHandle::new("l".into(), Box::new(MockSource::new()));
+        let one = 50.0 * MIB as f64;
+        limited.record_shared_rate(MIB, MIB as f64 / one, None, 12);
+        limited.record_shared_rate(MIB, MIB as f64 / one, Some(MIB as f64 / one), 1);
+        limited.record_shared_rate(MIB, MIB as f64 / one, None, 12);
+        assert_eq!(ra(&limited), MIB);
     }
 
     #[test]

@@ -167,6 +167,9 @@ pub struct SourceHandle {
     /// was in flight while they ran), and when one last did: what the source delivers to
     /// one request when nothing shares it (see [`SourceHandle::solo_rate`]).
     solo_rate: Mutex<Option<(f64, Instant)>>,
+    /// What the source delivers in all: each completed request's rate times the requests in
+    /// flight when it ended (see [`SourceHandle::total_rate`]).
+    total_rate: Mutex<Option<(f64, Instant)>>,
     /// Requests to this source in flight now, and how many ever started: what tells a request
     /// that ran alone ([`InFlight::alone`]).
     in_flight: AtomicUsize,
@@ -184,6 +187,11 @@ pub struct InFlight<'a> {
 }
 
 impl InFlight<'_> {
+    /// Requests to the source in flight now, this one included.
+    pub fn sharing(&self) -> usize {
+        self.src.in_flight.load(Ordering::Relaxed).max(1)
+    }
+
     /// Whether the request ran alone: none was in flight when it started, and none started
     /// since.
     pub fn alone(&self) -> bool {
@@ -290,6 +298,7 @@ impl SourceHandle {
             health: Mutex::new(Health::default()),
             rate: Mutex::new(None),
             solo_rate: Mutex::new(None),
+            total_rate: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             probed: std::sync::atomic::AtomicBool::new(false),
@@ -311,7 +320,17 @@ impl SourceHandle {
     /// into its rate alone, where it ran alone (see [`InFlight::alone`]) and its bytes took
     /// `alone` seconds from the first.
     pub fn record_rate(&self, bytes: u64, secs: f64, alone: Option<f64>) {
+        self.record_shared_rate(bytes, secs, alone, 1);
+    }
+
+    /// [`record_rate`](SourceHandle::record_rate), for a request that ended with `sharing`
+    /// requests to the source in flight (itself included).
+    pub fn record_shared_rate(&self, bytes: u64, secs: f64, alone: Option<f64>, sharing: usize) {
         fold_rate(&self.rate, bytes as f64 / secs.max(1e-6));
+        fold_rate(
+            &self.total_rate,
+            bytes as f64 / secs.max(1e-6) * sharing as f64,
+        );
         if let Some(secs) = alone {
             fold_rate(&self.solo_rate, bytes as f64 / secs.max(1e-6));
         }
@@ -320,6 +339,12 @@ impl SourceHandle {
     /// Bytes per second one request to this source delivers, once one has completed.
     pub fn rate(&self) -> Option<f64> {
         self.rate.lock().unwrap().map(|(r, _)| r)
+    }
+
+    /// Bytes per second the source delivers to all its requests together: a request's rate
+    /// times the requests that shared it.
+    pub fn total_rate(&self) -> Option<f64> {
+        self.total_rate.lock().unwrap().map(|(r, _)| r)
     }
 
     /// Bytes per second a request that ran alone delivered, if one did within `fresh`.
