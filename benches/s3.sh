@@ -89,13 +89,22 @@ import os, sys, boto3
 from boto3.s3.transfer import TransferConfig
 s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
 s3.create_bucket(Bucket="bench")
-class Random:
-    def __init__(self, n): self.left = n
+# A real safetensors layout (8-byte header length, JSON header, then one U8 tensor of random
+# bytes): a loader's first read, and the build's head chunk (the header rounded up to 1 MiB),
+# are those of a model; random bytes from the start read as a garbage header.
+class Safetensors:
+    def __init__(self, n):
+        hdr = b'{"w":{"dtype":"U8","shape":[%d],"data_offsets":[0,%d]}}' % (n, n)
+        hdr += b" " * (-(len(hdr) + 8) % 8)
+        self.head = len(hdr).to_bytes(8, "little") + hdr
+        self.left = n - len(self.head)
+        self.head = self.head
     def read(self, k=-1):
-        k = self.left if k < 0 else min(k, self.left)
+        out, self.head = self.head, b""
+        k = self.left if k < 0 else min(max(k - len(out), 0), self.left)
         self.left -= k
-        return os.urandom(k)
-s3.upload_fileobj(Random(int(sys.argv[1]) << 20), "bench", "m/model.safetensors",
+        return out + os.urandom(k)
+s3.upload_fileobj(Safetensors(int(sys.argv[1]) << 20), "bench", "m/model.safetensors",
                   Config=TransferConfig(multipart_chunksize=64 << 20))
 PY
 for i in "${!WANS[@]}"; do

@@ -470,6 +470,8 @@ impl Fetcher {
                     prio,
                     range.end - range.start,
                 );
+                tracing::debug!(source = %src.name, ?prio, part, rate = ?src.rate(),
+                    solo = ?src.solo_rate(SOLO_FRESH), total = ?src.total_rate(), "parts");
                 Kept {
                     source: me,
                     start: range.start,
