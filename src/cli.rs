@@ -297,12 +297,15 @@ pub enum ManifestCommand {
         /// file://<its absolute path>.
         #[arg(long = "source")]
         sources: Vec<String>,
-        /// List only whole-file digests (files are then fetched whole on first read).
+        /// List only whole-file digests (files are then fetched whole on first read). For
+        /// hf://, s3:// and oci://, the opt-out from the chunk lists a build lists by default
+        /// for every file it downloads anyway.
         #[arg(long)]
         whole_only: bool,
-        /// For hf:// and s3://: fetch every file once and list its chunk digests (lazy reads);
-        /// without it, only whole-file digests are listed (the Hub's LFS sha256 needs no
-        /// download).
+        /// For hf:// and oci://: fetch every file once and list its chunk digests (lazy
+        /// reads). Without it, files whose sha256 is listed (the Hub's LFS files, OCI layers)
+        /// get whole-file digests and no download; the others (all of s3://, the Hub's
+        /// git-stored files) are downloaded to be hashed, and get chunk lists anyway.
         #[arg(long, conflicts_with = "whole_only")]
         chunked: bool,
         /// What chunk digests are taken with: blake3-tree (BLAKE3 subtrees on the aligned

@@ -54,9 +54,13 @@ pub fn is_remote(arg: &str) -> bool {
 /// Builds the entry for the model at `url`. `opts.whole_only` is the default for remote
 /// builds; `--chunked` clears it. `url` is the entry's first source, then `opts.sources`.
 ///
-/// For `oci://`, chunk lists published with `wan manifest publish-chunks` are used when
-/// `published` (not `--whole-only`) and they fit: then no layer is read ([`adopt`]).
-pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<String> {
+/// `chunk_lists` is false only under an explicit `--whole-only`. Otherwise every file the
+/// build downloads anyway (all of an `s3://` prefix, the Hub's git-stored files: no listed
+/// sha256) gets its chunk list, which costs no byte more and makes its reads lazy; and for
+/// `oci://`, chunk lists published with `wan manifest publish-chunks` are used when they fit:
+/// then no layer is read ([`adopt`]).
+pub fn build(url: &str, opts: &BuildOptions, chunk_lists: bool) -> anyhow::Result<String> {
+    let published = chunk_lists;
     let mut opts_sources = vec![url.to_string()];
     opts_sources.extend(opts.sources.iter().cloned());
     let mut opts = BuildOptions {
@@ -126,13 +130,16 @@ pub fn build(url: &str, opts: &BuildOptions, published: bool) -> anyhow::Result<
                 return Ok((files, pinned, signed));
             }
         }
-        // A chunked build of a BLAKE3-signed model is held to its signature as published
-        // lists are: lists that could never bind fail the build, not the mount.
-        let signed = match opts.whole_only {
-            true => None,
-            false => blake3_statement(&*handle.source, &listed, &fetch, url).await?,
+        // A build that cuts every file into chunks (`--chunked`, or by default where every
+        // file is downloaded anyway) is held to a BLAKE3 signature as published lists are:
+        // lists that could never bind fail the build, not the mount.
+        let every_file_chunked =
+            !opts.whole_only || (chunk_lists && listed.iter().all(|f| f.sha256.is_none()));
+        let signed = match every_file_chunked {
+            false => None,
+            true => blake3_statement(&*handle.source, &listed, &fetch, url).await?,
         };
-        let files = hash_all(&*handle.source, url, listed, &opts, &fetch).await?;
+        let files = hash_all(&*handle.source, url, listed, &opts, chunk_lists, &fetch).await?;
         Ok((files, pinned, signed))
     })?;
     if let Some(pinned) = pinned {
@@ -191,7 +198,7 @@ pub fn publish_chunks(url: &str, opts: &BuildOptions) -> anyhow::Result<String> 
         )?;
         let oci = OciSource::new(registry.client().clone(), &cfg.oci, &host, &repo, &digest);
         let signed = blake3_statement(&oci, &listed, &fetch, url).await?;
-        let files = hash_all(&oci, url, listed, &opts, &fetch).await?;
+        let files = hash_all(&oci, url, listed, &opts, true, &fetch).await?;
         let doc = ChunkDoc {
             manifest: digest.clone(),
             files,
@@ -797,11 +804,16 @@ async fn list_s3(bucket: &str, prefix: &str, url: &str) -> anyhow::Result<Vec<Li
 
 /// Fetches what must be fetched and returns every file's entry, showing progress on stderr:
 /// a bar on a terminal, a plain line per fetched file otherwise.
+///
+/// A file whose sha256 is not listed is downloaded to hash it: under `chunk_lists` it gets
+/// its chunk list too (a whole-file entry made the first MiB of a cold `s3://` read wait for
+/// the whole file, 4–6 s for 1 GiB, and the cold read run at half the chunked speed).
 async fn hash_all(
     source: &dyn Source,
     url: &str,
     listed: Vec<Listed>,
     opts: &BuildOptions,
+    chunk_lists: bool,
     fetch: &FetchConfig,
 ) -> anyhow::Result<Vec<BuiltFile>> {
     let to_fetch: u64 = listed
@@ -837,6 +849,17 @@ async fn hash_all(
         }
         bar.set_message(f.path.clone());
         let t0 = std::time::Instant::now();
+        let chunked;
+        let opts = match opts.whole_only && chunk_lists && f.sha256.is_none() {
+            true => {
+                chunked = BuildOptions {
+                    whole_only: false,
+                    ..opts.clone()
+                };
+                &chunked
+            }
+            false => opts,
+        };
         let built = hash_one(&fetcher, &f, opts, &bar).await?;
         if plain {
             eprintln!(

@@ -1,7 +1,8 @@
 //! `wan manifest build hf://org/repo@rev` against a local server shaped like the Hub: the test
 //! origin serves `api/models/{repo}/tree/{rev}` (the tree listing, as JSON) and
 //! `{repo}/resolve/{rev}/{path}` (the files), logging every request. Whole-file entries come
-//! from the listing alone (LFS files are never downloaded), `--chunked` fetches each file once
+//! from the listing alone (LFS files are never downloaded; git-stored files, downloaded to be
+//! hashed, get chunk lists unless `--whole-only`), `--chunked` fetches each file once
 //! and matches a local build of the same files, a listing that lies is refused, and the entry
 //! mounts and reads back through the `hf://` source.
 
@@ -133,7 +134,13 @@ fn whole_file_entry_from_the_listing_alone_mounts_and_reads() {
             "{}",
             f.path
         );
-        assert!(f.chunks.is_empty(), "{}: whole-file digests only", f.path);
+        // What the build downloads anyway gets its chunk list: the git-stored files.
+        assert_eq!(
+            f.chunks.is_empty(),
+            f.path == "model.safetensors",
+            "{}: a whole-file digest for the LFS file only",
+            f.path
+        );
     }
     assert!(entry.contains(&format!("\"hf://{REPO}@main\"")), "{entry}");
     // The LFS file was never downloaded; the git-stored ones were, to hash them, and asked
@@ -157,6 +164,8 @@ fn whole_file_entry_from_the_listing_alone_mounts_and_reads() {
         api[0].header("authorization"),
         Some(format!("Bearer {TOKEN}").as_str())
     );
+    let whole = manifest_files(&stdout_ok(&hub.build(&["--whole-only"])), ID);
+    assert!(whole.iter().all(|f| f.chunks.is_empty()), "--whole-only");
 
     // The entry mounts, and the hf:// source serves it.
     let manifest = hub.work.path().join("models.toml");

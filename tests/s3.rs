@@ -563,8 +563,9 @@ fn bench_cold_read_origin_tier_and_s3() {
 }
 
 /// `wan manifest build s3://bucket/prefix`: the listing (ListObjectsV2) names every object
-/// under the prefix; S3 gives no sha256, so each is fetched and hashed; `--chunked` gives the
-/// same chunk digests as a local build of the same files.
+/// under the prefix; S3 gives no sha256, so each is fetched and hashed, and gets the same
+/// chunk digests as a local build of the same files, by default as with `--chunked`;
+/// `--whole-only` lists whole-file digests only.
 #[test]
 fn manifest_build_from_an_s3_prefix_matches_a_local_build() {
     if no_moto() {
@@ -608,17 +609,24 @@ fn manifest_build_from_an_s3_prefix_matches_a_local_build() {
         &build(&["--chunked", "--chunk-size", "1048576"]),
         "s3b@1.0.0",
     );
-    let whole = manifest_files(&build(&[]), "s3b@1.0.0");
+    let default = manifest_files(&build(&["--chunk-size", "1048576"]), "s3b@1.0.0");
+    let whole = manifest_files(&build(&["--whole-only"]), "s3b@1.0.0");
     assert_eq!(local.len(), 2);
-    for ((l, c), w) in local.iter().zip(&chunked).zip(&whole) {
+    for (((l, c), d), w) in local.iter().zip(&chunked).zip(&default).zip(&whole) {
         assert_eq!(
             (&c.path, c.size, &c.sha256, &c.chunks),
             (&l.path, l.size, &l.sha256, &l.chunks)
         );
+        assert_eq!(
+            (&d.path, d.size, &d.sha256, &d.chunks),
+            (&l.path, l.size, &l.sha256, &l.chunks),
+            "a build downloads every object anyway: chunk lists by default"
+        );
+        assert!(!d.chunks.is_empty());
         assert_eq!((&w.path, &w.sha256), (&l.path, &l.sha256));
         assert!(
             w.chunks.is_empty(),
-            "whole-file digests only without --chunked"
+            "whole-file digests only with --whole-only"
         );
     }
 }

@@ -39,6 +39,9 @@ pub struct Filler<'a> {
     buf: &'a mut [u8],
     filled: usize,
     hashing: Hashing,
+    /// When the first byte landed: what a request's rate is taken from once its answer
+    /// started (`fetch::attempt`).
+    first_byte: Option<std::time::Instant>,
 }
 
 enum Hashing {
@@ -111,6 +114,7 @@ impl<'a> Filler<'a> {
         Filler {
             buf,
             filled: 0,
+            first_byte: None,
             hashing: Hashing::Whole(check, check.hasher()),
         }
     }
@@ -123,6 +127,7 @@ impl<'a> Filler<'a> {
         Filler {
             buf,
             filled: 0,
+            first_byte: None,
             hashing: Hashing::Blocks(Box::new(Blocks::new(block, check.offset(), offset))),
         }
     }
@@ -132,6 +137,7 @@ impl<'a> Filler<'a> {
         Filler {
             buf,
             filled: 0,
+            first_byte: None,
             hashing: Hashing::Plain,
         }
     }
@@ -149,7 +155,15 @@ impl<'a> Filler<'a> {
             Hashing::Whole(_, h) => h.update(piece),
             Hashing::Blocks(b) => b.update(piece),
         }
+        if self.first_byte.is_none() && n > 0 {
+            self.first_byte = Some(std::time::Instant::now());
+        }
         self.filled += n;
+    }
+
+    /// When the first byte landed, if one has.
+    pub fn first_byte(&self) -> Option<std::time::Instant> {
+        self.first_byte
     }
 
     /// Copies `piece` in at the cursor and [`advance`](Filler::advance)s past it; false (and
@@ -171,6 +185,7 @@ impl<'a> Filler<'a> {
     /// Starts over, for a new attempt at the same bytes.
     pub fn reset(&mut self) {
         self.filled = 0;
+        self.first_byte = None;
         match &mut self.hashing {
             Hashing::Plain => {}
             Hashing::Whole(check, h) => *h = check.hasher(),

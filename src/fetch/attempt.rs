@@ -122,8 +122,41 @@ pub(super) struct Kept {
     delivered: Delivered,
 }
 
+/// How long a rate measured on a request that ran alone sizes parts (see
+/// [`SourceHandle::solo_rate`]): each cold file's first chunk is usually fetched alone (the
+/// chunks after it wait for it), so a read of a model measures it again and again; a rate
+/// older than this says little of a server others may be loading now.
+const SOLO_FRESH: Duration = Duration::from_secs(60);
+
+/// What one request to `src` can deliver, in bytes/s: the larger of what its requests have
+/// been delivering and what one delivered alone, lately. Requests that share a source bound
+/// by its own CPU each get a share of it, which a per-request rate cannot tell from a
+/// per-connection limit; alone, one request shows what a connection carries.
+///
+/// And where one request alone delivers at least [`NOT_PER_CONNECTION`] of what all requests
+/// together do, parallel parts buy nothing: the source is bound by its CPU or its link, not
+/// per connection, and every extra request costs it work. Then the whole range is one
+/// request ([`f64::INFINITY`]), however long it takes.
+fn deliverable(src: &SourceHandle) -> Option<f64> {
+    let solo = src.solo_rate(SOLO_FRESH);
+    if let (Some(s), Some(t)) = (solo, src.total_rate())
+        && s >= NOT_PER_CONNECTION * t
+    {
+        return Some(f64::INFINITY);
+    }
+    match (src.rate(), solo) {
+        (Some(r), Some(s)) => Some(r.max(s)),
+        (r, s) => r.or(s),
+    }
+}
+
+/// What share of a source's total rate one request alone must deliver for parallel parts to
+/// be worth nothing (see [`deliverable`]): a per-connection limit gives one request a
+/// twelfth of twelve read-ahead connections, a CPU-bound radosgw gives it all or more.
+const NOT_PER_CONNECTION: f64 = 0.5;
+
 /// How large the parts of a `len`-byte fetch are, from a source whose requests deliver `rate`
-/// bytes/s (`None`: not measured yet). Parallel parts of `base` (`part_size_kib`) cut the time
+/// bytes/s ([`deliverable`]; `None`: not measured yet). Parallel parts of `base` (`part_size_kib`) cut the time
 /// to a chunk where one connection is slow (an origin limited per connection), but each costs
 /// a request, a response head and the wake-ups of a short transfer, at both ends. So a
 /// read-ahead fetch, which nobody is blocked on yet, uses parts as large as the source
@@ -433,10 +466,12 @@ impl Fetcher {
             _ => {
                 let part = part_len(
                     self.cfg.part_size(),
-                    src.rate(),
+                    deliverable(src),
                     prio,
                     range.end - range.start,
                 );
+                tracing::debug!(source = %src.name, ?prio, part, rate = ?src.rate(),
+                    solo = ?src.solo_rate(SOLO_FRESH), total = ?src.total_rate(), "parts");
                 Kept {
                     source: me,
                     start: range.start,
@@ -553,6 +588,7 @@ impl Fetcher {
                 Priority::OnDemand => None,
             };
             let _conn = self.connections.acquire().await.expect("open");
+            let req = src.request();
             let t0 = Instant::now();
             let mut into = match landing {
                 Landing::Plain => Filler::plain(&mut *buf),
@@ -569,10 +605,25 @@ impl Fetcher {
             )
             .await
             .unwrap_or(Err(SourceError::Timeout));
+            let first_byte = into.first_byte();
             let hashed = into.finish();
             match res {
                 Ok(()) => {
-                    src.record_rate(buf.len() as u64, t0.elapsed().as_secs_f64());
+                    let secs = t0.elapsed().as_secs_f64();
+                    // Alone, from its first byte on: what the connection carries once the
+                    // answer streams. A small request's time is mostly the answer's latency
+                    // (a 1 MiB head chunk: half of it, against a local radosgw), which says
+                    // nothing of the parts a larger request saves.
+                    // Only a source that streams says when its first byte landed.
+                    let alone = (req.alone() && src.source.streams())
+                        .then(|| first_byte.map(|t| t.elapsed()))
+                        .flatten();
+                    src.record_shared_rate(
+                        buf.len() as u64,
+                        secs,
+                        alone.map(|d| d.as_secs_f64()),
+                        req.sharing(),
+                    );
                     METRICS
                         .source_bytes
                         .with_label_values(&[&src.name])
@@ -701,6 +752,52 @@ mod tests {
             part_len(MIB, None, Priority::ReadAhead, 8 * MIB),
             MIB as usize
         );
+    }
+
+    /// Sixteen requests sharing a CPU-bound server each deliver a sixteenth of it, which
+    /// alone would keep 1 MiB parts; a request that ran alone shows what the server carries,
+    /// and read-ahead then asks for whole chunks. A source that delivers the same alone keeps
+    /// its parts.
+    #[test]
+    fn a_request_alone_sizes_read_ahead_past_a_shared_servers_share() {
+        let src = SourceHandle::new("s".into(), Box::new(MockSource::new()));
+        let shared = 600.0 * MIB as f64 / 16.0;
+        src.record_rate(MIB, MIB as f64 / shared, None);
+        let ra = |src: &SourceHandle| {
+            part_len(MIB, deliverable(src), Priority::ReadAhead, 8 * MIB) as u64
+        };
+        assert_eq!(ra(&src), MIB);
+        src.record_rate(MIB, 0.004, Some(MIB as f64 / (900.0 * MIB as f64)));
+        assert_eq!(ra(&src), 8 * MIB);
+
+        let limited = SourceHandle::new("l".into(), Box::new(MockSource::new()));
+        for (alone, sharing) in [(None, 12), (Some(0.020), 1), (None, 12)] {
+            limited.record_shared_rate(MIB, 0.021, alone, sharing);
+        }
+        assert_eq!(ra(&limited), MIB, "50 MiB/s per connection, alone or not");
+    }
+
+    /// A slow server bound by its CPU (200 MiB/s in all, however many requests share it) gets
+    /// whole chunks: one request alone delivers what sixteen do. Twelve connections limited to
+    /// 50 MiB/s each deliver twelve times what one does, and keep their parts.
+    #[test]
+    fn a_source_that_one_request_fills_gets_whole_chunks_however_slow() {
+        let ra = |src: &SourceHandle| {
+            part_len(MIB, deliverable(src), Priority::ReadAhead, 8 * MIB) as u64
+        };
+        let cpu = SourceHandle::new("cpu".into(), Box::new(MockSource::new()));
+        let all = 200.0 * MIB as f64;
+        cpu.record_shared_rate(MIB, MIB as f64 / (all / 16.0), None, 16);
+        assert_eq!(ra(&cpu), MIB, "no request alone yet");
+        cpu.record_shared_rate(MIB, MIB as f64 / all, Some(MIB as f64 / all), 1);
+        assert_eq!(ra(&cpu), 8 * MIB);
+
+        let limited = SourceHandle::new("l".into(), Box::new(MockSource::new()));
+        let one = 50.0 * MIB as f64;
+        limited.record_shared_rate(MIB, MIB as f64 / one, None, 12);
+        limited.record_shared_rate(MIB, MIB as f64 / one, Some(MIB as f64 / one), 1);
+        limited.record_shared_rate(MIB, MIB as f64 / one, None, 12);
+        assert_eq!(ra(&limited), MIB);
     }
 
     #[test]

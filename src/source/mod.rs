@@ -18,6 +18,7 @@ mod s3;
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +144,20 @@ pub trait Source: Send + Sync {
     }
 }
 
+/// Folds `now` (bytes per second) into a moving rate. Down fast, up slowly: a source that
+/// slows down gets small parts again after a request or two (a large part on a slow
+/// connection keeps a chunk waiting), while one fast request does not make the next parts
+/// large.
+fn fold_rate(rate: &Mutex<Option<(f64, Instant)>>, now: f64) {
+    const DOWN: f64 = 0.5;
+    const UP: f64 = 0.125;
+    let mut r = rate.lock().unwrap();
+    let next = r.map_or(now, |(old, _)| {
+        old + if now < old { DOWN } else { UP } * (now - old)
+    });
+    *r = Some((next, Instant::now()));
+}
+
 /// A source plus its health, shared by every model that lists the same URL.
 pub struct SourceHandle {
     /// Safe to log: no credentials.
@@ -156,8 +171,46 @@ pub struct SourceHandle {
     /// one does. Sizes read-ahead parts (`fetch::attempt::part_len`), and ranks a peer against
     /// the origin (`fetch::attempt::live_peers`).
     rate: Mutex<Option<(f64, Instant)>>,
+    /// The same, over requests that ran alone (no other request to this source started or
+    /// was in flight while they ran), and when one last did: what the source delivers to
+    /// one request when nothing shares it (see [`SourceHandle::solo_rate`]).
+    solo_rate: Mutex<Option<(f64, Instant)>>,
+    /// What the source delivers in all: each completed request's rate times the requests in
+    /// flight when it ended (see [`SourceHandle::total_rate`]).
+    total_rate: Mutex<Option<(f64, Instant)>>,
+    /// Requests to this source in flight now, and how many ever started: what tells a request
+    /// that ran alone ([`InFlight::alone`]).
+    in_flight: AtomicUsize,
+    started: AtomicU64,
     /// Set once a fetch skipped the peers to measure this origin (see `probe_once`).
     probed: std::sync::atomic::AtomicBool,
+}
+
+/// One request to a source, counted in flight while this lives ([`SourceHandle::request`]).
+pub struct InFlight<'a> {
+    src: &'a SourceHandle,
+    /// Its number among the source's requests, and whether it found none in flight.
+    ticket: u64,
+    first: bool,
+}
+
+impl InFlight<'_> {
+    /// Requests to the source in flight now, this one included.
+    pub fn sharing(&self) -> usize {
+        self.src.in_flight.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Whether the request ran alone: none was in flight when it started, and none started
+    /// since.
+    pub fn alone(&self) -> bool {
+        self.first && self.src.started.load(Ordering::Relaxed) == self.ticket
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.src.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a source is, which decides how it is asked and what its errors say of it. Every rule
@@ -252,28 +305,71 @@ impl SourceHandle {
             kind,
             health: Mutex::new(Health::default()),
             rate: Mutex::new(None),
+            solo_rate: Mutex::new(None),
+            total_rate: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
             probed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Folds one completed request of `bytes` that took `secs` into the source's rate.
-    pub fn record_rate(&self, bytes: u64, secs: f64) {
-        // Down fast, up slowly: a source that slows down gets small parts again after a
-        // request or two (a large part on a slow connection keeps a chunk waiting), while
-        // one fast request does not make the next parts large.
-        const DOWN: f64 = 0.5;
-        const UP: f64 = 0.125;
-        let now = bytes as f64 / secs.max(1e-6);
-        let mut r = self.rate.lock().unwrap();
-        let rate = r.map_or(now, |(old, _)| {
-            old + if now < old { DOWN } else { UP } * (now - old)
-        });
-        *r = Some((rate, Instant::now()));
+    /// Counts a request to this source in flight until the guard is dropped.
+    pub fn request(&self) -> InFlight<'_> {
+        let first = self.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
+        let ticket = self.started.fetch_add(1, Ordering::Relaxed) + 1;
+        InFlight {
+            src: self,
+            ticket,
+            first,
+        }
+    }
+
+    /// Folds one completed request of `bytes` that took `secs` into the source's rate; and
+    /// into its rate alone, where it ran alone (see [`InFlight::alone`]) and its bytes took
+    /// `alone` seconds from the first.
+    pub fn record_rate(&self, bytes: u64, secs: f64, alone: Option<f64>) {
+        self.record_shared_rate(bytes, secs, alone, 1);
+    }
+
+    /// [`record_rate`](SourceHandle::record_rate), for a request that ended with `sharing`
+    /// requests to the source in flight (itself included).
+    pub fn record_shared_rate(&self, bytes: u64, secs: f64, alone: Option<f64>, sharing: usize) {
+        fold_rate(&self.rate, bytes as f64 / secs.max(1e-6));
+        fold_rate(
+            &self.total_rate,
+            bytes as f64 / secs.max(1e-6) * sharing as f64,
+        );
+        if let Some(secs) = alone {
+            fold_rate(&self.solo_rate, bytes as f64 / secs.max(1e-6));
+        }
     }
 
     /// Bytes per second one request to this source delivers, once one has completed.
     pub fn rate(&self) -> Option<f64> {
         self.rate.lock().unwrap().map(|(r, _)| r)
+    }
+
+    /// Bytes per second the source delivers to all its requests together: a request's rate
+    /// times the requests that shared it.
+    pub fn total_rate(&self) -> Option<f64> {
+        self.total_rate.lock().unwrap().map(|(r, _)| r)
+    }
+
+    /// Bytes per second a request that ran alone delivered, if one did within `fresh`.
+    ///
+    /// Why apart from [`rate`](SourceHandle::rate): requests that share a source which is
+    /// bound by its own CPU (a radosgw, a busy mirror) each get a share of it, so with 16 in
+    /// flight each looks as slow as a per-connection limit, and read-ahead kept cutting
+    /// chunks into 1 MiB parts: a thousand GETs per GiB, each costing the server a request.
+    /// A request alone shows what one connection can carry: parts are sized from the larger
+    /// of the two (`fetch::attempt::part_len`). A source limited per connection delivers the
+    /// same alone or not, and keeps small parts.
+    pub fn solo_rate(&self, fresh: Duration) -> Option<f64> {
+        self.solo_rate
+            .lock()
+            .unwrap()
+            .filter(|(_, at)| at.elapsed() < fresh)
+            .map(|(r, _)| r)
     }
 
     /// [`SourceHandle::rate`], if a request completed within `fresh`.
@@ -583,23 +679,48 @@ mod tests {
     fn the_request_rate_follows_the_source_without_jumping_on_one_outlier() {
         let h = SourceHandle::new("x".into(), Box::new(Unsupported(String::new())));
         assert_eq!(h.rate(), None);
-        h.record_rate(1_000_000, 0.001);
+        h.record_rate(1_000_000, 0.001, None);
         assert_eq!(h.rate(), Some(1e9));
         // A slow request halves the distance to it; a fast one closes an eighth of it.
-        h.record_rate(1_000_000, 1.0);
+        h.record_rate(1_000_000, 1.0, None);
         let r = h.rate().unwrap();
         assert!((r - (1e9 + 1e6) / 2.0).abs() < 1.0, "{r}");
-        h.record_rate(2_000_000_000, 1.0);
+        h.record_rate(2_000_000_000, 1.0, None);
         let up = h.rate().unwrap();
         assert!((up - (r + (2e9 - r) / 8.0)).abs() < 1.0, "{up}");
         // A source that stays slow is followed within a few requests.
         for _ in 0..8 {
-            h.record_rate(1_000_000, 1.0);
+            h.record_rate(1_000_000, 1.0, None);
         }
         assert!(h.rate().unwrap() < 1e7, "{:?}", h.rate());
         // A zero duration does not divide by zero.
-        h.record_rate(1, 0.0);
+        h.record_rate(1, 0.0, None);
         assert!(h.rate().unwrap().is_finite());
+    }
+
+    /// A request is alone when none was in flight at its start and none started before its
+    /// end; only such requests move the solo rate.
+    #[test]
+    fn only_requests_that_ran_alone_measure_the_solo_rate() {
+        let h = SourceHandle::new("x".into(), Box::new(Unsupported(String::new())));
+        let fresh = Duration::from_secs(60);
+        let a = h.request();
+        assert!(a.alone());
+        let b = h.request();
+        assert!(!a.alone() && !b.alone(), "overlapping");
+        h.record_rate(1_000_000, 0.1, b.alone().then_some(0.1));
+        drop((a, b));
+        assert_eq!(h.solo_rate(fresh), None);
+        assert_eq!(h.rate(), Some(1e7));
+        let c = h.request();
+        assert!(c.alone(), "the others ended");
+        h.record_rate(8_000_000, 0.02, c.alone().then_some(0.01));
+        assert_eq!(h.solo_rate(fresh), Some(8e8));
+        assert_eq!(h.solo_rate(Duration::ZERO), None, "too old");
+        // One that started while another was in flight is not alone even once that ended.
+        let d = h.request();
+        drop(c);
+        assert!(!d.alone());
     }
 
     #[test]

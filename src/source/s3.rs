@@ -3,16 +3,24 @@
 //! MinIO/Ceph), and the listing `wan manifest build s3://…` starts from. Its own retries are
 //! off: retry, backoff and failover are the fetcher's (a build's, for a listing), the same for
 //! every source. Keys are used exactly as written, never re-encoded.
+//!
+//! A chunk's GET streams: each piece of the body lands in the fetcher's pooled buffer and is
+//! hashed there as it lands ([`Source::fetch_filling`]), as the HTTP source's are. Collected
+//! whole first (`get_range`), every response was a fresh allocation (faulted in page by
+//! page), copied into the chunk, then read back a second time to hash it.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
+use object_store::{GetOptions, GetRange, ObjectStore};
 
+use super::answer::body_too_long;
 use super::{Source, SourceError};
+use crate::chunk::Filler;
 
 pub struct S3Source {
     store: Result<Arc<dyn ObjectStore>, String>,
@@ -147,6 +155,25 @@ fn classify(e: object_store::Error) -> SourceError {
     }
 }
 
+impl S3Source {
+    /// The client, or why there is none (a malformed endpoint), and the object key of `path`.
+    fn target(
+        &self,
+        path: &str,
+    ) -> Result<(&Arc<dyn ObjectStore>, object_store::path::Path), SourceError> {
+        let store = self
+            .store
+            .as_ref()
+            .map_err(|e| SourceError::Unsupported(e.clone()))?;
+        let key = if self.prefix.is_empty() {
+            path.to_string()
+        } else {
+            format!("{}/{path}", self.prefix)
+        };
+        Ok((store, self.key_path(&key)?))
+    }
+}
+
 impl Source for S3Source {
     fn fetch<'a>(
         &'a self,
@@ -154,20 +181,9 @@ impl Source for S3Source {
         range: Range<u64>,
     ) -> BoxFuture<'a, Result<Bytes, SourceError>> {
         Box::pin(async move {
-            let store = self
-                .store
-                .as_ref()
-                .map_err(|e| SourceError::Unsupported(e.clone()))?;
-            let key = if self.prefix.is_empty() {
-                path.to_string()
-            } else {
-                format!("{}/{path}", self.prefix)
-            };
+            let (store, key) = self.target(path)?;
             let want = range.end - range.start;
-            let bytes = store
-                .get_range(&self.key_path(&key)?, range)
-                .await
-                .map_err(classify)?;
+            let bytes = store.get_range(&key, range).await.map_err(classify)?;
             if bytes.len() as u64 != want {
                 return Err(SourceError::Short {
                     want,
@@ -175,6 +191,58 @@ impl Source for S3Source {
                 });
             }
             Ok(bytes)
+        })
+    }
+
+    fn fetch_into<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        buf: &'a mut [u8],
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            self.fetch_filling(path, range, &mut Filler::plain(buf))
+                .await
+        })
+    }
+
+    fn streams(&self) -> bool {
+        true
+    }
+
+    fn fetch_filling<'a>(
+        &'a self,
+        path: &'a str,
+        range: Range<u64>,
+        into: &'a mut Filler<'_>,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let want = range.end - range.start;
+            if want == 0 {
+                return Ok(());
+            }
+            let (store, key) = self.target(path)?;
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(range)),
+                ..Default::default()
+            };
+            let mut body = store
+                .get_opts(&key, opts)
+                .await
+                .map_err(classify)?
+                .into_stream();
+            while let Some(piece) = body.next().await {
+                if !into.fill(&piece.map_err(classify)?) {
+                    return Err(body_too_long(want));
+                }
+            }
+            if (into.filled() as u64) < want {
+                return Err(SourceError::Short {
+                    want,
+                    got: into.filled() as u64,
+                });
+            }
+            Ok(())
         })
     }
 }

@@ -4,6 +4,7 @@
 # cephx authentication off inside the cluster (the S3 API still checks SigV4 signatures).
 # Every daemon writes its pid to DIR/run/*.pid; the caller kills them by those pids.
 # Usage: ceph_rgw.sh DIR MON_PORT RGW_PORT ACCESS_KEY SECRET_KEY
+# MEMSTORE_BYTES: the OSD's memory (default 1 GiB; benches/s3.sh stores a 1 GiB object).
 # Prints the S3 endpoint once radosgw answers.
 set -euo pipefail
 D=$1 MON_PORT=$2 RGW_PORT=$3 AK=$4 SK=$5
@@ -18,6 +19,9 @@ mon host = [v1:127.0.0.1:$MON_PORT]
 # Fail in seconds, not the default 5 minutes, if the monitor cannot be reached.
 client mount timeout = 30
 mon initial members = a
+# The monitor refuses to start below 5% free on its data disk; this cluster keeps next to nothing
+# there (the data is in memory), and a shared build machine's disk is often that full.
+mon data avail crit = 1
 auth cluster required = none
 auth service required = none
 auth client required = none
@@ -33,7 +37,7 @@ osd objectstore = memstore
 # the OSD exits); the script places it in the crush map itself.
 osd class update on start = false
 osd crush update on start = false
-memstore device bytes = 1073741824
+memstore device bytes = ${MEMSTORE_BYTES:-1073741824}
 run dir = $D/run
 log file = $D/log/\$name.log
 admin socket = $D/run/\$name.asok
