@@ -31,6 +31,9 @@ const OUTBOARDS_KEPT: usize = 64 << 20;
 pub(super) struct Outboards {
     dir: OnceLock<PathBuf>,
     kept: Mutex<HashMap<Digest, Arc<Outboard>>>,
+    /// Files found with no usable outboard, and when: not looked for again for
+    /// `ABSENT_RECHECK`, so a cold read of such a file costs no open on the read path.
+    absent: Mutex<HashMap<Digest, tokio::time::Instant>>,
     /// When the last sub-block read was served (see [`Fetcher::fetch_behind`]).
     last_read: Mutex<tokio::time::Instant>,
 }
@@ -40,6 +43,7 @@ impl Default for Outboards {
         Outboards {
             dir: OnceLock::new(),
             kept: Mutex::new(HashMap::new()),
+            absent: Mutex::new(HashMap::new()),
             last_read: Mutex::new(tokio::time::Instant::now()),
         }
     }
@@ -53,12 +57,24 @@ impl Outboards {
         if let Some(o) = self.kept.lock().expect("not poisoned").get(&sha) {
             return Some(o.clone());
         }
+        let now = tokio::time::Instant::now();
+        {
+            let mut absent = self.absent.lock().expect("not poisoned");
+            absent.retain(|_, t| now.duration_since(*t) < ABSENT_RECHECK);
+            if absent.contains_key(&sha) {
+                return None;
+            }
+        }
         let path = outboard_path(dir, &sha);
         let read = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(path).ok()?;
             Outboard::read(&file, size).ok()?
         });
-        let o = Arc::new(read.await.ok()??);
+        let Some(o) = read.await.ok().flatten() else {
+            self.absent.lock().expect("not poisoned").insert(sha, now);
+            return None;
+        };
+        let o = Arc::new(o);
         let mut kept = self.kept.lock().expect("not poisoned");
         let mut held: usize = kept.values().map(|o| o.len_bytes()).sum();
         while held + o.len_bytes() > OUTBOARDS_KEPT
@@ -70,6 +86,10 @@ impl Outboards {
         Some(o)
     }
 }
+
+/// How long a file found with no outboard is taken to have none (one dropped in later is
+/// used from then on).
+const ABSENT_RECHECK: Duration = Duration::from_secs(60);
 
 /// How long no sub-block read must have started before the chunks behind them are fetched
 /// (see [`Fetcher::fetch_behind`]), and the longest a chunk waits for that.
