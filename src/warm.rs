@@ -48,10 +48,16 @@ impl WarmReadAhead {
         }
     }
 
+    /// Whether a complete file of `size` bytes gets a pass at open (else its blob need not be
+    /// opened for it).
+    pub fn wants(&self, size: u64) -> bool {
+        self.enabled && size >= MIN_SIZE
+    }
+
     /// Blob `sha` of `size` bytes, complete and checked, was opened through `file`: start its
     /// pass unless one ran lately.
     pub fn opened(&self, sha: Digest, file: &File, size: u64) {
-        if !self.enabled || size < MIN_SIZE {
+        if !self.wants(size) {
             return;
         }
         {

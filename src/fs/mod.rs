@@ -340,8 +340,10 @@ impl ModelFs {
             Gate::Wait => None,
         };
         let store = self.fetcher.store();
+        // The blob is opened only for what uses it: passthrough, or warm read-ahead.
+        let wanted = self.passthrough || self.warm.wants(f.entry.size);
         let complete = match served {
-            Some(s) if f.entry.size > 0 => store.open_complete_ro(&s.entry),
+            Some(s) if f.entry.size > 0 && wanted => store.open_complete_ro(&s.entry),
             _ => None,
         };
         if let Some(blob) = &complete {
