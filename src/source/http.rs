@@ -147,6 +147,29 @@ pub(crate) fn encode_segment(seg: &str, out: &mut String) {
 
 /// The URL is left out of the message: it may carry a signature in its query, and the
 /// source's masked name already says where the error came from.
+/// Lands the body of `resp`, an answer to a GET of `want` bytes, in `into` as it arrives:
+/// exactly `want` bytes, or an error (too long, too short, cut).
+pub(super) async fn fill_body(
+    resp: reqwest::Response,
+    want: u64,
+    into: &mut Filler<'_>,
+) -> Result<(), SourceError> {
+    let mut body = resp.bytes_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(transport)?;
+        if !into.fill(&piece) {
+            return Err(body_too_long(want));
+        }
+    }
+    if (into.filled() as u64) < want {
+        return Err(SourceError::Short {
+            want,
+            got: into.filled() as u64,
+        });
+    }
+    Ok(())
+}
+
 pub(super) fn transport(e: reqwest::Error) -> SourceError {
     let e = e.without_url();
     let connect = e.is_connect();
@@ -193,23 +216,7 @@ impl Source for HttpSource {
         path: &'a str,
         range: Range<u64>,
     ) -> BoxFuture<'a, Result<Bytes, SourceError>> {
-        Box::pin(async move {
-            let mut buf = vec![0u8; (range.end - range.start) as usize];
-            self.fetch_into(path, range, &mut buf).await?;
-            Ok(Bytes::from(buf))
-        })
-    }
-
-    fn fetch_into<'a>(
-        &'a self,
-        path: &'a str,
-        range: Range<u64>,
-        buf: &'a mut [u8],
-    ) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move {
-            self.fetch_filling(path, range, &mut Filler::plain(buf))
-                .await
-        })
+        super::fetch_filled(self, path, range)
     }
 
     fn streams(&self) -> bool {
@@ -240,20 +247,7 @@ impl Source for HttpSource {
                 }
             }
             let resp = self.get(path, &range).await?;
-            let mut body = resp.bytes_stream();
-            while let Some(piece) = body.next().await {
-                let piece = piece.map_err(transport)?;
-                if !into.fill(&piece) {
-                    return Err(body_too_long(want));
-                }
-            }
-            if (into.filled() as u64) < want {
-                return Err(SourceError::Short {
-                    want,
-                    got: into.filled() as u64,
-                });
-            }
-            Ok(())
+            fill_body(resp, want, into).await
         })
     }
 }

@@ -80,6 +80,21 @@ impl SourceError {
     }
 }
 
+/// `fetch` for a source that [`streams`](Source::streams): a fresh buffer filled by its
+/// `fetch_filling`.
+pub fn fetch_filled<'a, S: Source + ?Sized>(
+    src: &'a S,
+    path: &'a str,
+    range: Range<u64>,
+) -> BoxFuture<'a, Result<Bytes, SourceError>> {
+    Box::pin(async move {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        src.fetch_filling(path, range, &mut Filler::plain(&mut buf))
+            .await?;
+        Ok(Bytes::from(buf))
+    })
+}
+
 /// A place that can serve byte ranges of a model's files.
 pub trait Source: Send + Sync {
     /// Exactly the bytes `range` of `path` (relative to the model root), or an error.
@@ -89,8 +104,9 @@ pub trait Source: Send + Sync {
         range: Range<u64>,
     ) -> BoxFuture<'a, Result<Bytes, SourceError>>;
 
-    /// The same bytes, written into `buf` (exactly `range`'s length). Sources that can stream
-    /// straight into the caller's buffer override this to save a copy.
+    /// The same bytes, written into `buf` (exactly `range`'s length). A source that
+    /// [`streams`](Source::streams) lands them there through its
+    /// [`fetch_filling`](Source::fetch_filling), with no copy; the others copy from `fetch`.
     fn fetch_into<'a>(
         &'a self,
         path: &'a str,
@@ -98,6 +114,11 @@ pub trait Source: Send + Sync {
         buf: &'a mut [u8],
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
+            if self.streams() {
+                return self
+                    .fetch_filling(path, range, &mut Filler::plain(buf))
+                    .await;
+            }
             let b = self.fetch(path, range).await?;
             if b.len() != buf.len() {
                 return Err(SourceError::Short {
@@ -111,7 +132,9 @@ pub trait Source: Send + Sync {
     }
 
     /// Whether [`fetch_filling`](Source::fetch_filling) hands bytes over as they arrive, so
-    /// that hashing them as they land saves a pass over memory. Where it does not (the
+    /// that hashing them as they land saves a pass over memory. A source that says so
+    /// overrides `fetch_filling` (the default goes through `fetch_into`, which then comes
+    /// back to it), and may answer `fetch` with [`fetch_filled`]. Where it does not (the
     /// default), the fetcher fills a plain buffer and hashes the chunk after, on a blocking
     /// thread, rather than in one long step on an async worker.
     fn streams(&self) -> bool {

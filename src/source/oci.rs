@@ -761,17 +761,7 @@ impl OciSource {
         )?;
         let want = range.end - range.start;
         let mut buf = vec![0u8; want as usize];
-        let mut into = Filler::plain(&mut buf);
-        let mut body = resp.bytes_stream();
-        while let Some(piece) = body.next().await {
-            if !into.fill(&piece.map_err(super::http::transport)?) {
-                return Err(body_too_long(want));
-            }
-        }
-        let got = into.filled() as u64;
-        if got < want {
-            return Err(SourceError::Short { want, got });
-        }
+        super::http::fill_body(resp, want, &mut Filler::plain(&mut buf)).await?;
         Ok(buf)
     }
 
@@ -1050,24 +1040,7 @@ impl Source for OciSource {
         path: &'a str,
         range: Range<u64>,
     ) -> BoxFuture<'a, Result<Bytes, SourceError>> {
-        Box::pin(async move {
-            let mut buf = vec![0u8; (range.end - range.start) as usize];
-            self.fetch_filling(path, range, &mut Filler::plain(&mut buf))
-                .await?;
-            Ok(Bytes::from(buf))
-        })
-    }
-
-    fn fetch_into<'a>(
-        &'a self,
-        path: &'a str,
-        range: Range<u64>,
-        buf: &'a mut [u8],
-    ) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move {
-            self.fetch_filling(path, range, &mut Filler::plain(buf))
-                .await
-        })
+        super::fetch_filled(self, path, range)
     }
 
     fn streams(&self) -> bool {
@@ -1140,20 +1113,7 @@ impl Source for OciSource {
                 resp.content_length(),
                 retry_after_header(resp.headers()),
             )?;
-            let mut body = resp.bytes_stream();
-            while let Some(piece) = body.next().await {
-                let piece = piece.map_err(super::http::transport)?;
-                if !into.fill(&piece) {
-                    return Err(body_too_long(want));
-                }
-            }
-            if (into.filled() as u64) < want {
-                return Err(SourceError::Short {
-                    want,
-                    got: into.filled() as u64,
-                });
-            }
-            Ok(())
+            super::http::fill_body(resp, want, into).await
         })
     }
 }

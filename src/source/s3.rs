@@ -194,18 +194,6 @@ impl Source for S3Source {
         })
     }
 
-    fn fetch_into<'a>(
-        &'a self,
-        path: &'a str,
-        range: Range<u64>,
-        buf: &'a mut [u8],
-    ) -> BoxFuture<'a, Result<(), SourceError>> {
-        Box::pin(async move {
-            self.fetch_filling(path, range, &mut Filler::plain(buf))
-                .await
-        })
-    }
-
     fn streams(&self) -> bool {
         true
     }
