@@ -1057,43 +1057,20 @@ mod tests {
             size: 10,
             sha256: Some(sha.parse::<Digest>().unwrap()),
         }];
-        let adopted = adopt(
-            doc("sha256:m", 10, &sha, 3),
-            &listed,
-            "sha256:m",
-            &opts(true),
-        );
-        assert_eq!(adopted.unwrap().unwrap().len(), 1);
-        let e = adopt(
-            doc("sha256:x", 10, &sha, 3),
-            &listed,
-            "sha256:m",
-            &opts(true),
-        );
-        assert!(e.err().unwrap().contains("not sha256:m"));
-        let e = adopt(
-            doc("sha256:m", 11, &sha, 3),
-            &listed,
-            "sha256:m",
-            &opts(true),
-        );
-        assert!(e.err().unwrap().contains("11 bytes"));
-        let e = adopt(
-            doc("sha256:m", 10, &"33".repeat(32), 3),
-            &listed,
-            "sha256:m",
-            &opts(true),
-        );
-        assert!(e.err().unwrap().contains("w.bin"));
-        let e = adopt(
-            doc("sha256:m", 10, &sha, 2),
-            &listed,
-            "sha256:m",
-            &opts(true),
-        );
-        assert!(
-            e.err()
+        let try_adopt = |d| adopt(d, &listed, "sha256:m", &opts(true));
+        let refusal = |d| try_adopt(d).err().unwrap();
+        assert_eq!(
+            try_adopt(doc("sha256:m", 10, &sha, 3))
                 .unwrap()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(refusal(doc("sha256:x", 10, &sha, 3)).contains("not sha256:m"));
+        assert!(refusal(doc("sha256:m", 11, &sha, 3)).contains("11 bytes"));
+        assert!(refusal(doc("sha256:m", 10, &"33".repeat(32), 3)).contains("w.bin"));
+        assert!(
+            refusal(doc("sha256:m", 10, &sha, 2))
                 .contains("2 chunk digests where its layout has 3")
         );
         let mut other = opts(false);
