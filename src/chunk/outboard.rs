@@ -283,19 +283,11 @@ impl ChunkOutboard {
 mod tests {
     use super::*;
     use crate::chunk::VerifiedChunk;
+    use crate::chunk::tree::tests::bytes;
     use bytes::Bytes;
     use proptest::prelude::*;
 
     const K: u64 = 1024;
-
-    fn bytes(size: u64, seed: u8) -> Vec<u8> {
-        let mut out = vec![0u8; size as usize];
-        blake3::Hasher::new()
-            .update(&[seed])
-            .finalize_xof()
-            .fill(&mut out);
-        out
-    }
 
     /// The outboard of `data`, written to a temp file, fed in pieces of `piece` bytes.
     fn outboard_file(data: &[u8], grain: u64, piece: usize) -> tempfile::NamedTempFile {

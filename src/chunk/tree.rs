@@ -64,7 +64,7 @@ fn node(layout: &Layout, chunks: &[Digest], start: u64, end: u64) -> Option<Chai
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::chunk::{ChunkCheck, ChunkHash};
     use proptest::prelude::*;
@@ -72,7 +72,7 @@ mod tests {
     const K: u64 = 1024;
 
     /// The file's bytes: random-looking, made fast (BLAKE3's output stream of `seed`).
-    fn bytes(size: u64, seed: u8) -> Vec<u8> {
+    pub(crate) fn bytes(size: u64, seed: u8) -> Vec<u8> {
         let mut out = vec![0u8; size as usize];
         blake3::Hasher::new()
             .update(&[seed])
